@@ -1,0 +1,118 @@
+//! The admin server: `/metrics`, `/live`, `/ready`, `/config`, `/endpoints`.
+
+use std::convert::Infallible;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::body::{Body, full};
+use crate::discovery::{Destinations, Resolution};
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+pub struct Admin {
+    pub metrics: Metrics,
+    pub destinations: Destinations,
+    pub ready: watch::Receiver<bool>,
+}
+
+impl Admin {
+    pub async fn handle(&self, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        Ok(match (request.method(), request.uri().path()) {
+            (&http::Method::GET, "/metrics") => respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.metrics.encode(),
+            ),
+            (&http::Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+            (&http::Method::GET, "/ready") => {
+                if *self.ready.borrow() {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "waiting for the control plane\n")
+                }
+            }
+            (&http::Method::GET, "/config") => json_response(self.config()),
+            (&http::Method::GET, "/endpoints") => json_response(self.endpoints()),
+            (&http::Method::GET, _) => text(StatusCode::NOT_FOUND, "not found\n"),
+            _ => text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n"),
+        })
+    }
+
+    /// Every destination with the configuration applied to it and its version.
+    fn config(&self) -> Value {
+        let destinations: serde_json::Map<String, Value> = self
+            .destinations
+            .all()
+            .into_iter()
+            .map(|(key, resolution)| {
+                let value = match resolution {
+                    Resolution::Pending => json!({"state": "pending"}),
+                    Resolution::Unknown(reason) => json!({"state": "unknown", "reason": &*reason}),
+                    Resolution::Ready(destination) => json!({
+                        "state": "ready",
+                        "version": destination.config.version,
+                        "config": &*destination.config,
+                    }),
+                };
+                (key, value)
+            })
+            .collect();
+        json!({
+            "ready": *self.ready.borrow(),
+            "destinations": destinations,
+        })
+    }
+
+    /// Every endpoint of every destination with its state.
+    fn endpoints(&self) -> Value {
+        let destinations: serde_json::Map<String, Value> = self
+            .destinations
+            .all()
+            .into_iter()
+            .filter_map(|(key, resolution)| match resolution {
+                Resolution::Ready(destination) => Some((key, destination)),
+                _ => None,
+            })
+            .map(|(key, destination)| {
+                let endpoints: Vec<Value> = destination
+                    .balancer
+                    .endpoints()
+                    .iter()
+                    .map(|endpoint| {
+                        json!({
+                            "address": endpoint.addr.to_string(),
+                            "pod": endpoint.pod,
+                            "subsets": endpoint.subsets,
+                            "state": "healthy",
+                            "inFlight": endpoint.load.in_flight(),
+                        })
+                    })
+                    .collect();
+                (key, Value::Array(endpoints))
+            })
+            .collect();
+        Value::Object(destinations)
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    respond(status, "text/plain; charset=utf-8", body.to_string())
+}
+
+fn json_response(value: Value) -> Response<Body> {
+    let body = serde_json::to_string_pretty(&value).expect("JSON values serialize");
+    respond(StatusCode::OK, "application/json", body)
+}

@@ -1,0 +1,189 @@
+//! The configuration stream: subscribe to destinations, apply what the controller sends, and
+//! acknowledge or reject every version. The stream is re-established with jittered exponential
+//! backoff; meanwhile the proxy serves on what it last applied.
+
+use std::time::Duration;
+
+use outrigger_api::proto::{
+    self, Ack, Hello, Nack, ProxyMessage, Subscribe, Subscription, controller_message,
+    discovery_client::DiscoveryClient, proxy_message,
+};
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::discovery::Destinations;
+use crate::metrics::{Metrics, UpdateLabels, UpdateResult};
+
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub namespace: String,
+    pub workload: String,
+    pub service_account: String,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Runs until `shutdown`. `ready` turns true at the first Welcome and stays true.
+pub async fn run(
+    url: String,
+    identity: Identity,
+    destinations: Destinations,
+    mut subscriptions: mpsc::UnboundedReceiver<String>,
+    metrics: Metrics,
+    ready: watch::Sender<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let session = session(
+            &url,
+            &identity,
+            &destinations,
+            &mut subscriptions,
+            &metrics,
+            &ready,
+        );
+        let welcomed = tokio::select! {
+            result = session => match result {
+                Ok(()) => true,
+                Err(SessionError { welcomed, error }) => {
+                    tracing::warn!(%url, error = %error, "control plane stream lost");
+                    welcomed
+                }
+            },
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        metrics.control_plane_connected.set(0);
+        if welcomed {
+            backoff = BACKOFF_MIN;
+        }
+        // Full jitter: proxies that lost the same controller do not come back in lockstep.
+        let delay = rand::rng().random_range(Duration::ZERO..=backoff);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+struct SessionError {
+    welcomed: bool,
+    error: anyhow::Error,
+}
+
+async fn session(
+    url: &str,
+    identity: &Identity,
+    destinations: &Destinations,
+    subscriptions: &mut mpsc::UnboundedReceiver<String>,
+    metrics: &Metrics,
+    ready: &watch::Sender<bool>,
+) -> Result<(), SessionError> {
+    let mut welcomed = false;
+    let fail = |welcomed, error: anyhow::Error| SessionError { welcomed, error };
+    let mut client = DiscoveryClient::connect(url.to_string())
+        .await
+        .map_err(|e| fail(false, anyhow::Error::new(e).context("connecting")))?;
+    let (tx, rx) = mpsc::channel(256);
+    let send = |message| ProxyMessage {
+        message: Some(message),
+    };
+    let hello = proxy_message::Message::Hello(Hello {
+        namespace: identity.namespace.clone(),
+        workload: identity.workload.clone(),
+        service_account: identity.service_account.clone(),
+        proxy_version: env!("CARGO_PKG_VERSION").to_string(),
+    });
+    // Everything subscribed so far, with what is applied, so only changes come back. Keys queued
+    // while disconnected are in it too.
+    while subscriptions.try_recv().is_ok() {}
+    let known = destinations
+        .subscriptions()
+        .into_iter()
+        .map(|(key, known_version)| Subscription { key, known_version })
+        .collect();
+    let resubscribe = proxy_message::Message::Subscribe(Subscribe {
+        destinations: known,
+    });
+    for message in [hello, resubscribe] {
+        tx.try_send(send(message)).expect("fresh channel has room");
+    }
+    let mut incoming = client
+        .stream(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| fail(false, anyhow::Error::new(e).context("opening stream")))?
+        .into_inner();
+    loop {
+        let message = tokio::select! {
+            message = incoming.message() => message,
+            Some(key) = subscriptions.recv() => {
+                let subscribe = proxy_message::Message::Subscribe(Subscribe {
+                    destinations: vec![Subscription { key, known_version: String::new() }],
+                });
+                if tx.send(send(subscribe)).await.is_err() {
+                    return Err(fail(welcomed, anyhow::anyhow!("stream closed")));
+                }
+                continue;
+            }
+        };
+        let message = match message {
+            Ok(Some(message)) => message,
+            Ok(None) => return Err(fail(welcomed, anyhow::anyhow!("controller ended the stream"))),
+            Err(status) => return Err(fail(welcomed, status.into())),
+        };
+        let reply = match message.message {
+            Some(controller_message::Message::Welcome(welcome)) => {
+                tracing::info!(controller = %welcome.controller, "control plane stream up");
+                welcomed = true;
+                metrics.control_plane_connected.set(1);
+                ready.send_replace(true);
+                continue;
+            }
+            Some(controller_message::Message::Update(update)) => apply(destinations, metrics, update),
+            Some(controller_message::Message::Unknown(unknown)) => {
+                destinations.set_unknown(&unknown.key, unknown.reason);
+                continue;
+            }
+            None => continue,
+        };
+        if tx.send(send(reply)).await.is_err() {
+            return Err(fail(welcomed, anyhow::anyhow!("stream closed")));
+        }
+    }
+}
+
+fn apply(
+    destinations: &Destinations,
+    metrics: &Metrics,
+    update: proto::DestinationUpdate,
+) -> proto::proxy_message::Message {
+    let proto::DestinationUpdate {
+        key,
+        version,
+        destination,
+    } = update;
+    let result = destinations.apply(&key, version.clone(), destination.unwrap_or_default());
+    let outcome = if result.is_ok() {
+        UpdateResult::Applied
+    } else {
+        UpdateResult::Rejected
+    };
+    metrics
+        .config_updates
+        .get_or_create(&UpdateLabels { result: outcome })
+        .inc();
+    match result {
+        Ok(()) => proxy_message::Message::Ack(Ack { key, version }),
+        Err(error) => {
+            tracing::warn!(%key, %version, %error, "rejected configuration; keeping the previous one");
+            proxy_message::Message::Nack(Nack {
+                key,
+                version,
+                reason: error.to_string(),
+            })
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Why the proxy could not get a response from upstream, and what the app is told.
+
+use http::StatusCode;
+
+use crate::body::{Body, proxy_error};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no endpoints available for {0}")]
+    NoEndpoints(String),
+    #[error("connection to {endpoint} failed: {source}")]
+    Connect {
+        endpoint: std::net::SocketAddr,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("request to {endpoint} failed: {source}")]
+    Upstream {
+        endpoint: std::net::SocketAddr,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// True when nothing reached the server, so the request may go elsewhere whatever its method.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Self::Connect { .. })
+    }
+
+    pub fn into_response(self) -> http::Response<Body> {
+        // The source chain says what went wrong (refused, reset, ...); the app deserves it.
+        let mut reason = self.to_string();
+        let mut source = std::error::Error::source(&self).and_then(std::error::Error::source);
+        while let Some(cause) = source {
+            reason.push_str(": ");
+            reason.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        proxy_error(self.status(), &reason)
+    }
+}

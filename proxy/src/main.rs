@@ -1,0 +1,42 @@
+use clap::Parser;
+use outrigger_proxy::{Proxy, Settings};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(name = "outrigger-proxy", version, about = "The Outrigger sidecar proxy")]
+struct Cli {
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let proxy = Proxy::bind(cli.settings).await?;
+    tracing::info!(
+        outbound = %proxy.outbound_addr(),
+        inbound = %proxy.inbound_addr(),
+        admin = %proxy.admin_addr(),
+        "proxy listening"
+    );
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::info!("shutting down: draining in-flight requests");
+        let _ = shutdown_tx.send(true);
+    });
+    proxy.run(shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! The proxy's Prometheus metrics (names and labels fixed by SPEC.md).
+
+use std::sync::Arc;
+
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// An enum whose variants are label values, written as Prometheus expects them.
+macro_rules! label_values {
+    ($name:ident { $($variant:ident => $value:literal,)+ }) => {
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name {
+            $($variant,)+
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $value,)+
+                }
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+                encoder.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+label_values! {
+    Direction {
+        Inbound => "inbound",
+        Outbound => "outbound",
+    }
+}
+
+/// A shared, cheaply cloned label value.
+pub type Name = Arc<String>;
+
+/// Who a request was for. Built once per destination and route, cloned per request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DstLabels {
+    pub direction: Direction,
+    pub dst_namespace: Name,
+    pub dst_service: Name,
+    pub dst_subset: Name,
+    pub route: Name,
+}
+
+label_values! {
+    Classification {
+        Success => "success",
+        Failure => "failure",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseLabels {
+    #[prometheus(flatten)]
+    pub dst: DstLabels,
+    pub status_code: u16,
+    pub classification: Classification,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    #[prometheus(flatten)]
+    pub dst: DstLabels,
+    pub reason: &'static str,
+}
+
+label_values! {
+    TimeoutKind {
+        Request => "request",
+        PerTry => "per_try",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    #[prometheus(flatten)]
+    pub dst: DstLabels,
+    pub kind: TimeoutKind,
+}
+
+/// Labels of per-destination (not per-request) series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabels {
+    pub dst_namespace: Name,
+    pub dst_service: Name,
+}
+
+label_values! {
+    EndpointState {
+        Healthy => "healthy",
+        Ejected => "ejected",
+        Probation => "probation",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    #[prometheus(flatten)]
+    pub dst: DestinationLabels,
+    pub state: EndpointState,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
+}
+
+label_values! {
+    UpdateResult {
+        Applied => "applied",
+        Rejected => "rejected",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpdateLabels {
+    pub result: UpdateResult,
+}
+
+#[derive(Clone)]
+pub struct LatencyBuckets;
+
+impl MetricConstructor<Histogram> for LatencyBuckets {
+    fn new_metric(&self) -> Histogram {
+        // 100 µs to about 6.5 s, doubling: proxy overhead and slow backends both resolve.
+        Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+    }
+}
+
+/// Every metric the proxy exposes. Cloning shares the same series.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub requests: Family<ResponseLabels, Counter>,
+    pub request_duration: Family<DstLabels, Histogram, LatencyBuckets>,
+    pub retries: Family<RetryLabels, Counter>,
+    pub retry_budget_exhausted: Family<DstLabels, Counter>,
+    pub timeouts: Family<TimeoutLabels, Counter>,
+    pub outlier_ejections: Family<DestinationLabels, Counter>,
+    pub endpoints: Family<EndpointLabels, Gauge>,
+    pub rate_limited: Family<DstLabels, Counter>,
+    pub connections_open: Family<DirectionLabels, Gauge>,
+    pub config_updates: Family<UpdateLabels, Counter>,
+    pub control_plane_connected: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("outrigger");
+        let requests = Family::default();
+        registry.register(
+            "requests",
+            "Requests by outcome, as the application saw them",
+            requests.clone(),
+        );
+        let request_duration = Family::new_with_constructor(LatencyBuckets);
+        registry.register(
+            "request_duration_seconds",
+            "Whole request duration as the application saw it, response body included",
+            request_duration.clone(),
+        );
+        let retries = Family::default();
+        registry.register("retries", "Retries sent, by reason", retries.clone());
+        let retry_budget_exhausted = Family::default();
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries not sent because the retry budget was spent",
+            retry_budget_exhausted.clone(),
+        );
+        let timeouts = Family::default();
+        registry.register("timeouts", "Requests or attempts that timed out", timeouts.clone());
+        let outlier_ejections = Family::default();
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            outlier_ejections.clone(),
+        );
+        let endpoints = Family::default();
+        registry.register("endpoints", "Endpoints by state", endpoints.clone());
+        let rate_limited = Family::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused by the local rate limit",
+            rate_limited.clone(),
+        );
+        let connections_open = Family::default();
+        registry.register(
+            "connections_open",
+            "Downstream connections open",
+            connections_open.clone(),
+        );
+        let config_updates = Family::default();
+        registry.register(
+            "config_updates",
+            "Destination configurations received from the control plane",
+            config_updates.clone(),
+        );
+        let control_plane_connected = Gauge::default();
+        registry.register(
+            "control_plane_connected",
+            "1 while the configuration stream to the control plane is up",
+            control_plane_connected.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            requests,
+            request_duration,
+            retries,
+            retry_budget_exhausted,
+            timeouts,
+            outlier_ejections,
+            endpoints,
+            rate_limited,
+            connections_open,
+            config_updates,
+            control_plane_connected,
+        }
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Counts a downstream connection in `outrigger_connections_open` for as long as it lives.
+pub struct ConnectionGuard(Gauge);
+
+impl ConnectionGuard {
+    pub fn open(metrics: &Metrics, direction: Direction) -> Self {
+        let gauge = metrics
+            .connections_open
+            .get_or_create_owned(&DirectionLabels { direction });
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

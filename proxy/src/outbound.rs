@@ -1,0 +1,124 @@
+//! The outbound side: requests the app sends to other services. Each request's destination comes
+//! from the connection's original destination (iptables REDIRECT) or, for connections addressed to
+//! the proxy itself, from the request's authority.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use outrigger_api::destination::DestinationKey;
+
+use crate::body::{Body, proxy_error};
+use crate::discovery::{Destinations, Entry, Resolution};
+use crate::serve::ConnectionInfo;
+
+pub struct Outbound {
+    pub destinations: Destinations,
+    /// The app's namespace: short names (`reviews`) are Services in it.
+    pub namespace: String,
+    /// How long a request for a destination waits for the control plane's first answer.
+    pub discovery_wait: Duration,
+}
+
+/// Routes the requests of one downstream connection.
+#[derive(Clone)]
+pub struct OutboundService {
+    outbound: Arc<Outbound>,
+    connection: ConnectionInfo,
+    /// The last destination this connection used: keep-alive connections mostly call one.
+    last: Arc<Mutex<Option<(String, Arc<Entry>)>>>,
+}
+
+impl OutboundService {
+    pub fn new(outbound: Arc<Outbound>, connection: ConnectionInfo) -> Self {
+        Self {
+            outbound,
+            connection,
+            last: Arc::default(),
+        }
+    }
+
+    /// The destination key of a request, or the response that explains why it has none.
+    fn key(&self, request: &Request<Body>) -> Result<String, Response<Body>> {
+        if let Some(original_dst) = self.connection.original_dst {
+            return Ok(DestinationKey::Address(original_dst).to_string());
+        }
+        let authority = request
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| request.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()))
+            .ok_or_else(|| proxy_error(StatusCode::BAD_REQUEST, "request has no Host or authority"))?;
+        DestinationKey::from_authority(authority, 80, &self.outbound.namespace)
+            .map(|key| key.to_string())
+            .map_err(|error| {
+                proxy_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("unknown destination: {error}"),
+                )
+            })
+    }
+
+    fn entry(&self, key: String) -> Arc<Entry> {
+        let mut last = self.last.lock().expect("connection cache lock");
+        match &*last {
+            Some((cached, entry)) if *cached == key => entry.clone(),
+            _ => {
+                let entry = self.outbound.destinations.entry(&key);
+                *last = Some((key, entry.clone()));
+                entry
+            }
+        }
+    }
+}
+
+impl tower::Service<Request<Body>> for OutboundService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let key = match self.key(&request) {
+            Ok(key) => key,
+            Err(response) => return Box::pin(async move { Ok(response) }),
+        };
+        let entry = self.entry(key.clone());
+        let wait = self.outbound.discovery_wait;
+        Box::pin(async move {
+            let resolution = match entry.current() {
+                Resolution::Pending => entry.resolved(wait).await,
+                resolution => resolution,
+            };
+            let destination = match resolution {
+                Resolution::Ready(destination) => destination,
+                Resolution::Unknown(reason) => {
+                    return Ok(proxy_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("unknown destination {key}: {reason}"),
+                    ));
+                }
+                Resolution::Pending => {
+                    return Ok(proxy_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("no configuration for {key} yet: the control plane has not answered"),
+                    ));
+                }
+            };
+            let labels = destination.labels.clone();
+            let mut response = match destination.service().call(request).await {
+                Ok(response) => response,
+                Err(error) => error.into_response(),
+            };
+            response.extensions_mut().insert(labels);
+            Ok(response)
+        })
+    }
+}

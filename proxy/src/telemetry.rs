@@ -1,0 +1,161 @@
+//! The metrics layer: counts every request and its duration as the app saw it, including the
+//! responses the proxy made itself. Inner layers say whom a request was for by putting `DstLabels`
+//! in the response's extensions; the duration runs until the response body is done.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Frame, SizeHint};
+
+use crate::body::{Body, BoxError, boxed};
+use crate::metrics::{Classification, DstLabels, Metrics, ResponseLabels};
+
+#[derive(Clone)]
+pub struct TelemetryLayer {
+    metrics: Metrics,
+    /// Labels for responses no inner layer labelled (an unknown destination, inbound traffic).
+    fallback: DstLabels,
+}
+
+impl TelemetryLayer {
+    pub fn new(metrics: Metrics, fallback: DstLabels) -> Self {
+        Self { metrics, fallback }
+    }
+}
+
+impl<S> tower::Layer<S> for TelemetryLayer {
+    type Service = Telemetry<S>;
+
+    fn layer(&self, inner: S) -> Telemetry<S> {
+        Telemetry {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+#[derive(Clone)]
+pub struct Telemetry<S> {
+    inner: S,
+    layer: TelemetryLayer,
+}
+
+impl<S> tower::Service<Request<Body>> for Telemetry<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let started = Instant::now();
+        let grpc = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        // Boxed here, where `S::Future: Send` is known: inside the async block rustc cannot prove
+        // it for the projection (rust-lang/rust#64552).
+        let response: ResponseFuture = Box::pin(self.inner.call(request));
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let response = response.await?;
+            let labels = response
+                .extensions()
+                .get::<DstLabels>()
+                .cloned()
+                .unwrap_or(layer.fallback);
+            let grpc_status = response.headers().get("grpc-status").map(|v| v.as_bytes() == b"0");
+            let recorder = Recorder {
+                metrics: layer.metrics,
+                labels,
+                status: response.status().as_u16(),
+                started,
+                grpc,
+                grpc_ok: grpc_status,
+            };
+            Ok(response.map(|body| boxed(RecordedBody { inner: body, recorder })))
+        })
+    }
+}
+
+struct Recorder {
+    metrics: Metrics,
+    labels: DstLabels,
+    status: u16,
+    started: Instant,
+    grpc: bool,
+    /// `grpc-status` seen in the headers (trailers-only response) or trailers: true when 0.
+    grpc_ok: Option<bool>,
+}
+
+impl Drop for Recorder {
+    /// Runs when the response body is finished or abandoned: the request is over either way.
+    fn drop(&mut self) {
+        let failed = self.status >= 500 || (self.grpc && self.grpc_ok != Some(true));
+        let classification = if failed {
+            Classification::Failure
+        } else {
+            Classification::Success
+        };
+        self.metrics
+            .request_duration
+            .get_or_create(&self.labels)
+            .observe(self.started.elapsed().as_secs_f64());
+        self.metrics
+            .requests
+            .get_or_create(&ResponseLabels {
+                dst: self.labels.clone(),
+                status_code: self.status,
+                classification,
+            })
+            .inc();
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct RecordedBody {
+        #[pin]
+        inner: Body,
+        recorder: Recorder,
+    }
+}
+
+impl http_body::Body for RecordedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &frame {
+            if let Some(status) = frame.trailers_ref().and_then(|t| t.get("grpc-status")) {
+                this.recorder.grpc_ok = Some(status.as_bytes() == b"0");
+            }
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

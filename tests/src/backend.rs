@@ -1,0 +1,207 @@
+//! A real HTTP/1.1 + h2c server that tests steer: answer, fail, stall or reset on command, and count
+//! what it received.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot};
+
+/// How the backend answers the next requests.
+#[derive(Clone, Debug)]
+pub enum Behaviour {
+    /// 200 with the backend's name as the body.
+    Answer,
+    /// This status, with the backend's name as the body.
+    Status(u16),
+    /// Waits this long, then answers.
+    Delay(Duration),
+    /// Closes the connection without answering.
+    Reset,
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+struct State {
+    name: String,
+    behaviour: Mutex<Behaviour>,
+    hits: AtomicU64,
+    /// Lets a `/stream` response send its last chunk.
+    release: Notify,
+}
+
+pub struct Backend {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Self {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), name).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, name: &str) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind backend");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State {
+            name: name.to_string(),
+            behaviour: Mutex::new(Behaviour::Answer),
+            hits: AtomicU64::new(0),
+            release: Notify::new(),
+        });
+        let (stop, mut stopped) = oneshot::channel();
+        let served = state.clone();
+        tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let state = served.clone();
+                        connections.spawn(serve_connection(stream, state));
+                    }
+                    _ = &mut stopped => break,
+                }
+            }
+        });
+        Self {
+            addr,
+            state,
+            stop: Some(stop),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    pub fn set(&self, behaviour: Behaviour) {
+        *self.state.behaviour.lock().unwrap() = behaviour;
+    }
+
+    /// Requests received so far.
+    pub fn hits(&self) -> u64 {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// Lets every waiting `/stream` response finish.
+    pub fn release_streams(&self) {
+        self.state.release.notify_waiters();
+    }
+
+    /// Stops accepting and drops every open connection.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, state: Arc<State>) {
+    // A service error makes hyper drop the connection without answering: a reset.
+    let service = hyper::service::service_fn(move |request| {
+        let state = state.clone();
+        async move { respond(state, request).await.ok_or("reset on command") }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .await;
+}
+
+async fn respond(state: Arc<State>, request: http::Request<Incoming>) -> Option<http::Response<Body>> {
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    let behaviour = state.behaviour.lock().unwrap().clone();
+    match behaviour {
+        Behaviour::Answer => {}
+        Behaviour::Status(code) => return Some(text(code, &state.name, &request)),
+        Behaviour::Delay(delay) => tokio::time::sleep(delay).await,
+        Behaviour::Reset => return None,
+    }
+    Some(match request.uri().path() {
+        "/echo" => {
+            let mut response = text(200, "", &request);
+            let bytes = request.into_body().collect().await.ok()?.to_bytes();
+            *response.body_mut() = Full::new(bytes).boxed();
+            response
+        }
+        "/stream" => {
+            let state = state.clone();
+            let chunks = async_stream(state);
+            let mut response = text(200, "", &request);
+            *response.body_mut() = chunks;
+            response
+        }
+        "/upgrade" => upgrade(request),
+        _ => text(200, &state.name, &request),
+    })
+}
+
+/// A body whose first chunk comes at once and whose second waits for `release_streams`.
+fn async_stream(state: Arc<State>) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(2);
+    let released = state.clone();
+    tokio::spawn(async move {
+        let wait = released.release.notified();
+        let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"first\n")))).await;
+        wait.await;
+        let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"last\n")))).await;
+    });
+    StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed()
+}
+
+/// Answers `Upgrade: echo` with 101, then echoes every byte on the upgraded connection.
+fn upgrade(mut request: http::Request<Incoming>) -> http::Response<Body> {
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let mut io = TokioIo::new(upgraded);
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = io.read(&mut buf).await {
+            if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    });
+    http::Response::builder()
+        .status(101)
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .body(Full::new(Bytes::new()).boxed())
+        .unwrap()
+}
+
+/// A response that also reports what the backend saw of the request, for assertions.
+fn text(code: u16, body: &str, request: &http::Request<Incoming>) -> http::Response<Body> {
+    let mut builder = http::Response::builder()
+        .status(code)
+        .header("x-seen-version", format!("{:?}", request.version()))
+        .header("x-seen-path", request.uri().path());
+    if let Some(host) = request.headers().get("host") {
+        builder = builder.header("x-seen-host", host);
+    } else if let Some(authority) = request.uri().authority() {
+        builder = builder.header("x-seen-host", authority.as_str());
+    }
+    for hop in ["connection", "keep-alive", "proxy-connection", "x-hop"] {
+        if request.headers().contains_key(hop) {
+            builder = builder.header("x-seen-hop-header", hop);
+        }
+    }
+    builder
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
+        .unwrap()
+}

@@ -1,0 +1,156 @@
+//! The controller's real distribution service on a loopback port, fed by the test instead of an
+//! index.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use outrigger_api::proto;
+use outrigger_controller::distribute::{DiscoveryService, ProxyEvent, Snapshot, Snapshots};
+use outrigger_controller::metrics::Metrics;
+use tokio::sync::{broadcast, oneshot};
+
+pub struct ControlPlane {
+    pub addr: SocketAddr,
+    snapshots: Snapshots,
+    events: broadcast::Receiver<ProxyEvent>,
+    next_version: AtomicU64,
+    stop: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl ControlPlane {
+    pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), Snapshots::default()).await
+    }
+
+    /// Starts again on the same address with the same published state, as a restarted controller.
+    pub async fn restart(self) -> Self {
+        let (addr, snapshots) = (self.addr, self.snapshots.clone());
+        self.stop().await;
+        Self::start_on(addr, snapshots).await
+    }
+
+    async fn start_on(addr: SocketAddr, snapshots: Snapshots) -> Self {
+        snapshots.mark_synced();
+        let service = DiscoveryService::new(snapshots.clone(), Metrics::default(), "test".into());
+        let events = service.events();
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("bind control plane");
+        let addr = listener.local_addr().unwrap();
+        let (stop, mut stopped) = oneshot::channel();
+        let server = tokio::spawn(async move {
+            // Connections are served in a JoinSet so that stopping drops them all, as a crashed
+            // controller would: streams never end on their own.
+            let mut connections = tokio::task::JoinSet::new();
+            let service = hyper_util::service::TowerToHyperService::new(service.into_server());
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let service = service.clone();
+                        connections.spawn(async move {
+                            let _ = hyper_util::server::conn::auto::Builder::new(
+                                hyper_util::rt::TokioExecutor::new(),
+                            )
+                            .http2_only()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                        });
+                    }
+                    _ = &mut stopped => break,
+                }
+            }
+        });
+        Self {
+            addr,
+            snapshots,
+            events,
+            next_version: AtomicU64::new(1),
+            stop: Some(stop),
+            server,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Publishes a new version of `key`; returns the version.
+    pub fn publish(&self, key: &str, destination: proto::Destination) -> String {
+        let version = self.next_version.fetch_add(1, Ordering::Relaxed).to_string();
+        self.snapshots.publish(
+            key,
+            Snapshot::Known {
+                version: version.clone(),
+                destination,
+                changed_at: Instant::now(),
+            },
+        );
+        version
+    }
+
+    pub fn remove(&self, key: &str) {
+        self.snapshots.remove(key);
+    }
+
+    /// Waits for the next event matching `pick`.
+    pub async fn next_event<T>(&mut self, mut pick: impl FnMut(ProxyEvent) -> Option<T>) -> T {
+        let wait = async {
+            loop {
+                match self.events.recv().await {
+                    Ok(event) => {
+                        if let Some(found) = pick(event) {
+                            return found;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => panic!("control plane stopped"),
+                }
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), wait)
+            .await
+            .expect("no such proxy event within 10s")
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.server).await;
+    }
+}
+
+/// A destination for Service `service.namespace:port` with the given endpoints and their subsets.
+pub fn destination(
+    namespace: &str,
+    service: &str,
+    port: u16,
+    endpoints: &[(SocketAddr, &[&str])],
+) -> proto::Destination {
+    let mut subsets: Vec<String> = endpoints
+        .iter()
+        .flat_map(|(_, subsets)| subsets.iter().map(|s| s.to_string()))
+        .collect();
+    subsets.sort();
+    subsets.dedup();
+    proto::Destination {
+        namespace: namespace.into(),
+        service: service.into(),
+        port: port.into(),
+        endpoints: endpoints
+            .iter()
+            .map(|(addr, subsets)| proto::Endpoint {
+                address: addr.to_string(),
+                subsets: subsets.iter().map(|s| s.to_string()).collect(),
+                pod: format!("pod-{}", addr.port()),
+                h2c: false,
+            })
+            .collect(),
+        subsets,
+        policy_spec: Some(proto::Policy::default()),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,8 @@
+//! Test support shared by the proxy's integration tests, the end-to-end suites and the benchmarks:
+//! a control plane speaking the real protocol, and backends that misbehave on command.
+
+pub mod backend;
+pub mod control_plane;
+
+pub use backend::{Backend, Behaviour};
+pub use control_plane::{ControlPlane, destination};

@@ -1,0 +1,87 @@
+//! `cargo xtask bench <target>`: builds the release binaries and runs `outrigger-bench`, which does
+//! the measuring. Options left out take `outrigger-bench`'s defaults, so they live in one place.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+
+#[derive(Subcommand)]
+pub enum Target {
+    /// Latency, throughput and cost that the proxy adds to requests, against a direct path.
+    Proxy(ProxyArgs),
+}
+
+#[derive(Args)]
+pub struct ProxyArgs {
+    /// Request rates to measure, in requests per second, comma-separated (default: the bench's).
+    #[arg(long)]
+    rates: Option<String>,
+    /// How long each rate is measured on each path, e.g. `5s` (default: the bench's).
+    #[arg(long)]
+    duration: Option<String>,
+    /// Unrecorded load before each measurement, e.g. `1s` (default: the bench's).
+    #[arg(long)]
+    warmup: Option<String>,
+    /// Keep-alive connections per path (default: the bench's).
+    #[arg(long)]
+    connections: Option<String>,
+    /// Markdown file whose `## Proxy` section receives the results, relative to the workspace root.
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    write: PathBuf,
+    /// Only print the results.
+    #[arg(long, conflicts_with = "write")]
+    no_write: bool,
+}
+
+pub fn run(target: Target) -> Result<()> {
+    match target {
+        Target::Proxy(args) => proxy(args),
+    }
+}
+
+fn proxy(args: ProxyArgs) -> Result<()> {
+    crate::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "outrigger-proxy",
+        "-p",
+        "outrigger-tests",
+        "--bin",
+        "outrigger-proxy",
+        "--bin",
+        "outrigger-bench",
+    ])?;
+    let release = crate::target_dir()?.join("release");
+    let proxy_bin = release.join("outrigger-proxy");
+    let mut bench = Command::new(release.join("outrigger-bench"));
+    bench
+        .arg("proxy")
+        .arg("--proxy-bin")
+        .arg(&proxy_bin)
+        .arg("--command")
+        .arg(crate::invocation());
+    let forwarded = [
+        ("--rates", &args.rates),
+        ("--duration", &args.duration),
+        ("--warmup", &args.warmup),
+        ("--connections", &args.connections),
+    ];
+    for (flag, value) in forwarded {
+        if let Some(value) = value {
+            bench.arg(flag).arg(value);
+        }
+    }
+    if !args.no_write {
+        bench.arg("--write").arg(crate::workspace_root().join(&args.write));
+    }
+    let status = bench
+        .status()
+        .with_context(|| format!("running {}", release.join("outrigger-bench").display()))?;
+    if !status.success() {
+        bail!("outrigger-bench proxy failed: {status}");
+    }
+    Ok(())
+}

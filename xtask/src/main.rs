@@ -1,0 +1,82 @@
+//! Developer and CI tasks, run as `cargo xtask <task>`.
+//!
+//! This crate stays light (clap, anyhow and std) so that `cargo xtask` starts quickly; tasks that
+//! need the async stack build and run a binary of their own.
+
+mod bench;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Outrigger developer and CI tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Runs a benchmark and records its results in docs/benchmarks.md.
+    Bench {
+        #[command(subcommand)]
+        target: bench::Target,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Bench { target } => bench::run(target),
+    }
+}
+
+/// The workspace root: xtask lives one level below it.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+/// Where cargo puts build outputs: `CARGO_TARGET_DIR` (relative to the current directory, as cargo
+/// reads it), else `<workspace>/target`.
+fn target_dir() -> Result<PathBuf> {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => Ok(std::env::current_dir()
+            .context("reading the current directory")?
+            .join(dir)),
+        _ => Ok(workspace_root().join("target")),
+    }
+}
+
+/// Runs cargo (the one that runs us, when known) with `args` in the workspace root.
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running {} {}", cargo.to_string_lossy(), args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+/// This invocation as a user would type it, for records of how results were produced.
+fn invocation() -> String {
+    let args = std::env::args().skip(1).map(|arg| {
+        if arg.is_empty() || arg.contains(|c: char| c.is_whitespace() || "'\"$\\".contains(c)) {
+            format!("'{}'", arg.replace('\'', r"'\''"))
+        } else {
+            arg
+        }
+    });
+    std::iter::once("cargo xtask".to_string())
+        .chain(args)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
