@@ -167,7 +167,9 @@ mod tests {
 
     #[test]
     fn names_outside_the_cluster_are_refused() {
-        for bad in ["example.com", "a.b.c.d", "", "bad_name", "x.y.svc.other.local"] {
+        // `example.com` reads as Service `example` in namespace `com`, as cluster DNS search paths
+        // would; the controller then answers that no such Service exists.
+        for bad in ["a.b.c.d", "", "bad_name", "x.y.svc.other.local", "-x.shop"] {
             assert!(matches!(
                 DestinationKey::from_authority(bad, 80, "shop"),
                 Err(KeyError::NotAServiceName(_))

@@ -1,7 +1,5 @@
 //! The admin server: `/metrics`, `/live`, `/ready`, `/config`, `/endpoints`.
 
-use std::convert::Infallible;
-
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
@@ -19,8 +17,8 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub async fn handle(&self, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-        Ok(match (request.method(), request.uri().path()) {
+    pub fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        match (request.method(), request.uri().path()) {
             (&http::Method::GET, "/metrics") => respond(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -38,7 +36,7 @@ impl Admin {
             (&http::Method::GET, "/endpoints") => json_response(self.endpoints()),
             (&http::Method::GET, _) => text(StatusCode::NOT_FOUND, "not found\n"),
             _ => text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n"),
-        })
+        }
     }
 
     /// Every destination with the configuration applied to it and its version.

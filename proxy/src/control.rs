@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::discovery::Destinations;
+use crate::serve::stopped;
 use crate::metrics::{Metrics, UpdateLabels, UpdateResult};
 
 #[derive(Clone, Debug)]
@@ -53,7 +54,7 @@ pub async fn run(
                     welcomed
                 }
             },
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = stopped(&mut shutdown) => return,
         };
         metrics.control_plane_connected.set(0);
         if welcomed {
@@ -63,7 +64,7 @@ pub async fn run(
         let delay = rand::rng().random_range(Duration::ZERO..=backoff);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = stopped(&mut shutdown) => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }

@@ -87,7 +87,7 @@ impl Load {
         decayed * (self.in_flight() + 1) as f64
     }
 
-    fn observe(&self, rtt: Duration) {
+    pub fn observe(&self, rtt: Duration) {
         let rtt = rtt.as_nanos() as f64;
         let mut ewma = self.ewma.lock().expect("ewma lock");
         let now = Instant::now();

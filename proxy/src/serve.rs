@@ -94,7 +94,7 @@ pub async fn serve<S, F>(
                     continue;
                 }
             },
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            _ = stopped(&mut shutdown) => break,
         };
         let Ok(info) = ConnectionInfo::of(&stream, listen_addr) else {
             continue;
@@ -117,4 +117,10 @@ pub async fn serve<S, F>(
     if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
         tracing::warn!(?direction, "drain deadline passed with requests in flight");
     }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // The `Ref` that `wait_for` returns must not live in the caller's future: it is not `Send`.
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }

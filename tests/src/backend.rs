@@ -123,7 +123,10 @@ async fn serve_connection(stream: tokio::net::TcpStream, state: Arc<State>) {
         .await;
 }
 
-async fn respond(state: Arc<State>, request: http::Request<Incoming>) -> Option<http::Response<Body>> {
+async fn respond(
+    state: Arc<State>,
+    request: http::Request<Incoming>,
+) -> Option<http::Response<Body>> {
     state.hits.fetch_add(1, Ordering::SeqCst);
     let behaviour = state.behaviour.lock().unwrap().clone();
     match behaviour {
@@ -157,9 +160,13 @@ fn async_stream(state: Arc<State>) -> Body {
     let released = state.clone();
     tokio::spawn(async move {
         let wait = released.release.notified();
-        let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"first\n")))).await;
+        let _ = tx
+            .send(Ok(Frame::data(Bytes::from_static(b"first\n"))))
+            .await;
         wait.await;
-        let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"last\n")))).await;
+        let _ = tx
+            .send(Ok(Frame::data(Bytes::from_static(b"last\n"))))
+            .await;
     });
     StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed()
 }
@@ -168,7 +175,9 @@ fn async_stream(state: Arc<State>) -> Body {
 fn upgrade(mut request: http::Request<Incoming>) -> http::Response<Body> {
     let on_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else { return };
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
         let mut io = TokioIo::new(upgraded);
         let mut buf = [0u8; 1024];
         while let Ok(n) = io.read(&mut buf).await {

@@ -79,7 +79,10 @@ impl ControlPlane {
 
     /// Publishes a new version of `key`; returns the version.
     pub fn publish(&self, key: &str, destination: proto::Destination) -> String {
-        let version = self.next_version.fetch_add(1, Ordering::Relaxed).to_string();
+        let version = self
+            .next_version
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string();
         self.snapshots.publish(
             key,
             Snapshot::Known {

@@ -75,7 +75,9 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         }
     }
     if !args.no_write {
-        bench.arg("--write").arg(crate::workspace_root().join(&args.write));
+        bench
+            .arg("--write")
+            .arg(crate::workspace_root().join(&args.write));
     }
     let status = bench
         .status()

@@ -170,9 +170,9 @@ impl Recorder {
             bad_status: self.bad_status,
             transport: self.transport,
             late: self.late,
-            span: self
-                .last_done
-                .map_or(Duration::ZERO, |done| done.saturating_duration_since(recording)),
+            span: self.last_done.map_or(Duration::ZERO, |done| {
+                done.saturating_duration_since(recording)
+            }),
             handled: self.handled,
         }
     }
@@ -211,7 +211,11 @@ impl Pool {
     }
 
     async fn send(&self, due: Instant) -> Outcome {
-        let _permit = self.free.acquire().await.expect("the semaphore is never closed");
+        let _permit = self
+            .free
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         if due.elapsed() > self.max_lag {
             return Outcome::Late;
         }
@@ -282,7 +286,12 @@ mod tests {
         let mut recorder = Recorder::new();
         recorder.record(due, due + Duration::from_millis(50), false, Outcome::Ok);
         recorder.record(due, due + Duration::from_millis(3), true, Outcome::Ok);
-        recorder.record(due, due + Duration::from_millis(4), true, Outcome::BadStatus);
+        recorder.record(
+            due,
+            due + Duration::from_millis(4),
+            true,
+            Outcome::BadStatus,
+        );
         recorder.record(due, due + Duration::from_secs(2), true, Outcome::Late);
         let measured = recorder.finish(due, 4);
         assert_eq!(measured.ok, 1);

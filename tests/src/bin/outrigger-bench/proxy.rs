@@ -21,9 +21,15 @@ pub struct Proxy {
 impl Proxy {
     /// Starts `bin` as workload `bench-client` in namespace `default` and waits until its admin
     /// server reports ready.
-    pub fn start(runtime: &Handle, bin: &Path, control_plane: &str, app: SocketAddr) -> Result<Self> {
+    pub fn start(
+        runtime: &Handle,
+        bin: &Path,
+        control_plane: &str,
+        app: SocketAddr,
+    ) -> Result<Self> {
         let [outbound, inbound, admin] = [free_port()?, free_port()?, free_port()?];
-        let log = std::env::temp_dir().join(format!("outrigger-bench-proxy-{}.log", std::process::id()));
+        let log =
+            std::env::temp_dir().join(format!("outrigger-bench-proxy-{}.log", std::process::id()));
         let child = Command::new(bin)
             .arg("--control-plane")
             .arg(control_plane)
@@ -102,7 +108,10 @@ impl Proxy {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("the proxy did not stop within 5s of SIGTERM; killed it{}", self.log_tail())
+        bail!(
+            "the proxy did not stop within 5s of SIGTERM; killed it{}",
+            self.log_tail()
+        )
     }
 }
 
@@ -125,7 +134,8 @@ fn free_port() -> Result<SocketAddr> {
 /// One GET on a fresh connection: status and body.
 pub async fn get(addr: SocketAddr, path: &str, authority: &str) -> Result<(u16, String)> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -178,7 +188,9 @@ pub struct Memory {
 pub fn memory(pid: u32) -> Result<Memory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let field = |name| status_kib(&status, name).with_context(|| format!("no {name} in /proc/{pid}/status"));
+    let field = |name| {
+        status_kib(&status, name).with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
     Ok(Memory {
         rss: field("VmRSS")? * 1024,
         peak: field("VmHWM")? * 1024,

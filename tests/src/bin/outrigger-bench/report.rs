@@ -100,7 +100,11 @@ pub fn added(proxied: &Summary, direct: &Summary) -> [i64; 3] {
 fn max_sustained(rates: impl Iterator<Item = (u32, bool)>) -> Option<(u32, bool)> {
     let rates: Vec<(u32, bool)> = rates.collect();
     let top = rates.iter().map(|&(rate, _)| rate).max()?;
-    let best = rates.iter().filter(|&&(_, ok)| ok).map(|&(rate, _)| rate).max()?;
+    let best = rates
+        .iter()
+        .filter(|&&(_, ok)| ok)
+        .map(|&(rate, _)| rate)
+        .max()?;
     Some((best, best == top))
 }
 
@@ -174,7 +178,11 @@ impl Report {
             }
         }
 
-        let direct = max_sustained(self.rows.iter().map(|r| (r.rate, r.direct.sustains(r.rate))));
+        let direct = max_sustained(
+            self.rows
+                .iter()
+                .map(|r| (r.rate, r.direct.sustains(r.rate))),
+        );
         let _ = writeln!(
             w,
             "\nHighest rate sustained (under {} errors and at least {:.0}% of the rate achieved):\n",
@@ -192,8 +200,14 @@ impl Report {
                 let _ = writeln!(w, "- proxied / direct: {:.2}", f64::from(p) / f64::from(d));
             }
 
-            let _ = writeln!(w, "\nProxy process cost during each proxied run (warm-up included):\n");
-            let _ = writeln!(w, "| Rate (req/s) | CPU ms per 1k requests | CPU (% of one core) | RSS after |");
+            let _ = writeln!(
+                w,
+                "\nProxy process cost during each proxied run (warm-up included):\n"
+            );
+            let _ = writeln!(
+                w,
+                "| Rate (req/s) | CPU ms per 1k requests | CPU (% of one core) | RSS after |"
+            );
             let _ = writeln!(w, "|---:|---:|---:|---:|");
             for row in &self.rows {
                 if let Some((_, cost)) = &row.proxied {
@@ -281,7 +295,10 @@ mod tests {
     fn percentiles_and_added_latency() {
         // 1..=1000 µs: p50 is 500, p99 990, p99.9 999.
         let direct = Summary::of(&measured(1..=1000, 0), Duration::from_secs(1));
-        let proxied = Summary::of(&measured((1..=1000).map(|v| v + 250), 0), Duration::from_secs(1));
+        let proxied = Summary::of(
+            &measured((1..=1000).map(|v| v + 250), 0),
+            Duration::from_secs(1),
+        );
         assert_eq!((direct.p50, direct.p99, direct.p999), (500, 990, 999));
         assert_eq!(added(&proxied, &direct), [250, 250, 250]);
         // A proxied percentile below the direct one shows as negative, not as a wrapped u64.
@@ -305,7 +322,10 @@ mod tests {
     fn highest_sustained_rate_says_when_it_is_the_top_one_tried() {
         let rates = [(500, true), (1000, true), (2000, false), (4000, false)];
         assert_eq!(max_sustained(rates.into_iter()), Some((1000, false)));
-        assert_eq!(max_sustained([(500, true), (1000, true)].into_iter()), Some((1000, true)));
+        assert_eq!(
+            max_sustained([(500, true), (1000, true)].into_iter()),
+            Some((1000, true))
+        );
         assert_eq!(max_sustained([(500, false)].into_iter()), None);
     }
 
@@ -325,15 +345,24 @@ mod tests {
     fn replaces_only_the_proxy_section() {
         let doc = "# Benchmarks\n\nIntro.\n\n## Proxy\n\nold\n### Sub\nold too\n\n## Control plane\n\nkept\n";
         let out = replace_section(doc, "## Proxy\n\nnew\n");
-        assert_eq!(out, "# Benchmarks\n\nIntro.\n\n## Proxy\n\nnew\n\n## Control plane\n\nkept\n");
+        assert_eq!(
+            out,
+            "# Benchmarks\n\nIntro.\n\n## Proxy\n\nnew\n\n## Control plane\n\nkept\n"
+        );
         // Idempotent: running twice gives the same file.
         assert_eq!(replace_section(&out, "## Proxy\n\nnew\n"), out);
     }
 
     #[test]
     fn appends_or_creates_the_section() {
-        let out = replace_section("# Benchmarks\n\n## Control plane\n\nkept\n", "## Proxy\n\nnew");
-        assert_eq!(out, "# Benchmarks\n\n## Control plane\n\nkept\n\n## Proxy\n\nnew\n");
+        let out = replace_section(
+            "# Benchmarks\n\n## Control plane\n\nkept\n",
+            "## Proxy\n\nnew",
+        );
+        assert_eq!(
+            out,
+            "# Benchmarks\n\n## Control plane\n\nkept\n\n## Proxy\n\nnew\n"
+        );
         let created = replace_section("", "## Proxy\n\nnew");
         assert!(created.starts_with("# Benchmarks\n"));
         assert!(created.ends_with("\n## Proxy\n\nnew\n"));

@@ -1,0 +1,335 @@
+//! `outrigger-bench`: measures Outrigger components on loopback. Run it through
+//! `cargo xtask bench <target>`, which builds it and the binaries it measures in release mode.
+
+#[path = "outrigger-bench/loadgen.rs"]
+mod loadgen;
+#[path = "outrigger-bench/proxy.rs"]
+mod proxy;
+#[path = "outrigger-bench/report.rs"]
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use outrigger_tests::{Backend, ControlPlane, destination};
+use tokio::runtime::{Handle, Runtime};
+
+use loadgen::{Load, Target};
+use proxy::Proxy;
+use report::{Cost, Report, Row, Summary};
+
+/// The Service the proxied path calls, as the proxy resolves it from the request's authority.
+const SERVICE_AUTHORITY: &str = "bench.default.svc.cluster.local:80";
+/// A request that cannot leave this long after its scheduled time counts as an error.
+const MAX_LAG: Duration = Duration::from_secs(1);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Parser)]
+#[command(about = "Benchmarks Outrigger components on loopback")]
+struct Cli {
+    #[command(subcommand)]
+    target: BenchTarget,
+}
+
+#[derive(Subcommand)]
+enum BenchTarget {
+    /// Latency, throughput and cost that the proxy adds to requests, against a direct path.
+    Proxy(ProxyArgs),
+}
+
+#[derive(Args)]
+struct ProxyArgs {
+    /// The outrigger-proxy binary to measure.
+    #[arg(long, required_unless_present = "direct_only")]
+    proxy_bin: Option<PathBuf>,
+    /// Measure the direct path only: a baseline for the load generator itself.
+    #[arg(long, conflicts_with = "write")]
+    direct_only: bool,
+    /// Request rates to measure, in requests per second.
+    #[arg(long, value_delimiter = ',', default_value = "500,1000,2000,4000,8000")]
+    rates: Vec<u32>,
+    /// How long each rate is recorded on each path.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Load sent, unrecorded, before each recording.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Keep-alive HTTP/1.1 connections per path.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Replace the `## Proxy` section of this Markdown file with the results.
+    #[arg(long)]
+    write: Option<PathBuf>,
+    /// How to reproduce this run, as recorded in the results (default: this command line).
+    #[arg(long)]
+    command: Option<String>,
+}
+
+/// `500ms`, `5s` or `2m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 500ms, 5s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(number)),
+        "s" => Ok(Duration::from_secs(number)),
+        "m" => Ok(Duration::from_secs(number * 60)),
+        _ => Err(format!("`{text}` needs a unit: ms, s or m")),
+    }
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().target {
+        BenchTarget::Proxy(args) => bench_proxy(args),
+    }
+}
+
+fn bench_proxy(args: ProxyArgs) -> Result<()> {
+    if args.rates.is_empty() || args.rates.contains(&0) {
+        bail!("--rates needs one or more rates above zero");
+    }
+    if args.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    // The backend and the load generator get a runtime (and a thread) each, so that one's backlog
+    // does not delay the other's timers.
+    let backend_runtime = runtime("bench-backend")?;
+    let client_runtime = runtime("bench-client")?;
+    let client = client_runtime.handle();
+
+    let backend = backend_runtime.block_on(Backend::start("bench"));
+    let control_plane = backend_runtime.block_on(ControlPlane::start());
+    control_plane.publish(
+        SERVICE_AUTHORITY,
+        destination("default", "bench", 80, &[(backend.addr, &[])]),
+    );
+    let direct = Target {
+        addr: backend.addr,
+        authority: backend.addr.to_string(),
+    };
+    check_answers(client, &direct, "the backend")?;
+
+    let mut proxy = match (&args.proxy_bin, args.direct_only) {
+        (Some(bin), false) => {
+            let proxy = Proxy::start(client, bin, &control_plane.url(), backend.addr)?;
+            eprintln!(
+                "proxy ready, pid {}, log {}",
+                proxy.pid(),
+                proxy.log().display()
+            );
+            Some(proxy)
+        }
+        _ => None,
+    };
+    let proxied = proxy.as_ref().map(|proxy| Target {
+        addr: proxy.outbound,
+        authority: SERVICE_AUTHORITY.into(),
+    });
+    if let Some(proxied) = &proxied {
+        check_answers(client, proxied, "the proxy")?;
+    }
+    let idle_rss = proxy
+        .as_ref()
+        .map(|proxy| proxy::memory(proxy.pid()))
+        .transpose()?
+        .map(|memory| memory.rss);
+
+    let mut rows = Vec::new();
+    for &rate in &args.rates {
+        let load = Load {
+            rate,
+            warmup: args.warmup,
+            duration: args.duration,
+            connections: args.connections,
+            max_lag: MAX_LAG,
+            timeout: REQUEST_TIMEOUT,
+        };
+        let measured = loadgen::run(client, &direct, &load).context("direct run")?;
+        let direct_summary = Summary::of(&measured, args.duration);
+        progress(rate, "direct", &direct_summary);
+        let proxied = match (&mut proxy, &proxied) {
+            (Some(proxy), Some(target)) => {
+                let (summary, cost) = proxied_run(client, proxy, target, &load)?;
+                progress(rate, "proxied", &summary);
+                Some((summary, cost))
+            }
+            _ => None,
+        };
+        rows.push(Row {
+            rate,
+            direct: direct_summary,
+            proxied,
+        });
+    }
+
+    let peak_rss = match proxy {
+        Some(proxy) => {
+            let peak = proxy::memory(proxy.pid())?.peak;
+            proxy.stop()?;
+            Some(peak)
+        }
+        None => None,
+    };
+    let report = Report {
+        setup: setup(&args),
+        command: args
+            .command
+            .unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" ")),
+        machine: machine()?,
+        date: now()?,
+        rows,
+        idle_rss,
+        peak_rss,
+    };
+    let markdown = report.markdown();
+    println!("{markdown}");
+    if let Some(path) = &args.write {
+        write_section(path, &markdown)?;
+        eprintln!("wrote the Proxy section of {}", path.display());
+    }
+    Ok(())
+}
+
+fn runtime(name: &str) -> Result<Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .with_context(|| format!("building the {name} runtime"))
+}
+
+/// Fails early, and clearly, when a path does not answer 200 from the backend. Retries for a few
+/// seconds because a proxy may resolve a destination on its first request.
+fn check_answers(client: &Handle, target: &Target, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = client.block_on(proxy::get(target.addr, "/", &target.authority));
+        let last = match answer {
+            Ok((200, body)) if body == "bench" => return Ok(()),
+            Ok((status, body)) => format!("{status} {body:?}"),
+            Err(error) => format!("{error:#}"),
+        };
+        if Instant::now() >= deadline {
+            bail!(
+                "GET / to {what} at {} with Host {} did not get 200 \"bench\" within 5s; last answer: {last}",
+                target.addr,
+                target.authority
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One proxied run, with the proxy's CPU time and memory around it.
+fn proxied_run(
+    client: &Handle,
+    proxy: &mut Proxy,
+    target: &Target,
+    load: &Load,
+) -> Result<(Summary, Cost)> {
+    proxy.check_running()?;
+    let (cpu_before, started) = (proxy::cpu_time(proxy.pid())?, Instant::now());
+    let measured = loadgen::run(client, target, load).context("proxied run")?;
+    let (cpu_after, wall) = (proxy::cpu_time(proxy.pid())?, started.elapsed());
+    proxy.check_running()?;
+    let cost = Cost {
+        cpu: cpu_after.saturating_sub(cpu_before),
+        wall,
+        requests: measured.handled,
+        rss: proxy::memory(proxy.pid())?.rss,
+    };
+    Ok((Summary::of(&measured, load.duration), cost))
+}
+
+fn progress(rate: u32, path: &str, s: &Summary) {
+    eprintln!(
+        "{rate:>6} req/s {path:<7}: achieved {:>6.0}/s, p50 {:>6}µs, p99 {:>7}µs, p99.9 {:>7}µs, errors {:.2}%",
+        s.achieved,
+        s.p50,
+        s.p99,
+        s.p999,
+        s.error_rate * 100.0
+    );
+}
+
+fn setup(args: &ProxyArgs) -> String {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!(
+        "open loop, {} keep-alive HTTP/1.1 connections per path; at each rate a direct run then a \
+         proxied run, each {:?} of unrecorded warm-up then {:?} recorded. The load generator, the \
+         backend and the proxy run side by side on this machine's {cores} cores and compete for \
+         them, so absolute latencies and the highest sustained rates describe the whole setup on \
+         this machine, not the proxy alone.",
+        args.connections, args.warmup, args.duration
+    )
+}
+
+fn machine() -> Result<String> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").context("reading /proc/cpuinfo")?;
+    let model = cpuinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("model name")?.split_once(':'))
+        .map_or("unknown CPU", |(_, model)| model.trim());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    let memory_kib: u64 = meminfo
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("MemTotal:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .context("no MemTotal in /proc/meminfo")?;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    Ok(format!(
+        "{cores} CPUs ({model}), {:.1} GiB memory, Linux {}",
+        memory_kib as f64 / (1024.0 * 1024.0),
+        kernel.trim()
+    ))
+}
+
+fn now() -> Result<String> {
+    let output = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .context("running date")?;
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+fn write_section(path: &Path, section: &str) -> Result<()> {
+    let doc = match std::fs::read_to_string(path) {
+        Ok(doc) => doc,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, report::replace_section(&doc, section))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("1.5s").is_err());
+    }
+}
