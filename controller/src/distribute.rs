@@ -118,6 +118,23 @@ impl Snapshots {
     }
 }
 
+impl Snapshot {
+    /// A snapshot whose version is derived from its content: a restarted controller, or another
+    /// replica, gives the same version to the same configuration, so proxies that reconnect are
+    /// not sent what they already have, and never miss a change behind a reused number.
+    pub fn known(destination: proto::Destination, changed_at: Instant) -> Self {
+        use prost::Message as _;
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        destination.encode_to_vec().hash(&mut hasher);
+        Self::Known {
+            version: format!("{:016x}", hasher.finish()),
+            destination,
+            changed_at,
+        }
+    }
+}
+
 fn unknown() -> Arc<Snapshot> {
     Arc::new(Snapshot::Unknown {
         reason: UNKNOWN_REASON.to_string(),

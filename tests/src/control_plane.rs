@@ -2,7 +2,6 @@
 //! index.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use outrigger_api::proto;
@@ -14,7 +13,6 @@ pub struct ControlPlane {
     pub addr: SocketAddr,
     snapshots: Snapshots,
     events: broadcast::Receiver<ProxyEvent>,
-    next_version: AtomicU64,
     stop: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -24,11 +22,15 @@ impl ControlPlane {
         Self::start_on("127.0.0.1:0".parse().unwrap(), Snapshots::default()).await
     }
 
-    /// Starts again on the same address with the same published state, as a restarted controller.
-    pub async fn restart(self) -> Self {
-        let (addr, snapshots) = (self.addr, self.snapshots.clone());
+    /// Stops, keeping the address and the published state so that `Stopped::start` comes back
+    /// as a restarted controller would. Publishing goes on while it is down.
+    pub async fn restart_later(self) -> Stopped {
+        let stopped = Stopped {
+            addr: self.addr,
+            snapshots: self.snapshots.clone(),
+        };
         self.stop().await;
-        Self::start_on(addr, snapshots).await
+        stopped
     }
 
     async fn start_on(addr: SocketAddr, snapshots: Snapshots) -> Self {
@@ -67,7 +69,6 @@ impl ControlPlane {
             addr,
             snapshots,
             events,
-            next_version: AtomicU64::new(1),
             stop: Some(stop),
             server,
         }
@@ -77,20 +78,14 @@ impl ControlPlane {
         format!("http://{}", self.addr)
     }
 
-    /// Publishes a new version of `key`; returns the version.
+    /// Publishes `destination` as the state of `key`; returns its version.
     pub fn publish(&self, key: &str, destination: proto::Destination) -> String {
-        let version = self
-            .next_version
-            .fetch_add(1, Ordering::Relaxed)
-            .to_string();
-        self.snapshots.publish(
-            key,
-            Snapshot::Known {
-                version: version.clone(),
-                destination,
-                changed_at: Instant::now(),
-            },
-        );
+        let snapshot = Snapshot::known(destination, Instant::now());
+        let Snapshot::Known { version, .. } = &snapshot else {
+            unreachable!("Snapshot::known is known")
+        };
+        let version = version.clone();
+        self.snapshots.publish(key, snapshot);
         version
     }
 
@@ -123,6 +118,18 @@ impl ControlPlane {
             let _ = stop.send(());
         }
         let _ = (&mut self.server).await;
+    }
+}
+
+/// A control plane that is down.
+pub struct Stopped {
+    addr: SocketAddr,
+    snapshots: Snapshots,
+}
+
+impl Stopped {
+    pub async fn start(self) -> ControlPlane {
+        ControlPlane::start_on(self.addr, self.snapshots).await
     }
 }
 

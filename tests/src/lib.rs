@@ -6,3 +6,4 @@ pub mod control_plane;
 
 pub use backend::{Backend, Behaviour};
 pub use control_plane::{ControlPlane, destination};
+pub use outrigger_controller::distribute::ProxyEvent;
