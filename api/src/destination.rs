@@ -23,7 +23,9 @@ pub enum DestinationKey {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
-    #[error("`{0}` is not a cluster Service name (expected svc, svc.ns or svc.ns.{CLUSTER_DOMAIN})")]
+    #[error(
+        "`{0}` is not a cluster Service name (expected svc, svc.ns or svc.ns.{CLUSTER_DOMAIN})"
+    )]
     NotAServiceName(String),
     #[error("`{0}` has an invalid port")]
     InvalidPort(String),
@@ -40,7 +42,11 @@ impl DestinationKey {
         let (host, port) = split_port(authority)?;
         let port = port.unwrap_or(default_port);
         let host = host.trim_end_matches('.');
-        if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        if let Ok(ip) = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             return Ok(Self::Address(SocketAddr::new(ip, port)));
         }
         let labels: Vec<&str> = host.split('.').collect();
@@ -85,7 +91,9 @@ fn split_port(authority: &str) -> Result<(&str, Option<u16>), KeyError> {
 fn is_dns_label(label: &str) -> bool {
     !label.is_empty()
         && label.len() <= 63
-        && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         && !label.starts_with('-')
         && !label.ends_with('-')
 }
@@ -119,7 +127,9 @@ impl FromStr for DestinationKey {
             .and_then(|h| h.split_once('.'))
         {
             Some((name, namespace))
-                if is_dns_label(name) && is_dns_label(namespace) && name == name.to_ascii_lowercase() =>
+                if is_dns_label(name)
+                    && is_dns_label(namespace)
+                    && name == name.to_ascii_lowercase() =>
             {
                 Ok(Self::Service {
                     namespace: namespace.to_string(),

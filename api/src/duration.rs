@@ -58,7 +58,18 @@ mod tests {
 
     #[test]
     fn refuses_other_forms() {
-        for bad in ["", "10", "1.5s", "-1s", "10S", "1d", "s", "123456s", "1h1m1s1ms1h", " 1s"] {
+        for bad in [
+            "",
+            "10",
+            "1.5s",
+            "-1s",
+            "10S",
+            "1d",
+            "s",
+            "123456s",
+            "1h1m1s1ms1h",
+            " 1s",
+        ] {
             assert_eq!(parse(bad), Err(DurationError(bad.to_string())), "{bad}");
         }
     }

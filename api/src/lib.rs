@@ -4,6 +4,8 @@ pub mod destination;
 pub mod duration;
 
 /// The configuration stream protocol (see `proto/outrigger/v1/discovery.proto`).
+// Generated code: a message oneof is as large as its largest variant, by prost's design.
+#[allow(clippy::large_enum_variant)]
 pub mod proto {
     tonic::include_proto!("outrigger.v1");
 }

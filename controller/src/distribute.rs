@@ -16,8 +16,8 @@ use outrigger_api::proto::{
 };
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tokio_stream::StreamMap;
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 pub enum Snapshot {
     Known {
         version: String,
-        destination: proto::Destination,
+        destination: Box<proto::Destination>,
         /// When the index saw the change that produced this version (for push latency).
         changed_at: Instant,
     },
@@ -129,7 +129,7 @@ impl Snapshot {
         destination.encode_to_vec().hash(&mut hasher);
         Self::Known {
             version: format!("{:016x}", hasher.finish()),
-            destination,
+            destination: Box::new(destination),
             changed_at,
         }
     }
@@ -279,7 +279,7 @@ impl DiscoveryService {
                             controller_message::Message::Update(DestinationUpdate {
                                 key,
                                 version: version.clone(),
-                                destination: Some(destination.clone()),
+                                destination: Some(destination.as_ref().clone()),
                             })
                         }
                         Snapshot::Unknown { reason } => {
@@ -333,14 +333,14 @@ impl DiscoveryService {
                 }
             }
             Some(proxy_message::Message::Ack(ack)) => {
-                if let Some(state) = subscribed.get_mut(&ack.key) {
-                    if let Some((_, since)) =
-                        state.pending_since.take_if(|(version, _)| *version == ack.version)
-                    {
-                        self.metrics
-                            .push_seconds
-                            .observe(since.elapsed().as_secs_f64());
-                    }
+                if let Some(state) = subscribed.get_mut(&ack.key)
+                    && let Some((_, since)) = state
+                        .pending_since
+                        .take_if(|(version, _)| *version == ack.version)
+                {
+                    self.metrics
+                        .push_seconds
+                        .observe(since.elapsed().as_secs_f64());
                 }
                 let _ = self.events.send(ProxyEvent::Acked {
                     proxy: proxy.clone(),

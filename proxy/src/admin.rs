@@ -29,7 +29,10 @@ impl Admin {
                 if *self.ready.borrow() {
                     text(StatusCode::OK, "ready\n")
                 } else {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "waiting for the control plane\n")
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "waiting for the control plane\n",
+                    )
                 }
             }
             (&http::Method::GET, "/config") => json_response(self.config()),

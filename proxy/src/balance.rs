@@ -108,7 +108,9 @@ impl Balancer {
             }
             Algorithm::Random => self.random_eligible(eligible)?,
             Algorithm::PeakEwma => self.power_of_two(eligible, |e| e.load.cost())?,
-            Algorithm::LeastRequest => self.power_of_two(eligible, |e| e.load.in_flight() as f64)?,
+            Algorithm::LeastRequest => {
+                self.power_of_two(eligible, |e| e.load.in_flight() as f64)?
+            }
             Algorithm::ConsistentHash { header } => match headers.get(header) {
                 Some(value) => {
                     let h = hash(&value.as_bytes());
@@ -188,7 +190,8 @@ impl tower::Service<Request<Body>> for Balance {
         let picked = self.balancer.pick(request.headers(), &[], |_| true);
         let destination = self.destination.clone();
         Box::pin(async move {
-            let endpoint = picked.ok_or_else(|| ProxyError::NoEndpoints(destination.to_string()))?;
+            let endpoint =
+                picked.ok_or_else(|| ProxyError::NoEndpoints(destination.to_string()))?;
             endpoint.send(request).await
         })
     }
@@ -220,7 +223,11 @@ mod tests {
             .collect()
     }
 
-    fn counts(balancer: &Balancer, requests: usize, headers: impl Fn(usize) -> http::HeaderMap) -> HashMap<SocketAddr, usize> {
+    fn counts(
+        balancer: &Balancer,
+        requests: usize,
+        headers: impl Fn(usize) -> http::HeaderMap,
+    ) -> HashMap<SocketAddr, usize> {
         let mut counts = HashMap::new();
         for i in 0..requests {
             let picked = balancer.pick(&headers(i), &[], |_| true).unwrap();
@@ -241,7 +248,10 @@ mod tests {
         let balancer = Balancer::new(Algorithm::Random, endpoints(4));
         let counts = counts(&balancer, 8000, |_| http::HeaderMap::new());
         assert_eq!(counts.len(), 4);
-        assert!(counts.values().all(|&c| (1700..2300).contains(&c)), "{counts:?}");
+        assert!(
+            counts.values().all(|&c| (1700..2300).contains(&c)),
+            "{counts:?}"
+        );
     }
 
     #[tokio::test]
@@ -268,7 +278,9 @@ mod tests {
     #[tokio::test]
     async fn consistent_hash_is_sticky_and_moves_little_on_change() {
         let header = HeaderName::from_static("x-user");
-        let algorithm = Algorithm::ConsistentHash { header: header.clone() };
+        let algorithm = Algorithm::ConsistentHash {
+            header: header.clone(),
+        };
         let all = endpoints(5);
         let user = |i: usize| {
             let mut h = http::HeaderMap::new();
@@ -290,7 +302,10 @@ mod tests {
         // The removed endpoint held about a fifth of the keys; only those move.
         assert!((100..300).contains(&moved), "{moved}");
         let spread = counts(&before, 5000, user);
-        assert!(spread.values().all(|&c| (600..1400).contains(&c)), "{spread:?}");
+        assert!(
+            spread.values().all(|&c| (600..1400).contains(&c)),
+            "{spread:?}"
+        );
     }
 
     #[tokio::test]
@@ -301,18 +316,34 @@ mod tests {
             Algorithm::Random,
             Algorithm::PeakEwma,
             Algorithm::LeastRequest,
-            Algorithm::ConsistentHash { header: HeaderName::from_static("x-user") },
+            Algorithm::ConsistentHash {
+                header: HeaderName::from_static("x-user"),
+            },
         ] {
             let balancer = Balancer::new(algorithm, all.clone());
             for _ in 0..100 {
                 let picked = balancer
-                    .pick(&http::HeaderMap::new(), &[all[0].addr], |e| e.addr != all[1].addr)
+                    .pick(&http::HeaderMap::new(), &[all[0].addr], |e| {
+                        e.addr != all[1].addr
+                    })
                     .unwrap();
                 assert_eq!(picked.addr, all[2].addr);
             }
             // Nothing eligible left: still answer rather than fail.
-            assert!(balancer.pick(&http::HeaderMap::new(), &[all[0].addr, all[1].addr, all[2].addr], |_| false).is_some());
+            assert!(
+                balancer
+                    .pick(
+                        &http::HeaderMap::new(),
+                        &[all[0].addr, all[1].addr, all[2].addr],
+                        |_| false
+                    )
+                    .is_some()
+            );
         }
-        assert!(Balancer::new(Algorithm::Random, Vec::new()).pick(&http::HeaderMap::new(), &[], |_| true).is_none());
+        assert!(
+            Balancer::new(Algorithm::Random, Vec::new())
+                .pick(&http::HeaderMap::new(), &[], |_| true)
+                .is_none()
+        );
     }
 }

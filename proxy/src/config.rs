@@ -52,7 +52,10 @@ pub struct DestinationConfig {
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl DestinationConfig {
-    pub fn from_proto(version: String, destination: proto::Destination) -> Result<Self, ConfigError> {
+    pub fn from_proto(
+        version: String,
+        destination: proto::Destination,
+    ) -> Result<Self, ConfigError> {
         let port = u16::try_from(destination.port)
             .ok()
             .filter(|p| *p != 0)
@@ -86,7 +89,9 @@ impl DestinationConfig {
         let policy = destination.policy_spec.unwrap_or_default();
         let load_balancer = load_balancer(policy.load_balancer.unwrap_or_default())?;
         let connect_timeout = match policy.connection_pool {
-            Some(pool) if pool.connect_timeout_ms > 0 => Duration::from_millis(pool.connect_timeout_ms),
+            Some(pool) if pool.connect_timeout_ms > 0 => {
+                Duration::from_millis(pool.connect_timeout_ms)
+            }
             _ => DEFAULT_CONNECT_TIMEOUT,
         };
         Ok(Self {
@@ -115,7 +120,10 @@ fn load_balancer(lb: proto::LoadBalancer) -> Result<Algorithm, ConfigError> {
             let header = HeaderName::from_bytes(lb.hash_header.as_bytes()).map_err(|_| {
                 invalid(
                     format!("{field}.hashHeader"),
-                    format!("`{}` is not a header name (ConsistentHash needs one)", lb.hash_header),
+                    format!(
+                        "`{}` is not a header name (ConsistentHash needs one)",
+                        lb.hash_header
+                    ),
                 )
             })?;
             Algorithm::ConsistentHash { header }
@@ -159,7 +167,9 @@ mod tests {
     fn rejected(change: impl FnOnce(&mut proto::Destination)) -> String {
         let mut d = destination();
         change(&mut d);
-        DestinationConfig::from_proto("1".into(), d).unwrap_err().to_string()
+        DestinationConfig::from_proto("1".into(), d)
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -167,7 +177,10 @@ mod tests {
         let config = DestinationConfig::from_proto("1".into(), destination()).unwrap();
         assert_eq!(config.load_balancer, Algorithm::PeakEwma);
         assert_eq!(config.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
-        assert_eq!(config.endpoints[0].address, "10.0.0.1:9080".parse().unwrap());
+        assert_eq!(
+            config.endpoints[0].address,
+            "10.0.0.1:9080".parse().unwrap()
+        );
     }
 
     #[test]
@@ -180,11 +193,17 @@ mod tests {
             rejected(|d| d.endpoints[0].subsets = vec!["v9".into()]),
             "endpoints[0].subsets: subset `v9` is not declared"
         );
-        assert_eq!(rejected(|d| d.port = 70000), "port: 70000 is not a TCP port");
+        assert_eq!(
+            rejected(|d| d.port = 70000),
+            "port: 70000 is not a TCP port"
+        );
         assert_eq!(
             rejected(|d| {
                 d.policy_spec = Some(proto::Policy {
-                    load_balancer: Some(proto::LoadBalancer { algorithm: 42, ..Default::default() }),
+                    load_balancer: Some(proto::LoadBalancer {
+                        algorithm: 42,
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 })
             }),

@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::discovery::Destinations;
-use crate::serve::stopped;
 use crate::metrics::{Metrics, UpdateLabels, UpdateResult};
+use crate::serve::stopped;
 
 #[derive(Clone, Debug)]
 pub struct Identity {
@@ -132,7 +132,12 @@ async fn session(
         };
         let message = match message {
             Ok(Some(message)) => message,
-            Ok(None) => return Err(fail(welcomed, anyhow::anyhow!("controller ended the stream"))),
+            Ok(None) => {
+                return Err(fail(
+                    welcomed,
+                    anyhow::anyhow!("controller ended the stream"),
+                ));
+            }
             Err(status) => return Err(fail(welcomed, status.into())),
         };
         let reply = match message.message {
@@ -143,7 +148,9 @@ async fn session(
                 ready.send_replace(true);
                 continue;
             }
-            Some(controller_message::Message::Update(update)) => apply(destinations, metrics, update),
+            Some(controller_message::Message::Update(update)) => {
+                apply(destinations, metrics, update)
+            }
             Some(controller_message::Message::Unknown(unknown)) => {
                 destinations.set_unknown(&unknown.key, unknown.reason);
                 continue;

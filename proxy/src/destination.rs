@@ -8,7 +8,9 @@ use std::sync::Arc;
 use crate::balance::{Balance, Balancer};
 use crate::config::DestinationConfig;
 use crate::endpoint::Endpoint;
-use crate::metrics::{DestinationLabels, Direction, DstLabels, EndpointLabels, EndpointState, Metrics};
+use crate::metrics::{
+    DestinationLabels, Direction, DstLabels, EndpointLabels, EndpointState, Metrics,
+};
 
 pub struct Destination {
     pub config: Arc<DestinationConfig>,
@@ -25,15 +27,11 @@ impl Destination {
         metrics: &Metrics,
     ) -> Self {
         let reusable: HashMap<SocketAddr, &Arc<Endpoint>> = previous
-            .map(|p| {
-                p.balancer
-                    .endpoints()
-                    .iter()
-                    .map(|e| (e.addr, e))
-                    .collect()
-            })
+            .map(|p| p.balancer.endpoints().iter().map(|e| (e.addr, e)).collect())
             // Pools dial with the connect timeout: a new one needs new pools.
-            .filter(|_| previous.is_some_and(|p| p.config.connect_timeout == config.connect_timeout))
+            .filter(|_| {
+                previous.is_some_and(|p| p.config.connect_timeout == config.connect_timeout)
+            })
             .unwrap_or_default();
         let endpoints: Vec<Arc<Endpoint>> = config
             .endpoints
@@ -73,7 +71,8 @@ impl Destination {
             dst_subset: Arc::default(),
             route: Arc::default(),
         };
-        let name: Arc<str> = format!("{}.{}:{}", config.service, config.namespace, config.port).into();
+        let name: Arc<str> =
+            format!("{}.{}:{}", config.service, config.namespace, config.port).into();
         let balancer = Arc::new(Balancer::new(config.load_balancer.clone(), endpoints));
         Self {
             balance: Balance::new(name, balancer.clone()),

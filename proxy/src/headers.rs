@@ -52,7 +52,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.remove(header::TE);
     }
     if keep_upgrade {
-        headers.insert(header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+        headers.insert(
+            header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
     }
 }
 
@@ -93,7 +96,11 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(
             h,
-            headers(&[("connection", "upgrade"), ("upgrade", "websocket"), ("te", "trailers")])
+            headers(&[
+                ("connection", "upgrade"),
+                ("upgrade", "websocket"),
+                ("te", "trailers")
+            ])
         );
         assert!(!is_upgrade(&headers(&[("upgrade", "websocket")])));
     }

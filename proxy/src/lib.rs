@@ -44,7 +44,11 @@ use crate::telemetry::TelemetryLayer;
 #[derive(clap::Args, Clone, Debug)]
 pub struct Settings {
     /// gRPC address of the controller.
-    #[arg(long, env = "OUTRIGGER_CONTROL_PLANE", default_value = "http://outrigger-controller.outrigger-system.svc:8090")]
+    #[arg(
+        long,
+        env = "OUTRIGGER_CONTROL_PLANE",
+        default_value = "http://outrigger-controller.outrigger-system.svc:8090"
+    )]
     pub control_plane: String,
     /// The pod's namespace.
     #[arg(long, env = "OUTRIGGER_NAMESPACE", default_value = "default")]
@@ -55,7 +59,11 @@ pub struct Settings {
     #[arg(long, env = "OUTRIGGER_SERVICE_ACCOUNT", default_value = "default")]
     pub service_account: String,
     /// Where the app's outgoing HTTP arrives.
-    #[arg(long, env = "OUTRIGGER_OUTBOUND_ADDR", default_value = "127.0.0.1:4140")]
+    #[arg(
+        long,
+        env = "OUTRIGGER_OUTBOUND_ADDR",
+        default_value = "127.0.0.1:4140"
+    )]
     pub outbound_addr: SocketAddr,
     /// Where other pods' requests to this app arrive.
     #[arg(long, env = "OUTRIGGER_INBOUND_ADDR", default_value = "0.0.0.0:4143")]
@@ -163,7 +171,8 @@ impl Proxy {
             namespace: settings.namespace.clone(),
             discovery_wait: settings.discovery_timeout,
         });
-        let outbound_telemetry = TelemetryLayer::new(metrics.clone(), unlabelled(Direction::Outbound));
+        let outbound_telemetry =
+            TelemetryLayer::new(metrics.clone(), unlabelled(Direction::Outbound));
         let outbound_server = serve(
             outbound,
             Some(Direction::Outbound),

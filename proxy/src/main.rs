@@ -4,7 +4,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 #[derive(Parser)]
-#[command(name = "outrigger-proxy", version, about = "The Outrigger sidecar proxy")]
+#[command(
+    name = "outrigger-proxy",
+    version,
+    about = "The Outrigger sidecar proxy"
+)]
 struct Cli {
     #[command(flatten)]
     settings: Settings,
@@ -14,8 +18,7 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let cli = Cli::parse();

@@ -187,7 +187,11 @@ impl Metrics {
             retry_budget_exhausted.clone(),
         );
         let timeouts = Family::default();
-        registry.register("timeouts", "Requests or attempts that timed out", timeouts.clone());
+        registry.register(
+            "timeouts",
+            "Requests or attempts that timed out",
+            timeouts.clone(),
+        );
         let outlier_ejections = Family::default();
         registry.register(
             "outlier_ejections",

@@ -24,13 +24,16 @@ pub struct Outbound {
     pub discovery_wait: Duration,
 }
 
+/// A destination key and its entry.
+type CachedEntry = (String, Arc<Entry>);
+
 /// Routes the requests of one downstream connection.
 #[derive(Clone)]
 pub struct OutboundService {
     outbound: Arc<Outbound>,
     connection: ConnectionInfo,
     /// The last destination this connection used: keep-alive connections mostly call one.
-    last: Arc<Mutex<Option<(String, Arc<Entry>)>>>,
+    last: Arc<Mutex<Option<CachedEntry>>>,
 }
 
 impl OutboundService {
@@ -43,7 +46,7 @@ impl OutboundService {
     }
 
     /// The destination key of a request, or the response that explains why it has none.
-    fn key(&self, request: &Request<Body>) -> Result<String, Response<Body>> {
+    fn key(&self, request: &Request<Body>) -> Result<String, Box<Response<Body>>> {
         if let Some(original_dst) = self.connection.original_dst {
             return Ok(DestinationKey::Address(original_dst).to_string());
         }
@@ -51,15 +54,25 @@ impl OutboundService {
             .uri()
             .authority()
             .map(|a| a.as_str())
-            .or_else(|| request.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()))
-            .ok_or_else(|| proxy_error(StatusCode::BAD_REQUEST, "request has no Host or authority"))?;
+            .or_else(|| {
+                request
+                    .headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .ok_or_else(|| {
+                Box::new(proxy_error(
+                    StatusCode::BAD_REQUEST,
+                    "request has no Host or authority",
+                ))
+            })?;
         DestinationKey::from_authority(authority, 80, &self.outbound.namespace)
             .map(|key| key.to_string())
             .map_err(|error| {
-                proxy_error(
+                Box::new(proxy_error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     &format!("unknown destination: {error}"),
-                )
+                ))
             })
     }
 
@@ -88,7 +101,7 @@ impl tower::Service<Request<Body>> for OutboundService {
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let key = match self.key(&request) {
             Ok(key) => key,
-            Err(response) => return Box::pin(async move { Ok(response) }),
+            Err(response) => return Box::pin(async move { Ok(*response) }),
         };
         let entry = self.entry(key.clone());
         let wait = self.outbound.discovery_wait;
@@ -108,7 +121,9 @@ impl tower::Service<Request<Body>> for OutboundService {
                 Resolution::Pending => {
                     return Ok(proxy_error(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        &format!("no configuration for {key} yet: the control plane has not answered"),
+                        &format!(
+                            "no configuration for {key} yet: the control plane has not answered"
+                        ),
                     ));
                 }
             };

@@ -71,7 +71,9 @@ pub async fn serve<S, F>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let listen_addr = listener.local_addr().expect("bound listener has an address");
+    let listen_addr = listener
+        .local_addr()
+        .expect("bound listener has an address");
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -114,7 +116,10 @@ pub async fn serve<S, F>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(?direction, "drain deadline passed with requests in flight");
     }
 }

@@ -77,7 +77,10 @@ where
                 .get::<DstLabels>()
                 .cloned()
                 .unwrap_or(layer.fallback);
-            let grpc_status = response.headers().get("grpc-status").map(|v| v.as_bytes() == b"0");
+            let grpc_status = response
+                .headers()
+                .get("grpc-status")
+                .map(|v| v.as_bytes() == b"0");
             let recorder = Recorder {
                 metrics: layer.metrics,
                 labels,
@@ -86,7 +89,12 @@ where
                 grpc,
                 grpc_ok: grpc_status,
             };
-            Ok(response.map(|body| boxed(RecordedBody { inner: body, recorder })))
+            Ok(response.map(|body| {
+                boxed(RecordedBody {
+                    inner: body,
+                    recorder,
+                })
+            }))
         })
     }
 }
@@ -143,10 +151,10 @@ impl http_body::Body for RecordedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         let frame = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &frame {
-            if let Some(status) = frame.trailers_ref().and_then(|t| t.get("grpc-status")) {
-                this.recorder.grpc_ok = Some(status.as_bytes() == b"0");
-            }
+        if let Poll::Ready(Some(Ok(frame))) = &frame
+            && let Some(status) = frame.trailers_ref().and_then(|t| t.get("grpc-status"))
+        {
+            this.recorder.grpc_ok = Some(status.as_bytes() == b"0");
         }
         frame
     }

@@ -11,7 +11,11 @@ use support::*;
 
 const WEB: &str = "web.default.svc.cluster.local:80";
 
-fn with_algorithm(mut d: proto::Destination, algorithm: proto::Algorithm, hash_header: &str) -> proto::Destination {
+fn with_algorithm(
+    mut d: proto::Destination,
+    algorithm: proto::Algorithm,
+    hash_header: &str,
+) -> proto::Destination {
     d.policy_spec = Some(proto::Policy {
         load_balancer: Some(proto::LoadBalancer {
             algorithm: algorithm as i32,
@@ -30,17 +34,34 @@ async fn three_backends() -> Vec<Backend> {
     backends
 }
 
-async fn proxy_for(algorithm: proto::Algorithm, hash_header: &str, backends: &[Backend]) -> (ControlPlane, RunningProxy) {
+async fn proxy_for(
+    algorithm: proto::Algorithm,
+    hash_header: &str,
+    backends: &[Backend],
+) -> (ControlPlane, RunningProxy) {
     let cp = ControlPlane::start().await;
     let endpoints: Vec<_> = backends.iter().map(|b| (b.addr, &[][..])).collect();
-    cp.publish(WEB, with_algorithm(destination("default", "web", 80, &endpoints), algorithm, hash_header));
-    let proxy = RunningProxy::start(settings(&cp.url(), backends[0].addr)).await.ready().await;
+    cp.publish(
+        WEB,
+        with_algorithm(
+            destination("default", "web", 80, &endpoints),
+            algorithm,
+            hash_header,
+        ),
+    );
+    let proxy = RunningProxy::start(settings(&cp.url(), backends[0].addr))
+        .await
+        .ready()
+        .await;
     (cp, proxy)
 }
 
 #[tokio::test]
 async fn round_robin_and_random_spread_evenly() {
-    for (algorithm, tolerance) in [(proto::Algorithm::RoundRobin, 0), (proto::Algorithm::Random, 40)] {
+    for (algorithm, tolerance) in [
+        (proto::Algorithm::RoundRobin, 0),
+        (proto::Algorithm::Random, 40),
+    ] {
         let backends = three_backends().await;
         let (_cp, proxy) = proxy_for(algorithm, "", &backends).await;
         let mut conn = Conn::http1(proxy.outbound).await;
@@ -49,7 +70,11 @@ async fn round_robin_and_random_spread_evenly() {
         }
         for backend in &backends {
             let hits = backend.hits() as i64;
-            assert!((hits - 100).abs() <= tolerance, "{algorithm:?}: {} got {hits}", backend.name());
+            assert!(
+                (hits - 100).abs() <= tolerance,
+                "{algorithm:?}: {} got {hits}",
+                backend.name()
+            );
         }
     }
 }
@@ -89,7 +114,9 @@ async fn consistent_hash_keeps_a_key_on_one_endpoint() {
         let mut bodies = std::collections::HashSet::new();
         for _ in 0..5 {
             let mut request = request("web", "/");
-            request.headers_mut().insert("x-user", user.to_string().parse().unwrap());
+            request
+                .headers_mut()
+                .insert("x-user", user.to_string().parse().unwrap());
             bodies.insert(conn.send(request).await.unwrap().body);
         }
         assert_eq!(bodies.len(), 1, "user {user} was spread over {bodies:?}");
@@ -112,7 +139,10 @@ async fn endpoint_churn_under_load_fails_no_request() {
         destination("default", "web", 80, &endpoints)
     };
     cp.publish(WEB, set(0..3));
-    let proxy = RunningProxy::start(settings(&cp.url(), backends[0].addr)).await.ready().await;
+    let proxy = RunningProxy::start(settings(&cp.url(), backends[0].addr))
+        .await
+        .ready()
+        .await;
 
     let outbound = proxy.outbound;
     let load = tokio::spawn(async move {
@@ -140,13 +170,23 @@ async fn endpoint_churn_under_load_fails_no_request() {
     // up, as a terminating pod does.
     for step in [1..4, 2..5, 3..6, 0..6, 4..6] {
         let version = cp.publish(WEB, set(step));
-        cp.next_event(|e| matches!(e, ProxyEvent::Acked { version: ref v, .. } if *v == version).then_some(()))
-            .await;
+        cp.next_event(|e| {
+            matches!(e, ProxyEvent::Acked { version: ref v, .. } if *v == version).then_some(())
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     let failures = load.await.unwrap();
-    assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), failures.first());
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        failures.first()
+    );
     let total: u64 = backends.iter().map(Backend::hits).sum();
     assert_eq!(total, 60 * 9);
-    assert!(backends[5].hits() > 0, "the last endpoint added never got traffic");
+    assert!(
+        backends[5].hits() > 0,
+        "the last endpoint added never got traffic"
+    );
 }

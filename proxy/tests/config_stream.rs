@@ -13,7 +13,10 @@ async fn pushes_apply_and_are_acknowledged() {
     let mut cp = ControlPlane::start().await;
     let (one, two) = (Backend::start("one").await, Backend::start("two").await);
     let version = cp.publish(WEB, destination("default", "web", 80, &[(one.addr, &[])]));
-    let proxy = RunningProxy::start(settings(&cp.url(), one.addr)).await.ready().await;
+    let proxy = RunningProxy::start(settings(&cp.url(), one.addr))
+        .await
+        .ready()
+        .await;
     assert_eq!(get(proxy.outbound, "web", "/").await.body, "one");
     let acked = cp
         .next_event(|e| match e {
@@ -40,8 +43,14 @@ async fn pushes_apply_and_are_acknowledged() {
 async fn a_config_that_cannot_apply_is_rejected_and_the_last_good_one_stays() {
     let mut cp = ControlPlane::start().await;
     let backend = Backend::start("good").await;
-    let good = cp.publish(WEB, destination("default", "web", 80, &[(backend.addr, &[])]));
-    let proxy = RunningProxy::start(settings(&cp.url(), backend.addr)).await.ready().await;
+    let good = cp.publish(
+        WEB,
+        destination("default", "web", 80, &[(backend.addr, &[])]),
+    );
+    let proxy = RunningProxy::start(settings(&cp.url(), backend.addr))
+        .await
+        .ready()
+        .await;
     assert_eq!(get(proxy.outbound, "web", "/").await.status, 200);
 
     let mut bad = destination("default", "web", 80, &[(backend.addr, &[])]);
@@ -49,18 +58,30 @@ async fn a_config_that_cannot_apply_is_rejected_and_the_last_good_one_stays() {
     let bad_version = cp.publish(WEB, bad);
     let (version, reason) = cp
         .next_event(|e| match e {
-            ProxyEvent::Rejected { version, reason, .. } => Some((version, reason)),
+            ProxyEvent::Rejected {
+                version, reason, ..
+            } => Some((version, reason)),
             _ => None,
         })
         .await;
     assert_eq!(version, bad_version);
-    assert_eq!(reason, "endpoints[0].address: `not-an-address` is not ip:port");
+    assert_eq!(
+        reason,
+        "endpoints[0].address: `not-an-address` is not ip:port"
+    );
 
     assert_eq!(get(proxy.outbound, "web", "/").await.body, "good");
     let config: serde_json::Value =
         serde_json::from_str(&admin_get(proxy.admin, "/config").await.body).unwrap();
     assert_eq!(config["destinations"][WEB]["version"], good.as_str());
-    assert_eq!(metric(proxy.admin, r#"outrigger_config_updates_total{result="rejected"}"#).await, 1.0);
+    assert_eq!(
+        metric(
+            proxy.admin,
+            r#"outrigger_config_updates_total{result="rejected"}"#
+        )
+        .await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -68,9 +89,13 @@ async fn keeps_serving_without_the_controller_and_resyncs_when_it_returns() {
     let mut cp = ControlPlane::start().await;
     let (one, two) = (Backend::start("one").await, Backend::start("two").await);
     cp.publish(WEB, destination("default", "web", 80, &[(one.addr, &[])]));
-    let proxy = RunningProxy::start(settings(&cp.url(), one.addr)).await.ready().await;
+    let proxy = RunningProxy::start(settings(&cp.url(), one.addr))
+        .await
+        .ready()
+        .await;
     assert_eq!(get(proxy.outbound, "web", "/").await.body, "one");
-    cp.next_event(|e| matches!(e, ProxyEvent::Acked { .. }).then_some(())).await;
+    cp.next_event(|e| matches!(e, ProxyEvent::Acked { .. }).then_some(()))
+        .await;
 
     let cp_addr = cp.addr;
     let cp = cp.restart_later().await;
@@ -87,12 +112,16 @@ async fn keeps_serving_without_the_controller_and_resyncs_when_it_returns() {
     let mut cp = cp.start().await;
     assert_eq!(cp.addr, cp_addr);
     cp.publish(WEB, destination("default", "web", 80, &[(two.addr, &[])]));
-    cp.next_event(|e| matches!(e, ProxyEvent::Connected(_)).then_some(())).await;
+    cp.next_event(|e| matches!(e, ProxyEvent::Connected(_)).then_some(()))
+        .await;
     eventually("the new endpoints reach the proxy", || async {
         get(proxy.outbound, "web", "/").await.body == "two"
     })
     .await;
-    assert_eq!(metric(proxy.admin, "outrigger_control_plane_connected").await, 1.0);
+    assert_eq!(
+        metric(proxy.admin, "outrigger_control_plane_connected").await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -100,12 +129,17 @@ async fn a_resubscribe_is_not_sent_what_the_proxy_already_has() {
     let mut cp = ControlPlane::start().await;
     let one = Backend::start("one").await;
     cp.publish(WEB, destination("default", "web", 80, &[(one.addr, &[])]));
-    let proxy = RunningProxy::start(settings(&cp.url(), one.addr)).await.ready().await;
+    let proxy = RunningProxy::start(settings(&cp.url(), one.addr))
+        .await
+        .ready()
+        .await;
     assert_eq!(get(proxy.outbound, "web", "/").await.status, 200);
-    cp.next_event(|e| matches!(e, ProxyEvent::Acked { .. }).then_some(())).await;
+    cp.next_event(|e| matches!(e, ProxyEvent::Acked { .. }).then_some(()))
+        .await;
 
     let mut cp = cp.restart_later().await.start().await;
-    cp.next_event(|e| matches!(e, ProxyEvent::Connected(_)).then_some(())).await;
+    cp.next_event(|e| matches!(e, ProxyEvent::Connected(_)).then_some(()))
+        .await;
     // Unchanged state: nothing is re-sent, so the only update the proxy ever applied is the first.
     let marker = cp.publish(
         "other.default.svc.cluster.local:80",
@@ -118,6 +152,16 @@ async fn a_resubscribe_is_not_sent_what_the_proxy_already_has() {
             _ => None,
         })
         .await;
-    assert_eq!(acked, ("other.default.svc.cluster.local:80".to_string(), marker));
-    assert_eq!(metric(proxy.admin, r#"outrigger_config_updates_total{result="applied"}"#).await, 2.0);
+    assert_eq!(
+        acked,
+        ("other.default.svc.cluster.local:80".to_string(), marker)
+    );
+    assert_eq!(
+        metric(
+            proxy.admin,
+            r#"outrigger_config_updates_total{result="applied"}"#
+        )
+        .await,
+        2.0
+    );
 }

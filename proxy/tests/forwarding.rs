@@ -14,9 +14,15 @@ const WEB: &str = "web.default.svc.cluster.local:80";
 async fn setup() -> (ControlPlane, Backend, RunningProxy) {
     let cp = ControlPlane::start().await;
     let backend = Backend::start("web-1").await;
-    cp.publish(WEB, destination("default", "web", 80, &[(backend.addr, &[])]));
+    cp.publish(
+        WEB,
+        destination("default", "web", 80, &[(backend.addr, &[])]),
+    );
     let app = Backend::start("local-app").await;
-    let proxy = RunningProxy::start(settings(&cp.url(), app.addr)).await.ready().await;
+    let proxy = RunningProxy::start(settings(&cp.url(), app.addr))
+        .await
+        .ready()
+        .await;
     std::mem::forget(app); // lives as long as the test process
     (cp, backend, proxy)
 }
@@ -24,11 +30,20 @@ async fn setup() -> (ControlPlane, Backend, RunningProxy) {
 #[tokio::test]
 async fn outbound_http1_reaches_the_service_by_each_name_form() {
     let (_cp, backend, proxy) = setup().await;
-    for host in ["web", "web:80", "web.default", "web.default.svc.cluster.local:80"] {
+    for host in [
+        "web",
+        "web:80",
+        "web.default",
+        "web.default.svc.cluster.local:80",
+    ] {
         let reply = get(proxy.outbound, host, "/hello").await;
         assert_eq!(reply.status, 200, "{host}: {reply:?}");
         assert_eq!(reply.body, "web-1");
-        assert_eq!(reply.header("x-seen-host"), host, "the upstream sees the name it was called by");
+        assert_eq!(
+            reply.header("x-seen-host"),
+            host,
+            "the upstream sees the name it was called by"
+        );
         assert_eq!(reply.header("x-seen-version"), "HTTP/1.1");
         assert_eq!(reply.header("x-seen-path"), "/hello");
     }
@@ -56,17 +71,32 @@ async fn outbound_h2c_and_keep_alive_reuse_one_upstream_connection() {
     for _ in 0..5 {
         assert_eq!(keep_alive.get("web", "/").await.status, 200);
     }
-    assert_eq!(metric(proxy.admin, r#"outrigger_connections_open{direction="outbound"}"#).await, 2.0);
+    assert_eq!(
+        metric(
+            proxy.admin,
+            r#"outrigger_connections_open{direction="outbound"}"#
+        )
+        .await,
+        2.0
+    );
 }
 
 #[tokio::test]
 async fn hop_by_hop_headers_stop_at_the_proxy() {
     let (_cp, _backend, proxy) = setup().await;
     let mut request = request("web", "/");
-    request.headers_mut().insert("connection", "x-hop".parse().unwrap());
+    request
+        .headers_mut()
+        .insert("connection", "x-hop".parse().unwrap());
     request.headers_mut().insert("x-hop", "1".parse().unwrap());
-    request.headers_mut().insert("proxy-connection", "keep-alive".parse().unwrap());
-    let reply = Conn::http1(proxy.outbound).await.send(request).await.unwrap();
+    request
+        .headers_mut()
+        .insert("proxy-connection", "keep-alive".parse().unwrap());
+    let reply = Conn::http1(proxy.outbound)
+        .await
+        .send(request)
+        .await
+        .unwrap();
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("x-seen-hop-header"), "", "{reply:?}");
 }
@@ -92,11 +122,18 @@ async fn unknown_destinations_get_503_naming_them() {
     let (_cp, _backend, proxy) = setup().await;
     let reply = get(proxy.outbound, "nope", "/").await;
     assert_eq!(reply.status, 503);
-    assert!(reply.body.contains("nope.default.svc.cluster.local:80"), "{reply:?}");
+    assert!(
+        reply.body.contains("nope.default.svc.cluster.local:80"),
+        "{reply:?}"
+    );
     let reply = get(proxy.outbound, "a.b.c.d", "/").await;
     assert_eq!(reply.status, 503);
     assert!(reply.body.contains("a.b.c.d"), "{reply:?}");
-    assert!(reply.header("outrigger-proxy-error").contains("unknown destination"));
+    assert!(
+        reply
+            .header("outrigger-proxy-error")
+            .contains("unknown destination")
+    );
     let failures = r#"outrigger_requests_total{direction="outbound",dst_namespace="",dst_service="",dst_subset="",route="",status_code="503",classification="failure"}"#;
     assert_eq!(metric(proxy.admin, failures).await, 2.0);
 }
@@ -104,13 +141,19 @@ async fn unknown_destinations_get_503_naming_them() {
 #[tokio::test]
 async fn upstream_failures_are_gateway_errors() {
     let cp = ControlPlane::start().await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     cp.publish(WEB, destination("default", "web", 80, &[(closed, &[])]));
     cp.publish(
         "empty.default.svc.cluster.local:80",
         destination("default", "empty", 80, &[]),
     );
-    let proxy = RunningProxy::start(settings(&cp.url(), closed)).await.ready().await;
+    let proxy = RunningProxy::start(settings(&cp.url(), closed))
+        .await
+        .ready()
+        .await;
     let reply = get(proxy.outbound, "web", "/").await;
     assert_eq!(reply.status, 502, "{reply:?}");
     assert!(reply.body.contains(&closed.to_string()), "{reply:?}");
@@ -123,9 +166,13 @@ async fn upstream_failures_are_gateway_errors() {
 #[tokio::test]
 async fn upgrades_become_a_byte_tunnel() {
     let (_cp, _backend, proxy) = setup().await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.outbound).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(proxy.outbound)
+        .await
+        .unwrap();
     stream
-        .write_all(b"GET /upgrade HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .write_all(
+            b"GET /upgrade HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
         .await
         .unwrap();
     let mut head = Vec::new();
@@ -162,7 +209,11 @@ async fn bodies_stream_through_without_buffering() {
     let mut upload = request("web", "/echo");
     *upload.method_mut() = http::Method::POST;
     *upload.body_mut() = http_body_util::Full::new(bytes::Bytes::from(payload.clone()));
-    let reply = Conn::http1(proxy.outbound).await.send(upload).await.unwrap();
+    let reply = Conn::http1(proxy.outbound)
+        .await
+        .send(upload)
+        .await
+        .unwrap();
     assert_eq!(reply.body.len(), payload.len());
 }
 
@@ -171,7 +222,8 @@ async fn admin_reports_config_endpoints_and_health() {
     let (cp, backend, proxy) = setup().await;
     assert_eq!(admin_get(proxy.admin, "/live").await.status, 200);
     assert_eq!(get(proxy.outbound, "web", "/").await.status, 200);
-    let config: serde_json::Value = serde_json::from_str(&admin_get(proxy.admin, "/config").await.body).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&admin_get(proxy.admin, "/config").await.body).unwrap();
     let web = &config["destinations"][WEB];
     assert_eq!(web["state"], "ready");
     assert_eq!(web["version"].as_str().unwrap().len(), 16);
@@ -181,21 +233,38 @@ async fn admin_reports_config_endpoints_and_health() {
         serde_json::from_str(&admin_get(proxy.admin, "/endpoints").await.body).unwrap();
     assert_eq!(endpoints[WEB][0]["address"], backend.addr.to_string());
     assert_eq!(endpoints[WEB][0]["state"], "healthy");
-    let healthy = r#"outrigger_endpoints{dst_namespace="default",dst_service="web",state="healthy"}"#;
+    let healthy =
+        r#"outrigger_endpoints{dst_namespace="default",dst_service="web",state="healthy"}"#;
     assert_eq!(metric(proxy.admin, healthy).await, 1.0);
-    assert_eq!(metric(proxy.admin, "outrigger_control_plane_connected").await, 1.0);
-    assert_eq!(metric(proxy.admin, r#"outrigger_config_updates_total{result="applied"}"#).await, 1.0);
+    assert_eq!(
+        metric(proxy.admin, "outrigger_control_plane_connected").await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            proxy.admin,
+            r#"outrigger_config_updates_total{result="applied"}"#
+        )
+        .await,
+        1.0
+    );
     drop(cp);
 }
 
 #[tokio::test]
 async fn not_ready_until_the_control_plane_answers() {
-    let unreachable = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let unreachable = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let proxy = RunningProxy::start(settings(&format!("http://{unreachable}"), unreachable)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(admin_get(proxy.admin, "/ready").await.status, 503);
     let reply = get(proxy.outbound, "web", "/").await;
     assert_eq!(reply.status, 503);
-    assert!(reply.body.contains("control plane has not answered"), "{reply:?}");
+    assert!(
+        reply.body.contains("control plane has not answered"),
+        "{reply:?}"
+    );
     proxy.stop().await;
 }

@@ -15,44 +15,82 @@ use tokio::net::TcpStream;
 const WEB: &str = "web.default.svc.cluster.local:80";
 
 fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_then_exits() {
     let cp = ControlPlane::start().await;
     let backend = Backend::start("slow").await;
-    cp.publish(WEB, destination("default", "web", 80, &[(backend.addr, &[])]));
+    cp.publish(
+        WEB,
+        destination("default", "web", 80, &[(backend.addr, &[])]),
+    );
     let (outbound, inbound, admin) = (free_port(), free_port(), free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_outrigger-proxy"))
-        .args(["--control-plane", &cp.url(), "--namespace", "default", "--workload", "client-0"])
-        .args(["--outbound-addr", &outbound.to_string(), "--inbound-addr", &inbound.to_string()])
-        .args(["--admin-addr", &admin.to_string(), "--app-addr", &backend.addr.to_string()])
+        .args([
+            "--control-plane",
+            &cp.url(),
+            "--namespace",
+            "default",
+            "--workload",
+            "client-0",
+        ])
+        .args([
+            "--outbound-addr",
+            &outbound.to_string(),
+            "--inbound-addr",
+            &inbound.to_string(),
+        ])
+        .args([
+            "--admin-addr",
+            &admin.to_string(),
+            "--app-addr",
+            &backend.addr.to_string(),
+        ])
         .args(["--drain-timeout", "10s"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start proxy");
-    eventually("the proxy is ready", || async { admin_get(admin, "/ready").await.status == 200 }).await;
+    eventually("the proxy is ready", || async {
+        admin_get(admin, "/ready").await.status == 200
+    })
+    .await;
     assert_eq!(get(outbound, "web", "/").await.status, 200);
 
     backend.set(Behaviour::Delay(Duration::from_millis(800)));
     let in_flight = tokio::spawn(async move { get(outbound, "web", "/").await });
-    eventually("the slow request reaches the backend", || async { backend.hits() == 2 }).await;
+    eventually("the slow request reaches the backend", || async {
+        backend.hits() == 2
+    })
+    .await;
     let pid = child.id() as libc::pid_t;
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
 
     let reply = in_flight.await.unwrap();
     assert_eq!((reply.status, reply.body.as_str()), (200, "slow"));
-    eventually("the listener is closed", || async { TcpStream::connect(outbound).await.is_err() }).await;
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    eventually("the listener is closed", || async {
+        TcpStream::connect(outbound).await.is_err()
+    })
+    .await;
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "{status:?}");
 }
 
 async fn limited_proxy() -> (ControlPlane, Backend, RunningProxy) {
     let cp = ControlPlane::start().await;
     let backend = Backend::start("web").await;
-    cp.publish(WEB, destination("default", "web", 80, &[(backend.addr, &[])]));
+    cp.publish(
+        WEB,
+        destination("default", "web", 80, &[(backend.addr, &[])]),
+    );
     let mut settings = settings(&cp.url(), backend.addr);
     settings.max_header_bytes = 8 * 1024;
     settings.header_read_timeout = Duration::from_millis(300);
@@ -78,11 +116,19 @@ async fn malformed_requests_get_400() {
     for listener in [proxy.outbound, proxy.inbound] {
         let reply = exchange(listener, b"THIS IS NOT HTTP\r\n\r\n").await;
         assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
-        let reply = exchange(listener, b"GET / HTTP/1.1\r\nHost: web\r\nContent-Length: x\r\n\r\n").await;
+        let reply = exchange(
+            listener,
+            b"GET / HTTP/1.1\r\nHost: web\r\nContent-Length: x\r\n\r\n",
+        )
+        .await;
         assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
     }
     // Garbage after the HTTP/2 preface closes the connection.
-    exchange(proxy.outbound, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff").await;
+    exchange(
+        proxy.outbound,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+    )
+    .await;
     assert_eq!(backend.hits(), 0);
     assert_eq!(get(proxy.outbound, "web", "/").await.status, 200);
 }
@@ -90,7 +136,10 @@ async fn malformed_requests_get_400() {
 #[tokio::test]
 async fn oversized_headers_get_431() {
     let (_cp, backend, proxy) = limited_proxy().await;
-    let big = format!("GET / HTTP/1.1\r\nHost: web\r\nx-big: {}\r\n\r\n", "a".repeat(16 * 1024));
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: web\r\nx-big: {}\r\n\r\n",
+        "a".repeat(16 * 1024)
+    );
     let reply = exchange(proxy.outbound, big.as_bytes()).await;
     assert!(reply.starts_with("HTTP/1.1 431"), "{reply:?}");
     assert_eq!(backend.hits(), 0);
@@ -102,7 +151,10 @@ async fn slow_clients_are_cut_off() {
     let (_cp, backend, proxy) = limited_proxy().await;
     // Half a request head, then silence: the proxy must not wait forever.
     let reply = exchange(proxy.outbound, b"GET / HTTP/1.1\r\nHost: we").await;
-    assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 408"), "{reply:?}");
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 408"),
+        "{reply:?}"
+    );
     assert_eq!(backend.hits(), 0);
     assert_eq!(get(proxy.outbound, "web", "/").await.status, 200);
 }
@@ -111,6 +163,9 @@ async fn slow_clients_are_cut_off() {
 async fn a_request_without_authority_gets_400() {
     let (_cp, _backend, proxy) = limited_proxy().await;
     let reply = exchange(proxy.outbound, b"GET / HTTP/1.0\r\n\r\n").await;
-    assert!(reply.starts_with("HTTP/1.0 400") || reply.starts_with("HTTP/1.1 400"), "{reply:?}");
+    assert!(
+        reply.starts_with("HTTP/1.0 400") || reply.starts_with("HTTP/1.1 400"),
+        "{reply:?}"
+    );
     assert!(reply.contains("no Host"), "{reply:?}");
 }

@@ -42,9 +42,19 @@ impl RunningProxy {
     pub async fn start(settings: Settings) -> Self {
         let proxy = Proxy::bind(settings).await.expect("bind proxy");
         let (shutdown, stop) = watch::channel(false);
-        let (outbound, inbound, admin) = (proxy.outbound_addr(), proxy.inbound_addr(), proxy.admin_addr());
+        let (outbound, inbound, admin) = (
+            proxy.outbound_addr(),
+            proxy.inbound_addr(),
+            proxy.admin_addr(),
+        );
         let task = tokio::spawn(proxy.run(stop));
-        Self { outbound, inbound, admin, shutdown, task }
+        Self {
+            outbound,
+            inbound,
+            admin,
+            shutdown,
+            task,
+        }
     }
 
     /// Waits until `/ready` answers 200.
@@ -73,7 +83,10 @@ pub struct Reply {
 
 impl Reply {
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or("")
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
     }
 }
 
@@ -86,7 +99,9 @@ pub enum Conn {
 impl Conn {
     pub async fn http1(addr: SocketAddr) -> Self {
         let io = TokioIo::new(TcpStream::connect(addr).await.expect("connect"));
-        let (send, conn) = hyper::client::conn::http1::handshake(io).await.expect("handshake");
+        let (send, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .expect("handshake");
         tokio::spawn(conn.with_upgrades());
         Self::Http1(send)
     }
@@ -109,10 +124,15 @@ impl Conn {
     }
 
     pub async fn get(&mut self, host: &str, path: &str) -> Reply {
-        self.send(request(host, path)).await.expect("request failed")
+        self.send(request(host, path))
+            .await
+            .expect("request failed")
     }
 
-    pub async fn send(&mut self, request: http::Request<Full<Bytes>>) -> Result<Reply, hyper::Error> {
+    pub async fn send(
+        &mut self,
+        request: http::Request<Full<Bytes>>,
+    ) -> Result<Reply, hyper::Error> {
         let response = self.send_raw(request).await?;
         let (parts, body) = response.into_parts();
         let body = body.collect().await?.to_bytes();
@@ -136,7 +156,9 @@ impl Conn {
                 // h2 carries the destination in :authority.
                 let host = request.headers_mut().remove(http::header::HOST).unwrap();
                 let path = request.uri().path_and_query().unwrap().as_str().to_string();
-                *request.uri_mut() = format!("http://{}{path}", host.to_str().unwrap()).parse().unwrap();
+                *request.uri_mut() = format!("http://{}{path}", host.to_str().unwrap())
+                    .parse()
+                    .unwrap();
                 *request.version_mut() = http::Version::HTTP_2;
                 send.ready().await?;
                 send.send_request(request).await
@@ -160,7 +182,11 @@ pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Reply {
 pub async fn admin_get(admin: SocketAddr, path: &str) -> Reply {
     match TcpStream::connect(admin).await {
         Ok(_) => get(admin, "admin", path).await,
-        Err(_) => Reply { status: 0, headers: Default::default(), body: String::new() },
+        Err(_) => Reply {
+            status: 0,
+            headers: Default::default(),
+            body: String::new(),
+        },
     }
 }
 
@@ -168,7 +194,10 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> Reply {
 pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
     let text = admin_get(admin, "/metrics").await.body;
     text.lines()
-        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .map(|v| v.trim().parse().unwrap())
         .unwrap_or(0.0)
 }
