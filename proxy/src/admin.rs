@@ -78,16 +78,16 @@ impl Admin {
                 _ => None,
             })
             .map(|(key, destination)| {
+                let now = std::time::Instant::now();
                 let endpoints: Vec<Value> = destination
-                    .balancer
-                    .endpoints()
+                    .endpoints
                     .iter()
                     .map(|endpoint| {
                         json!({
                             "address": endpoint.addr.to_string(),
                             "pod": endpoint.pod,
                             "subsets": endpoint.subsets,
-                            "state": "healthy",
+                            "state": destination.endpoint_state(endpoint, now).as_str(),
                             "inFlight": endpoint.load.in_flight(),
                         })
                     })

@@ -46,6 +46,136 @@ pub struct DestinationConfig {
     pub load_balancer: Algorithm,
     #[serde(serialize_with = "serialize_duration")]
     pub connect_timeout: Duration,
+    /// For requests no route matches.
+    pub traffic: TrafficPolicy,
+    /// First match wins.
+    pub routes: Vec<RouteConfig>,
+    pub outlier_detection: Option<OutlierConfig>,
+    pub connection_pool: PoolLimits,
+    pub rate_limit: Option<RateLimitConfig>,
+    pub fault_injection: Option<FaultConfig>,
+}
+
+/// What a route may override: the split, the timeout and the retries.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrafficPolicy {
+    /// `None`: every endpoint, whatever its subset.
+    pub split: Option<Vec<WeightedSubset>>,
+    #[serde(serialize_with = "serialize_optional_duration")]
+    pub timeout: Option<Duration>,
+    /// `None`: only connect failures are retried, once.
+    pub retries: Option<RetryPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WeightedSubset {
+    pub subset: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteConfig {
+    pub name: String,
+    pub matcher: RouteMatch,
+    pub traffic: TrafficPolicy,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RouteMatch {
+    pub headers: Vec<HeaderMatch>,
+    pub path_prefix: Option<String>,
+    #[serde(serialize_with = "serialize_optional_method")]
+    pub method: Option<http::Method>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HeaderMatch {
+    #[serde(serialize_with = "serialize_header")]
+    pub name: HeaderName,
+    pub value: HeaderValueMatch,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub enum HeaderValueMatch {
+    Exact(String),
+    /// Anchored to the whole value; the `regex` crate runs in linear time, so a hostile pattern
+    /// or header cannot stall the proxy.
+    Regex(#[serde(serialize_with = "serialize_regex")] regex::Regex),
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RetryOn {
+    pub server_error: bool,
+    pub gateway_error: bool,
+    pub connect_failure: bool,
+    pub reset: bool,
+    pub retriable_status_codes: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RetryPolicy {
+    /// Retries after the first try.
+    pub attempts: u32,
+    #[serde(serialize_with = "serialize_optional_duration")]
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: RetryOn,
+    pub retriable_status_codes: Vec<u16>,
+    #[serde(serialize_with = "serialize_duration")]
+    pub backoff_base: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub backoff_max: Duration,
+    pub budget_percent: u32,
+    pub budget_min_per_second: u32,
+    pub retry_non_idempotent: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutlierConfig {
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway_errors: u32,
+    #[serde(serialize_with = "serialize_duration")]
+    pub interval: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub base_ejection_time: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub max_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PoolLimits {
+    pub max_connections: Option<u32>,
+    pub max_pending_requests: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RateLimitConfig {
+    pub requests_per_second: u32,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct FaultConfig {
+    pub delay_percent: f64,
+    #[serde(serialize_with = "serialize_duration")]
+    pub delay: Duration,
+    pub abort_percent: f64,
+    pub abort_status: u16,
+}
+
+/// SPEC.md defaults, for fields the policy leaves out (zero on the wire).
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const BACKOFF_BASE: Duration = Duration::from_millis(25);
+    pub const BACKOFF_MAX: Duration = Duration::from_millis(250);
+    pub const BUDGET_PERCENT: u32 = 20;
+    pub const BUDGET_MIN_PER_SECOND: u32 = 10;
+    pub const CONSECUTIVE_5XX: u32 = 5;
+    pub const INTERVAL: Duration = Duration::from_secs(10);
+    pub const BASE_EJECTION_TIME: Duration = Duration::from_secs(30);
+    pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+    pub const MAX_EJECTION_PERCENT: u32 = 50;
 }
 
 /// Without a policy saying otherwise (SPEC.md).
@@ -94,6 +224,79 @@ impl DestinationConfig {
             }
             _ => DEFAULT_CONNECT_TIMEOUT,
         };
+        let traffic = TrafficPolicy {
+            split: split("policy.trafficSplit", policy.traffic_split, &subsets)?,
+            timeout: policy.timeout_ms.map(Duration::from_millis),
+            retries: policy
+                .retries
+                .map(|r| retry_policy("policy.retries", r))
+                .transpose()?,
+        };
+        let mut route_names = std::collections::HashSet::new();
+        let routes = destination
+            .routes
+            .into_iter()
+            .enumerate()
+            .map(|(i, route)| {
+                let field = format!("routes[{i}]");
+                if !route_names.insert(route.name.clone()) {
+                    return Err(invalid(
+                        format!("{field}.name"),
+                        format!("`{}` is used twice", route.name),
+                    ));
+                }
+                Ok(RouteConfig {
+                    matcher: route_match(&field, route.r#match.unwrap_or_default())?,
+                    traffic: TrafficPolicy {
+                        split: match route.traffic_split {
+                            Some(weights) => {
+                                split(&format!("{field}.trafficSplit"), Some(weights), &subsets)?
+                            }
+                            None => traffic.split.clone(),
+                        },
+                        timeout: route
+                            .timeout_ms
+                            .map(Duration::from_millis)
+                            .or(traffic.timeout),
+                        retries: match route.retries {
+                            Some(r) => Some(retry_policy(&format!("{field}.retries"), r)?),
+                            None => traffic.retries.clone(),
+                        },
+                    },
+                    name: route.name,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let outlier_detection = policy.outlier_detection.map(outlier_config);
+        let connection_pool = policy
+            .connection_pool
+            .map(|pool| PoolLimits {
+                max_connections: pool.max_connections,
+                max_pending_requests: pool.max_pending_requests,
+            })
+            .unwrap_or_default();
+        if connection_pool.max_connections == Some(0) {
+            return Err(invalid(
+                "policy.connectionPool.maxConnections",
+                "must be at least 1",
+            ));
+        }
+        let rate_limit = policy
+            .rate_limit
+            .map(|limit| {
+                if limit.requests_per_second == 0 {
+                    return Err(invalid(
+                        "policy.rateLimit.requestsPerSecond",
+                        "must be at least 1",
+                    ));
+                }
+                Ok(RateLimitConfig {
+                    requests_per_second: limit.requests_per_second,
+                    burst: limit.burst.max(1),
+                })
+            })
+            .transpose()?;
+        let fault_injection = policy.fault_injection.map(fault_config).transpose()?;
         Ok(Self {
             version,
             namespace: destination.namespace,
@@ -105,8 +308,216 @@ impl DestinationConfig {
             endpoints,
             load_balancer,
             connect_timeout,
+            traffic,
+            routes,
+            outlier_detection,
+            connection_pool,
+            rate_limit,
+            fault_injection,
         })
     }
+}
+
+fn split(
+    field: &str,
+    split: Option<proto::TrafficSplit>,
+    subsets: &[String],
+) -> Result<Option<Vec<WeightedSubset>>, ConfigError> {
+    let Some(split) = split else { return Ok(None) };
+    let weights: Vec<WeightedSubset> = split
+        .weights
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| {
+            if !subsets.contains(&w.subset) {
+                return Err(invalid(
+                    format!("{field}[{i}].subset"),
+                    format!("subset `{}` is not declared", w.subset),
+                ));
+            }
+            Ok(WeightedSubset {
+                subset: w.subset,
+                weight: w.weight,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if weights.iter().all(|w| w.weight == 0) {
+        return Err(invalid(field, "at least one weight must be above 0"));
+    }
+    Ok(Some(weights))
+}
+
+fn retry_policy(field: &str, retries: proto::RetryPolicy) -> Result<RetryPolicy, ConfigError> {
+    let mut retry_on = RetryOn::default();
+    for (i, condition) in retries.retry_on.iter().enumerate() {
+        match proto::RetryOn::try_from(*condition) {
+            Ok(proto::RetryOn::ServerError) => retry_on.server_error = true,
+            Ok(proto::RetryOn::GatewayError) => retry_on.gateway_error = true,
+            Ok(proto::RetryOn::ConnectFailure) => retry_on.connect_failure = true,
+            Ok(proto::RetryOn::Reset) => retry_on.reset = true,
+            Ok(proto::RetryOn::RetriableStatusCodes) => retry_on.retriable_status_codes = true,
+            Ok(proto::RetryOn::Unspecified) | Err(_) => {
+                return Err(invalid(
+                    format!("{field}.retryOn[{i}]"),
+                    format!("unknown condition {condition}"),
+                ));
+            }
+        }
+    }
+    if retries.retry_on.is_empty() {
+        retry_on = RetryOn {
+            server_error: true,
+            connect_failure: true,
+            reset: true,
+            ..RetryOn::default()
+        };
+    }
+    let retriable_status_codes = retries
+        .retriable_status_codes
+        .iter()
+        .enumerate()
+        .map(|(i, code)| {
+            u16::try_from(*code)
+                .ok()
+                .filter(|c| (100..600).contains(c))
+                .ok_or_else(|| {
+                    invalid(
+                        format!("{field}.retriableStatusCodes[{i}]"),
+                        format!("{code} is not an HTTP status"),
+                    )
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let or_default = |ms: u64, default: Duration| {
+        if ms == 0 {
+            default
+        } else {
+            Duration::from_millis(ms)
+        }
+    };
+    let backoff_base = or_default(retries.backoff_base_ms, defaults::BACKOFF_BASE);
+    let backoff_max = or_default(
+        retries.backoff_max_ms,
+        defaults::BACKOFF_MAX.max(backoff_base),
+    );
+    if backoff_max < backoff_base {
+        return Err(invalid(
+            format!("{field}.backoff"),
+            "maxInterval is below baseInterval",
+        ));
+    }
+    let budget = retries.budget.unwrap_or(proto::RetryBudget {
+        percent: defaults::BUDGET_PERCENT,
+        min_retries_per_second: defaults::BUDGET_MIN_PER_SECOND,
+    });
+    Ok(RetryPolicy {
+        attempts: retries.attempts,
+        per_try_timeout: retries.per_try_timeout_ms.map(Duration::from_millis),
+        retry_on,
+        retriable_status_codes,
+        backoff_base,
+        backoff_max,
+        budget_percent: budget.percent,
+        budget_min_per_second: budget.min_retries_per_second,
+        retry_non_idempotent: retries.retry_non_idempotent,
+    })
+}
+
+fn route_match(field: &str, matcher: proto::RouteMatch) -> Result<RouteMatch, ConfigError> {
+    let headers = matcher
+        .headers
+        .into_iter()
+        .enumerate()
+        .map(|(i, header)| {
+            let field = format!("{field}.match.headers[{i}]");
+            let name = HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| {
+                invalid(
+                    format!("{field}.name"),
+                    format!("`{}` is not a header name", header.name),
+                )
+            })?;
+            let value = match header.value {
+                Some(proto::header_match::Value::Exact(exact)) => HeaderValueMatch::Exact(exact),
+                Some(proto::header_match::Value::Regex(pattern)) => {
+                    let anchored = format!("^(?:{pattern})$");
+                    let regex = regex::RegexBuilder::new(&anchored)
+                        .size_limit(1 << 20)
+                        .build()
+                        .map_err(|e| invalid(format!("{field}.regex"), e.to_string()))?;
+                    HeaderValueMatch::Regex(regex)
+                }
+                None => return Err(invalid(field, "needs exact or regex")),
+            };
+            Ok(HeaderMatch { name, value })
+        })
+        .collect::<Result<_, _>>()?;
+    let method = Some(matcher.method)
+        .filter(|m| !m.is_empty())
+        .map(|m| {
+            http::Method::from_bytes(m.as_bytes()).map_err(|_| {
+                invalid(
+                    format!("{field}.match.method"),
+                    format!("`{m}` is not a method"),
+                )
+            })
+        })
+        .transpose()?;
+    Ok(RouteMatch {
+        headers,
+        path_prefix: Some(matcher.path_prefix).filter(|p| !p.is_empty()),
+        method,
+    })
+}
+
+fn outlier_config(outlier: proto::OutlierDetection) -> OutlierConfig {
+    let ms_or = |ms: u64, default: Duration| {
+        if ms == 0 {
+            default
+        } else {
+            Duration::from_millis(ms)
+        }
+    };
+    let base_ejection_time = ms_or(outlier.base_ejection_time_ms, defaults::BASE_EJECTION_TIME);
+    OutlierConfig {
+        consecutive_5xx: outlier.consecutive_5xx_errors,
+        consecutive_gateway_errors: outlier.consecutive_gateway_errors,
+        interval: ms_or(outlier.interval_ms, defaults::INTERVAL),
+        base_ejection_time,
+        max_ejection_time: ms_or(outlier.max_ejection_time_ms, defaults::MAX_EJECTION_TIME)
+            .max(base_ejection_time),
+        max_ejection_percent: outlier.max_ejection_percent.min(100),
+    }
+}
+
+fn fault_config(faults: proto::FaultInjection) -> Result<FaultConfig, ConfigError> {
+    let delay = faults.delay.unwrap_or_default();
+    let abort = faults.abort.unwrap_or_default();
+    for (field, percent) in [
+        ("policy.faultInjection.delay.percent", delay.percent),
+        ("policy.faultInjection.abort.percent", abort.percent),
+    ] {
+        if !(0.0..=100.0).contains(&percent) {
+            return Err(invalid(field, format!("{percent} is not a percentage")));
+        }
+    }
+    let abort_status = u16::try_from(abort.http_status)
+        .ok()
+        .filter(|s| (200..600).contains(s));
+    let abort_status = match (abort.percent > 0.0, abort_status) {
+        (true, None) => {
+            return Err(invalid(
+                "policy.faultInjection.abort.httpStatus",
+                format!("{} is not an HTTP status", abort.http_status),
+            ));
+        }
+        (_, status) => status.unwrap_or(503),
+    };
+    Ok(FaultConfig {
+        delay_percent: delay.percent,
+        delay: Duration::from_millis(delay.fixed_delay_ms),
+        abort_percent: abort.percent,
+        abort_status,
+    })
 }
 
 fn load_balancer(lb: proto::LoadBalancer) -> Result<Algorithm, ConfigError> {
@@ -139,6 +550,30 @@ fn load_balancer(lb: proto::LoadBalancer) -> Result<Algorithm, ConfigError> {
 
 pub fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{}ms", d.as_millis()))
+}
+
+fn serialize_optional_duration<S: serde::Serializer>(
+    d: &Option<Duration>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => serialize_duration(d, s),
+        None => s.serialize_none(),
+    }
+}
+
+fn serialize_optional_method<S: serde::Serializer>(
+    m: &Option<http::Method>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match m {
+        Some(m) => s.serialize_str(m.as_str()),
+        None => s.serialize_none(),
+    }
+}
+
+fn serialize_regex<S: serde::Serializer>(r: &regex::Regex, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(r.as_str())
 }
 
 pub fn serialize_header<S: serde::Serializer>(h: &HeaderName, s: S) -> Result<S::Ok, S::Error> {

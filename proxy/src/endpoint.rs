@@ -4,8 +4,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -13,10 +13,13 @@ use http::{Request, Response, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 
 use crate::body::{Body, boxed};
 use crate::error::ProxyError;
 use crate::headers::{is_upgrade, strip_hop_by_hop};
+use crate::outlier::Health;
+use crate::pool::PooledStream;
 
 /// Opens connections to one address, whatever the request URI says, so the URI can keep the
 /// authority the app used (`Host`, `:authority`).
@@ -24,10 +27,12 @@ use crate::headers::{is_upgrade, strip_hop_by_hop};
 struct Connector {
     addr: SocketAddr,
     timeout: Duration,
+    /// `maxConnections` of the destination, shared by its endpoints.
+    slots: Option<Arc<Semaphore>>,
 }
 
 impl tower::Service<http::Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<PooledStream>;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
 
@@ -36,8 +41,17 @@ impl tower::Service<http::Uri> for Connector {
     }
 
     fn call(&mut self, _: http::Uri) -> Self::Future {
-        let Connector { addr, timeout } = self.clone();
+        let Connector {
+            addr,
+            timeout,
+            slots,
+        } = self.clone();
         Box::pin(async move {
+            // Waiting here is queueing for a connection; the pool's request limit bounds it.
+            let slot = match slots {
+                Some(slots) => Some(slots.acquire_owned().await.map_err(std::io::Error::other)?),
+                None => None,
+            };
             let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
                 .await
                 .map_err(|_| {
@@ -47,7 +61,7 @@ impl tower::Service<http::Uri> for Connector {
                     )
                 })??;
             stream.set_nodelay(true)?;
-            Ok(TokioIo::new(stream))
+            Ok(TokioIo::new(PooledStream::new(stream, slot)))
         })
     }
 }
@@ -133,6 +147,7 @@ pub struct Endpoint {
     /// The endpoint accepts HTTP/2 without TLS, so HTTP/1 requests may be multiplexed to it.
     pub h2c: bool,
     pub load: Load,
+    pub health: Health,
     http1: Client<Connector, Body>,
     http2: Client<Connector, Body>,
 }
@@ -156,10 +171,12 @@ impl Endpoint {
         subsets: Vec<String>,
         h2c: bool,
         connect_timeout: Duration,
+        slots: Option<Arc<Semaphore>>,
     ) -> Self {
         let connector = Connector {
             addr,
             timeout: connect_timeout,
+            slots,
         };
         let mut builder = Client::builder(TokioExecutor::new());
         builder
@@ -173,6 +190,7 @@ impl Endpoint {
             subsets,
             h2c,
             load: Load::default(),
+            health: Health::default(),
             http1,
             http2,
         }

@@ -1,8 +1,17 @@
 //! Why the proxy could not get a response from upstream, and what the app is told.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
 use http::StatusCode;
 
 use crate::body::{Body, proxy_error};
+use crate::metrics::TimeoutKind;
+
+/// What every layer of a destination's stack returns.
+pub type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Body>, ProxyError>> + Send>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -20,12 +29,18 @@ pub enum ProxyError {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    #[error("{} timed out after {after:?}", match kind { TimeoutKind::Request => "request", TimeoutKind::PerTry => "attempt" })]
+    Timeout { kind: TimeoutKind, after: Duration },
+    /// A connection pool limit was reached; the request was not queued.
+    #[error("{0}")]
+    Overflow(&'static str),
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoEndpoints(_) | Self::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
     }

@@ -47,6 +47,7 @@ impl Inbound {
                     Vec::new(),
                     false,
                     DEFAULT_CONNECT_TIMEOUT,
+                    None,
                 ))
             })
             .clone()

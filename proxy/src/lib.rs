@@ -1,9 +1,10 @@
 //! The Outrigger sidecar proxy.
 //!
 //! Outbound requests go through a stack of tower layers, one concern each: `telemetry` (metrics)
-//! around `outbound` (which destination) around the destination's stack, ending in `balance`
-//! (which endpoint) and `endpoint` (the connection pools). `control` keeps the destinations'
-//! configuration current from the control plane.
+//! around `outbound` (which destination) around the destination's stack (see `destination`):
+//! `ratelimit`, `fault`, `route`, `timeout`, `retry`, `pool`, `split`, `balance` with `outlier`,
+//! and `endpoint` (the connection pools). `control` keeps the destinations' configuration current
+//! from the control plane.
 
 pub mod admin;
 pub mod balance;
@@ -14,12 +15,21 @@ pub mod destination;
 pub mod discovery;
 pub mod endpoint;
 pub mod error;
+pub mod fault;
 pub mod headers;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod outlier;
+pub mod pool;
+pub mod ratelimit;
+pub mod replay;
+pub mod retry;
+pub mod route;
 pub mod serve;
+pub mod split;
 pub mod telemetry;
+pub mod timeout;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -14,6 +14,7 @@ use outrigger_api::destination::DestinationKey;
 
 use crate::body::{Body, proxy_error};
 use crate::discovery::{Destinations, Entry, Resolution};
+use crate::metrics::DstLabels;
 use crate::serve::ConnectionInfo;
 
 pub struct Outbound {
@@ -127,12 +128,15 @@ impl tower::Service<Request<Body>> for OutboundService {
                     ));
                 }
             };
-            let labels = destination.labels.clone();
             let mut response = match destination.service().call(request).await {
                 Ok(response) => response,
                 Err(error) => error.into_response(),
             };
-            response.extensions_mut().insert(labels);
+            // Responses made before a route was chosen (rate limit, faults) count for the
+            // destination.
+            if response.extensions().get::<DstLabels>().is_none() {
+                response.extensions_mut().insert(destination.labels.clone());
+            }
             Ok(response)
         })
     }

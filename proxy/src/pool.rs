@@ -1,0 +1,152 @@
+//! Connection pool limits (`connectionPool`): at most `maxConnections` connections to the
+//! destination, at most `maxPendingRequests` requests waiting for one; past that a request fails
+//! at once with 503 instead of queueing without bound.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::body::Body;
+use crate::config::PoolLimits;
+use crate::error::{ProxyError, ResponseFuture};
+
+/// Semaphores for one destination's limits, shared by all its endpoints and routes.
+#[derive(Clone, Default)]
+pub struct Pool {
+    /// Open connections; a connect waits for a permit.
+    pub connections: Option<Arc<Semaphore>>,
+    /// Requests in flight (on a connection or waiting for one); past it, fail fast.
+    pub requests: Option<Arc<Semaphore>>,
+}
+
+impl Pool {
+    pub fn new(limits: PoolLimits) -> Self {
+        let requests = match (limits.max_connections, limits.max_pending_requests) {
+            // One request per HTTP/1 connection, plus the queue.
+            (Some(connections), Some(pending)) => Some(connections as usize + pending as usize),
+            // No connection limit: nothing ever waits for one.
+            (None, _) => None,
+            // Unset limits are unlimited (SPEC.md): an unbounded queue.
+            (Some(_), None) => None,
+        };
+        Self {
+            connections: limits
+                .max_connections
+                .map(|n| Arc::new(Semaphore::new(n as usize))),
+            requests: requests.map(|n| Arc::new(Semaphore::new(n))),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct PoolLimit<S> {
+    inner: S,
+    requests: Arc<Semaphore>,
+}
+
+impl<S> PoolLimit<S> {
+    pub fn new(inner: S, requests: Arc<Semaphore>) -> Self {
+        Self { inner, requests }
+    }
+}
+
+impl<S> tower::Service<Request<Body>> for PoolLimit<S>
+where
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = ProxyError,
+            Future = ResponseFuture,
+        >,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> ResponseFuture {
+        let Ok(permit) = self.requests.clone().try_acquire_owned() else {
+            return Box::pin(async {
+                Err(ProxyError::Overflow(
+                    "connection pool overflow: maxConnections and maxPendingRequests are all in use",
+                ))
+            });
+        };
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            drop(permit);
+            response
+        })
+    }
+}
+
+/// A connection that gives its pool slot back when it closes.
+pub struct PooledStream {
+    stream: TcpStream,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl PooledStream {
+    pub fn new(stream: TcpStream, slot: Option<OwnedSemaphorePermit>) -> Self {
+        Self {
+            stream,
+            _slot: slot,
+        }
+    }
+}
+
+impl Connection for PooledStream {
+    fn connected(&self) -> Connected {
+        self.stream.connected()
+    }
+}
+
+impl AsyncRead for PooledStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PooledStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}

@@ -1,0 +1,120 @@
+//! Local rate limit: a token bucket per destination; past it, 429 with `Retry-After`.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response, StatusCode};
+use prometheus_client::metrics::counter::Counter;
+
+use crate::body::{Body, proxy_error};
+use crate::config::RateLimitConfig;
+use crate::error::{ProxyError, ResponseFuture};
+
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl TokenBucket {
+    pub fn new(config: RateLimitConfig) -> Self {
+        let burst = f64::from(config.burst.max(1));
+        Self {
+            rate: f64::from(config.requests_per_second),
+            burst,
+            state: Mutex::new((burst, Instant::now())),
+        }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    pub fn take(&self) -> Result<(), Duration> {
+        let mut state = self.state.lock().expect("bucket lock");
+        let now = Instant::now();
+        let (tokens, last) = *state;
+        let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.burst);
+        if tokens >= 1.0 {
+            *state = (tokens - 1.0, now);
+            Ok(())
+        } else {
+            *state = (tokens, now);
+            Err(Duration::from_secs_f64((1.0 - tokens) / self.rate))
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    bucket: Arc<TokenBucket>,
+    limited: Counter,
+}
+
+impl<S> RateLimit<S> {
+    pub fn new(inner: S, bucket: Arc<TokenBucket>, limited: Counter) -> Self {
+        Self {
+            inner,
+            bucket,
+            limited,
+        }
+    }
+}
+
+impl<S> tower::Service<Request<Body>> for RateLimit<S>
+where
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = ProxyError,
+            Future = ResponseFuture,
+        >,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> ResponseFuture {
+        match self.bucket.take() {
+            Ok(()) => self.inner.call(request),
+            Err(wait) => {
+                self.limited.inc();
+                let mut response =
+                    proxy_error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+                // Whole seconds, rounded up: a client that waits this long finds a token.
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, seconds.max(1).into());
+                Box::pin(async move { Ok(response) })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let bucket = TokenBucket::new(RateLimitConfig {
+            requests_per_second: 10,
+            burst: 3,
+        });
+        for _ in 0..3 {
+            assert_eq!(bucket.take(), Ok(()));
+        }
+        let wait = bucket.take().unwrap_err();
+        assert!(
+            wait <= Duration::from_millis(100) && wait > Duration::from_millis(50),
+            "{wait:?}"
+        );
+        std::thread::sleep(wait);
+        assert_eq!(bucket.take(), Ok(()));
+    }
+}

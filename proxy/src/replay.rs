@@ -1,0 +1,193 @@
+//! A request body that can be sent again: the first attempt streams it from the app while keeping
+//! a copy, up to a limit; retries replay the copy, then continue from the app if the first attempt
+//! did not read it all. Past the limit the copy is dropped and the request cannot be retried, but
+//! it still streams: nothing waits for a large body to be buffered.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body as _, Frame, SizeHint};
+
+use crate::body::{Body, BoxError};
+
+/// SPEC.md: bodies over 64 KiB are not retried.
+pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
+
+struct Shared {
+    /// The app's body, read by whichever attempt gets past the copy first.
+    source: Body,
+    copy: Vec<Bytes>,
+    copied_bytes: usize,
+    /// The copy is incomplete: a retry could not resend the body.
+    overflowed: bool,
+    /// The source is finished; these were its trailers.
+    finished: Option<Option<HeaderMap>>,
+}
+
+pub struct ReplayBody {
+    shared: Arc<Mutex<Shared>>,
+    /// How many copied chunks this attempt has sent.
+    position: usize,
+    trailers_sent: bool,
+}
+
+impl ReplayBody {
+    pub fn new(source: Body) -> Self {
+        let finished = source.is_end_stream().then_some(None);
+        Self {
+            shared: Arc::new(Mutex::new(Shared {
+                source,
+                copy: Vec::new(),
+                copied_bytes: 0,
+                overflowed: false,
+                finished,
+            })),
+            position: 0,
+            trailers_sent: false,
+        }
+    }
+
+    /// A body for the next attempt, from the start.
+    pub fn replay(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            position: 0,
+            trailers_sent: false,
+        }
+    }
+
+    pub fn is_replayable(&self) -> bool {
+        !self.shared.lock().expect("replay lock").overflowed
+    }
+}
+
+impl http_body::Body for ReplayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let mut shared = this.shared.lock().expect("replay lock");
+        if let Some(chunk) = shared.copy.get(this.position) {
+            this.position += 1;
+            return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
+        }
+        if let Some(trailers) = &shared.finished {
+            if this.trailers_sent {
+                return Poll::Ready(None);
+            }
+            this.trailers_sent = true;
+            return Poll::Ready(trailers.clone().map(|t| Ok(Frame::trailers(t))));
+        }
+        let frame = match Pin::new(&mut shared.source).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(frame) => frame,
+        };
+        match frame {
+            None => {
+                shared.finished = Some(None);
+                this.trailers_sent = true;
+                Poll::Ready(None)
+            }
+            Some(Err(error)) => Poll::Ready(Some(Err(error))),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    if !shared.overflowed {
+                        if shared.copied_bytes + data.len() <= MAX_REPLAY_BYTES {
+                            shared.copied_bytes += data.len();
+                            shared.copy.push(data.clone());
+                            this.position += 1;
+                        } else {
+                            shared.overflowed = true;
+                            shared.copy = Vec::new();
+                        }
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                Err(frame) => {
+                    let trailers = frame.into_trailers().ok();
+                    shared.finished = Some(trailers.clone());
+                    this.trailers_sent = true;
+                    Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let shared = self.shared.lock().expect("replay lock");
+        self.position >= shared.copy.len()
+            && (self.trailers_sent || matches!(shared.finished, Some(None)))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let shared = self.shared.lock().expect("replay lock");
+        if shared.finished.is_some() {
+            let remaining: usize = shared.copy[self.position.min(shared.copy.len())..]
+                .iter()
+                .map(Bytes::len)
+                .sum();
+            return SizeHint::with_exact(remaining as u64);
+        }
+        // Content-Length must survive: an HTTP/1 upstream otherwise gets a chunked body.
+        let mut hint = shared.source.size_hint();
+        if self.position == 0 {
+            let copied = shared.copied_bytes as u64;
+            hint.set_lower(hint.lower() + copied);
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper + copied);
+            }
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::{boxed, full};
+    use http_body_util::{BodyExt, StreamBody};
+
+    async fn read(body: ReplayBody) -> Vec<u8> {
+        body.collect().await.unwrap().to_bytes().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_small_body_is_sent_again_whole() {
+        let first = ReplayBody::new(full("hello"));
+        let second = first.replay();
+        assert_eq!(read(first).await, b"hello");
+        assert!(second.is_replayable());
+        assert_eq!(second.size_hint().exact(), Some(5));
+        assert_eq!(read(second).await, b"hello");
+    }
+
+    #[tokio::test]
+    async fn a_retry_continues_where_an_abandoned_attempt_stopped() {
+        let chunks =
+            ["one ", "two ", "three"].map(|c| Ok::<_, BoxError>(Frame::data(Bytes::from(c))));
+        let source = boxed(StreamBody::new(futures_util::stream::iter(chunks)));
+        let mut first = ReplayBody::new(source);
+        let retry = first.replay();
+        // The first attempt reads one chunk, then fails.
+        let chunk = first.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&chunk[..], b"one ");
+        drop(first);
+        assert_eq!(read(retry).await, b"one two three");
+    }
+
+    #[tokio::test]
+    async fn a_large_body_streams_but_cannot_be_replayed() {
+        let big = vec![b'x'; MAX_REPLAY_BYTES + 1];
+        let first = ReplayBody::new(full(big.clone()));
+        let retry = first.replay();
+        assert_eq!(read(first).await.len(), big.len());
+        assert!(!retry.is_replayable());
+    }
+}

@@ -1,0 +1,104 @@
+//! Route matching: path prefix, headers (exact or regex) and method; the first match wins.
+
+use http::Request;
+
+use crate::config::{HeaderValueMatch, RouteMatch};
+
+impl RouteMatch {
+    pub fn matches<B>(&self, request: &Request<B>) -> bool {
+        self.path_prefix
+            .as_deref()
+            .is_none_or(|prefix| path_has_prefix(request.uri().path(), prefix))
+            && self.method.as_ref().is_none_or(|m| m == request.method())
+            && self.headers.iter().all(|header| {
+                request
+                    .headers()
+                    .get_all(&header.name)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|value| match &header.value {
+                        HeaderValueMatch::Exact(exact) => value == exact,
+                        HeaderValueMatch::Regex(regex) => regex.is_match(value),
+                    })
+            })
+    }
+}
+
+/// `/api` matches `/api`, `/api/` and `/api/x`, not `/apix`: prefixes are whole path segments,
+/// as in Gateway API and Istio.
+fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.is_empty(),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HeaderMatch;
+
+    fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut builder = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        builder.body(()).unwrap()
+    }
+
+    fn header(name: &str, value: HeaderValueMatch) -> HeaderMatch {
+        HeaderMatch {
+            name: name.parse().unwrap(),
+            value,
+        }
+    }
+
+    #[test]
+    fn path_prefixes_match_whole_segments() {
+        let m = RouteMatch {
+            path_prefix: Some("/api".into()),
+            ..Default::default()
+        };
+        for (path, expected) in [
+            ("/api", true),
+            ("/api/v1", true),
+            ("/api/", true),
+            ("/apix", false),
+            ("/", false),
+        ] {
+            assert_eq!(m.matches(&request("GET", path, &[])), expected, "{path}");
+        }
+        let root = RouteMatch {
+            path_prefix: Some("/".into()),
+            ..Default::default()
+        };
+        assert!(root.matches(&request("GET", "/anything", &[])));
+    }
+
+    #[test]
+    fn every_condition_must_hold() {
+        let m = RouteMatch {
+            headers: vec![
+                header("x-canary", HeaderValueMatch::Exact("true".into())),
+                header(
+                    "x-user",
+                    HeaderValueMatch::Regex(regex::Regex::new("^(?:user-[0-9]+)$").unwrap()),
+                ),
+            ],
+            path_prefix: Some("/api".into()),
+            method: Some(http::Method::GET),
+        };
+        let good = [("x-canary", "true"), ("x-user", "user-42")];
+        assert!(m.matches(&request("GET", "/api/x", &good)));
+        assert!(!m.matches(&request("POST", "/api/x", &good)));
+        assert!(!m.matches(&request("GET", "/web", &good)));
+        assert!(!m.matches(&request(
+            "GET",
+            "/api",
+            &[("x-canary", "true"), ("x-user", "user-4x")]
+        )));
+        assert!(!m.matches(&request("GET", "/api", &[("x-user", "user-1")])));
+        assert!(RouteMatch::default().matches(&request("DELETE", "/", &[])));
+    }
+}
