@@ -106,6 +106,7 @@ impl http_body::Body for ReplayBody {
                         } else {
                             shared.overflowed = true;
                             shared.copy = Vec::new();
+                            shared.copied_bytes = 0;
                         }
                     }
                     Poll::Ready(Some(Ok(Frame::data(data))))
@@ -136,14 +137,13 @@ impl http_body::Body for ReplayBody {
             return SizeHint::with_exact(remaining as u64);
         }
         // Content-Length must survive: an HTTP/1 upstream otherwise gets a chunked body.
-        let mut hint = shared.source.size_hint();
-        if self.position == 0 {
-            let copied = shared.copied_bytes as u64;
-            hint.set_lower(hint.lower() + copied);
-            if let Some(upper) = hint.upper() {
-                hint.set_upper(upper + copied);
-            }
+        let source = shared.source.size_hint();
+        let copied = if self.position == 0 { shared.copied_bytes as u64 } else { 0 };
+        let mut hint = SizeHint::new();
+        if let Some(upper) = source.upper() {
+            hint.set_upper(upper + copied);
         }
+        hint.set_lower(source.lower() + copied);
         hint
     }
 }
