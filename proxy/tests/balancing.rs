@@ -126,7 +126,7 @@ async fn consistent_hash_keeps_a_key_on_one_endpoint() {
 }
 
 #[tokio::test]
-async fn endpoint_churn_under_load_fails_no_request() {
+async fn endpoint_and_policy_churn_under_load_fails_no_request() {
     let mut cp = ControlPlane::start().await;
     let mut backends = Vec::new();
     for i in 0..6 {
@@ -166,10 +166,19 @@ async fn endpoint_churn_under_load_fails_no_request() {
         }
         failures
     });
-    // Move the whole set over, one endpoint at a time, while the load runs; removed backends stay
-    // up, as a terminating pod does.
-    for step in [1..4, 2..5, 3..6, 0..6, 4..6] {
-        let version = cp.publish(WEB, set(step));
+    // Move the whole set over, one endpoint at a time, while the load runs, changing the policy
+    // as well; removed backends stay up, as a terminating pod does.
+    let algorithms = [
+        proto::Algorithm::RoundRobin,
+        proto::Algorithm::LeastRequest,
+        proto::Algorithm::Random,
+        proto::Algorithm::PeakEwma,
+        proto::Algorithm::RoundRobin,
+    ];
+    for (step, algorithm) in [1..4, 2..5, 3..6, 0..6, 4..6].into_iter().zip(algorithms) {
+        let mut next = with_algorithm(set(step), algorithm, "");
+        next.policy_spec.as_mut().unwrap().timeout_ms = Some(5_000);
+        let version = cp.publish(WEB, next);
         cp.next_event(|e| {
             matches!(e, ProxyEvent::Acked { version: ref v, .. } if *v == version).then_some(())
         })

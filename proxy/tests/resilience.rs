@@ -528,3 +528,36 @@ async fn chaos_one_backend_dies_mid_load() {
     let after_failure = m.backends[victim].hits() - victim_hits_at_failure;
     assert!(after_failure <= 50 + ejections as u64, "{after_failure} requests reached the dead backend, {ejections} ejections");
 }
+
+#[tokio::test]
+async fn grpc_is_retried_on_unavailable_and_classified_by_grpc_status() {
+    let policy = proto::Policy {
+        retries: Some(retries(1, &[proto::RetryOn::ServerError])),
+        load_balancer: round_robin(),
+        ..Default::default()
+    };
+    let m = mesh(&[("stable", 2)], policy, vec![]).await;
+    let mut conn = Conn::http2(m.proxy.outbound).await;
+    let grpc_call = || {
+        let mut call = request("web", "/pkg.Service/Method");
+        *call.method_mut() = http::Method::POST;
+        call.headers_mut().insert("content-type", "application/grpc".parse().unwrap());
+        call.headers_mut().insert("te", "trailers".parse().unwrap());
+        call
+    };
+    m.backends[0].set(Behaviour::GrpcStatus(14));
+    m.backends[1].set(Behaviour::GrpcStatus(0));
+    for _ in 0..6 {
+        let reply = conn.send(grpc_call()).await.unwrap();
+        assert_eq!(reply.header("grpc-status"), "0", "UNAVAILABLE was retried on the other endpoint");
+    }
+    // INTERNAL is not retried, and counts as a failure though the HTTP status is 200.
+    m.backends[0].set(Behaviour::GrpcStatus(13));
+    m.backends[1].set(Behaviour::GrpcStatus(13));
+    let before = m.backends[0].hits() + m.backends[1].hits();
+    let reply = conn.send(grpc_call()).await.unwrap();
+    assert_eq!(reply.header("grpc-status"), "13");
+    assert_eq!(m.backends[0].hits() + m.backends[1].hits() - before, 1);
+    let failed = r#"outrigger_requests_total{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route="",status_code="200",classification="failure"}"#;
+    assert_eq!(metric(m.proxy.admin, failed).await, 1.0);
+}

@@ -26,6 +26,8 @@ pub enum Behaviour {
     Delay(Duration),
     /// Closes the connection without answering.
     Reset,
+    /// A gRPC trailers-only answer: HTTP 200 with this `grpc-status`.
+    GrpcStatus(u32),
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -134,6 +136,13 @@ async fn respond(
         Behaviour::Status(code) => return Some(text(code, &state.name, &request)),
         Behaviour::Delay(delay) => tokio::time::sleep(delay).await,
         Behaviour::Reset => return None,
+        Behaviour::GrpcStatus(code) => {
+            let mut response = text(200, "", &request);
+            let headers = response.headers_mut();
+            headers.insert("content-type", http::HeaderValue::from_static("application/grpc"));
+            headers.insert("grpc-status", code.into());
+            return Some(response);
+        }
     }
     Some(match request.uri().path() {
         "/echo" => {
