@@ -2,6 +2,8 @@
 
 pub mod destination;
 pub mod duration;
+#[cfg(feature = "crd")]
+pub mod policy;
 
 /// The configuration stream protocol (see `proto/outrigger/v1/discovery.proto`).
 // Generated code: a message oneof is as large as its largest variant, by prost's design.

@@ -6,18 +6,22 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 
-pub async fn serve(listener: TcpListener, metrics: Metrics) {
+/// Serves forever; `/ready` answers 200 once `ready` is true (the index has its first full view).
+pub async fn serve(listener: TcpListener, metrics: Metrics, ready: watch::Receiver<bool>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let metrics = metrics.clone();
+        let ready = ready.clone();
         let service =
             hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                std::future::ready(Ok::<_, Infallible>(respond(&metrics, request.uri().path())))
+                let response = respond(&metrics, *ready.borrow(), request.uri().path());
+                std::future::ready(Ok::<_, Infallible>(response))
             });
         tokio::spawn(async move {
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -27,14 +31,16 @@ pub async fn serve(listener: TcpListener, metrics: Metrics) {
     }
 }
 
-fn respond(metrics: &Metrics, path: &str) -> http::Response<Full<Bytes>> {
+fn respond(metrics: &Metrics, ready: bool, path: &str) -> http::Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
         "/metrics" => (
             200,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
         ),
-        "/live" | "/ready" => (200, "text/plain", "ok\n".to_string()),
+        "/live" => (200, "text/plain", "ok\n".to_string()),
+        "/ready" if ready => (200, "text/plain", "ok\n".to_string()),
+        "/ready" => (503, "text/plain", "not synced yet\n".to_string()),
         _ => (404, "text/plain", "not found\n".to_string()),
     };
     http::Response::builder()

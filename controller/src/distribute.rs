@@ -36,7 +36,7 @@ pub enum Snapshot {
     },
 }
 
-type Slot = Option<Arc<Snapshot>>;
+pub type Slot = Option<Arc<Snapshot>>;
 
 /// The per-destination watch channels, keyed by canonical destination key.
 #[derive(Clone)]
@@ -107,7 +107,8 @@ impl Snapshots {
         }
     }
 
-    fn watch(&self, key: &str) -> watch::Receiver<Slot> {
+    /// The channel of one key: its current snapshot (None until published or synced) and changes.
+    pub fn watch(&self, key: &str) -> watch::Receiver<Slot> {
         let mut inner = self.inner.lock().expect("snapshots lock");
         let initial = (inner.synced).then(unknown);
         inner

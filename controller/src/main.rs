@@ -1,23 +1,34 @@
-use std::net::SocketAddr;
+use std::path::PathBuf;
 
-use anyhow::Context as _;
-use clap::Parser;
-use outrigger_controller::distribute::{DiscoveryService, Snapshots};
-use outrigger_controller::metrics::Metrics;
+use clap::{Parser, Subcommand};
+use outrigger_controller::{Controller, Settings, crds};
 
 #[derive(Parser)]
 #[command(
     name = "outrigger-controller",
     version,
-    about = "The Outrigger control plane"
+    about = "The Outrigger control plane",
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
-    /// Configuration stream to proxies.
-    #[arg(long, env = "OUTRIGGER_GRPC_ADDR", default_value = "0.0.0.0:8090")]
-    grpc_addr: SocketAddr,
-    /// `/metrics`, `/live`, `/ready`.
-    #[arg(long, env = "OUTRIGGER_ADMIN_ADDR", default_value = "0.0.0.0:9990")]
-    admin_addr: SocketAddr,
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Writes the CustomResourceDefinitions generated from the policy types.
+    Crds {
+        /// Where the CRD files go.
+        #[arg(long, default_value = "crds")]
+        dir: PathBuf,
+        /// Only compare: fail, naming the files, when DIR is not what would be written.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 #[tokio::main]
@@ -28,23 +39,17 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    let metrics = Metrics::default();
-    let snapshots = Snapshots::default();
-    // No source of cluster state is wired in yet: every destination is unknown.
-    snapshots.mark_synced();
-    let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| "outrigger-controller".into());
-    let discovery = DiscoveryService::new(snapshots, metrics.clone(), hostname);
-    let admin = tokio::net::TcpListener::bind(cli.admin_addr)
-        .await
-        .with_context(|| format!("binding the admin listener on {}", cli.admin_addr))?;
-    tokio::spawn(outrigger_controller::admin::serve(admin, metrics));
-    tracing::info!(grpc = %cli.grpc_addr, admin = %cli.admin_addr, "controller listening");
-    tonic::transport::Server::builder()
-        .add_service(discovery.into_server())
-        .serve_with_shutdown(cli.grpc_addr, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .with_context(|| format!("serving gRPC on {}", cli.grpc_addr))?;
-    Ok(())
+    match cli.command {
+        Some(Command::Crds { dir, check: true }) => crds::check(&dir),
+        Some(Command::Crds { dir, check: false }) => crds::write(&dir),
+        None => {
+            let controller = Controller::bind(cli.settings).await?;
+            let (stop, shutdown) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                let _ = stop.send(true);
+            });
+            controller.run(shutdown).await
+        }
+    }
 }

@@ -260,9 +260,11 @@ where
                 let Some(reason) = retry_reason(&this.policy, grpc, &result) else {
                     return result;
                 };
-                // Nothing reached the server on a connect failure: safe for every method.
-                let method_allows =
-                    idempotent || this.policy.retry_non_idempotent || reason == "connect-failure";
+                // Nothing reached the server on a connect failure, and a gRPC server answering
+                // UNAVAILABLE did not process the call (every gRPC call is a POST): safe for every
+                // method.
+                let unprocessed = matches!(reason, "connect-failure" | "unavailable");
+                let method_allows = idempotent || this.policy.retry_non_idempotent || unprocessed;
                 if retries >= this.policy.attempts || !method_allows || !body.is_replayable() {
                     return result;
                 }

@@ -12,7 +12,11 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Outrigger developer and CI tasks")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Outrigger developer and CI tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     task: Task,

@@ -48,7 +48,11 @@ struct ProxyArgs {
     #[arg(long, conflicts_with = "write")]
     direct_only: bool,
     /// Request rates to measure, in requests per second.
-    #[arg(long, value_delimiter = ',', default_value = "500,1000,2000,4000,8000")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "500,1000,2000,4000,8000,16000,24000,32000"
+    )]
     rates: Vec<u32>,
     /// How long each rate is recorded on each path.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
@@ -115,7 +119,7 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
     };
     check_answers(client, &direct, "the backend")?;
 
-    let mut proxy = match (&args.proxy_bin, args.direct_only) {
+    let mut proxied = match (&args.proxy_bin, args.direct_only) {
         (Some(bin), false) => {
             let proxy = Proxy::start(client, bin, &control_plane.url(), backend.addr)?;
             eprintln!(
@@ -123,22 +127,19 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
                 proxy.pid(),
                 proxy.log().display()
             );
-            Some(proxy)
+            let target = Target {
+                addr: proxy.outbound,
+                authority: SERVICE_AUTHORITY.into(),
+            };
+            check_answers(client, &target, "the proxy")?;
+            Some((proxy, target))
         }
         _ => None,
     };
-    let proxied = proxy.as_ref().map(|proxy| Target {
-        addr: proxy.outbound,
-        authority: SERVICE_AUTHORITY.into(),
-    });
-    if let Some(proxied) = &proxied {
-        check_answers(client, proxied, "the proxy")?;
-    }
-    let idle_rss = proxy
-        .as_ref()
-        .map(|proxy| proxy::memory(proxy.pid()))
-        .transpose()?
-        .map(|memory| memory.rss);
+    let idle_rss = match &proxied {
+        Some((proxy, _)) => Some(proxy.memory()?.rss),
+        None => None,
+    };
 
     let mut rows = Vec::new();
     for &rate in &args.rates {
@@ -153,27 +154,23 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
         let measured = loadgen::run(client, &direct, &load).context("direct run")?;
         let direct_summary = Summary::of(&measured, args.duration);
         progress(rate, "direct", &direct_summary);
-        let proxied = match (&mut proxy, &proxied) {
-            (Some(proxy), Some(target)) => {
+        let proxied_summary = match &mut proxied {
+            Some((proxy, target)) => {
                 let (summary, cost) = proxied_run(client, proxy, target, &load)?;
                 progress(rate, "proxied", &summary);
                 Some((summary, cost))
             }
-            _ => None,
+            None => None,
         };
         rows.push(Row {
             rate,
             direct: direct_summary,
-            proxied,
+            proxied: proxied_summary,
         });
     }
 
-    let peak_rss = match proxy {
-        Some(proxy) => {
-            let peak = proxy::memory(proxy.pid())?.peak;
-            proxy.stop()?;
-            Some(peak)
-        }
+    let peak_rss = match &proxied {
+        Some((proxy, _)) => Some(proxy.memory()?.peak),
         None => None,
     };
     let report = Report {
@@ -192,6 +189,10 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
     if let Some(path) = &args.write {
         write_section(path, &markdown)?;
         eprintln!("wrote the Proxy section of {}", path.display());
+    }
+    // Stopped last, so that a proxy slow to stop cannot cost the results.
+    if let Some((proxy, _)) = proxied {
+        proxy.stop()?;
     }
     Ok(())
 }
@@ -235,26 +236,28 @@ fn proxied_run(
     load: &Load,
 ) -> Result<(Summary, Cost)> {
     proxy.check_running()?;
-    let (cpu_before, started) = (proxy::cpu_time(proxy.pid())?, Instant::now());
+    let (cpu_before, started) = (proxy.cpu_time()?, Instant::now());
     let measured = loadgen::run(client, target, load).context("proxied run")?;
-    let (cpu_after, wall) = (proxy::cpu_time(proxy.pid())?, started.elapsed());
+    let (cpu_after, wall) = (proxy.cpu_time()?, started.elapsed());
     proxy.check_running()?;
     let cost = Cost {
         cpu: cpu_after.saturating_sub(cpu_before),
         wall,
         requests: measured.handled,
-        rss: proxy::memory(proxy.pid())?.rss,
+        rss: proxy.memory()?.rss,
     };
     Ok((Summary::of(&measured, load.duration), cost))
 }
 
 fn progress(rate: u32, path: &str, s: &Summary) {
     eprintln!(
-        "{rate:>6} req/s {path:<7}: achieved {:>6.0}/s, p50 {:>6}µs, p99 {:>7}µs, p99.9 {:>7}µs, errors {:.2}%",
+        "{rate:>6} req/s {path:<7}: achieved {:>6.0}/s, p50 {:>6}µs, p99 {:>7}µs, p99.9 {:>7}µs \
+         (generator {:>6}µs), errors {:.2}%",
         s.achieved,
         s.p50,
         s.p99,
         s.p999,
+        s.generator_p999,
         s.error_rate * 100.0
     );
 }

@@ -39,6 +39,9 @@ pub struct Load {
 pub struct Measured {
     /// Microseconds from scheduled send time to the end of the response, for 2xx responses.
     pub latency: Histogram<u64>,
+    /// Microseconds from scheduled send time until the request's task ran: the generator's own
+    /// delay (timer and thread wake-ups), part of every latency above.
+    pub dispatch: Histogram<u64>,
     pub scheduled: u64,
     pub ok: u64,
     pub bad_status: u64,
@@ -48,7 +51,7 @@ pub struct Measured {
     pub late: u64,
     /// From the start of recording to the last recorded completion.
     pub span: Duration,
-    /// Requests that reached the server side, warm-up included: the denominator for CPU cost.
+    /// Requests sent (all but the late ones), warm-up included: the denominator for CPU cost.
     pub handled: u64,
 }
 
@@ -91,11 +94,14 @@ pub fn run(runtime: &Handle, target: &Target, load: &Load) -> Result<Measured> {
         let (pool, recorder) = (pool.clone(), recorder.clone());
         requests.spawn_on(
             async move {
+                let started = Instant::now();
                 let outcome = pool.send(due).await;
-                recorder
-                    .lock()
-                    .unwrap()
-                    .record(due, Instant::now(), i >= warmup, outcome);
+                let times = Times {
+                    due,
+                    started,
+                    done: Instant::now(),
+                };
+                recorder.lock().unwrap().record(times, i >= warmup, outcome);
             },
             runtime,
         );
@@ -117,8 +123,26 @@ enum Outcome {
     Late,
 }
 
+/// When one request was due, when its task began, and when it ended.
+struct Times {
+    due: Instant,
+    started: Instant,
+    done: Instant,
+}
+
+/// Microseconds from `from` to `to`, for a histogram.
+fn micros(from: Instant, to: Instant) -> u64 {
+    u64::try_from(to.saturating_duration_since(from).as_micros()).unwrap_or(u64::MAX)
+}
+
+/// 1µs to 10 minutes at 3 significant digits.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
+}
+
 struct Recorder {
     latency: Histogram<u64>,
+    dispatch: Histogram<u64>,
     ok: u64,
     bad_status: u64,
     transport: u64,
@@ -130,8 +154,8 @@ struct Recorder {
 impl Recorder {
     fn new() -> Self {
         Self {
-            // 1µs to 10 minutes at 3 significant digits.
-            latency: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
+            latency: histogram(),
+            dispatch: histogram(),
             ok: 0,
             bad_status: 0,
             transport: 0,
@@ -141,20 +165,21 @@ impl Recorder {
         }
     }
 
-    fn record(&mut self, due: Instant, done: Instant, recorded: bool, outcome: Outcome) {
+    fn record(&mut self, times: Times, recorded: bool, outcome: Outcome) {
         if !matches!(outcome, Outcome::Late) {
             self.handled += 1;
         }
         if !recorded {
             return;
         }
-        self.last_done = self.last_done.max(Some(done));
+        self.last_done = self.last_done.max(Some(times.done));
+        self.dispatch
+            .saturating_record(micros(times.due, times.started));
         match outcome {
             Outcome::Ok => {
                 self.ok += 1;
-                let micros = done.saturating_duration_since(due).as_micros();
                 self.latency
-                    .saturating_record(u64::try_from(micros).unwrap_or(u64::MAX));
+                    .saturating_record(micros(times.due, times.done));
             }
             Outcome::BadStatus => self.bad_status += 1,
             Outcome::Transport => self.transport += 1,
@@ -165,6 +190,7 @@ impl Recorder {
     fn finish(self, recording: Instant, scheduled: u64) -> Measured {
         Measured {
             latency: self.latency,
+            dispatch: self.dispatch,
             scheduled,
             ok: self.ok,
             bad_status: self.bad_status,
@@ -283,22 +309,25 @@ mod tests {
     #[test]
     fn latency_counts_from_the_scheduled_time_and_warmup_is_not_recorded() {
         let due = Instant::now();
-        let mut recorder = Recorder::new();
-        recorder.record(due, due + Duration::from_millis(50), false, Outcome::Ok);
-        recorder.record(due, due + Duration::from_millis(3), true, Outcome::Ok);
-        recorder.record(
+        let after = |ms| due + Duration::from_millis(ms);
+        let times = |started, done| Times {
             due,
-            due + Duration::from_millis(4),
-            true,
-            Outcome::BadStatus,
-        );
-        recorder.record(due, due + Duration::from_secs(2), true, Outcome::Late);
+            started: after(started),
+            done: after(done),
+        };
+        let mut recorder = Recorder::new();
+        recorder.record(times(0, 50), false, Outcome::Ok);
+        recorder.record(times(1, 3), true, Outcome::Ok);
+        recorder.record(times(0, 4), true, Outcome::BadStatus);
+        recorder.record(times(0, 2000), true, Outcome::Late);
         let measured = recorder.finish(due, 4);
         assert_eq!(measured.ok, 1);
         assert_eq!(measured.errors(), 2);
         assert_eq!(measured.handled, 3);
         assert_eq!(measured.latency.len(), 1);
         assert!(measured.latency.equivalent(measured.latency.max(), 3_000));
+        assert_eq!(measured.dispatch.len(), 3);
+        assert!(measured.dispatch.equivalent(measured.dispatch.max(), 1_000));
         assert_eq!(measured.span, Duration::from_secs(2));
     }
 }

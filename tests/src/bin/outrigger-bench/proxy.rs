@@ -30,6 +30,7 @@ impl Proxy {
         let [outbound, inbound, admin] = [free_port()?, free_port()?, free_port()?];
         let log =
             std::env::temp_dir().join(format!("outrigger-bench-proxy-{}.log", std::process::id()));
+        let output = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new(bin)
             .arg("--control-plane")
             .arg(control_plane)
@@ -42,8 +43,9 @@ impl Proxy {
             .arg(app.to_string())
             .arg("--admin-addr")
             .arg(admin.to_string())
-            .stdout(File::create(&log).with_context(|| format!("creating {}", log.display()))?)
-            .stderr(File::options().append(true).open(&log)?)
+            // One open file for both, so that their lines interleave instead of overwriting.
+            .stdout(output.try_clone().context("sharing the proxy's log file")?)
+            .stderr(output)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let mut proxy = Self {
@@ -83,6 +85,14 @@ impl Proxy {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    pub fn cpu_time(&self) -> Result<Duration> {
+        cpu_time(self.pid())
+    }
+
+    pub fn memory(&self) -> Result<Memory> {
+        memory(self.pid())
     }
 
     pub fn log(&self) -> &Path {
@@ -153,8 +163,8 @@ pub async fn get(addr: SocketAddr, path: &str, authority: &str) -> Result<(u16, 
         .context("no response within 5s")?
 }
 
-/// CPU time a process has used, user and system.
-pub fn cpu_time(pid: u32) -> Result<Duration> {
+/// CPU time a process has used, user and system, all its threads.
+fn cpu_time(pid: u32) -> Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     let ticks = cpu_ticks(&stat).with_context(|| format!("parsing /proc/{pid}/stat"))?;
@@ -185,7 +195,7 @@ pub struct Memory {
     pub peak: u64,
 }
 
-pub fn memory(pid: u32) -> Result<Memory> {
+fn memory(pid: u32) -> Result<Memory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     let field = |name| {

@@ -18,6 +18,8 @@ pub struct Summary {
     pub p99: u64,
     pub p999: u64,
     pub max: u64,
+    /// The load generator's own part of p99.9, see [`Measured::dispatch`].
+    pub generator_p999: u64,
     pub error_rate: f64,
 }
 
@@ -33,6 +35,7 @@ impl Summary {
             p99: latency.value_at_quantile(0.99),
             p999: latency.value_at_quantile(0.999),
             max: latency.max(),
+            generator_p999: measured.dispatch.value_at_quantile(0.999),
             error_rate: if measured.scheduled == 0 {
                 0.0
             } else {
@@ -116,6 +119,22 @@ fn sustained_text(found: Option<(u32, bool)>) -> String {
     }
 }
 
+/// Proxied over direct highest sustained rate; a rate that is the highest tried is only a bound.
+fn ratio_text(proxied: Option<(u32, bool)>, direct: Option<(u32, bool)>) -> String {
+    let (Some((p, p_top)), Some((d, d_top))) = (proxied, direct) else {
+        return "not known: a path sustained none of the rates tried".into();
+    };
+    let ratio = f64::from(p) / f64::from(d);
+    match (p_top, d_top) {
+        (true, true) => "not known: both paths sustained the highest rate tried".into(),
+        (false, true) => {
+            format!("≤ {ratio:.2} (the direct path's limit lies above the rates tried)")
+        }
+        (true, false) => format!("≥ {ratio:.2}"),
+        (false, false) => format!("{ratio:.2}"),
+    }
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
@@ -144,25 +163,29 @@ impl Report {
         let _ = writeln!(
             w,
             "Latency in µs from each request's scheduled send time to the end of its response \
-             (2xx only); `added` is proxied minus direct at each percentile. Errors are non-2xx \
+             (2xx only); `added` is proxied minus direct at each percentile. `gen. p99.9` is the \
+             load generator's own share: from the scheduled time until the request's task ran \
+             (timer and thread wake-ups), included in the latencies; where it comes close to \
+             p99.9, the tail is the generator's and not the path's. Errors are non-2xx \
              answers, transport failures and requests that could not leave on schedule.\n"
         );
         let _ = writeln!(
             w,
-            "| Rate (req/s) | Path | Achieved (req/s) | p50 | p99 | p99.9 | max | Errors |"
+            "| Rate (req/s) | Path | Achieved (req/s) | p50 | p99 | p99.9 | max | gen. p99.9 | Errors |"
         );
-        let _ = writeln!(w, "|---:|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(w, "|---:|---|---:|---:|---:|---:|---:|---:|---:|");
         for row in &self.rows {
             let mut line = |path: &str, s: &Summary| {
                 let _ = writeln!(
                     w,
-                    "| {} | {path} | {:.0} | {} | {} | {} | {} | {} |",
+                    "| {} | {path} | {:.0} | {} | {} | {} | {} | {} | {} |",
                     row.rate,
                     s.achieved,
                     s.p50,
                     s.p99,
                     s.p999,
                     s.max,
+                    s.generator_p999,
                     percent(s.error_rate)
                 );
             };
@@ -172,7 +195,7 @@ impl Report {
                 let [p50, p99, p999] = added(proxied, &row.direct);
                 let _ = writeln!(
                     w,
-                    "| {} | **added** | | **{p50:+}** | **{p99:+}** | **{p999:+}** | | |",
+                    "| {} | **added** | | **{p50:+}** | **{p99:+}** | **{p999:+}** | | | |",
                     row.rate
                 );
             }
@@ -196,9 +219,7 @@ impl Report {
                 Some((r.rate, summary.sustains(r.rate)))
             }));
             let _ = writeln!(w, "- proxied: {}", sustained_text(proxied));
-            if let (Some((p, _)), Some((d, _))) = (proxied, direct) {
-                let _ = writeln!(w, "- proxied / direct: {:.2}", f64::from(p) / f64::from(d));
-            }
+            let _ = writeln!(w, "- proxied / direct: {}", ratio_text(proxied, direct));
 
             let _ = writeln!(
                 w,
@@ -280,6 +301,7 @@ mod tests {
         }
         let ok = latency.len();
         Measured {
+            dispatch: latency.clone(),
             latency,
             scheduled: ok + errors,
             ok,
@@ -327,6 +349,14 @@ mod tests {
             Some((1000, true))
         );
         assert_eq!(max_sustained([(500, false)].into_iter()), None);
+    }
+
+    #[test]
+    fn ratio_is_a_bound_when_a_path_was_not_pushed_to_its_limit() {
+        assert_eq!(ratio_text(Some((4000, false)), Some((8000, false))), "0.50");
+        assert!(ratio_text(Some((4000, false)), Some((8000, true))).starts_with("≤ 0.50"));
+        assert!(ratio_text(Some((8000, true)), Some((8000, true))).starts_with("not known"));
+        assert!(ratio_text(None, Some((8000, true))).starts_with("not known"));
     }
 
     #[test]
