@@ -1,0 +1,69 @@
+//! The files of `crds/`, generated from the api types: written by `cargo xtask crds`, compared by
+//! `cargo xtask crds --check` so that CI fails when they are stale. Never edited by hand.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+
+const HEADER: &str = "# Generated from api/src/policy.rs by `cargo xtask crds`. Do not edit.\n";
+
+pub struct CrdFile {
+    /// `<plural>.<group>.yaml`, as the CRD's own name.
+    pub name: String,
+    pub yaml: String,
+}
+
+pub fn files() -> anyhow::Result<Vec<CrdFile>> {
+    let crd = outrigger_api::policy::crd();
+    let name = crd
+        .metadata
+        .name
+        .clone()
+        .context("the generated CRD has no name")?;
+    let yaml = serde_norway::to_string(&crd).context("writing the CRD as YAML")?;
+    Ok(vec![CrdFile {
+        name: format!("{name}.yaml"),
+        yaml: format!("{HEADER}{yaml}"),
+    }])
+}
+
+pub fn write(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for file in files()? {
+        let path = dir.join(&file.name);
+        std::fs::write(&path, &file.yaml).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Fails, naming the files, when `dir` does not hold exactly what `write` would put there.
+pub fn check(dir: &Path) -> anyhow::Result<()> {
+    let files = files()?;
+    let mut stale: Vec<PathBuf> = Vec::new();
+    for file in &files {
+        let path = dir.join(&file.name);
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(file.yaml.as_str()) {
+            stale.push(path);
+        }
+    }
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("reading {}", dir.display()))?
+            .path();
+        let generated = files
+            .iter()
+            .any(|f| path.file_name() == Some(f.name.as_ref()));
+        if !generated {
+            stale.push(path);
+        }
+    }
+    if !stale.is_empty() {
+        let list: Vec<String> = stale.iter().map(|p| p.display().to_string()).collect();
+        bail!(
+            "CRD manifests are stale (run `cargo xtask crds`): {}",
+            list.join(", ")
+        );
+    }
+    Ok(())
+}

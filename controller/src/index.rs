@@ -1,0 +1,604 @@
+//! The index: what the controller knows of the cluster, turned into one `proto::Destination` per
+//! Service port.
+//!
+//! Sources (a manifests directory; the Kubernetes API) feed it [`Change`]s. It keeps only what
+//! destinations are made of (Service ports and ClusterIPs, ready endpoints, pod labels, translated
+//! policies), and on each change recomputes only the Services that change can affect. A destination
+//! is published under the Service port's name (`reviews.shop.svc.cluster.local:9080`) and under
+//! each ClusterIP:port (what a redirected connection was addressed to), and only when its content
+//! changed, so streams are not woken for nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use outrigger_api::destination::DestinationKey;
+use outrigger_api::policy::DestinationPolicy;
+use outrigger_api::proto;
+use tokio::sync::{mpsc, watch};
+
+use crate::distribute::{Snapshot, Snapshots};
+use crate::metrics::Metrics;
+use crate::translate::{PolicyError, Translated, translate};
+
+/// The label an EndpointSlice names its Service with.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The appProtocol of a Service port whose endpoints speak HTTP/2 without TLS.
+const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Pod,
+    DestinationPolicy,
+}
+
+/// One object, by kind and namespaced name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    pub kind: Kind,
+    pub key: ObjectKey,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} {}", self.kind, self.key)
+    }
+}
+
+/// An object of a kind the index reads.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    Pod(Box<Pod>),
+    DestinationPolicy(Box<DestinationPolicy>),
+}
+
+impl Object {
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Self::Service(o) => &o.metadata,
+            Self::EndpointSlice(o) => &o.metadata,
+            Self::Pod(o) => &o.metadata,
+            Self::DestinationPolicy(o) => &o.metadata,
+        }
+    }
+
+    pub fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Self::Service(o) => &mut o.metadata,
+            Self::EndpointSlice(o) => &mut o.metadata,
+            Self::Pod(o) => &mut o.metadata,
+            Self::DestinationPolicy(o) => &mut o.metadata,
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Service(_) => Kind::Service,
+            Self::EndpointSlice(_) => Kind::EndpointSlice,
+            Self::Pod(_) => Kind::Pod,
+            Self::DestinationPolicy(_) => Kind::DestinationPolicy,
+        }
+    }
+
+    /// None when the object lacks a name or a namespace (sources fill the namespace in).
+    pub fn reference(&self) -> Option<ObjectRef> {
+        let metadata = self.metadata();
+        Some(ObjectRef {
+            kind: self.kind(),
+            key: ObjectKey::new(metadata.namespace.clone()?, metadata.name.clone()?),
+        })
+    }
+}
+
+/// What a source tells the index.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// The object was created or updated.
+    Applied(Object),
+    Deleted(ObjectRef),
+    /// The source has delivered its full initial state: keys not published by now are unknown.
+    Synced,
+}
+
+/// What destinations need of a Service.
+#[derive(Debug, PartialEq)]
+struct ServiceState {
+    cluster_ips: Vec<IpAddr>,
+    ports: Vec<ServicePort>,
+}
+
+#[derive(Debug, PartialEq)]
+struct ServicePort {
+    /// Empty for a Service's single unnamed port; EndpointSlice ports match by this name.
+    name: String,
+    port: u16,
+    h2c: bool,
+}
+
+/// What destinations need of an EndpointSlice: its ready endpoints only.
+#[derive(Debug, PartialEq)]
+struct SliceState {
+    service: ObjectKey,
+    /// Port name -> the port endpoints listen on.
+    ports: BTreeMap<String, u16>,
+    endpoints: Vec<SliceEndpoint>,
+}
+
+#[derive(Debug, PartialEq)]
+struct SliceEndpoint {
+    ip: IpAddr,
+    pod: Option<String>,
+}
+
+struct PolicyState {
+    /// The Service its host names, when the host names one in the policy's namespace.
+    service: Option<ObjectKey>,
+    created: Option<Time>,
+    generation: i64,
+    /// An invalid policy is not in force; the error is kept for status.
+    translated: Result<Arc<Translated>, PolicyError>,
+}
+
+pub struct Index {
+    snapshots: Snapshots,
+    metrics: Metrics,
+    services: HashMap<ObjectKey, ServiceState>,
+    slices: HashMap<ObjectKey, SliceState>,
+    slices_by_service: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    pod_labels: HashMap<ObjectKey, BTreeMap<String, String>>,
+    /// Per pod, the Services with a ready endpoint on it (and how many), so that a label change
+    /// recomputes only those.
+    pod_services: HashMap<ObjectKey, HashMap<ObjectKey, usize>>,
+    policies: HashMap<ObjectKey, PolicyState>,
+    policies_by_service: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// Per Service, the keys published for it and their versions.
+    published: HashMap<ObjectKey, HashMap<String, String>>,
+    synced: watch::Sender<bool>,
+}
+
+impl Index {
+    pub fn new(snapshots: Snapshots, metrics: Metrics) -> Self {
+        Self {
+            snapshots,
+            metrics,
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            slices_by_service: HashMap::new(),
+            pod_labels: HashMap::new(),
+            pod_services: HashMap::new(),
+            policies: HashMap::new(),
+            policies_by_service: HashMap::new(),
+            published: HashMap::new(),
+            synced: watch::Sender::new(false),
+        }
+    }
+
+    /// Turns true once a source has delivered its full initial state.
+    pub fn synced(&self) -> watch::Receiver<bool> {
+        self.synced.subscribe()
+    }
+
+    /// Applies changes until every sender is gone.
+    pub async fn run(mut self, mut changes: mpsc::Receiver<Change>) {
+        while let Some(change) = changes.recv().await {
+            self.apply(change);
+        }
+    }
+
+    pub fn apply(&mut self, change: Change) {
+        let changed_at = Instant::now();
+        let affected = match change {
+            Change::Applied(object) => {
+                let Some(reference) = object.reference() else {
+                    tracing::warn!(kind = ?object.kind(), "ignoring an object without a name or namespace");
+                    return;
+                };
+                // Pods change often (status) and matter only by their labels.
+                if let Object::Pod(pod) = &object
+                    && self.pod_labels.get(&reference.key)
+                        == Some(pod.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
+                {
+                    return;
+                }
+                self.remove(&reference)
+                    .into_iter()
+                    .chain(self.insert(reference.key, object))
+                    .collect()
+            }
+            Change::Deleted(reference) => self.remove(&reference),
+            Change::Synced => {
+                self.snapshots.mark_synced();
+                self.synced.send_replace(true);
+                return;
+            }
+        };
+        for service in affected {
+            self.recompute(&service, changed_at);
+        }
+    }
+
+    /// Forgets an object; returns the Services it affected.
+    fn remove(&mut self, reference: &ObjectRef) -> BTreeSet<ObjectKey> {
+        let key = &reference.key;
+        match reference.kind {
+            Kind::Service => self
+                .services
+                .remove(key)
+                .map(|_| key.clone())
+                .into_iter()
+                .collect(),
+            Kind::EndpointSlice => {
+                let Some(slice) = self.slices.remove(key) else {
+                    return BTreeSet::new();
+                };
+                remove_from(&mut self.slices_by_service, &slice.service, key);
+                for pod in slice.pods(&key.namespace) {
+                    if let Some(services) = self.pod_services.get_mut(&pod) {
+                        if let Some(count) = services.get_mut(&slice.service) {
+                            *count -= 1;
+                            if *count == 0 {
+                                services.remove(&slice.service);
+                            }
+                        }
+                        if services.is_empty() {
+                            self.pod_services.remove(&pod);
+                        }
+                    }
+                }
+                BTreeSet::from([slice.service])
+            }
+            Kind::Pod => match self.pod_labels.remove(key) {
+                Some(_) => self.services_on_pod(key),
+                None => BTreeSet::new(),
+            },
+            Kind::DestinationPolicy => {
+                let Some(policy) = self.policies.remove(key) else {
+                    return BTreeSet::new();
+                };
+                let Some(service) = policy.service else {
+                    return BTreeSet::new();
+                };
+                remove_from(&mut self.policies_by_service, &service, key);
+                BTreeSet::from([service])
+            }
+        }
+    }
+
+    /// Records an object; returns the Services it affects.
+    fn insert(&mut self, key: ObjectKey, object: Object) -> BTreeSet<ObjectKey> {
+        match object {
+            Object::Service(service) => {
+                self.services
+                    .insert(key.clone(), ServiceState::new(&service));
+                BTreeSet::from([key])
+            }
+            Object::EndpointSlice(slice) => {
+                let Some(slice) = SliceState::new(&key.namespace, &slice) else {
+                    return BTreeSet::new();
+                };
+                for pod in slice.pods(&key.namespace) {
+                    *self
+                        .pod_services
+                        .entry(pod)
+                        .or_default()
+                        .entry(slice.service.clone())
+                        .or_default() += 1;
+                }
+                self.slices_by_service
+                    .entry(slice.service.clone())
+                    .or_default()
+                    .insert(key.clone());
+                let service = slice.service.clone();
+                self.slices.insert(key, slice);
+                BTreeSet::from([service])
+            }
+            Object::Pod(pod) => {
+                let labels = pod.metadata.labels.unwrap_or_default();
+                self.pod_labels.insert(key.clone(), labels);
+                self.services_on_pod(&key)
+            }
+            Object::DestinationPolicy(policy) => {
+                let state = self.policy_state(&key, &policy);
+                let service = state.service.clone();
+                self.policies.insert(key.clone(), state);
+                match service {
+                    Some(service) => {
+                        self.policies_by_service
+                            .entry(service.clone())
+                            .or_default()
+                            .insert(key);
+                        BTreeSet::from([service])
+                    }
+                    None => BTreeSet::new(),
+                }
+            }
+        }
+    }
+
+    fn services_on_pod(&self, pod: &ObjectKey) -> BTreeSet<ObjectKey> {
+        self.pod_services
+            .get(pod)
+            .map(|services| services.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn policy_state(&self, key: &ObjectKey, policy: &DestinationPolicy) -> PolicyState {
+        let service = match DestinationKey::from_authority(&policy.spec.host, 0, &key.namespace) {
+            // A policy governs a Service of its own namespace, as its RBAC allows.
+            Ok(DestinationKey::Service {
+                namespace, name, ..
+            }) if namespace == key.namespace => Some(ObjectKey::new(namespace, name)),
+            _ => {
+                tracing::warn!(policy = %key, host = %policy.spec.host,
+                    "DestinationPolicy host names no Service in its namespace");
+                None
+            }
+        };
+        let translated = translate(&policy.spec).map(Arc::new);
+        if let Err(error) = &translated {
+            self.metrics.reconcile_errors.inc();
+            tracing::warn!(policy = %key, %error, "DestinationPolicy is invalid and not in force");
+        }
+        PolicyState {
+            service,
+            created: policy.metadata.creation_timestamp.clone(),
+            generation: policy.metadata.generation.unwrap_or_default(),
+            translated,
+        }
+    }
+
+    /// The policy in force for a Service: of the valid ones naming it, the oldest (then by name),
+    /// as Istio resolves competing DestinationRules.
+    fn policy_for(&self, service: &ObjectKey) -> Option<(&ObjectKey, &PolicyState, &Translated)> {
+        self.policies_by_service
+            .get(service)?
+            .iter()
+            .filter_map(|key| {
+                let state = self.policies.get(key)?;
+                let translated = state.translated.as_ref().ok()?;
+                Some((key, state, translated.as_ref()))
+            })
+            .min_by(|(a_key, a, _), (b_key, b, _)| (&a.created, *a_key).cmp(&(&b.created, *b_key)))
+    }
+
+    /// Publishes what changed for a Service, and withdraws the keys it no longer has.
+    fn recompute(&mut self, service: &ObjectKey, changed_at: Instant) {
+        let destinations = self.destinations(service);
+        let published = self.published.entry(service.clone()).or_default();
+        published.retain(|key, _| {
+            let kept = destinations.contains_key(key);
+            if !kept {
+                self.snapshots.remove(key);
+            }
+            kept
+        });
+        for (key, destination) in destinations {
+            let snapshot = Snapshot::known(destination, changed_at);
+            let Snapshot::Known { version, .. } = &snapshot else {
+                unreachable!("Snapshot::known is known")
+            };
+            if published.get(&key) == Some(version) {
+                continue;
+            }
+            published.insert(key.clone(), version.clone());
+            self.snapshots.publish(&key, snapshot);
+        }
+        if published.is_empty() {
+            self.published.remove(service);
+        }
+    }
+
+    /// Every key of a Service with its destination; none when the Service is unknown.
+    fn destinations(&self, service: &ObjectKey) -> BTreeMap<String, proto::Destination> {
+        let Some(state) = self.services.get(service) else {
+            return BTreeMap::new();
+        };
+        let policy = self.policy_for(service);
+        let slices: Vec<&SliceState> = self
+            .slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.slices.get(key))
+            .collect();
+        let mut destinations = BTreeMap::new();
+        for port in &state.ports {
+            let mut endpoints = BTreeMap::new();
+            for slice in &slices {
+                let Some(&target_port) = slice.ports.get(&port.name) else {
+                    continue;
+                };
+                for endpoint in &slice.endpoints {
+                    let address = SocketAddr::new(endpoint.ip, target_port);
+                    // The same endpoint may sit in two slices while they are rebalanced.
+                    endpoints.entry(address).or_insert_with(|| proto::Endpoint {
+                        address: address.to_string(),
+                        subsets: self.subsets_of(service, endpoint.pod.as_deref(), policy),
+                        pod: endpoint.pod.clone().unwrap_or_default(),
+                        h2c: port.h2c,
+                    });
+                }
+            }
+            let destination = proto::Destination {
+                namespace: service.namespace.clone(),
+                service: service.name.clone(),
+                port: port.port.into(),
+                policy: policy.map(|(key, ..)| key.to_string()).unwrap_or_default(),
+                policy_generation: policy.map(|(_, state, _)| state.generation).unwrap_or(0),
+                endpoints: endpoints.into_values().collect(),
+                policy_spec: policy.map(|(.., translated)| translated.policy.clone()),
+                routes: policy
+                    .map(|(.., translated)| translated.routes.clone())
+                    .unwrap_or_default(),
+                subsets: policy
+                    .map(|(.., translated)| {
+                        translated
+                            .subsets
+                            .iter()
+                            .map(|(name, _)| name.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            };
+            let by_name = DestinationKey::Service {
+                namespace: service.namespace.clone(),
+                name: service.name.clone(),
+                port: port.port,
+            };
+            let by_address = state
+                .cluster_ips
+                .iter()
+                .map(|&ip| DestinationKey::Address(SocketAddr::new(ip, port.port)));
+            for key in std::iter::once(by_name).chain(by_address) {
+                destinations.insert(key.to_string(), destination.clone());
+            }
+        }
+        destinations
+    }
+
+    /// The policy's subsets whose labels the endpoint's pod carries.
+    fn subsets_of(
+        &self,
+        service: &ObjectKey,
+        pod: Option<&str>,
+        policy: Option<(&ObjectKey, &PolicyState, &Translated)>,
+    ) -> Vec<String> {
+        let Some((.., translated)) = policy else {
+            return Vec::new();
+        };
+        let no_labels = BTreeMap::new();
+        let labels = pod
+            .and_then(|pod| {
+                self.pod_labels
+                    .get(&ObjectKey::new(service.namespace.as_str(), pod))
+            })
+            .unwrap_or(&no_labels);
+        translated
+            .subsets
+            .iter()
+            .filter(|(_, selector)| selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+}
+
+fn remove_from(
+    index: &mut HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    service: &ObjectKey,
+    key: &ObjectKey,
+) {
+    if let Some(keys) = index.get_mut(service) {
+        keys.remove(key);
+        if keys.is_empty() {
+            index.remove(service);
+        }
+    }
+}
+
+impl ServiceState {
+    fn new(service: &Service) -> Self {
+        let spec = service.spec.clone().unwrap_or_default();
+        let cluster_ips = spec
+            .cluster_ips
+            .unwrap_or_else(|| spec.cluster_ip.into_iter().collect())
+            .iter()
+            // Headless Services say `None`.
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
+        let ports = spec
+            .ports
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|port| port.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|port| {
+                Some(ServicePort {
+                    name: port.name.unwrap_or_default(),
+                    port: u16::try_from(port.port).ok()?,
+                    h2c: port.app_protocol.as_deref() == Some(H2C_APP_PROTOCOL),
+                })
+            })
+            .collect();
+        Self { cluster_ips, ports }
+    }
+}
+
+impl SliceState {
+    /// None for a slice that names no Service.
+    fn new(namespace: &str, slice: &EndpointSlice) -> Option<Self> {
+        let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+        let ports = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter(|port| port.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|port| {
+                let number = u16::try_from(port.port?).ok()?;
+                Some((port.name.clone().unwrap_or_default(), number))
+            })
+            .collect();
+        let endpoints = slice
+            .endpoints
+            .iter()
+            // Unknown readiness counts as ready, as the EndpointSlice API says.
+            .filter(|endpoint| {
+                endpoint
+                    .conditions
+                    .as_ref()
+                    .and_then(|c| c.ready)
+                    .unwrap_or(true)
+            })
+            // Consumers use the first address only; FQDN slices have no IPs and are skipped.
+            .filter_map(|endpoint| {
+                Some(SliceEndpoint {
+                    ip: endpoint.addresses.first()?.parse().ok()?,
+                    pod: endpoint
+                        .target_ref
+                        .as_ref()
+                        .filter(|target| target.kind.as_deref() == Some("Pod"))
+                        .and_then(|target| target.name.clone()),
+                })
+            })
+            .collect();
+        Some(Self {
+            service: ObjectKey::new(namespace, service.as_str()),
+            ports,
+            endpoints,
+        })
+    }
+
+    fn pods<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = ObjectKey> + 'a {
+        self.endpoints
+            .iter()
+            .filter_map(move |endpoint| Some(ObjectKey::new(namespace, endpoint.pod.as_deref()?)))
+    }
+}

@@ -1,0 +1,321 @@
+//! `--manifests DIR`: cluster state from YAML files, as `kubectl apply -f DIR` would take them.
+//!
+//! Every `.yaml`, `.yml` and `.json` file directly in DIR is read; each of its documents may hold
+//! a Service, an EndpointSlice, a Pod or a DestinationPolicy (other kinds are skipped). The
+//! directory is polled every 250 ms and files are compared by content, so editors that replace
+//! files and ConfigMap volumes that swap symlinks are seen alike. A file that cannot be read back
+//! into valid objects is reported with its path and line and keeps its last good objects, as a
+//! cluster keeps its objects when `kubectl apply` is refused.
+
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use outrigger_api::policy::DestinationPolicy;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::index::{Change, Object, ObjectRef};
+use crate::metrics::Metrics;
+use crate::translate::translate;
+
+/// Edits apply within about this long.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The namespace kubectl puts an object in when its manifest names none.
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// Why a file's objects were not taken.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ManifestError {
+    pub file: PathBuf,
+    /// 1-based, when the problem has a place in the file.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}: {}", self.file.display(), self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+#[derive(Default)]
+struct ManifestFile {
+    /// What was read last, so an unchanged file is not parsed again.
+    content: Option<Vec<u8>>,
+    /// The objects of the last version that parsed.
+    objects: Vec<Object>,
+    /// The problem reported last, so a lasting one is reported once.
+    problem: Option<String>,
+}
+
+/// A manifests directory and what the index was told of it.
+pub struct Manifests {
+    dir: PathBuf,
+    metrics: Metrics,
+    files: BTreeMap<PathBuf, ManifestFile>,
+    sent: BTreeMap<ObjectRef, Object>,
+    dir_problem: Option<String>,
+}
+
+impl Manifests {
+    pub fn new(dir: PathBuf, metrics: Metrics) -> anyhow::Result<Self> {
+        std::fs::read_dir(&dir)
+            .with_context(|| format!("reading the manifests directory {}", dir.display()))?;
+        Ok(Self {
+            dir,
+            metrics,
+            files: BTreeMap::new(),
+            sent: BTreeMap::new(),
+            dir_problem: None,
+        })
+    }
+
+    /// Sends the directory's objects, then `Synced`, then every change, from a thread of its own
+    /// (file reads block) until the receiver is gone.
+    pub fn spawn(mut self, changes: mpsc::Sender<Change>) -> anyhow::Result<()> {
+        std::thread::Builder::new()
+            .name("manifests".into())
+            .spawn(move || {
+                let initial = self.scan().into_iter().chain([Change::Synced]);
+                for change in initial {
+                    if changes.blocking_send(change).is_err() {
+                        return;
+                    }
+                }
+                while !changes.is_closed() {
+                    std::thread::sleep(POLL_INTERVAL);
+                    for change in self.scan() {
+                        if changes.blocking_send(change).is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+            .context("starting the manifests thread")?;
+        Ok(())
+    }
+
+    /// Reads the directory again; returns what changed since the last scan.
+    pub fn scan(&mut self) -> Vec<Change> {
+        let paths = match manifest_paths(&self.dir) {
+            Ok(paths) => {
+                self.dir_problem = None;
+                paths
+            }
+            Err(error) => {
+                // Keep serving the last state: the directory may be being replaced.
+                let problem = format!("{error:#}");
+                if self.dir_problem.as_ref() != Some(&problem) {
+                    self.metrics.reconcile_errors.inc();
+                    tracing::error!("{problem}");
+                    self.dir_problem = Some(problem);
+                }
+                return Vec::new();
+            }
+        };
+        let before = self.files.len();
+        self.files.retain(|path, _| paths.contains(path));
+        let mut changed = self.files.len() != before;
+        for path in paths {
+            let file = self.files.entry(path.clone()).or_default();
+            let content = match std::fs::read(&path) {
+                Ok(content) => content,
+                // Removed since it was listed: the next scan drops it.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => {
+                    let problem = ManifestError {
+                        file: path.clone(),
+                        line: None,
+                        message: format!("cannot be read: {error}"),
+                    };
+                    report(&self.metrics, file, Some(problem));
+                    continue;
+                }
+            };
+            if file.content.as_ref() == Some(&content) {
+                continue;
+            }
+            match parse(&path, &content) {
+                Ok(objects) => {
+                    tracing::info!(file = %path.display(), objects = objects.len(), "manifest loaded");
+                    file.objects = objects;
+                    changed = true;
+                    report(&self.metrics, file, None);
+                }
+                Err(problem) => report(&self.metrics, file, Some(problem)),
+            }
+            file.content = Some(content);
+        }
+        if changed { self.diff() } else { Vec::new() }
+    }
+
+    /// The changes that take the index from what it was sent to what the files now hold.
+    fn diff(&mut self) -> Vec<Change> {
+        let mut current: BTreeMap<ObjectRef, (&Path, &Object)> = BTreeMap::new();
+        for (path, file) in &self.files {
+            for object in &file.objects {
+                let reference = object.reference().expect("parse names every object");
+                match current.entry(reference) {
+                    Entry::Vacant(entry) => {
+                        entry.insert((path, object));
+                    }
+                    Entry::Occupied(entry) => tracing::warn!(
+                        object = %entry.key(), used = %entry.get().0.display(), ignored = %path.display(),
+                        "object defined in two files; the first one is used"
+                    ),
+                }
+            }
+        }
+        let mut deleted: Vec<ObjectRef> = self
+            .sent
+            .keys()
+            .filter(|reference| !current.contains_key(reference))
+            .cloned()
+            .collect();
+        let mut applied: Vec<Object> = current
+            .iter()
+            .filter(|(reference, (_, object))| self.sent.get(reference) != Some(object))
+            .map(|(_, (_, object))| (*object).clone())
+            .collect();
+        // Services go last when added and first when removed, so that a new Service is computed
+        // once with its endpoints and policy in place rather than published bare first.
+        applied.sort_by_key(|object| std::cmp::Reverse(object.kind()));
+        deleted.sort_by_key(|reference| reference.kind);
+        self.sent = current
+            .into_iter()
+            .map(|(reference, (_, object))| (reference, object.clone()))
+            .collect();
+        deleted
+            .into_iter()
+            .map(Change::Deleted)
+            .chain(applied.into_iter().map(Change::Applied))
+            .collect()
+    }
+}
+
+/// Logs a file's problem when it is new, and clears it when the file is good again.
+fn report(metrics: &Metrics, file: &mut ManifestFile, problem: Option<ManifestError>) {
+    let problem = problem.map(|p| p.to_string());
+    if problem != file.problem {
+        if let Some(problem) = &problem {
+            metrics.reconcile_errors.inc();
+            tracing::error!("{problem} (keeping the file's last good objects)");
+        }
+        file.problem = problem;
+    }
+}
+
+fn manifest_paths(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("reading the manifests directory {}", dir.display()))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            let manifest = path
+                .extension()
+                .is_some_and(|ext| ext == "yaml" || ext == "yml" || ext == "json");
+            // Hidden files are editors' and ConfigMap volumes' bookkeeping.
+            let hidden = path
+                .file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with('.'));
+            manifest && !hidden && path.is_file()
+        })
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeMeta {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+}
+
+/// The objects of one file, or the first reason it cannot be taken whole.
+pub fn parse(file: &Path, content: &[u8]) -> Result<Vec<Object>, ManifestError> {
+    let error = |line: Option<usize>, message: String| ManifestError {
+        file: file.to_path_buf(),
+        line,
+        message,
+    };
+    let yaml_error = |e: serde_norway::Error| {
+        let line = e.location().map(|l| l.line());
+        error(line, e.to_string())
+    };
+    // The document's kind picks its type; reading it straight into that type (rather than
+    // through a generic value) keeps line numbers in errors.
+    let mut kinds = Vec::new();
+    for document in serde_norway::Deserializer::from_slice(content) {
+        kinds.push(Option::<TypeMeta>::deserialize(document).map_err(yaml_error)?);
+    }
+    let mut objects = Vec::new();
+    let documents = serde_norway::Deserializer::from_slice(content);
+    for (number, (document, type_meta)) in documents.zip(kinds).enumerate() {
+        let Some(TypeMeta { api_version, kind }) = type_meta else {
+            continue; // An empty document.
+        };
+        let mut object = match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Service") => Object::Service(Box::new(
+                Service::deserialize(document).map_err(yaml_error)?,
+            )),
+            ("discovery.k8s.io/v1", "EndpointSlice") => Object::EndpointSlice(Box::new(
+                EndpointSlice::deserialize(document).map_err(yaml_error)?,
+            )),
+            ("v1", "Pod") => Object::Pod(Box::new(Pod::deserialize(document).map_err(yaml_error)?)),
+            ("outrigger.dev/v1alpha1", "DestinationPolicy") => Object::DestinationPolicy(Box::new(
+                DestinationPolicy::deserialize(document).map_err(yaml_error)?,
+            )),
+            (_, "Service" | "EndpointSlice" | "Pod" | "DestinationPolicy") => {
+                return Err(error(
+                    None,
+                    format!(
+                        "document {}: {kind} has no apiVersion `{api_version}`",
+                        number + 1
+                    ),
+                ));
+            }
+            _ => {
+                tracing::debug!(file = %file.display(), %kind, "skipping a kind the controller does not read");
+                continue;
+            }
+        };
+        let metadata = object.metadata_mut();
+        if metadata.name.as_deref().unwrap_or_default().is_empty() {
+            return Err(error(
+                None,
+                format!("document {}: {kind} has no metadata.name", number + 1),
+            ));
+        }
+        metadata
+            .namespace
+            .get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
+        // The API server would refuse an invalid policy; so does this source.
+        if let Object::DestinationPolicy(policy) = &object
+            && let Err(problem) = translate(&policy.spec)
+        {
+            let reference = object.reference().expect("named above");
+            return Err(error(
+                None,
+                format!("DestinationPolicy {}: {problem}", reference.key),
+            ));
+        }
+        objects.push(object);
+    }
+    Ok(objects)
+}

@@ -1,0 +1,393 @@
+//! DestinationPolicy spec -> the protocol's policy, checked on the way.
+//!
+//! The API server enforces the CRD's schema and CEL rules, but a manifests directory has no API
+//! server in front of it, and a cluster may run an older CRD; so every rule the proxies rely on is
+//! checked again here, with the field named as `kubectl` would name it. Values arrive complete:
+//! the policy types carry SPEC.md's defaults, so the proxies get explicit numbers.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use outrigger_api::policy::{self, DestinationPolicySpec};
+use outrigger_api::proto;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("spec.{field}: {problem}")]
+pub struct PolicyError {
+    pub field: String,
+    pub problem: String,
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> PolicyError {
+    PolicyError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// A policy ready to be put into the destinations of its Service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Translated {
+    /// Subset names and the pod labels that make a member, in declaration order.
+    pub subsets: Vec<(String, BTreeMap<String, String>)>,
+    pub policy: proto::Policy,
+    pub routes: Vec<proto::Route>,
+}
+
+pub fn translate(spec: &DestinationPolicySpec) -> Result<Translated, PolicyError> {
+    let mut names = HashSet::new();
+    for (i, subset) in spec.subsets.iter().enumerate() {
+        if !names.insert(subset.name.as_str()) {
+            return Err(invalid(
+                format!("subsets[{i}].name"),
+                format!("duplicate subset `{}`", subset.name),
+            ));
+        }
+    }
+    let split = |field: &str, split: &Option<policy::TrafficSplit>| {
+        split
+            .as_ref()
+            .map(|s| traffic_split(field, s, &names))
+            .transpose()
+    };
+    let mut route_names = HashSet::new();
+    let routes = spec
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, route)| {
+            let field = format!("routes[{i}]");
+            if !route_names.insert(route.name.as_str()) {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("duplicate route `{}`", route.name),
+                ));
+            }
+            // What the route's requests get: its own timeout and retries, or the spec's.
+            let timeout = route.timeout.as_ref().or(spec.timeout.as_ref());
+            let retries = route.retries.as_ref().or(spec.retries.as_ref());
+            check_per_try_timeout(&format!("{field}.retries"), retries, timeout)?;
+            Ok(proto::Route {
+                name: route.name.clone(),
+                r#match: Some(route_match(&format!("{field}.match"), &route.r#match)?),
+                traffic_split: split(&format!("{field}.trafficSplit"), &route.traffic_split)?,
+                timeout_ms: route.timeout.as_ref().map(millis),
+                retries: route
+                    .retries
+                    .as_ref()
+                    .map(|r| retry_policy(&format!("{field}.retries"), r))
+                    .transpose()?,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    check_per_try_timeout("retries", spec.retries.as_ref(), spec.timeout.as_ref())?;
+    let policy = proto::Policy {
+        traffic_split: split("trafficSplit", &spec.traffic_split)?,
+        timeout_ms: spec.timeout.as_ref().map(millis),
+        retries: spec
+            .retries
+            .as_ref()
+            .map(|r| retry_policy("retries", r))
+            .transpose()?,
+        outlier_detection: spec
+            .outlier_detection
+            .as_ref()
+            .map(outlier_detection)
+            .transpose()?,
+        load_balancer: spec.load_balancer.as_ref().map(load_balancer).transpose()?,
+        connection_pool: spec.connection_pool.as_ref().map(connection_pool),
+        rate_limit: spec.rate_limit.as_ref().map(rate_limit).transpose()?,
+        fault_injection: spec
+            .fault_injection
+            .as_ref()
+            .map(fault_injection)
+            .transpose()?,
+    };
+    Ok(Translated {
+        subsets: spec
+            .subsets
+            .iter()
+            .map(|s| (s.name.clone(), s.labels.clone()))
+            .collect(),
+        policy,
+        routes,
+    })
+}
+
+fn millis(duration: &policy::Duration) -> u64 {
+    duration_ms(duration.get())
+}
+
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn traffic_split(
+    field: &str,
+    split: &policy::TrafficSplit,
+    subsets: &HashSet<&str>,
+) -> Result<proto::TrafficSplit, PolicyError> {
+    let mut seen = HashSet::new();
+    for (i, weighted) in split.0.iter().enumerate() {
+        if !subsets.contains(weighted.subset.as_str()) {
+            return Err(invalid(
+                format!("{field}[{i}].subset"),
+                format!("subset `{}` is not declared in subsets", weighted.subset),
+            ));
+        }
+        if !seen.insert(weighted.subset.as_str()) {
+            return Err(invalid(
+                format!("{field}[{i}].subset"),
+                format!("subset `{}` is listed twice", weighted.subset),
+            ));
+        }
+    }
+    if split.0.iter().all(|w| w.weight == 0) {
+        return Err(invalid(field, "at least one weight must be above 0"));
+    }
+    Ok(proto::TrafficSplit {
+        weights: split
+            .0
+            .iter()
+            .map(|w| proto::WeightedSubset {
+                subset: w.subset.clone(),
+                weight: w.weight,
+            })
+            .collect(),
+    })
+}
+
+fn check_per_try_timeout(
+    field: &str,
+    retries: Option<&policy::Retries>,
+    timeout: Option<&policy::Duration>,
+) -> Result<(), PolicyError> {
+    let per_try = retries.and_then(|r| r.per_try_timeout.as_ref());
+    match (per_try, timeout) {
+        (Some(per_try), Some(timeout)) if per_try.get() > timeout.get() => Err(invalid(
+            format!("{field}.perTryTimeout"),
+            format!(
+                "{} exceeds the timeout {}",
+                per_try.as_str(),
+                timeout.as_str()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn retry_policy(field: &str, retries: &policy::Retries) -> Result<proto::RetryPolicy, PolicyError> {
+    use policy::RetryOn;
+    if retries.attempts > policy::MAX_ATTEMPTS {
+        return Err(invalid(
+            format!("{field}.attempts"),
+            format!("{} is above {}", retries.attempts, policy::MAX_ATTEMPTS),
+        ));
+    }
+    if retries.retry_on.is_empty() {
+        return Err(invalid(format!("{field}.retryOn"), "must not be empty"));
+    }
+    if retries.retry_on.contains(&RetryOn::RetriableStatusCodes)
+        && retries.retriable_status_codes.is_empty()
+    {
+        return Err(invalid(
+            format!("{field}.retriableStatusCodes"),
+            "retryOn retriable-status-codes needs retriableStatusCodes",
+        ));
+    }
+    if let Some((i, code)) = retries
+        .retriable_status_codes
+        .iter()
+        .enumerate()
+        .find(|(_, code)| !(100..=599).contains(*code))
+    {
+        return Err(invalid(
+            format!("{field}.retriableStatusCodes[{i}]"),
+            format!("{code} is not an HTTP status (100 to 599)"),
+        ));
+    }
+    if retries.backoff.base_interval.get() > retries.backoff.max_interval.get() {
+        return Err(invalid(
+            format!("{field}.backoff"),
+            "baseInterval must not exceed maxInterval",
+        ));
+    }
+    check_percent(&format!("{field}.budget.percent"), retries.budget.percent)?;
+    Ok(proto::RetryPolicy {
+        attempts: retries.attempts,
+        per_try_timeout_ms: retries.per_try_timeout.as_ref().map(millis),
+        retry_on: retries
+            .retry_on
+            .iter()
+            .map(|condition| {
+                (match condition {
+                    RetryOn::ServerError => proto::RetryOn::ServerError,
+                    RetryOn::GatewayError => proto::RetryOn::GatewayError,
+                    RetryOn::ConnectFailure => proto::RetryOn::ConnectFailure,
+                    RetryOn::Reset => proto::RetryOn::Reset,
+                    RetryOn::RetriableStatusCodes => proto::RetryOn::RetriableStatusCodes,
+                }) as i32
+            })
+            .collect(),
+        retriable_status_codes: retries
+            .retriable_status_codes
+            .iter()
+            .map(|&code| code.into())
+            .collect(),
+        backoff_base_ms: millis(&retries.backoff.base_interval),
+        backoff_max_ms: millis(&retries.backoff.max_interval),
+        budget: Some(proto::RetryBudget {
+            percent: retries.budget.percent,
+            min_retries_per_second: retries.budget.min_retries_per_second,
+        }),
+        retry_non_idempotent: retries.retry_non_idempotent,
+    })
+}
+
+fn check_percent(field: &str, percent: u32) -> Result<(), PolicyError> {
+    if percent > 100 {
+        return Err(invalid(field, format!("{percent} is above 100")));
+    }
+    Ok(())
+}
+
+fn route_match(
+    field: &str,
+    matcher: &policy::RouteMatch,
+) -> Result<proto::RouteMatch, PolicyError> {
+    let headers = matcher
+        .headers
+        .iter()
+        .map(|(name, value)| {
+            let value = match (&value.exact, &value.regex) {
+                (Some(exact), None) => proto::header_match::Value::Exact(exact.clone()),
+                (None, Some(regex)) => proto::header_match::Value::Regex(regex.clone()),
+                _ => {
+                    return Err(invalid(
+                        format!("{field}.headers.{name}"),
+                        "exactly one of exact or regex must be set",
+                    ));
+                }
+            };
+            Ok(proto::HeaderMatch {
+                name: name.clone(),
+                value: Some(value),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(proto::RouteMatch {
+        headers,
+        path_prefix: matcher.path_prefix.clone().unwrap_or_default(),
+        method: matcher.method.map(|m| m.to_string()).unwrap_or_default(),
+    })
+}
+
+fn outlier_detection(
+    outlier: &policy::OutlierDetection,
+) -> Result<proto::OutlierDetection, PolicyError> {
+    if outlier.base_ejection_time.get() > outlier.max_ejection_time.get() {
+        return Err(invalid(
+            "outlierDetection.baseEjectionTime",
+            "baseEjectionTime must not exceed maxEjectionTime",
+        ));
+    }
+    check_percent(
+        "outlierDetection.maxEjectionPercent",
+        outlier.max_ejection_percent,
+    )?;
+    Ok(proto::OutlierDetection {
+        consecutive_5xx_errors: outlier.consecutive_5xx_errors,
+        consecutive_gateway_errors: outlier.consecutive_gateway_errors,
+        interval_ms: millis(&outlier.interval),
+        base_ejection_time_ms: millis(&outlier.base_ejection_time),
+        max_ejection_time_ms: millis(&outlier.max_ejection_time),
+        max_ejection_percent: outlier.max_ejection_percent,
+    })
+}
+
+fn load_balancer(lb: &policy::LoadBalancer) -> Result<proto::LoadBalancer, PolicyError> {
+    use policy::Algorithm;
+    let algorithm = match lb.algorithm {
+        Algorithm::PeakEwma => proto::Algorithm::PeakEwma,
+        Algorithm::RoundRobin => proto::Algorithm::RoundRobin,
+        Algorithm::LeastRequest => proto::Algorithm::LeastRequest,
+        Algorithm::Random => proto::Algorithm::Random,
+        Algorithm::ConsistentHash => proto::Algorithm::ConsistentHash,
+    };
+    let hash_header = match (lb.algorithm, &lb.consistent_hash) {
+        (Algorithm::ConsistentHash, Some(hash)) => hash.http_header_name.clone(),
+        (Algorithm::ConsistentHash, None) => {
+            return Err(invalid(
+                "loadBalancer.consistentHash",
+                "algorithm ConsistentHash needs consistentHash.httpHeaderName",
+            ));
+        }
+        (_, Some(_)) => {
+            return Err(invalid(
+                "loadBalancer.consistentHash",
+                "consistentHash applies only to algorithm ConsistentHash",
+            ));
+        }
+        (_, None) => String::new(),
+    };
+    Ok(proto::LoadBalancer {
+        algorithm: algorithm as i32,
+        hash_header,
+    })
+}
+
+fn connection_pool(pool: &policy::ConnectionPool) -> proto::ConnectionPool {
+    proto::ConnectionPool {
+        max_connections: pool.max_connections,
+        max_pending_requests: pool.max_pending_requests,
+        connect_timeout_ms: millis(&pool.connect_timeout),
+    }
+}
+
+fn rate_limit(limit: &policy::RateLimit) -> Result<proto::RateLimit, PolicyError> {
+    if limit.requests_per_second == 0 {
+        return Err(invalid("rateLimit.requestsPerSecond", "must be at least 1"));
+    }
+    Ok(proto::RateLimit {
+        requests_per_second: limit.requests_per_second,
+        // The controller's one default: a bucket holding one second's worth.
+        burst: limit.burst.unwrap_or(limit.requests_per_second).max(1),
+    })
+}
+
+fn fault_injection(faults: &policy::FaultInjection) -> Result<proto::FaultInjection, PolicyError> {
+    let check = |field: &str, percent: f64| {
+        if (0.0..=100.0).contains(&percent) {
+            Ok(percent)
+        } else {
+            Err(invalid(field, format!("{percent} is not within 0 to 100")))
+        }
+    };
+    let delay = faults
+        .delay
+        .as_ref()
+        .map(|delay| {
+            Ok(proto::FaultDelay {
+                percent: check("faultInjection.delay.percent", delay.percent)?,
+                fixed_delay_ms: millis(&delay.fixed_delay),
+            })
+        })
+        .transpose()?;
+    let abort = faults
+        .abort
+        .as_ref()
+        .map(|abort| {
+            if !(200..=599).contains(&abort.http_status) {
+                return Err(invalid(
+                    "faultInjection.abort.httpStatus",
+                    format!("{} is not within 200 to 599", abort.http_status),
+                ));
+            }
+            Ok(proto::FaultAbort {
+                percent: check("faultInjection.abort.percent", abort.percent)?,
+                http_status: abort.http_status.into(),
+            })
+        })
+        .transpose()?;
+    Ok(proto::FaultInjection { delay, abort })
+}
