@@ -4,6 +4,7 @@
 //! need the async stack build and run a binary of their own.
 
 mod bench;
+mod ci;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,11 +30,14 @@ enum Task {
         #[command(subcommand)]
         target: bench::Target,
     },
+    /// Formatting, lints and every test: what CI runs (the README's test command).
+    Ci,
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Bench { target } => bench::run(target),
+        Task::Ci => ci::run(),
     }
 }
 
