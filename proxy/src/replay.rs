@@ -138,7 +138,11 @@ impl http_body::Body for ReplayBody {
         }
         // Content-Length must survive: an HTTP/1 upstream otherwise gets a chunked body.
         let source = shared.source.size_hint();
-        let copied = if self.position == 0 { shared.copied_bytes as u64 } else { 0 };
+        let copied = if self.position == 0 {
+            shared.copied_bytes as u64
+        } else {
+            0
+        };
         let mut hint = SizeHint::new();
         if let Some(upper) = source.upper() {
             hint.set_upper(upper + copied);

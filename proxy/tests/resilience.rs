@@ -33,16 +33,29 @@ async fn mesh(subsets: &[(&str, usize)], policy: proto::Policy, routes: Vec<prot
         }
     }
     let subset_lists: Vec<[&str; 1]> = members.iter().map(|(_, s)| [*s]).collect();
-    let endpoints: Vec<_> = members.iter().zip(&subset_lists).map(|((addr, _), s)| (*addr, &s[..])).collect();
+    let endpoints: Vec<_> = members
+        .iter()
+        .zip(&subset_lists)
+        .map(|((addr, _), s)| (*addr, &s[..]))
+        .collect();
     let mut d = destination("default", "web", 80, &endpoints);
     d.policy_spec = Some(policy);
     d.routes = routes;
     let version = cp.publish(WEB, d);
-    let proxy = RunningProxy::start(settings(&cp.url(), backends[0].addr)).await.ready().await;
-    assert_eq!(get(proxy.outbound, "web", "/warm-up").await.status / 100, 2);
-    cp.next_event(|e| matches!(e, ProxyEvent::Acked { version: ref v, .. } if *v == version).then_some(()))
+    let proxy = RunningProxy::start(settings(&cp.url(), backends[0].addr))
+        .await
+        .ready()
         .await;
-    Mesh { cp, backends, proxy }
+    assert_eq!(get(proxy.outbound, "web", "/warm-up").await.status / 100, 2);
+    cp.next_event(|e| {
+        matches!(e, ProxyEvent::Acked { version: ref v, .. } if *v == version).then_some(())
+    })
+    .await;
+    Mesh {
+        cp,
+        backends,
+        proxy,
+    }
 }
 
 fn split(weights: &[(&str, u32)]) -> Option<proto::TrafficSplit> {
@@ -89,7 +102,11 @@ async fn load(outbound: std::net::SocketAddr, n: usize, concurrency: usize) -> V
 }
 
 fn hits(backends: &[Backend], prefix: &str) -> u64 {
-    backends.iter().filter(|b| b.name().starts_with(prefix)).map(Backend::hits).sum()
+    backends
+        .iter()
+        .filter(|b| b.name().starts_with(prefix))
+        .map(Backend::hits)
+        .sum()
 }
 
 #[tokio::test]
@@ -101,11 +118,18 @@ async fn split_shares_match_the_weights_and_zero_gets_nothing() {
     let m = mesh(&[("stable", 2), ("canary", 1), ("dark", 1)], policy, vec![]).await;
     let replies = load(m.proxy.outbound, 10_000, 100).await;
     assert!(replies.iter().all(|r| r.status == 200));
-    let canary = replies.iter().filter(|r| r.body.starts_with("canary")).count() as f64 / 10_000.0;
+    let canary = replies
+        .iter()
+        .filter(|r| r.body.starts_with("canary"))
+        .count() as f64
+        / 10_000.0;
     assert!((canary - 0.10).abs() <= 0.015, "canary share {canary}");
     assert_eq!(hits(&m.backends, "dark"), 0);
     let canary_series = r#"outrigger_requests_total{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="canary",route="",status_code="200",classification="success"}"#;
-    assert_eq!(metric(m.proxy.admin, canary_series).await as u64, hits(&m.backends, "canary"));
+    assert_eq!(
+        metric(m.proxy.admin, canary_series).await as u64,
+        hits(&m.backends, "canary")
+    );
 }
 
 #[tokio::test]
@@ -120,10 +144,18 @@ async fn a_subset_without_endpoints_fails_over() {
     d.subsets.push("canary".into());
     d.policy_spec = Some(policy);
     cp.publish(WEB, d);
-    let proxy = RunningProxy::start(settings(&cp.url(), stable.addr)).await.ready().await;
+    let proxy = RunningProxy::start(settings(&cp.url(), stable.addr))
+        .await
+        .ready()
+        .await;
     let replies = load(proxy.outbound, 200, 20).await;
-    assert!(replies.iter().all(|r| r.status == 200 && r.body == "stable-0"));
-    cp.next_event(|e| matches!(e, ProxyEvent::Acked { .. }).then_some(())).await;
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == 200 && r.body == "stable-0")
+    );
+    cp.next_event(|e| matches!(e, ProxyEvent::Acked { .. }).then_some(()))
+        .await;
 }
 
 #[tokio::test]
@@ -157,7 +189,12 @@ async fn routes_match_headers_path_and_method_and_override_the_split() {
         traffic_split: split(&[("canary", 100)]),
         ..Default::default()
     };
-    let m = mesh(&[("stable", 1), ("canary", 1)], policy, vec![canary_testers, by_regex]).await;
+    let m = mesh(
+        &[("stable", 1), ("canary", 1)],
+        policy,
+        vec![canary_testers, by_regex],
+    )
+    .await;
     let send = |path: &str, method: &str, headers: &[(&str, &str)]| {
         let mut request = request("web", path);
         *request.method_mut() = method.parse().unwrap();
@@ -169,15 +206,33 @@ async fn routes_match_headers_path_and_method_and_override_the_split() {
     };
     let mut conn = Conn::http1(m.proxy.outbound).await;
     for (request, expected) in [
-        (send("/api/items", "GET", &[("x-canary", "true")]), "canary-0"),
-        (send("/api/items", "POST", &[("x-canary", "true")]), "stable-0"),
+        (
+            send("/api/items", "GET", &[("x-canary", "true")]),
+            "canary-0",
+        ),
+        (
+            send("/api/items", "POST", &[("x-canary", "true")]),
+            "stable-0",
+        ),
         (send("/web", "GET", &[("x-canary", "true")]), "stable-0"),
-        (send("/api/items", "GET", &[("x-canary", "false")]), "stable-0"),
+        (
+            send("/api/items", "GET", &[("x-canary", "false")]),
+            "stable-0",
+        ),
         (send("/", "GET", &[("x-user", "tester-7")]), "canary-0"),
         (send("/", "GET", &[("x-user", "tester-x")]), "stable-0"),
     ] {
-        let description = format!("{} {} {:?}", request.method(), request.uri(), request.headers());
-        assert_eq!(conn.send(request).await.unwrap().body, expected, "{description}");
+        let description = format!(
+            "{} {} {:?}",
+            request.method(),
+            request.uri(),
+            request.headers()
+        );
+        assert_eq!(
+            conn.send(request).await.unwrap().body,
+            expected,
+            "{description}"
+        );
     }
     let routed = r#"outrigger_requests_total{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="canary",route="canary-testers",status_code="200",classification="success"}"#;
     assert_eq!(metric(m.proxy.admin, routed).await, 1.0);
@@ -200,9 +255,24 @@ async fn the_request_timeout_bounds_everything_including_retries() {
     // 200 ms of 50 ms attempts with tiny backoff: about four tries, never the ten allowed.
     let tries = m.backends[0].hits() - 1;
     assert!((2..=5).contains(&tries), "{tries} tries");
-    let base = r#"direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route="""#;
-    assert_eq!(metric(m.proxy.admin, &format!(r#"outrigger_timeouts_total{{{base},kind="request"}}"#)).await, 1.0);
-    assert!(metric(m.proxy.admin, &format!(r#"outrigger_timeouts_total{{{base},kind="per_try"}}"#)).await >= 2.0);
+    let base =
+        r#"direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route="""#;
+    assert_eq!(
+        metric(
+            m.proxy.admin,
+            &format!(r#"outrigger_timeouts_total{{{base},kind="request"}}"#)
+        )
+        .await,
+        1.0
+    );
+    assert!(
+        metric(
+            m.proxy.admin,
+            &format!(r#"outrigger_timeouts_total{{{base},kind="per_try"}}"#)
+        )
+        .await
+            >= 2.0
+    );
 }
 
 #[tokio::test]
@@ -241,7 +311,10 @@ async fn failed_attempts_are_retried_on_a_different_endpoint() {
     // One retry allowed: had it gone back to the failing endpoint, some requests would fail.
     assert!(m.backends[0].hits() - before <= 20);
     let retried = r#"outrigger_retries_total{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route="",reason="gateway-error"}"#;
-    assert_eq!(metric(m.proxy.admin, retried).await, (m.backends[0].hits() - before) as f64);
+    assert_eq!(
+        metric(m.proxy.admin, retried).await,
+        (m.backends[0].hits() - before) as f64
+    );
 }
 
 #[tokio::test]
@@ -259,7 +332,15 @@ async fn non_idempotent_and_large_requests_are_not_retried() {
     let before = m.backends[0].hits();
     let mut post = request("web", "/");
     *post.method_mut() = http::Method::POST;
-    assert_eq!(Conn::http1(m.proxy.outbound).await.send(post).await.unwrap().status, 500);
+    assert_eq!(
+        Conn::http1(m.proxy.outbound)
+            .await
+            .send(post)
+            .await
+            .unwrap()
+            .status,
+        500
+    );
     assert_eq!(m.backends[0].hits() - before, 1, "POST is not retried");
 
     let mut allowed = retries(3, &[proto::RetryOn::ServerError]);
@@ -271,8 +352,10 @@ async fn non_idempotent_and_large_requests_are_not_retried() {
     });
     let mut cp = m.cp;
     let version = cp.publish(WEB, d);
-    cp.next_event(|e| matches!(e, ProxyEvent::Acked { version: ref v, .. } if *v == version).then_some(()))
-        .await;
+    cp.next_event(|e| {
+        matches!(e, ProxyEvent::Acked { version: ref v, .. } if *v == version).then_some(())
+    })
+    .await;
     let send_post = |size: usize| {
         let mut post = request("web", "/echo");
         *post.method_mut() = http::Method::POST;
@@ -280,11 +363,35 @@ async fn non_idempotent_and_large_requests_are_not_retried() {
         post
     };
     let before = m.backends[0].hits();
-    assert_eq!(Conn::http1(m.proxy.outbound).await.send(send_post(1024)).await.unwrap().status, 500);
-    assert_eq!(m.backends[0].hits() - before, 4, "retryNonIdempotent: first try and 3 retries");
+    assert_eq!(
+        Conn::http1(m.proxy.outbound)
+            .await
+            .send(send_post(1024))
+            .await
+            .unwrap()
+            .status,
+        500
+    );
+    assert_eq!(
+        m.backends[0].hits() - before,
+        4,
+        "retryNonIdempotent: first try and 3 retries"
+    );
     let before = m.backends[0].hits();
-    assert_eq!(Conn::http1(m.proxy.outbound).await.send(send_post(100 * 1024)).await.unwrap().status, 500);
-    assert_eq!(m.backends[0].hits() - before, 1, "a body over 64 KiB is not retried");
+    assert_eq!(
+        Conn::http1(m.proxy.outbound)
+            .await
+            .send(send_post(100 * 1024))
+            .await
+            .unwrap()
+            .status,
+        500
+    );
+    assert_eq!(
+        m.backends[0].hits() - before,
+        1,
+        "a body over 64 KiB is not retried"
+    );
 }
 
 #[tokio::test]
@@ -320,19 +427,29 @@ async fn retries_stay_within_the_budget() {
 async fn without_a_policy_a_connect_failure_is_retried_once_elsewhere() {
     let cp = ControlPlane::start().await;
     let live = Backend::start("live").await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut d = destination("default", "web", 80, &[(closed, &[]), (live.addr, &[])]);
     d.policy_spec = Some(proto::Policy {
         load_balancer: round_robin(),
         ..Default::default()
     });
     cp.publish(WEB, d);
-    let proxy = RunningProxy::start(settings(&cp.url(), live.addr)).await.ready().await;
+    let proxy = RunningProxy::start(settings(&cp.url(), live.addr))
+        .await
+        .ready()
+        .await;
     for _ in 0..10 {
         let mut post = request("web", "/");
         *post.method_mut() = http::Method::POST;
         let reply = Conn::http1(proxy.outbound).await.send(post).await.unwrap();
-        assert_eq!((reply.status, reply.body.as_str()), (200, "live"), "even a POST: nothing was sent");
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (200, "live"),
+            "even a POST: nothing was sent"
+        );
     }
     let retried = r#"outrigger_retries_total{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route="",reason="connect-failure"}"#;
     assert!(metric(proxy.admin, retried).await >= 1.0);
@@ -349,12 +466,18 @@ fn outlier(base_ms: u64) -> Option<proto::OutlierDetection> {
 }
 
 async fn endpoint_states(admin: std::net::SocketAddr) -> Vec<(String, String)> {
-    let endpoints: serde_json::Value = serde_json::from_str(&admin_get(admin, "/endpoints").await.body).unwrap();
+    let endpoints: serde_json::Value =
+        serde_json::from_str(&admin_get(admin, "/endpoints").await.body).unwrap();
     endpoints[WEB]
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["address"].as_str().unwrap().to_string(), e["state"].as_str().unwrap().to_string()))
+        .map(|e| {
+            (
+                e["address"].as_str().unwrap().to_string(),
+                e["state"].as_str().unwrap().to_string(),
+            )
+        })
         .collect()
 }
 
@@ -374,10 +497,21 @@ async fn consecutive_errors_eject_and_probation_sends_exactly_one_probe() {
     }
     let at_ejection = bad.hits();
     let states = endpoint_states(m.proxy.admin).await;
-    assert!(states.contains(&(bad.addr.to_string(), "ejected".into())), "{states:?}");
-    let ejected = r#"outrigger_endpoints{dst_namespace="default",dst_service="web",state="ejected"}"#;
+    assert!(
+        states.contains(&(bad.addr.to_string(), "ejected".into())),
+        "{states:?}"
+    );
+    let ejected =
+        r#"outrigger_endpoints{dst_namespace="default",dst_service="web",state="ejected"}"#;
     assert_eq!(metric(m.proxy.admin, ejected).await, 1.0);
-    assert_eq!(metric(m.proxy.admin, r#"outrigger_outlier_ejections_total{dst_namespace="default",dst_service="web"}"#).await, 1.0);
+    assert_eq!(
+        metric(
+            m.proxy.admin,
+            r#"outrigger_outlier_ejections_total{dst_namespace="default",dst_service="web"}"#
+        )
+        .await,
+        1.0
+    );
 
     // While ejected: no traffic at all.
     for _ in 0..30 {
@@ -387,13 +521,21 @@ async fn consecutive_errors_eject_and_probation_sends_exactly_one_probe() {
 
     // Probation: exactly one probe, which fails, so it is ejected again (for twice as long).
     tokio::time::sleep(Duration::from_millis(450)).await;
-    let probation = r#"outrigger_endpoints{dst_namespace="default",dst_service="web",state="probation"}"#;
+    let probation =
+        r#"outrigger_endpoints{dst_namespace="default",dst_service="web",state="probation"}"#;
     assert_eq!(metric(m.proxy.admin, probation).await, 1.0);
     for _ in 0..30 {
         conn.get("web", "/").await;
     }
     assert_eq!(bad.hits(), at_ejection + 1, "one probe");
-    assert_eq!(metric(m.proxy.admin, r#"outrigger_outlier_ejections_total{dst_namespace="default",dst_service="web"}"#).await, 2.0);
+    assert_eq!(
+        metric(
+            m.proxy.admin,
+            r#"outrigger_outlier_ejections_total{dst_namespace="default",dst_service="web"}"#
+        )
+        .await,
+        2.0
+    );
 
     // Recovered: the next probe succeeds and it is back in rotation.
     bad.set(Behaviour::Answer);
@@ -419,11 +561,16 @@ async fn pool_limits_fail_fast_with_a_reason() {
     let m = mesh(&[("stable", 1)], policy, vec![]).await;
     m.backends[0].set(Behaviour::Delay(Duration::from_millis(300)));
     // HTTP/1 throughout, as the warm-up: its idle connection is the one pool slot.
-    let replies = futures_util::future::join_all((0..6).map(|_| get(m.proxy.outbound, "web", "/"))).await;
+    let replies =
+        futures_util::future::join_all((0..6).map(|_| get(m.proxy.outbound, "web", "/"))).await;
     let ok = replies.iter().filter(|r| r.status == 200).count();
     let refused: Vec<_> = replies.iter().filter(|r| r.status == 503).collect();
     assert_eq!((ok, refused.len()), (2, 4), "{replies:?}");
-    assert!(refused[0].header("outrigger-proxy-error").contains("maxPendingRequests"));
+    assert!(
+        refused[0]
+            .header("outrigger-proxy-error")
+            .contains("maxPendingRequests")
+    );
 }
 
 #[tokio::test]
@@ -462,7 +609,10 @@ async fn faults_abort_and_delay_on_command() {
     let mut d = destination("default", "web", 80, &[(backend.addr, &[])]);
     d.policy_spec = Some(abort_all);
     cp.publish(WEB, d.clone());
-    let proxy = RunningProxy::start(settings(&cp.url(), backend.addr)).await.ready().await;
+    let proxy = RunningProxy::start(settings(&cp.url(), backend.addr))
+        .await
+        .ready()
+        .await;
     let reply = get(proxy.outbound, "web", "/").await;
     assert_eq!(reply.status, 418);
     assert_eq!(reply.header("outrigger-fault"), "abort");
@@ -479,11 +629,16 @@ async fn faults_abort_and_delay_on_command() {
         ..Default::default()
     });
     let version = cp.publish(WEB, d);
-    cp.next_event(|e| matches!(e, ProxyEvent::Acked { version: ref v, .. } if *v == version).then_some(()))
-        .await;
+    cp.next_event(|e| {
+        matches!(e, ProxyEvent::Acked { version: ref v, .. } if *v == version).then_some(())
+    })
+    .await;
     let started = std::time::Instant::now();
     assert_eq!(get(proxy.outbound, "web", "/").await.status, 200);
-    assert!(started.elapsed() >= Duration::from_millis(300), "the delay was injected");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the delay was injected"
+    );
 }
 
 /// One of three backends fails hard mid-load; with retries and ejection the app barely notices,
@@ -491,7 +646,10 @@ async fn faults_abort_and_delay_on_command() {
 #[tokio::test]
 async fn chaos_one_backend_dies_mid_load() {
     // The seed picks the victim and the moment; printed so a failure can be replayed.
-    let seed: u64 = std::env::var("CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7);
     println!("CHAOS_SEED={seed}");
     let victim = (seed % 3) as usize;
     let fail_after_batches = 5 + (seed % 7) as usize;
@@ -499,7 +657,11 @@ async fn chaos_one_backend_dies_mid_load() {
     let policy = proto::Policy {
         retries: Some(retries(
             2,
-            &[proto::RetryOn::ServerError, proto::RetryOn::ConnectFailure, proto::RetryOn::Reset],
+            &[
+                proto::RetryOn::ServerError,
+                proto::RetryOn::ConnectFailure,
+                proto::RetryOn::Reset,
+            ],
         )),
         outlier_detection: outlier(300),
         ..Default::default()
@@ -521,12 +683,19 @@ async fn chaos_one_backend_dies_mid_load() {
     }
     let ok = statuses.iter().filter(|s| **s == 200).count() as f64 / statuses.len() as f64;
     assert!(ok >= 0.999, "success rate {ok}");
-    let ejections = metric(m.proxy.admin, r#"outrigger_outlier_ejections_total{dst_namespace="default",dst_service="web"}"#).await;
+    let ejections = metric(
+        m.proxy.admin,
+        r#"outrigger_outlier_ejections_total{dst_namespace="default",dst_service="web"}"#,
+    )
+    .await;
     assert!(ejections >= 1.0);
     // After the failure: the requests that tripped ejection (at most a batch in flight), then
     // exactly one probe per later ejection.
     let after_failure = m.backends[victim].hits() - victim_hits_at_failure;
-    assert!(after_failure <= 50 + ejections as u64, "{after_failure} requests reached the dead backend, {ejections} ejections");
+    assert!(
+        after_failure <= 50 + ejections as u64,
+        "{after_failure} requests reached the dead backend, {ejections} ejections"
+    );
 }
 
 #[tokio::test]
@@ -541,7 +710,8 @@ async fn grpc_is_retried_on_unavailable_and_classified_by_grpc_status() {
     let grpc_call = || {
         let mut call = request("web", "/pkg.Service/Method");
         *call.method_mut() = http::Method::POST;
-        call.headers_mut().insert("content-type", "application/grpc".parse().unwrap());
+        call.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
         call.headers_mut().insert("te", "trailers".parse().unwrap());
         call
     };
@@ -549,7 +719,11 @@ async fn grpc_is_retried_on_unavailable_and_classified_by_grpc_status() {
     m.backends[1].set(Behaviour::GrpcStatus(0));
     for _ in 0..6 {
         let reply = conn.send(grpc_call()).await.unwrap();
-        assert_eq!(reply.header("grpc-status"), "0", "UNAVAILABLE was retried on the other endpoint");
+        assert_eq!(
+            reply.header("grpc-status"),
+            "0",
+            "UNAVAILABLE was retried on the other endpoint"
+        );
     }
     // INTERNAL is not retried, and counts as a failure though the HTTP status is 200.
     m.backends[0].set(Behaviour::GrpcStatus(13));
