@@ -82,13 +82,13 @@ const HEADER_NAME: &str = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$";
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "!has(self.trafficSplit) || self.trafficSplit.all(w, self.subsets.exists(s, s.name == w.subset))",
+        "rule": "!has(self.trafficSplit) || self.trafficSplit.all(w, has(self.subsets) && self.subsets.exists(s, s.name == w.subset))",
         "message": "every trafficSplit subset must be declared in subsets",
         "fieldPath": ".trafficSplit",
         "reason": "FieldValueInvalid",
     },
     {
-        "rule": "self.routes.all(r, !has(r.trafficSplit) || r.trafficSplit.all(w, self.subsets.exists(s, s.name == w.subset)))",
+        "rule": "!has(self.routes) || self.routes.all(r, !has(r.trafficSplit) || r.trafficSplit.all(w, has(self.subsets) && self.subsets.exists(s, s.name == w.subset)))",
         "message": "every routes[].trafficSplit subset must be declared in subsets",
         "fieldPath": ".routes",
         "reason": "FieldValueInvalid",
@@ -100,13 +100,13 @@ const HEADER_NAME: &str = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$";
         "reason": "FieldValueInvalid",
     },
     {
-        "rule": "self.routes.all(r, !has(r.retries) || !has(r.retries.perTryTimeout) || (has(r.timeout) ? duration(r.retries.perTryTimeout) <= duration(r.timeout) : !has(self.timeout) || duration(r.retries.perTryTimeout) <= duration(self.timeout)))",
+        "rule": "!has(self.routes) || self.routes.all(r, !has(r.retries) || !has(r.retries.perTryTimeout) || (has(r.timeout) ? duration(r.retries.perTryTimeout) <= duration(r.timeout) : !has(self.timeout) || duration(r.retries.perTryTimeout) <= duration(self.timeout)))",
         "message": "routes[].retries.perTryTimeout must not exceed the route's timeout (or the spec's when the route sets none)",
         "fieldPath": ".routes",
         "reason": "FieldValueInvalid",
     },
     {
-        "rule": "self.routes.all(r, !has(r.timeout) || has(r.retries) || !has(self.retries) || !has(self.retries.perTryTimeout) || duration(self.retries.perTryTimeout) <= duration(r.timeout))",
+        "rule": "!has(self.routes) || self.routes.all(r, !has(r.timeout) || has(r.retries) || !has(self.retries) || !has(self.retries.perTryTimeout) || duration(self.retries.perTryTimeout) <= duration(r.timeout))",
         "message": "retries.perTryTimeout must not exceed the timeout of a route that inherits these retries",
         "fieldPath": ".routes",
         "reason": "FieldValueInvalid",
@@ -274,7 +274,7 @@ fn serialized_name(variant: &impl Serialize) -> String {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "!('retriable-status-codes' in self.retryOn) || size(self.retriableStatusCodes) > 0",
+    "rule": "!('retriable-status-codes' in self.retryOn) || has(self.retriableStatusCodes) && size(self.retriableStatusCodes) > 0",
     "message": "retryOn retriable-status-codes needs retriableStatusCodes",
     "fieldPath": ".retriableStatusCodes",
     "reason": "FieldValueRequired",

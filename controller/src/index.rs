@@ -602,3 +602,389 @@ impl SliceState {
             .filter_map(move |endpoint| Some(ObjectKey::new(namespace, endpoint.pod.as_deref()?)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    const BY_NAME: &str = "reviews.shop.svc.cluster.local:9080";
+    const BY_IP: &str = "10.96.0.10:9080";
+
+    fn object<T: serde::de::DeserializeOwned>(value: Value) -> T {
+        serde_json::from_value(value).expect("a valid object")
+    }
+
+    fn service(ports: Value) -> Change {
+        Change::Applied(Object::Service(Box::new(object(json!({
+            "metadata": {"namespace": "shop", "name": "reviews"},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "ports": ports},
+        })))))
+    }
+
+    fn reviews() -> Change {
+        service(json!([{"name": "http", "port": 9080}]))
+    }
+
+    /// A slice of `reviews` whose endpoints are (ip, pod, ready), listening on `port`.
+    fn slice(name: &str, port: u16, endpoints: &[(&str, &str, bool)]) -> Change {
+        let endpoints: Vec<Value> = endpoints
+            .iter()
+            .map(|(ip, pod, ready)| {
+                json!({
+                    "addresses": [ip],
+                    "conditions": {"ready": ready},
+                    "targetRef": {"kind": "Pod", "name": pod, "namespace": "shop"},
+                })
+            })
+            .collect();
+        Change::Applied(Object::EndpointSlice(Box::new(object(json!({
+            "metadata": {
+                "namespace": "shop", "name": name,
+                "labels": {"kubernetes.io/service-name": "reviews"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": port}],
+            "endpoints": endpoints,
+        })))))
+    }
+
+    fn pod(name: &str, version: &str) -> Change {
+        Change::Applied(Object::Pod(Box::new(object(json!({
+            "metadata": {"namespace": "shop", "name": name, "labels": {"version": version}},
+        })))))
+    }
+
+    fn policy(name: &str, created: &str, spec: Value) -> Change {
+        Change::Applied(Object::DestinationPolicy(Box::new(object(json!({
+            "apiVersion": "outrigger.dev/v1alpha1",
+            "kind": "DestinationPolicy",
+            "metadata": {
+                "namespace": "shop", "name": name, "generation": 3,
+                "creationTimestamp": created,
+            },
+            "spec": spec,
+        })))))
+    }
+
+    fn canary_policy() -> Value {
+        json!({
+            "host": "reviews",
+            "subsets": [
+                {"name": "stable", "labels": {"version": "v1"}},
+                {"name": "canary", "labels": {"version": "v2"}},
+            ],
+            "trafficSplit": [{"subset": "stable", "weight": 90}, {"subset": "canary", "weight": 10}],
+            "timeout": "10s",
+        })
+    }
+
+    fn deleted(kind: Kind, name: &str) -> Change {
+        Change::Deleted(ObjectRef {
+            kind,
+            key: ObjectKey::new("shop", name),
+        })
+    }
+
+    fn index() -> (Index, Snapshots) {
+        let snapshots = Snapshots::default();
+        (Index::new(snapshots.clone(), Metrics::default()), snapshots)
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Published {
+        Nothing,
+        Unknown,
+        Known(proto::Destination),
+    }
+
+    fn published(snapshots: &Snapshots, key: &str) -> Published {
+        match snapshots.watch(key).borrow().as_deref() {
+            None => Published::Nothing,
+            Some(Snapshot::Unknown { .. }) => Published::Unknown,
+            Some(Snapshot::Known { destination, .. }) => Published::Known(*destination.clone()),
+        }
+    }
+
+    fn known(snapshots: &Snapshots, key: &str) -> proto::Destination {
+        match published(snapshots, key) {
+            Published::Known(destination) => destination,
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+
+    /// (address, subsets) of every endpoint.
+    fn endpoints(snapshots: &Snapshots, key: &str) -> Vec<(String, Vec<String>)> {
+        known(snapshots, key)
+            .endpoints
+            .into_iter()
+            .map(|e| (e.address, e.subsets))
+            .collect()
+    }
+
+    #[test]
+    fn a_service_port_is_published_by_name_and_by_cluster_ip() {
+        let (mut index, snapshots) = index();
+        index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+        assert_eq!(published(&snapshots, BY_NAME), Published::Nothing);
+        index.apply(reviews());
+        let destination = known(&snapshots, BY_NAME);
+        assert_eq!(destination, known(&snapshots, BY_IP));
+        assert_eq!(
+            (
+                destination.namespace.as_str(),
+                destination.service.as_str(),
+                destination.port
+            ),
+            ("shop", "reviews", 9080)
+        );
+        assert_eq!(
+            destination.endpoints,
+            [proto::Endpoint {
+                address: "10.0.0.1:8080".into(),
+                subsets: vec![],
+                pod: "reviews-1".into(),
+                h2c: false,
+            }]
+        );
+        assert_eq!(destination.policy, "");
+        assert_eq!(destination.policy_spec, None);
+    }
+
+    #[test]
+    fn endpoints_are_the_ready_ones_on_the_named_port_once_each() {
+        let (mut index, snapshots) = index();
+        index.apply(service(json!([
+            {"name": "http", "port": 9080},
+            {"name": "grpc", "port": 9090, "appProtocol": "kubernetes.io/h2c"},
+        ])));
+        index.apply(slice(
+            "reviews-a",
+            8080,
+            &[
+                ("10.0.0.1", "reviews-1", true),
+                ("10.0.0.2", "reviews-2", false),
+            ],
+        ));
+        // The same endpoint in a second slice, as while slices are rebalanced.
+        index.apply(slice("reviews-b", 8080, &[("10.0.0.1", "reviews-1", true)]));
+        assert_eq!(
+            endpoints(&snapshots, BY_NAME),
+            [("10.0.0.1:8080".to_string(), vec![])]
+        );
+        // No slice has a `grpc` port: the destination exists, without endpoints.
+        let grpc = known(&snapshots, "reviews.shop.svc.cluster.local:9090");
+        assert!(grpc.endpoints.is_empty());
+        assert_eq!(
+            published(&snapshots, "10.96.0.10:9090"),
+            Published::Known(grpc)
+        );
+
+        index.apply(Change::Applied(Object::EndpointSlice(Box::new(object(
+            json!({
+                "metadata": {"namespace": "shop", "name": "reviews-grpc",
+                    "labels": {"kubernetes.io/service-name": "reviews"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "grpc", "port": 7070}],
+                "endpoints": [{"addresses": ["10.0.0.3"]}],
+            }),
+        )))));
+        let grpc = known(&snapshots, "reviews.shop.svc.cluster.local:9090");
+        assert_eq!(grpc.endpoints.len(), 1);
+        assert_eq!(grpc.endpoints[0].address, "10.0.0.3:7070");
+        assert!(grpc.endpoints[0].h2c, "appProtocol kubernetes.io/h2c");
+    }
+
+    #[test]
+    fn subsets_follow_pod_labels() {
+        let (mut index, snapshots) = index();
+        index.apply(pod("reviews-1", "v1"));
+        index.apply(pod("reviews-2", "v2"));
+        index.apply(policy("reviews", "2026-01-01T00:00:00Z", canary_policy()));
+        index.apply(slice(
+            "reviews-a",
+            8080,
+            &[
+                ("10.0.0.1", "reviews-1", true),
+                ("10.0.0.2", "reviews-2", true),
+                ("10.0.0.3", "reviews-3", true),
+            ],
+        ));
+        index.apply(reviews());
+        let subsets = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            endpoints(&snapshots, BY_NAME),
+            [
+                ("10.0.0.1:8080".into(), subsets(&["stable"])),
+                ("10.0.0.2:8080".into(), subsets(&["canary"])),
+                // A pod the index has not seen carries no labels.
+                ("10.0.0.3:8080".into(), subsets(&[])),
+            ]
+        );
+        assert_eq!(known(&snapshots, BY_NAME).subsets, ["stable", "canary"]);
+
+        index.apply(pod("reviews-3", "v2"));
+        index.apply(pod("reviews-1", "v2"));
+        index.apply(deleted(Kind::Pod, "reviews-2"));
+        assert_eq!(
+            endpoints(&snapshots, BY_NAME),
+            [
+                ("10.0.0.1:8080".into(), subsets(&["canary"])),
+                ("10.0.0.2:8080".into(), subsets(&[])),
+                ("10.0.0.3:8080".into(), subsets(&["canary"])),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_policy_in_force_is_translated_into_the_destination() {
+        let (mut index, snapshots) = index();
+        index.apply(reviews());
+        index.apply(policy(
+            "reviews",
+            "2026-01-01T00:00:00Z",
+            json!({"host": "reviews.shop.svc.cluster.local", "timeout": "1m30s",
+                   "routes": [{"name": "slow", "match": {"pathPrefix": "/slow"}, "timeout": "5m"}]}),
+        ));
+        let destination = known(&snapshots, BY_NAME);
+        assert_eq!(destination.policy, "shop/reviews");
+        assert_eq!(destination.policy_generation, 3);
+        assert_eq!(destination.policy_spec.unwrap().timeout_ms, Some(90_000));
+        assert_eq!(destination.routes[0].name, "slow");
+        assert_eq!(destination.routes[0].timeout_ms, Some(300_000));
+
+        // The oldest valid policy wins; an invalid one is not in force and counts as an error.
+        index.apply(policy(
+            "older-but-invalid",
+            "2025-01-01T00:00:00Z",
+            json!({"host": "reviews", "timeout": "1s", "retries": {"perTryTimeout": "2s"}}),
+        ));
+        assert_eq!(known(&snapshots, BY_NAME).policy, "shop/reviews");
+        assert_eq!(index.metrics.reconcile_errors.get(), 1);
+        index.apply(policy(
+            "oldest",
+            "2024-01-01T00:00:00Z",
+            json!({"host": "reviews", "timeout": "3s"}),
+        ));
+        assert_eq!(known(&snapshots, BY_NAME).policy, "shop/oldest");
+        index.apply(deleted(Kind::DestinationPolicy, "oldest"));
+        assert_eq!(known(&snapshots, BY_NAME).policy, "shop/reviews");
+
+        // A host in another namespace governs nothing here.
+        index.apply(deleted(Kind::DestinationPolicy, "reviews"));
+        index.apply(policy(
+            "elsewhere",
+            "2020-01-01T00:00:00Z",
+            json!({"host": "reviews.books", "timeout": "3s"}),
+        ));
+        let destination = known(&snapshots, BY_NAME);
+        assert_eq!(destination.policy, "");
+        assert_eq!(destination.policy_spec, None);
+    }
+
+    #[test]
+    fn churn_and_deletion_reach_every_key() {
+        let (mut index, snapshots) = index();
+        index.apply(reviews());
+        index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+        index.apply(Change::Synced);
+        for round in 2..20u8 {
+            let ip = format!("10.0.0.{round}");
+            index.apply(slice("reviews-a", 8080, &[(&ip, "reviews-x", true)]));
+            assert_eq!(
+                endpoints(&snapshots, BY_IP),
+                [(format!("{ip}:8080"), vec![])]
+            );
+        }
+        index.apply(deleted(Kind::EndpointSlice, "reviews-a"));
+        assert!(known(&snapshots, BY_NAME).endpoints.is_empty());
+
+        // A port taken away and a ClusterIP changed withdraw their keys.
+        index.apply(service(json!([{"name": "http", "port": 9081}])));
+        assert_eq!(published(&snapshots, BY_NAME), Published::Unknown);
+        assert_eq!(published(&snapshots, BY_IP), Published::Unknown);
+        assert!(matches!(
+            published(&snapshots, "reviews.shop.svc.cluster.local:9081"),
+            Published::Known(_)
+        ));
+
+        index.apply(deleted(Kind::Service, "reviews"));
+        for key in ["reviews.shop.svc.cluster.local:9081", "10.96.0.10:9081"] {
+            assert_eq!(published(&snapshots, key), Published::Unknown, "{key}");
+        }
+        // Deleting what is not there changes nothing.
+        index.apply(deleted(Kind::Service, "reviews"));
+        index.apply(deleted(Kind::Pod, "nobody"));
+    }
+
+    #[test]
+    fn an_unchanged_recompute_publishes_nothing() {
+        let (mut index, snapshots) = index();
+        index.apply(pod("reviews-1", "v1"));
+        index.apply(policy("reviews", "2026-01-01T00:00:00Z", canary_policy()));
+        index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+        index.apply(reviews());
+        let mut by_name = snapshots.watch(BY_NAME);
+        let mut by_ip = snapshots.watch(BY_IP);
+        by_name.mark_unchanged();
+        by_ip.mark_unchanged();
+
+        index.apply(reviews());
+        index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+        index.apply(pod("reviews-1", "v1"));
+        index.apply(policy("reviews", "2026-01-01T00:00:00Z", canary_policy()));
+        // A not-ready endpoint and an unrelated pod change nothing either.
+        index.apply(slice(
+            "reviews-a",
+            8080,
+            &[
+                ("10.0.0.1", "reviews-1", true),
+                ("10.0.0.9", "reviews-9", false),
+            ],
+        ));
+        index.apply(pod("unrelated", "v2"));
+        assert!(!by_name.has_changed().unwrap());
+        assert!(!by_ip.has_changed().unwrap());
+
+        index.apply(pod("reviews-1", "v2"));
+        assert!(by_name.has_changed().unwrap());
+        assert!(by_ip.has_changed().unwrap());
+    }
+
+    #[test]
+    fn synced_makes_the_rest_unknown_and_the_index_ready() {
+        let (mut index, snapshots) = index();
+        let ready = index.synced();
+        let elsewhere = snapshots.watch("ratings.shop.svc.cluster.local:80");
+        index.apply(reviews());
+        assert!(elsewhere.borrow().is_none(), "may still appear");
+        assert!(!*ready.borrow());
+        index.apply(Change::Synced);
+        assert!(matches!(
+            elsewhere.borrow().as_deref(),
+            Some(Snapshot::Unknown { .. })
+        ));
+        assert!(*ready.borrow());
+        assert!(matches!(
+            published(&snapshots, BY_NAME),
+            Published::Known(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn run_applies_what_sources_send() {
+        let (index, snapshots) = index();
+        let ready = index.synced();
+        let (changes, received) = mpsc::channel(8);
+        let running = tokio::spawn(index.run(received));
+        changes.send(reviews()).await.unwrap();
+        changes.send(Change::Synced).await.unwrap();
+        drop(changes);
+        running.await.unwrap();
+        assert!(*ready.borrow());
+        assert!(matches!(
+            published(&snapshots, BY_NAME),
+            Published::Known(_)
+        ));
+    }
+}

@@ -391,3 +391,335 @@ fn fault_injection(faults: &policy::FaultInjection) -> Result<proto::FaultInject
         .transpose()?;
     Ok(proto::FaultInjection { delay, abort })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outrigger_api::policy::DestinationPolicy;
+    use serde_json::{Value, json};
+
+    fn spec(value: Value) -> DestinationPolicySpec {
+        serde_json::from_value(value).expect("a well-typed spec")
+    }
+
+    fn example() -> DestinationPolicy {
+        serde_norway::from_str(include_str!("../../examples/reviews-canary.yaml"))
+            .expect("the example parses")
+    }
+
+    #[test]
+    fn the_spec_example_translates_to_explicit_values() {
+        let translated = translate(&example().spec).unwrap();
+        assert_eq!(
+            translated
+                .subsets
+                .iter()
+                .map(|(name, labels)| (name.as_str(), labels["version"].as_str()))
+                .collect::<Vec<_>>(),
+            [("stable", "v1"), ("canary", "v2")]
+        );
+        let policy = &translated.policy;
+        let weights: Vec<(&str, u32)> = policy
+            .traffic_split
+            .as_ref()
+            .unwrap()
+            .weights
+            .iter()
+            .map(|w| (w.subset.as_str(), w.weight))
+            .collect();
+        assert_eq!(weights, [("stable", 90), ("canary", 10)]);
+        assert_eq!(policy.timeout_ms, Some(10_000));
+        let retries = policy.retries.as_ref().unwrap();
+        assert_eq!(retries.attempts, 3);
+        assert_eq!(retries.per_try_timeout_ms, Some(2_000));
+        assert_eq!(
+            retries.retry_on,
+            [
+                proto::RetryOn::ServerError as i32,
+                proto::RetryOn::GatewayError as i32,
+                proto::RetryOn::ConnectFailure as i32,
+                proto::RetryOn::Reset as i32,
+                proto::RetryOn::RetriableStatusCodes as i32,
+            ]
+        );
+        assert_eq!(retries.retriable_status_codes, [503]);
+        assert_eq!((retries.backoff_base_ms, retries.backoff_max_ms), (25, 250));
+        assert_eq!(
+            retries.budget,
+            Some(proto::RetryBudget {
+                percent: 20,
+                min_retries_per_second: 10
+            })
+        );
+        assert_eq!(
+            policy.outlier_detection,
+            Some(proto::OutlierDetection {
+                consecutive_5xx_errors: 5,
+                consecutive_gateway_errors: 0,
+                interval_ms: 10_000,
+                base_ejection_time_ms: 30_000,
+                max_ejection_time_ms: 300_000,
+                max_ejection_percent: 50,
+            })
+        );
+        assert_eq!(
+            policy.load_balancer.as_ref().unwrap().algorithm,
+            proto::Algorithm::PeakEwma as i32
+        );
+        assert_eq!(
+            policy.connection_pool,
+            Some(proto::ConnectionPool {
+                max_connections: Some(1024),
+                max_pending_requests: Some(1024),
+                connect_timeout_ms: 1_000,
+            })
+        );
+        assert_eq!(
+            policy.rate_limit,
+            Some(proto::RateLimit {
+                requests_per_second: 100,
+                burst: 200
+            })
+        );
+        let faults = policy.fault_injection.as_ref().unwrap();
+        assert_eq!(faults.abort.as_ref().unwrap().http_status, 503);
+        assert_eq!(faults.delay.as_ref().unwrap().fixed_delay_ms, 0);
+
+        let [route] = translated.routes.as_slice() else {
+            panic!("one route")
+        };
+        assert_eq!(route.name, "canary-testers");
+        assert_eq!(route.timeout_ms, Some(2_000));
+        assert_eq!(route.retries, None, "inherits the spec's");
+        let matcher = route.r#match.as_ref().unwrap();
+        assert_eq!(matcher.path_prefix, "/api");
+        assert_eq!(matcher.method, "GET");
+        assert_eq!(
+            matcher.headers,
+            [proto::HeaderMatch {
+                name: "x-canary".into(),
+                value: Some(proto::header_match::Value::Exact("true".into())),
+            }]
+        );
+        assert_eq!(
+            route.traffic_split.as_ref().unwrap().weights,
+            [proto::WeightedSubset {
+                subset: "canary".into(),
+                weight: 100
+            }]
+        );
+    }
+
+    #[test]
+    fn blocks_left_out_stay_absent_and_defaults_arrive_explicit() {
+        let translated = translate(&spec(json!({
+            "host": "reviews",
+            "retries": {},
+            "loadBalancer": {"algorithm": "ConsistentHash", "consistentHash": {"httpHeaderName": "x-user"}},
+            "rateLimit": {"requestsPerSecond": 50},
+        })))
+        .unwrap();
+        let policy = translated.policy;
+        // Absent blocks are off (the proxy's own defaults apply), present ones are complete.
+        assert_eq!(policy.traffic_split, None);
+        assert_eq!(policy.timeout_ms, None);
+        assert_eq!(policy.outlier_detection, None);
+        assert_eq!(policy.connection_pool, None);
+        assert_eq!(policy.fault_injection, None);
+        let retries = policy.retries.unwrap();
+        assert_eq!(retries.attempts, 2);
+        assert_eq!(retries.retry_on.len(), 3);
+        assert_eq!((retries.backoff_base_ms, retries.backoff_max_ms), (25, 250));
+        assert_eq!(retries.budget.unwrap().percent, 20);
+        assert_eq!(
+            policy.load_balancer,
+            Some(proto::LoadBalancer {
+                algorithm: proto::Algorithm::ConsistentHash as i32,
+                hash_header: "x-user".into(),
+            })
+        );
+        assert_eq!(
+            policy.rate_limit.unwrap().burst,
+            50,
+            "burst defaults to a second's worth"
+        );
+    }
+
+    /// Specs the CRD refuses through CEL, each with the field translation must name.
+    fn refused_by_cel() -> Vec<(Value, &'static str)> {
+        let subsets = json!([{"name": "stable", "labels": {"version": "v1"}}, {"name": "canary", "labels": {"version": "v2"}}]);
+        vec![
+            (
+                json!({"host": "r", "subsets": subsets, "trafficSplit": [{"subset": "beta", "weight": 1}]}),
+                "spec.trafficSplit[0].subset",
+            ),
+            (
+                json!({"host": "r", "subsets": subsets, "trafficSplit": [{"subset": "stable", "weight": 0}]}),
+                "spec.trafficSplit:",
+            ),
+            (
+                json!({"host": "r", "subsets": subsets, "routes": [{"name": "a", "trafficSplit": [{"subset": "beta", "weight": 1}]}]}),
+                "spec.routes[0].trafficSplit[0].subset",
+            ),
+            (
+                json!({"host": "r", "timeout": "1s", "retries": {"perTryTimeout": "1500ms"}}),
+                "spec.retries.perTryTimeout",
+            ),
+            (
+                json!({"host": "r", "routes": [{"name": "a", "timeout": "1s", "retries": {"perTryTimeout": "2s"}}]}),
+                "spec.routes[0].retries.perTryTimeout",
+            ),
+            (
+                json!({"host": "r", "timeout": "1m", "routes": [{"name": "a", "retries": {"perTryTimeout": "1m1s"}}]}),
+                "spec.routes[0].retries.perTryTimeout",
+            ),
+            (
+                json!({"host": "r", "retries": {"perTryTimeout": "2s"}, "routes": [{"name": "a", "timeout": "1s"}]}),
+                "spec.routes[0].retries.perTryTimeout",
+            ),
+            (
+                json!({"host": "r", "loadBalancer": {"algorithm": "ConsistentHash"}}),
+                "spec.loadBalancer.consistentHash",
+            ),
+            (
+                json!({"host": "r", "loadBalancer": {"algorithm": "RoundRobin", "consistentHash": {"httpHeaderName": "x"}}}),
+                "spec.loadBalancer.consistentHash",
+            ),
+            (
+                json!({"host": "r", "routes": [{"name": "a", "match": {"headers": {"x": {"exact": "1", "regex": "1"}}}}]}),
+                "spec.routes[0].match.headers.x",
+            ),
+            (
+                json!({"host": "r", "routes": [{"name": "a", "match": {"headers": {"x": {}}}}]}),
+                "spec.routes[0].match.headers.x",
+            ),
+            (
+                json!({"host": "r", "retries": {"retryOn": ["retriable-status-codes"]}}),
+                "spec.retries.retriableStatusCodes",
+            ),
+            (
+                json!({"host": "r", "retries": {"backoff": {"baseInterval": "1s", "maxInterval": "500ms"}}}),
+                "spec.retries.backoff",
+            ),
+            (
+                json!({"host": "r", "outlierDetection": {"baseEjectionTime": "10m"}}),
+                "spec.outlierDetection.baseEjectionTime",
+            ),
+        ]
+    }
+
+    /// Specs both must take, including CEL's reading of Gateway API durations.
+    fn accepted() -> Vec<Value> {
+        vec![
+            serde_json::to_value(example().spec).unwrap(),
+            json!({"host": "reviews.shop.svc.cluster.local"}),
+            json!({"host": "r", "timeout": "1m30s", "retries": {"perTryTimeout": "90s"}}),
+            json!({"host": "r", "timeout": "1h", "routes": [{"name": "a", "timeout": "100ms", "retries": {"perTryTimeout": "100ms"}}]}),
+            json!({"host": "r", "subsets": [{"name": "a", "labels": {}}], "trafficSplit": [{"subset": "a", "weight": 1}]}),
+        ]
+    }
+
+    fn cel_verdict(spec: &Value) -> Result<(), Vec<String>> {
+        let crd = outrigger_api::policy::crd();
+        let schema = serde_json::to_value(
+            crd.spec.versions[0]
+                .schema
+                .as_ref()
+                .and_then(|s| s.open_api_v3_schema.as_ref())
+                .unwrap(),
+        )
+        .unwrap();
+        kube_cel::Validator::new()
+            .validate(&schema, &json!({ "spec": spec }), None)
+            .map_err(|errors| {
+                errors
+                    .iter()
+                    .map(|e| {
+                        assert_eq!(
+                            e.kind,
+                            kube_cel::ErrorKind::ValidationFailure,
+                            "the rule itself must work: {e}"
+                        );
+                        e.to_string()
+                    })
+                    .collect()
+            })
+    }
+
+    #[test]
+    fn what_the_crd_refuses_with_cel_translation_refuses_too() {
+        for (value, field) in refused_by_cel() {
+            let cel = cel_verdict(&value);
+            assert!(cel.is_err(), "CEL took {value}");
+            let error = translate(&spec(value.clone()))
+                .expect_err(&format!("translation took {value}"))
+                .to_string();
+            assert!(
+                error.starts_with(field),
+                "{value}: `{error}` does not name {field}"
+            );
+        }
+        for value in accepted() {
+            assert_eq!(cel_verdict(&value), Ok(()), "CEL refused {value}");
+            translate(&spec(value.clone())).unwrap_or_else(|e| panic!("{value}: {e}"));
+        }
+    }
+
+    /// What the schema's ranges and list keys refuse (the API server checks these without CEL).
+    #[test]
+    fn what_the_schema_refuses_translation_refuses_too() {
+        let cases = [
+            (
+                json!({"retries": {"attempts": 11}}),
+                "spec.retries.attempts",
+            ),
+            (
+                json!({"retries": {"budget": {"percent": 101}}}),
+                "spec.retries.budget.percent",
+            ),
+            (
+                json!({"retries": {"retryOn": ["5xx"], "retriableStatusCodes": [700]}}),
+                "spec.retries.retriableStatusCodes[0]",
+            ),
+            (json!({"retries": {"retryOn": []}}), "spec.retries.retryOn"),
+            (
+                json!({"outlierDetection": {"maxEjectionPercent": 101}}),
+                "spec.outlierDetection.maxEjectionPercent",
+            ),
+            (
+                json!({"rateLimit": {"requestsPerSecond": 0}}),
+                "spec.rateLimit.requestsPerSecond",
+            ),
+            (
+                json!({"faultInjection": {"delay": {"percent": 100.5, "fixedDelay": "1s"}}}),
+                "spec.faultInjection.delay.percent",
+            ),
+            (
+                json!({"faultInjection": {"abort": {"percent": 1, "httpStatus": 99}}}),
+                "spec.faultInjection.abort.httpStatus",
+            ),
+            (
+                json!({"subsets": [{"name": "a"}, {"name": "a"}]}),
+                "spec.subsets[1].name",
+            ),
+            (
+                json!({"routes": [{"name": "a"}, {"name": "a"}]}),
+                "spec.routes[1].name",
+            ),
+            (
+                json!({"subsets": [{"name": "a"}], "trafficSplit": [{"subset": "a", "weight": 1}, {"subset": "a", "weight": 2}]}),
+                "spec.trafficSplit[1].subset",
+            ),
+        ];
+        for (mut value, field) in cases {
+            value["host"] = json!("reviews");
+            let error = translate(&spec(value.clone()))
+                .expect_err(&format!("translation took {value}"))
+                .to_string();
+            assert!(
+                error.starts_with(field),
+                "{value}: `{error}` does not name {field}"
+            );
+        }
+    }
+}
