@@ -23,6 +23,7 @@ pub mod outbound;
 pub mod outlier;
 pub mod pool;
 pub mod ratelimit;
+pub mod redirect;
 pub mod replay;
 pub mod retry;
 pub mod route;

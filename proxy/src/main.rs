@@ -1,4 +1,5 @@
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use outrigger_proxy::redirect::{self, RedirectSettings};
 use outrigger_proxy::{Proxy, Settings};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -7,11 +8,20 @@ use tokio::sync::watch;
 #[command(
     name = "outrigger-proxy",
     version,
-    about = "The Outrigger sidecar proxy"
+    about = "The Outrigger sidecar proxy",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     #[command(flatten)]
     settings: Settings,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Installs the iptables rules that send the pod's traffic through the proxy, then exits.
+    Init(RedirectSettings),
 }
 
 #[tokio::main]
@@ -22,6 +32,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
+    if let Some(Command::Init(settings)) = cli.command {
+        return redirect::install(&settings);
+    }
     let proxy = Proxy::bind(cli.settings).await?;
     tracing::info!(
         outbound = %proxy.outbound_addr(),

@@ -25,16 +25,17 @@ pub struct Outbound {
     pub discovery_wait: Duration,
 }
 
-/// A destination key and its entry.
-type CachedEntry = (String, Arc<Entry>);
+/// The destination a connection used last: the authority as the app wrote it (empty for a
+/// redirected connection, whose destination never changes), its key, and its entry.
+type LastDestination = (String, Arc<str>, Arc<Entry>);
 
 /// Routes the requests of one downstream connection.
 #[derive(Clone)]
 pub struct OutboundService {
     outbound: Arc<Outbound>,
     connection: ConnectionInfo,
-    /// The last destination this connection used: keep-alive connections mostly call one.
-    last: Arc<Mutex<Option<CachedEntry>>>,
+    /// Keep-alive connections mostly call one destination: resolve its name once.
+    last: Arc<Mutex<Option<LastDestination>>>,
 }
 
 impl OutboundService {
@@ -46,47 +47,50 @@ impl OutboundService {
         }
     }
 
-    /// The destination key of a request, or the response that explains why it has none.
-    fn key(&self, request: &Request<Body>) -> Result<String, Box<Response<Body>>> {
-        if let Some(original_dst) = self.connection.original_dst {
-            return Ok(DestinationKey::Address(original_dst).to_string());
-        }
-        let authority = request
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| {
-                request
-                    .headers()
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            })
-            .ok_or_else(|| {
-                Box::new(proxy_error(
-                    StatusCode::BAD_REQUEST,
-                    "request has no Host or authority",
-                ))
-            })?;
-        DestinationKey::from_authority(authority, 80, &self.outbound.namespace)
-            .map(|key| key.to_string())
-            .map_err(|error| {
-                Box::new(proxy_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("unknown destination: {error}"),
-                ))
-            })
-    }
-
-    fn entry(&self, key: String) -> Arc<Entry> {
+    /// The destination of a request, or the response that explains why it has none.
+    fn destination(
+        &self,
+        request: &Request<Body>,
+    ) -> Result<(Arc<str>, Arc<Entry>), Box<Response<Body>>> {
+        let authority = match self.connection.original_dst {
+            Some(_) => "",
+            None => request
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| {
+                    request
+                        .headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                })
+                .ok_or_else(|| {
+                    Box::new(proxy_error(
+                        StatusCode::BAD_REQUEST,
+                        "request has no Host or authority",
+                    ))
+                })?,
+        };
         let mut last = self.last.lock().expect("connection cache lock");
-        match &*last {
-            Some((cached, entry)) if *cached == key => entry.clone(),
-            _ => {
-                let entry = self.outbound.destinations.entry(&key);
-                *last = Some((key, entry.clone()));
-                entry
-            }
+        if let Some((cached, key, entry)) = &*last
+            && cached == authority
+        {
+            return Ok((key.clone(), entry.clone()));
         }
+        let key = match self.connection.original_dst {
+            Some(original_dst) => DestinationKey::Address(original_dst),
+            None => DestinationKey::from_authority(authority, 80, &self.outbound.namespace)
+                .map_err(|error| {
+                    Box::new(proxy_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("unknown destination: {error}"),
+                    ))
+                })?,
+        };
+        let key: Arc<str> = key.to_string().into();
+        let entry = self.outbound.destinations.entry(&key);
+        *last = Some((authority.to_string(), key.clone(), entry.clone()));
+        Ok((key, entry))
     }
 }
 
@@ -100,11 +104,10 @@ impl tower::Service<Request<Body>> for OutboundService {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let key = match self.key(&request) {
-            Ok(key) => key,
+        let (key, entry) = match self.destination(&request) {
+            Ok(found) => found,
             Err(response) => return Box::pin(async move { Ok(*response) }),
         };
-        let entry = self.entry(key.clone());
         let wait = self.outbound.discovery_wait;
         Box::pin(async move {
             let resolution = match entry.current() {

@@ -1,10 +1,13 @@
 //! What CI runs, and what a developer runs before pushing: formatting, lints, then every test.
 
-use anyhow::Result;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
 
 use crate::cargo;
 
 pub fn run() -> Result<()> {
+    install_system_tools()?;
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&[
         "clippy",
@@ -17,4 +20,39 @@ pub fn run() -> Result<()> {
         "warnings",
     ])?;
     cargo(&["test", "--workspace", "--all-features", "--locked"])
+}
+
+/// Debian packages the tests use: iptables and iproute2 for the traffic-redirection tests, which
+/// run in network namespaces of their own.
+const SYSTEM_TOOLS: [(&str, &str); 2] = [("iptables-restore", "iptables"), ("ip", "iproute2")];
+
+fn install_system_tools() -> Result<()> {
+    let missing: Vec<&str> = SYSTEM_TOOLS
+        .iter()
+        .filter(|(program, _)| !on_path(program))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("installing {}", missing.join(" "));
+    apt(&["update", "-qq"])?;
+    apt(&[&["install", "-y", "-qq"][..], &missing].concat())
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+fn apt(args: &[&str]) -> Result<()> {
+    let status = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get (the tests need root and Debian's packages)")?;
+    if !status.success() {
+        bail!("apt-get {} failed: {status}", args.join(" "));
+    }
+    Ok(())
 }
