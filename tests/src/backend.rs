@@ -139,7 +139,10 @@ async fn respond(
         Behaviour::GrpcStatus(code) => {
             let mut response = text(200, "", &request);
             let headers = response.headers_mut();
-            headers.insert("content-type", http::HeaderValue::from_static("application/grpc"));
+            headers.insert(
+                "content-type",
+                http::HeaderValue::from_static("application/grpc"),
+            );
             headers.insert("grpc-status", code.into());
             return Some(response);
         }
