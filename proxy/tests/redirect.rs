@@ -79,6 +79,38 @@ fn proxy_binary(dir: &std::path::Path) -> PathBuf {
     binary
 }
 
+/// Starts the proxy in `netns` as the proxy user, against `control_plane`.
+fn start_proxy(
+    netns: &Netns,
+    binary: &std::path::Path,
+    control_plane: &str,
+    app: &str,
+) -> KillOnDrop {
+    KillOnDrop(
+        netns
+            .exec(
+                "setpriv",
+                &["--reuid", PROXY_UID, "--regid", PROXY_UID, "--clear-groups"],
+            )
+            .arg(binary)
+            .args([
+                "--control-plane",
+                control_plane,
+                "--namespace",
+                "shop",
+                "--workload",
+                "app-0",
+            ])
+            .args(["--inbound-addr", "0.0.0.0:4143", "--app-addr", app])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start proxy"),
+    )
+}
+
+const ADMIN: &str = "127.0.0.1:4191";
+
 #[test]
 fn redirected_connections_reach_their_original_destination_through_the_proxy() {
     let name = format!("outrigger-redirect-{}", std::process::id());
@@ -122,33 +154,8 @@ fn redirected_connections_reach_their_original_destination_through_the_proxy() {
                     });
                     cp.publish(service_ip, reviews);
 
-                    let proxy = KillOnDrop(
-                        netns_ref
-                            .exec(
-                                "setpriv",
-                                &["--reuid", PROXY_UID, "--regid", PROXY_UID, "--clear-groups"],
-                            )
-                            .arg(&binary)
-                            .args([
-                                "--control-plane",
-                                &cp.url(),
-                                "--namespace",
-                                "shop",
-                                "--workload",
-                                "app-0",
-                            ])
-                            .args([
-                                "--inbound-addr",
-                                "0.0.0.0:4143",
-                                "--app-addr",
-                                &v1.addr.to_string(),
-                            ])
-                            .stdout(Stdio::null())
-                            .stderr(Stdio::null())
-                            .spawn()
-                            .expect("start proxy"),
-                    );
-                    let admin = "127.0.0.1:4191".parse().unwrap();
+                    let proxy = start_proxy(netns_ref, &binary, &cp.url(), &v1.addr.to_string());
+                    let admin = ADMIN.parse().unwrap();
                     eventually("the proxy is ready", || async {
                         admin_get(admin, "/ready").await.status == 200
                     })
@@ -168,6 +175,70 @@ fn redirected_connections_reach_their_original_destination_through_the_proxy() {
                         serde_json::from_str(&admin_get(admin, "/config").await.body).unwrap();
                     assert_eq!(config["destinations"][service_ip]["state"], "ready");
                     drop(proxy);
+                });
+            })
+            .join()
+            .expect("namespace thread");
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn inbound_connections_reach_the_app_through_the_proxy() {
+    let id = std::process::id();
+    let (server, client) = (
+        Netns::create(&format!("or-srv-{id}")),
+        Netns::create(&format!("or-cli-{id}")),
+    );
+    // Two test hosts joined by a veth pair: 10.231.0.1 (client) and 10.231.0.2 (server).
+    let (client_if, server_if) = (format!("orc{id}"), format!("ors{id}"));
+    let mut veth = Command::new("ip");
+    veth.args([
+        "link", "add", &client_if, "type", "veth", "peer", "name", &server_if,
+    ]);
+    run(veth);
+    for (netns, interface, address) in [
+        (&client, &client_if, "10.231.0.1/30"),
+        (&server, &server_if, "10.231.0.2/30"),
+    ] {
+        let mut move_in = Command::new("ip");
+        move_in.args(["link", "set", interface, "netns", &netns.0]);
+        run(move_in);
+        run(netns.exec("ip", &["addr", "add", address, "dev", interface]));
+        run(netns.exec("ip", &["link", "set", interface, "up"]));
+    }
+    let dir = std::env::temp_dir().join(format!("or-srv-{id}"));
+    let binary = proxy_binary(&dir);
+    run(server.exec(
+        binary.to_str().unwrap(),
+        &["init", "--proxy-uid", PROXY_UID],
+    ));
+
+    let (server_ref, client_ref) = (&server, &client);
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                // One thread, moving between the hosts: each socket belongs to the namespace it
+                // was created in.
+                server_ref.enter();
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(async {
+                    let cp = ControlPlane::start().await;
+                    let app = Backend::start_on("0.0.0.0:8080".parse().unwrap(), "app").await;
+                    let _proxy = start_proxy(server_ref, &binary, &cp.url(), "127.0.0.1:8080");
+                    let admin = ADMIN.parse().unwrap();
+                    eventually("the proxy is ready", || async { admin_get(admin, "/ready").await.status == 200 }).await;
+
+                    client_ref.enter();
+                    let mut conn = Conn::http1("10.231.0.2:8080".parse().unwrap()).await;
+                    server_ref.enter();
+                    for _ in 0..3 {
+                        let reply = conn.get("app.shop", "/").await;
+                        assert_eq!((reply.status, reply.body.as_str()), (200, "app"));
+                    }
+                    assert_eq!(app.hits(), 3);
+                    let inbound = r#"outrigger_requests_total{direction="inbound",dst_namespace="shop",dst_service="",dst_subset="",route="",status_code="200",classification="success"}"#;
+                    assert_eq!(metric(admin, inbound).await, 3.0, "the requests went through the proxy");
                 });
             })
             .join()
