@@ -535,8 +535,8 @@ pub struct ProxyCounts {
 }
 
 /// A duration in the Gateway API form (`250ms`, `10s`, `1m30s`), checked when read.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
 pub struct Duration {
     text: String,
     value: std::time::Duration,
@@ -566,6 +566,25 @@ impl std::str::FromStr for Duration {
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         Self::try_from(text.to_string())
+    }
+}
+
+/// Checked while the value is read (not after), so YAML errors point at the value's line.
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Duration;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as 250ms, 10s, 1m or 1h30m")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+                text.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(Visitor)
     }
 }
 

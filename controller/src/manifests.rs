@@ -34,15 +34,23 @@ const DEFAULT_NAMESPACE: &str = "default";
 #[derive(Debug, PartialEq, Eq)]
 pub struct ManifestError {
     pub file: PathBuf,
-    /// 1-based, when the problem has a place in the file.
-    pub line: Option<usize>,
+    /// Line and column (1-based), when the problem has a place in the file.
+    pub position: Option<(usize, usize)>,
     pub message: String,
 }
 
 impl fmt::Display for ManifestError {
+    /// `file:line:column: message`, the form editors and terminals link to the place.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "{}:{line}: {}", self.file.display(), self.message),
+        match self.position {
+            Some((line, column)) => {
+                write!(
+                    f,
+                    "{}:{line}:{column}: {}",
+                    self.file.display(),
+                    self.message
+                )
+            }
             None => write!(f, "{}: {}", self.file.display(), self.message),
         }
     }
@@ -137,7 +145,7 @@ impl Manifests {
                 Err(error) => {
                     let problem = ManifestError {
                         file: path.clone(),
-                        line: None,
+                        position: None,
                         message: format!("cannot be read: {error}"),
                     };
                     report(&self.metrics, file, Some(problem));
@@ -249,14 +257,22 @@ struct TypeMeta {
 
 /// The objects of one file, or the first reason it cannot be taken whole.
 pub fn parse(file: &Path, content: &[u8]) -> Result<Vec<Object>, ManifestError> {
-    let error = |line: Option<usize>, message: String| ManifestError {
+    let error = |position: Option<(usize, usize)>, message: String| ManifestError {
         file: file.to_path_buf(),
-        line,
+        position,
         message,
     };
     let yaml_error = |e: serde_norway::Error| {
-        let line = e.location().map(|l| l.line());
-        error(line, e.to_string())
+        let position = e.location().map(|l| (l.line(), l.column()));
+        let message = e.to_string();
+        // The position leads the message instead.
+        let message = match position {
+            Some((line, column)) => message
+                .strip_suffix(&format!(" at line {line} column {column}"))
+                .map_or(message.clone(), str::to_owned),
+            None => message,
+        };
+        error(position, message)
     };
     // The document's kind picks its type; reading it straight into that type (rather than
     // through a generic value) keeps line numbers in errors.
@@ -318,4 +334,228 @@ pub fn parse(file: &Path, content: &[u8]) -> Result<Vec<Object>, ManifestError> 
         objects.push(object);
     }
     Ok(objects)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{Kind, ObjectKey};
+
+    const SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 9080}]
+";
+
+    const POLICY: &str = "\
+apiVersion: outrigger.dev/v1alpha1
+kind: DestinationPolicy
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  timeout: 10s
+";
+
+    fn parsed(content: &str) -> Result<Vec<Object>, ManifestError> {
+        parse(Path::new("dir/file.yaml"), content.as_bytes())
+    }
+
+    fn reference(kind: Kind, namespace: &str, name: &str) -> ObjectRef {
+        ObjectRef {
+            kind,
+            key: ObjectKey::new(namespace, name),
+        }
+    }
+
+    #[test]
+    fn files_hold_many_documents_of_the_four_kinds() {
+        let content = format!(
+            "{SERVICE}---\n{POLICY}---\n\
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: reviews-a
+  labels: {{kubernetes.io/service-name: reviews}}
+addressType: IPv4
+endpoints: [{{addresses: [10.0.0.1]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: reviews-1, labels: {{version: v1}}}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: ignored}}
+---
+"
+        );
+        let references: Vec<ObjectRef> = parsed(&content)
+            .unwrap()
+            .iter()
+            .map(|o| o.reference().unwrap())
+            .collect();
+        assert_eq!(
+            references,
+            [
+                reference(Kind::Service, "shop", "reviews"),
+                reference(Kind::DestinationPolicy, "shop", "reviews"),
+                // No namespace: kubectl's default.
+                reference(Kind::EndpointSlice, "default", "reviews-a"),
+                reference(Kind::Pod, "default", "reviews-1"),
+            ]
+        );
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_line() {
+        let at = |content: &str| parsed(content).unwrap_err().to_string();
+        // A YAML syntax error in the second document.
+        assert_eq!(
+            at(&format!("{SERVICE}---\nkind: Service\nmetadata: name: x\n")),
+            "dir/file.yaml:9:15: mapping values are not allowed in this context"
+        );
+        // A value of the wrong type.
+        assert_eq!(
+            at(&SERVICE.replace("port: 9080", "port: http")),
+            "dir/file.yaml:6:30: spec.ports[0].port: invalid type: string \"http\", expected i32"
+        );
+        // A duration that is not one.
+        assert_eq!(
+            at(&POLICY.replace("10s", "10 seconds")),
+            "dir/file.yaml:6:12: spec.timeout: `10 seconds` is not a duration \
+             (expected e.g. 250ms, 10s, 1m, 1h30m)"
+        );
+    }
+
+    #[test]
+    fn objects_the_api_server_would_refuse_are_refused() {
+        let invalid = format!("{POLICY}  retries: {{perTryTimeout: 20s}}\n");
+        assert_eq!(
+            parsed(&invalid).unwrap_err().to_string(),
+            "dir/file.yaml: DestinationPolicy shop/reviews: spec.retries.perTryTimeout: \
+             20s exceeds the timeout 10s"
+        );
+        assert!(
+            parsed("apiVersion: v1\nkind: Service\nmetadata: {namespace: shop}\n")
+                .unwrap_err()
+                .to_string()
+                .contains("document 1: Service has no metadata.name")
+        );
+        assert!(
+            parsed(&POLICY.replace("v1alpha1", "v1"))
+                .unwrap_err()
+                .to_string()
+                .contains("DestinationPolicy has no apiVersion `outrigger.dev/v1`")
+        );
+    }
+
+    fn applied(changes: &[Change]) -> Vec<ObjectRef> {
+        changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Applied(object) => object.reference(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn deleted(changes: &[Change]) -> Vec<ObjectRef> {
+        changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Deleted(reference) => Some(reference.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn scans_report_what_changed_and_keep_a_broken_file_last_good_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::default();
+        let mut manifests = Manifests::new(dir.path().to_path_buf(), metrics.clone()).unwrap();
+        let service = reference(Kind::Service, "shop", "reviews");
+        let policy = reference(Kind::DestinationPolicy, "shop", "reviews");
+        std::fs::write(dir.path().join("service.yaml"), SERVICE).unwrap();
+        std::fs::write(dir.path().join("policy.yml"), POLICY).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
+        // The policy goes first, so the Service is computed with it in place.
+        assert_eq!(
+            applied(&manifests.scan()),
+            [policy.clone(), service.clone()]
+        );
+        assert!(manifests.scan().is_empty(), "nothing changed");
+
+        std::fs::write(dir.path().join("policy.yml"), POLICY.replace("10s", "20s")).unwrap();
+        assert_eq!(applied(&manifests.scan()), [policy.clone()]);
+
+        std::fs::write(dir.path().join("policy.yml"), "spec: [broken").unwrap();
+        assert!(manifests.scan().is_empty(), "the last good policy stays");
+        assert!(manifests.scan().is_empty());
+        assert_eq!(metrics.reconcile_errors.get(), 1, "reported once");
+
+        // Moving an object to another file is no change.
+        std::fs::remove_file(dir.path().join("policy.yml")).unwrap();
+        std::fs::write(
+            dir.path().join("z-policy.yaml"),
+            POLICY.replace("10s", "20s"),
+        )
+        .unwrap();
+        assert!(manifests.scan().is_empty());
+
+        // An object defined twice: the first file (by name) wins.
+        std::fs::write(
+            dir.path().join("a-policy.yaml"),
+            POLICY.replace("10s", "30s"),
+        )
+        .unwrap();
+        let changes = manifests.scan();
+        assert_eq!(applied(&changes), [policy.clone()]);
+        let Change::Applied(Object::DestinationPolicy(first)) = &changes[0] else {
+            panic!("{changes:?}")
+        };
+        assert_eq!(first.spec.timeout.as_ref().unwrap().as_str(), "30s");
+
+        std::fs::remove_file(dir.path().join("service.yaml")).unwrap();
+        assert_eq!(deleted(&manifests.scan()), [service]);
+    }
+
+    #[test]
+    fn a_missing_directory_is_an_error_at_start() {
+        let error = Manifests::new("/nonexistent/outrigger".into(), Metrics::default())
+            .err()
+            .unwrap();
+        assert!(
+            format!("{error:#}")
+                .starts_with("reading the manifests directory /nonexistent/outrigger"),
+            "{error:#}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_watch_sends_the_state_then_synced_then_edits() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("service.yaml"), SERVICE).unwrap();
+        let (changes, mut received) = mpsc::channel(16);
+        Manifests::new(dir.path().to_path_buf(), Metrics::default())
+            .unwrap()
+            .spawn(changes)
+            .unwrap();
+        let mut next = async || {
+            tokio::time::timeout(Duration::from_secs(10), received.recv())
+                .await
+                .expect("a change within 10s")
+                .expect("the watch runs")
+        };
+        assert!(matches!(next().await, Change::Applied(Object::Service(_))));
+        assert!(matches!(next().await, Change::Synced));
+        std::fs::write(dir.path().join("policy.yaml"), POLICY).unwrap();
+        assert!(matches!(
+            next().await,
+            Change::Applied(Object::DestinationPolicy(_))
+        ));
+    }
 }
