@@ -49,3 +49,34 @@ fn respond(metrics: &Metrics, ready: bool, path: &str) -> http::Response<Full<By
         .body(Full::new(Bytes::from(body)))
         .expect("static response parts are valid")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn status(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response.lines().next().unwrap_or_default().to_string()
+    }
+
+    #[tokio::test]
+    async fn ready_once_the_index_has_synced() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (synced, ready) = watch::channel(false);
+        tokio::spawn(serve(listener, Metrics::default(), ready));
+        assert_eq!(status(addr, "/live").await, "HTTP/1.1 200 OK");
+        assert_eq!(
+            status(addr, "/ready").await,
+            "HTTP/1.1 503 Service Unavailable"
+        );
+        synced.send_replace(true);
+        assert_eq!(status(addr, "/ready").await, "HTTP/1.1 200 OK");
+        assert_eq!(status(addr, "/nothing").await, "HTTP/1.1 404 Not Found");
+    }
+}

@@ -67,3 +67,41 @@ pub fn check(dir: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_committed_crds_are_current() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+        check(&dir).unwrap();
+    }
+
+    #[test]
+    fn check_names_stale_missing_and_extra_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = check(dir.path()).unwrap_err().to_string();
+        assert!(
+            error.contains("destinationpolicies.outrigger.dev.yaml"),
+            "missing: {error}"
+        );
+        write(dir.path()).unwrap();
+        check(dir.path()).unwrap();
+
+        let crd = dir.path().join("destinationpolicies.outrigger.dev.yaml");
+        let edited = std::fs::read_to_string(&crd).unwrap().replace("dp", "xx");
+        std::fs::write(&crd, edited).unwrap();
+        let error = check(dir.path()).unwrap_err().to_string();
+        assert!(
+            error.contains("destinationpolicies.outrigger.dev.yaml"),
+            "{error}"
+        );
+
+        write(dir.path()).unwrap();
+        std::fs::write(dir.path().join("old.outrigger.dev.yaml"), "").unwrap();
+        let error = check(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("old.outrigger.dev.yaml"), "{error}");
+        assert!(!error.contains("destinationpolicies"), "{error}");
+    }
+}
