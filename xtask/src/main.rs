@@ -5,6 +5,7 @@
 
 mod bench;
 mod ci;
+mod crds;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,12 +33,19 @@ enum Task {
     },
     /// Formatting, lints and every test: what CI runs (the README's test command).
     Ci,
+    /// Writes crds/ from the DestinationPolicy types (`cargo test` fails while crds/ is stale).
+    Crds {
+        /// Only compare: fail, naming the files, when crds/ is not what would be written.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Bench { target } => bench::run(target),
         Task::Ci => ci::run(),
+        Task::Crds { check } => crds::run(check),
     }
 }
 
