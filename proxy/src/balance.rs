@@ -17,9 +17,10 @@ use rand::Rng;
 
 use crate::body::Body;
 use crate::endpoint::Endpoint;
-use crate::error::{ProxyError, ResponseFuture};
+use crate::error::ProxyError;
 use crate::outlier::{Outcome, OutlierDetector};
 use crate::retry::Tried;
+use crate::stack::ResponseFuture;
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Algorithm {

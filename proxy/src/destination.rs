@@ -12,13 +12,12 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::{Request, Response};
-use tower::util::BoxCloneSyncService;
 
 use crate::balance::{Balance, Balancer};
 use crate::body::Body;
 use crate::config::{DestinationConfig, RouteMatch, TrafficPolicy};
 use crate::endpoint::Endpoint;
-use crate::error::{ProxyError, ResponseFuture};
+use crate::error::ProxyError;
 use crate::fault::Faults;
 use crate::metrics::{
     DestinationLabels, Direction, DstLabels, EndpointLabels, EndpointState, Metrics, TimeoutKind,
@@ -29,9 +28,8 @@ use crate::pool::{Pool, PoolLimit};
 use crate::ratelimit::{RateLimit, TokenBucket};
 use crate::retry::Retry;
 use crate::split::{ChosenSubset, Split, WeightedBalance};
+use crate::stack::{ResponseFuture, Stack, layer};
 use crate::timeout::Deadline;
-
-type Stack = BoxCloneSyncService<Request<Body>, Response<Body>, ProxyError>;
 
 pub struct Destination {
     pub config: Arc<DestinationConfig>,
@@ -163,16 +161,15 @@ impl Destination {
             .collect();
         let labels = route_labels("");
         let mut service = Stack::new(RouteTable { routes });
-        if let Some(faults) = config.fault_injection {
-            service = Stack::new(Faults::new(service, faults));
+        if let Some(config) = config.fault_injection {
+            service = layer(Faults { config }, service);
         }
         if let Some(limit) = config.rate_limit {
-            let limited = metrics.rate_limited.get_or_create_owned(&labels);
-            service = Stack::new(RateLimit::new(
-                service,
-                Arc::new(TokenBucket::new(limit)),
-                limited,
-            ));
+            let rate_limit = RateLimit {
+                bucket: Arc::new(TokenBucket::new(limit)),
+                limited: metrics.rate_limited.get_or_create_owned(&labels),
+            };
+            service = layer(rate_limit, service);
         }
         Self {
             config: Arc::new(config),
@@ -226,36 +223,32 @@ impl RouteLayers<'_> {
                 kind,
             })
         };
+        let deadline = |after, kind| Deadline {
+            after,
+            kind,
+            timeouts: timeouts(kind),
+        };
         let mut attempt = Stack::new(split);
         if let Some(requests) = &self.pool.requests {
-            attempt = Stack::new(PoolLimit::new(attempt, requests.clone()));
+            let limit = PoolLimit {
+                requests: requests.clone(),
+            };
+            attempt = layer(limit, attempt);
         }
         if let Some(per_try) = traffic.retries.as_ref().and_then(|r| r.per_try_timeout) {
-            attempt = Stack::new(Deadline::new(
-                attempt,
-                per_try,
-                TimeoutKind::PerTry,
-                timeouts(TimeoutKind::PerTry),
-            ));
+            attempt = layer(deadline(per_try, TimeoutKind::PerTry), attempt);
         }
-        let exhausted = self
-            .metrics
-            .retry_budget_exhausted
-            .get_or_create_owned(labels);
-        let mut request = Stack::new(Retry::new(
-            attempt,
+        let retry = Retry::new(
             traffic.retries.clone(),
             labels.clone(),
             self.metrics.retries.clone(),
-            exhausted,
-        ));
+            self.metrics
+                .retry_budget_exhausted
+                .get_or_create_owned(labels),
+        );
+        let mut request = layer(retry, attempt);
         if let Some(timeout) = traffic.timeout {
-            request = Stack::new(Deadline::new(
-                request,
-                timeout,
-                TimeoutKind::Request,
-                timeouts(TimeoutKind::Request),
-            ));
+            request = layer(deadline(timeout, TimeoutKind::Request), request);
         }
         request
     }

@@ -1,17 +1,11 @@
 //! Why the proxy could not get a response from upstream, and what the app is told.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use http::StatusCode;
 
 use crate::body::{Body, proxy_error};
 use crate::metrics::TimeoutKind;
-
-/// What every layer of a destination's stack returns.
-pub type ResponseFuture =
-    Pin<Box<dyn Future<Output = Result<http::Response<Body>, ProxyError>> + Send>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {

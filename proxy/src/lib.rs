@@ -29,6 +29,7 @@ pub mod retry;
 pub mod route;
 pub mod serve;
 pub mod split;
+pub mod stack;
 pub mod telemetry;
 pub mod timeout;
 

@@ -6,15 +6,18 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, Response};
+use http::Request;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use tower::Service as _;
+
 use crate::body::Body;
 use crate::config::PoolLimits;
-use crate::error::{ProxyError, ResponseFuture};
+use crate::error::ProxyError;
+use crate::stack::{ResponseFuture, Stack, Step};
 
 /// Semaphores for one destination's limits, shared by all its endpoints and routes.
 #[derive(Clone, Default)]
@@ -44,36 +47,14 @@ impl Pool {
     }
 }
 
+/// Fails a request at once when the destination's request limit is reached.
 #[derive(Clone)]
-pub struct PoolLimit<S> {
-    inner: S,
-    requests: Arc<Semaphore>,
+pub struct PoolLimit {
+    pub requests: Arc<Semaphore>,
 }
 
-impl<S> PoolLimit<S> {
-    pub fn new(inner: S, requests: Arc<Semaphore>) -> Self {
-        Self { inner, requests }
-    }
-}
-
-impl<S> tower::Service<Request<Body>> for PoolLimit<S>
-where
-    S: tower::Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = ProxyError,
-            Future = ResponseFuture,
-        >,
-{
-    type Response = Response<Body>;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Body>) -> ResponseFuture {
+impl Step for PoolLimit {
+    fn call(&self, next: &mut Stack, request: Request<Body>) -> ResponseFuture {
         let Ok(permit) = self.requests.clone().try_acquire_owned() else {
             return Box::pin(async {
                 Err(ProxyError::Overflow(
@@ -81,7 +62,7 @@ where
                 ))
             });
         };
-        let response = self.inner.call(request);
+        let response = next.call(request);
         Box::pin(async move {
             let response = response.await;
             drop(permit);

@@ -1,15 +1,15 @@
 //! Local rate limit: a token bucket per destination; past it, 429 with `Retry-After`.
 
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use prometheus_client::metrics::counter::Counter;
+use tower::Service as _;
 
 use crate::body::{Body, proxy_error};
 use crate::config::RateLimitConfig;
-use crate::error::{ProxyError, ResponseFuture};
+use crate::stack::{ResponseFuture, Stack, Step};
 
 #[derive(Debug)]
 pub struct TokenBucket {
@@ -45,42 +45,16 @@ impl TokenBucket {
 }
 
 #[derive(Clone)]
-pub struct RateLimit<S> {
-    inner: S,
-    bucket: Arc<TokenBucket>,
-    limited: Counter,
+pub struct RateLimit {
+    pub bucket: Arc<TokenBucket>,
+    /// `outrigger_rate_limited_total` for the destination.
+    pub limited: Counter,
 }
 
-impl<S> RateLimit<S> {
-    pub fn new(inner: S, bucket: Arc<TokenBucket>, limited: Counter) -> Self {
-        Self {
-            inner,
-            bucket,
-            limited,
-        }
-    }
-}
-
-impl<S> tower::Service<Request<Body>> for RateLimit<S>
-where
-    S: tower::Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = ProxyError,
-            Future = ResponseFuture,
-        >,
-{
-    type Response = Response<Body>;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Body>) -> ResponseFuture {
+impl Step for RateLimit {
+    fn call(&self, next: &mut Stack, request: Request<Body>) -> ResponseFuture {
         match self.bucket.take() {
-            Ok(()) => self.inner.call(request),
+            Ok(()) => next.call(request),
             Err(wait) => {
                 self.limited.inc();
                 let mut response =

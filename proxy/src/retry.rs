@@ -5,20 +5,21 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Method, Request, Response};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use rand::Rng;
+use tower::Service as _;
 
 use crate::body::{Body, boxed};
 use crate::config::{RetryOn, RetryPolicy};
-use crate::error::{ProxyError, ResponseFuture};
+use crate::error::ProxyError;
 use crate::headers::is_upgrade;
 use crate::metrics::{DstLabels, RetryLabels};
 use crate::replay::ReplayBody;
+use crate::stack::{ResponseFuture, Stack, Step};
 
 /// Endpoints a request has been sent to; the balancer avoids them for its retries.
 #[derive(Clone, Default)]
@@ -111,8 +112,7 @@ fn connect_failure_once() -> RetryPolicy {
 }
 
 #[derive(Clone)]
-pub struct Retry<S> {
-    inner: S,
+pub struct Retry {
     policy: Arc<RetryPolicy>,
     /// `None` for the connect-failure default, which needs no budget.
     budget: Option<Arc<Budget>>,
@@ -121,10 +121,9 @@ pub struct Retry<S> {
     exhausted: Counter,
 }
 
-impl<S> Retry<S> {
+impl Retry {
     /// Retries by `policy`, or only connect failures when there is none.
     pub fn new(
-        inner: S,
         policy: Option<RetryPolicy>,
         labels: DstLabels,
         retries: Family<RetryLabels, Counter>,
@@ -134,7 +133,6 @@ impl<S> Retry<S> {
             .as_ref()
             .map(|p| Arc::new(Budget::new(p.budget_percent, p.budget_min_per_second)));
         Self {
-            inner,
             policy: Arc::new(policy.unwrap_or_else(connect_failure_once)),
             budget,
             labels,
@@ -209,34 +207,17 @@ fn same_request(
     request
 }
 
-impl<S> tower::Service<Request<Body>> for Retry<S>
-where
-    S: tower::Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = ProxyError,
-            Future = ResponseFuture,
-        > + Clone
-        + Send
-        + 'static,
-{
-    type Response = Response<Body>;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Body>) -> ResponseFuture {
+impl Step for Retry {
+    fn call(&self, next: &mut Stack, request: Request<Body>) -> ResponseFuture {
         // An upgraded connection cannot be replayed.
         if is_upgrade(request.headers()) {
-            return self.inner.call(request);
+            return next.call(request);
         }
         if let Some(budget) = &self.budget {
             budget.record_request();
         }
         let this = self.clone();
+        let next = next.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             let body = ReplayBody::new(body);
@@ -256,7 +237,7 @@ where
                     boxed(body.replay()),
                 );
                 attempt.extensions_mut().insert(tried.clone());
-                let result = this.inner.clone().call(attempt).await;
+                let result = next.clone().call(attempt).await;
                 let Some(reason) = retry_reason(&this.policy, grpc, &result) else {
                     return result;
                 };

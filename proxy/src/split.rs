@@ -10,8 +10,9 @@ use rand::Rng;
 
 use crate::balance::Balance;
 use crate::body::Body;
-use crate::error::{ProxyError, ResponseFuture};
+use crate::error::ProxyError;
 use crate::metrics::Name;
+use crate::stack::ResponseFuture;
 
 /// The subset a response came from, for the `dst_subset` label.
 #[derive(Clone, Debug)]

@@ -1,54 +1,27 @@
 //! Deadlines: the whole request (`timeout`, retries included) or one attempt (`perTryTimeout`).
 
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::Request;
 use prometheus_client::metrics::counter::Counter;
+use tower::Service as _;
 
 use crate::body::Body;
-use crate::error::{ProxyError, ResponseFuture};
+use crate::error::ProxyError;
 use crate::metrics::TimeoutKind;
+use crate::stack::{ResponseFuture, Stack, Step};
 
 #[derive(Clone)]
-pub struct Deadline<S> {
-    inner: S,
-    after: Duration,
-    kind: TimeoutKind,
+pub struct Deadline {
+    pub after: Duration,
+    pub kind: TimeoutKind,
     /// `outrigger_timeouts_total` for this route and kind.
-    timeouts: Counter,
+    pub timeouts: Counter,
 }
 
-impl<S> Deadline<S> {
-    pub fn new(inner: S, after: Duration, kind: TimeoutKind, timeouts: Counter) -> Self {
-        Self {
-            inner,
-            after,
-            kind,
-            timeouts,
-        }
-    }
-}
-
-impl<S> tower::Service<Request<Body>> for Deadline<S>
-where
-    S: tower::Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = ProxyError,
-            Future = ResponseFuture,
-        >,
-{
-    type Response = Response<Body>;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Body>) -> ResponseFuture {
-        let response = self.inner.call(request);
+impl Step for Deadline {
+    fn call(&self, next: &mut Stack, request: Request<Body>) -> ResponseFuture {
+        let response = next.call(request);
         let (after, kind, timeouts) = (self.after, self.kind, self.timeouts.clone());
         Box::pin(async move {
             match tokio::time::timeout(after, response).await {

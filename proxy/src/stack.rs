@@ -1,0 +1,49 @@
+//! The shape of a destination's stack: every policy layer is a `Step` that gets each request and
+//! the rest of the stack below it, so a layer module holds only what its policy does.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower::util::BoxCloneSyncService;
+
+use crate::body::Body;
+use crate::error::ProxyError;
+
+/// The rest of the stack, as a layer sees it.
+pub type Stack = BoxCloneSyncService<Request<Body>, Response<Body>, ProxyError>;
+
+/// What every part of a destination's stack returns.
+pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+/// One policy, applied to one request.
+pub trait Step: Clone + Send + Sync + 'static {
+    /// Handles `request`, usually by calling `next` (the rest of the stack) once or more.
+    fn call(&self, next: &mut Stack, request: Request<Body>) -> ResponseFuture;
+}
+
+/// Puts `step` on top of `next`.
+pub fn layer(step: impl Step, next: Stack) -> Stack {
+    Stack::new(Layer { step, next })
+}
+
+#[derive(Clone)]
+struct Layer<S> {
+    step: S,
+    next: Stack,
+}
+
+impl<S: Step> tower::Service<Request<Body>> for Layer<S> {
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.next.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> ResponseFuture {
+        self.step.call(&mut self.next, request)
+    }
+}
