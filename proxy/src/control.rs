@@ -24,6 +24,11 @@ pub struct Identity {
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A destination with thousands of endpoints is a large snapshot.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// Runs until `shutdown`. `ready` turns true at the first Welcome and stays true.
@@ -85,9 +90,24 @@ async fn session(
 ) -> Result<(), SessionError> {
     let mut welcomed = false;
     let fail = |welcomed, error: anyhow::Error| SessionError { welcomed, error };
-    let mut client = DiscoveryClient::connect(url.to_string())
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| {
+            fail(
+                false,
+                anyhow::Error::new(e).context("reading the control plane URL"),
+            )
+        })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        // A controller that vanished without closing the connection (a partition, a dead node)
+        // is noticed by missing pings, not after the kernel gives up.
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .connect()
         .await
         .map_err(|e| fail(false, anyhow::Error::new(e).context("connecting")))?;
+    let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel(256);
     let send = |message| ProxyMessage {
         message: Some(message),

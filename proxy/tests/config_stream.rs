@@ -3,8 +3,13 @@
 
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use outrigger_tests::{Backend, ControlPlane, ProxyEvent, destination};
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 const WEB: &str = "web.default.svc.cluster.local:80";
 
@@ -164,4 +169,79 @@ async fn a_resubscribe_is_not_sent_what_the_proxy_already_has() {
         .await,
         2.0
     );
+}
+
+/// A TCP relay that can stop passing bytes while keeping both connections open: a partition.
+struct Relay {
+    addr: std::net::SocketAddr,
+    frozen: Arc<AtomicBool>,
+}
+
+impl Relay {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let flag = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((downstream, _)) = listener.accept().await {
+                let upstream = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let (down_read, down_write) = downstream.into_split();
+                let (up_read, up_write) = upstream.into_split();
+                tokio::spawn(pass(down_read, up_write, flag.clone()));
+                tokio::spawn(pass(up_read, down_write, flag.clone()));
+            }
+        });
+        Self { addr, frozen }
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+}
+
+async fn pass(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, frozen: Arc<AtomicBool>) {
+    let mut buf = vec![0; 16 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        if frozen.load(Ordering::SeqCst) {
+            // Swallow everything, close nothing; the halves stay open with this task.
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_controller_that_silently_vanishes_is_noticed_by_keepalive() {
+    let cp = ControlPlane::start().await;
+    let backend = Backend::start("one").await;
+    cp.publish(
+        WEB,
+        destination("default", "web", 80, &[(backend.addr, &[])]),
+    );
+    let relay = Relay::start(cp.addr).await;
+    let proxy = RunningProxy::start(settings(&format!("http://{}", relay.addr), backend.addr))
+        .await
+        .ready()
+        .await;
+    assert_eq!(get(proxy.outbound, "web", "/").await.status, 200);
+    relay.freeze();
+    // Keepalive pings every 10 s, 5 s to answer: well within 30 s.
+    for _ in 0..300 {
+        if metric(proxy.admin, "outrigger_control_plane_connected").await == 0.0 {
+            assert_eq!(
+                get(proxy.outbound, "web", "/").await.status,
+                200,
+                "still serving"
+            );
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the proxy never noticed the controller was gone");
 }
