@@ -695,20 +695,20 @@ mod tests {
     enum Published {
         Nothing,
         Unknown,
-        Known(proto::Destination),
+        Known(Box<proto::Destination>),
     }
 
     fn published(snapshots: &Snapshots, key: &str) -> Published {
         match snapshots.watch(key).borrow().as_deref() {
             None => Published::Nothing,
             Some(Snapshot::Unknown { .. }) => Published::Unknown,
-            Some(Snapshot::Known { destination, .. }) => Published::Known(*destination.clone()),
+            Some(Snapshot::Known { destination, .. }) => Published::Known(destination.clone()),
         }
     }
 
     fn known(snapshots: &Snapshots, key: &str) -> proto::Destination {
         match published(snapshots, key) {
-            Published::Known(destination) => destination,
+            Published::Known(destination) => *destination,
             other => panic!("{key}: {other:?}"),
         }
     }
@@ -777,7 +777,7 @@ mod tests {
         assert!(grpc.endpoints.is_empty());
         assert_eq!(
             published(&snapshots, "10.96.0.10:9090"),
-            Published::Known(grpc)
+            Published::Known(Box::new(grpc))
         );
 
         index.apply(Change::Applied(Object::EndpointSlice(Box::new(object(

@@ -102,8 +102,11 @@ impl Manifests {
                         return;
                     }
                 }
-                while !changes.is_closed() {
+                loop {
                     std::thread::sleep(POLL_INTERVAL);
+                    if changes.is_closed() {
+                        return; // The controller stopped.
+                    }
                     for change in self.scan() {
                         if changes.blocking_send(change).is_err() {
                             return;
@@ -490,7 +493,7 @@ metadata: {{name: ignored}}
         assert!(manifests.scan().is_empty(), "nothing changed");
 
         std::fs::write(dir.path().join("policy.yml"), POLICY.replace("10s", "20s")).unwrap();
-        assert_eq!(applied(&manifests.scan()), [policy.clone()]);
+        assert_eq!(applied(&manifests.scan()), std::slice::from_ref(&policy));
 
         std::fs::write(dir.path().join("policy.yml"), "spec: [broken").unwrap();
         assert!(manifests.scan().is_empty(), "the last good policy stays");
@@ -513,7 +516,7 @@ metadata: {{name: ignored}}
         )
         .unwrap();
         let changes = manifests.scan();
-        assert_eq!(applied(&changes), [policy.clone()]);
+        assert_eq!(applied(&changes), std::slice::from_ref(&policy));
         let Change::Applied(Object::DestinationPolicy(first)) = &changes[0] else {
             panic!("{changes:?}")
         };
