@@ -28,6 +28,8 @@ pub enum Behaviour {
     Reset,
     /// A gRPC trailers-only answer: HTTP 200 with this `grpc-status`.
     GrpcStatus(u32),
+    /// 500 for this share of requests (0 to 100), picked at random; the rest are answered.
+    FailPercent(u32),
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -36,6 +38,8 @@ struct State {
     name: String,
     behaviour: Mutex<Behaviour>,
     hits: AtomicU64,
+    /// Responses with a 5xx status.
+    errors: AtomicU64,
     /// Lets a `/stream` response send its last chunk.
     release: Notify,
 }
@@ -58,6 +62,7 @@ impl Backend {
             name: name.to_string(),
             behaviour: Mutex::new(Behaviour::Answer),
             hits: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
             release: Notify::new(),
         });
         let (stop, mut stopped) = oneshot::channel();
@@ -95,6 +100,11 @@ impl Backend {
         self.state.hits.load(Ordering::SeqCst)
     }
 
+    /// Responses with a 5xx status sent so far.
+    pub fn errors(&self) -> u64 {
+        self.state.errors.load(Ordering::SeqCst)
+    }
+
     /// Lets every waiting `/stream` response finish.
     pub fn release_streams(&self) {
         self.state.release.notify_waiters();
@@ -118,7 +128,15 @@ async fn serve_connection(stream: tokio::net::TcpStream, state: Arc<State>) {
     // A service error makes hyper drop the connection without answering: a reset.
     let service = hyper::service::service_fn(move |request| {
         let state = state.clone();
-        async move { respond(state, request).await.ok_or("reset on command") }
+        async move {
+            let response = respond(state.clone(), request)
+                .await
+                .ok_or("reset on command")?;
+            if response.status().is_server_error() {
+                state.errors.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok::<_, &str>(response)
+        }
     });
     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -134,6 +152,10 @@ async fn respond(
     match behaviour {
         Behaviour::Answer => {}
         Behaviour::Status(code) => return Some(text(code, &state.name, &request)),
+        Behaviour::FailPercent(percent) if rand::random_range(0..100) < percent => {
+            return Some(text(500, &state.name, &request));
+        }
+        Behaviour::FailPercent(_) => {}
         Behaviour::Delay(delay) => tokio::time::sleep(delay).await,
         Behaviour::Reset => return None,
         Behaviour::GrpcStatus(code) => {

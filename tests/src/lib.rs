@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod control_plane;
+pub mod process;
 
 pub use backend::{Backend, Behaviour};
 pub use control_plane::{ControlPlane, destination};

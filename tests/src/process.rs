@@ -1,0 +1,118 @@
+//! The project's binaries as child processes, for the demo and the benchmarks: output goes to a
+//! log file (quoted when something fails), and a dropped process is stopped and reaped.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+
+pub struct ChildProcess {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl ChildProcess {
+    pub fn spawn(name: &str, command: &mut Command) -> Result<Self> {
+        let log = std::env::temp_dir().join(format!("outrigger-{name}-{}.log", std::process::id()));
+        let output = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = command
+            // One open file for both, so their lines interleave instead of overwriting.
+            .stdout(output.try_clone().context("sharing the log file")?)
+            .stderr(output)
+            .spawn()
+            .with_context(|| format!("starting {name} ({:?})", command.get_program()))?;
+        Ok(Self {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The last lines the process wrote, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Waits until `GET http://{addr}{path}` answers 200, or fails with the process's log.
+    pub async fn wait_ready(
+        &mut self,
+        addr: SocketAddr,
+        path: &str,
+        deadline: Duration,
+    ) -> Result<()> {
+        let until = Instant::now() + deadline;
+        while Instant::now() < until {
+            if let Some(status) = self.child.try_wait().context("checking the child")? {
+                bail!(
+                    "{} exited ({status}) before it was ready:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            if http_get_status(addr, path).await == Some(200) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!(
+            "{} was not ready within {deadline:?}:\n{}",
+            self.name,
+            self.log_tail()
+        )
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port nothing listens on (a moment ago).
+pub fn free_port() -> Result<SocketAddr> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .context("finding a free port")
+}
+
+/// The status of `GET http://{addr}{path}`, `None` when there is no answer.
+pub async fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let (mut send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .ok()?;
+    let response = send.send_request(request).await.ok()?;
+    let status = response.status().as_u16();
+    let _ = response.into_body().collect().await;
+    Some(status)
+}
+
+/// A binary built next to the running one (all land in the same target directory).
+pub fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let me = std::env::current_exe().context("finding this executable")?;
+    let dir = me.parent().map(Path::to_path_buf).unwrap_or_default();
+    let binary = dir.join(name);
+    if !binary.is_file() {
+        bail!("{} is not built (expected at {})", name, binary.display());
+    }
+    Ok(binary)
+}
