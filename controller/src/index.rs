@@ -52,6 +52,9 @@ impl fmt::Display for ObjectKey {
     }
 }
 
+/// Ordered as a source best removes objects (a Service first, withdrawing its keys at once);
+/// additions go best in the reverse order (a Service last, computed once with everything in
+/// place).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Service,

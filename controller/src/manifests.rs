@@ -200,8 +200,8 @@ impl Manifests {
             .filter(|(reference, (_, object))| self.sent.get(reference) != Some(object))
             .map(|(_, (_, object))| (*object).clone())
             .collect();
-        // Services go last when added and first when removed, so that a new Service is computed
-        // once with its endpoints and policy in place rather than published bare first.
+        // In the orders `Kind` is declared for: a new Service is computed once, with its
+        // endpoints and policy in place, rather than published bare first.
         applied.sort_by_key(|object| std::cmp::Reverse(object.kind()));
         deleted.sort_by_key(|reference| reference.kind);
         self.sent = current

@@ -23,8 +23,13 @@ pub fn run() -> Result<()> {
 }
 
 /// Debian packages the tests use: iptables and iproute2 for the traffic-redirection tests, which
-/// run in network namespaces of their own.
-const SYSTEM_TOOLS: [(&str, &str); 2] = [("iptables-restore", "iptables"), ("ip", "iproute2")];
+/// run in network namespaces of their own; Prometheus for the dashboards test, which scrapes the
+/// binaries with it.
+const SYSTEM_TOOLS: [(&str, &str); 3] = [
+    ("iptables-restore", "iptables"),
+    ("ip", "iproute2"),
+    ("prometheus", "prometheus"),
+];
 
 fn install_system_tools() -> Result<()> {
     let missing: Vec<&str> = SYSTEM_TOOLS

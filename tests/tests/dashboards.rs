@@ -1,0 +1,1110 @@
+//! The chart's Grafana dashboards (charts/outrigger/dashboards), checked for real.
+//!
+//! - `every_panel_has_data_from_live_binaries`: a real controller (reading a manifests directory)
+//!   and real proxies run in process on loopback, with load that makes every failure the
+//!   dashboards show happen: a canary rollout, an endpoint failing until it is ejected, a slow
+//!   canary (per-try and request timeouts), a total outage (retry budget exhausted), a burst over
+//!   the rate limit, a broken manifest (reconcile error) and a configuration a proxy rejects. A
+//!   real Prometheus (Debian's package) scrapes them all every second. Then every panel's query,
+//!   its template variables filled in as Grafana would, is run through Prometheus' HTTP API over
+//!   the load's time range and must return a series with a value, and every metric name it uses
+//!   must be one the binaries expose; each template variable's own query must offer the value
+//!   used. Every metric the binaries expose must appear on some dashboard.
+//! - `dashboards_follow_the_import_conventions`: stable uids, a Prometheus `datasource` variable
+//!   that every query uses, defined variables only, panels on the grid without overlap.
+//! - `dashboards_match_grafanas_schema`: the JSON type-checks against Grafana's published
+//!   dashboard schema (charts/outrigger/dashboards/schema-check).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use outrigger_tests::{Backend, Behaviour, ControlPlane, destination};
+use regex::Regex;
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+const NAMESPACE: &str = "shop";
+const SERVICE: &str = "reviews";
+/// What the applications call, and the key the proxies subscribe to for it.
+const AUTHORITY: &str = "reviews.shop:9080";
+const DESTINATION_KEY: &str = "reviews.shop.svc.cluster.local:9080";
+
+/// The dashboards' uids: links and bookmarks depend on them, so they never change.
+const DASHBOARD_UIDS: [&str; 3] = [
+    "outrigger-mesh-overview",
+    "outrigger-destination",
+    "outrigger-control-plane",
+];
+
+/// Prometheus scrapes this often; `$__rate_interval` is what Grafana makes of it at a 1 s step
+/// (four scrape intervals).
+const SCRAPE_INTERVAL: &str = "1s";
+const RATE_INTERVAL: &str = "4s";
+
+/// How long any one awaited effect (a scrape, an ejection, a pushed configuration) may take on a
+/// loaded machine before the test gives up.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+// ------------------------------------------------------------------------------------------------
+// The dashboards
+
+struct Dashboard {
+    file: String,
+    json: Value,
+}
+
+impl Dashboard {
+    fn uid(&self) -> &str {
+        self.json["uid"].as_str().unwrap_or_default()
+    }
+
+    /// Every panel, those inside rows included, rows themselves excluded.
+    fn panels(&self) -> Vec<&Value> {
+        let mut panels = Vec::new();
+        for panel in self.json["panels"].as_array().into_iter().flatten() {
+            if panel["type"] == "row" {
+                panels.extend(panel["panels"].as_array().into_iter().flatten());
+            } else {
+                panels.push(panel);
+            }
+        }
+        panels
+    }
+
+    fn variables(&self) -> Vec<&Value> {
+        self.json["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Every query target, named for messages.
+    fn targets(&self) -> Vec<Target> {
+        let mut targets = Vec::new();
+        for panel in self.panels() {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                targets.push(Target {
+                    name: format!(
+                        "{} / {:?} / {}",
+                        self.file,
+                        panel["title"].as_str().unwrap_or("untitled"),
+                        target["refId"].as_str().unwrap_or("?"),
+                    ),
+                    expr: target["expr"].as_str().unwrap_or_default().to_string(),
+                    instant: target["instant"] == true,
+                });
+            }
+        }
+        targets
+    }
+}
+
+struct Target {
+    name: String,
+    expr: String,
+    instant: bool,
+}
+
+fn dashboards_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/outrigger/dashboards")
+}
+
+fn load_dashboards() -> Vec<Dashboard> {
+    let dir = dashboards_dir();
+    let mut dashboards: Vec<Dashboard> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).unwrap();
+            Dashboard {
+                file: path.file_name().unwrap().to_string_lossy().into_owned(),
+                json: serde_json::from_str(&text)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+            }
+        })
+        .collect();
+    dashboards.sort_by(|a, b| a.file.cmp(&b.file));
+    let uids: BTreeSet<&str> = dashboards.iter().map(Dashboard::uid).collect();
+    assert_eq!(
+        uids,
+        BTreeSet::from(DASHBOARD_UIDS),
+        "one dashboard per uid, and no other"
+    );
+    dashboards
+}
+
+/// Grafana's own variables, which need no definition in the dashboard.
+const GLOBAL_VARIABLES: [&str; 3] = ["__rate_interval", "__interval", "__range"];
+
+fn variable_references(text: &str) -> Vec<String> {
+    let reference = Regex::new(r"\$\{(\w+)\}|\$(\w+)").unwrap();
+    reference
+        .captures_iter(text)
+        .map(|c| c.get(1).or(c.get(2)).unwrap().as_str().to_string())
+        .collect()
+}
+
+/// `text` with its variables replaced, `${name}` and `$name` alike; unknown ones are left.
+fn substitute(text: &str, values: &BTreeMap<&str, String>) -> String {
+    let reference = Regex::new(r"\$\{(\w+)\}|\$(\w+)").unwrap();
+    reference
+        .replace_all(text, |c: &regex::Captures| {
+            let name = c.get(1).or(c.get(2)).unwrap().as_str();
+            values
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| c[0].to_string())
+        })
+        .into_owned()
+}
+
+/// The metric names a PromQL expression reads: identifiers that are not functions, keywords,
+/// label names, label values or durations.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let strings = Regex::new(r#""(?:[^"\\]|\\.)*""#).unwrap();
+    let matchers = Regex::new(r"\{[^}]*\}").unwrap();
+    let ranges = Regex::new(r"\[[^\]]*\]").unwrap();
+    let label_lists =
+        Regex::new(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)").unwrap();
+    let identifier = Regex::new(r"[A-Za-z_:][A-Za-z0-9_:]*").unwrap();
+    const KEYWORDS: [&str; 8] = [
+        "and", "or", "unless", "bool", "offset", "inf", "nan", "atan2",
+    ];
+    let expr = strings.replace_all(expr, "\"\"");
+    let expr = matchers.replace_all(&expr, " ");
+    let expr = ranges.replace_all(&expr, " ");
+    let expr = label_lists.replace_all(&expr, " ");
+    identifier
+        .find_iter(&expr)
+        .filter(|m| {
+            let preceded_by_digit = expr[..m.start()]
+                .chars()
+                .last()
+                .is_some_and(|c| c.is_ascii_digit() || c == '.');
+            let is_function = expr[m.end()..].trim_start().starts_with('(');
+            !preceded_by_digit && !is_function && !KEYWORDS.contains(&m.as_str())
+        })
+        .map(|m| m.as_str().to_string())
+        .collect()
+}
+
+/// Sample names (`outrigger_requests_total`) and family names (`outrigger_requests`) of an
+/// OpenMetrics or Prometheus text exposition.
+fn exposed_names(exposition: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let mut samples = BTreeSet::new();
+    let mut families = BTreeSet::new();
+    for line in exposition.lines() {
+        if let Some(declaration) = line.strip_prefix("# TYPE ") {
+            families.insert(declaration.split(' ').next().unwrap().to_string());
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            samples.insert(line[..end].to_string());
+        }
+    }
+    (samples, families)
+}
+
+/// The family a sample name belongs to.
+fn family_of<'a>(sample: &'a str, families: &BTreeSet<String>) -> Option<&'a str> {
+    ["", "_total", "_bucket", "_count", "_sum", "_created"]
+        .iter()
+        .filter_map(|suffix| sample.strip_suffix(suffix))
+        .find(|family| families.contains(*family))
+}
+
+// ------------------------------------------------------------------------------------------------
+// Conventions and schema
+
+#[test]
+fn dashboards_follow_the_import_conventions() {
+    let prometheus_ref = serde_json::json!({"type": "prometheus", "uid": "${datasource}"});
+    for dashboard in load_dashboards() {
+        let file = &dashboard.file;
+        let json = &dashboard.json;
+        assert!(
+            json["title"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("Outrigger / ")),
+            "{file}: titles start with `Outrigger / `"
+        );
+        assert!(
+            json["tags"]
+                .as_array()
+                .is_some_and(|tags| tags.contains(&"outrigger".into())),
+            "{file}: tagged `outrigger`, which the dashboards' links list"
+        );
+
+        let variables = dashboard.variables();
+        let datasource = variables
+            .iter()
+            .find(|v| v["name"] == "datasource")
+            .unwrap_or_else(|| panic!("{file}: no `datasource` variable"));
+        assert_eq!(
+            (&datasource["type"], &datasource["query"]),
+            (&"datasource".into(), &"prometheus".into()),
+            "{file}: `datasource` picks any Prometheus data source"
+        );
+        let defined: BTreeSet<&str> = variables
+            .iter()
+            .filter_map(|v| v["name"].as_str())
+            .chain(GLOBAL_VARIABLES)
+            .collect();
+        for variable in &variables {
+            if variable["type"] == "query" {
+                assert_eq!(
+                    variable["datasource"], prometheus_ref,
+                    "{file}: variable {}",
+                    variable["name"]
+                );
+                for used in variable_references(variable["query"].as_str().unwrap_or_default()) {
+                    assert!(
+                        defined.contains(used.as_str()),
+                        "{file}: variable {} uses undefined ${used}",
+                        variable["name"]
+                    );
+                }
+            }
+        }
+
+        let mut ids = BTreeSet::new();
+        let mut cells: BTreeMap<(u64, u64), String> = BTreeMap::new();
+        for panel in json["panels"].as_array().unwrap().iter().chain(
+            json["panels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|p| p["panels"].as_array().into_iter().flatten()),
+        ) {
+            let title = panel["title"].as_str().unwrap_or("untitled");
+            assert!(
+                ids.insert(panel["id"].as_u64().expect("panel id")),
+                "{file}: panel id of {title:?} reused"
+            );
+            let at = &panel["gridPos"];
+            let [x, y, w, h] = ["x", "y", "w", "h"].map(|k| at[k].as_u64().expect("gridPos"));
+            assert!(x + w <= 24, "{file}: {title:?} is wider than the grid");
+            for cell_x in x..x + w {
+                for cell_y in y..y + h {
+                    if let Some(other) = cells.insert((cell_x, cell_y), title.to_string()) {
+                        panic!("{file}: {title:?} overlaps {other:?}");
+                    }
+                }
+            }
+            if panel["type"] == "row" {
+                continue;
+            }
+            assert_eq!(panel["datasource"], prometheus_ref, "{file}: {title:?}");
+            assert!(
+                panel["description"].as_str().is_some_and(|d| !d.is_empty()),
+                "{file}: {title:?} says what it shows"
+            );
+            let targets = panel["targets"].as_array().expect("targets");
+            assert!(!targets.is_empty(), "{file}: {title:?} has no query");
+            for target in targets {
+                assert_eq!(target["datasource"], prometheus_ref, "{file}: {title:?}");
+                let expr = target["expr"].as_str().expect("expr");
+                for used in variable_references(expr) {
+                    assert!(
+                        defined.contains(used.as_str()),
+                        "{file}: {title:?} uses undefined ${used}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dashboards_match_grafanas_schema() {
+    let dir = dashboards_dir().join("schema-check");
+    let npm = on_path("npm").unwrap_or_else(|| {
+        panic!(
+            "npm is not installed: the dashboards' schema check needs node (20 or later) and npm"
+        )
+    });
+    for args in [
+        &["ci", "--no-audit", "--no-fund", "--loglevel=error"][..],
+        &["run", "--silent", "check"][..],
+    ] {
+        let output = Command::new(&npm)
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| panic!("running npm {}: {e}", args.join(" ")));
+        assert!(
+            output.status.success(),
+            "npm {} in {} failed ({}):\n{}{}",
+            args.join(" "),
+            dir.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+        );
+    }
+}
+
+fn on_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+    })
+}
+
+// ------------------------------------------------------------------------------------------------
+// HTTP on loopback
+
+/// One GET over a fresh HTTP/1.1 connection: (status, body).
+async fn http_get(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    let io = TokioIo::new(TcpStream::connect(addr).await?);
+    let (mut send, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, host)
+        .body(Full::new(Bytes::new()))?;
+    let response = send.send_request(request).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+async fn scrape(admin: SocketAddr) -> String {
+    match http_get(admin, "admin", "/metrics").await {
+        Ok((200, body)) => body,
+        other => panic!("scraping {admin}: {other:?}"),
+    }
+}
+
+/// The sum of every series of `sample` in an exposition whose labels contain `labels`.
+fn sum_of(exposition: &str, sample: &str, labels: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(sample)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                && line.contains(labels)
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// An h2c connection from an application to its proxy's outbound listener.
+async fn app_connection(outbound: SocketAddr) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+    let io = TokioIo::new(TcpStream::connect(outbound).await?);
+    let (send, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+    tokio::spawn(connection);
+    Ok(send)
+}
+
+/// A call to the reviews Service; `canary` sets the header that routes to the canary subset.
+async fn call(send: &mut SendRequest<Full<Bytes>>, path: &str, canary: bool) -> u16 {
+    let mut request = http::Request::get(format!("http://{AUTHORITY}{path}"))
+        .version(http::Version::HTTP_2)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    if canary {
+        request
+            .headers_mut()
+            .insert("x-canary", http::HeaderValue::from_static("true"));
+    }
+    if send.ready().await.is_err() {
+        return 0;
+    }
+    match send.send_request(request).await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let _ = response.into_body().collect().await;
+            status
+        }
+        Err(_) => 0,
+    }
+}
+
+/// `count` concurrent calls over one connection; their statuses (0: no response).
+async fn burst(outbound: SocketAddr, count: usize, path: &str, canary: bool) -> Vec<u16> {
+    let Ok(send) = app_connection(outbound).await else {
+        return vec![0; count];
+    };
+    let calls = (0..count).map(|_| {
+        let mut send = send.clone();
+        async move { call(&mut send, path, canary).await }
+    });
+    futures_util::future::join_all(calls).await
+}
+
+/// An application calling reviews steadily, a few requests at a time, until `stop`.
+fn steady_load(
+    outbound: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut sent = 0;
+        while !*stop.borrow() {
+            sent += burst(outbound, 4, "/", false).await.len() as u64;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        sent
+    })
+}
+
+/// Fails the test, naming `what`, once `PATIENCE` has passed since it was made.
+struct Deadline {
+    what: &'static str,
+    until: Instant,
+}
+
+impl Deadline {
+    fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            until: Instant::now() + PATIENCE,
+        }
+    }
+
+    async fn tick(&self) {
+        assert!(
+            Instant::now() < self.until,
+            "timed out after {PATIENCE:?} waiting for: {}",
+            self.what
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+// ------------------------------------------------------------------------------------------------
+// The mesh: a controller fed by a manifests directory, proxies, backends
+
+#[derive(Parser)]
+struct ControllerFlags {
+    #[command(flatten)]
+    settings: outrigger_controller::Settings,
+}
+
+#[derive(Parser)]
+struct ProxyFlags {
+    #[command(flatten)]
+    settings: outrigger_proxy::Settings,
+}
+
+struct RunningProxy {
+    outbound: SocketAddr,
+    admin: SocketAddr,
+    _stop: watch::Sender<bool>,
+}
+
+/// A proxy of pod `workload` in namespace shop, started the way the binary starts it (flags), on
+/// loopback ports of its own; returns once `/ready`.
+async fn start_proxy(control_plane: &str, workload: &str, app: SocketAddr) -> RunningProxy {
+    let any = "127.0.0.1:0";
+    let flags = ProxyFlags::parse_from([
+        "outrigger-proxy",
+        "--control-plane",
+        control_plane,
+        "--namespace",
+        NAMESPACE,
+        "--workload",
+        workload,
+        "--service-account",
+        "productpage",
+        "--outbound-addr",
+        any,
+        "--inbound-addr",
+        any,
+        "--admin-addr",
+        any,
+        "--app-addr",
+        &app.to_string(),
+    ]);
+    let proxy = outrigger_proxy::Proxy::bind(flags.settings)
+        .await
+        .expect("bind proxy");
+    let (outbound, admin) = (proxy.outbound_addr(), proxy.admin_addr());
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(proxy.run(stopped));
+    let deadline = Deadline::new("a proxy to be ready");
+    while !matches!(http_get(admin, "admin", "/ready").await, Ok((200, _))) {
+        deadline.tick().await;
+    }
+    RunningProxy {
+        outbound,
+        admin,
+        _stop: stop,
+    }
+}
+
+/// The reviews Service, one EndpointSlice and Pod per backend (on loopback, each on its own
+/// port), as `kubectl apply` would take them.
+fn service_manifest(backends: &[(&Backend, &str)]) -> String {
+    let mut manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {SERVICE}, namespace: {NAMESPACE}}}\n\
+         spec:\n  ports: [{{name: http, port: 9080}}]\n"
+    );
+    for (backend, version) in backends {
+        let pod = format!("{SERVICE}-{}", backend.name());
+        manifest += &format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata:\n  name: {pod}\n  namespace: {NAMESPACE}\n  labels: {{kubernetes.io/service-name: {SERVICE}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {port}}}]\n\
+             endpoints:\n- addresses: [\"127.0.0.1\"]\n  conditions: {{ready: true}}\n  targetRef: {{kind: Pod, name: {pod}, namespace: {NAMESPACE}}}\n\
+             ---\napiVersion: v1\nkind: Pod\n\
+             metadata:\n  name: {pod}\n  namespace: {NAMESPACE}\n  labels: {{app: {SERVICE}, version: {version}}}\n",
+            port = backend.addr.port(),
+        );
+    }
+    manifest
+}
+
+/// The canary policy at `canary_weight` percent: retries within a small budget, outlier
+/// detection, a rate limit, and routes that send testers (header x-canary) to the canary, with a
+/// tight timeout on /reports.
+fn policy_manifest(canary_weight: u32) -> String {
+    format!(
+        r#"apiVersion: outrigger.dev/v1alpha1
+kind: DestinationPolicy
+metadata: {{name: {SERVICE}, namespace: {NAMESPACE}}}
+spec:
+  host: {SERVICE}
+  subsets:
+  - {{name: stable, labels: {{version: v1}}}}
+  - {{name: canary, labels: {{version: v2}}}}
+  trafficSplit:
+  - {{subset: stable, weight: {stable}}}
+  - {{subset: canary, weight: {canary_weight}}}
+  routes:
+  - name: canary-reports
+    match: {{headers: {{x-canary: {{exact: "true"}}}}, pathPrefix: /reports}}
+    trafficSplit: [{{subset: canary, weight: 100}}]
+    timeout: 150ms
+    retries: {{attempts: 1, perTryTimeout: 100ms, retryOn: [gateway-error]}}
+  - name: canary-testers
+    match: {{headers: {{x-canary: {{exact: "true"}}}}}}
+    trafficSplit: [{{subset: canary, weight: 100}}]
+  timeout: 2s
+  retries:
+    attempts: 2
+    perTryTimeout: 200ms
+    retryOn: [5xx, gateway-error, connect-failure, reset]
+    backoff: {{baseInterval: 5ms, maxInterval: 20ms}}
+    budget: {{percent: 10, minRetriesPerSecond: 2}}
+  outlierDetection:
+    consecutive5xxErrors: 3
+    baseEjectionTime: 2s
+    maxEjectionTime: 10s
+    maxEjectionPercent: 50
+  loadBalancer: {{algorithm: RoundRobin}}
+  rateLimit: {{requestsPerSecond: 200, burst: 50}}
+"#,
+        stable = 100 - canary_weight,
+    )
+}
+
+// ------------------------------------------------------------------------------------------------
+// Prometheus
+
+/// A Prometheus server of Debian's package on a free loopback port, with its storage in a
+/// temporary directory; killed when dropped, so that no test outcome leaves it running.
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(jobs: &[(&str, Vec<SocketAddr>)]) -> Self {
+        let binary = on_path("prometheus").unwrap_or_else(|| {
+            panic!(
+                "prometheus is not installed: `apt-get install prometheus` (Debian's package; \
+                 `cargo xtask ci` installs it)"
+            )
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = format!(
+            "global: {{scrape_interval: {SCRAPE_INTERVAL}, scrape_timeout: {SCRAPE_INTERVAL}, \
+             evaluation_interval: {SCRAPE_INTERVAL}}}\nscrape_configs:\n"
+        );
+        for (job, targets) in jobs {
+            let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+            config += &format!(
+                "- job_name: {job}\n  static_configs: [{{targets: [{}]}}]\n",
+                targets.join(", ")
+            );
+        }
+        let config_file = dir.path().join("prometheus.yml");
+        std::fs::write(&config_file, config).unwrap();
+        // A port the kernel just handed out and took back: free unless another process races
+        // for it, which a failed start below would report.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new(binary)
+            .arg(format!("--config.file={}", config_file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting prometheus");
+        Self { child, addr, dir }
+    }
+
+    /// The end of Prometheus' own log, for failure messages.
+    fn log(&self) -> String {
+        let log =
+            std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    async fn ready(&mut self) {
+        let deadline = Deadline::new("prometheus to be ready");
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("prometheus exited ({status}):\n{}", self.log());
+            }
+            if matches!(
+                http_get(self.addr, "prometheus", "/-/ready").await,
+                Ok((200, _))
+            ) {
+                return;
+            }
+            deadline.tick().await;
+        }
+    }
+
+    /// The `data` of a successful API answer, or why there is none.
+    async fn api(&self, path: &str, params: &[(&str, &str)]) -> Result<Value, String> {
+        let query: Vec<String> = params
+            .iter()
+            .map(|(k, v)| format!("{}={}", url_encode(k), url_encode(v)))
+            .collect();
+        let uri = format!("{path}?{}", query.join("&"));
+        let (status, body) = http_get(self.addr, "prometheus", &uri)
+            .await
+            .map_err(|e| format!("GET {uri}: {e}"))?;
+        let answer: Value =
+            serde_json::from_str(&body).map_err(|e| format!("GET {uri}: {status} {e}: {body}"))?;
+        if answer["status"] != "success" {
+            return Err(format!(
+                "{}: {}",
+                answer["errorType"].as_str().unwrap_or("error"),
+                answer["error"].as_str().unwrap_or(&body)
+            ));
+        }
+        Ok(answer["data"].clone())
+    }
+
+    async fn targets_up(&self) -> usize {
+        let Ok(targets) = self.api("/api/v1/targets", &[("state", "active")]).await else {
+            return 0;
+        };
+        targets["activeTargets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["health"] == "up")
+            .count()
+    }
+
+    /// The time of the oldest of every target's latest scrape.
+    async fn last_scraped(&self) -> f64 {
+        let Ok(data) = self
+            .api("/api/v1/query", &[("query", "min(timestamp(up))")])
+            .await
+        else {
+            return 0.0;
+        };
+        data["result"][0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn url_encode(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                encoded.push(byte as char)
+            }
+            _ => encoded += &format!("%{byte:02X}"),
+        }
+    }
+    encoded
+}
+
+/// Whether a query answer holds at least one series with a number (not NaN, not infinite).
+fn has_a_finite_value(data: &Value) -> bool {
+    let finite = |point: &Value| {
+        point[1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(f64::is_finite)
+    };
+    data["result"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|series| {
+            series["values"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(finite)
+                || finite(&series["value"])
+        })
+}
+
+// ------------------------------------------------------------------------------------------------
+// The test
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_panel_has_data_from_live_binaries() {
+    let started = Instant::now();
+    let dashboards = load_dashboards();
+
+    // Backends: two stable pods and a canary.
+    let stable_0 = Backend::start("stable-0").await;
+    let stable_1 = Backend::start("stable-1").await;
+    let canary_0 = Backend::start("canary-0").await;
+
+    // The controller, as the binary runs it, from a manifests directory.
+    let manifests = tempfile::tempdir().unwrap();
+    let write_manifest = |file: &str, content: &str| {
+        // Written aside and renamed, so the controller never reads half a file.
+        let aside = manifests.path().join(format!(".{file}"));
+        std::fs::write(&aside, content).unwrap();
+        std::fs::rename(&aside, manifests.path().join(file)).unwrap();
+    };
+    write_manifest(
+        "reviews.yaml",
+        &service_manifest(&[(&stable_0, "v1"), (&stable_1, "v1"), (&canary_0, "v2")]),
+    );
+    write_manifest("reviews-policy.yaml", &policy_manifest(10));
+    let flags = ControllerFlags::parse_from([
+        "outrigger-controller",
+        "--manifests",
+        manifests.path().to_str().unwrap(),
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]);
+    let controller = outrigger_controller::Controller::bind(flags.settings)
+        .await
+        .expect("bind controller");
+    let controller_url = format!("http://{}", controller.grpc_addr());
+    let controller_admin = controller.admin_addr();
+    let (_stop_controller, controller_stopped) = watch::channel(false);
+    tokio::spawn(controller.run(controller_stopped));
+
+    // Two application pods calling reviews through their proxies.
+    let productpage = [
+        start_proxy(&controller_url, "productpage-0", stable_0.addr).await,
+        start_proxy(&controller_url, "productpage-1", stable_0.addr).await,
+    ];
+    // And one whose control plane sends it a configuration it cannot apply: a test control plane
+    // speaking the same protocol, which can publish what the controller never would.
+    let rogue_control_plane = ControlPlane::start().await;
+    let reviews = destination(NAMESPACE, SERVICE, 9080, &[(stable_0.addr, &[])]);
+    rogue_control_plane.publish(DESTINATION_KEY, reviews.clone());
+    let misconfigured = start_proxy(&rogue_control_plane.url(), "ratings-0", stable_0.addr).await;
+    assert_eq!(
+        burst(misconfigured.outbound, 1, "/", false).await,
+        [200],
+        "the misconfigured proxy's first configuration works"
+    );
+
+    for proxy in &productpage {
+        assert_eq!(burst(proxy.outbound, 1, "/", false).await, [200]);
+    }
+    assert_eq!(
+        sum_of(
+            &scrape(controller_admin).await,
+            "outrigger_controller_reconcile_errors_total",
+            ""
+        ),
+        0.0,
+        "the manifests are valid"
+    );
+
+    let proxy_admins: Vec<SocketAddr> = productpage
+        .iter()
+        .chain([&misconfigured])
+        .map(|p| p.admin)
+        .collect();
+    let mut prometheus = Prometheus::start(&[
+        ("outrigger-proxy", proxy_admins.clone()),
+        ("outrigger-controller", vec![controller_admin]),
+    ]);
+    prometheus.ready().await;
+    let deadline = Deadline::new("prometheus to scrape every proxy and the controller");
+    while prometheus.targets_up().await < proxy_admins.len() + 1 {
+        deadline.tick().await;
+    }
+    eprintln!("mesh and prometheus up after {:?}", started.elapsed());
+
+    // Load. Each phase drives traffic until its effect shows in the proxies' own metrics, so that
+    // a slow machine takes longer rather than failing.
+    let load_start = unix_now();
+    let (stop_load, load_stopped) = watch::channel(false);
+    let steady: Vec<_> = productpage
+        .iter()
+        .map(|p| steady_load(p.outbound, load_stopped.clone()))
+        .collect();
+    let (caller, caller_admin) = (productpage[0].outbound, productpage[0].admin);
+    let caller_metric = move |sample: &'static str, labels: &'static str| async move {
+        sum_of(&scrape(caller_admin).await, sample, labels)
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // A stable pod fails: retried elsewhere, then ejected; probation and recovery follow.
+    stable_1.set(Behaviour::Status(503));
+    let deadline = Deadline::new("stable-1 to be ejected");
+    while caller_metric("outrigger_outlier_ejections_total", "").await < 1.0 {
+        burst(caller, 20, "/", false).await;
+        deadline.tick().await;
+    }
+    stable_1.set(Behaviour::Answer);
+
+    // The canary is rolled out further: a policy change pushed to every proxy.
+    let pushes =
+        |exposition: String| sum_of(&exposition, "outrigger_controller_push_seconds_count", "");
+    let pushed_before = pushes(scrape(controller_admin).await);
+    write_manifest("reviews-policy.yaml", &policy_manifest(50));
+    let deadline = Deadline::new("the 50% canary to be acknowledged by both callers");
+    while pushes(scrape(controller_admin).await) < pushed_before + productpage.len() as f64 {
+        deadline.tick().await;
+    }
+
+    // The canary turns slow: attempts time out (and are retried), /reports times out whole.
+    canary_0.set(Behaviour::Delay(Duration::from_millis(500)));
+    let deadline = Deadline::new("per-try and request timeouts");
+    while caller_metric("outrigger_timeouts_total", r#"kind="per_try""#).await < 1.0
+        || caller_metric("outrigger_timeouts_total", r#"kind="request""#).await < 1.0
+    {
+        tokio::join!(
+            burst(caller, 5, "/", true),
+            burst(caller, 5, "/reports", true)
+        );
+        deadline.tick().await;
+    }
+    canary_0.set(Behaviour::Answer);
+
+    // Every pod fails at once: retries would double the load, and the budget stops them.
+    for backend in [&stable_0, &stable_1, &canary_0] {
+        backend.set(Behaviour::Status(503));
+    }
+    let deadline = Deadline::new("the retry budget to run out");
+    while caller_metric("outrigger_retry_budget_exhausted_total", "").await < 1.0 {
+        burst(caller, 50, "/", false).await;
+        deadline.tick().await;
+    }
+    for backend in [&stable_0, &stable_1, &canary_0] {
+        backend.set(Behaviour::Answer);
+    }
+
+    // A burst over the rate limit.
+    let deadline = Deadline::new("requests over the rate limit to be refused");
+    while caller_metric("outrigger_rate_limited_total", "").await < 1.0 {
+        burst(caller, 200, "/", false).await;
+        deadline.tick().await;
+    }
+
+    // Someone saves a broken manifest: the controller reports it and keeps the last good state.
+    write_manifest(
+        "typo.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: [not, a, map]\n",
+    );
+    let deadline = Deadline::new("the broken manifest to count as a reconcile error");
+    while sum_of(
+        &scrape(controller_admin).await,
+        "outrigger_controller_reconcile_errors_total",
+        "",
+    ) < 1.0
+    {
+        deadline.tick().await;
+    }
+
+    // A configuration the misconfigured proxy cannot apply: an endpoint in an undeclared subset.
+    let mut unusable = reviews;
+    unusable.endpoints[0].subsets = vec!["undeclared".into()];
+    rogue_control_plane.publish(DESTINATION_KEY, unusable);
+    let deadline = Deadline::new("the misconfigured proxy to reject its configuration");
+    while sum_of(
+        &scrape(misconfigured.admin).await,
+        "outrigger_config_updates_total",
+        r#"result="rejected""#,
+    ) < 1.0
+    {
+        deadline.tick().await;
+    }
+
+    // Healthy traffic again for a few scrapes, then the load stops.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let load_end = unix_now();
+    stop_load.send_replace(true);
+    let mut steady_requests = 0;
+    for load in steady {
+        steady_requests += load.await.unwrap();
+    }
+    eprintln!(
+        "load: {:.1}s, {steady_requests} steady requests besides the phases' bursts",
+        load_end - load_start
+    );
+
+    // What the binaries expose, straight from their admin endpoints.
+    let mut exposed_samples = BTreeSet::new();
+    let mut exposed_families = BTreeSet::new();
+    for admin in proxy_admins.iter().chain([&controller_admin]) {
+        let (samples, families) = exposed_names(&scrape(*admin).await);
+        exposed_samples.extend(samples);
+        exposed_families.extend(families);
+    }
+
+    let deadline = Deadline::new("prometheus to scrape past the end of the load");
+    while prometheus.last_scraped().await < load_end + 1.0 {
+        deadline.tick().await;
+    }
+
+    // Every panel, as Grafana would run it over the load's time range.
+    let (start, end) = (load_start.floor(), (load_end + 1.0).ceil());
+    let values: BTreeMap<&str, String> = BTreeMap::from([
+        ("namespace", NAMESPACE.to_string()),
+        ("service", SERVICE.to_string()),
+        ("__rate_interval", RATE_INTERVAL.to_string()),
+        ("__interval", SCRAPE_INTERVAL.to_string()),
+        ("__range", format!("{}s", end - start)),
+    ]);
+    let (start, end) = (start.to_string(), end.to_string());
+    let mut problems = Vec::new();
+    let mut used_families = BTreeSet::new();
+    let mut queries_run = 0;
+    let label_values = Regex::new(r"^label_values\((.+),\s*(\w+)\)$").unwrap();
+    for dashboard in &dashboards {
+        for variable in dashboard.variables() {
+            if variable["type"] != "query" {
+                continue;
+            }
+            let name = variable["name"].as_str().unwrap();
+            let query = variable["query"].as_str().unwrap_or_default();
+            let Some(parts) = label_values.captures(query) else {
+                problems.push(format!(
+                    "{}: variable {name}: not label_values(selector, label): {query}",
+                    dashboard.file
+                ));
+                continue;
+            };
+            let selector = substitute(&parts[1], &values);
+            let offered = prometheus
+                .api(
+                    &format!("/api/v1/label/{}/values", &parts[2]),
+                    &[("match[]", &selector), ("start", &start), ("end", &end)],
+                )
+                .await;
+            queries_run += 1;
+            let wanted = Value::from(values[name].as_str());
+            match offered {
+                Ok(list) if list.as_array().is_some_and(|l| l.contains(&wanted)) => {}
+                other => problems.push(format!(
+                    "{}: variable {name} ({query}) does not offer {wanted}: {other:?}",
+                    dashboard.file
+                )),
+            }
+        }
+        for target in dashboard.targets() {
+            for name in metric_names(&target.expr) {
+                match family_of(&name, &exposed_families) {
+                    Some(family) if exposed_samples.contains(&name) => {
+                        used_families.insert(family.to_string());
+                    }
+                    _ => problems.push(format!(
+                        "{}: {name} is not a metric the binaries expose",
+                        target.name
+                    )),
+                }
+            }
+            let expr = substitute(&target.expr, &values);
+            if expr.contains('$') {
+                problems.push(format!("{}: unsubstituted variable in {expr}", target.name));
+                continue;
+            }
+            let answer = if target.instant {
+                prometheus
+                    .api("/api/v1/query", &[("query", &expr), ("time", &end)])
+                    .await
+            } else {
+                prometheus
+                    .api(
+                        "/api/v1/query_range",
+                        &[
+                            ("query", &expr),
+                            ("start", &start),
+                            ("end", &end),
+                            ("step", "1"),
+                        ],
+                    )
+                    .await
+            };
+            queries_run += 1;
+            match answer {
+                Ok(data) if has_a_finite_value(&data) => {}
+                Ok(data) => problems.push(format!("{}: no data for {expr}: {data}", target.name)),
+                Err(error) => problems.push(format!("{}: {expr}: {error}", target.name)),
+            }
+        }
+    }
+    let unused: Vec<&String> = exposed_families.difference(&used_families).collect();
+    if !unused.is_empty() {
+        problems.push(format!("exposed but on no dashboard: {unused:?}"));
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n{}\n\nprometheus log:\n{}",
+        problems.len(),
+        problems.join("\n"),
+        prometheus.log()
+    );
+    eprintln!(
+        "{queries_run} dashboard queries answered with data; {} metric families, all on a \
+         dashboard; {:?} in all",
+        exposed_families.len(),
+        started.elapsed()
+    );
+    drop(prometheus);
+}
