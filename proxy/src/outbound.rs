@@ -25,9 +25,19 @@ pub struct Outbound {
     pub discovery_wait: Duration,
 }
 
-/// The destination a connection used last: the authority as the app wrote it (empty for a
-/// redirected connection, whose destination never changes), its key, and its entry.
-type LastDestination = (String, Arc<str>, Arc<Entry>);
+/// A request's destination: its key, and its entry among the subscribed destinations.
+#[derive(Clone)]
+struct Target {
+    key: Arc<str>,
+    entry: Arc<Entry>,
+}
+
+/// The destination a connection used last, by the authority as the app wrote it (empty for a
+/// redirected connection, whose destination never changes).
+struct LastTarget {
+    authority: String,
+    target: Target,
+}
 
 /// Routes the requests of one downstream connection.
 #[derive(Clone)]
@@ -35,7 +45,7 @@ pub struct OutboundService {
     outbound: Arc<Outbound>,
     connection: ConnectionInfo,
     /// Keep-alive connections mostly call one destination: resolve its name once.
-    last: Arc<Mutex<Option<LastDestination>>>,
+    last: Arc<Mutex<Option<LastTarget>>>,
 }
 
 impl OutboundService {
@@ -48,10 +58,7 @@ impl OutboundService {
     }
 
     /// The destination of a request, or the response that explains why it has none.
-    fn destination(
-        &self,
-        request: &Request<Body>,
-    ) -> Result<(Arc<str>, Arc<Entry>), Box<Response<Body>>> {
+    fn target(&self, request: &Request<Body>) -> Result<Target, Box<Response<Body>>> {
         let authority = match self.connection.original_dst {
             Some(_) => "",
             None => request
@@ -72,10 +79,10 @@ impl OutboundService {
                 })?,
         };
         let mut last = self.last.lock().expect("connection cache lock");
-        if let Some((cached, key, entry)) = &*last
-            && cached == authority
+        if let Some(last) = &*last
+            && last.authority == authority
         {
-            return Ok((key.clone(), entry.clone()));
+            return Ok(last.target.clone());
         }
         let key = match self.connection.original_dst {
             Some(original_dst) => DestinationKey::Address(original_dst),
@@ -88,9 +95,15 @@ impl OutboundService {
                 })?,
         };
         let key: Arc<str> = key.to_string().into();
-        let entry = self.outbound.destinations.entry(&key);
-        *last = Some((authority.to_string(), key.clone(), entry.clone()));
-        Ok((key, entry))
+        let target = Target {
+            entry: self.outbound.destinations.entry(&key),
+            key,
+        };
+        *last = Some(LastTarget {
+            authority: authority.to_string(),
+            target: target.clone(),
+        });
+        Ok(target)
     }
 }
 
@@ -104,8 +117,8 @@ impl tower::Service<Request<Body>> for OutboundService {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let (key, entry) = match self.destination(&request) {
-            Ok(found) => found,
+        let Target { key, entry } = match self.target(&request) {
+            Ok(target) => target,
             Err(response) => return Box::pin(async move { Ok(*response) }),
         };
         let wait = self.outbound.discovery_wait;

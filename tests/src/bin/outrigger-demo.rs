@@ -51,7 +51,10 @@ const STABLE: &str = "127.0.0.1:9081";
 const CANARY: &str = "127.0.0.1:9082";
 
 /// The demo's script: what each step does to the policy, and what to expect.
-const STEPS: [(&str, fn(&str) -> String); 4] = [
+/// Rewrites the policy file's text.
+type Edit = fn(&str) -> String;
+
+const STEPS: [(&str, Edit); 4] = [
     (
         "shift half the traffic to the canary: more retries, more ejections, the app still fine",
         |policy| set_weights(policy, 50, 50),
@@ -197,7 +200,7 @@ async fn main() -> Result<()> {
         if cli.seconds > 0 && elapsed >= cli.seconds {
             break;
         }
-        if cli.edit_every > 0 && elapsed % cli.edit_every == 0 {
+        if cli.edit_every > 0 && elapsed.is_multiple_of(cli.edit_every) {
             let (what, edit) = STEPS[step % STEPS.len()];
             let policy = edit(&original_policy);
             std::fs::write(scratch.join(POLICY_FILE), &policy).context("editing the policy")?;
