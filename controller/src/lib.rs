@@ -6,9 +6,11 @@ pub mod admin;
 pub mod crds;
 pub mod distribute;
 pub mod index;
+pub mod inject;
 pub mod manifests;
 pub mod metrics;
 pub mod translate;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,0 +1,420 @@
+//! Sidecar injection: a mutating admission webhook that adds the proxy to meshed pods.
+//!
+//! A pod gets the proxy when its namespace is labelled `outrigger.dev/inject=enabled` (the
+//! webhook registered for those namespaces calls `/inject`), or when the pod itself is annotated
+//! `outrigger.dev/inject: enabled` (the webhook for every other namespace calls
+//! `/inject?opt-in=annotation`). The annotation `outrigger.dev/inject: disabled` opts a pod out.
+//! A pod that already has the proxy is left as it is, so injecting twice changes nothing.
+//!
+//! What is added, first among the init containers so the app's own init containers are meshed
+//! too: `outrigger-init`, which installs the iptables redirection and exits, then
+//! `outrigger-proxy` as a native sidecar (an init container with `restartPolicy: Always`), which
+//! starts before the app and stops after it.
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, Pod, Probe, ResourceRequirements, SecurityContext,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+pub const INJECT_ANNOTATION: &str = "outrigger.dev/inject";
+pub const INJECTED_ANNOTATION: &str = "outrigger.dev/injected";
+pub const PROXY_CONTAINER: &str = "outrigger-proxy";
+pub const INIT_CONTAINER: &str = "outrigger-init";
+
+/// What the injected containers look like; the Helm chart writes it from its values.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InjectorConfig {
+    pub proxy_image: String,
+    pub init_image: String,
+    #[serde(default = "default_pull_policy")]
+    pub image_pull_policy: String,
+    /// gRPC URL of the controller, as proxies reach it.
+    pub control_plane: String,
+    #[serde(default = "default_proxy_uid")]
+    pub proxy_uid: i64,
+    #[serde(default)]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default)]
+    pub skip_inbound_ports: Vec<u16>,
+    #[serde(default)]
+    pub skip_outbound_ports: Vec<u16>,
+    #[serde(default)]
+    pub skip_outbound_cidrs: Vec<String>,
+}
+
+fn default_pull_policy() -> String {
+    "IfNotPresent".into()
+}
+
+fn default_proxy_uid() -> i64 {
+    2102
+}
+
+const OUTBOUND_PORT: u16 = 4140;
+const INBOUND_PORT: u16 = 4143;
+const ADMIN_PORT: u16 = 4191;
+
+/// Who asked: a namespace opted in as a whole, or only pods annotated to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptIn {
+    Namespace,
+    Annotation,
+}
+
+/// Why a pod is left alone, for the logs.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Skip {
+    OptedOut,
+    NotOptedIn,
+    AlreadyInjected,
+    HostNetwork,
+}
+
+/// The JSON patch that meshes `pod`, or why it is left alone.
+pub fn patch(pod: &Pod, opt_in: OptIn, config: &InjectorConfig) -> Result<Value, Skip> {
+    let annotations = pod.metadata.annotations.as_ref();
+    let annotation = annotations
+        .and_then(|a| a.get(INJECT_ANNOTATION))
+        .map(String::as_str);
+    match (opt_in, annotation) {
+        (_, Some("disabled")) => return Err(Skip::OptedOut),
+        (OptIn::Annotation, Some("enabled")) | (OptIn::Namespace, _) => {}
+        (OptIn::Annotation, _) => return Err(Skip::NotOptedIn),
+    }
+    let spec = pod.spec.as_ref();
+    let already = annotations.is_some_and(|a| a.contains_key(INJECTED_ANNOTATION))
+        || spec.is_some_and(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+                .any(|c| c.name == PROXY_CONTAINER)
+        });
+    if already {
+        return Err(Skip::AlreadyInjected);
+    }
+    // With the host's network, iptables rules would redirect the whole node.
+    if spec.and_then(|s| s.host_network) == Some(true) {
+        return Err(Skip::HostNetwork);
+    }
+    let init = serde_json::to_value(init_container(config)).expect("containers serialize");
+    let proxy = serde_json::to_value(proxy_container(config)).expect("containers serialize");
+    let mut operations = Vec::new();
+    if spec
+        .and_then(|s| s.init_containers.as_ref())
+        .is_some_and(|c| !c.is_empty())
+    {
+        // Inserted at the front, the proxy first, so the init container ends up before it.
+        operations.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": proxy}));
+        operations.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": init}));
+    } else {
+        operations
+            .push(json!({"op": "add", "path": "/spec/initContainers", "value": [init, proxy]}));
+    }
+    if annotations.is_none() {
+        operations.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
+    }
+    operations.push(json!({
+        "op": "add",
+        "path": format!("/metadata/annotations/{}", INJECTED_ANNOTATION.replace('/', "~1")),
+        "value": "true",
+    }));
+    Ok(Value::Array(operations))
+}
+
+fn init_container(config: &InjectorConfig) -> Container {
+    let mut args = vec![
+        format!("--proxy-uid={}", config.proxy_uid),
+        format!("--outbound-port={OUTBOUND_PORT}"),
+        format!("--inbound-port={INBOUND_PORT}"),
+        format!("--admin-port={ADMIN_PORT}"),
+    ];
+    let list = |values: &[String]| values.join(",");
+    let ports = |ports: &[u16]| ports.iter().map(u16::to_string).collect::<Vec<_>>();
+    if !config.skip_inbound_ports.is_empty() {
+        args.push(format!(
+            "--skip-inbound-ports={}",
+            list(&ports(&config.skip_inbound_ports))
+        ));
+    }
+    if !config.skip_outbound_ports.is_empty() {
+        args.push(format!(
+            "--skip-outbound-ports={}",
+            list(&ports(&config.skip_outbound_ports))
+        ));
+    }
+    if !config.skip_outbound_cidrs.is_empty() {
+        args.push(format!(
+            "--skip-outbound-cidrs={}",
+            list(&config.skip_outbound_cidrs)
+        ));
+    }
+    Container {
+        name: INIT_CONTAINER.into(),
+        image: Some(config.init_image.clone()),
+        image_pull_policy: Some(config.image_pull_policy.clone()),
+        args: Some(args),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]),
+                drop: Some(vec!["ALL".into()]),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn proxy_container(config: &InjectorConfig) -> Container {
+    let field = |path: &str| EnvVarSource {
+        field_ref: Some(ObjectFieldSelector {
+            field_path: path.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let env = vec![
+        EnvVar {
+            name: "OUTRIGGER_CONTROL_PLANE".into(),
+            value: Some(config.control_plane.clone()),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "OUTRIGGER_NAMESPACE".into(),
+            value_from: Some(field("metadata.namespace")),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "OUTRIGGER_WORKLOAD".into(),
+            value_from: Some(field("metadata.name")),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "OUTRIGGER_SERVICE_ACCOUNT".into(),
+            value_from: Some(field("spec.serviceAccountName")),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "OUTRIGGER_INBOUND_ADDR".into(),
+            value: Some(format!("0.0.0.0:{INBOUND_PORT}")),
+            ..Default::default()
+        },
+        // Probes and Prometheus reach it from outside the pod.
+        EnvVar {
+            name: "OUTRIGGER_ADMIN_ADDR".into(),
+            value: Some(format!("0.0.0.0:{ADMIN_PORT}")),
+            ..Default::default()
+        },
+    ];
+    let probe = |path: &str| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(i32::from(ADMIN_PORT)),
+            ..Default::default()
+        }),
+        period_seconds: Some(5),
+        ..Default::default()
+    };
+    Container {
+        name: PROXY_CONTAINER.into(),
+        image: Some(config.proxy_image.clone()),
+        image_pull_policy: Some(config.image_pull_policy.clone()),
+        // A native sidecar: started before the app, stopped after it.
+        restart_policy: Some("Always".into()),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("outrigger-admin".into()),
+            container_port: i32::from(ADMIN_PORT),
+            ..Default::default()
+        }]),
+        readiness_probe: Some(probe("/ready")),
+        liveness_probe: Some(probe("/live")),
+        resources: config.resources.clone(),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(config.proxy_uid),
+            run_as_non_root: Some(true),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> InjectorConfig {
+        serde_norway::from_str(
+            "proxyImage: ghcr.io/outrigger-dev/proxy:0.1.0\n\
+             initImage: ghcr.io/outrigger-dev/proxy-init:0.1.0\n\
+             controlPlane: http://outrigger-controller.outrigger-system.svc:8090\n\
+             skipOutboundPorts: [5432]\n",
+        )
+        .unwrap()
+    }
+
+    fn pod(yaml: &str) -> Pod {
+        serde_norway::from_str(yaml).unwrap()
+    }
+
+    /// Applies `patch` to `pod` as the API server would.
+    fn apply(pod: &Pod, patch: Value) -> Pod {
+        let mut document = serde_json::to_value(pod).unwrap();
+        let patch: json_patch::Patch = serde_json::from_value(patch).unwrap();
+        json_patch::patch(&mut document, &patch).unwrap();
+        serde_json::from_value(document).unwrap()
+    }
+
+    const APP: &str = "metadata: {name: web-0, namespace: shop}\n\
+                       spec:\n  containers: [{name: web, image: web}]\n";
+
+    #[test]
+    fn a_pod_in_an_enabled_namespace_gets_the_init_step_and_the_native_sidecar() {
+        let app = pod(APP);
+        let meshed = apply(&app, patch(&app, OptIn::Namespace, &config()).unwrap());
+        let spec = meshed.spec.unwrap();
+        let init = spec.init_containers.unwrap();
+        assert_eq!(
+            init.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            [INIT_CONTAINER, PROXY_CONTAINER]
+        );
+        assert_eq!(
+            init[0].image.as_deref(),
+            Some("ghcr.io/outrigger-dev/proxy-init:0.1.0")
+        );
+        assert!(
+            init[0]
+                .args
+                .as_ref()
+                .unwrap()
+                .contains(&"--skip-outbound-ports=5432".to_string())
+        );
+        let caps = init[0]
+            .security_context
+            .as_ref()
+            .unwrap()
+            .capabilities
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            caps.add.as_deref(),
+            Some(&["NET_ADMIN".to_string(), "NET_RAW".to_string()][..])
+        );
+        let proxy = &init[1];
+        assert_eq!(
+            proxy.restart_policy.as_deref(),
+            Some("Always"),
+            "a native sidecar"
+        );
+        let env = proxy.env.as_ref().unwrap();
+        let namespace = env
+            .iter()
+            .find(|e| e.name == "OUTRIGGER_NAMESPACE")
+            .unwrap();
+        let from = namespace
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            from.field_path, "metadata.namespace",
+            "from the downward API"
+        );
+        assert_eq!(
+            proxy.security_context.as_ref().unwrap().run_as_user,
+            Some(2102),
+            "the uid the init step's rules skip"
+        );
+        assert!(
+            init[0]
+                .args
+                .as_ref()
+                .unwrap()
+                .contains(&"--proxy-uid=2102".to_string())
+        );
+        assert_eq!(spec.containers.len(), 1, "the app is untouched");
+        let annotations = meshed.metadata.annotations.unwrap();
+        assert_eq!(
+            annotations.get(INJECTED_ANNOTATION).map(String::as_str),
+            Some("true")
+        );
+    }
+
+    #[test]
+    fn the_mesh_goes_first_among_existing_init_containers() {
+        let app = pod("metadata: {name: web-0, annotations: {team: a}}\n\
+             spec:\n  initContainers: [{name: migrate, image: m}]\n  containers: [{name: web, image: web}]\n");
+        let meshed = apply(&app, patch(&app, OptIn::Namespace, &config()).unwrap());
+        let names: Vec<_> = meshed
+            .spec
+            .unwrap()
+            .init_containers
+            .unwrap()
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(names, [INIT_CONTAINER, PROXY_CONTAINER, "migrate"]);
+        let annotations = meshed.metadata.annotations.unwrap();
+        assert_eq!(
+            annotations.get("team").map(String::as_str),
+            Some("a"),
+            "kept"
+        );
+    }
+
+    #[test]
+    fn injecting_twice_changes_nothing() {
+        let app = pod(APP);
+        let meshed = apply(&app, patch(&app, OptIn::Namespace, &config()).unwrap());
+        assert_eq!(
+            patch(&meshed, OptIn::Namespace, &config()),
+            Err(Skip::AlreadyInjected)
+        );
+    }
+
+    #[test]
+    fn annotations_opt_in_and_out() {
+        let opted_out = pod(
+            "metadata: {name: a, annotations: {outrigger.dev/inject: disabled}}\nspec: {containers: []}\n",
+        );
+        assert_eq!(
+            patch(&opted_out, OptIn::Namespace, &config()),
+            Err(Skip::OptedOut)
+        );
+        let plain = pod(APP);
+        assert_eq!(
+            patch(&plain, OptIn::Annotation, &config()),
+            Err(Skip::NotOptedIn)
+        );
+        let opted_in = pod(
+            "metadata: {name: a, annotations: {outrigger.dev/inject: enabled}}\nspec: {containers: []}\n",
+        );
+        assert!(patch(&opted_in, OptIn::Annotation, &config()).is_ok());
+        let host = pod("metadata: {name: a}\nspec: {hostNetwork: true, containers: []}\n");
+        assert_eq!(
+            patch(&host, OptIn::Namespace, &config()),
+            Err(Skip::HostNetwork)
+        );
+    }
+
+    #[test]
+    fn an_injector_config_with_a_typo_is_refused() {
+        let typo = "proxyImage: p\ninitImage: i\ncontrolPlane: c\nproxyUID: 1\n";
+        assert!(serde_norway::from_str::<InjectorConfig>(typo).is_err());
+    }
+}
