@@ -3,7 +3,7 @@
 //! A pod gets the proxy when its namespace is labelled `outrigger.dev/inject=enabled` (the
 //! webhook registered for those namespaces calls `/inject`), or when the pod itself is annotated
 //! `outrigger.dev/inject: enabled` (the webhook for every other namespace calls
-//! `/inject?opt-in=annotation`). The annotation `outrigger.dev/inject: disabled` opts a pod out.
+//! `/inject-annotated`). The annotation `outrigger.dev/inject: disabled` opts a pod out.
 //! A pod that already has the proxy is left as it is, so injecting twice changes nothing.
 //!
 //! What is added, first among the init containers so the app's own init containers are meshed

@@ -41,6 +41,8 @@ pub struct Settings {
     /// `/metrics`, `/live`, `/ready`.
     #[arg(long, env = "OUTRIGGER_ADMIN_ADDR", default_value = "0.0.0.0:9990")]
     pub admin_addr: SocketAddr,
+    #[command(flatten)]
+    pub webhook: webhook::WebhookSettings,
 }
 
 /// Proxies that vanish without closing their connection are noticed within about this long.
@@ -52,6 +54,7 @@ pub struct Controller {
     metrics: Metrics,
     grpc: TcpListener,
     admin: TcpListener,
+    webhook: Option<webhook::Webhook>,
 }
 
 impl Controller {
@@ -69,6 +72,7 @@ impl Controller {
             manifests: Manifests::new(dir, metrics.clone())?,
             grpc: bind(settings.grpc_addr, "gRPC").await?,
             admin: bind(settings.admin_addr, "admin").await?,
+            webhook: webhook::Webhook::bind(&settings.webhook).await?,
             metrics,
         })
     }
@@ -93,6 +97,9 @@ impl Controller {
         let mut tasks = JoinSet::new();
         tasks.spawn(index.run(received));
         tasks.spawn(admin::serve(self.admin, self.metrics.clone(), ready));
+        if let Some(webhook) = self.webhook {
+            tasks.spawn(webhook.serve());
+        }
         let name = std::env::var("HOSTNAME").unwrap_or_else(|_| "outrigger-controller".into());
         let discovery = DiscoveryService::new(snapshots, self.metrics, name);
         tracing::info!(grpc = %self.grpc.local_addr()?, "controller serving");

@@ -35,6 +35,23 @@ pub struct WebhookSettings {
     pub injector_config: Option<PathBuf>,
 }
 
+/// The webhook off.
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            webhook_addr: ([0, 0, 0, 0], 9443).into(),
+            webhook_cert: None,
+            webhook_key: None,
+            injector_config: None,
+        }
+    }
+}
+
+/// Called for pods in namespaces labelled `outrigger.dev/inject=enabled`.
+pub const INJECT_NAMESPACED_PATH: &str = "/inject";
+/// Called for pods elsewhere: injected only when annotated `outrigger.dev/inject: enabled`.
+pub const INJECT_ANNOTATED_PATH: &str = "/inject-annotated";
+
 /// Reviews larger than this are refused: a pod spec is far smaller.
 const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 
@@ -113,9 +130,9 @@ async fn review(
     injector: &InjectorConfig,
     request: http::Request<hyper::body::Incoming>,
 ) -> http::Response<Full<Bytes>> {
-    let opt_in = match (request.uri().path(), request.uri().query()) {
-        ("/inject", None) => OptIn::Namespace,
-        ("/inject", Some("opt-in=annotation")) => OptIn::Annotation,
+    let opt_in = match request.uri().path() {
+        INJECT_NAMESPACED_PATH => OptIn::Namespace,
+        INJECT_ANNOTATED_PATH => OptIn::Annotation,
         _ => return respond(404, Bytes::from_static(b"not found\n")),
     };
     let body = match Limited::new(request.into_body(), MAX_REVIEW_BYTES)

@@ -123,6 +123,7 @@ impl RunningController {
             manifests: Some(manifests.to_path_buf()),
             grpc_addr: grpc,
             admin_addr: "127.0.0.1:0".parse().unwrap(),
+            webhook: Default::default(),
         })
         .await
         .expect("controller binds");
