@@ -5,6 +5,7 @@
 
 mod bench;
 mod ci;
+mod cluster;
 mod crds;
 
 use std::path::{Path, PathBuf};
@@ -33,6 +34,11 @@ enum Task {
     },
     /// Formatting, lints and every test: what CI runs (the README's test command).
     Ci,
+    /// A real etcd + kube-apiserver on 127.0.0.1 for trying things by hand (the e2e tests' cluster).
+    Cluster {
+        #[command(subcommand)]
+        action: cluster::Action,
+    },
     /// Writes crds/ from the DestinationPolicy types (`cargo test` fails while crds/ is stale).
     Crds {
         /// Only compare: fail, naming the files, when crds/ is not what would be written.
@@ -45,6 +51,7 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Bench { target } => bench::run(target),
         Task::Ci => ci::run(),
+        Task::Cluster { action } => cluster::run(action),
         Task::Crds { check } => crds::run(check),
     }
 }

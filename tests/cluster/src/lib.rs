@@ -1,0 +1,59 @@
+//! A real Kubernetes API server on loopback, for Outrigger's end-to-end tests and for
+//! `cargo xtask cluster up|down|env`.
+//!
+//! [`Cluster::start`] builds the pinned versions (`tests/cluster/versions.env`) on first use into
+//! `~/.cache/outrigger/cluster/<kubernetes version>/bin` (about 10 minutes on 2 cores, once), then
+//! starts etcd and kube-apiserver (and optionally kube-controller-manager) on free 127.0.0.1 ports
+//! with freshly generated certificates, writes an admin kubeconfig and waits for `/readyz`
+//! (about 4 s). Dropping the [`Cluster`] stops every process it started; a watchdog does the same
+//! if the test process dies without unwinding.
+//!
+//! ```no_run
+//! let cluster = outrigger_cluster::Cluster::start()?;
+//! cluster.kubectl(&["apply", "-f", "crds/"])?;
+//! let tables = cluster.kubectl(&["get", "dp", "-A"])?;
+//! # Ok::<(), outrigger_cluster::Error>(())
+//! ```
+//!
+//! There is no kubelet: Pods stay Pending unless a test sets their status through the status
+//! subresource, and EndpointSlices are created by the test (or by kube-controller-manager's
+//! EndpointSlice controller from Pods marked Ready, with [`ClusterBuilder::controller_manager`]).
+//! Std-only on purpose: xtask depends on it and must stay light.
+
+mod binaries;
+mod certs;
+mod cluster;
+mod error;
+mod process;
+mod versions;
+
+use std::io::Write;
+use std::path::Path;
+
+pub use binaries::{Binaries, cache_dir};
+pub use certs::Certificates;
+pub use cluster::{
+    Cluster, ClusterBuilder, StoppedProcess, dev_state_dir, helm_environment, is_running_in,
+    kubeconfig_in, stop_in,
+};
+pub use error::{Error, Result};
+pub use process::{Lifetime, is_alive};
+pub use versions::Versions;
+
+/// Prints a progress line to stderr, bypassing the test harness's output capture (which only
+/// intercepts `print!`/`eprint!`), so that a slow first build shows up in CI logs.
+pub(crate) fn progress(message: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "outrigger-cluster: {message}");
+}
+
+/// The last `lines` lines of a log file, for error messages.
+pub(crate) fn tail_of_file(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(err) => format!("(cannot read {}: {err})", path.display()),
+    }
+}

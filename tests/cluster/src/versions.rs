@@ -1,0 +1,121 @@
+//! The pinned component versions, read from `tests/cluster/versions.env` (the one place they are
+//! pinned; the Go modules that build them are generated from it).
+
+use crate::error::{Context, Result, bail};
+
+/// The contents of `versions.env`, compiled in so that a change to it rebuilds this crate and,
+/// through the build stamps, the binaries.
+const VERSIONS_ENV: &str = include_str!("../versions.env");
+
+/// Versions of the test cluster's components, as Go module versions (`v1.36.3`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versions {
+    /// `k8s.io/kubernetes`: kube-apiserver, kube-controller-manager and kubectl.
+    pub kubernetes: String,
+    /// `go.etcd.io/etcd/server/v3`.
+    pub etcd: String,
+    /// `helm.sh/helm/v3`.
+    pub helm: String,
+}
+
+impl Versions {
+    /// The versions pinned in `versions.env`.
+    pub fn pinned() -> Versions {
+        Versions::parse(VERSIONS_ENV).expect("tests/cluster/versions.env is valid (unit-tested)")
+    }
+
+    fn parse(text: &str) -> Result<Versions> {
+        let mut kubernetes = None;
+        let mut etcd = None;
+        let mut helm = None;
+        for (index, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (key, value) = line
+                .split_once('=')
+                .context(|| format!("versions.env line {}: expected KEY=VALUE", index + 1))?;
+            let value = value.trim();
+            if !is_module_version(value) {
+                bail!(
+                    "versions.env line {}: {value:?} is not a Go module version like v1.2.3",
+                    index + 1
+                );
+            }
+            let slot = match key.trim() {
+                "KUBERNETES" => &mut kubernetes,
+                "ETCD" => &mut etcd,
+                "HELM" => &mut helm,
+                other => bail!("versions.env line {}: unknown key {other}", index + 1),
+            };
+            *slot = Some(value.to_string());
+        }
+        let kubernetes = kubernetes.context(|| "versions.env: KUBERNETES is missing".into())?;
+        if !kubernetes.starts_with("v1.") {
+            bail!("versions.env: KUBERNETES={kubernetes} is not a v1.x.y release");
+        }
+        Ok(Versions {
+            kubernetes,
+            etcd: etcd.context(|| "versions.env: ETCD is missing".into())?,
+            helm: helm.context(|| "versions.env: HELM is missing".into())?,
+        })
+    }
+
+    /// The version of the `k8s.io/<staging>` modules released with `k8s.io/kubernetes`:
+    /// v1.36.3 goes with v0.36.3.
+    pub fn kubernetes_staging(&self) -> String {
+        format!("v0.{}", self.kubernetes_minor_patch())
+    }
+
+    /// The Kubernetes minor version, `36` for v1.36.3.
+    pub fn kubernetes_minor(&self) -> &str {
+        self.kubernetes_minor_patch()
+            .split('.')
+            .next()
+            .expect("split yields at least one part")
+    }
+
+    fn kubernetes_minor_patch(&self) -> &str {
+        self.kubernetes
+            .strip_prefix("v1.")
+            .expect("KUBERNETES is a v1.x.y version (checked when parsed)")
+    }
+}
+
+fn is_module_version(value: &str) -> bool {
+    let Some(numbers) = value.strip_prefix('v') else {
+        return false;
+    };
+    let parts: Vec<&str> = numbers.split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinned_versions_parse_and_map_to_staging_modules() {
+        let versions = Versions::pinned();
+        assert!(versions.kubernetes.starts_with("v1."), "{versions:?}");
+        assert!(versions.etcd.starts_with("v3."), "{versions:?}");
+        assert!(versions.helm.starts_with("v3."), "{versions:?}");
+        let minor_patch = versions.kubernetes.strip_prefix("v1.").unwrap();
+        assert_eq!(versions.kubernetes_staging(), format!("v0.{minor_patch}"));
+        assert!(minor_patch.starts_with(versions.kubernetes_minor()));
+    }
+
+    #[test]
+    fn rejects_malformed_lines() {
+        let err = Versions::parse("KUBERNETES=1.36\nETCD=v3.6.8\nHELM=v3.21.4\n").unwrap_err();
+        assert!(err.to_string().contains("line 1"), "{err}");
+        let err = Versions::parse("KUBERNETES=v1.36.3\nHELM=v3.21.4\n").unwrap_err();
+        assert!(err.to_string().contains("ETCD is missing"), "{err}");
+        let err = Versions::parse("KUBE=v1.36.3\n").unwrap_err();
+        assert!(err.to_string().contains("unknown key KUBE"), "{err}");
+    }
+}
