@@ -7,6 +7,7 @@ mod bench;
 mod ci;
 mod cluster;
 mod crds;
+mod demo;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,6 +40,12 @@ enum Task {
         #[command(subcommand)]
         action: cluster::Action,
     },
+    /// Runs Outrigger end to end on this machine (no cluster): controller, proxy, backends, load.
+    Demo {
+        /// Passed to the demo (`cargo xtask demo -- --help` lists them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Writes crds/ from the DestinationPolicy types (`cargo test` fails while crds/ is stale).
     Crds {
         /// Only compare: fail, naming the files, when crds/ is not what would be written.
@@ -53,6 +60,7 @@ fn main() -> Result<()> {
         Task::Ci => ci::run(),
         Task::Cluster { action } => cluster::run(action),
         Task::Crds { check } => crds::run(check),
+        Task::Demo { args } => demo::run(args),
     }
 }
 

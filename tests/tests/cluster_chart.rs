@@ -1,0 +1,377 @@
+//! The Helm chart and the sidecar injector against a real kube-apiserver: the chart installs,
+//! upgrades and uninstalls (keeping the CRDs), and a Pod created in a labelled namespace is stored
+//! with the proxy injected by the controller's webhook.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use outrigger_cluster::Cluster;
+use serde_json::Value;
+
+fn chart() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/outrigger")
+}
+
+fn helm(cluster: &Cluster, args: &[&str]) -> String {
+    let output = cluster
+        .helm_command()
+        .args(args)
+        .output()
+        .expect("run helm");
+    assert!(
+        output.status.success(),
+        "helm {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn json(cluster: &Cluster, args: &[&str]) -> Value {
+    let mut args = args.to_vec();
+    args.extend(["-o", "json"]);
+    serde_json::from_str(&cluster.kubectl(&args).expect("kubectl get")).unwrap()
+}
+
+#[test]
+fn the_chart_installs_upgrades_and_uninstalls_keeping_the_crds() {
+    let cluster = Cluster::start().expect("start the test cluster");
+    let chart = chart();
+    let chart = chart.to_str().unwrap();
+    helm(
+        &cluster,
+        &[
+            "install",
+            "outrigger",
+            chart,
+            "-n",
+            "outrigger-system",
+            "--create-namespace",
+        ],
+    );
+    json(
+        &cluster,
+        &["get", "crd", "destinationpolicies.outrigger.dev"],
+    );
+    let deployment = json(
+        &cluster,
+        &[
+            "get",
+            "deployment",
+            "outrigger-controller",
+            "-n",
+            "outrigger-system",
+        ],
+    );
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    json(
+        &cluster,
+        &[
+            "get",
+            "mutatingwebhookconfiguration",
+            "outrigger-controller-injector",
+        ],
+    );
+    let dashboards = json(
+        &cluster,
+        &[
+            "get",
+            "configmap",
+            "-n",
+            "outrigger-system",
+            "-l",
+            "grafana_dashboard=1",
+        ],
+    );
+    assert_eq!(dashboards["items"].as_array().unwrap().len(), 3);
+    let ca = json(
+        &cluster,
+        &[
+            "get",
+            "secret",
+            "outrigger-controller-webhook-tls",
+            "-n",
+            "outrigger-system",
+        ],
+    )["data"]["ca.crt"]
+        .clone();
+
+    helm(
+        &cluster,
+        &[
+            "upgrade",
+            "outrigger",
+            chart,
+            "-n",
+            "outrigger-system",
+            "--set",
+            "controller.replicas=2",
+        ],
+    );
+    let deployment = json(
+        &cluster,
+        &[
+            "get",
+            "deployment",
+            "outrigger-controller",
+            "-n",
+            "outrigger-system",
+        ],
+    );
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    json(
+        &cluster,
+        &[
+            "get",
+            "poddisruptionbudget",
+            "outrigger-controller",
+            "-n",
+            "outrigger-system",
+        ],
+    );
+    let kept = json(
+        &cluster,
+        &[
+            "get",
+            "secret",
+            "outrigger-controller-webhook-tls",
+            "-n",
+            "outrigger-system",
+        ],
+    )["data"]["ca.crt"]
+        .clone();
+    assert_eq!(kept, ca, "an upgrade keeps the webhook certificate");
+
+    helm(
+        &cluster,
+        &["uninstall", "outrigger", "-n", "outrigger-system"],
+    );
+    let gone = cluster.kubectl(&[
+        "get",
+        "deployment",
+        "outrigger-controller",
+        "-n",
+        "outrigger-system",
+    ]);
+    assert!(gone.is_err(), "the controller is uninstalled");
+    json(
+        &cluster,
+        &["get", "crd", "destinationpolicies.outrigger.dev"],
+    );
+}
+
+/// A CA and a serving certificate for 127.0.0.1, made with openssl like the chart makes its own.
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, String) {
+    let run = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "tls.key",
+        "-out",
+        "tls.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "tls.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "tls.crt",
+    ]);
+    let ca = Command::new("base64")
+        .args(["-w0", dir.join("ca.crt").to_str().unwrap()])
+        .output()
+        .unwrap()
+        .stdout;
+    (
+        dir.join("tls.crt"),
+        dir.join("tls.key"),
+        String::from_utf8(ca).unwrap(),
+    )
+}
+
+fn init_container_names(pod: &Value) -> Vec<String> {
+    pod["spec"]["initContainers"]
+        .as_array()
+        .map(|containers| {
+            containers
+                .iter()
+                .map(|c| c["name"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_are_stored_with_the_proxy_injected() {
+    let cluster = Cluster::start().expect("start the test cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = certificates(dir.path());
+    // The injector configuration the chart renders.
+    let injector = dir.path().join("injector.yaml");
+    std::fs::write(
+        &injector,
+        "proxyImage: ghcr.io/outrigger-dev/proxy:0.1.0\ninitImage: ghcr.io/outrigger-dev/proxy-init:0.1.0\n\
+         controlPlane: http://outrigger-controller.outrigger-system.svc:8090\n",
+    )
+    .unwrap();
+    let settings = outrigger_controller::webhook::WebhookSettings {
+        webhook_addr: "127.0.0.1:0".parse().unwrap(),
+        webhook_cert: Some(cert),
+        webhook_key: Some(key),
+        injector_config: Some(injector),
+    };
+    let webhook = outrigger_controller::webhook::Webhook::bind(&settings)
+        .await
+        .unwrap()
+        .unwrap();
+    let port = webhook.local_addr().port();
+    tokio::spawn(webhook.serve());
+
+    // The chart's two webhooks, reached by URL: this API server has no Service routing.
+    let configuration = format!(
+        r#"{{"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+  "metadata": {{"name": "outrigger-test-injector"}},
+  "webhooks": [
+    {{"name": "namespaces.inject.outrigger.dev",
+      "clientConfig": {{"url": "https://127.0.0.1:{port}/inject", "caBundle": "{ca}"}},
+      "namespaceSelector": {{"matchLabels": {{"outrigger.dev/inject": "enabled"}}}},
+      "rules": [{{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}}],
+      "admissionReviewVersions": ["v1"], "sideEffects": "None", "failurePolicy": "Fail"}},
+    {{"name": "pods.inject.outrigger.dev",
+      "clientConfig": {{"url": "https://127.0.0.1:{port}/inject-annotated", "caBundle": "{ca}"}},
+      "namespaceSelector": {{"matchExpressions": [{{"key": "outrigger.dev/inject", "operator": "NotIn", "values": ["enabled"]}}]}},
+      "rules": [{{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}}],
+      "admissionReviewVersions": ["v1"], "sideEffects": "None", "failurePolicy": "Fail"}}
+  ]}}"#
+    );
+    let applied = cluster
+        .kubectl_with_input(&["apply", "-f", "-"], &configuration)
+        .unwrap();
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    for namespace in ["meshed", "plain"] {
+        cluster
+            .kubectl(&["create", "namespace", namespace])
+            .unwrap();
+        // No kube-controller-manager here to make it, and pods need their service account.
+        cluster
+            .kubectl(&["create", "serviceaccount", "default", "-n", namespace])
+            .unwrap();
+    }
+    cluster
+        .kubectl(&[
+            "label",
+            "namespace",
+            "meshed",
+            "outrigger.dev/inject=enabled",
+        ])
+        .unwrap();
+
+    let pod = |namespace: &str, name: &str, annotation: Option<&str>| {
+        let annotations = annotation
+            .map(|a| format!(r#", "annotations": {{"outrigger.dev/inject": "{a}"}}"#))
+            .unwrap_or_default();
+        let manifest = format!(
+            r#"{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "{name}", "namespace": "{namespace}"{annotations}}},
+  "spec": {{"initContainers": [{{"name": "migrate", "image": "migrate"}}], "containers": [{{"name": "app", "image": "app"}}]}}}}"#
+        );
+        let created = cluster
+            .kubectl_with_input(&["create", "-f", "-"], &manifest)
+            .unwrap();
+        assert!(
+            created.status.success(),
+            "{}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        json(&cluster, &["get", "pod", name, "-n", namespace])
+    };
+    let meshed = pod("meshed", "web", None);
+    assert_eq!(
+        init_container_names(&meshed),
+        ["outrigger-init", "outrigger-proxy", "migrate"]
+    );
+    let proxy = &meshed["spec"]["initContainers"][1];
+    assert_eq!(
+        proxy["restartPolicy"], "Always",
+        "stored as a native sidecar"
+    );
+    assert_eq!(
+        meshed["metadata"]["annotations"]["outrigger.dev/injected"],
+        "true"
+    );
+    assert_eq!(
+        init_container_names(&pod("meshed", "opted-out", Some("disabled"))),
+        ["migrate"]
+    );
+    assert_eq!(
+        init_container_names(&pod("plain", "untouched", None)),
+        ["migrate"]
+    );
+    assert_eq!(
+        init_container_names(&pod("plain", "opted-in", Some("enabled"))),
+        ["outrigger-init", "outrigger-proxy", "migrate"]
+    );
+
+    // A pod that already carries the proxy (a copy of an injected spec) gets it once.
+    let mut copy = meshed.clone();
+    copy["metadata"] = serde_json::json!({"name": "copy", "namespace": "meshed"});
+    copy.as_object_mut().unwrap().remove("status");
+    let created = cluster
+        .kubectl_with_input(&["create", "-f", "-"], &copy.to_string())
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let copy = json(&cluster, &["get", "pod", "copy", "-n", "meshed"]);
+    assert_eq!(
+        init_container_names(&copy),
+        ["outrigger-init", "outrigger-proxy", "migrate"]
+    );
+}
