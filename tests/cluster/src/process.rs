@@ -193,10 +193,23 @@ pub fn is_alive(pid: u32) -> bool {
 
 /// The program `pid` runs, as it was started (argv[0]); `None` if there is no such process.
 pub(crate) fn program_of(pid: u32) -> Option<PathBuf> {
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let argv0 = cmdline.split(|&byte| byte == 0).next()?;
     use std::os::unix::ffi::OsStrExt;
-    Some(PathBuf::from(std::ffi::OsStr::from_bytes(argv0)))
+    // A process that is in the middle of exec shows an empty command line for an instant.
+    for _ in 0..50 {
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        if let Some(argv0) = cmdline
+            .split(|&byte| byte == 0)
+            .next()
+            .filter(|arg| !arg.is_empty())
+        {
+            return Some(PathBuf::from(std::ffi::OsStr::from_bytes(argv0)));
+        }
+        if !is_alive(pid) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
 }
 
 /// The kernel's start time of `pid` (clock ticks since boot), which tells a process apart from a
