@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::cargo;
+use crate::{cargo, cluster};
 
 pub fn run() -> Result<()> {
     install_system_tools()?;
@@ -19,6 +19,9 @@ pub fn run() -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    // The test cluster's binaries (about 10 minutes the first time on a new machine) as a step of
+    // their own, so the tests' time is the tests'.
+    cluster::run(cluster::Action::Build)?;
     cargo(&["test", "--workspace", "--all-features", "--locked"])
 }
 
