@@ -1,7 +1,7 @@
 //! `cargo xtask demo`: Outrigger end to end on this machine, no cluster needed.
 //!
 //! The controller reads the demo's manifests (`examples/demo/`, copied to a scratch directory you
-//! may edit); `reviews` v1 answers every request and the canary v2 fails half of them; a proxy
+//! may edit); `reviews` v1 answers every request and the canary v2 fails 30% of them; a proxy
 //! carries an app's calls to `reviews` under the DestinationPolicy; a load generator plays the
 //! app. Every second a line shows the split, the success rate the app sees against the one the
 //! backends give, retries and ejections. Every so often the demo edits the policy itself, so you
@@ -49,6 +49,9 @@ const POLICY_FILE: &str = "reviews-policy.yaml";
 /// Where the manifests put the two versions of `reviews`.
 const STABLE: &str = "127.0.0.1:9081";
 const CANARY: &str = "127.0.0.1:9082";
+/// Percent of requests the canary fails: often enough that retries matter and ejections happen,
+/// rarely enough that it spends most of its time in rotation.
+const CANARY_FAILURES: u32 = 30;
 
 /// The demo's script: what each step does to the policy, and what to expect.
 /// Rewrites the policy file's text.
@@ -118,7 +121,7 @@ async fn main() -> Result<()> {
 
     let stable = Backend::start_on(STABLE.parse()?, "v1").await;
     let canary = Backend::start_on(CANARY.parse()?, "v2").await;
-    canary.set(Behaviour::FailPercent(50));
+    canary.set(Behaviour::FailPercent(CANARY_FAILURES));
 
     let (grpc, controller_admin) = (free_port()?, free_port()?);
     let mut controller = ChildProcess::spawn(
@@ -168,7 +171,7 @@ async fn main() -> Result<()> {
         cli.rate
     );
     println!(
-        "  reviews v1 (stable) on {STABLE} answers every request; v2 (canary) on {CANARY} fails half."
+        "  reviews v1 (stable) on {STABLE} answers every request; v2 (canary) on {CANARY} fails {CANARY_FAILURES}%."
     );
     println!(
         "  The policy the controller serves: {}",
@@ -246,6 +249,8 @@ fn print_policy(policy: &str) {
 #[derive(Default)]
 struct Tally {
     sent: AtomicU64,
+    /// Answered or failed: the base of the app's success rate.
+    done: AtomicU64,
     ok: AtomicU64,
 }
 
@@ -262,12 +267,16 @@ async fn generate_load(outbound: SocketAddr, rate: u32, tally: Arc<Tally>) {
                 .header(http::header::HOST, "reviews:9080")
                 .body(Empty::new())
                 .expect("a valid request");
-            if let Ok(response) = client.request(request).await {
-                let ok = response.status().is_success();
-                let _ = response.into_body().collect().await;
-                if ok {
-                    tally.ok.fetch_add(1, Ordering::Relaxed);
+            let ok = match client.request(request).await {
+                Ok(response) => {
+                    let ok = response.status().is_success();
+                    ok && response.into_body().collect().await.is_ok()
                 }
+                Err(_) => false,
+            };
+            tally.done.fetch_add(1, Ordering::Relaxed);
+            if ok {
+                tally.ok.fetch_add(1, Ordering::Relaxed);
             }
         });
     }
@@ -277,6 +286,7 @@ async fn generate_load(outbound: SocketAddr, rate: u32, tally: Arc<Tally>) {
 #[derive(Default)]
 struct Snapshot {
     sent: u64,
+    done: u64,
     ok: u64,
     stable: u64,
     canary: u64,
@@ -302,6 +312,7 @@ impl Snapshot {
         let endpoints = scrape(admin, "/endpoints").await.unwrap_or_default();
         Self {
             sent: tally.sent.load(Ordering::Relaxed),
+            done: tally.done.load(Ordering::Relaxed),
             ok: tally.ok.load(Ordering::Relaxed),
             stable: stable.hits(),
             canary: canary.hits(),
@@ -328,7 +339,7 @@ impl Snapshot {
             "{elapsed:>4}s  {sent:>5}  {:>9}  {:>9}  {:>11}  {:>15}  {:>7}  {:>9}  {}",
             percent(stable, served),
             percent(canary, served),
-            percent(self.ok - before.ok, sent),
+            percent(self.ok - before.ok, self.done - before.done),
             percent(backend_ok, served),
             self.retries - before.retries,
             self.ejections,
