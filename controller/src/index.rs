@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use outrigger_api::destination::DestinationKey;
-use outrigger_api::policy::DestinationPolicy;
+use outrigger_api::policy::{DestinationPolicy, DestinationPolicySpec, DestinationPolicyStatus};
 use outrigger_api::proto;
 use tokio::sync::{mpsc, watch};
 
@@ -164,13 +164,55 @@ struct SliceEndpoint {
 }
 
 struct PolicyState {
+    uid: Option<String>,
+    host: String,
     /// The Service its host names, when the host names one in the policy's namespace.
     service: Option<ObjectKey>,
     created: Option<Time>,
     generation: i64,
     /// An invalid policy is not in force; the error is kept for status.
     translated: Result<Arc<Translated>, PolicyError>,
+    split: String,
+    status: Option<DestinationPolicyStatus>,
 }
+
+/// Why a condition is False: a CamelCase reason and a message for people.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Problem {
+    fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the index knows of one DestinationPolicy, for its status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyReport {
+    /// Tells a policy from one deleted and created again under its name.
+    pub uid: Option<String>,
+    pub generation: i64,
+    /// The split it asks for: `stable=90,canary=10`, or `all` without one.
+    pub split: String,
+    /// Err when it is not in force: invalid, or another policy governs its Service.
+    pub accepted: Result<(), Problem>,
+    /// Err when its Service does not exist or one of its subsets has no ready endpoints.
+    pub resolved_refs: Result<(), Problem>,
+    /// The keys its Service is published under, which the proxies that call it subscribe to;
+    /// Err when there is nothing to program (not in force, or no such Service).
+    pub destination_keys: Result<Vec<String>, Problem>,
+    /// The status the object carried when the index last read its spec.
+    pub status: Option<DestinationPolicyStatus>,
+}
+
+/// Every DestinationPolicy the index knows, by namespaced name.
+pub type PolicyReports = BTreeMap<ObjectKey, PolicyReport>;
 
 pub struct Index {
     snapshots: Snapshots,
@@ -187,6 +229,7 @@ pub struct Index {
     /// Per Service, the keys published for it and their versions.
     published: HashMap<ObjectKey, HashMap<String, String>>,
     synced: watch::Sender<bool>,
+    reports: watch::Sender<PolicyReports>,
 }
 
 impl Index {
@@ -203,12 +246,19 @@ impl Index {
             policies_by_service: HashMap::new(),
             published: HashMap::new(),
             synced: watch::Sender::new(false),
+            reports: watch::Sender::new(PolicyReports::new()),
         }
     }
 
     /// Turns true once a source has delivered its full initial state.
     pub fn synced(&self) -> watch::Receiver<bool> {
         self.synced.subscribe()
+    }
+
+    /// What status needs of every DestinationPolicy (translation errors included), kept up to
+    /// date as changes are applied.
+    pub fn policy_reports(&self) -> watch::Receiver<PolicyReports> {
+        self.reports.subscribe()
     }
 
     /// Applies changes until every sender is gone.
@@ -220,7 +270,15 @@ impl Index {
 
     pub fn apply(&mut self, change: Change) {
         let changed_at = Instant::now();
-        let affected = match change {
+        let changed = match &change {
+            Change::Applied(object) => object.reference(),
+            Change::Deleted(reference) => Some(reference.clone()),
+            Change::Synced => None,
+        };
+        let changed_policy = changed
+            .filter(|reference| reference.kind == Kind::DestinationPolicy)
+            .map(|reference| reference.key);
+        let affected: BTreeSet<ObjectKey> = match change {
             Change::Applied(object) => {
                 let Some(reference) = object.reference() else {
                     tracing::warn!(kind = ?object.kind(), "ignoring an object without a name or namespace");
@@ -245,9 +303,140 @@ impl Index {
                 return;
             }
         };
-        for service in affected {
-            self.recompute(&service, changed_at);
+        for service in &affected {
+            self.recompute(service, changed_at);
         }
+        let policies = affected
+            .iter()
+            .filter_map(|service| self.policies_by_service.get(service))
+            .flatten()
+            .cloned()
+            .chain(changed_policy)
+            .collect();
+        self.report(policies);
+    }
+
+    /// Brings the reports of these policies up to date.
+    fn report(&self, policies: BTreeSet<ObjectKey>) {
+        self.reports.send_if_modified(|reports| {
+            let mut modified = false;
+            for key in policies {
+                match self.policies.get(&key) {
+                    Some(state) => {
+                        let report = self.policy_report(&key, state);
+                        if reports.get(&key) != Some(&report) {
+                            reports.insert(key, report);
+                            modified = true;
+                        }
+                    }
+                    None => modified |= reports.remove(&key).is_some(),
+                }
+            }
+            modified
+        });
+    }
+
+    fn policy_report(&self, key: &ObjectKey, state: &PolicyState) -> PolicyReport {
+        let governing = state.service.as_ref().and_then(|service| {
+            let (governing, ..) = self.policy_for(service)?;
+            Some((service, governing))
+        });
+        let accepted = match (&state.translated, governing) {
+            (Err(error), _) => Err(Problem::new("Invalid", error.to_string())),
+            (Ok(_), Some((service, governing))) if governing != key => Err(Problem::new(
+                "Conflicted",
+                format!(
+                    "DestinationPolicy {governing} governs Service {service}: of the policies \
+                     for a Service, the oldest is in force"
+                ),
+            )),
+            (Ok(_), _) => Ok(()),
+        };
+        let service = match &state.service {
+            None => Err(Problem::new(
+                "ServiceNotFound",
+                format!(
+                    "host `{}` names no Service in namespace {}, the only one a policy there \
+                     applies to",
+                    state.host, key.namespace
+                ),
+            )),
+            Some(service) if !self.services.contains_key(service) => Err(Problem::new(
+                "ServiceNotFound",
+                format!("Service {service} does not exist"),
+            )),
+            Some(service) => Ok(service),
+        };
+        let resolved_refs = match (&service, &state.translated) {
+            (Err(problem), _) => Err(problem.clone()),
+            (Ok(service), Ok(translated)) => {
+                let unserved = self.subsets_without_endpoints(service, translated);
+                if unserved.is_empty() {
+                    Ok(())
+                } else {
+                    Err(Problem::new(
+                        "SubsetsWithoutEndpoints",
+                        format!(
+                            "no ready endpoints in subset {}: while another subset has some, \
+                             it gets no traffic",
+                            unserved.join(", ")
+                        ),
+                    ))
+                }
+            }
+            // Its subsets are unknown: only the Service can be checked.
+            (Ok(_), Err(_)) => Ok(()),
+        };
+        let destination_keys = match (&accepted, &service) {
+            (Err(problem), _) | (Ok(()), Err(problem)) => Err(problem.clone()),
+            (Ok(()), Ok(service)) => {
+                let mut keys: Vec<String> = self
+                    .published
+                    .get(*service)
+                    .map(|keys| keys.keys().cloned().collect())
+                    .unwrap_or_default();
+                keys.sort();
+                Ok(keys)
+            }
+        };
+        PolicyReport {
+            uid: state.uid.clone(),
+            generation: state.generation,
+            split: state.split.clone(),
+            accepted,
+            resolved_refs,
+            destination_keys,
+            status: state.status.clone(),
+        }
+    }
+
+    /// The policy's subsets that no ready endpoint of the Service belongs to, in declaration
+    /// order.
+    fn subsets_without_endpoints(
+        &self,
+        service: &ObjectKey,
+        translated: &Translated,
+    ) -> Vec<String> {
+        let mut unserved: Vec<&str> = translated
+            .subsets
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let endpoints = self
+            .slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.slices.get(key))
+            .flat_map(|slice| &slice.endpoints);
+        for endpoint in endpoints {
+            let subsets = self.subsets_of(service, endpoint.pod.as_deref(), translated);
+            unserved.retain(|name| !subsets.iter().any(|subset| subset == name));
+            if unserved.is_empty() {
+                break;
+            }
+        }
+        unserved.into_iter().map(String::from).collect()
     }
 
     /// Forgets an object; returns the Services it affected.
@@ -373,10 +562,14 @@ impl Index {
             tracing::warn!(policy = %key, %error, "DestinationPolicy is invalid and not in force");
         }
         PolicyState {
+            uid: policy.metadata.uid.clone(),
+            host: policy.spec.host.clone(),
             service,
             created: policy.metadata.creation_timestamp.clone(),
             generation: policy.metadata.generation.unwrap_or_default(),
             translated,
+            split: split_summary(&policy.spec),
+            status: policy.status.clone(),
         }
     }
 
@@ -446,7 +639,11 @@ impl Index {
                     // The same endpoint may sit in two slices while they are rebalanced.
                     endpoints.entry(address).or_insert_with(|| proto::Endpoint {
                         address: address.to_string(),
-                        subsets: self.subsets_of(service, endpoint.pod.as_deref(), policy),
+                        subsets: policy
+                            .map(|(.., translated)| {
+                                self.subsets_of(service, endpoint.pod.as_deref(), translated)
+                            })
+                            .unwrap_or_default(),
                         pod: endpoint.pod.clone().unwrap_or_default(),
                         h2c: port.h2c,
                     });
@@ -494,11 +691,8 @@ impl Index {
         &self,
         service: &ObjectKey,
         pod: Option<&str>,
-        policy: Option<(&ObjectKey, &PolicyState, &Translated)>,
+        translated: &Translated,
     ) -> Vec<String> {
-        let Some((.., translated)) = policy else {
-            return Vec::new();
-        };
         let no_labels = BTreeMap::new();
         let labels = pod
             .and_then(|pod| {
@@ -512,6 +706,19 @@ impl Index {
             .filter(|(_, selector)| selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
             .map(|(name, _)| name.clone())
             .collect()
+    }
+}
+
+/// `stable=90,canary=10`, or `all` when the policy splits nothing.
+fn split_summary(spec: &DestinationPolicySpec) -> String {
+    match &spec.traffic_split {
+        None => "all".to_string(),
+        Some(split) => split
+            .0
+            .iter()
+            .map(|weighted| format!("{}={}", weighted.subset, weighted.weight))
+            .collect::<Vec<_>>()
+            .join(","),
     }
 }
 
@@ -972,6 +1179,121 @@ mod tests {
             published(&snapshots, BY_NAME),
             Published::Known(_)
         ));
+    }
+
+    fn report(index: &Index, name: &str) -> PolicyReport {
+        index.policy_reports().borrow()[&ObjectKey::new("shop", name)].clone()
+    }
+
+    fn problem(reason: &'static str, message: &str) -> Problem {
+        Problem::new(reason, message)
+    }
+
+    #[test]
+    fn reports_say_why_a_policy_is_not_in_force_or_not_resolved() {
+        let (mut index, _) = index();
+        index.apply(policy("reviews", "2026-01-01T00:00:00Z", canary_policy()));
+        let missing = problem("ServiceNotFound", "Service shop/reviews does not exist");
+        let reviews_report = report(&index, "reviews");
+        assert_eq!(reviews_report.split, "stable=90,canary=10");
+        assert_eq!(reviews_report.generation, 3);
+        assert_eq!(reviews_report.accepted, Ok(()));
+        assert_eq!(reviews_report.resolved_refs, Err(missing.clone()));
+        assert_eq!(reviews_report.destination_keys, Err(missing));
+
+        // The Service, with endpoints of the stable pods only.
+        index.apply(pod("reviews-1", "v1"));
+        index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+        index.apply(reviews());
+        let reviews_report = report(&index, "reviews");
+        assert_eq!(
+            reviews_report.resolved_refs,
+            Err(problem(
+                "SubsetsWithoutEndpoints",
+                "no ready endpoints in subset canary: while another subset has some, it gets \
+                 no traffic"
+            ))
+        );
+        assert_eq!(
+            reviews_report.destination_keys,
+            Ok(vec![BY_IP.to_string(), BY_NAME.to_string()])
+        );
+        // A canary pod labelled later resolves it.
+        index.apply(slice("reviews-b", 8080, &[("10.0.0.2", "reviews-2", true)]));
+        index.apply(pod("reviews-2", "v2"));
+        assert_eq!(report(&index, "reviews").resolved_refs, Ok(()));
+
+        index.apply(policy(
+            "newer",
+            "2026-02-01T00:00:00Z",
+            json!({"host": "reviews"}),
+        ));
+        let conflicted = problem(
+            "Conflicted",
+            "DestinationPolicy shop/reviews governs Service shop/reviews: of the policies for a \
+             Service, the oldest is in force",
+        );
+        let newer = report(&index, "newer");
+        assert_eq!(newer.accepted, Err(conflicted.clone()));
+        assert_eq!(newer.destination_keys, Err(conflicted));
+        assert_eq!(newer.split, "all");
+
+        index.apply(policy(
+            "invalid",
+            "2025-01-01T00:00:00Z",
+            json!({"host": "reviews", "timeout": "1s", "retries": {"perTryTimeout": "2s"}}),
+        ));
+        assert_eq!(
+            report(&index, "invalid").accepted,
+            Err(problem(
+                "Invalid",
+                "spec.retries.perTryTimeout: 2s exceeds the timeout 1s"
+            ))
+        );
+        assert_eq!(
+            report(&index, "reviews").accepted,
+            Ok(()),
+            "an invalid policy is never in force"
+        );
+
+        index.apply(policy(
+            "elsewhere",
+            "2020-01-01T00:00:00Z",
+            json!({"host": "reviews.books"}),
+        ));
+        assert_eq!(
+            report(&index, "elsewhere").resolved_refs,
+            Err(problem(
+                "ServiceNotFound",
+                "host `reviews.books` names no Service in namespace shop, the only one a policy \
+                 there applies to"
+            ))
+        );
+
+        // The policy in force deleted: the next oldest takes over.
+        index.apply(deleted(Kind::DestinationPolicy, "reviews"));
+        assert!(
+            !index
+                .policy_reports()
+                .borrow()
+                .contains_key(&ObjectKey::new("shop", "reviews"))
+        );
+        assert_eq!(report(&index, "newer").accepted, Ok(()));
+    }
+
+    #[test]
+    fn reports_change_only_when_their_content_does() {
+        let (mut index, _) = index();
+        index.apply(reviews());
+        index.apply(policy("reviews", "2026-01-01T00:00:00Z", canary_policy()));
+        let mut reports = index.policy_reports();
+        reports.mark_unchanged();
+        index.apply(pod("unrelated", "v1"));
+        index.apply(reviews());
+        assert!(!reports.has_changed().unwrap());
+        index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+        index.apply(pod("reviews-1", "v2"));
+        assert!(reports.has_changed().unwrap());
     }
 
     #[tokio::test]
