@@ -151,7 +151,40 @@ pub struct ProxyId {
     pub stream: u64,
 }
 
-/// What proxies report, for status and tests.
+/// The policy a destination's configuration carries, as status compares it with the policy's
+/// current generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyVersion {
+    /// `namespace/name` of the DestinationPolicy in force; empty when none is.
+    pub policy: String,
+    pub generation: i64,
+}
+
+impl PolicyVersion {
+    fn of(destination: &proto::Destination) -> Self {
+        Self {
+            policy: destination.policy.clone(),
+            generation: destination.policy_generation,
+        }
+    }
+}
+
+/// What one proxy holds of one destination it subscribed to.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Holding {
+    /// What the configuration it applied last carries; None until it has one.
+    pub applied: Option<PolicyVersion>,
+    /// Set when it rejected the latest configuration sent: what that carried, and the proxy's
+    /// reason. It keeps its previous configuration meanwhile.
+    pub rejected: Option<(PolicyVersion, String)>,
+}
+
+/// Per destination key, every connected proxy subscribed to it and what it holds. Kept by the
+/// configuration streams, read by status; a watch channel, so a burst of acknowledgements wakes
+/// its reader once.
+pub type Subscribers = HashMap<String, HashMap<ProxyId, Holding>>;
+
+/// What proxies report, for tests.
 #[derive(Clone, Debug)]
 pub enum ProxyEvent {
     Connected(ProxyId),
@@ -174,6 +207,7 @@ pub enum ProxyEvent {
 pub struct DiscoveryService {
     snapshots: Snapshots,
     events: broadcast::Sender<ProxyEvent>,
+    subscribers: watch::Sender<Subscribers>,
     metrics: Metrics,
     controller: String,
     next_stream: Arc<std::sync::atomic::AtomicU64>,
@@ -185,6 +219,7 @@ impl DiscoveryService {
         Self {
             snapshots,
             events,
+            subscribers: watch::Sender::new(Subscribers::new()),
             metrics,
             controller,
             next_stream: Default::default(),
@@ -193,6 +228,39 @@ impl DiscoveryService {
 
     pub fn events(&self) -> broadcast::Receiver<ProxyEvent> {
         self.events.subscribe()
+    }
+
+    pub fn subscribers(&self) -> watch::Receiver<Subscribers> {
+        self.subscribers.subscribe()
+    }
+
+    /// Updates what `proxy` holds of `key`, when it is subscribed to it.
+    fn hold(&self, proxy: &ProxyId, key: &str, update: impl FnOnce(&mut Holding)) {
+        self.subscribers.send_if_modified(|subscribers| {
+            match subscribers
+                .get_mut(key)
+                .and_then(|proxies| proxies.get_mut(proxy))
+            {
+                Some(holding) => {
+                    update(holding);
+                    true
+                }
+                None => false,
+            }
+        });
+    }
+
+    fn forget(&self, proxy: &ProxyId, keys: impl IntoIterator<Item = String>) {
+        self.subscribers.send_modify(|subscribers| {
+            for key in keys {
+                if let Some(proxies) = subscribers.get_mut(&key) {
+                    proxies.remove(proxy);
+                    if proxies.is_empty() {
+                        subscribers.remove(&key);
+                    }
+                }
+            }
+        });
     }
 
     pub fn into_server(self) -> proto::discovery_server::DiscoveryServer<Self> {
@@ -237,6 +305,18 @@ impl Discovery for DiscoveryService {
     }
 }
 
+/// The version awaiting an answer for `key`, taken when `version` answers it.
+fn answered(
+    subscribed: &mut HashMap<String, Subscribed>,
+    key: &str,
+    version: &str,
+) -> Option<Awaiting> {
+    subscribed
+        .get_mut(key)?
+        .awaiting
+        .take_if(|awaiting| awaiting.version == version)
+}
+
 fn message(message: controller_message::Message) -> ControllerMessage {
     ControllerMessage {
         message: Some(message),
@@ -247,8 +327,15 @@ fn message(message: controller_message::Message) -> ControllerMessage {
 struct Subscribed {
     /// The version this proxy has (applied or at least been sent), so it is not sent twice.
     sent_version: String,
-    /// When the version just sent was produced, until the proxy acknowledges it.
-    pending_since: Option<(String, Instant)>,
+    /// The version just sent, until the proxy answers it.
+    awaiting: Option<Awaiting>,
+}
+
+struct Awaiting {
+    version: String,
+    /// When the index saw the change that produced it (for push latency).
+    changed_at: Instant,
+    policy: PolicyVersion,
 }
 
 impl DiscoveryService {
@@ -276,7 +363,11 @@ impl DiscoveryService {
                                 continue;
                             }
                             state.sent_version = version.clone();
-                            state.pending_since = Some((version.clone(), *changed_at));
+                            state.awaiting = Some(Awaiting {
+                                version: version.clone(),
+                                changed_at: *changed_at,
+                                policy: PolicyVersion::of(destination),
+                            });
                             controller_message::Message::Update(DestinationUpdate {
                                 key,
                                 version: version.clone(),
@@ -285,7 +376,8 @@ impl DiscoveryService {
                         }
                         Snapshot::Unknown { reason } => {
                             state.sent_version.clear();
-                            state.pending_since = None;
+                            state.awaiting = None;
+                            self.hold(&proxy, &key, |holding| *holding = Holding::default());
                             controller_message::Message::Unknown(DestinationUnknown {
                                 key,
                                 reason: reason.clone(),
@@ -300,6 +392,7 @@ impl DiscoveryService {
             }
         }
         self.metrics.proxies_connected.dec();
+        self.forget(&proxy, subscribed.into_keys());
         let _ = self.events.send(ProxyEvent::Disconnected(proxy));
     }
 
@@ -317,31 +410,53 @@ impl DiscoveryService {
                         continue;
                     }
                     let receiver = self.snapshots.watch(&destination.key);
+                    // A proxy that reconnects with the current version is not sent it again,
+                    // so it will not acknowledge it either: it holds it already.
+                    let holding = Holding {
+                        applied: match receiver.borrow().as_deref() {
+                            Some(Snapshot::Known {
+                                version,
+                                destination: current,
+                                ..
+                            }) if *version == destination.known_version => {
+                                Some(PolicyVersion::of(current))
+                            }
+                            _ => None,
+                        },
+                        rejected: None,
+                    };
+                    self.subscribers.send_modify(|subscribers| {
+                        subscribers
+                            .entry(destination.key.clone())
+                            .or_default()
+                            .insert(proxy.clone(), holding);
+                    });
                     watches.insert(destination.key.clone(), WatchStream::new(receiver));
                     subscribed.insert(
                         destination.key,
                         Subscribed {
                             sent_version: destination.known_version,
-                            pending_since: None,
+                            awaiting: None,
                         },
                     );
                 }
             }
             Some(proxy_message::Message::Unsubscribe(unsubscribe)) => {
-                for key in unsubscribe.keys {
-                    watches.remove(&key);
-                    subscribed.remove(&key);
+                for key in &unsubscribe.keys {
+                    watches.remove(key);
+                    subscribed.remove(key);
                 }
+                self.forget(proxy, unsubscribe.keys);
             }
             Some(proxy_message::Message::Ack(ack)) => {
-                if let Some(state) = subscribed.get_mut(&ack.key)
-                    && let Some((_, since)) = state
-                        .pending_since
-                        .take_if(|(version, _)| *version == ack.version)
-                {
+                if let Some(awaiting) = answered(subscribed, &ack.key, &ack.version) {
                     self.metrics
                         .push_seconds
-                        .observe(since.elapsed().as_secs_f64());
+                        .observe(awaiting.changed_at.elapsed().as_secs_f64());
+                    self.hold(proxy, &ack.key, |holding| {
+                        holding.applied = Some(awaiting.policy);
+                        holding.rejected = None;
+                    });
                 }
                 let _ = self.events.send(ProxyEvent::Acked {
                     proxy: proxy.clone(),
@@ -355,6 +470,11 @@ impl DiscoveryService {
                     key = %nack.key, version = %nack.version, reason = %nack.reason,
                     "proxy rejected a configuration"
                 );
+                if let Some(awaiting) = answered(subscribed, &nack.key, &nack.version) {
+                    self.hold(proxy, &nack.key, |holding| {
+                        holding.rejected = Some((awaiting.policy, nack.reason.clone()));
+                    });
+                }
                 let _ = self.events.send(ProxyEvent::Rejected {
                     proxy: proxy.clone(),
                     key: nack.key,
@@ -364,5 +484,193 @@ impl DiscoveryService {
             }
             Some(proxy_message::Message::Hello(_)) | None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use outrigger_api::proto::{
+        Ack, Hello, Nack, Subscribe, Subscription, discovery_client::DiscoveryClient,
+    };
+
+    use super::*;
+
+    const KEY: &str = "reviews.shop.svc.cluster.local:9080";
+
+    /// A destination carrying generation `generation` of policy shop/reviews.
+    fn publish(snapshots: &Snapshots, generation: i64) -> String {
+        let destination = proto::Destination {
+            namespace: "shop".into(),
+            service: "reviews".into(),
+            port: 9080,
+            policy: "shop/reviews".into(),
+            policy_generation: generation,
+            ..Default::default()
+        };
+        let snapshot = Snapshot::known(destination, Instant::now());
+        let Snapshot::Known { version, .. } = &snapshot else {
+            unreachable!("Snapshot::known is known")
+        };
+        let version = version.clone();
+        snapshots.publish(KEY, snapshot);
+        version
+    }
+
+    /// A proxy's stream, driven by hand.
+    struct Stream {
+        send: mpsc::Sender<ProxyMessage>,
+        received: Streaming<ControllerMessage>,
+    }
+
+    impl Stream {
+        async fn open(addr: std::net::SocketAddr, workload: &str, known_version: &str) -> Self {
+            let mut client = DiscoveryClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+            let (send, outgoing) = mpsc::channel(8);
+            let hello = proxy_message::Message::Hello(Hello {
+                namespace: "shop".into(),
+                workload: workload.into(),
+                ..Default::default()
+            });
+            let subscribe = proxy_message::Message::Subscribe(Subscribe {
+                destinations: vec![Subscription {
+                    key: KEY.into(),
+                    known_version: known_version.into(),
+                }],
+            });
+            for message in [hello, subscribe] {
+                send.send(ProxyMessage {
+                    message: Some(message),
+                })
+                .await
+                .unwrap();
+            }
+            let received = client
+                .stream(ReceiverStream::new(outgoing))
+                .await
+                .unwrap()
+                .into_inner();
+            Self { send, received }
+        }
+
+        /// The version of the next update.
+        async fn update(&mut self) -> String {
+            loop {
+                let message = self
+                    .received
+                    .message()
+                    .await
+                    .unwrap()
+                    .expect("the stream goes on");
+                if let Some(controller_message::Message::Update(update)) = message.message {
+                    return update.version;
+                }
+            }
+        }
+
+        async fn answer(&self, message: proxy_message::Message) {
+            self.send
+                .send(ProxyMessage {
+                    message: Some(message),
+                })
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Waits until the holdings of `KEY` are `expected`, by workload.
+    async fn until_held(
+        subscribers: &mut watch::Receiver<Subscribers>,
+        expected: &[(&str, Holding)],
+    ) {
+        let expected: HashMap<String, Holding> = expected
+            .iter()
+            .map(|(w, h)| (w.to_string(), h.clone()))
+            .collect();
+        let held = |subscribers: &Subscribers| -> HashMap<String, Holding> {
+            subscribers
+                .get(KEY)
+                .into_iter()
+                .flatten()
+                .map(|(proxy, holding)| (proxy.workload.clone(), holding.clone()))
+                .collect()
+        };
+        let reached = tokio::time::timeout(
+            Duration::from_secs(10),
+            subscribers.wait_for(|subscribers| held(subscribers) == expected),
+        )
+        .await
+        .is_ok();
+        assert!(
+            reached,
+            "expected {expected:?}, have {:?}",
+            held(&subscribers.borrow())
+        );
+    }
+
+    fn holds(generation: i64, rejected: Option<(i64, &str)>) -> Holding {
+        let version = |generation| PolicyVersion {
+            policy: "shop/reviews".into(),
+            generation,
+        };
+        Holding {
+            applied: Some(version(generation)),
+            rejected: rejected
+                .map(|(generation, reason)| (version(generation), reason.to_string())),
+        }
+    }
+
+    #[tokio::test]
+    async fn subscribers_follow_what_each_proxy_applied_or_rejected() {
+        let snapshots = Snapshots::default();
+        snapshots.mark_synced();
+        let service = DiscoveryService::new(snapshots.clone(), Metrics::default(), "test".into());
+        let mut subscribers = service.subscribers();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(crate::serve_grpc(listener, service, shutdown));
+
+        let first = publish(&snapshots, 3);
+        let mut a = Stream::open(addr, "a", "").await;
+        assert_eq!(a.update().await, first);
+        until_held(&mut subscribers, &[("a", Holding::default())]).await;
+        a.answer(proxy_message::Message::Ack(Ack {
+            key: KEY.into(),
+            version: first.clone(),
+        }))
+        .await;
+        until_held(&mut subscribers, &[("a", holds(3, None))]).await;
+
+        // A proxy that reconnects with the current version holds it without answering.
+        let b = Stream::open(addr, "b", &first).await;
+        until_held(
+            &mut subscribers,
+            &[("a", holds(3, None)), ("b", holds(3, None))],
+        )
+        .await;
+
+        // Generation 4 rejected by one proxy: it keeps generation 3 meanwhile.
+        let second = publish(&snapshots, 4);
+        assert_eq!(a.update().await, second);
+        a.answer(proxy_message::Message::Nack(Nack {
+            key: KEY.into(),
+            version: second,
+            reason: "no".into(),
+        }))
+        .await;
+        until_held(
+            &mut subscribers,
+            &[("a", holds(3, Some((4, "no")))), ("b", holds(3, None))],
+        )
+        .await;
+
+        // Gone proxies are forgotten.
+        drop(a);
+        drop(b);
+        until_held(&mut subscribers, &[]).await;
     }
 }
