@@ -7,8 +7,11 @@ pub mod crds;
 pub mod distribute;
 pub mod index;
 pub mod inject;
+pub mod kube_source;
+pub mod leader;
 pub mod manifests;
 pub mod metrics;
+pub mod status;
 pub mod translate;
 pub mod webhook;
 
@@ -25,16 +28,25 @@ use tokio::task::JoinSet;
 
 use crate::distribute::{DiscoveryService, Snapshots};
 use crate::index::Index;
+use crate::leader::{Elector, LeaderSettings};
 use crate::manifests::Manifests;
 use crate::metrics::Metrics;
 
-/// Settings of a controller; each flag can also come from `OUTRIGGER_<FLAG>`.
+/// Settings of a controller; each flag can also come from `OUTRIGGER_<FLAG>` (the leader
+/// namespace from `POD_NAMESPACE`, as the chart sets it).
 #[derive(clap::Args, Clone, Debug)]
 pub struct Settings {
-    /// A directory of YAML manifests (Services, EndpointSlices, Pods, DestinationPolicies) to
-    /// serve instead of a cluster's; watched, so edits apply within a second.
-    #[arg(long, env = "OUTRIGGER_MANIFESTS", required = true)]
+    /// Serve the cluster state in this directory of YAML manifests (Services, EndpointSlices,
+    /// Pods, DestinationPolicies) instead of the Kubernetes API's; watched, so edits apply within
+    /// a second. Nothing is written back.
+    #[arg(long, env = "OUTRIGGER_MANIFESTS", conflicts_with = "kubeconfig")]
     pub manifests: Option<PathBuf>,
+    /// The Kubernetes API to watch and write status to (the default source). Without this flag:
+    /// the KUBECONFIG variable or ~/.kube/config, else the cluster the controller runs in.
+    #[arg(long, env = "OUTRIGGER_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub leader: LeaderSettings,
     /// Configuration stream to proxies.
     #[arg(long, env = "OUTRIGGER_GRPC_ADDR", default_value = "0.0.0.0:8090")]
     pub grpc_addr: SocketAddr,
@@ -48,9 +60,22 @@ pub struct Settings {
 /// Proxies that vanish without closing their connection are noticed within about this long.
 const GRPC_KEEPALIVE: Duration = Duration::from_secs(20);
 
+/// Where cluster state comes from.
+enum Source {
+    Manifests(Manifests),
+    /// The API server, which status is written to by the leader.
+    Kubernetes {
+        client: kube::Client,
+        leader: LeaderSettings,
+    },
+}
+
+/// How long a stopping leader may take to hand its Lease back.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A controller with its listeners bound and its source opened.
 pub struct Controller {
-    manifests: Manifests,
+    source: Source,
     metrics: Metrics,
     grpc: TcpListener,
     admin: TcpListener,
@@ -59,17 +84,21 @@ pub struct Controller {
 
 impl Controller {
     pub async fn bind(settings: Settings) -> anyhow::Result<Self> {
-        let dir = settings
-            .manifests
-            .context("--manifests DIR is required: a manifests directory is the only source of cluster state so far")?;
         let metrics = Metrics::default();
+        let source = match settings.manifests {
+            Some(dir) => Source::Manifests(Manifests::new(dir, metrics.clone())?),
+            None => Source::Kubernetes {
+                client: kube_source::client(settings.kubeconfig.as_deref()).await?,
+                leader: settings.leader,
+            },
+        };
         let bind = |addr: SocketAddr, what: &'static str| async move {
             TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the {what} listener on {addr}"))
         };
         Ok(Self {
-            manifests: Manifests::new(dir, metrics.clone())?,
+            source,
             grpc: bind(settings.grpc_addr, "gRPC").await?,
             admin: bind(settings.admin_addr, "admin").await?,
             webhook: webhook::Webhook::bind(&settings.webhook).await?,
@@ -90,20 +119,44 @@ impl Controller {
         let snapshots = Snapshots::default();
         let index = Index::new(snapshots.clone(), self.metrics.clone());
         let ready = index.synced();
+        let name = std::env::var("HOSTNAME").unwrap_or_else(|_| "outrigger-controller".into());
+        let discovery = DiscoveryService::new(snapshots, self.metrics.clone(), name);
         let (changes, received) = mpsc::channel(1024);
-        self.manifests.spawn(changes)?;
-        // Dropping the set on return stops the index and the admin server; the manifests thread
-        // then finds its channel closed.
+        // Dropping the set on return stops the index, the Kubernetes watches, status and the
+        // admin server; the manifests thread then finds its channel closed.
         let mut tasks = JoinSet::new();
+        let mut election = None;
+        match self.source {
+            Source::Manifests(manifests) => manifests.spawn(changes)?,
+            Source::Kubernetes { client, leader } => {
+                tasks.spawn(kube_source::run(
+                    client.clone(),
+                    changes,
+                    self.metrics.clone(),
+                ));
+                let (leading, leading_changes) = watch::channel(false);
+                let elector = Elector::new(&client, &leader, self.metrics.clone());
+                election = Some(tokio::spawn(elector.run(leading, shutdown.clone())));
+                let inputs = status::Inputs {
+                    reports: index.policy_reports(),
+                    subscribers: discovery.subscribers(),
+                    leading: leading_changes,
+                    synced: ready.clone(),
+                };
+                tasks.spawn(status::run(client, inputs, self.metrics.clone()));
+            }
+        }
         tasks.spawn(index.run(received));
-        tasks.spawn(admin::serve(self.admin, self.metrics.clone(), ready));
+        tasks.spawn(admin::serve(self.admin, self.metrics, ready));
         if let Some(webhook) = self.webhook {
             tasks.spawn(webhook.serve());
         }
-        let name = std::env::var("HOSTNAME").unwrap_or_else(|_| "outrigger-controller".into());
-        let discovery = DiscoveryService::new(snapshots, self.metrics, name);
         tracing::info!(grpc = %self.grpc.local_addr()?, "controller serving");
         serve_grpc(self.grpc, discovery, shutdown).await;
+        if let Some(election) = election {
+            // Hands the Lease back, so that another replica writes status at once.
+            let _ = tokio::time::timeout(RELEASE_TIMEOUT, election).await;
+        }
         Ok(())
     }
 }

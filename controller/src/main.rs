@@ -2,13 +2,18 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use outrigger_controller::{Controller, Settings, crds};
+use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
 #[command(
     name = "outrigger-controller",
     version,
     about = "The Outrigger control plane",
-    subcommand_negates_reqs = true,
+    long_about = "The Outrigger control plane: turns Services, EndpointSlices, Pod labels and \
+        DestinationPolicies into configuration streamed to proxies.\n\n\
+        Cluster state comes from one source: the Kubernetes API (the default: in a cluster, or \
+        --kubeconfig PATH), where the leader replica also writes DestinationPolicy status; or \
+        --manifests DIR, a directory of YAML files, for running without a cluster.",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -45,8 +50,14 @@ async fn main() -> anyhow::Result<()> {
         None => {
             let controller = Controller::bind(cli.settings).await?;
             let (stop, shutdown) = tokio::sync::watch::channel(false);
+            let mut terminate = signal(SignalKind::terminate())?;
             tokio::spawn(async move {
-                let _ = tokio::signal::ctrl_c().await;
+                // Ctrl-C by hand, SIGTERM from Kubernetes: either way a leader hands its Lease
+                // over before exiting.
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
                 let _ = stop.send(true);
             });
             controller.run(shutdown).await

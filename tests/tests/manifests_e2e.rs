@@ -121,6 +121,8 @@ impl RunningController {
     async fn start(manifests: &Path, grpc: SocketAddr) -> Self {
         let controller = Controller::bind(ControllerSettings {
             manifests: Some(manifests.to_path_buf()),
+            kubeconfig: None,
+            leader: Default::default(),
             grpc_addr: grpc,
             admin_addr: "127.0.0.1:0".parse().unwrap(),
             webhook: Default::default(),
