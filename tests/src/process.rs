@@ -39,11 +39,39 @@ impl ChildProcess {
         self.child.id()
     }
 
+    /// Everything the process wrote so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last lines the process wrote, for error messages.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.log();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Asks the process to stop (SIGTERM, as Kubernetes does) and waits up to `grace` for it,
+    /// then kills it. Fails when it had to be killed, or when it ended with an error.
+    pub fn terminate(mut self, grace: Duration) -> Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id()).context("a pid fits pid_t")?;
+        // SAFETY: kill(2) with a pid this value owns and has not reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let until = Instant::now() + grace;
+        while Instant::now() < until {
+            if let Some(status) = self.child.try_wait().context("checking the child")? {
+                if !status.success() {
+                    bail!("{} ended with {status}:\n{}", self.name, self.log_tail());
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "{} did not stop within {grace:?} of SIGTERM:\n{}",
+            self.name,
+            self.log_tail()
+        )
     }
 
     /// Waits until `GET http://{addr}{path}` answers 200, or fails with the process's log.
@@ -79,6 +107,7 @@ impl Drop for ChildProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
@@ -106,10 +135,14 @@ pub async fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
     Some(status)
 }
 
-/// A binary built next to the running one (all land in the same target directory).
+/// A binary built next to the running one (all land in the same target directory; test
+/// executables one level down, in `deps`).
 pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     let me = std::env::current_exe().context("finding this executable")?;
-    let dir = me.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut dir = me.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
     let binary = dir.join(name);
     if !binary.is_file() {
         bail!("{} is not built (expected at {})", name, binary.display());

@@ -5,15 +5,14 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, Once};
-use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use outrigger_controller::{Controller, Settings as ControllerSettings};
-use outrigger_proxy::{Proxy, Settings as ProxySettings};
 use outrigger_tests::Backend;
+use outrigger_tests::e2e::{RunningProxy, eventually, get};
 use tokio::sync::watch;
+
+/// How the proxies' clients call the `reviews` Service.
+const REVIEWS: &str = "reviews:9080";
 
 /// Logs of every test in this binary, for the assertions about what the controller reported.
 static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
@@ -162,62 +161,6 @@ impl RunningController {
     }
 }
 
-struct RunningProxy {
-    outbound: SocketAddr,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RunningProxy {
-    async fn start(control_plane: SocketAddr, workload: &str) -> Self {
-        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let proxy = Proxy::bind(ProxySettings {
-            control_plane: format!("http://{control_plane}"),
-            namespace: "shop".into(),
-            workload: workload.into(),
-            service_account: "client".into(),
-            outbound_addr: any,
-            inbound_addr: any,
-            app_addr: any,
-            admin_addr: any,
-            max_header_bytes: 16 * 1024,
-            header_read_timeout: Duration::from_secs(10),
-            drain_timeout: Duration::from_secs(1),
-            discovery_timeout: Duration::from_secs(2),
-        })
-        .await
-        .expect("proxy binds");
-        let outbound = proxy.outbound_addr();
-        let (stop, shutdown) = watch::channel(false);
-        let task = tokio::spawn(proxy.run(shutdown));
-        Self {
-            outbound,
-            stop,
-            task,
-        }
-    }
-
-    /// Status and body of a call to `reviews` through this proxy; None when it fails outright.
-    async fn call_reviews(&self) -> Option<(u16, String)> {
-        get(self.outbound, "reviews:9080", "/").await
-    }
-
-    /// True when the next `n` calls all come back 200 from `backend`.
-    async fn all_served_by(&self, backend: &str, n: usize) -> bool {
-        for _ in 0..n {
-            if self.call_reviews().await != Some((200, backend.to_string())) {
-                return false;
-            }
-        }
-        true
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
-    }
-}
-
 /// A controller on a manifests directory, two proxies, and the two versions of `reviews`.
 struct Mesh {
     dir: tempfile::TempDir,
@@ -240,8 +183,8 @@ impl Mesh {
         write(&dir.path().join("policy.yaml"), &policy_manifest(100, 0));
         let controller = RunningController::start(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
         let proxies = vec![
-            RunningProxy::start(controller.grpc, "client-a").await,
-            RunningProxy::start(controller.grpc, "client-b").await,
+            RunningProxy::start(controller.grpc, "shop", "client-a").await,
+            RunningProxy::start(controller.grpc, "shop", "client-b").await,
         ];
         let mesh = Self {
             dir,
@@ -261,7 +204,7 @@ impl Mesh {
     async fn until_every_proxy_serves_from(&self, backend: &str) {
         for (i, proxy) in self.proxies.iter().enumerate() {
             eventually(&format!("proxy {i} sends every call to {backend}"), || {
-                proxy.all_served_by(backend, 10)
+                proxy.all_served_by(REVIEWS, backend, 10)
             })
             .await;
         }
@@ -284,44 +227,6 @@ fn write(path: &Path, content: &str) {
     std::fs::rename(&staged, path).unwrap();
 }
 
-async fn get(addr: SocketAddr, host: &str, path: &str) -> Option<(u16, String)> {
-    let exchange = async {
-        let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let (mut send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
-        tokio::spawn(connection);
-        let request = http::Request::builder()
-            .uri(path)
-            .header(http::header::HOST, host)
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let response = send.send_request(request).await.ok()?;
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await.ok()?.to_bytes();
-        Some((status, String::from_utf8_lossy(&body).into_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .ok()
-        .flatten()
-}
-
-/// Polls `check` every 50 ms for up to 20 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..400 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_edit_reaches_every_proxy() {
     let mesh = Mesh::start().await;
@@ -340,7 +245,7 @@ async fn a_deleted_service_becomes_unknown() {
     );
     for proxy in &mesh.proxies {
         eventually("calls to the deleted Service get 503", || async {
-            matches!(proxy.call_reviews().await, Some((503, body)) if body.contains("reviews"))
+            matches!(proxy.call(REVIEWS).await, Some((503, body)) if body.contains("reviews"))
         })
         .await;
     }
@@ -361,7 +266,7 @@ async fn a_file_with_an_error_keeps_its_last_good_state_and_is_reported() {
     assert!(logged(&place), "no log names {place}");
     for proxy in &mesh.proxies {
         assert!(
-            proxy.all_served_by("v1", 10).await,
+            proxy.all_served_by(REVIEWS, "v1", 10).await,
             "the last good split stays"
         );
     }
@@ -384,7 +289,10 @@ async fn proxies_keep_serving_without_the_controller_and_resync_when_it_is_back(
     let grpc = controller.grpc;
     controller.stop().await;
     for proxy in &proxies {
-        assert!(proxy.all_served_by("v1", 20).await, "the last config stays");
+        assert!(
+            proxy.all_served_by(REVIEWS, "v1", 20).await,
+            "the last config stays"
+        );
     }
 
     // Edited while the controller is down; seen once it is back on the same address.

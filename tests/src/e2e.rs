@@ -1,0 +1,119 @@
+//! What the end-to-end suites share: real proxies in this process, plain HTTP calls, and bounded
+//! polling.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use outrigger_proxy::{Proxy, Settings as ProxySettings};
+use tokio::sync::watch;
+
+/// A real proxy on loopback ports, configured by the controller at `control_plane`.
+pub struct RunningProxy {
+    pub outbound: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningProxy {
+    /// A proxy of pod `workload` in `namespace`, whose calls to `svc` mean `svc.namespace`.
+    pub async fn start(control_plane: SocketAddr, namespace: &str, workload: &str) -> Self {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let proxy = Proxy::bind(ProxySettings {
+            control_plane: format!("http://{control_plane}"),
+            namespace: namespace.into(),
+            workload: workload.into(),
+            service_account: "client".into(),
+            outbound_addr: any,
+            inbound_addr: any,
+            app_addr: any,
+            admin_addr: any,
+            max_header_bytes: 16 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(1),
+            discovery_timeout: Duration::from_secs(2),
+        })
+        .await
+        .expect("proxy binds");
+        let outbound = proxy.outbound_addr();
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(proxy.run(shutdown));
+        Self {
+            outbound,
+            stop,
+            task,
+        }
+    }
+
+    /// Status and body of `GET /` to `authority` through this proxy; None when it fails outright.
+    pub async fn call(&self, authority: &str) -> Option<(u16, String)> {
+        get(self.outbound, authority, "/").await
+    }
+
+    /// True when the next `n` calls to `authority` all come back 200 from `backend`.
+    pub async fn all_served_by(&self, authority: &str, backend: &str, n: usize) -> bool {
+        for _ in 0..n {
+            if self.call(authority).await != Some((200, backend.to_string())) {
+                return false;
+            }
+        }
+        true
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Status and body of `GET {path}` with `Host: {host}` sent to `addr`; None when there is no
+/// answer within 10 s.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Option<(u16, String)> {
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let (mut send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        tokio::spawn(connection);
+        let request = http::Request::builder()
+            .uri(path)
+            .header(http::header::HOST, host)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = send.send_request(request).await.ok()?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.ok()?.to_bytes();
+        Some((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Polls `check` every 50 ms until it holds; panics naming `what` after `deadline`.
+pub async fn eventually_within<F, Fut>(deadline: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    while tokio::time::Instant::now() < until {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {deadline:?} waiting until {what}");
+}
+
+/// [`eventually_within`] 20 s.
+pub async fn eventually<F, Fut>(what: &str, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    eventually_within(Duration::from_secs(20), what, check).await
+}
