@@ -612,6 +612,13 @@ async fn status_and_kubectl_get_follow_the_policy_and_its_proxies() {
         condition(&programmed, "Programmed")["message"],
         "all 2 proxies applied generation 1"
     );
+    // Settled: the controller's own status writes do not make it write again.
+    tokio::time::sleep(outrigger_controller::status::MIN_INTERVAL * 4).await;
+    let settled = cluster.policy("status", "reviews");
+    assert_eq!(
+        settled["metadata"]["resourceVersion"],
+        programmed["metadata"]["resourceVersion"]
+    );
 
     let table = cluster.kubectl(&["get", "dp", "--namespace", "status"]);
     let rows: Vec<Vec<&str>> = table
