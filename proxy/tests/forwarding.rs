@@ -66,11 +66,21 @@ async fn outbound_h2c_and_keep_alive_reuse_one_upstream_connection() {
     }
     assert_eq!(conn.get("web", "/").await.body, "web-1");
     assert_eq!(backend.hits(), 21);
+    assert_eq!(
+        backend.connections(),
+        1,
+        "21 requests multiplexed on one HTTP/2 connection"
+    );
 
     let mut keep_alive = Conn::http1(proxy.outbound).await;
     for _ in 0..5 {
         assert_eq!(keep_alive.get("web", "/").await.status, 200);
     }
+    assert_eq!(
+        backend.connections(),
+        2,
+        "5 HTTP/1.1 requests on one kept-alive connection"
+    );
     assert_eq!(
         metric(
             proxy.admin,

@@ -38,6 +38,8 @@ struct State {
     name: String,
     behaviour: Mutex<Behaviour>,
     hits: AtomicU64,
+    /// Connections accepted.
+    connections: AtomicU64,
     /// Responses with a 5xx status.
     errors: AtomicU64,
     /// Lets a `/stream` response send its last chunk.
@@ -62,6 +64,7 @@ impl Backend {
             name: name.to_string(),
             behaviour: Mutex::new(Behaviour::Answer),
             hits: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             release: Notify::new(),
         });
@@ -74,6 +77,7 @@ impl Backend {
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
                         let state = served.clone();
+                        state.connections.fetch_add(1, Ordering::SeqCst);
                         connections.spawn(serve_connection(stream, state));
                     }
                     _ = &mut stopped => break,
@@ -98,6 +102,11 @@ impl Backend {
     /// Requests received so far.
     pub fn hits(&self) -> u64 {
         self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     /// Responses with a 5xx status sent so far.
