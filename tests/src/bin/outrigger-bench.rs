@@ -101,6 +101,9 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
     if args.connections == 0 {
         bail!("--connections must be at least 1");
     }
+    // Taken before we add load of our own: other work on the machine skews every number, and the
+    // report says how much there was.
+    let machine = machine()?;
     // The backend and the load generator get a runtime (and a thread) each, so that one's backlog
     // does not delay the other's timers.
     let backend_runtime = runtime("bench-backend")?;
@@ -123,7 +126,7 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
         (Some(bin), false) => {
             let proxy = Proxy::start(client, bin, &control_plane.url(), backend.addr)?;
             eprintln!(
-                "proxy ready, pid {}, log {}",
+                "proxy ready, pid {}, log {} (kept if the bench fails)",
                 proxy.pid(),
                 proxy.log().display()
             );
@@ -178,7 +181,7 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
         command: args
             .command
             .unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" ")),
-        machine: machine()?,
+        machine,
         date: now()?,
         rows,
         idle_rss,
@@ -294,11 +297,46 @@ fn machine() -> Result<String> {
         })
         .context("no MemTotal in /proc/meminfo")?;
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let busy = cpu_busy(Duration::from_secs(1))?;
     Ok(format!(
-        "{cores} CPUs ({model}), {:.1} GiB memory, Linux {}",
+        "{cores} CPUs ({model}), {:.1} GiB memory, Linux {}; CPUs {:.0}% busy with other work in \
+         the second before the bench started",
         memory_kib as f64 / (1024.0 * 1024.0),
-        kernel.trim()
+        kernel.trim(),
+        busy * 100.0
     ))
+}
+
+/// The share of all CPUs' time that was not idle over `window`.
+fn cpu_busy(window: Duration) -> Result<f64> {
+    let sample = || -> Result<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        cpu_totals(&stat).context("no cpu line in /proc/stat")
+    };
+    let (total_before, idle_before) = sample()?;
+    std::thread::sleep(window);
+    let (total_after, idle_after) = sample()?;
+    let total = total_after.saturating_sub(total_before);
+    let idle = idle_after.saturating_sub(idle_before);
+    Ok(if total == 0 {
+        0.0
+    } else {
+        1.0 - idle as f64 / total as f64
+    })
+}
+
+/// All time and idle time (idle + iowait), in ticks, from the first line of `/proc/stat`.
+fn cpu_totals(stat: &str) -> Option<(u64, u64)> {
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|field| field.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user and nice]
+    let total = ticks.iter().take(8).sum();
+    Some((total, ticks.get(3)? + ticks.get(4)?))
 }
 
 fn now() -> Result<String> {
@@ -325,6 +363,13 @@ fn write_section(path: &Path, section: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_totals_count_iowait_as_idle_and_guests_once() {
+        let stat = "cpu  100 5 50 800 20 3 2 10 7 0\ncpu0 50 2 25 400 10 1 1 5 3 0\n";
+        assert_eq!(cpu_totals(stat), Some((990, 820)));
+        assert_eq!(cpu_totals("intr 1 2 3\n"), None);
+    }
 
     #[test]
     fn durations_need_a_unit() {
