@@ -11,6 +11,28 @@ use clap::{Args, Subcommand};
 pub enum Target {
     /// Latency, throughput and cost that the proxy adds to requests, against a direct path.
     Proxy(ProxyArgs),
+    /// Time from a policy edit to every proxy's acknowledgement, and the controller's memory.
+    ControlPlane(ControlPlaneArgs),
+}
+
+#[derive(Args)]
+pub struct ControlPlaneArgs {
+    /// Simulated proxies, each with its own configuration stream (default: the bench's).
+    #[arg(long)]
+    proxies: Option<String>,
+    /// Endpoints of the Service they all subscribe to (default: the bench's).
+    #[arg(long)]
+    endpoints: Option<String>,
+    /// Policy edits to time (default: the bench's).
+    #[arg(long)]
+    edits: Option<String>,
+    /// Markdown file whose `## Control plane` section receives the results, relative to the
+    /// workspace root.
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    write: PathBuf,
+    /// Only print the results.
+    #[arg(long, conflicts_with = "write")]
+    no_write: bool,
 }
 
 #[derive(Args)]
@@ -38,7 +60,63 @@ pub struct ProxyArgs {
 pub fn run(target: Target) -> Result<()> {
     match target {
         Target::Proxy(args) => proxy(args),
+        Target::ControlPlane(args) => control_plane(args),
     }
+}
+
+fn control_plane(args: ControlPlaneArgs) -> Result<()> {
+    crate::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "outrigger-controller",
+        "-p",
+        "outrigger-tests",
+        "--bin",
+        "outrigger-controller",
+        "--bin",
+        "outrigger-bench",
+    ])?;
+    let release = crate::target_dir()?.join("release");
+    let mut bench = Command::new(release.join("outrigger-bench"));
+    bench
+        .arg("control-plane")
+        .arg("--controller-bin")
+        .arg(release.join("outrigger-controller"))
+        .arg("--command")
+        .arg(crate::invocation());
+    let forwarded = [
+        ("--proxies", &args.proxies),
+        ("--endpoints", &args.endpoints),
+        ("--edits", &args.edits),
+    ];
+    run_bench(bench, &forwarded, args.no_write, &args.write)
+}
+
+/// Runs the bench with the options given, writing the results unless told not to.
+fn run_bench(
+    mut bench: Command,
+    forwarded: &[(&str, &Option<String>)],
+    no_write: bool,
+    write: &std::path::Path,
+) -> Result<()> {
+    for (flag, value) in forwarded {
+        if let Some(value) = value {
+            bench.arg(flag).arg(value);
+        }
+    }
+    if !no_write {
+        bench
+            .arg("--write")
+            .arg(crate::workspace_root().join(write));
+    }
+    let status = bench
+        .status()
+        .with_context(|| format!("running {:?}", bench.get_program()))?;
+    if !status.success() {
+        bail!("{:?} failed: {status}", bench.get_program());
+    }
+    Ok(())
 }
 
 fn proxy(args: ProxyArgs) -> Result<()> {
@@ -69,21 +147,5 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         ("--warmup", &args.warmup),
         ("--connections", &args.connections),
     ];
-    for (flag, value) in forwarded {
-        if let Some(value) = value {
-            bench.arg(flag).arg(value);
-        }
-    }
-    if !args.no_write {
-        bench
-            .arg("--write")
-            .arg(crate::workspace_root().join(&args.write));
-    }
-    let status = bench
-        .status()
-        .with_context(|| format!("running {}", release.join("outrigger-bench").display()))?;
-    if !status.success() {
-        bail!("outrigger-bench proxy failed: {status}");
-    }
-    Ok(())
+    run_bench(bench, &forwarded, args.no_write, &args.write)
 }

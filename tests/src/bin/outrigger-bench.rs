@@ -1,6 +1,8 @@
 //! `outrigger-bench`: measures Outrigger components on loopback. Run it through
 //! `cargo xtask bench <target>`, which builds it and the binaries it measures in release mode.
 
+#[path = "outrigger-bench/control_plane.rs"]
+mod control_plane;
 #[path = "outrigger-bench/loadgen.rs"]
 mod loadgen;
 #[path = "outrigger-bench/proxy.rs"]
@@ -37,6 +39,9 @@ struct Cli {
 enum BenchTarget {
     /// Latency, throughput and cost that the proxy adds to requests, against a direct path.
     Proxy(ProxyArgs),
+    /// Time from a policy edit to every proxy's acknowledgement, and the controller's memory, with
+    /// many proxies and endpoints.
+    ControlPlane(control_plane::ControlPlaneArgs),
 }
 
 #[derive(Args)]
@@ -91,6 +96,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 fn main() -> Result<()> {
     match Cli::parse().target {
         BenchTarget::Proxy(args) => bench_proxy(args),
+        BenchTarget::ControlPlane(args) => control_plane::run(args, machine()?, now()?),
     }
 }
 

@@ -106,7 +106,8 @@ impl Proxy {
         format!("\nlast lines of {}:\n{tail}", self.log.display())
     }
 
-    /// Asks the proxy to stop (SIGTERM) and waits a little for it; kills it if it lingers.
+    /// Asks the proxy to stop (SIGTERM) and waits a little for it; kills it if it lingers. The log
+    /// goes once the proxy has stopped cleanly: it is only needed to explain failures.
     pub fn stop(mut self) -> Result<()> {
         let pid = libc::pid_t::try_from(self.child.id()).context("proxy pid")?;
         // SAFETY: kill has no memory effects; the pid is our own unreaped child, so it names it.
@@ -114,6 +115,8 @@ impl Proxy {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if self.child.try_wait()?.is_some() {
+                // Best effort: a leftover log in the temporary directory harms nothing.
+                let _ = std::fs::remove_file(&self.log);
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -195,7 +198,7 @@ pub struct Memory {
     pub peak: u64,
 }
 
-fn memory(pid: u32) -> Result<Memory> {
+pub fn memory(pid: u32) -> Result<Memory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     let field = |name| {

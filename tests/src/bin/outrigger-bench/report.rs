@@ -257,9 +257,11 @@ impl Report {
 
 /// `doc` with its `## Proxy` section (up to the next `## ` heading) replaced by `section`, or with
 /// `section` appended when it has none. Other sections stay as they are.
+/// `doc` with the section whose heading is `section`'s first line replaced by `section` (or
+/// `section` appended, when `doc` has no such heading).
 pub fn replace_section(doc: &str, section: &str) -> String {
-    const HEADING: &str = "## Proxy";
     let section = section.trim_end();
+    let heading = section.lines().next().unwrap_or_default().trim_end();
     if doc.trim().is_empty() {
         return format!(
             "# Benchmarks\n\nMeasured with `cargo xtask bench <target>`, which rewrites its own \
@@ -267,7 +269,7 @@ pub fn replace_section(doc: &str, section: &str) -> String {
         );
     }
     let lines: Vec<&str> = doc.lines().collect();
-    let Some(start) = lines.iter().position(|line| line.trim_end() == HEADING) else {
+    let Some(start) = lines.iter().position(|line| line.trim_end() == heading) else {
         return format!("{}\n\n{section}\n", doc.trim_end());
     };
     let end = lines[start + 1..]

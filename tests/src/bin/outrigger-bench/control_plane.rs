@@ -1,0 +1,428 @@
+//! `bench control-plane`: how fast a policy edit reaches every proxy, and what the controller
+//! costs, with many proxies and endpoints.
+//!
+//! The controller (the real binary) serves a manifests directory holding one Service with many
+//! endpoints and its DestinationPolicy. One process opens many configuration streams to it, each a
+//! proxy of its own (its own HTTP/2 connection, the real protocol): it says Hello, subscribes to
+//! the Service, and acknowledges every version at once. Then the policy file is edited, again and
+//! again, and each stream notes when the new version reached it.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use outrigger_api::proto::{
+    Ack, Hello, ProxyMessage, Subscribe, Subscription, controller_message,
+    discovery_client::DiscoveryClient, proxy_message,
+};
+use outrigger_tests::process::{ChildProcess, free_port};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::proxy::memory;
+
+const KEY: &str = "reviews.bench.svc.cluster.local:9080";
+const ENDPOINTS_PER_SLICE: usize = 100;
+
+#[derive(Args)]
+pub struct ControlPlaneArgs {
+    /// The outrigger-controller binary to measure.
+    #[arg(long)]
+    controller_bin: PathBuf,
+    /// Configuration streams, one per simulated proxy.
+    #[arg(long, default_value_t = 1000)]
+    proxies: usize,
+    /// Endpoints of the Service every proxy subscribes to.
+    #[arg(long, default_value_t = 10_000)]
+    endpoints: usize,
+    /// Policy edits to time.
+    #[arg(long, default_value_t = 10)]
+    edits: usize,
+    /// Replace the `## Control plane` section of this Markdown file with the results.
+    #[arg(long)]
+    write: Option<PathBuf>,
+    /// How to reproduce this run, as recorded in the results (default: this command line).
+    #[arg(long)]
+    command: Option<String>,
+}
+
+/// The latest version each simulated proxy received, and when.
+type Received = Arc<Mutex<Vec<Option<(String, Instant)>>>>;
+
+pub fn run(args: ControlPlaneArgs, machine: String, date: String) -> Result<()> {
+    if args.proxies == 0 || args.endpoints == 0 {
+        bail!("--proxies and --endpoints must be at least 1");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let manifests = std::env::temp_dir().join(format!("outrigger-bench-cp-{}", std::process::id()));
+    write_manifests(&manifests, args.endpoints)?;
+    write_policy(&manifests, 1)?;
+    let result = runtime.block_on(measure(&args, &manifests));
+    let _ = std::fs::remove_dir_all(&manifests);
+    let measured = result?;
+    let section = measured.report(&args, &machine, &date);
+    print!("{section}");
+    if let Some(path) = &args.write {
+        crate::write_section(path, &section)?;
+        println!("\nwrote {}", path.display());
+    }
+    Ok(())
+}
+
+struct Measured {
+    /// Per edit, each proxy's time from the edit to receiving (and acknowledging) it.
+    latencies: Vec<Vec<Duration>>,
+    /// Bytes.
+    rss_idle: u64,
+    rss_connected: u64,
+    rss_peak: u64,
+    connect_time: Duration,
+    push_seconds: String,
+}
+
+async fn measure(args: &ControlPlaneArgs, manifests: &Path) -> Result<Measured> {
+    let (grpc, admin) = (free_port()?, free_port()?);
+    let mut controller = ChildProcess::spawn(
+        "controller",
+        Command::new(&args.controller_bin)
+            .arg("--manifests")
+            .arg(manifests)
+            .args([
+                "--grpc-addr",
+                &grpc.to_string(),
+                "--admin-addr",
+                &admin.to_string(),
+            ])
+            .env("RUST_LOG", "warn"),
+    )?;
+    controller
+        .wait_ready(admin, "/ready", Duration::from_secs(60))
+        .await?;
+    let rss_idle = memory(controller.pid())?.rss;
+
+    let received: Received = Arc::new(Mutex::new(vec![None; args.proxies]));
+    let (stop, stopped) = watch::channel(false);
+    let started = Instant::now();
+    let mut streams = tokio::task::JoinSet::new();
+    for proxy in 0..args.proxies {
+        streams.spawn(simulate_proxy(
+            format!("http://{grpc}"),
+            proxy,
+            received.clone(),
+            stopped.clone(),
+        ));
+    }
+    let first = wait_all(&received, |_| true, Duration::from_secs(120)).await?;
+    let connect_time = started.elapsed();
+    let rss_connected = memory(controller.pid())?.rss;
+
+    let mut latencies = Vec::new();
+    let mut previous = first;
+    for edit in 0..args.edits {
+        write_policy(manifests, edit as u64 + 2)?;
+        let edited = Instant::now();
+        let versions = wait_all(
+            &received,
+            |version| version != previous,
+            Duration::from_secs(60),
+        )
+        .await?;
+        let arrivals = received.lock().expect("received lock").clone();
+        latencies.push(
+            arrivals
+                .into_iter()
+                .map(|arrival| {
+                    arrival
+                        .expect("every proxy received")
+                        .1
+                        .saturating_duration_since(edited)
+                })
+                .collect(),
+        );
+        previous = versions;
+    }
+    let rss_peak = memory(controller.pid())?.peak;
+    let push_seconds = scrape_push_seconds(admin).await.unwrap_or_default();
+    let _ = stop.send(true);
+    while streams.join_next().await.is_some() {}
+    drop(controller);
+    Ok(Measured {
+        latencies,
+        rss_idle,
+        rss_connected,
+        rss_peak,
+        connect_time,
+        push_seconds,
+    })
+}
+
+/// Waits until every proxy holds one same version for which `is_new` holds; returns it.
+async fn wait_all(
+    received: &Received,
+    is_new: impl Fn(&str) -> bool,
+    deadline: Duration,
+) -> Result<String> {
+    let until = Instant::now() + deadline;
+    loop {
+        {
+            let received = received.lock().expect("received lock");
+            let versions: Vec<Option<&str>> = received
+                .iter()
+                .map(|r| r.as_ref().map(|(v, _)| v.as_str()))
+                .collect();
+            if let Some(Some(first)) = versions.first()
+                && is_new(first)
+                && versions.iter().all(|v| *v == Some(*first))
+            {
+                return Ok(first.to_string());
+            }
+        }
+        if Instant::now() > until {
+            let missing = received
+                .lock()
+                .expect("received lock")
+                .iter()
+                .filter(|r| r.is_none())
+                .count();
+            bail!(
+                "not every proxy got the new version within {deadline:?} ({missing} never got any)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// One proxy's configuration stream: Hello, Subscribe, and an Ack for every version.
+async fn simulate_proxy(
+    url: String,
+    id: usize,
+    received: Received,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut client = DiscoveryClient::connect(url)
+        .await
+        .context("connecting to the controller")?
+        .max_decoding_message_size(64 * 1024 * 1024);
+    let (tx, rx) = mpsc::channel(16);
+    let send = |message| ProxyMessage {
+        message: Some(message),
+    };
+    let hello = proxy_message::Message::Hello(Hello {
+        namespace: "bench".into(),
+        workload: format!("client-{id}"),
+        service_account: "client".into(),
+        proxy_version: "bench".into(),
+    });
+    let subscribe = proxy_message::Message::Subscribe(Subscribe {
+        destinations: vec![Subscription {
+            key: KEY.into(),
+            known_version: String::new(),
+        }],
+    });
+    tx.send(send(hello)).await?;
+    tx.send(send(subscribe)).await?;
+    let mut incoming = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    loop {
+        let message = tokio::select! {
+            message = incoming.message() => message?,
+            _ = stopped.changed() => return Ok(()),
+        };
+        let Some(message) = message else {
+            return Ok(());
+        };
+        if let Some(controller_message::Message::Update(update)) = message.message {
+            let at = Instant::now();
+            tx.send(send(proxy_message::Message::Ack(Ack {
+                key: update.key,
+                version: update.version.clone(),
+            })))
+            .await?;
+            received.lock().expect("received lock")[id] = Some((update.version, at));
+        }
+    }
+}
+
+fn write_manifests(dir: &Path, endpoints: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: bench}\n\
+         spec: {clusterIP: 10.96.0.30, ports: [{name: http, port: 9080}]}\n",
+    );
+    for slice in 0..endpoints.div_ceil(ENDPOINTS_PER_SLICE) {
+        write!(
+            yaml,
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: reviews-{slice}, namespace: bench, labels: {{kubernetes.io/service-name: reviews}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 9080}}]\nendpoints:\n"
+        )?;
+        for index in slice * ENDPOINTS_PER_SLICE..((slice + 1) * ENDPOINTS_PER_SLICE).min(endpoints)
+        {
+            // Addresses only: nothing ever connects to them.
+            writeln!(
+                yaml,
+                "- {{addresses: [127.1.{}.{}], conditions: {{ready: true}}}}",
+                index / 250,
+                index % 250 + 1
+            )?;
+        }
+    }
+    std::fs::write(dir.join("reviews.yaml"), yaml).context("writing the Service manifests")
+}
+
+/// The policy, with a timeout that differs at each edit so each edit is a new version.
+fn write_policy(dir: &Path, seconds: u64) -> Result<()> {
+    let policy = format!(
+        "apiVersion: outrigger.dev/v1alpha1\nkind: DestinationPolicy\n\
+         metadata: {{name: reviews, namespace: bench}}\n\
+         spec: {{host: reviews, timeout: {seconds}s, retries: {{attempts: 2}}}}\n"
+    );
+    // Written whole, then renamed: the controller never reads half a file.
+    let partial = dir.join(".reviews-policy.yaml.partial");
+    std::fs::write(&partial, policy).context("writing the policy")?;
+    std::fs::rename(&partial, dir.join("reviews-policy.yaml")).context("replacing the policy")
+}
+
+/// The controller's own `outrigger_controller_push_seconds` histogram, as text.
+async fn scrape_push_seconds(admin: std::net::SocketAddr) -> Option<String> {
+    let (_, body) = crate::proxy::get(admin, "/metrics", &admin.to_string())
+        .await
+        .ok()?;
+    Some(
+        body.lines()
+            .filter(|line| line.starts_with("outrigger_controller_push_seconds"))
+            .map(|line| format!("    {line}\n"))
+            .collect(),
+    )
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+impl Measured {
+    fn report(&self, args: &ControlPlaneArgs, machine: &str, date: &str) -> String {
+        let mut all: Vec<Duration> = self.latencies.iter().flatten().copied().collect();
+        all.sort();
+        let mut last: Vec<Duration> = self
+            .latencies
+            .iter()
+            .map(|edit| edit.iter().copied().max().unwrap_or_default())
+            .collect();
+        last.sort();
+        let command = args
+            .command
+            .clone()
+            .unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
+        let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0));
+        let mut out = String::from("## Control plane\n\n");
+        let _ = writeln!(
+            out,
+            "How fast a DestinationPolicy edit reaches every proxy, and what the controller costs.\n"
+        );
+        let _ = writeln!(out, "- Command: `{command}`");
+        let _ = writeln!(out, "- Date: {date}");
+        let _ = writeln!(out, "- Machine: {machine}");
+        let _ = writeln!(
+            out,
+            "- Setup: the controller binary (release) in manifests mode, serving one Service with {} endpoints \
+             ({} EndpointSlices) and its DestinationPolicy; {} configuration streams from one process, each its \
+             own HTTP/2 connection, subscribed to that Service and acknowledging every version at once; {} \
+             edits of the policy file (its timeout), each timed from the file's replacement to the moment \
+             each stream received the new version. The manifests source notices edits by polling every \
+             250 ms, so up to 250 ms of each figure is that wait (the Kubernetes source is told by a watch \
+             instead); the controller's own histogram below starts when it sees the change.\n",
+            args.endpoints,
+            args.endpoints.div_ceil(ENDPOINTS_PER_SLICE),
+            args.proxies,
+            args.edits
+        );
+        let _ = writeln!(out, "| Measure | Value |\n|---|---:|");
+        let _ = writeln!(
+            out,
+            "| Edit to a proxy's acknowledgement, p50 | {} ms |",
+            ms(percentile(&all, 50.0))
+        );
+        let _ = writeln!(
+            out,
+            "| Edit to a proxy's acknowledgement, p99 | {} ms |",
+            ms(percentile(&all, 99.0))
+        );
+        let _ = writeln!(
+            out,
+            "| Edit to the last proxy's acknowledgement, p50 over edits | {} ms |",
+            ms(percentile(&last, 50.0))
+        );
+        let _ = writeln!(
+            out,
+            "| Edit to the last proxy's acknowledgement, worst edit | {} ms |",
+            ms(percentile(&last, 100.0))
+        );
+        let _ = writeln!(
+            out,
+            "| {} streams connected and first version acknowledged | {} ms |",
+            args.proxies,
+            ms(self.connect_time)
+        );
+        let _ = writeln!(
+            out,
+            "| Controller RSS, index loaded, no proxies | {} |",
+            mib(self.rss_idle)
+        );
+        let _ = writeln!(
+            out,
+            "| Controller RSS, {} proxies connected | {} |",
+            args.proxies,
+            mib(self.rss_connected)
+        );
+        let _ = writeln!(
+            out,
+            "| Controller peak RSS (VmHWM) | {} |",
+            mib(self.rss_peak)
+        );
+        let _ = writeln!(
+            out,
+            "\nThe controller's `outrigger_controller_push_seconds` (change seen to acknowledged) at the end:\n"
+        );
+        let _ = writeln!(out, "{}", self.push_seconds);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let values: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&values, 50.0), Duration::from_millis(50));
+        assert_eq!(percentile(&values, 99.0), Duration::from_millis(99));
+        assert_eq!(percentile(&values, 100.0), Duration::from_millis(100));
+        assert_eq!(percentile(&[], 50.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn manifests_hold_every_endpoint_in_slices() {
+        let dir = tempfile::tempdir().unwrap();
+        write_manifests(dir.path(), 250).unwrap();
+        let yaml = std::fs::read_to_string(dir.path().join("reviews.yaml")).unwrap();
+        assert_eq!(yaml.matches("kind: EndpointSlice").count(), 3);
+        assert_eq!(yaml.matches("conditions: {ready: true}").count(), 250);
+        assert!(yaml.contains("127.1.0.250") && yaml.contains("127.1.0.1]"));
+    }
+}
