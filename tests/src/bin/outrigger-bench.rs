@@ -24,6 +24,8 @@ use report::{Cost, Report, Row, Summary};
 
 /// The Service the proxied path calls, as the proxy resolves it from the request's authority.
 const SERVICE_AUTHORITY: &str = "bench.default.svc.cluster.local:80";
+/// The same backend as another Service, whose DestinationPolicy enables every policy.
+const POLICIES_AUTHORITY: &str = "bench-policies.default.svc.cluster.local:80";
 /// A request that cannot leave this long after its scheduled time counts as an error.
 const MAX_LAG: Duration = Duration::from_secs(1);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -122,6 +124,7 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
         SERVICE_AUTHORITY,
         destination("default", "bench", 80, &[(backend.addr, &[])]),
     );
+    control_plane.publish(POLICIES_AUTHORITY, every_policy(backend.addr));
     let direct = Target {
         addr: backend.addr,
         authority: backend.addr.to_string(),
@@ -141,12 +144,17 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
                 authority: SERVICE_AUTHORITY.into(),
             };
             check_answers(client, &target, "the proxy")?;
-            Some((proxy, target))
+            let policies = Target {
+                addr: proxy.outbound,
+                authority: POLICIES_AUTHORITY.into(),
+            };
+            check_answers(client, &policies, "the proxy with every policy")?;
+            Some((proxy, target, policies))
         }
         _ => None,
     };
     let idle_rss = match &proxied {
-        Some((proxy, _)) => Some(proxy.memory()?.rss),
+        Some((proxy, _, _)) => Some(proxy.memory()?.rss),
         None => None,
     };
 
@@ -163,23 +171,26 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
         let measured = loadgen::run(client, &direct, &load).context("direct run")?;
         let direct_summary = Summary::of(&measured, args.duration);
         progress(rate, "direct", &direct_summary);
-        let proxied_summary = match &mut proxied {
-            Some((proxy, target)) => {
+        let (proxied_summary, policies_summary) = match &mut proxied {
+            Some((proxy, target, policies)) => {
                 let (summary, cost) = proxied_run(client, proxy, target, &load)?;
                 progress(rate, "proxied", &summary);
-                Some((summary, cost))
+                let (with_policies, policies_cost) = proxied_run(client, proxy, policies, &load)?;
+                progress(rate, "policies", &with_policies);
+                (Some((summary, cost)), Some((with_policies, policies_cost)))
             }
-            None => None,
+            None => (None, None),
         };
         rows.push(Row {
             rate,
             direct: direct_summary,
             proxied: proxied_summary,
+            policies: policies_summary,
         });
     }
 
     let peak_rss = match &proxied {
-        Some((proxy, _)) => Some(proxy.memory()?.peak),
+        Some((proxy, _, _)) => Some(proxy.memory()?.peak),
         None => None,
     };
     let report = Report {
@@ -200,7 +211,7 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
         eprintln!("wrote the Proxy section of {}", path.display());
     }
     // Stopped last, so that a proxy slow to stop cannot cost the results.
-    if let Some((proxy, _)) = proxied {
+    if let Some((proxy, _, _)) = proxied {
         proxy.stop()?;
     }
     Ok(())
@@ -271,11 +282,92 @@ fn progress(rate: u32, path: &str, s: &Summary) {
     );
 }
 
+/// The backend as a Service whose policy enables everything, none of it tripping: a route (that
+/// this traffic does not match) and the spec-level policy with a split, a timeout, retries with a
+/// budget and a per-try timeout, outlier detection, connection pool limits, a rate limit and fault
+/// injection at 0%. What it costs is the price of evaluating them on every request.
+fn every_policy(backend: std::net::SocketAddr) -> outrigger_api::proto::Destination {
+    use outrigger_api::proto;
+    let split = Some(proto::TrafficSplit {
+        weights: vec![proto::WeightedSubset {
+            subset: "stable".into(),
+            weight: 100,
+        }],
+    });
+    let retries = Some(proto::RetryPolicy {
+        attempts: 2,
+        per_try_timeout_ms: Some(5_000),
+        retry_on: vec![
+            proto::RetryOn::ServerError as i32,
+            proto::RetryOn::ConnectFailure as i32,
+        ],
+        backoff_base_ms: 25,
+        backoff_max_ms: 250,
+        budget: Some(proto::RetryBudget {
+            percent: 20,
+            min_retries_per_second: 10,
+        }),
+        ..Default::default()
+    });
+    let mut d = destination("default", "bench-policies", 80, &[(backend, &["stable"])]);
+    d.policy_spec = Some(proto::Policy {
+        traffic_split: split.clone(),
+        timeout_ms: Some(10_000),
+        retries: retries.clone(),
+        outlier_detection: Some(proto::OutlierDetection {
+            consecutive_5xx_errors: 5,
+            interval_ms: 10_000,
+            base_ejection_time_ms: 30_000,
+            max_ejection_time_ms: 300_000,
+            max_ejection_percent: 50,
+            ..Default::default()
+        }),
+        load_balancer: None,
+        connection_pool: Some(proto::ConnectionPool {
+            max_connections: Some(100_000),
+            max_pending_requests: Some(100_000),
+            connect_timeout_ms: 1_000,
+        }),
+        rate_limit: Some(proto::RateLimit {
+            requests_per_second: 1_000_000,
+            burst: 1_000_000,
+        }),
+        fault_injection: Some(proto::FaultInjection {
+            delay: Some(proto::FaultDelay {
+                percent: 0.0,
+                fixed_delay_ms: 100,
+            }),
+            abort: Some(proto::FaultAbort {
+                percent: 0.0,
+                http_status: 503,
+            }),
+        }),
+    });
+    d.routes = vec![proto::Route {
+        name: "canary-testers".into(),
+        r#match: Some(proto::RouteMatch {
+            headers: vec![proto::HeaderMatch {
+                name: "x-canary".into(),
+                value: Some(proto::header_match::Value::Exact("true".into())),
+            }],
+            path_prefix: "/api".into(),
+            method: "GET".into(),
+        }),
+        traffic_split: split,
+        timeout_ms: Some(2_000),
+        retries,
+    }];
+    d
+}
+
 fn setup(args: &ProxyArgs) -> String {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     format!(
         "open loop, {} keep-alive HTTP/1.1 connections per path; at each rate a direct run then a \
-         proxied run, each {:?} of unrecorded warm-up then {:?} recorded. The load generator, the \
+         proxied run then a run through the proxy to a Service with every policy enabled (a route, \
+         split, timeout, retries with budget and per-try timeout, outlier detection, pool limits, \
+         rate limit, fault injection at 0%; none of them trips), each {:?} of unrecorded warm-up \
+         then {:?} recorded. The load generator, the \
          backend and the proxy run side by side on this machine's {cores} cores and compete for \
          them, so absolute latencies and the highest sustained rates describe the whole setup on \
          this machine, not the proxy alone.",

@@ -76,6 +76,8 @@ pub struct Row {
     pub rate: u32,
     pub direct: Summary,
     pub proxied: Option<(Summary, Cost)>,
+    /// Through the proxy to a Service with every policy enabled.
+    pub policies: Option<(Summary, Cost)>,
 }
 
 pub struct Report {
@@ -175,29 +177,25 @@ impl Report {
         );
         let _ = writeln!(w, "|---:|---|---:|---:|---:|---:|---:|---:|---:|");
         for row in &self.rows {
-            let mut line = |path: &str, s: &Summary| {
-                let _ = writeln!(
-                    w,
-                    "| {} | {path} | {:.0} | {} | {} | {} | {} | {} | {} |",
-                    row.rate,
-                    s.achieved,
-                    s.p50,
-                    s.p99,
-                    s.p999,
-                    s.max,
-                    s.generator_p999,
-                    percent(s.error_rate)
-                );
-            };
-            line("direct", &row.direct);
+            let line = |w: &mut String, path: &str, s: &Summary| summary_line(w, row.rate, path, s);
+            line(w, "direct", &row.direct);
             if let Some((proxied, _)) = &row.proxied {
-                line("proxied", proxied);
+                line(w, "proxied", proxied);
                 let [p50, p99, p999] = added(proxied, &row.direct);
                 let _ = writeln!(
                     w,
                     "| {} | **added** | | **{p50:+}** | **{p99:+}** | **{p999:+}** | | | |",
                     row.rate
                 );
+                if let Some((policies, _)) = &row.policies {
+                    line(w, "every policy", policies);
+                    let [p50, p99, p999] = added(policies, proxied);
+                    let _ = writeln!(
+                        w,
+                        "| {} | **policies vs bare proxy** | | **{p50:+}** | **{p99:+}** | **{p999:+}** | | | |",
+                        row.rate
+                    );
+                }
             }
         }
 
@@ -227,19 +225,21 @@ impl Report {
             );
             let _ = writeln!(
                 w,
-                "| Rate (req/s) | CPU ms per 1k requests | CPU (% of one core) | RSS after |"
+                "| Rate (req/s) | Path | CPU ms per 1k requests | CPU (% of one core) | RSS after |"
             );
-            let _ = writeln!(w, "|---:|---:|---:|---:|");
+            let _ = writeln!(w, "|---:|---|---:|---:|---:|");
             for row in &self.rows {
-                if let Some((_, cost)) = &row.proxied {
-                    let _ = writeln!(
-                        w,
-                        "| {} | {:.1} | {:.0}% | {} |",
-                        row.rate,
-                        cost.cpu_ms_per_1k(),
-                        cost.cpu_percent(),
-                        mib(cost.rss)
-                    );
+                for (path, run) in [("proxied", &row.proxied), ("every policy", &row.policies)] {
+                    if let Some((_, cost)) = run {
+                        let _ = writeln!(
+                            w,
+                            "| {} | {path} | {:.1} | {:.0}% | {} |",
+                            row.rate,
+                            cost.cpu_ms_per_1k(),
+                            cost.cpu_percent(),
+                            mib(cost.rss)
+                        );
+                    }
                 }
             }
             if let (Some(idle), Some(peak)) = (self.idle_rss, self.peak_rss) {
@@ -399,4 +399,19 @@ mod tests {
         assert!(created.starts_with("# Benchmarks\n"));
         assert!(created.ends_with("\n## Proxy\n\nnew\n"));
     }
+}
+
+/// One row of the latency table.
+fn summary_line(w: &mut String, rate: u32, path: &str, s: &Summary) {
+    let _ = writeln!(
+        w,
+        "| {rate} | {path} | {:.0} | {} | {} | {} | {} | {} | {} |",
+        s.achieved,
+        s.p50,
+        s.p99,
+        s.p999,
+        s.max,
+        s.generator_p999,
+        percent(s.error_rate)
+    );
 }
