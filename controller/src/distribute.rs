@@ -28,6 +28,8 @@ pub enum Snapshot {
     Known {
         version: String,
         destination: Box<proto::Destination>,
+        /// `destination`, encoded once for every stream that sends it.
+        encoded: bytes::Bytes,
         /// When the index saw the change that produced this version (for push latency).
         changed_at: Instant,
     },
@@ -126,11 +128,13 @@ impl Snapshot {
     pub fn known(destination: proto::Destination, changed_at: Instant) -> Self {
         use prost::Message as _;
         use std::hash::{Hash, Hasher};
+        let encoded = bytes::Bytes::from(destination.encode_to_vec());
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        destination.encode_to_vec().hash(&mut hasher);
+        encoded.hash(&mut hasher);
         Self::Known {
             version: format!("{:016x}", hasher.finish()),
             destination: Box::new(destination),
+            encoded,
             changed_at,
         }
     }
@@ -358,7 +362,7 @@ impl DiscoveryService {
                 Some((key, Some(snapshot))) = watches.next() => {
                     let Some(state) = subscribed.get_mut(&key) else { continue };
                     let reply = match &*snapshot {
-                        Snapshot::Known { version, destination, changed_at } => {
+                        Snapshot::Known { version, destination, encoded, changed_at } => {
                             if *version == state.sent_version {
                                 continue;
                             }
@@ -371,7 +375,7 @@ impl DiscoveryService {
                             controller_message::Message::Update(DestinationUpdate {
                                 key,
                                 version: version.clone(),
-                                destination: Some(destination.as_ref().clone()),
+                                destination: encoded.clone(),
                             })
                         }
                         Snapshot::Unknown { reason } => {

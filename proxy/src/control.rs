@@ -8,10 +8,12 @@ use outrigger_api::proto::{
     self, Ack, Hello, Nack, ProxyMessage, Subscribe, Subscription, controller_message,
     discovery_client::DiscoveryClient, proxy_message,
 };
+use prost::Message as _;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::config::ConfigError;
 use crate::discovery::Destinations;
 use crate::metrics::{Metrics, UpdateLabels, UpdateResult};
 use crate::serve::stopped;
@@ -193,7 +195,12 @@ fn apply(
         version,
         destination,
     } = update;
-    let result = destinations.apply(&key, version.clone(), destination.unwrap_or_default());
+    let result = proto::Destination::decode(destination)
+        .map_err(|error| ConfigError {
+            field: "destination".into(),
+            problem: format!("does not decode: {error}"),
+        })
+        .and_then(|destination| destinations.apply(&key, version.clone(), destination));
     let outcome = if result.is_ok() {
         UpdateResult::Applied
     } else {
@@ -212,6 +219,33 @@ fn apply(
                 version,
                 reason: error.to_string(),
             })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_update_that_does_not_decode_is_rejected_with_the_reason() {
+        let metrics = Metrics::new();
+        let (destinations, _subscriptions) = Destinations::new(metrics.clone());
+        let update = proto::DestinationUpdate {
+            key: "web.default.svc.cluster.local:80".into(),
+            version: "1".into(),
+            destination: bytes::Bytes::from_static(b"\xff\xff\xff"),
+        };
+        match apply(&destinations, &metrics, update) {
+            proxy_message::Message::Nack(nack) => {
+                assert_eq!(nack.version, "1");
+                assert!(
+                    nack.reason.starts_with("destination: does not decode"),
+                    "{}",
+                    nack.reason
+                );
+            }
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -290,6 +290,21 @@ pub fn replace_section(doc: &str, section: &str) -> String {
     out
 }
 
+/// One row of the latency table.
+fn summary_line(w: &mut String, rate: u32, path: &str, s: &Summary) {
+    let _ = writeln!(
+        w,
+        "| {rate} | {path} | {:.0} | {} | {} | {} | {} | {} | {} |",
+        s.achieved,
+        s.p50,
+        s.p99,
+        s.p999,
+        s.max,
+        s.generator_p999,
+        percent(s.error_rate)
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,19 +414,4 @@ mod tests {
         assert!(created.starts_with("# Benchmarks\n"));
         assert!(created.ends_with("\n## Proxy\n\nnew\n"));
     }
-}
-
-/// One row of the latency table.
-fn summary_line(w: &mut String, rate: u32, path: &str, s: &Summary) {
-    let _ = writeln!(
-        w,
-        "| {rate} | {path} | {:.0} | {} | {} | {} | {} | {} | {} |",
-        s.achieved,
-        s.p50,
-        s.p99,
-        s.p999,
-        s.max,
-        s.generator_p999,
-        percent(s.error_rate)
-    );
 }
