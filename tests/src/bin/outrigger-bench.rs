@@ -62,10 +62,10 @@ struct ProxyArgs {
     )]
     rates: Vec<u32>,
     /// How long each rate is recorded on each path.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = outrigger_proxy::parse_duration)]
     duration: Duration,
     /// Load sent, unrecorded, before each recording.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = outrigger_proxy::parse_duration)]
     warmup: Duration,
     /// Keep-alive HTTP/1.1 connections per path.
     #[arg(long, default_value_t = 32)]
@@ -76,23 +76,6 @@ struct ProxyArgs {
     /// How to reproduce this run, as recorded in the results (default: this command line).
     #[arg(long)]
     command: Option<String>,
-}
-
-/// `500ms`, `5s` or `2m`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 500ms, 5s or 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(number)),
-        "s" => Ok(Duration::from_secs(number)),
-        "m" => Ok(Duration::from_secs(number * 60)),
-        _ => Err(format!("`{text}` needs a unit: ms, s or m")),
-    }
 }
 
 fn main() -> Result<()> {
@@ -467,15 +450,5 @@ mod tests {
         let stat = "cpu  100 5 50 800 20 3 2 10 7 0\ncpu0 50 2 25 400 10 1 1 5 3 0\n";
         assert_eq!(cpu_totals(stat), Some((990, 820)));
         assert_eq!(cpu_totals("intr 1 2 3\n"), None);
-    }
-
-    #[test]
-    fn durations_need_a_unit() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("5").is_err());
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("1.5s").is_err());
     }
 }
