@@ -164,7 +164,7 @@ impl Controller {
 /// Serves the configuration streams until `shutdown`. Streams have no natural end to drain to,
 /// so stopping drops them all at once and the proxies reconnect, to another replica or to this
 /// one restarted, keeping their configuration meanwhile.
-async fn serve_grpc(
+pub async fn serve_grpc(
     listener: TcpListener,
     discovery: DiscoveryService,
     mut shutdown: watch::Receiver<bool>,

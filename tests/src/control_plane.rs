@@ -7,13 +7,13 @@ use std::time::Instant;
 use outrigger_api::proto;
 use outrigger_controller::distribute::{DiscoveryService, ProxyEvent, Snapshot, Snapshots};
 use outrigger_controller::metrics::Metrics;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, watch};
 
 pub struct ControlPlane {
     pub addr: SocketAddr,
     snapshots: Snapshots,
     events: broadcast::Receiver<ProxyEvent>,
-    stop: Option<oneshot::Sender<()>>,
+    stop: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -41,35 +41,15 @@ impl ControlPlane {
             .await
             .expect("bind control plane");
         let addr = listener.local_addr().unwrap();
-        let (stop, mut stopped) = oneshot::channel();
-        let server = tokio::spawn(async move {
-            // Connections are served in a JoinSet so that stopping drops them all, as a crashed
-            // controller would: streams never end on their own.
-            let mut connections = tokio::task::JoinSet::new();
-            let service = hyper_util::service::TowerToHyperService::new(service.into_server());
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => {
-                        let Ok((stream, _)) = accepted else { continue };
-                        let service = service.clone();
-                        connections.spawn(async move {
-                            let _ = hyper_util::server::conn::auto::Builder::new(
-                                hyper_util::rt::TokioExecutor::new(),
-                            )
-                            .http2_only()
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                            .await;
-                        });
-                    }
-                    _ = &mut stopped => break,
-                }
-            }
-        });
+        let (stop, stopped) = watch::channel(false);
+        // The controller's own serving: stopping drops every stream, as a crashed controller
+        // would.
+        let server = tokio::spawn(outrigger_controller::serve_grpc(listener, service, stopped));
         Self {
             addr,
             snapshots,
             events,
-            stop: Some(stop),
+            stop,
             server,
         }
     }
@@ -113,11 +93,9 @@ impl ControlPlane {
             .expect("no such proxy event within 10s")
     }
 
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = (&mut self.server).await;
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
     }
 }
 
