@@ -39,6 +39,14 @@ impl ChildProcess {
         self.child.id()
     }
 
+    /// Fails, with the end of the process's log, if it has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        match self.child.try_wait().context("checking the child")? {
+            None => Ok(()),
+            Some(status) => bail!("{} exited ({status}):\n{}", self.name, self.log_tail()),
+        }
+    }
+
     /// Everything the process wrote so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -117,11 +117,7 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
     let mut proxied = match (&args.proxy_bin, args.direct_only) {
         (Some(bin), false) => {
             let proxy = Proxy::start(client, bin, &control_plane.url(), backend.addr)?;
-            eprintln!(
-                "proxy ready, pid {}, log {} (kept if the bench fails)",
-                proxy.pid(),
-                proxy.log().display()
-            );
+            eprintln!("proxy ready, pid {}", proxy.pid());
             let target = Target {
                 addr: proxy.outbound,
                 authority: SERVICE_AUTHORITY.into(),

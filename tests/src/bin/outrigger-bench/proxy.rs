@@ -1,21 +1,20 @@
 //! The proxy under test as a child process, and what `/proc` says about its cost.
 
-use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+use outrigger_tests::process::{ChildProcess, free_port};
 use tokio::runtime::Handle;
 
 pub struct Proxy {
-    child: Child,
+    process: ChildProcess,
     pub outbound: SocketAddr,
-    log: PathBuf,
 }
 
 impl Proxy {
@@ -28,63 +27,27 @@ impl Proxy {
         app: SocketAddr,
     ) -> Result<Self> {
         let [outbound, inbound, admin] = [free_port()?, free_port()?, free_port()?];
-        let log =
-            std::env::temp_dir().join(format!("outrigger-bench-proxy-{}.log", std::process::id()));
-        let output = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(bin)
-            .arg("--control-plane")
-            .arg(control_plane)
-            .args(["--namespace", "default", "--workload", "bench-client"])
-            .arg("--outbound-addr")
-            .arg(outbound.to_string())
-            .arg("--inbound-addr")
-            .arg(inbound.to_string())
-            .arg("--app-addr")
-            .arg(app.to_string())
-            .arg("--admin-addr")
-            .arg(admin.to_string())
-            // One open file for both, so that their lines interleave instead of overwriting.
-            .stdout(output.try_clone().context("sharing the proxy's log file")?)
-            .stderr(output)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut proxy = Self {
-            child,
-            outbound,
-            log,
-        };
-        proxy.wait_ready(runtime, admin)?;
-        Ok(proxy)
-    }
-
-    fn wait_ready(&mut self, runtime: &Handle, admin: SocketAddr) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut last = String::from("no answer yet");
-        while Instant::now() < deadline {
-            self.check_running()?;
-            match runtime.block_on(get(admin, "/ready", "localhost")) {
-                Ok((200, _)) => return Ok(()),
-                Ok((status, body)) => last = format!("{status} {body}"),
-                Err(error) => last = format!("{error:#}"),
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!(
-            "the proxy was not ready within 30s (GET http://{admin}/ready: {last}){}",
-            self.log_tail()
-        )
+        let mut process = ChildProcess::spawn(
+            "bench-proxy",
+            Command::new(bin)
+                .args(["--control-plane", control_plane])
+                .args(["--namespace", "default", "--workload", "bench-client"])
+                .args(["--outbound-addr", &outbound.to_string()])
+                .args(["--inbound-addr", &inbound.to_string()])
+                .args(["--app-addr", &app.to_string()])
+                .args(["--admin-addr", &admin.to_string()]),
+        )?;
+        runtime.block_on(process.wait_ready(admin, "/ready", Duration::from_secs(30)))?;
+        Ok(Self { process, outbound })
     }
 
     /// Fails, with the end of the proxy's log, if the proxy has exited.
     pub fn check_running(&mut self) -> Result<()> {
-        match self.child.try_wait().context("checking on the proxy")? {
-            None => Ok(()),
-            Some(status) => bail!("the proxy exited: {status}{}", self.log_tail()),
-        }
+        self.process.check_running()
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     pub fn cpu_time(&self) -> Result<Duration> {
@@ -95,53 +58,10 @@ impl Proxy {
         memory(self.pid())
     }
 
-    pub fn log(&self) -> &Path {
-        &self.log
+    /// Asks the proxy to stop (SIGTERM) and fails if it does not within a few seconds.
+    pub fn stop(self) -> Result<()> {
+        self.process.terminate(Duration::from_secs(5))
     }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
-        format!("\nlast lines of {}:\n{tail}", self.log.display())
-    }
-
-    /// Asks the proxy to stop (SIGTERM) and waits a little for it; kills it if it lingers. The log
-    /// goes once the proxy has stopped cleanly: it is only needed to explain failures.
-    pub fn stop(mut self) -> Result<()> {
-        let pid = libc::pid_t::try_from(self.child.id()).context("proxy pid")?;
-        // SAFETY: kill has no memory effects; the pid is our own unreaped child, so it names it.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if self.child.try_wait()?.is_some() {
-                // Best effort: a leftover log in the temporary directory harms nothing.
-                let _ = std::fs::remove_file(&self.log);
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!(
-            "the proxy did not stop within 5s of SIGTERM; killed it{}",
-            self.log_tail()
-        )
-    }
-}
-
-impl Drop for Proxy {
-    /// Never leaves a proxy behind, whichever way the bench ends.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A port that was free a moment ago; the proxy binds it right after.
-fn free_port() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?)
 }
 
 /// One GET on a fresh connection: status and body.
