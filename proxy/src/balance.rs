@@ -10,9 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use std::task::{Context, Poll};
-
-use http::{HeaderName, Request, Response};
+use http::{HeaderName, Request};
 use rand::Rng;
 
 use crate::body::Body;
@@ -20,7 +18,7 @@ use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
 use crate::outlier::{Outcome, OutlierDetector};
 use crate::retry::Tried;
-use crate::stack::ResponseFuture;
+use crate::stack::{Leaf, ResponseFuture};
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Algorithm {
@@ -212,16 +210,8 @@ impl Balance {
     }
 }
 
-impl tower::Service<Request<Body>> for Balance {
-    type Response = Response<Body>;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Body>) -> ResponseFuture {
+impl Leaf for Balance {
+    fn call(&self, request: Request<Body>) -> ResponseFuture {
         let tried = request.extensions().get::<Tried>().cloned();
         let avoid = tried.as_ref().map(Tried::addrs).unwrap_or_default();
         let Some(endpoint) = self.pick(&request, &avoid) else {

@@ -8,10 +8,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http::{Request, Response};
+use http::Request;
 
 use crate::balance::{Balance, Balancer};
 use crate::body::Body;
@@ -28,7 +27,7 @@ use crate::pool::{Pool, PoolLimit};
 use crate::ratelimit::{RateLimit, TokenBucket};
 use crate::retry::Retry;
 use crate::split::{ChosenSubset, Split, WeightedBalance};
-use crate::stack::{ResponseFuture, Stack, layer};
+use crate::stack::{Leaf, ResponseFuture, Stack, layer, leaf};
 use crate::timeout::Deadline;
 
 pub struct Destination {
@@ -160,7 +159,7 @@ impl Destination {
             }))
             .collect();
         let labels = route_labels("");
-        let mut service = Stack::new(RouteTable { routes });
+        let mut service = leaf(RouteTable { routes });
         if let Some(config) = config.fault_injection {
             service = layer(Faults { config }, service);
         }
@@ -228,7 +227,7 @@ impl RouteLayers<'_> {
             kind,
             timeouts: timeouts(kind),
         };
-        let mut attempt = Stack::new(split);
+        let mut attempt = leaf(split);
         if let Some(requests) = &self.pool.requests {
             let limit = PoolLimit {
                 requests: requests.clone(),
@@ -268,23 +267,15 @@ struct RouteTable {
     routes: Arc<[Route]>,
 }
 
-impl tower::Service<Request<Body>> for RouteTable {
-    type Response = Response<Body>;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Body>) -> ResponseFuture {
+impl Leaf for RouteTable {
+    fn call(&self, request: Request<Body>) -> ResponseFuture {
         let route = self
             .routes
             .iter()
             .find(|r| r.matcher.as_ref().is_none_or(|m| m.matches(&request)))
             .expect("the last route matches everything");
         let mut labels = route.labels.clone();
-        let response = route.service.clone().call(request);
+        let response = tower::Service::call(&mut route.service.clone(), request);
         Box::pin(async move {
             let mut response = response.await.unwrap_or_else(ProxyError::into_response);
             if let Some(ChosenSubset(subset)) = response.extensions_mut().remove::<ChosenSubset>() {

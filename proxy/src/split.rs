@@ -3,16 +3,14 @@
 //! one (failover).
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use http::{Request, Response};
+use http::Request;
 use rand::Rng;
 
 use crate::balance::Balance;
 use crate::body::Body;
-use crate::error::ProxyError;
 use crate::metrics::Name;
-use crate::stack::ResponseFuture;
+use crate::stack::{Leaf, ResponseFuture};
 
 /// The subset a response came from, for the `dst_subset` label.
 #[derive(Clone, Debug)]
@@ -60,22 +58,14 @@ impl Split {
     }
 }
 
-impl tower::Service<Request<Body>> for Split {
-    type Response = Response<Body>;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Body>) -> ResponseFuture {
+impl Leaf for Split {
+    fn call(&self, request: Request<Body>) -> ResponseFuture {
         match self {
             Split::All(balance) => balance.call(request),
             Split::Weighted(subsets) => {
                 let chosen = Self::choose(subsets).expect("validated: some weight is above 0");
                 let subset = ChosenSubset(chosen.subset.clone());
-                let response = chosen.balance.clone().call(request);
+                let response = chosen.balance.call(request);
                 Box::pin(async move {
                     let mut response = response.await?;
                     response.extensions_mut().insert(subset);

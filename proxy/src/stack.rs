@@ -1,5 +1,6 @@
 //! The shape of a destination's stack: every policy layer is a `Step` that gets each request and
-//! the rest of the stack below it, so a layer module holds only what its policy does.
+//! the rest of the stack below it, and the bottom is a `Leaf`, so a module holds only what its
+//! concern does.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +22,33 @@ pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Pro
 pub trait Step: Clone + Send + Sync + 'static {
     /// Handles `request`, usually by calling `next` (the rest of the stack) once or more.
     fn call(&self, next: &mut Stack, request: Request<Body>) -> ResponseFuture;
+}
+
+/// The bottom of a stack: handles a request without a layer below it.
+pub trait Leaf: Clone + Send + Sync + 'static {
+    fn call(&self, request: Request<Body>) -> ResponseFuture;
+}
+
+/// A stack of just `leaf`.
+pub fn leaf(leaf: impl Leaf) -> Stack {
+    Stack::new(LeafService(leaf))
+}
+
+#[derive(Clone)]
+struct LeafService<L>(L);
+
+impl<L: Leaf> tower::Service<Request<Body>> for LeafService<L> {
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> ResponseFuture {
+        self.0.call(request)
+    }
 }
 
 /// Puts `step` on top of `next`.
