@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -526,6 +526,33 @@ pub struct DestinationPolicyStatus {
     /// The split in force, e.g. `stable=90,canary=10`, for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<String>,
+    /// What the proxies of each controller replica did, each entry written by its replica under a
+    /// field manager of its own (server-side apply merges them by name); `proxies` sums them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["name"],
+    ))]
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// The proxies connected to one controller replica, by what they did with the generation it last
+/// saw.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatus {
+    /// The replica's name in the leader Lease (its pod's name).
+    pub name: String,
+    /// The generation these counts are of.
+    pub observed_generation: i64,
+    #[serde(flatten)]
+    pub proxies: ProxyCounts,
+    /// `namespace/workload: reason` of one proxy that rejected that generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejection: Option<String>,
+    /// When the replica last wrote this entry: it refreshes it every few lease durations, and the
+    /// leader removes entries of replicas that stopped doing so.
+    pub last_update_time: Time,
 }
 
 /// Proxies that subscribed to the policy's Service, by what they did with its current generation.

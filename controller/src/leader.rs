@@ -1,12 +1,13 @@
 //! Leader election over a coordination.k8s.io/v1 Lease, as client-go's leaderelection does it.
 //!
-//! Every replica serves proxies; only the holder of the Lease `outrigger-controller` writes
-//! status. The holder renews it every third of the lease duration. The others take it once its
-//! record has not changed for a whole lease duration, timed by their own clock (so clock skew
-//! between nodes does not matter): a new leader takes over within about one lease duration of the
-//! old one dying. Every write carries the resourceVersion it read, so of two replicas racing for
-//! the Lease exactly one wins. A leader that cannot renew for two thirds of the duration steps
-//! down before anyone else may take over, and one that stops cleanly hands the Lease back.
+//! Every replica serves proxies and counts them in status; only the holder of the Lease
+//! `outrigger-controller` writes the rest of status (see [`crate::status`]). The holder renews it
+//! every third of the lease duration. The others take it once its record has not changed for a
+//! whole lease duration, timed by their own clock (so clock skew between nodes does not matter): a
+//! new leader takes over within about one lease duration of the old one dying. Every write carries
+//! the resourceVersion it read, so of two replicas racing for the Lease exactly one wins. A leader
+//! that cannot renew for two thirds of the duration steps down before anyone else may take over,
+//! and one that stops cleanly hands the Lease back.
 
 use std::time::{Duration, Instant};
 
@@ -78,6 +79,11 @@ impl Elector {
             observed: None,
             renewed: None,
         }
+    }
+
+    /// This replica's name in the Lease.
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     /// Tells `leading` whether this replica holds the Lease, until `shutdown`; then gives the

@@ -63,7 +63,8 @@ const GRPC_KEEPALIVE: Duration = Duration::from_secs(20);
 /// Where cluster state comes from.
 enum Source {
     Manifests(Manifests),
-    /// The API server, which status is written to by the leader.
+    /// The API server, which every replica writes its proxies' status to, and the leader the
+    /// rest.
     Kubernetes {
         client: kube::Client,
         leader: LeaderSettings,
@@ -136,12 +137,18 @@ impl Controller {
                 ));
                 let (leading, leading_changes) = watch::channel(false);
                 let elector = Elector::new(&client, &leader, self.metrics.clone());
+                let identity = elector.identity().to_string();
                 election = Some(tokio::spawn(elector.run(leading, shutdown.clone())));
+                let (replicas, replicas_changes) = watch::channel(status::Replicas::new());
+                tasks.spawn(status::watch_replicas(client.clone(), replicas));
                 let inputs = status::Inputs {
                     reports: index.policy_reports(),
                     subscribers: discovery.subscribers(),
                     leading: leading_changes,
                     synced: ready.clone(),
+                    replicas: replicas_changes,
+                    identity,
+                    lease_duration: leader.lease_duration,
                 };
                 tasks.spawn(status::run(client, inputs, self.metrics.clone()));
             }

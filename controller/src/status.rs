@@ -1,24 +1,39 @@
-//! DestinationPolicy status, written by the leader: the conditions Accepted, ResolvedRefs and
-//! Programmed, `observedGeneration`, what the proxies did with the current generation, and the
-//! `split` and `proxiesSummary` that `kubectl get dp` shows.
+//! DestinationPolicy status, written with server-side apply on the status subresource.
 //!
-//! Written with server-side apply on the status subresource, as field manager
-//! `outrigger-controller`. Writes are coalesced: a pass computes every policy's status from the
-//! index's reports and from what the proxies hold, writes those that differ from what was written
-//! last, then waits at least [`MIN_INTERVAL`]; so a burst of changes (a thousand proxies
-//! acknowledging a rollout) costs each policy at most one write per interval. A status write
-//! leaves a policy's generation alone, and the Kubernetes source ignores changes that do, so
+//! Every replica serves proxies, so every replica counts its own: what the proxies it serves did
+//! with the policy's generation goes into its entry of `status.replicas`, applied under a field
+//! manager of its own (`outrigger-controller/<identity>`) so that the API server merges the
+//! entries by name. The leader alone (field manager `outrigger-controller`) writes the rest: the
+//! conditions Accepted, ResolvedRefs and Programmed, `observedGeneration`, the `split`, and the
+//! sums `proxies` and `proxiesSummary` over the entries of the current generation.
+//!
+//! A replica refreshes its entry every [`REFRESH_LEASES`] lease durations even when its counts
+//! stay the same; the leader removes the entries not refreshed for [`STALE_LEASES`] lease
+//! durations, those of replicas that are gone (the timestamps are the writers' clocks, so skew
+//! between nodes must stay well under that). An entry of an older generation is kept but not
+//! counted: its replica has not seen the current one yet.
+//!
+//! Writes are coalesced: a pass computes every policy's status from the index's reports, from what
+//! the proxies hold and from the other replicas' entries, writes those that differ from what was
+//! written last, then waits at least [`MIN_INTERVAL`]; so a burst of changes (a thousand proxies
+//! acknowledging a rollout) costs each policy at most one write per replica per interval. A status
+//! write leaves a policy's generation alone, and the Kubernetes source ignores changes that do, so
 //! writing never causes work of its own.
 
 use std::collections::HashMap;
+use std::pin::pin;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, Resource as _};
-use outrigger_api::policy::{DestinationPolicy, DestinationPolicyStatus, ProxyCounts};
+use outrigger_api::policy::{
+    DestinationPolicy, DestinationPolicyStatus, ProxyCounts, ReplicaStatus,
+};
 use tokio::sync::watch;
 
 use crate::distribute::{PolicyVersion, ProxyId, Subscribers};
@@ -29,9 +44,16 @@ use crate::metrics::Metrics;
 pub const FIELD_MANAGER: &str = "outrigger-controller";
 /// At most one status write per policy per this long.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(500);
+/// A replica rewrites an unchanged entry after this many lease durations.
+pub const REFRESH_LEASES: u32 = 2;
+/// The leader removes an entry not rewritten for this many lease durations.
+pub const STALE_LEASES: u32 = 5;
 /// Failed writes are tried again after this long, or at the next change.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 const CONCURRENT_WRITES: usize = 8;
+
+/// Every policy's uid and `status.replicas`, as the API server has them.
+pub type Replicas = HashMap<ObjectKey, (Option<String>, Vec<ReplicaStatus>)>;
 
 /// What status is computed from.
 pub struct Inputs {
@@ -41,66 +63,144 @@ pub struct Inputs {
     pub leading: watch::Receiver<bool>,
     /// Whether the index has its first full view; before, a Service may look missing that is not.
     pub synced: watch::Receiver<bool>,
+    /// Every replica's entries, kept by [`watch_replicas`].
+    pub replicas: watch::Receiver<Replicas>,
+    /// This replica's name in the Lease, and of its entries.
+    pub identity: String,
+    pub lease_duration: Duration,
 }
 
-/// Writes status while this replica leads, until the index is gone.
+/// One status write.
+enum Write {
+    /// This replica's entry.
+    Own(ReplicaStatus),
+    /// The leader's conditions and sums.
+    Summary(DestinationPolicyStatus),
+    /// The removal of a gone replica's entry, at its position in the list.
+    Prune { position: usize, name: String },
+}
+
+/// Writes this replica's entries, and the rest of status while it leads, until the index is gone.
 pub async fn run(client: Client, mut inputs: Inputs, metrics: Metrics) {
     if inputs.synced.wait_for(|synced| *synced).await.is_err() {
         return;
     }
+    let own_manager = format!("{FIELD_MANAGER}/{}", inputs.identity);
+    let refresh = seconds(inputs.lease_duration * REFRESH_LEASES);
+    let stale = seconds(inputs.lease_duration * STALE_LEASES);
     // What this replica wrote last, by policy and uid (a policy recreated under the same name
-    // starts afresh).
+    // starts afresh): the leader's part, and its own entry.
     let mut written: HashMap<ObjectKey, (Option<String>, DestinationPolicyStatus)> = HashMap::new();
+    let mut contributed: HashMap<ObjectKey, (Option<String>, ReplicaStatus)> = HashMap::new();
     loop {
-        if !*inputs.leading.borrow_and_update() {
+        let leading = *inputs.leading.borrow_and_update();
+        if !leading {
             // Another replica writes meanwhile: once leading again, everything is written anew.
             written.clear();
-            if inputs.leading.changed().await.is_err() {
-                return;
-            }
-            continue;
         }
         let now =
             Time(Timestamp::from_second(Timestamp::now().as_second()).expect("now is in range"));
-        let desired: Vec<(ObjectKey, Option<String>, DestinationPolicyStatus)> = {
+        let age = |entry: &ReplicaStatus| now.0.as_second() - entry.last_update_time.0.as_second();
+        let mut writes: Vec<(ObjectKey, Option<String>, Write)> = Vec::new();
+        {
             let reports = inputs.reports.borrow_and_update();
             let subscribers = inputs.subscribers.borrow_and_update();
+            let replicas = inputs.replicas.borrow_and_update();
             written.retain(|key, _| reports.contains_key(key));
-            reports
-                .iter()
-                .map(|(key, report)| {
-                    let previous = match written.get(key) {
-                        Some((uid, status)) if *uid == report.uid => Some(status),
-                        _ => report.status.as_ref(),
-                    };
-                    let status = desired_status(key, report, &subscribers, previous, &now);
-                    (key.clone(), report.uid.clone(), status)
-                })
-                .filter(|(key, uid, status)| {
-                    written.get(key) != Some(&(uid.clone(), status.clone()))
-                })
-                .collect()
-        };
-        let results: Vec<_> = futures_util::stream::iter(desired)
-            .map(|(key, uid, status)| {
+            contributed.retain(|key, _| reports.contains_key(key));
+            for (key, report) in reports.iter() {
+                let counted = replica_status(key, report, &subscribers, &inputs.identity, &now);
+                let own = match contributed.get(key) {
+                    // Unchanged and recent: the entry as written, time included.
+                    Some((uid, entry))
+                        if *uid == report.uid
+                            && same_counts(entry, &counted)
+                            && age(entry) < refresh =>
+                    {
+                        entry.clone()
+                    }
+                    _ => {
+                        writes.push((key.clone(), report.uid.clone(), Write::Own(counted.clone())));
+                        counted
+                    }
+                };
+                if !leading {
+                    continue;
+                }
+                let listed = replicas
+                    .get(key)
+                    .filter(|(uid, _)| *uid == report.uid)
+                    .map_or(&[][..], |(_, entries)| entries.as_slice());
+                let others = || {
+                    listed
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, e)| e.name != own.name)
+                };
+                let entries: Vec<&ReplicaStatus> = others()
+                    .filter(|(_, entry)| age(entry) < stale)
+                    .map(|(_, entry)| entry)
+                    .chain([&own])
+                    .collect();
+                let previous = match written.get(key) {
+                    Some((uid, status)) if *uid == report.uid => Some(status),
+                    _ => report.status.as_ref(),
+                };
+                let status = desired_status(report, &entries, previous, &now);
+                if written.get(key) != Some(&(report.uid.clone(), status.clone())) {
+                    writes.push((key.clone(), report.uid.clone(), Write::Summary(status)));
+                }
+                for (position, entry) in others().filter(|(_, entry)| age(entry) >= stale) {
+                    let name = entry.name.clone();
+                    writes.push((
+                        key.clone(),
+                        report.uid.clone(),
+                        Write::Prune { position, name },
+                    ));
+                }
+            }
+        }
+        let results: Vec<_> = futures_util::stream::iter(writes)
+            .map(|(key, uid, write)| {
                 let client = client.clone();
+                let own_manager = own_manager.as_str();
                 async move {
-                    let result = write(client, &key, &status).await;
-                    (key, uid, status, result)
+                    let result = match &write {
+                        Write::Own(entry) => {
+                            let status = serde_json::json!({ "replicas": [entry] });
+                            apply(client, &key, own_manager, status).await
+                        }
+                        Write::Summary(status) => {
+                            apply(client, &key, FIELD_MANAGER, serde_json::json!(status)).await
+                        }
+                        Write::Prune { position, name } => {
+                            prune(client, &key, *position, name).await
+                        }
+                    };
+                    (key, uid, write, result)
                 }
             })
             .buffer_unordered(CONCURRENT_WRITES)
             .collect()
             .await;
         let mut failed = false;
-        for (key, uid, status, result) in results {
-            match result {
-                Ok(()) => {
+        for (key, uid, write, result) in results {
+            match (write, result) {
+                (Write::Own(entry), Ok(())) => {
+                    contributed.insert(key, (uid, entry));
+                }
+                (Write::Summary(status), Ok(())) => {
                     written.insert(key, (uid, status));
                 }
+                (Write::Prune { name, .. }, Ok(())) => {
+                    tracing::info!(policy = %key, replica = %name, "removed the status entry of a replica that stopped refreshing it");
+                }
                 // Deleted since the index reported it.
-                Err(kube::Error::Api(error)) if error.is_not_found() => {}
-                Err(error) => {
+                (_, Err(kube::Error::Api(error))) if error.is_not_found() => {}
+                // The list changed since it was read (the entry is gone already, or moved): the
+                // next pass sees it as it is now.
+                (Write::Prune { .. }, Err(kube::Error::Api(error))) if error.code == 422 => {}
+                (_, Err(error)) => {
                     failed = true;
                     metrics.reconcile_errors.inc();
                     tracing::error!(policy = %key, "writing the status of DestinationPolicy {key}: {}", explain(&error));
@@ -112,6 +212,9 @@ pub async fn run(client: Client, mut inputs: Inputs, metrics: Metrics) {
             changed = inputs.reports.changed() => changed.is_err(),
             changed = inputs.subscribers.changed() => changed.is_err(),
             changed = inputs.leading.changed() => changed.is_err(),
+            changed = inputs.replicas.changed() => changed.is_err(),
+            // Entries to refresh, and others gone stale, with nothing else changing.
+            _ = tokio::time::sleep(inputs.lease_duration) => false,
             _ = tokio::time::sleep(RETRY_AFTER), if failed => false,
         };
         if gone {
@@ -120,10 +223,21 @@ pub async fn run(client: Client, mut inputs: Inputs, metrics: Metrics) {
     }
 }
 
-async fn write(
+fn seconds(duration: Duration) -> i64 {
+    i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)
+}
+
+fn same_counts(a: &ReplicaStatus, b: &ReplicaStatus) -> bool {
+    (a.observed_generation, &a.proxies, &a.rejection)
+        == (b.observed_generation, &b.proxies, &b.rejection)
+}
+
+/// Applies `status` to the policy's status subresource as `manager`.
+async fn apply(
     client: Client,
     key: &ObjectKey,
-    status: &DestinationPolicyStatus,
+    manager: &str,
+    status: serde_json::Value,
 ) -> Result<(), kube::Error> {
     let api: Api<DestinationPolicy> = Api::namespaced(client, &key.namespace);
     let patch = serde_json::json!({
@@ -133,11 +247,95 @@ async fn write(
     });
     api.patch_status(
         &key.name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
+        &PatchParams::apply(manager).force(),
         &Patch::Apply(&patch),
     )
     .await
     .map(drop)
+}
+
+/// Removes the entry of replica `name` at `position`. Server-side apply removes only what the
+/// applier owns, and the entry is its replica's, so this is a JSON patch, which checks first that
+/// the entry is still where it was read.
+async fn prune(
+    client: Client,
+    key: &ObjectKey,
+    position: usize,
+    name: &str,
+) -> Result<(), kube::Error> {
+    let api: Api<DestinationPolicy> = Api::namespaced(client, &key.namespace);
+    let path = format!("/status/replicas/{position}");
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        { "op": "test", "path": format!("{path}/name"), "value": name },
+        { "op": "remove", "path": path },
+    ]))
+    .expect("a well-formed JSON patch");
+    api.patch_status(
+        &key.name,
+        &PatchParams::default(),
+        &Patch::<()>::Json(patch),
+    )
+    .await
+    .map(drop)
+}
+
+/// Keeps `replicas` up to date with every policy's entries, for the leader's sums. The Kubernetes
+/// source watches the same policies but passes on spec changes only.
+pub async fn watch_replicas(client: Client, replicas: watch::Sender<Replicas>) {
+    let api: Api<DestinationPolicy> = Api::all(client);
+    let mut events = pin!(watcher(api, watcher::Config::default()).default_backoff());
+    let mut listing: Option<Replicas> = None;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Event::Init) => listing = Some(Replicas::new()),
+            Ok(Event::InitApply(policy)) => {
+                if let Some(listing) = &mut listing {
+                    record(listing, &policy);
+                }
+            }
+            Ok(Event::InitDone) => {
+                if let Some(listing) = listing.take() {
+                    replicas.send_replace(listing);
+                }
+            }
+            Ok(Event::Apply(policy)) => {
+                replicas.send_if_modified(|replicas| record(replicas, &policy));
+            }
+            Ok(Event::Delete(policy)) => {
+                replicas.send_if_modified(|replicas| {
+                    policy_key(&policy).is_some_and(|key| replicas.remove(&key).is_some())
+                });
+            }
+            // The Kubernetes source counts the failures of its watch of the same objects; this one
+            // retries with the same backoff.
+            Err(error) => tracing::warn!("watching the status of DestinationPolicies: {error}"),
+        }
+    }
+}
+
+fn policy_key(policy: &DestinationPolicy) -> Option<ObjectKey> {
+    Some(ObjectKey::new(
+        policy.metadata.namespace.as_deref()?,
+        policy.metadata.name.as_deref()?,
+    ))
+}
+
+/// Records a policy's entries; whether they changed.
+fn record(replicas: &mut Replicas, policy: &DestinationPolicy) -> bool {
+    let Some(key) = policy_key(policy) else {
+        return false;
+    };
+    let entries = policy
+        .status
+        .as_ref()
+        .map(|status| status.replicas.clone())
+        .unwrap_or_default();
+    let value = (policy.metadata.uid.clone(), entries);
+    if replicas.get(&key) == Some(&value) {
+        return false;
+    }
+    replicas.insert(key, value);
+    true
 }
 
 /// A condition's value, before it is dated.
@@ -172,25 +370,46 @@ impl Verdict {
     }
 }
 
-/// The status a policy should have; conditions whose value did not change keep their
-/// `lastTransitionTime` from `previous`.
-pub fn desired_status(
+/// This replica's entry: its proxies subscribed to the policy's Service, by what they hold of its
+/// current generation.
+pub fn replica_status(
     key: &ObjectKey,
     report: &PolicyReport,
     subscribers: &Subscribers,
+    name: &str,
+    now: &Time,
+) -> ReplicaStatus {
+    let (proxies, rejection) = match &report.destination_keys {
+        Err(_) => (ProxyCounts::default(), None),
+        Ok(keys) => {
+            let current = PolicyVersion {
+                policy: key.to_string(),
+                generation: report.generation,
+            };
+            count_proxies(&current, keys, subscribers)
+        }
+    };
+    ReplicaStatus {
+        name: name.to_string(),
+        observed_generation: report.generation,
+        proxies,
+        rejection,
+        last_update_time: now.clone(),
+    }
+}
+
+/// The status a policy should have, summing `entries` (one per live replica); conditions whose
+/// value did not change keep their `lastTransitionTime` from `previous`.
+pub fn desired_status(
+    report: &PolicyReport,
+    entries: &[&ReplicaStatus],
     previous: Option<&DestinationPolicyStatus>,
     now: &Time,
 ) -> DestinationPolicyStatus {
     let generation = report.generation;
     let (proxies, programmed) = match &report.destination_keys {
         Err(problem) => (ProxyCounts::default(), Verdict::fails(problem)),
-        Ok(keys) => {
-            let current = PolicyVersion {
-                policy: key.to_string(),
-                generation,
-            };
-            programmed(&current, keys, subscribers)
-        }
+        Ok(_) => programmed(generation, entries),
     };
     let verdicts = [
         (
@@ -238,16 +457,17 @@ pub fn desired_status(
         proxies_summary: Some(format!("{}/{}", proxies.acknowledged, proxies.connected)),
         proxies: Some(proxies),
         split: Some(report.split.clone()),
+        replicas: Vec::new(),
     }
 }
 
-/// Counts the proxies subscribed to any of `keys` by what they hold of `current`, and whether
-/// they all applied it.
-fn programmed(
+/// Counts the proxies subscribed to any of `keys` by what they hold of `current`, with
+/// `namespace/workload: reason` of one that rejected it.
+fn count_proxies(
     current: &PolicyVersion,
     keys: &[String],
     subscribers: &Subscribers,
-) -> (ProxyCounts, Verdict) {
+) -> (ProxyCounts, Option<String>) {
     // Per proxy: whether it applied `current` under every key, and its rejection of it.
     let mut proxies: HashMap<&ProxyId, (bool, Option<&str>)> = HashMap::new();
     for (proxy, holding) in keys.iter().filter_map(|key| subscribers.get(key)).flatten() {
@@ -269,40 +489,57 @@ fn programmed(
                 .count(),
         ),
     };
-    let generation = current.generation;
-    let verdict = if let Some((proxy, (_, Some(reason)))) = proxies
+    let rejection = proxies
         .iter()
-        .filter(|(_, (_, rejection))| rejection.is_some())
+        .filter_map(|(proxy, (_, rejection))| Some((proxy, (*rejection)?)))
         .min_by_key(|(proxy, _)| (&proxy.namespace, &proxy.workload))
-    {
-        Verdict {
-            holds: false,
-            reason: "Rejected",
-            message: format!(
-                "{} of {} proxies rejected generation {generation}; {}/{}: {reason}",
-                counts.rejected, counts.connected, proxy.namespace, proxy.workload
-            ),
-        }
-    } else if counts.acknowledged < counts.connected {
-        Verdict {
-            holds: false,
-            reason: "Pending",
-            message: format!(
-                "{} of {} proxies applied generation {generation}",
-                counts.acknowledged, counts.connected
-            ),
-        }
-    } else if counts.connected == 0 {
-        Verdict::holds("Programmed", "no connected proxy calls its Service yet")
-    } else {
-        Verdict::holds(
-            "Programmed",
-            format!(
-                "all {} proxies applied generation {generation}",
-                counts.connected
-            ),
-        )
-    };
+        .map(|(proxy, reason)| format!("{}/{}: {reason}", proxy.namespace, proxy.workload));
+    (counts, rejection)
+}
+
+/// The sums of the entries of `generation`, and whether all their proxies applied it.
+fn programmed(generation: i64, entries: &[&ReplicaStatus]) -> (ProxyCounts, Verdict) {
+    let current = entries
+        .iter()
+        .filter(|entry| entry.observed_generation == generation);
+    let mut counts = ProxyCounts::default();
+    for entry in current.clone() {
+        counts.connected = counts.connected.saturating_add(entry.proxies.connected);
+        counts.acknowledged = counts
+            .acknowledged
+            .saturating_add(entry.proxies.acknowledged);
+        counts.rejected = counts.rejected.saturating_add(entry.proxies.rejected);
+    }
+    let verdict =
+        if let Some(rejection) = current.filter_map(|entry| entry.rejection.as_deref()).min() {
+            Verdict {
+                holds: false,
+                reason: "Rejected",
+                message: format!(
+                    "{} of {} proxies rejected generation {generation}; {rejection}",
+                    counts.rejected, counts.connected
+                ),
+            }
+        } else if counts.acknowledged < counts.connected {
+            Verdict {
+                holds: false,
+                reason: "Pending",
+                message: format!(
+                    "{} of {} proxies applied generation {generation}",
+                    counts.acknowledged, counts.connected
+                ),
+            }
+        } else if counts.connected == 0 {
+            Verdict::holds("Programmed", "no connected proxy calls its Service yet")
+        } else {
+            Verdict::holds(
+                "Programmed",
+                format!(
+                    "all {} proxies applied generation {generation}",
+                    counts.connected
+                ),
+            )
+        };
     (counts, verdict)
 }
 
@@ -364,6 +601,31 @@ mod tests {
         }
     }
 
+    /// The status with one replica, serving `subscribers`.
+    fn status_of(
+        report: &PolicyReport,
+        subscribers: &Subscribers,
+        previous: Option<&DestinationPolicyStatus>,
+        now: &Time,
+    ) -> DestinationPolicyStatus {
+        let entry = replica_status(&policy(), report, subscribers, "replica-a", now);
+        desired_status(report, &[&entry], previous, now)
+    }
+
+    fn entry(name: &str, generation: i64, counts: (u32, u32, u32)) -> ReplicaStatus {
+        ReplicaStatus {
+            name: name.into(),
+            observed_generation: generation,
+            proxies: ProxyCounts {
+                connected: counts.0,
+                acknowledged: counts.1,
+                rejected: counts.2,
+            },
+            rejection: None,
+            last_update_time: at(0),
+        }
+    }
+
     /// (status, reason, message) of a condition.
     fn condition<'a>(
         status: &'a DestinationPolicyStatus,
@@ -375,7 +637,7 @@ mod tests {
 
     #[test]
     fn programmed_once_every_subscribed_proxy_applied_the_current_generation() {
-        let none = desired_status(&policy(), &report(), &Subscribers::new(), None, &at(0));
+        let none = status_of(&report(), &Subscribers::new(), None, &at(0));
         assert_eq!(
             condition(&none, "Programmed"),
             (
@@ -398,7 +660,7 @@ mod tests {
             ("b", applied(2)),
             ("c", Holding::default()),
         ]);
-        let status = desired_status(&policy(), &report(), &pending, None, &at(0));
+        let status = status_of(&report(), &pending, None, &at(0));
         assert_eq!(
             condition(&status, "Programmed"),
             ("False", "Pending", "1 of 3 proxies applied generation 3")
@@ -414,7 +676,7 @@ mod tests {
         assert_eq!(status.proxies_summary.as_deref(), Some("1/3"));
 
         let done = subscribers(vec![("a", applied(3)), ("b", applied(3))]);
-        let status = desired_status(&policy(), &report(), &done, None, &at(0));
+        let status = status_of(&report(), &done, None, &at(0));
         assert_eq!(
             condition(&status, "Programmed"),
             ("True", "Programmed", "all 2 proxies applied generation 3")
@@ -433,7 +695,7 @@ mod tests {
             rejected: Some((version(2), "old".into())),
         };
         let holdings = subscribers(vec![("a", applied(3)), ("b", rejecting), ("c", outdated)]);
-        let status = desired_status(&policy(), &report(), &holdings, None, &at(0));
+        let status = status_of(&report(), &holdings, None, &at(0));
         assert_eq!(
             condition(&status, "Programmed"),
             (
@@ -467,7 +729,7 @@ mod tests {
             }),
             ..report()
         };
-        let status = desired_status(&policy(), &report, &Subscribers::new(), None, &at(0));
+        let status = status_of(&report, &Subscribers::new(), None, &at(0));
         let message = "spec.retries.perTryTimeout: 20s exceeds the timeout 10s";
         assert_eq!(
             condition(&status, "Accepted"),
@@ -491,10 +753,10 @@ mod tests {
     #[test]
     fn transition_times_change_only_with_the_condition_status() {
         let holdings = subscribers(vec![("a", applied(2))]);
-        let first = desired_status(&policy(), &report(), &holdings, None, &at(100));
+        let first = status_of(&report(), &holdings, None, &at(100));
         // Later, the proxy applies generation 3: only Programmed turns.
         let holdings = subscribers(vec![("a", applied(3))]);
-        let second = desired_status(&policy(), &report(), &holdings, Some(&first), &at(200));
+        let second = status_of(&report(), &holdings, Some(&first), &at(200));
         let times = |status: &DestinationPolicyStatus| -> Vec<i64> {
             status
                 .conditions
@@ -505,7 +767,91 @@ mod tests {
         assert_eq!(times(&first), [100, 100, 100]);
         assert_eq!(times(&second), [100, 100, 200]);
         // Nothing changed: the same status, so nothing to write.
-        let third = desired_status(&policy(), &report(), &holdings, Some(&second), &at(300));
+        let third = status_of(&report(), &holdings, Some(&second), &at(300));
         assert_eq!(third, second);
+    }
+
+    #[test]
+    fn a_replica_counts_its_own_proxies_and_names_one_rejection() {
+        let rejecting = Holding {
+            applied: Some(version(2)),
+            rejected: Some((version(3), "bad address".into())),
+        };
+        let holdings = subscribers(vec![
+            ("a", applied(3)),
+            ("c", rejecting.clone()),
+            ("b", rejecting),
+        ]);
+        let own = replica_status(&policy(), &report(), &holdings, "replica-a", &at(7));
+        assert_eq!(
+            own,
+            ReplicaStatus {
+                rejection: Some("shop/b: bad address".into()),
+                last_update_time: at(7),
+                ..entry("replica-a", 3, (3, 1, 2))
+            }
+        );
+    }
+
+    #[test]
+    fn the_summary_sums_the_replicas_entries_of_the_current_generation() {
+        let a = entry("replica-a", 3, (1, 1, 0));
+        let b = entry("replica-b", 3, (2, 1, 0));
+        // Its replica has not seen generation 3 yet: not counted.
+        let c = entry("replica-c", 2, (5, 5, 0));
+        let status = desired_status(&report(), &[&a, &b, &c], None, &at(0));
+        assert_eq!(
+            status.proxies,
+            Some(ProxyCounts {
+                connected: 3,
+                acknowledged: 2,
+                rejected: 0
+            })
+        );
+        assert_eq!(status.proxies_summary.as_deref(), Some("2/3"));
+        assert_eq!(
+            condition(&status, "Programmed"),
+            ("False", "Pending", "2 of 3 proxies applied generation 3")
+        );
+        // The summary leaves the entries to their replicas.
+        assert!(status.replicas.is_empty());
+
+        let b = entry("replica-b", 3, (2, 2, 0));
+        let status = desired_status(&report(), &[&a, &b], None, &at(0));
+        assert_eq!(status.proxies_summary.as_deref(), Some("3/3"));
+        assert_eq!(
+            condition(&status, "Programmed"),
+            ("True", "Programmed", "all 3 proxies applied generation 3")
+        );
+
+        let b = ReplicaStatus {
+            rejection: Some("shop/b: bad address".into()),
+            ..entry("replica-b", 3, (2, 1, 1))
+        };
+        let status = desired_status(&report(), &[&a, &b], None, &at(0));
+        assert_eq!(
+            condition(&status, "Programmed"),
+            (
+                "False",
+                "Rejected",
+                "1 of 3 proxies rejected generation 3; shop/b: bad address"
+            )
+        );
+    }
+
+    #[test]
+    fn an_entry_serializes_with_its_counts_inline() {
+        let value = serde_json::to_value(entry("replica-a", 3, (2, 1, 0))).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({
+                "name": "replica-a",
+                "observedGeneration": 3,
+                "connected": 2,
+                "acknowledged": 1,
+                "rejected": 0,
+                "lastUpdateTime": "1970-01-01T00:00:00Z",
+            })
+        );
     }
 }

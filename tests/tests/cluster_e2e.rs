@@ -959,6 +959,23 @@ async fn the_chart_rbac_is_enough_and_a_missing_permission_is_loud() {
     controller.stop();
 }
 
+/// `name acknowledged/connected` of each entry of `status.replicas`.
+fn replica_entries(policy: &Value) -> Vec<String> {
+    policy["status"]["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|entry| {
+            format!(
+                "{} {}/{}",
+                entry["name"].as_str().unwrap_or_default(),
+                entry["acknowledged"],
+                entry["connected"]
+            )
+        })
+        .collect()
+}
+
 /// The holder of the leader Lease; empty when none.
 fn lease_holder(cluster: &TestCluster) -> String {
     cluster.kubectl(&[
@@ -993,19 +1010,22 @@ async fn a_second_replica_takes_over_status_when_the_leader_dies() {
         until_served_by(&proxy, "v1").await;
         proxies.push(proxy);
     }
-    // One holds the Lease and writes status, counting the proxies it serves.
-    policy_until(
+    // Each counts the proxy it serves in an entry of its own; the one holding the Lease sums them.
+    let policy = policy_until(
         &cluster,
         "leader",
         "reviews",
-        "the leader programmed it",
+        "the leader programmed it, counting every replica's proxies",
         |p| {
             observed(p)
                 && condition_is(p, "Programmed", "True", "Programmed")
-                && p["status"]["proxiesSummary"] == "1/1"
+                && p["status"]["proxiesSummary"] == "2/2"
         },
     )
     .await;
+    let mut entries = replica_entries(&policy);
+    entries.sort();
+    assert_eq!(entries, ["replica-a 1/1", "replica-b 1/1"]);
     let holder = lease_holder(&cluster);
     let leader = replicas
         .iter()
@@ -1024,6 +1044,7 @@ async fn a_second_replica_takes_over_status_when_the_leader_dies() {
     };
     cluster.apply(&split_policy("leader", 0, 100, ""));
     until_served_by(served, "v2").await;
+    // The dead replica's entry is of generation 1, so not counted.
     policy_until(
         &cluster,
         "leader",
@@ -1033,10 +1054,21 @@ async fn a_second_replica_takes_over_status_when_the_leader_dies() {
             p["metadata"]["generation"] == 2
                 && observed(p)
                 && condition_is(p, "Programmed", "True", "Programmed")
+                && p["status"]["proxiesSummary"] == "1/1"
         },
     )
     .await;
     assert_eq!(lease_holder(&cluster), follower.identity);
+    // No longer refreshed, it is removed within a few lease durations.
+    let survivor = format!("{} 1/1", follower.identity);
+    policy_until(
+        &cluster,
+        "leader",
+        "reviews",
+        "the dead replica's entry was removed",
+        |p| replica_entries(p) == [survivor.as_str()],
+    )
+    .await;
     // The dead replica's proxy keeps its last configuration.
     assert!(orphan.all_served_by(REVIEWS, "v1", 10).await);
 
