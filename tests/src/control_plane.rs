@@ -69,10 +69,6 @@ impl ControlPlane {
         version
     }
 
-    pub fn remove(&self, key: &str) {
-        self.snapshots.remove(key);
-    }
-
     /// Waits for the next event matching `pick`.
     pub async fn next_event<T>(&mut self, mut pick: impl FnMut(ProxyEvent) -> Option<T>) -> T {
         let wait = async {

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -26,6 +26,7 @@ use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use outrigger_tests::process::ChildProcess;
 use outrigger_tests::{Backend, Behaviour, ControlPlane, destination};
 use regex::Regex;
 use serde_json::Value;
@@ -626,9 +627,10 @@ spec:
 /// A Prometheus server of Debian's package on a free loopback port, with its storage in a
 /// temporary directory; killed when dropped, so that no test outcome leaves it running.
 struct Prometheus {
-    child: Child,
+    process: ChildProcess,
     addr: SocketAddr,
-    dir: tempfile::TempDir,
+    /// Its configuration and storage, removed with it.
+    _dir: tempfile::TempDir,
 }
 
 impl Prometheus {
@@ -659,44 +661,35 @@ impl Prometheus {
             .unwrap()
             .local_addr()
             .unwrap();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-        let child = Command::new(binary)
-            .arg(format!("--config.file={}", config_file.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting prometheus");
-        Self { child, addr, dir }
+        let process = ChildProcess::spawn(
+            "prometheus",
+            Command::new(binary)
+                .arg(format!("--config.file={}", config_file.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address={addr}"))
+                .stdin(Stdio::null()),
+        )
+        .expect("starting prometheus");
+        Self {
+            process,
+            addr,
+            _dir: dir,
+        }
     }
 
     /// The end of Prometheus' own log, for failure messages.
     fn log(&self) -> String {
-        let log =
-            std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        self.process.log_tail()
     }
 
     async fn ready(&mut self) {
-        let deadline = Deadline::new("prometheus to be ready");
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("prometheus exited ({status}):\n{}", self.log());
-            }
-            if matches!(
-                http_get(self.addr, "prometheus", "/-/ready").await,
-                Ok((200, _))
-            ) {
-                return;
-            }
-            deadline.tick().await;
-        }
+        self.process
+            .wait_ready(self.addr, "/-/ready", Duration::from_secs(60))
+            .await
+            .expect("prometheus to be ready");
     }
 
     /// The `data` of a successful API answer, or why there is none.
@@ -745,13 +738,6 @@ impl Prometheus {
             .as_str()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0)
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
