@@ -26,16 +26,38 @@ use crate::metrics::Metrics;
 #[derive(Debug)]
 pub enum Snapshot {
     Known {
+        /// Of the whole configuration, endpoints included.
         version: String,
+        /// Everything but the endpoints.
         destination: Box<proto::Destination>,
         /// `destination`, encoded once for every stream that sends it.
         encoded: bytes::Bytes,
+        endpoints: Arc<EndpointSet>,
         /// When the index saw the change that produced this version (for push latency).
         changed_at: Instant,
     },
     Unknown {
         reason: String,
     },
+}
+
+/// A destination's endpoints, encoded once, under a version of their own: a stream sends them
+/// only when it has not sent that version before.
+#[derive(Debug)]
+pub struct EndpointSet {
+    pub version: String,
+    /// An encoded `proto::Endpoints`.
+    pub encoded: bytes::Bytes,
+}
+
+impl EndpointSet {
+    /// The endpoints, decoded (only the encoding is kept).
+    pub fn decode(&self) -> Vec<proto::Endpoint> {
+        use prost::Message as _;
+        proto::Endpoints::decode(self.encoded.clone())
+            .expect("encoded by Snapshot::known")
+            .endpoints
+    }
 }
 
 pub type Slot = Option<Arc<Snapshot>>;
@@ -122,22 +144,36 @@ impl Snapshots {
 }
 
 impl Snapshot {
-    /// A snapshot whose version is derived from its content: a restarted controller, or another
+    /// A snapshot whose versions are derived from its content: a restarted controller, or another
     /// replica, gives the same version to the same configuration, so proxies that reconnect are
     /// not sent what they already have, and never miss a change behind a reused number.
-    pub fn known(destination: proto::Destination, changed_at: Instant) -> Self {
+    pub fn known(
+        destination: proto::Destination,
+        endpoints: Vec<proto::Endpoint>,
+        changed_at: Instant,
+    ) -> Self {
         use prost::Message as _;
-        use std::hash::{Hash, Hasher};
         let encoded = bytes::Bytes::from(destination.encode_to_vec());
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        encoded.hash(&mut hasher);
+        let endpoints = bytes::Bytes::from(proto::Endpoints { endpoints }.encode_to_vec());
+        let endpoints = EndpointSet {
+            version: content_version(&[&endpoints]),
+            encoded: endpoints,
+        };
         Self::Known {
-            version: format!("{:016x}", hasher.finish()),
+            version: content_version(&[&encoded, endpoints.version.as_bytes()]),
             destination: Box::new(destination),
             encoded,
+            endpoints: Arc::new(endpoints),
             changed_at,
         }
     }
+}
+
+fn content_version(parts: &[&[u8]]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    parts.hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
 }
 
 fn unknown() -> Arc<Snapshot> {
@@ -331,6 +367,8 @@ fn message(message: controller_message::Message) -> ControllerMessage {
 struct Subscribed {
     /// The version this proxy has (applied or at least been sent), so it is not sent twice.
     sent_version: String,
+    /// The endpoints version this proxy holds, so the endpoints are not sent twice either.
+    sent_endpoints: String,
     /// The version just sent, until the proxy answers it.
     awaiting: Option<Awaiting>,
 }
@@ -362,11 +400,14 @@ impl DiscoveryService {
                 Some((key, Some(snapshot))) = watches.next() => {
                     let Some(state) = subscribed.get_mut(&key) else { continue };
                     let reply = match &*snapshot {
-                        Snapshot::Known { version, destination, encoded, changed_at } => {
+                        Snapshot::Known { version, destination, encoded, endpoints, changed_at } => {
                             if *version == state.sent_version {
                                 continue;
                             }
                             state.sent_version = version.clone();
+                            let carried = (state.sent_endpoints != endpoints.version)
+                                .then(|| endpoints.encoded.clone());
+                            state.sent_endpoints.clone_from(&endpoints.version);
                             state.awaiting = Some(Awaiting {
                                 version: version.clone(),
                                 changed_at: *changed_at,
@@ -376,10 +417,13 @@ impl DiscoveryService {
                                 key,
                                 version: version.clone(),
                                 destination: encoded.clone(),
+                                endpoints_version: endpoints.version.clone(),
+                                endpoints: carried,
                             })
                         }
                         Snapshot::Unknown { reason } => {
                             state.sent_version.clear();
+                            state.sent_endpoints.clear();
                             state.awaiting = None;
                             self.hold(&proxy, &key, |holding| *holding = Holding::default());
                             controller_message::Message::Unknown(DestinationUnknown {
@@ -440,6 +484,7 @@ impl DiscoveryService {
                         destination.key,
                         Subscribed {
                             sent_version: destination.known_version,
+                            sent_endpoints: destination.known_endpoints_version,
                             awaiting: None,
                         },
                     );
@@ -474,6 +519,10 @@ impl DiscoveryService {
                     key = %nack.key, version = %nack.version, reason = %nack.reason,
                     "proxy rejected a configuration"
                 );
+                // The endpoints may be what it could not take: the next update carries them.
+                if let Some(state) = subscribed.get_mut(&nack.key) {
+                    state.sent_endpoints.clear();
+                }
                 if let Some(awaiting) = answered(subscribed, &nack.key, &nack.version) {
                     self.hold(proxy, &nack.key, |holding| {
                         holding.rejected = Some((awaiting.policy, nack.reason.clone()));
@@ -505,6 +554,18 @@ mod tests {
 
     /// A destination carrying generation `generation` of policy shop/reviews.
     fn publish(snapshots: &Snapshots, generation: i64) -> String {
+        publish_with(snapshots, generation, &[])
+    }
+
+    /// The same, with endpoints at `addresses`.
+    fn publish_with(snapshots: &Snapshots, generation: i64, addresses: &[&str]) -> String {
+        let endpoints = addresses
+            .iter()
+            .map(|address| proto::Endpoint {
+                address: address.to_string(),
+                ..Default::default()
+            })
+            .collect();
         let destination = proto::Destination {
             namespace: "shop".into(),
             service: "reviews".into(),
@@ -513,7 +574,7 @@ mod tests {
             policy_generation: generation,
             ..Default::default()
         };
-        let snapshot = Snapshot::known(destination, Instant::now());
+        let snapshot = Snapshot::known(destination, endpoints, Instant::now());
         let Snapshot::Known { version, .. } = &snapshot else {
             unreachable!("Snapshot::known is known")
         };
@@ -530,6 +591,16 @@ mod tests {
 
     impl Stream {
         async fn open(addr: std::net::SocketAddr, workload: &str, known_version: &str) -> Self {
+            Self::open_holding(addr, workload, known_version, "").await
+        }
+
+        /// A stream from a proxy that holds endpoints version `known_endpoints_version`.
+        async fn open_holding(
+            addr: std::net::SocketAddr,
+            workload: &str,
+            known_version: &str,
+            known_endpoints_version: &str,
+        ) -> Self {
             let mut client = DiscoveryClient::connect(format!("http://{addr}"))
                 .await
                 .unwrap();
@@ -543,6 +614,7 @@ mod tests {
                 destinations: vec![Subscription {
                     key: KEY.into(),
                     known_version: known_version.into(),
+                    known_endpoints_version: known_endpoints_version.into(),
                 }],
             });
             for message in [hello, subscribe] {
@@ -562,6 +634,10 @@ mod tests {
 
         /// The version of the next update.
         async fn update(&mut self) -> String {
+            self.next_update().await.version
+        }
+
+        async fn next_update(&mut self) -> DestinationUpdate {
             loop {
                 let message = self
                     .received
@@ -570,7 +646,7 @@ mod tests {
                     .unwrap()
                     .expect("the stream goes on");
                 if let Some(controller_message::Message::Update(update)) = message.message {
-                    return update.version;
+                    return update;
                 }
             }
         }
@@ -676,5 +752,56 @@ mod tests {
         drop(a);
         drop(b);
         until_held(&mut subscribers, &[]).await;
+    }
+
+    #[tokio::test]
+    async fn endpoints_are_sent_when_the_stream_has_not_carried_them() {
+        let snapshots = Snapshots::default();
+        snapshots.mark_synced();
+        let service = DiscoveryService::new(snapshots.clone(), Metrics::default(), "test".into());
+        let mut events = service.events();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(crate::serve_grpc(listener, service, shutdown));
+
+        let first_version = publish_with(&snapshots, 3, &["10.0.0.1:80"]);
+        let mut a = Stream::open(addr, "a", "").await;
+        let first = a.next_update().await;
+        assert_eq!(first.version, first_version);
+        assert!(first.endpoints.is_some(), "a new stream gets the endpoints");
+
+        // A policy edit: only the policy travels.
+        publish_with(&snapshots, 4, &["10.0.0.1:80"]);
+        let second = a.next_update().await;
+        assert_ne!(second.version, first.version);
+        assert_eq!(second.endpoints_version, first.endpoints_version);
+        assert_eq!(second.endpoints, None);
+
+        // Endpoint churn: the new endpoints travel.
+        publish_with(&snapshots, 4, &["10.0.0.2:80"]);
+        let third = a.next_update().await;
+        assert_ne!(third.endpoints_version, first.endpoints_version);
+        assert!(third.endpoints.is_some());
+
+        // After a rejection the proxy may not hold them: the next update carries them again.
+        a.answer(proxy_message::Message::Nack(Nack {
+            key: KEY.into(),
+            version: third.version.clone(),
+            reason: "no".into(),
+        }))
+        .await;
+        while !matches!(events.recv().await.unwrap(), ProxyEvent::Rejected { .. }) {}
+        publish_with(&snapshots, 5, &["10.0.0.2:80"]);
+        let fourth = a.next_update().await;
+        assert_eq!(fourth.endpoints_version, third.endpoints_version);
+        assert!(fourth.endpoints.is_some());
+
+        // A proxy that reconnects holding the endpoints is sent the rest only.
+        let mut b =
+            Stream::open_holding(addr, "b", &first.version, &fourth.endpoints_version).await;
+        let current = b.next_update().await;
+        assert_eq!(current.version, fourth.version);
+        assert_eq!(current.endpoints, None);
     }
 }

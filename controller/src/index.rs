@@ -598,8 +598,8 @@ impl Index {
             }
             kept
         });
-        for (key, destination) in destinations {
-            let snapshot = Snapshot::known(destination, changed_at);
+        for (key, (destination, endpoints)) in destinations {
+            let snapshot = Snapshot::known(destination, endpoints, changed_at);
             let Snapshot::Known { version, .. } = &snapshot else {
                 unreachable!("Snapshot::known is known")
             };
@@ -614,8 +614,11 @@ impl Index {
         }
     }
 
-    /// Every key of a Service with its destination; none when the Service is unknown.
-    fn destinations(&self, service: &ObjectKey) -> BTreeMap<String, proto::Destination> {
+    /// Every key of a Service with its destination and endpoints; none when the Service is unknown.
+    fn destinations(
+        &self,
+        service: &ObjectKey,
+    ) -> BTreeMap<String, (proto::Destination, Vec<proto::Endpoint>)> {
         let Some(state) = self.services.get(service) else {
             return BTreeMap::new();
         };
@@ -655,7 +658,6 @@ impl Index {
                 port: port.port.into(),
                 policy: policy.map(|(key, ..)| key.to_string()).unwrap_or_default(),
                 policy_generation: policy.map(|(_, state, _)| state.generation).unwrap_or(0),
-                endpoints: endpoints.into_values().collect(),
                 policy_spec: policy.map(|(.., translated)| translated.policy.clone()),
                 routes: policy
                     .map(|(.., translated)| translated.routes.clone())
@@ -679,8 +681,9 @@ impl Index {
                 .cluster_ips
                 .iter()
                 .map(|&ip| DestinationKey::Address(SocketAddr::new(ip, port.port)));
+            let endpoints: Vec<proto::Endpoint> = endpoints.into_values().collect();
             for key in std::iter::once(by_name).chain(by_address) {
-                destinations.insert(key.to_string(), destination.clone());
+                destinations.insert(key.to_string(), (destination.clone(), endpoints.clone()));
             }
         }
         destinations
@@ -905,28 +908,38 @@ mod tests {
     enum Published {
         Nothing,
         Unknown,
-        Known(Box<proto::Destination>),
+        Known(Box<proto::Destination>, Vec<proto::Endpoint>),
     }
 
     fn published(snapshots: &Snapshots, key: &str) -> Published {
         match snapshots.watch(key).borrow().as_deref() {
             None => Published::Nothing,
             Some(Snapshot::Unknown { .. }) => Published::Unknown,
-            Some(Snapshot::Known { destination, .. }) => Published::Known(destination.clone()),
+            Some(Snapshot::Known {
+                destination,
+                endpoints,
+                ..
+            }) => Published::Known(destination.clone(), endpoints.decode()),
         }
     }
 
     fn known(snapshots: &Snapshots, key: &str) -> proto::Destination {
         match published(snapshots, key) {
-            Published::Known(destination) => *destination,
+            Published::Known(destination, _) => *destination,
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+
+    fn endpoint_list(snapshots: &Snapshots, key: &str) -> Vec<proto::Endpoint> {
+        match published(snapshots, key) {
+            Published::Known(_, endpoints) => endpoints,
             other => panic!("{key}: {other:?}"),
         }
     }
 
     /// (address, subsets) of every endpoint.
     fn endpoints(snapshots: &Snapshots, key: &str) -> Vec<(String, Vec<String>)> {
-        known(snapshots, key)
-            .endpoints
+        endpoint_list(snapshots, key)
             .into_iter()
             .map(|e| (e.address, e.subsets))
             .collect()
@@ -939,7 +952,7 @@ mod tests {
         assert_eq!(published(&snapshots, BY_NAME), Published::Nothing);
         index.apply(reviews());
         let destination = known(&snapshots, BY_NAME);
-        assert_eq!(destination, known(&snapshots, BY_IP));
+        assert_eq!(published(&snapshots, BY_NAME), published(&snapshots, BY_IP));
         assert_eq!(
             (
                 destination.namespace.as_str(),
@@ -949,7 +962,7 @@ mod tests {
             ("shop", "reviews", 9080)
         );
         assert_eq!(
-            destination.endpoints,
+            endpoint_list(&snapshots, BY_NAME),
             [proto::Endpoint {
                 address: "10.0.0.1:8080".into(),
                 subsets: vec![],
@@ -984,10 +997,9 @@ mod tests {
         );
         // No slice has a `grpc` port: the destination exists, without endpoints.
         let grpc = known(&snapshots, "reviews.shop.svc.cluster.local:9090");
-        assert!(grpc.endpoints.is_empty());
         assert_eq!(
             published(&snapshots, "10.96.0.10:9090"),
-            Published::Known(Box::new(grpc))
+            Published::Known(Box::new(grpc), vec![])
         );
 
         index.apply(Change::Applied(Object::EndpointSlice(Box::new(object(
@@ -999,10 +1011,10 @@ mod tests {
                 "endpoints": [{"addresses": ["10.0.0.3"]}],
             }),
         )))));
-        let grpc = known(&snapshots, "reviews.shop.svc.cluster.local:9090");
-        assert_eq!(grpc.endpoints.len(), 1);
-        assert_eq!(grpc.endpoints[0].address, "10.0.0.3:7070");
-        assert!(grpc.endpoints[0].h2c, "appProtocol kubernetes.io/h2c");
+        let grpc = endpoint_list(&snapshots, "reviews.shop.svc.cluster.local:9090");
+        assert_eq!(grpc.len(), 1);
+        assert_eq!(grpc[0].address, "10.0.0.3:7070");
+        assert!(grpc[0].h2c, "appProtocol kubernetes.io/h2c");
     }
 
     #[test]
@@ -1107,7 +1119,7 @@ mod tests {
             );
         }
         index.apply(deleted(Kind::EndpointSlice, "reviews-a"));
-        assert!(known(&snapshots, BY_NAME).endpoints.is_empty());
+        assert!(endpoint_list(&snapshots, BY_NAME).is_empty());
 
         // A port taken away and a ClusterIP changed withdraw their keys.
         index.apply(service(json!([{"name": "http", "port": 9081}])));
@@ -1115,7 +1127,7 @@ mod tests {
         assert_eq!(published(&snapshots, BY_IP), Published::Unknown);
         assert!(matches!(
             published(&snapshots, "reviews.shop.svc.cluster.local:9081"),
-            Published::Known(_)
+            Published::Known(..)
         ));
 
         index.apply(deleted(Kind::Service, "reviews"));
@@ -1177,7 +1189,7 @@ mod tests {
         assert!(*ready.borrow());
         assert!(matches!(
             published(&snapshots, BY_NAME),
-            Published::Known(_)
+            Published::Known(..)
         ));
     }
 
@@ -1309,7 +1321,7 @@ mod tests {
         assert!(*ready.borrow());
         assert!(matches!(
             published(&snapshots, BY_NAME),
-            Published::Known(_)
+            Published::Known(..)
         ));
     }
 }

@@ -33,11 +33,16 @@ fn the_demo_serves_reviews_split_90_10_between_its_two_versions() {
 
     for key in ["reviews.demo.svc.cluster.local:9080", "10.96.0.20:9080"] {
         let snapshot = snapshots.watch(key).borrow().clone().unwrap();
-        let Snapshot::Known { destination, .. } = &*snapshot else {
+        let Snapshot::Known {
+            destination,
+            endpoints,
+            ..
+        } = &*snapshot
+        else {
             panic!("{key} is not served")
         };
-        let endpoints: Vec<(&str, &[String])> = destination
-            .endpoints
+        let endpoints = endpoints.decode();
+        let endpoints: Vec<(&str, &[String])> = endpoints
             .iter()
             .map(|e| (e.address.as_str(), e.subsets.as_slice()))
             .collect();

@@ -17,7 +17,7 @@ pub struct ConfigError {
     pub problem: String,
 }
 
-fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         field: field.into(),
         problem: problem.into(),
@@ -185,14 +185,14 @@ impl DestinationConfig {
     pub fn from_proto(
         version: String,
         destination: proto::Destination,
+        endpoints: Vec<proto::Endpoint>,
     ) -> Result<Self, ConfigError> {
         let port = u16::try_from(destination.port)
             .ok()
             .filter(|p| *p != 0)
             .ok_or_else(|| invalid("port", format!("{} is not a TCP port", destination.port)))?;
         let subsets = destination.subsets;
-        let endpoints = destination
-            .endpoints
+        let endpoints = endpoints
             .into_iter()
             .enumerate()
             .map(|(i, endpoint)| {
@@ -590,26 +590,29 @@ mod tests {
             service: "reviews".into(),
             port: 9080,
             subsets: vec!["v1".into()],
-            endpoints: vec![proto::Endpoint {
-                address: "10.0.0.1:9080".into(),
-                subsets: vec!["v1".into()],
-                ..Default::default()
-            }],
             ..Default::default()
         }
     }
 
-    fn rejected(change: impl FnOnce(&mut proto::Destination)) -> String {
-        let mut d = destination();
-        change(&mut d);
-        DestinationConfig::from_proto("1".into(), d)
+    fn endpoints() -> Vec<proto::Endpoint> {
+        vec![proto::Endpoint {
+            address: "10.0.0.1:9080".into(),
+            subsets: vec!["v1".into()],
+            ..Default::default()
+        }]
+    }
+
+    fn rejected(change: impl FnOnce(&mut proto::Destination, &mut [proto::Endpoint])) -> String {
+        let (mut d, mut e) = (destination(), endpoints());
+        change(&mut d, &mut e);
+        DestinationConfig::from_proto("1".into(), d, e)
             .unwrap_err()
             .to_string()
     }
 
     #[test]
     fn defaults_apply_when_the_policy_is_silent() {
-        let config = DestinationConfig::from_proto("1".into(), destination()).unwrap();
+        let config = DestinationConfig::from_proto("1".into(), destination(), endpoints()).unwrap();
         assert_eq!(config.load_balancer, Algorithm::PeakEwma);
         assert_eq!(config.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert_eq!(
@@ -621,19 +624,19 @@ mod tests {
     #[test]
     fn what_cannot_be_applied_is_refused_with_the_field_named() {
         assert_eq!(
-            rejected(|d| d.endpoints[0].address = "nowhere".into()),
+            rejected(|_, e| e[0].address = "nowhere".into()),
             "endpoints[0].address: `nowhere` is not ip:port"
         );
         assert_eq!(
-            rejected(|d| d.endpoints[0].subsets = vec!["v9".into()]),
+            rejected(|_, e| e[0].subsets = vec!["v9".into()]),
             "endpoints[0].subsets: subset `v9` is not declared"
         );
         assert_eq!(
-            rejected(|d| d.port = 70000),
+            rejected(|d, _| d.port = 70000),
             "port: 70000 is not a TCP port"
         );
         assert_eq!(
-            rejected(|d| {
+            rejected(|d, _| {
                 d.policy_spec = Some(proto::Policy {
                     load_balancer: Some(proto::LoadBalancer {
                         algorithm: 42,
@@ -645,7 +648,7 @@ mod tests {
             "policy.loadBalancer.algorithm: unknown algorithm 42"
         );
         assert!(
-            rejected(|d| {
+            rejected(|d, _| {
                 d.policy_spec = Some(proto::Policy {
                     load_balancer: Some(proto::LoadBalancer {
                         algorithm: proto::Algorithm::ConsistentHash as i32,

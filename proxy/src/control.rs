@@ -8,12 +8,10 @@ use outrigger_api::proto::{
     self, Ack, Hello, Nack, ProxyMessage, Subscribe, Subscription, controller_message,
     discovery_client::DiscoveryClient, proxy_message,
 };
-use prost::Message as _;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::config::ConfigError;
 use crate::discovery::Destinations;
 use crate::metrics::{Metrics, UpdateLabels, UpdateResult};
 use crate::serve::stopped;
@@ -123,13 +121,8 @@ async fn session(
     // Everything subscribed so far, with what is applied, so only changes come back. Keys queued
     // while disconnected are in it too.
     while subscriptions.try_recv().is_ok() {}
-    let known = destinations
-        .subscriptions()
-        .into_iter()
-        .map(|(key, known_version)| Subscription { key, known_version })
-        .collect();
     let resubscribe = proxy_message::Message::Subscribe(Subscribe {
-        destinations: known,
+        destinations: destinations.subscriptions(),
     });
     for message in [hello, resubscribe] {
         tx.try_send(send(message)).expect("fresh channel has room");
@@ -144,7 +137,7 @@ async fn session(
             message = incoming.message() => message,
             Some(key) = subscriptions.recv() => {
                 let subscribe = proxy_message::Message::Subscribe(Subscribe {
-                    destinations: vec![Subscription { key, known_version: String::new() }],
+                    destinations: vec![Subscription { key, ..Default::default() }],
                 });
                 if tx.send(send(subscribe)).await.is_err() {
                     return Err(fail(welcomed, anyhow::anyhow!("stream closed")));
@@ -190,17 +183,8 @@ fn apply(
     metrics: &Metrics,
     update: proto::DestinationUpdate,
 ) -> proto::proxy_message::Message {
-    let proto::DestinationUpdate {
-        key,
-        version,
-        destination,
-    } = update;
-    let result = proto::Destination::decode(destination)
-        .map_err(|error| ConfigError {
-            field: "destination".into(),
-            problem: format!("does not decode: {error}"),
-        })
-        .and_then(|destination| destinations.apply(&key, version.clone(), destination));
+    let (key, version) = (update.key.clone(), update.version.clone());
+    let result = destinations.apply(update);
     let outcome = if result.is_ok() {
         UpdateResult::Applied
     } else {
@@ -231,10 +215,14 @@ mod tests {
     fn an_update_that_does_not_decode_is_rejected_with_the_reason() {
         let metrics = Metrics::new();
         let (destinations, _subscriptions) = Destinations::new(metrics.clone());
+        let key = "web.default.svc.cluster.local:80";
+        destinations.entry(key);
         let update = proto::DestinationUpdate {
-            key: "web.default.svc.cluster.local:80".into(),
+            key: key.into(),
             version: "1".into(),
             destination: bytes::Bytes::from_static(b"\xff\xff\xff"),
+            endpoints_version: "e1".into(),
+            endpoints: Some(bytes::Bytes::new()),
         };
         match apply(&destinations, &metrics, update) {
             proxy_message::Message::Nack(nack) => {

@@ -6,16 +6,16 @@ mod support;
 use std::time::Duration;
 
 use outrigger_api::proto;
-use outrigger_tests::{Backend, Behaviour, ControlPlane, ProxyEvent, destination};
+use outrigger_tests::{Backend, Behaviour, Configuration, ControlPlane, ProxyEvent, destination};
 use support::*;
 
 const WEB: &str = "web.default.svc.cluster.local:80";
 
 fn with_algorithm(
-    mut d: proto::Destination,
+    mut d: Configuration,
     algorithm: proto::Algorithm,
     hash_header: &str,
-) -> proto::Destination {
+) -> Configuration {
     d.policy_spec = Some(proto::Policy {
         load_balancer: Some(proto::LoadBalancer {
             algorithm: algorithm as i32,

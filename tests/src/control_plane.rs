@@ -58,9 +58,13 @@ impl ControlPlane {
         format!("http://{}", self.addr)
     }
 
-    /// Publishes `destination` as the state of `key`; returns its version.
-    pub fn publish(&self, key: &str, destination: proto::Destination) -> String {
-        let snapshot = Snapshot::known(destination, Instant::now());
+    /// Publishes `configuration` as the state of `key`; returns its version.
+    pub fn publish(&self, key: &str, configuration: Configuration) -> String {
+        let snapshot = Snapshot::known(
+            configuration.destination,
+            configuration.endpoints,
+            Instant::now(),
+        );
         let Snapshot::Known { version, .. } = &snapshot else {
             unreachable!("Snapshot::known is known")
         };
@@ -107,23 +111,50 @@ impl Stopped {
     }
 }
 
+/// What the controller publishes for a key: a destination and its endpoints, which the protocol
+/// carries apart. It derefs to the destination, so a test edits the policy as `d.policy_spec`.
+#[derive(Clone, Debug)]
+pub struct Configuration {
+    pub destination: proto::Destination,
+    pub endpoints: Vec<proto::Endpoint>,
+}
+
+impl std::ops::Deref for Configuration {
+    type Target = proto::Destination;
+
+    fn deref(&self) -> &proto::Destination {
+        &self.destination
+    }
+}
+
+impl std::ops::DerefMut for Configuration {
+    fn deref_mut(&mut self) -> &mut proto::Destination {
+        &mut self.destination
+    }
+}
+
 /// A destination for Service `service.namespace:port` with the given endpoints and their subsets.
 pub fn destination(
     namespace: &str,
     service: &str,
     port: u16,
     endpoints: &[(SocketAddr, &[&str])],
-) -> proto::Destination {
+) -> Configuration {
     let mut subsets: Vec<String> = endpoints
         .iter()
         .flat_map(|(_, subsets)| subsets.iter().map(|s| s.to_string()))
         .collect();
     subsets.sort();
     subsets.dedup();
-    proto::Destination {
-        namespace: namespace.into(),
-        service: service.into(),
-        port: port.into(),
+    Configuration {
+        destination: proto::Destination {
+            namespace: namespace.into(),
+            service: service.into(),
+            port: port.into(),
+            subsets,
+            policy_spec: Some(proto::Policy::default()),
+            ..Default::default()
+        },
         endpoints: endpoints
             .iter()
             .map(|(addr, subsets)| proto::Endpoint {
@@ -133,8 +164,5 @@ pub fn destination(
                 h2c: false,
             })
             .collect(),
-        subsets,
-        policy_spec: Some(proto::Policy::default()),
-        ..Default::default()
     }
 }

@@ -7,5 +7,5 @@ pub mod e2e;
 pub mod process;
 
 pub use backend::{Backend, Behaviour};
-pub use control_plane::{ControlPlane, destination};
+pub use control_plane::{Configuration, ControlPlane, destination};
 pub use outrigger_controller::distribute::ProxyEvent;

@@ -265,7 +265,7 @@ fn progress(rate: u32, path: &str, s: &Summary) {
 /// this traffic does not match) and the spec-level policy with a split, a timeout, retries with a
 /// budget and a per-try timeout, outlier detection, connection pool limits, a rate limit and fault
 /// injection at 0%. What it costs is the price of evaluating them on every request.
-fn every_policy(backend: std::net::SocketAddr) -> outrigger_api::proto::Destination {
+fn every_policy(backend: std::net::SocketAddr) -> outrigger_tests::Configuration {
     use outrigger_api::proto;
     let split = Some(proto::TrafficSplit {
         weights: vec![proto::WeightedSubset {
