@@ -38,7 +38,7 @@ use crate::metrics::Metrics;
 pub struct Settings {
     /// Serve the cluster state in this directory of YAML manifests (Services, EndpointSlices,
     /// Pods, DestinationPolicies) instead of the Kubernetes API's; watched, so edits apply within
-    /// a second. Nothing is written back.
+    /// milliseconds (seconds on filesystems that send no change events). Nothing is written back.
     #[arg(long, env = "OUTRIGGER_MANIFESTS", conflicts_with = "kubeconfig")]
     pub manifests: Option<PathBuf>,
     /// The Kubernetes API to watch and write status to (the default source). Without this flag:

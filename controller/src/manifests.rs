@@ -2,20 +2,25 @@
 //!
 //! Every `.yaml`, `.yml` and `.json` file directly in DIR is read; each of its documents may hold
 //! a Service, an EndpointSlice, a Pod or a DestinationPolicy (other kinds are skipped). The
-//! directory is polled every 250 ms and files are compared by content, so editors that replace
-//! files and ConfigMap volumes that swap symlinks are seen alike. A file that cannot be read back
-//! into valid objects is reported with its path and line and keeps its last good objects, as a
-//! cluster keeps its objects when `kubectl apply` is refused.
+//! directory is watched (inotify on Linux) and read again whenever a file in it may have changed,
+//! so an edit applies within milliseconds, and every few seconds all the same. Files are compared
+//! by content, so editors that replace files and ConfigMap volumes that swap symlinks are seen
+//! alike, and events that change nothing cost one read. A file that cannot be read back into
+//! valid objects is reported with its path and line and keeps its last good objects, as a cluster
+//! keeps its objects when `kubectl apply` is refused.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use notify::event::{AccessKind, AccessMode};
+use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use outrigger_api::policy::DestinationPolicy;
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -24,8 +29,20 @@ use crate::index::{Change, Object, ObjectRef};
 use crate::metrics::Metrics;
 use crate::translate::translate;
 
-/// Edits apply within about this long.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// An event is followed by others for the same edit (an editor's write then rename, a file
+/// written in pieces): the directory is read once they have been quiet this long...
+const SETTLE: Duration = Duration::from_millis(10);
+
+/// ...or this long after the first, so a directory that never goes quiet is still read.
+const SETTLE_AT_MOST: Duration = Duration::from_millis(100);
+
+/// With a watch, the directory is also read after this long without events: a safety net for
+/// filesystems that send none (some network and FUSE mounts), and for a DIR replaced as a whole,
+/// whose watch is left on the old directory.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Without a watch (the system refused one), the directory is read this often.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The namespace kubectl puts an object in when its manifest names none.
 const DEFAULT_NAMESPACE: &str = "default";
@@ -96,6 +113,17 @@ impl Manifests {
         std::thread::Builder::new()
             .name("manifests".into())
             .spawn(move || {
+                // Watching before the first read, so an edit made during it is not missed.
+                // Without a watch, polling still serves every edit, only later: a controller that
+                // reacts slower beats one that does not start because, say, the user's inotify
+                // watches are all taken by an IDE.
+                let mut watch = watch(&self.dir)
+                    .inspect_err(|error| {
+                        tracing::warn!(
+                            "{error:#}; reading the directory every {POLL_INTERVAL:?} instead"
+                        );
+                    })
+                    .ok();
                 let initial = self.scan().into_iter().chain([Change::Synced]);
                 for change in initial {
                     if changes.blocking_send(change).is_err() {
@@ -103,7 +131,17 @@ impl Manifests {
                     }
                 }
                 loop {
-                    std::thread::sleep(POLL_INTERVAL);
+                    match &watch {
+                        Some((_watcher, events)) => {
+                            if let Err(error) = settle(events) {
+                                tracing::warn!(
+                                    "{error:#}; reading the directory every {POLL_INTERVAL:?} instead"
+                                );
+                                watch = None;
+                            }
+                        }
+                        None => std::thread::sleep(POLL_INTERVAL),
+                    }
                     if changes.is_closed() {
                         return; // The controller stopped.
                     }
@@ -213,6 +251,56 @@ impl Manifests {
             .map(Change::Deleted)
             .chain(applied.into_iter().map(Change::Applied))
             .collect()
+    }
+}
+
+type Events = Receiver<notify::Result<Event>>;
+
+/// The events of the files directly in `dir`, for as long as the watcher lives.
+fn watch(dir: &Path) -> anyhow::Result<(RecommendedWatcher, Events)> {
+    let (sender, events) = std::sync::mpsc::channel();
+    let mut watcher = notify::recommended_watcher(sender)
+        .context("cannot watch the manifests directory for edits")?;
+    watcher
+        .watch(dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch the manifests directory {}", dir.display()))?;
+    Ok((watcher, events))
+}
+
+/// Returns once a burst of changes has settled, or after `RESCAN_INTERVAL` without one.
+fn settle(events: &Events) -> anyhow::Result<()> {
+    if !wait_for_change(events, Instant::now() + RESCAN_INTERVAL)? {
+        return Ok(());
+    }
+    let at_most = Instant::now() + SETTLE_AT_MOST;
+    while wait_for_change(events, at_most.min(Instant::now() + SETTLE))? {}
+    Ok(())
+}
+
+/// Whether an event that may mean a changed file came before `deadline`.
+fn wait_for_change(events: &Events, deadline: Instant) -> anyhow::Result<bool> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        match events.recv_timeout(left) {
+            // Every read opens the files, this source's own too: that changes nothing.
+            Ok(Ok(Event {
+                kind: EventKind::Access(kind),
+                ..
+            })) if kind != AccessKind::Close(AccessMode::Write) => {}
+            Ok(Ok(_)) => return Ok(true),
+            // Events may have been lost; the read that follows catches up all the same.
+            Ok(Err(error)) => {
+                tracing::warn!("watching the manifests directory: {error}");
+                return Ok(true);
+            }
+            Err(RecvTimeoutError::Timeout) => return Ok(false),
+            Err(RecvTimeoutError::Disconnected) => {
+                anyhow::bail!("the watch of the manifests directory stopped")
+            }
+        }
     }
 }
 
@@ -538,21 +626,43 @@ metadata: {{name: ignored}}
         );
     }
 
+    /// The changes a running watch of `dir` sends.
+    fn spawned(dir: &Path) -> mpsc::Receiver<Change> {
+        let (changes, received) = mpsc::channel(16);
+        Manifests::new(dir.to_path_buf(), Metrics::default())
+            .unwrap()
+            .spawn(changes)
+            .unwrap();
+        received
+    }
+
+    async fn next_within(received: &mut mpsc::Receiver<Change>, bound: Duration) -> Change {
+        tokio::time::timeout(bound, received.recv())
+            .await
+            .unwrap_or_else(|_| panic!("a change within {bound:?}"))
+            .expect("the watch runs")
+    }
+
+    fn policy_timeout(change: &Change) -> &str {
+        match change {
+            Change::Applied(Object::DestinationPolicy(policy)) => {
+                policy.spec.timeout.as_ref().unwrap().as_str()
+            }
+            _ => panic!("not a DestinationPolicy: {change:?}"),
+        }
+    }
+
+    /// Well inside `RESCAN_INTERVAL` after the last read: a change seen this soon was seen by its
+    /// event, not by the fallback rescan.
+    const BY_EVENT: Duration = Duration::from_secs(2);
+    const _: () = assert!(RESCAN_INTERVAL.as_secs() >= 5);
+
     #[tokio::test]
     async fn the_watch_sends_the_state_then_synced_then_edits() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("service.yaml"), SERVICE).unwrap();
-        let (changes, mut received) = mpsc::channel(16);
-        Manifests::new(dir.path().to_path_buf(), Metrics::default())
-            .unwrap()
-            .spawn(changes)
-            .unwrap();
-        let mut next = async || {
-            tokio::time::timeout(Duration::from_secs(10), received.recv())
-                .await
-                .expect("a change within 10s")
-                .expect("the watch runs")
-        };
+        let mut received = spawned(dir.path());
+        let mut next = async || next_within(&mut received, Duration::from_secs(10)).await;
         assert!(matches!(next().await, Change::Applied(Object::Service(_))));
         assert!(matches!(next().await, Change::Synced));
         std::fs::write(dir.path().join("policy.yaml"), POLICY).unwrap();
@@ -560,5 +670,50 @@ metadata: {{name: ignored}}
             next().await,
             Change::Applied(Object::DestinationPolicy(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn edits_in_place_and_renamed_over_are_seen_by_their_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("policy.yaml");
+        std::fs::write(&policy, POLICY).unwrap();
+        let mut received = spawned(dir.path());
+        let mut next = async || next_within(&mut received, BY_EVENT).await;
+        assert_eq!(policy_timeout(&next().await), "10s");
+        assert!(matches!(next().await, Change::Synced));
+
+        // Rewritten in place, as `echo >` and many editors do.
+        std::fs::write(&policy, POLICY.replace("10s", "20s")).unwrap();
+        assert_eq!(policy_timeout(&next().await), "20s");
+
+        // Written aside, then renamed over the old file, as vim and atomic writers do.
+        let aside = dir.path().join(".policy.yaml.tmp");
+        std::fs::write(&aside, POLICY.replace("10s", "30s")).unwrap();
+        std::fs::rename(&aside, &policy).unwrap();
+        assert_eq!(policy_timeout(&next().await), "30s");
+    }
+
+    #[tokio::test]
+    async fn configmap_volume_symlink_swaps_are_seen_by_their_events() {
+        let dir = tempfile::tempdir().unwrap();
+        // A ConfigMap volume: `policy.yaml -> ..data/policy.yaml`, `..data -> ..<version>`; the
+        // kubelet writes a new version beside the old one, then renames a new `..data` over it.
+        let version = |name: &str, timeout: &str| {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+            let content = POLICY.replace("10s", timeout);
+            std::fs::write(dir.path().join(name).join("policy.yaml"), content).unwrap();
+        };
+        version("..1", "10s");
+        std::os::unix::fs::symlink("..1", dir.path().join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/policy.yaml", dir.path().join("policy.yaml")).unwrap();
+        let mut received = spawned(dir.path());
+        let mut next = async || next_within(&mut received, BY_EVENT).await;
+        assert_eq!(policy_timeout(&next().await), "10s");
+        assert!(matches!(next().await, Change::Synced));
+
+        version("..2", "20s");
+        std::os::unix::fs::symlink("..2", dir.path().join("..data_tmp")).unwrap();
+        std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+        assert_eq!(policy_timeout(&next().await), "20s");
     }
 }
