@@ -11,6 +11,11 @@ use tokio::sync::watch;
 use crate::metrics::Metrics;
 
 /// Serves forever; `/ready` answers 200 once `ready` is true (the index has its first full view).
+///
+/// It stays 200 when a watch fails afterwards (the failure is logged and counted in
+/// `outrigger_controller_reconcile_errors_total`): an API server outage fails every replica's
+/// watches at once, and turning them all unready would take the Service's endpoints away, cutting
+/// every proxy off from the last good configuration, which is what they should keep serving.
 pub async fn serve(listener: TcpListener, metrics: Metrics, ready: watch::Receiver<bool>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {

@@ -1,6 +1,6 @@
 //! The manifests in examples/ are what the controller takes and serves as documented.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use outrigger_api::proto;
 use outrigger_controller::distribute::{Snapshot, Snapshots};
@@ -8,8 +8,9 @@ use outrigger_controller::index::{Change, Index};
 use outrigger_controller::manifests::{Manifests, parse};
 use outrigger_controller::metrics::Metrics;
 
-fn examples() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples"))
+/// Where cargo runs the test from, not where it was built.
+fn examples() -> PathBuf {
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").unwrap()).join("../examples")
 }
 
 #[test]

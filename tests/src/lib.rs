@@ -9,3 +9,13 @@ pub mod process;
 pub use backend::{Backend, Behaviour};
 pub use control_plane::{Configuration, ControlPlane, destination};
 pub use outrigger_controller::distribute::ProxyEvent;
+
+/// The workspace root, as cargo says when it runs a test (a test binary cached from another
+/// checkout would otherwise read files from that one).
+pub fn workspace() -> std::path::PathBuf {
+    let tests = std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo");
+    std::path::Path::new(&tests)
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_path_buf()
+}

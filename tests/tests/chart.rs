@@ -8,7 +8,7 @@ use clap::Parser;
 use serde_json::Value;
 
 fn chart() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/outrigger")
+    outrigger_tests::workspace().join("charts/outrigger")
 }
 
 fn helm(args: &[&str]) -> std::process::Output {

@@ -9,7 +9,7 @@ use outrigger_cluster::Cluster;
 use serde_json::Value;
 
 fn chart() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/outrigger")
+    outrigger_tests::workspace().join("charts/outrigger")
 }
 
 fn helm(cluster: &Cluster, args: &[&str]) -> String {

@@ -55,10 +55,7 @@ struct TestCluster {
 impl TestCluster {
     fn start() -> Self {
         let cluster = Cluster::start().expect("starting the test cluster");
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap()
-            .to_path_buf();
+        let workspace = outrigger_tests::workspace();
         let dir = tempfile::tempdir().unwrap();
         let mut test_cluster = Self {
             cluster,

@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn the_demo_shows_traffic_follows_edits_and_stops_on_ctrl_c() {
-    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap();
+    let workspace = outrigger_tests::workspace();
     let mut demo = Command::new(env!("CARGO_BIN_EXE_outrigger-demo"))
         .args(["--edit-every", "3", "--rate", "100"])
         .current_dir(workspace)

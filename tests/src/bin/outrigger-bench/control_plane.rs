@@ -82,10 +82,15 @@ struct Measured {
     /// Bytes.
     rss_idle: u64,
     rss_connected: u64,
+    /// After the edits, once a second has gone by without any.
+    rss_settled: u64,
     rss_peak: u64,
     connect_time: Duration,
     push_seconds: String,
 }
+
+/// How long the controller is left alone before its settled memory is read.
+const SETTLE: Duration = Duration::from_secs(1);
 
 async fn measure(args: &ControlPlaneArgs, manifests: &Path) -> Result<Measured> {
     let (grpc, admin) = (free_port()?, free_port()?);
@@ -148,6 +153,8 @@ async fn measure(args: &ControlPlaneArgs, manifests: &Path) -> Result<Measured> 
         );
         previous = versions;
     }
+    tokio::time::sleep(SETTLE).await;
+    let rss_settled = memory(controller.pid())?.rss;
     let rss_peak = memory(controller.pid())?.peak;
     let push_seconds = scrape_push_seconds(admin).await.unwrap_or_default();
     let _ = stop.send(true);
@@ -157,6 +164,7 @@ async fn measure(args: &ControlPlaneArgs, manifests: &Path) -> Result<Measured> 
         latencies,
         rss_idle,
         rss_connected,
+        rss_settled,
         rss_peak,
         connect_time,
         push_seconds,
@@ -389,6 +397,13 @@ impl Measured {
             "| Controller RSS, {} proxies connected | {} |",
             args.proxies,
             mib(self.rss_connected)
+        );
+        let _ = writeln!(
+            out,
+            "| Controller RSS, {} proxies connected, {:?} after the last edit | {} |",
+            args.proxies,
+            SETTLE,
+            mib(self.rss_settled)
         );
         let _ = writeln!(
             out,
