@@ -11,8 +11,9 @@ use std::time::Instant;
 
 use futures_util::Stream;
 use outrigger_api::proto::{
-    self, ControllerMessage, DestinationUnknown, DestinationUpdate, ProxyMessage, Welcome,
-    controller_message, discovery_server::Discovery, proxy_message,
+    self, ControllerMessage, DestinationUnknown, DestinationUpdate, EndpointsReply,
+    EndpointsRequest, ProxyMessage, Welcome, controller_message, discovery_server::Discovery,
+    proxy_message,
 };
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::StreamExt;
@@ -41,8 +42,8 @@ pub enum Snapshot {
     },
 }
 
-/// A destination's endpoints, encoded once, under a version of their own: a stream sends them
-/// only when it has not sent that version before.
+/// A destination's endpoints, encoded once, under a version of their own: updates name the
+/// version, and proxies that do not hold it fetch it.
 #[derive(Debug)]
 pub struct EndpointSet {
     pub version: String,
@@ -129,6 +130,15 @@ impl Snapshots {
                 channel.send_replace(Some(unknown()));
             }
         }
+    }
+
+    /// The current snapshot of one key, without subscribing to it.
+    pub fn current(&self, key: &str) -> Slot {
+        let inner = self.inner.lock().expect("snapshots lock");
+        inner
+            .channels
+            .get(key)
+            .and_then(|channel| channel.borrow().clone())
     }
 
     /// The channel of one key: its current snapshot (None until published or synced) and changes.
@@ -343,6 +353,20 @@ impl Discovery for DiscoveryService {
         tokio::spawn(self.clone().session(proxy, incoming, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    async fn endpoints(
+        &self,
+        request: Request<EndpointsRequest>,
+    ) -> Result<Response<EndpointsReply>, Status> {
+        let key = request.into_inner().key;
+        match self.snapshots.current(&key).as_deref() {
+            Some(Snapshot::Known { endpoints, .. }) => Ok(Response::new(EndpointsReply {
+                version: endpoints.version.clone(),
+                endpoints: endpoints.encoded.clone(),
+            })),
+            _ => Err(Status::not_found(format!("{key}: {UNKNOWN_REASON}"))),
+        }
+    }
 }
 
 /// The version awaiting an answer for `key`, taken when `version` answers it.
@@ -367,8 +391,6 @@ fn message(message: controller_message::Message) -> ControllerMessage {
 struct Subscribed {
     /// The version this proxy has (applied or at least been sent), so it is not sent twice.
     sent_version: String,
-    /// The endpoints version this proxy holds, so the endpoints are not sent twice either.
-    sent_endpoints: String,
     /// The version just sent, until the proxy answers it.
     awaiting: Option<Awaiting>,
 }
@@ -405,9 +427,6 @@ impl DiscoveryService {
                                 continue;
                             }
                             state.sent_version = version.clone();
-                            let carried = (state.sent_endpoints != endpoints.version)
-                                .then(|| endpoints.encoded.clone());
-                            state.sent_endpoints.clone_from(&endpoints.version);
                             state.awaiting = Some(Awaiting {
                                 version: version.clone(),
                                 changed_at: *changed_at,
@@ -418,12 +437,10 @@ impl DiscoveryService {
                                 version: version.clone(),
                                 destination: encoded.clone(),
                                 endpoints_version: endpoints.version.clone(),
-                                endpoints: carried,
                             })
                         }
                         Snapshot::Unknown { reason } => {
                             state.sent_version.clear();
-                            state.sent_endpoints.clear();
                             state.awaiting = None;
                             self.hold(&proxy, &key, |holding| *holding = Holding::default());
                             controller_message::Message::Unknown(DestinationUnknown {
@@ -484,7 +501,6 @@ impl DiscoveryService {
                         destination.key,
                         Subscribed {
                             sent_version: destination.known_version,
-                            sent_endpoints: destination.known_endpoints_version,
                             awaiting: None,
                         },
                     );
@@ -519,10 +535,6 @@ impl DiscoveryService {
                     key = %nack.key, version = %nack.version, reason = %nack.reason,
                     "proxy rejected a configuration"
                 );
-                // The endpoints may be what it could not take: the next update carries them.
-                if let Some(state) = subscribed.get_mut(&nack.key) {
-                    state.sent_endpoints.clear();
-                }
                 if let Some(awaiting) = answered(subscribed, &nack.key, &nack.version) {
                     self.hold(proxy, &nack.key, |holding| {
                         holding.rejected = Some((awaiting.policy, nack.reason.clone()));
@@ -547,6 +559,7 @@ mod tests {
     use outrigger_api::proto::{
         Ack, Hello, Nack, Subscribe, Subscription, discovery_client::DiscoveryClient,
     };
+    use prost::Message as _;
 
     use super::*;
 
@@ -591,16 +604,6 @@ mod tests {
 
     impl Stream {
         async fn open(addr: std::net::SocketAddr, workload: &str, known_version: &str) -> Self {
-            Self::open_holding(addr, workload, known_version, "").await
-        }
-
-        /// A stream from a proxy that holds endpoints version `known_endpoints_version`.
-        async fn open_holding(
-            addr: std::net::SocketAddr,
-            workload: &str,
-            known_version: &str,
-            known_endpoints_version: &str,
-        ) -> Self {
             let mut client = DiscoveryClient::connect(format!("http://{addr}"))
                 .await
                 .unwrap();
@@ -614,7 +617,6 @@ mod tests {
                 destinations: vec![Subscription {
                     key: KEY.into(),
                     known_version: known_version.into(),
-                    known_endpoints_version: known_endpoints_version.into(),
                 }],
             });
             for message in [hello, subscribe] {
@@ -755,53 +757,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn endpoints_are_sent_when_the_stream_has_not_carried_them() {
+    async fn updates_name_the_endpoints_which_are_fetched_apart() {
         let snapshots = Snapshots::default();
         snapshots.mark_synced();
         let service = DiscoveryService::new(snapshots.clone(), Metrics::default(), "test".into());
-        let mut events = service.events();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_stop, shutdown) = watch::channel(false);
         tokio::spawn(crate::serve_grpc(listener, service, shutdown));
+        let mut client = DiscoveryClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let mut fetch = async |key: &str| {
+            client
+                .endpoints(EndpointsRequest { key: key.into() })
+                .await
+                .map(|reply| reply.into_inner())
+        };
 
-        let first_version = publish_with(&snapshots, 3, &["10.0.0.1:80"]);
+        publish_with(&snapshots, 3, &["10.0.0.1:80"]);
         let mut a = Stream::open(addr, "a", "").await;
         let first = a.next_update().await;
-        assert_eq!(first.version, first_version);
-        assert!(first.endpoints.is_some(), "a new stream gets the endpoints");
+        let fetched = fetch(KEY).await.unwrap();
+        assert_eq!(fetched.version, first.endpoints_version);
+        let endpoints = proto::Endpoints::decode(fetched.endpoints).unwrap();
+        assert_eq!(endpoints.endpoints[0].address, "10.0.0.1:80");
 
-        // A policy edit: only the policy travels.
+        // A policy edit names the same endpoints; churn names new ones.
         publish_with(&snapshots, 4, &["10.0.0.1:80"]);
         let second = a.next_update().await;
         assert_ne!(second.version, first.version);
         assert_eq!(second.endpoints_version, first.endpoints_version);
-        assert_eq!(second.endpoints, None);
-
-        // Endpoint churn: the new endpoints travel.
         publish_with(&snapshots, 4, &["10.0.0.2:80"]);
         let third = a.next_update().await;
         assert_ne!(third.endpoints_version, first.endpoints_version);
-        assert!(third.endpoints.is_some());
+        assert_eq!(fetch(KEY).await.unwrap().version, third.endpoints_version);
 
-        // After a rejection the proxy may not hold them: the next update carries them again.
-        a.answer(proxy_message::Message::Nack(Nack {
-            key: KEY.into(),
-            version: third.version.clone(),
-            reason: "no".into(),
-        }))
-        .await;
-        while !matches!(events.recv().await.unwrap(), ProxyEvent::Rejected { .. }) {}
-        publish_with(&snapshots, 5, &["10.0.0.2:80"]);
-        let fourth = a.next_update().await;
-        assert_eq!(fourth.endpoints_version, third.endpoints_version);
-        assert!(fourth.endpoints.is_some());
-
-        // A proxy that reconnects holding the endpoints is sent the rest only.
-        let mut b =
-            Stream::open_holding(addr, "b", &first.version, &fourth.endpoints_version).await;
-        let current = b.next_update().await;
-        assert_eq!(current.version, fourth.version);
-        assert_eq!(current.endpoints, None);
+        let unknown = fetch("nothing.shop.svc.cluster.local:80")
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::NotFound);
     }
 }

@@ -5,13 +5,14 @@
 use std::time::Duration;
 
 use outrigger_api::proto::{
-    self, Ack, Hello, Nack, ProxyMessage, Subscribe, Subscription, controller_message,
-    discovery_client::DiscoveryClient, proxy_message,
+    self, Ack, EndpointsRequest, Hello, Nack, ProxyMessage, Subscribe, Subscription,
+    controller_message, discovery_client::DiscoveryClient, proxy_message,
 };
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::config::ConfigError;
 use crate::discovery::Destinations;
 use crate::metrics::{Metrics, UpdateLabels, UpdateResult};
 use crate::serve::stopped;
@@ -164,7 +165,27 @@ async fn session(
                 continue;
             }
             Some(controller_message::Message::Update(update)) => {
-                apply(destinations, metrics, update)
+                let fetched =
+                    if destinations.holds_endpoints(&update.key, &update.endpoints_version) {
+                        Fetched::Named
+                    } else {
+                        fetch_endpoints(&mut client, destinations, &update)
+                            .await
+                            .map_err(|status| {
+                                fail(
+                                    welcomed,
+                                    anyhow::Error::new(status).context("fetching endpoints"),
+                                )
+                            })?
+                    };
+                let (key, version) = (update.key.clone(), update.version.clone());
+                match fetched {
+                    Fetched::Named => answer(metrics, key, version, destinations.apply(update)),
+                    Fetched::Refused(error) => answer(metrics, key, version, Err(error)),
+                    // A newer update, naming the endpoints fetched, follows on the stream; for a
+                    // key gone unknown, a DestinationUnknown does.
+                    Fetched::Newer | Fetched::Unknown => continue,
+                }
             }
             Some(controller_message::Message::Unknown(unknown)) => {
                 destinations.set_unknown(&unknown.key, unknown.reason);
@@ -178,13 +199,49 @@ async fn session(
     }
 }
 
-fn apply(
+/// What fetching the endpoints an update names gave.
+enum Fetched {
+    /// The version named, now held.
+    Named,
+    /// A newer version, now held.
+    Newer,
+    /// The key is no longer known.
+    Unknown,
+    Refused(ConfigError),
+}
+
+async fn fetch_endpoints(
+    client: &mut DiscoveryClient<tonic::transport::Channel>,
     destinations: &Destinations,
+    update: &proto::DestinationUpdate,
+) -> Result<Fetched, tonic::Status> {
+    let request = EndpointsRequest {
+        key: update.key.clone(),
+    };
+    let reply = match client.endpoints(request).await {
+        Ok(reply) => reply.into_inner(),
+        Err(status) if status.code() == tonic::Code::NotFound => return Ok(Fetched::Unknown),
+        Err(status) => return Err(status),
+    };
+    if let Err(error) =
+        destinations.hold_endpoints(&update.key, reply.version.clone(), &reply.endpoints)
+    {
+        return Ok(Fetched::Refused(error));
+    }
+    Ok(if reply.version == update.endpoints_version {
+        Fetched::Named
+    } else {
+        Fetched::Newer
+    })
+}
+
+/// Counts the outcome of applying a version and says it to the controller.
+fn answer(
     metrics: &Metrics,
-    update: proto::DestinationUpdate,
+    key: String,
+    version: String,
+    result: Result<(), ConfigError>,
 ) -> proto::proxy_message::Message {
-    let (key, version) = (update.key.clone(), update.version.clone());
-    let result = destinations.apply(update);
     let outcome = if result.is_ok() {
         UpdateResult::Applied
     } else {
@@ -212,19 +269,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_update_that_does_not_decode_is_rejected_with_the_reason() {
+    fn a_destination_that_does_not_decode_is_rejected_with_the_reason() {
         let metrics = Metrics::new();
         let (destinations, _subscriptions) = Destinations::new(metrics.clone());
         let key = "web.default.svc.cluster.local:80";
         destinations.entry(key);
+        let endpoints = proto::Endpoints::default();
+        destinations
+            .hold_endpoints(key, "e1".into(), &prost::Message::encode_to_vec(&endpoints))
+            .unwrap();
         let update = proto::DestinationUpdate {
             key: key.into(),
             version: "1".into(),
             destination: bytes::Bytes::from_static(b"\xff\xff\xff"),
             endpoints_version: "e1".into(),
-            endpoints: Some(bytes::Bytes::new()),
         };
-        match apply(&destinations, &metrics, update) {
+        let result = destinations.apply(update);
+        match answer(&metrics, key.into(), "1".into(), result) {
             proxy_message::Message::Nack(nack) => {
                 assert_eq!(nack.version, "1");
                 assert!(
@@ -234,6 +295,84 @@ mod tests {
                 );
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// A controller whose `Endpoints` always answers `reply` (or NOT_FOUND).
+    struct FixedEndpoints(Option<proto::EndpointsReply>);
+
+    #[tonic::async_trait]
+    impl proto::discovery_server::Discovery for FixedEndpoints {
+        type StreamStream = tokio_stream::Empty<Result<proto::ControllerMessage, tonic::Status>>;
+
+        async fn stream(
+            &self,
+            _: tonic::Request<tonic::Streaming<ProxyMessage>>,
+        ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+
+        async fn endpoints(
+            &self,
+            _: tonic::Request<EndpointsRequest>,
+        ) -> Result<tonic::Response<proto::EndpointsReply>, tonic::Status> {
+            self.0
+                .clone()
+                .map(tonic::Response::new)
+                .ok_or_else(|| tonic::Status::not_found("no such Service"))
+        }
+    }
+
+    async fn fetch_from(reply: Option<proto::EndpointsReply>, named: &str) -> (Fetched, bool) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tonic::transport::Server::builder()
+            .add_service(proto::discovery_server::DiscoveryServer::new(
+                FixedEndpoints(reply),
+            ))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+        tokio::spawn(server);
+        let mut client = DiscoveryClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (destinations, _subscriptions) = Destinations::new(Metrics::new());
+        let key = "web.default.svc.cluster.local:80";
+        destinations.entry(key);
+        let update = proto::DestinationUpdate {
+            key: key.into(),
+            endpoints_version: named.into(),
+            ..Default::default()
+        };
+        let fetched = fetch_endpoints(&mut client, &destinations, &update)
+            .await
+            .unwrap();
+        let held = destinations.holds_endpoints(key, "e2");
+        (fetched, held)
+    }
+
+    #[tokio::test]
+    async fn fetched_endpoints_are_held_whichever_version_they_are() {
+        let e2 = Some(proto::EndpointsReply {
+            version: "e2".into(),
+            endpoints: prost::Message::encode_to_vec(&proto::Endpoints::default()).into(),
+        });
+        assert!(matches!(
+            fetch_from(e2.clone(), "e2").await,
+            (Fetched::Named, true)
+        ));
+        // The update named an older version: the one fetched waits for the update naming it.
+        assert!(matches!(fetch_from(e2, "e1").await, (Fetched::Newer, true)));
+        assert!(matches!(
+            fetch_from(None, "e2").await,
+            (Fetched::Unknown, false)
+        ));
+        let garbage = Some(proto::EndpointsReply {
+            version: "e2".into(),
+            endpoints: bytes::Bytes::from_static(b"\xff\xff"),
+        });
+        match fetch_from(garbage, "e2").await {
+            (Fetched::Refused(error), false) => assert_eq!(error.field, "endpoints"),
+            _ => panic!("endpoints that do not decode are refused, and not held"),
         }
     }
 }

@@ -28,8 +28,7 @@ pub enum Resolution {
 
 pub struct Entry {
     state: watch::Sender<Resolution>,
-    /// The endpoints last sent for this destination, which later updates name by version instead
-    /// of carrying them again.
+    /// The endpoints last fetched for this destination, which updates name by version.
     endpoints: Mutex<Option<HeldEndpoints>>,
 }
 
@@ -44,35 +43,6 @@ struct HeldEndpoints {
 impl Entry {
     pub fn current(&self) -> Resolution {
         self.state.borrow().clone()
-    }
-
-    /// The endpoints of an update: those it carries, which are held from now on (whether or not
-    /// the rest of the update applies, as the controller counts on), or else those held under
-    /// the version it names.
-    fn endpoints(
-        &self,
-        version: String,
-        carried: Option<Bytes>,
-    ) -> Result<Vec<proto::Endpoint>, ConfigError> {
-        let mut held = self.endpoints.lock().expect("endpoints lock");
-        let encoded = match carried {
-            // Copied: a slice would keep the stream's whole read buffer alive.
-            Some(encoded) => Bytes::copy_from_slice(&encoded),
-            None => match &*held {
-                Some(held) if held.version == version => held.encoded.clone(),
-                _ => {
-                    return Err(invalid(
-                        "endpoints",
-                        format!("version `{version}` was named but never sent"),
-                    ));
-                }
-            },
-        };
-        let endpoints = proto::Endpoints::decode(encoded.clone())
-            .map_err(|error| invalid("endpoints", format!("do not decode: {error}")))?
-            .endpoints;
-        *held = Some(HeldEndpoints { version, encoded });
-        Ok(endpoints)
     }
 
     /// The current resolution once it is no longer pending, or `Pending` after `wait`.
@@ -138,13 +108,58 @@ impl Destinations {
             .cloned()
     }
 
+    /// Whether the endpoints `version` of `key` are held (or `key` is not subscribed, so none
+    /// are needed).
+    pub fn holds_endpoints(&self, key: &str, version: &str) -> bool {
+        self.existing(key).is_none_or(|entry| {
+            entry
+                .endpoints
+                .lock()
+                .expect("endpoints lock")
+                .as_ref()
+                .is_some_and(|held| held.version == version)
+        })
+    }
+
+    /// Holds fetched endpoints (an encoded `proto::Endpoints`) for the updates that name them;
+    /// refused, keeping what was held, when they do not decode.
+    pub fn hold_endpoints(
+        &self,
+        key: &str,
+        version: String,
+        encoded: &[u8],
+    ) -> Result<(), ConfigError> {
+        proto::Endpoints::decode(encoded)
+            .map_err(|error| invalid("endpoints", format!("do not decode: {error}")))?;
+        if let Some(entry) = self.existing(key) {
+            // Copied: a slice would keep the reply's whole read buffer alive.
+            let encoded = Bytes::copy_from_slice(encoded);
+            *entry.endpoints.lock().expect("endpoints lock") =
+                Some(HeldEndpoints { version, encoded });
+        }
+        Ok(())
+    }
+
     /// Validates and applies a new version; on error the previous version stays in force.
     pub fn apply(&self, update: proto::DestinationUpdate) -> Result<(), ConfigError> {
         let Some(entry) = self.existing(&update.key) else {
             // Not subscribed (any more): nothing to do.
             return Ok(());
         };
-        let endpoints = entry.endpoints(update.endpoints_version, update.endpoints)?;
+        let held = entry.endpoints.lock().expect("endpoints lock").clone();
+        let endpoints = match held {
+            Some(held) if held.version == update.endpoints_version => {
+                proto::Endpoints::decode(held.encoded)
+                    .expect("held endpoints decoded when they were fetched")
+                    .endpoints
+            }
+            _ => {
+                return Err(invalid(
+                    "endpoints",
+                    format!("version `{}` is not held", update.endpoints_version),
+                ));
+            }
+        };
         let destination = proto::Destination::decode(update.destination)
             .map_err(|error| invalid("destination", format!("does not decode: {error}")))?;
         let config = DestinationConfig::from_proto(update.version, destination, endpoints)?;
@@ -166,25 +181,17 @@ impl Destinations {
         }
     }
 
-    /// Every subscribed key with the versions held for it (empty when none), to subscribe again
+    /// Every subscribed key with the version applied to it (empty when none), to subscribe again
     /// after a reconnect without being sent what is already here.
     pub fn subscriptions(&self) -> Vec<proto::Subscription> {
-        let entries = self.inner.entries.lock().expect("destinations lock");
-        entries
-            .iter()
-            .map(|(key, entry)| proto::Subscription {
-                key: key.clone(),
-                known_version: match entry.current() {
+        self.all()
+            .into_iter()
+            .map(|(key, resolution)| proto::Subscription {
+                key,
+                known_version: match resolution {
                     Resolution::Ready(d) => d.config.version.clone(),
                     _ => String::new(),
                 },
-                known_endpoints_version: entry
-                    .endpoints
-                    .lock()
-                    .expect("endpoints lock")
-                    .as_ref()
-                    .map(|held| held.version.clone())
-                    .unwrap_or_default(),
             })
             .collect()
     }
@@ -211,7 +218,7 @@ mod tests {
     fn update(
         version: &str,
         subsets: &[&str],
-        endpoints: Option<(&str, &[&str])>,
+        endpoints_version: &str,
     ) -> proto::DestinationUpdate {
         let destination = proto::Destination {
             namespace: "default".into(),
@@ -220,29 +227,26 @@ mod tests {
             subsets: subsets.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         };
-        let (endpoints_version, endpoints) = match endpoints {
-            Some((endpoints_version, addresses)) => {
-                let endpoints = proto::Endpoints {
-                    endpoints: addresses
-                        .iter()
-                        .map(|address| proto::Endpoint {
-                            address: address.to_string(),
-                            subsets: vec!["stable".into()],
-                            ..Default::default()
-                        })
-                        .collect(),
-                };
-                (endpoints_version, Some(endpoints.encode_to_vec().into()))
-            }
-            None => ("e1", None),
-        };
         proto::DestinationUpdate {
             key: KEY.into(),
             version: version.into(),
             destination: destination.encode_to_vec().into(),
             endpoints_version: endpoints_version.into(),
-            endpoints,
         }
+    }
+
+    fn endpoints(addresses: &[&str]) -> Vec<u8> {
+        proto::Endpoints {
+            endpoints: addresses
+                .iter()
+                .map(|address| proto::Endpoint {
+                    address: address.to_string(),
+                    subsets: vec!["stable".into()],
+                    ..Default::default()
+                })
+                .collect(),
+        }
+        .encode_to_vec()
     }
 
     fn applied(destinations: &Destinations) -> (String, Vec<SocketAddr>) {
@@ -256,46 +260,46 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_are_held_for_the_updates_that_name_them() {
+    fn updates_apply_with_the_endpoints_held_under_the_version_they_name() {
         let (destinations, _subscriptions) = Destinations::new(Metrics::new());
         destinations.entry(KEY);
-        let address: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let first: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let second: SocketAddr = "10.0.0.2:80".parse().unwrap();
 
-        // Never sent: refused, nothing applied.
+        // Not held: refused, nothing applied.
+        assert!(!destinations.holds_endpoints(KEY, "e1"));
         assert_eq!(
-            destinations.apply(update("0", &["stable"], None)),
-            Err(invalid(
-                "endpoints",
-                "version `e1` was named but never sent"
-            ))
+            destinations.apply(update("0", &["stable"], "e1")),
+            Err(invalid("endpoints", "version `e1` is not held"))
         );
 
-        // Carried with a policy that cannot apply (the endpoints' subset is not declared): the
-        // update is refused, but the endpoints are held, as the controller assumes.
-        let refused = destinations.apply(update("1", &[], Some(("e1", &["10.0.0.1:80"]))));
-        assert_eq!(refused.unwrap_err().field, "endpoints[0].subsets");
-        assert_eq!(
-            destinations.subscriptions()[0].known_endpoints_version,
-            "e1"
-        );
-        assert_eq!(destinations.subscriptions()[0].known_version, "");
+        destinations
+            .hold_endpoints(KEY, "e1".into(), &endpoints(&["10.0.0.1:80"]))
+            .unwrap();
+        assert!(destinations.holds_endpoints(KEY, "e1"));
+        destinations.apply(update("1", &["stable"], "e1")).unwrap();
+        assert_eq!(applied(&destinations), ("1".to_string(), vec![first]));
 
-        // A policy-only update uses them.
-        destinations.apply(update("2", &["stable"], None)).unwrap();
-        assert_eq!(applied(&destinations), ("2".to_string(), vec![address]));
-        assert_eq!(destinations.subscriptions()[0].known_version, "2");
+        // A policy that cannot apply to them (their subset is not declared) is refused.
+        let refused = destinations.apply(update("2", &[], "e1")).unwrap_err();
+        assert_eq!(refused.field, "endpoints[0].subsets");
+        assert_eq!(applied(&destinations).0, "1");
 
-        // Endpoints that do not decode are refused and not held; the last good ones stay.
-        let mut broken = update("3", &["stable"], None);
-        broken.endpoints_version = "e2".into();
-        broken.endpoints = Some(Bytes::from_static(b"\xff\xff"));
-        assert_eq!(destinations.apply(broken).unwrap_err().field, "endpoints");
-        assert_eq!(applied(&destinations).0, "2");
-        destinations.apply(update("4", &["stable"], None)).unwrap();
+        // Endpoints that do not decode are refused and the held ones stay.
+        let broken = destinations.hold_endpoints(KEY, "e2".into(), b"\xff\xff");
+        assert_eq!(broken.unwrap_err().field, "endpoints");
+        assert!(destinations.holds_endpoints(KEY, "e1"));
+
+        // New endpoints replace the held ones.
+        destinations
+            .hold_endpoints(KEY, "e3".into(), &endpoints(&["10.0.0.2:80"]))
+            .unwrap();
+        destinations.apply(update("3", &["stable"], "e3")).unwrap();
+        assert_eq!(applied(&destinations), ("3".to_string(), vec![second]));
+        assert_eq!(destinations.subscriptions()[0].known_version, "3");
 
         // Unknown drops them.
         destinations.set_unknown(KEY, "gone".into());
-        assert_eq!(destinations.subscriptions()[0].known_endpoints_version, "");
-        assert!(destinations.apply(update("5", &["stable"], None)).is_err());
+        assert!(!destinations.holds_endpoints(KEY, "e3"));
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use outrigger_api::proto::{
-    Ack, Hello, ProxyMessage, Subscribe, Subscription, controller_message,
+    Ack, EndpointsRequest, Hello, ProxyMessage, Subscribe, Subscription, controller_message,
     discovery_client::DiscoveryClient, proxy_message,
 };
 use outrigger_tests::process::{ChildProcess, free_port};
@@ -237,6 +237,7 @@ async fn simulate_proxy(
     tx.send(send(hello)).await?;
     tx.send(send(subscribe)).await?;
     let mut incoming = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    let mut held_endpoints = String::new();
     loop {
         let message = tokio::select! {
             message = incoming.message() => message?,
@@ -246,6 +247,13 @@ async fn simulate_proxy(
             return Ok(());
         };
         if let Some(controller_message::Message::Update(update)) = message.message {
+            // As a proxy does: fetch the endpoints an update names when they are not held.
+            if update.endpoints_version != held_endpoints {
+                let request = EndpointsRequest {
+                    key: update.key.clone(),
+                };
+                held_endpoints = client.endpoints(request).await?.into_inner().version;
+            }
             let at = Instant::now();
             tx.send(send(proxy_message::Message::Ack(Ack {
                 key: update.key,
