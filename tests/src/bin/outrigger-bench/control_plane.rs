@@ -357,9 +357,11 @@ impl Measured {
             out,
             "- Setup: the controller binary (release) in manifests mode, serving one Service with {} endpoints \
              ({} EndpointSlices) and its DestinationPolicy; {} configuration streams from one process, each its \
-             own HTTP/2 connection, subscribed to that Service and acknowledging every version at once; {} \
-             edits of the policy file (its timeout), each timed from the file's replacement to the moment \
-             each stream received the new version. The manifests source is told of edits by the \
+             own HTTP/2 connection, subscribed to that Service, fetching its endpoints with the `Endpoints` \
+             call when a version names ones it does not hold (as a proxy does; here once, on connecting), and \
+             acknowledging every version at once; {} edits of the policy file (its timeout), each timed from \
+             the file's replacement to the moment each stream received the new version. Policy edits leave \
+             the endpoints as they are, so each sends every stream a few hundred bytes. The manifests source is told of edits by the \
              filesystem (inotify) and reads the directory once its events have been quiet for 10 ms, so \
              about 10 ms of each figure is that wait; the controller's own histogram below starts when \
              it sees the change.\n",
