@@ -19,6 +19,7 @@ pub mod fault;
 pub mod headers;
 pub mod inbound;
 pub mod metrics;
+pub mod opaque;
 pub mod outbound;
 pub mod outlier;
 pub mod pool;
@@ -49,7 +50,7 @@ use crate::discovery::Destinations;
 use crate::inbound::{Inbound, InboundService};
 use crate::metrics::{Direction, DstLabels, Metrics};
 use crate::outbound::{Outbound, OutboundService};
-use crate::serve::{ServerLimits, serve};
+use crate::serve::{Handling, ServerLimits, serve};
 use crate::telemetry::TelemetryLayer;
 
 /// Settings of a proxy; each flag can also come from `OUTRIGGER_<FLAG>` (the injector sets them).
@@ -193,10 +194,19 @@ impl Proxy {
             shutdown.clone(),
             settings.drain_timeout,
             move |connection| {
+                let outbound = outbound_ctx.clone();
                 let service = outbound_telemetry
-                    .layer(OutboundService::new(outbound_ctx.clone(), connection))
+                    .layer(OutboundService::new(outbound.clone(), connection))
                     .map_request(|r: http::Request<hyper::body::Incoming>| r.map(body::boxed));
-                TowerToHyperService::new(service)
+                async move {
+                    match connection.original_dst {
+                        // Outside the mesh: as if there were no proxy.
+                        Some(original_dst) if outbound.is_unknown(original_dst).await => {
+                            Handling::Forward(original_dst)
+                        }
+                        _ => Handling::Serve(TowerToHyperService::new(service)),
+                    }
+                }
             },
         );
 
@@ -215,7 +225,7 @@ impl Proxy {
                 let service = inbound_telemetry
                     .layer(InboundService::new(&inbound_ctx, connection))
                     .map_request(|r: http::Request<hyper::body::Incoming>| r.map(body::boxed));
-                TowerToHyperService::new(service)
+                std::future::ready(Handling::Serve(TowerToHyperService::new(service)))
             },
         );
 
@@ -233,9 +243,11 @@ impl Proxy {
             settings.drain_timeout,
             move |_| {
                 let admin = admin_ctx.clone();
-                hyper::service::service_fn(move |request| {
-                    std::future::ready(Ok::<_, std::convert::Infallible>(admin.handle(request)))
-                })
+                std::future::ready(Handling::Serve(hyper::service::service_fn(
+                    move |request| {
+                        std::future::ready(Ok::<_, std::convert::Infallible>(admin.handle(request)))
+                    },
+                )))
             },
         );
         tokio::join!(outbound_server, inbound_server, admin_server);

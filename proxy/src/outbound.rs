@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -23,6 +24,20 @@ pub struct Outbound {
     pub namespace: String,
     /// How long a request for a destination waits for the control plane's first answer.
     pub discovery_wait: Duration,
+}
+
+impl Outbound {
+    /// Whether the control plane says no Service owns `addr`, so that a redirected connection to
+    /// it is forwarded as it is. Unanswered is not unknown: such requests get 503 saying so.
+    pub async fn is_unknown(&self, addr: SocketAddr) -> bool {
+        let entry = self
+            .destinations
+            .entry(&DestinationKey::Address(addr).to_string());
+        matches!(
+            entry.resolved(self.discovery_wait).await,
+            Resolution::Unknown(_)
+        )
+    }
 }
 
 /// A request's destination: its key, and its entry among the subscribed destinations.

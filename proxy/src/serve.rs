@@ -1,7 +1,9 @@
 //! Accepting connections and serving HTTP/1.1 and h2c on them, with the limits that keep a bad
-//! client from costing more than a 4xx or a closed connection, and graceful draining.
+//! client from costing more than a 4xx or a closed connection, and graceful draining. Redirected
+//! connections that are not HTTP are forwarded as they are (`opaque`).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -15,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::body::Body;
 use crate::metrics::{ConnectionGuard, Direction, Metrics};
+use crate::opaque::{self, Protocol};
 
 /// Limits applied to every downstream connection.
 #[derive(Clone, Debug)]
@@ -43,6 +46,13 @@ impl ConnectionInfo {
     }
 }
 
+/// What becomes of an HTTP connection.
+pub enum Handling<S> {
+    Serve(S),
+    /// Forwarded as it is to this address, as if there were no proxy.
+    Forward(SocketAddr),
+}
+
 /// SO_ORIGINAL_DST: the destination before an iptables REDIRECT. On a connection that was not
 /// redirected it is the local address, or an error without conntrack.
 fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
@@ -54,18 +64,20 @@ fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     addr.ok()?.as_socket()
 }
 
-/// Serves connections from `listener` (counted in `connections_open` under `direction`) until `shutdown` turns true, then stops accepting and waits
-/// up to `drain` for in-flight requests to finish.
-pub async fn serve<S, F>(
+/// Serves connections from `listener` (counted in `connections_open` under `direction`) until
+/// `shutdown` turns true, then stops accepting and waits up to `drain` for in-flight requests to
+/// finish. `handle` says what becomes of each HTTP connection.
+pub async fn serve<S, F, H>(
     listener: TcpListener,
     direction: Option<Direction>,
     limits: ServerLimits,
     metrics: Metrics,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
-    make_service: F,
+    handle: F,
 ) where
-    F: Fn(ConnectionInfo) -> S,
+    F: Fn(ConnectionInfo) -> H,
+    H: Future<Output = Handling<S>> + Send + 'static,
     S: Service<http::Request<Incoming>, Response = http::Response<Body>, Error = Infallible>
         + Send
         + 'static,
@@ -102,17 +114,28 @@ pub async fn serve<S, F>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = make_service(info);
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let handling = handle(info);
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
         let guard = direction.map(|d| ConnectionGuard::open(&metrics, d));
         tokio::spawn(async move {
-            if let Err(error) = conn.await {
+            let _guard = guard;
+            if let Some(original_dst) = info.original_dst {
+                match opaque::detect(&stream).await {
+                    Ok(Protocol::Http) => {}
+                    Ok(Protocol::Opaque) => return opaque::forward(stream, original_dst).await,
+                    Err(_) => return,
+                }
+            }
+            let service = match handling.await {
+                Handling::Serve(service) => service,
+                Handling::Forward(to) => return opaque::forward(stream, to).await,
+            };
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(error) = watcher.watch(conn).await {
                 tracing::debug!(%error, peer = %info.peer, "connection ended with an error");
             }
-            drop(guard);
         });
     }
     drop(listener);

@@ -1,6 +1,7 @@
 //! Transparent redirection for real: `outrigger-proxy init` installs its iptables rules in a
 //! network namespace made for the test, an app there calls a Service address with no idea a proxy
-//! exists, and the proxy finds the original destination and applies its policy.
+//! exists, and the proxy finds the original destination and applies its policy. What is not HTTP,
+//! or goes outside the mesh, reaches where it was going as if there were no proxy.
 //!
 //! Needs root, `ip` and `iptables` (CI installs them).
 
@@ -14,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use outrigger_api::proto;
 use outrigger_tests::{Backend, ControlPlane, destination};
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A network namespace that is deleted when dropped.
 struct Netns(String);
@@ -174,6 +176,48 @@ fn redirected_connections_reach_their_original_destination_through_the_proxy() {
                     let config: serde_json::Value =
                         serde_json::from_str(&admin_get(admin, "/config").await.body).unwrap();
                     assert_eq!(config["destinations"][service_ip]["state"], "ready");
+
+                    // Outside the mesh (an address no Service owns): forwarded as it is.
+                    let outside =
+                        Backend::start_on("127.0.10.2:0".parse().unwrap(), "outside").await;
+                    let reply = get(outside.addr, "example.com", "/").await;
+                    assert_eq!(
+                        (reply.status, reply.body.as_str()),
+                        (200, "outside"),
+                        "{reply:?}"
+                    );
+                    let config: serde_json::Value =
+                        serde_json::from_str(&admin_get(admin, "/config").await.body).unwrap();
+                    assert_eq!(
+                        config["destinations"][outside.addr.to_string()]["state"],
+                        "unknown",
+                        "the proxy asked, and went around itself"
+                    );
+
+                    // Not HTTP (here TLS-like bytes), even to a Service address: forwarded as it
+                    // is to where the app was going.
+                    let echo = tokio::net::TcpListener::bind("127.0.10.3:0").await.unwrap();
+                    let echo_addr = echo.local_addr().unwrap();
+                    cp.publish(
+                        &echo_addr.to_string(),
+                        destination("shop", "db", echo_addr.port(), &[(v1.addr, &[])]),
+                    );
+                    tokio::spawn(async move {
+                        let (mut stream, _) = echo.accept().await.unwrap();
+                        let (mut read, mut write) = stream.split();
+                        tokio::io::copy(&mut read, &mut write).await.unwrap();
+                    });
+                    let mut client = tokio::net::TcpStream::connect(echo_addr).await.unwrap();
+                    client.write_all(b"\x16\x03\x01 hello").await.unwrap();
+                    client.shutdown().await.unwrap();
+                    let mut echoed = Vec::new();
+                    client.read_to_end(&mut echoed).await.unwrap();
+                    assert_eq!(echoed, b"\x16\x03\x01 hello");
+                    assert_eq!(
+                        v1.hits(),
+                        0,
+                        "opaque bytes never reach the Service's endpoints"
+                    );
                     drop(proxy);
                 });
             })
