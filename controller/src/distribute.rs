@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use futures_util::Stream;
 use outrigger_api::proto::{
-    self, ControllerMessage, DestinationUnknown, DestinationUpdate, EndpointsReply,
+    self, ControllerMessage, DestinationUnknown, DestinationUpdate, EndpointGroup, EndpointsReply,
     EndpointsRequest, ProxyMessage, Welcome, controller_message, discovery_server::Discovery,
     proxy_message,
 };
@@ -33,7 +33,8 @@ pub enum Snapshot {
         destination: Box<proto::Destination>,
         /// `destination`, encoded once for every stream that sends it.
         encoded: bytes::Bytes,
-        endpoints: Arc<EndpointSet>,
+        /// The endpoints, in groups (one per EndpointSlice).
+        endpoints: Vec<EndpointSet>,
         /// When the index saw the change that produced this version (for push latency).
         changed_at: Instant,
     },
@@ -42,10 +43,11 @@ pub enum Snapshot {
     },
 }
 
-/// A destination's endpoints, encoded once, under a version of their own: updates name the
-/// version, and proxies that do not hold it fetch it.
+/// A group of a destination's endpoints, encoded once, under a version of its own: updates name
+/// the group and version, and proxies that do not hold that version fetch it.
 #[derive(Debug)]
 pub struct EndpointSet {
+    pub name: String,
     pub version: String,
     /// An encoded `proto::Endpoints`.
     pub encoded: bytes::Bytes,
@@ -159,21 +161,31 @@ impl Snapshot {
     /// not sent what they already have, and never miss a change behind a reused number.
     pub fn known(
         destination: proto::Destination,
-        endpoints: Vec<proto::Endpoint>,
+        groups: Vec<(String, Vec<proto::Endpoint>)>,
         changed_at: Instant,
     ) -> Self {
         use prost::Message as _;
         let encoded = bytes::Bytes::from(destination.encode_to_vec());
-        let endpoints = bytes::Bytes::from(proto::Endpoints { endpoints }.encode_to_vec());
-        let endpoints = EndpointSet {
-            version: content_version(&[&endpoints]),
-            encoded: endpoints,
-        };
+        let endpoints: Vec<EndpointSet> = groups
+            .into_iter()
+            .map(|(name, endpoints)| {
+                let encoded = bytes::Bytes::from(proto::Endpoints { endpoints }.encode_to_vec());
+                EndpointSet {
+                    version: content_version(&[&encoded]),
+                    name,
+                    encoded,
+                }
+            })
+            .collect();
+        let mut parts: Vec<&[u8]> = vec![&encoded];
+        for group in &endpoints {
+            parts.extend([group.name.as_bytes(), group.version.as_bytes()]);
+        }
         Self::Known {
-            version: content_version(&[&encoded, endpoints.version.as_bytes()]),
+            version: content_version(&parts),
             destination: Box::new(destination),
             encoded,
-            endpoints: Arc::new(endpoints),
+            endpoints,
             changed_at,
         }
     }
@@ -358,12 +370,18 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<EndpointsRequest>,
     ) -> Result<Response<EndpointsReply>, Status> {
-        let key = request.into_inner().key;
+        let EndpointsRequest { key, group } = request.into_inner();
         match self.snapshots.current(&key).as_deref() {
-            Some(Snapshot::Known { endpoints, .. }) => Ok(Response::new(EndpointsReply {
-                version: endpoints.version.clone(),
-                endpoints: endpoints.encoded.clone(),
-            })),
+            Some(Snapshot::Known { endpoints, .. }) => endpoints
+                .iter()
+                .find(|set| set.name == group)
+                .map(|set| {
+                    Response::new(EndpointsReply {
+                        version: set.version.clone(),
+                        endpoints: set.encoded.clone(),
+                    })
+                })
+                .ok_or_else(|| Status::not_found(format!("{key} has no endpoint group {group}"))),
             _ => Err(Status::not_found(format!("{key}: {UNKNOWN_REASON}"))),
         }
     }
@@ -436,7 +454,13 @@ impl DiscoveryService {
                                 key,
                                 version: version.clone(),
                                 destination: encoded.clone(),
-                                endpoints_version: endpoints.version.clone(),
+                                endpoint_groups: endpoints
+                                    .iter()
+                                    .map(|set| EndpointGroup {
+                                        name: set.name.clone(),
+                                        version: set.version.clone(),
+                                    })
+                                    .collect(),
                             })
                         }
                         Snapshot::Unknown { reason } => {
@@ -570,13 +594,19 @@ mod tests {
         publish_with(snapshots, generation, &[])
     }
 
-    /// The same, with endpoints at `addresses`.
-    fn publish_with(snapshots: &Snapshots, generation: i64, addresses: &[&str]) -> String {
-        let endpoints = addresses
+    /// The same, with endpoint groups of the given addresses.
+    fn publish_with(snapshots: &Snapshots, generation: i64, groups: &[(&str, &[&str])]) -> String {
+        let groups = groups
             .iter()
-            .map(|address| proto::Endpoint {
-                address: address.to_string(),
-                ..Default::default()
+            .map(|(name, addresses)| {
+                let endpoints = addresses
+                    .iter()
+                    .map(|address| proto::Endpoint {
+                        address: address.to_string(),
+                        ..Default::default()
+                    })
+                    .collect();
+                (name.to_string(), endpoints)
             })
             .collect();
         let destination = proto::Destination {
@@ -587,7 +617,7 @@ mod tests {
             policy_generation: generation,
             ..Default::default()
         };
-        let snapshot = Snapshot::known(destination, endpoints, Instant::now());
+        let snapshot = Snapshot::known(destination, groups, Instant::now());
         let Snapshot::Known { version, .. } = &snapshot else {
             unreachable!("Snapshot::known is known")
         };
@@ -757,7 +787,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn updates_name_the_endpoints_which_are_fetched_apart() {
+    async fn updates_name_endpoint_groups_which_are_fetched_apart() {
         let snapshots = Snapshots::default();
         snapshots.mark_synced();
         let service = DiscoveryService::new(snapshots.clone(), Metrics::default(), "test".into());
@@ -768,32 +798,58 @@ mod tests {
         let mut client = DiscoveryClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
-        let mut fetch = async |key: &str| {
+        let mut fetch = async |key: &str, group: &str| {
             client
-                .endpoints(EndpointsRequest { key: key.into() })
+                .endpoints(EndpointsRequest {
+                    key: key.into(),
+                    group: group.into(),
+                })
                 .await
                 .map(|reply| reply.into_inner())
         };
+        let versions = |update: &DestinationUpdate| -> Vec<(String, String)> {
+            update
+                .endpoint_groups
+                .iter()
+                .map(|group| (group.name.clone(), group.version.clone()))
+                .collect()
+        };
 
-        publish_with(&snapshots, 3, &["10.0.0.1:80"]);
-        let mut a = Stream::open(addr, "a", "").await;
-        let first = a.next_update().await;
-        let fetched = fetch(KEY).await.unwrap();
-        assert_eq!(fetched.version, first.endpoints_version);
+        publish_with(
+            &snapshots,
+            3,
+            &[("a", &["10.0.0.1:80"]), ("b", &["10.0.0.2:80"])],
+        );
+        let mut stream = Stream::open(addr, "a", "").await;
+        let first = versions(&stream.next_update().await);
+        assert_eq!(first.len(), 2);
+        let fetched = fetch(KEY, "b").await.unwrap();
+        assert_eq!(fetched.version, first[1].1);
         let endpoints = proto::Endpoints::decode(fetched.endpoints).unwrap();
-        assert_eq!(endpoints.endpoints[0].address, "10.0.0.1:80");
+        assert_eq!(endpoints.endpoints[0].address, "10.0.0.2:80");
 
-        // A policy edit names the same endpoints; churn names new ones.
-        publish_with(&snapshots, 4, &["10.0.0.1:80"]);
-        let second = a.next_update().await;
-        assert_ne!(second.version, first.version);
-        assert_eq!(second.endpoints_version, first.endpoints_version);
-        publish_with(&snapshots, 4, &["10.0.0.2:80"]);
-        let third = a.next_update().await;
-        assert_ne!(third.endpoints_version, first.endpoints_version);
-        assert_eq!(fetch(KEY).await.unwrap().version, third.endpoints_version);
+        // A policy edit names the same groups.
+        publish_with(
+            &snapshots,
+            4,
+            &[("a", &["10.0.0.1:80"]), ("b", &["10.0.0.2:80"])],
+        );
+        assert_eq!(versions(&stream.next_update().await), first);
 
-        let unknown = fetch("nothing.shop.svc.cluster.local:80")
+        // A change in one group names a new version of that group only.
+        publish_with(
+            &snapshots,
+            4,
+            &[("a", &["10.0.0.1:80"]), ("b", &["10.0.0.3:80"])],
+        );
+        let churned = versions(&stream.next_update().await);
+        assert_eq!(churned[0], first[0]);
+        assert_ne!(churned[1], first[1]);
+        assert_eq!(fetch(KEY, "b").await.unwrap().version, churned[1].1);
+
+        let gone = fetch(KEY, "c").await.unwrap_err();
+        assert_eq!(gone.code(), tonic::Code::NotFound);
+        let unknown = fetch("nothing.shop.svc.cluster.local:80", "a")
             .await
             .unwrap_err();
         assert_eq!(unknown.code(), tonic::Code::NotFound);

@@ -8,7 +8,7 @@
 //! each ClusterIP:port (what a redirected connection was addressed to), and only when its content
 //! changed, so streams are not woken for nothing.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -25,6 +25,9 @@ use tokio::sync::{mpsc, watch};
 use crate::distribute::{Snapshot, Snapshots};
 use crate::metrics::Metrics;
 use crate::translate::{PolicyError, Translated, translate};
+
+/// A destination's endpoints by the EndpointSlice they come from, ordered by its name.
+type Groups = Vec<(String, Vec<proto::Endpoint>)>;
 
 /// The label an EndpointSlice names its Service with.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -598,8 +601,8 @@ impl Index {
             }
             kept
         });
-        for (key, (destination, endpoints)) in destinations {
-            let snapshot = Snapshot::known(destination, endpoints, changed_at);
+        for (key, (destination, groups)) in destinations {
+            let snapshot = Snapshot::known(destination, groups, changed_at);
             let Snapshot::Known { version, .. } = &snapshot else {
                 unreachable!("Snapshot::known is known")
             };
@@ -614,33 +617,36 @@ impl Index {
         }
     }
 
-    /// Every key of a Service with its destination and endpoints; none when the Service is unknown.
-    fn destinations(
-        &self,
-        service: &ObjectKey,
-    ) -> BTreeMap<String, (proto::Destination, Vec<proto::Endpoint>)> {
+    /// Every key of a Service with its destination and endpoints, grouped by EndpointSlice (so a
+    /// pod coming or going changes one group); none when the Service is unknown.
+    fn destinations(&self, service: &ObjectKey) -> BTreeMap<String, (proto::Destination, Groups)> {
         let Some(state) = self.services.get(service) else {
             return BTreeMap::new();
         };
         let policy = self.policy_for(service);
-        let slices: Vec<&SliceState> = self
+        // By name, so groups come in the same order whatever order the slices arrived in.
+        let slices: Vec<(&str, &SliceState)> = self
             .slices_by_service
             .get(service)
             .into_iter()
             .flatten()
-            .filter_map(|key| self.slices.get(key))
+            .filter_map(|key| Some((key.name.as_str(), self.slices.get(key)?)))
             .collect();
         let mut destinations = BTreeMap::new();
         for port in &state.ports {
-            let mut endpoints = BTreeMap::new();
-            for slice in &slices {
+            let mut groups = Groups::new();
+            let mut seen = HashSet::new();
+            for (name, slice) in &slices {
                 let Some(&target_port) = slice.ports.get(&port.name) else {
                     continue;
                 };
-                for endpoint in &slice.endpoints {
-                    let address = SocketAddr::new(endpoint.ip, target_port);
+                let endpoints: Vec<proto::Endpoint> = slice
+                    .endpoints
+                    .iter()
+                    .map(|endpoint| (endpoint, SocketAddr::new(endpoint.ip, target_port)))
                     // The same endpoint may sit in two slices while they are rebalanced.
-                    endpoints.entry(address).or_insert_with(|| proto::Endpoint {
+                    .filter(|(_, address)| seen.insert(*address))
+                    .map(|(endpoint, address)| proto::Endpoint {
                         address: address.to_string(),
                         subsets: policy
                             .map(|(.., translated)| {
@@ -649,7 +655,10 @@ impl Index {
                             .unwrap_or_default(),
                         pod: endpoint.pod.clone().unwrap_or_default(),
                         h2c: port.h2c,
-                    });
+                    })
+                    .collect();
+                if !endpoints.is_empty() {
+                    groups.push((name.to_string(), endpoints));
                 }
             }
             let destination = proto::Destination {
@@ -681,9 +690,8 @@ impl Index {
                 .cluster_ips
                 .iter()
                 .map(|&ip| DestinationKey::Address(SocketAddr::new(ip, port.port)));
-            let endpoints: Vec<proto::Endpoint> = endpoints.into_values().collect();
             for key in std::iter::once(by_name).chain(by_address) {
-                destinations.insert(key.to_string(), (destination.clone(), endpoints.clone()));
+                destinations.insert(key.to_string(), (destination.clone(), groups.clone()));
             }
         }
         destinations
@@ -819,6 +827,7 @@ impl SliceState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distribute::EndpointSet;
     use serde_json::{Value, json};
 
     const BY_NAME: &str = "reviews.shop.svc.cluster.local:9080";
@@ -919,7 +928,10 @@ mod tests {
                 destination,
                 endpoints,
                 ..
-            }) => Published::Known(destination.clone(), endpoints.decode()),
+            }) => Published::Known(
+                destination.clone(),
+                endpoints.iter().flat_map(EndpointSet::decode).collect(),
+            ),
         }
     }
 
@@ -1015,6 +1027,59 @@ mod tests {
         assert_eq!(grpc.len(), 1);
         assert_eq!(grpc[0].address, "10.0.0.3:7070");
         assert!(grpc[0].h2c, "appProtocol kubernetes.io/h2c");
+    }
+
+    /// (slice, version, addresses) of every endpoint group.
+    fn groups(snapshots: &Snapshots, key: &str) -> Vec<(String, String, Vec<String>)> {
+        match snapshots.current(key).as_deref() {
+            Some(Snapshot::Known { endpoints, .. }) => endpoints
+                .iter()
+                .map(|group| {
+                    let addresses = group.decode().into_iter().map(|e| e.address).collect();
+                    (group.name.clone(), group.version.clone(), addresses)
+                })
+                .collect(),
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn endpoints_are_grouped_by_slice_so_churn_changes_one_group() {
+        let (mut index, snapshots) = index();
+        index.apply(reviews());
+        index.apply(slice("reviews-b", 8080, &[("10.0.0.2", "reviews-2", true)]));
+        index.apply(slice(
+            "reviews-a",
+            8080,
+            &[
+                ("10.0.0.1", "reviews-1", true),
+                ("10.0.0.2", "reviews-2", true),
+            ],
+        ));
+        let before = groups(&snapshots, BY_NAME);
+        let layout = |groups: &[(String, String, Vec<String>)]| -> Vec<(String, Vec<String>)> {
+            groups
+                .iter()
+                .map(|(name, _, addresses)| (name.clone(), addresses.clone()))
+                .collect()
+        };
+        // By slice name; an endpoint in two slices counts once, in the first, and reviews-b is
+        // left with none.
+        assert_eq!(
+            layout(&before),
+            [(
+                "reviews-a".to_string(),
+                vec!["10.0.0.1:8080".to_string(), "10.0.0.2:8080".to_string()]
+            )]
+        );
+
+        index.apply(slice("reviews-b", 8080, &[("10.0.0.3", "reviews-3", true)]));
+        let after = groups(&snapshots, BY_NAME);
+        assert_eq!(after[0], before[0], "an untouched slice keeps its version");
+        assert_eq!(
+            layout(&after[1..]),
+            [("reviews-b".to_string(), vec!["10.0.0.3:8080".to_string()])]
+        );
     }
 
     #[test]

@@ -42,7 +42,7 @@ fn the_demo_serves_reviews_split_90_10_between_its_two_versions() {
         else {
             panic!("{key} is not served")
         };
-        let endpoints = endpoints.decode();
+        let endpoints: Vec<_> = endpoints.iter().flat_map(|group| group.decode()).collect();
         let endpoints: Vec<(&str, &[String])> = endpoints
             .iter()
             .map(|e| (e.address.as_str(), e.subsets.as_slice()))

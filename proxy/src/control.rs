@@ -165,26 +165,27 @@ async fn session(
                 continue;
             }
             Some(controller_message::Message::Update(update)) => {
-                let fetched =
-                    if destinations.holds_endpoints(&update.key, &update.endpoints_version) {
-                        Fetched::Named
-                    } else {
-                        fetch_endpoints(&mut client, destinations, &update)
-                            .await
-                            .map_err(|status| {
-                                fail(
-                                    welcomed,
-                                    anyhow::Error::new(status).context("fetching endpoints"),
-                                )
-                            })?
-                    };
+                let mut fetched = Fetched::Named;
+                for group in destinations.missing_endpoints(&update.key, &update.endpoint_groups) {
+                    fetched = fetch_endpoints(&mut client, destinations, &update.key, group)
+                        .await
+                        .map_err(|status| {
+                            fail(
+                                welcomed,
+                                anyhow::Error::new(status).context("fetching endpoints"),
+                            )
+                        })?;
+                    if !matches!(fetched, Fetched::Named) {
+                        break;
+                    }
+                }
                 let (key, version) = (update.key.clone(), update.version.clone());
                 match fetched {
                     Fetched::Named => answer(metrics, key, version, destinations.apply(update)),
                     Fetched::Refused(error) => answer(metrics, key, version, Err(error)),
-                    // A newer update, naming the endpoints fetched, follows on the stream; for a
-                    // key gone unknown, a DestinationUnknown does.
-                    Fetched::Newer | Fetched::Unknown => continue,
+                    // A newer update (naming what was fetched, or without the group gone)
+                    // follows on the stream; for a key gone unknown, a DestinationUnknown does.
+                    Fetched::Newer | Fetched::Gone => continue,
                 }
             }
             Some(controller_message::Message::Unknown(unknown)) => {
@@ -199,36 +200,42 @@ async fn session(
     }
 }
 
-/// What fetching the endpoints an update names gave.
+/// What fetching an endpoint group an update names gave.
+#[derive(Debug)]
 enum Fetched {
     /// The version named, now held.
     Named,
     /// A newer version, now held.
     Newer,
-    /// The key is no longer known.
-    Unknown,
+    /// The key is no longer known, or the group is gone.
+    Gone,
     Refused(ConfigError),
 }
 
 async fn fetch_endpoints(
     client: &mut DiscoveryClient<tonic::transport::Channel>,
     destinations: &Destinations,
-    update: &proto::DestinationUpdate,
+    key: &str,
+    group: proto::EndpointGroup,
 ) -> Result<Fetched, tonic::Status> {
     let request = EndpointsRequest {
-        key: update.key.clone(),
+        key: key.to_string(),
+        group: group.name.clone(),
     };
     let reply = match client.endpoints(request).await {
         Ok(reply) => reply.into_inner(),
-        Err(status) if status.code() == tonic::Code::NotFound => return Ok(Fetched::Unknown),
+        Err(status) if status.code() == tonic::Code::NotFound => return Ok(Fetched::Gone),
         Err(status) => return Err(status),
     };
-    if let Err(error) =
-        destinations.hold_endpoints(&update.key, reply.version.clone(), &reply.endpoints)
-    {
+    let named = reply.version == group.version;
+    let fetched = proto::EndpointGroup {
+        name: group.name,
+        version: reply.version,
+    };
+    if let Err(error) = destinations.hold_endpoints(key, fetched, &reply.endpoints) {
         return Ok(Fetched::Refused(error));
     }
-    Ok(if reply.version == update.endpoints_version {
+    Ok(if named {
         Fetched::Named
     } else {
         Fetched::Newer
@@ -274,15 +281,11 @@ mod tests {
         let (destinations, _subscriptions) = Destinations::new(metrics.clone());
         let key = "web.default.svc.cluster.local:80";
         destinations.entry(key);
-        let endpoints = proto::Endpoints::default();
-        destinations
-            .hold_endpoints(key, "e1".into(), &prost::Message::encode_to_vec(&endpoints))
-            .unwrap();
         let update = proto::DestinationUpdate {
             key: key.into(),
             version: "1".into(),
             destination: bytes::Bytes::from_static(b"\xff\xff\xff"),
-            endpoints_version: "e1".into(),
+            endpoint_groups: vec![],
         };
         let result = destinations.apply(update);
         match answer(&metrics, key.into(), "1".into(), result) {
@@ -323,6 +326,8 @@ mod tests {
         }
     }
 
+    /// Fetches group `a` at version `named` from a controller answering `reply`: what came of
+    /// it, and whether version e2 of the group is now held.
     async fn fetch_from(reply: Option<proto::EndpointsReply>, named: &str) -> (Fetched, bool) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -338,15 +343,16 @@ mod tests {
         let (destinations, _subscriptions) = Destinations::new(Metrics::new());
         let key = "web.default.svc.cluster.local:80";
         destinations.entry(key);
-        let update = proto::DestinationUpdate {
-            key: key.into(),
-            endpoints_version: named.into(),
-            ..Default::default()
+        let group = |version: &str| proto::EndpointGroup {
+            name: "a".into(),
+            version: version.into(),
         };
-        let fetched = fetch_endpoints(&mut client, &destinations, &update)
+        let fetched = fetch_endpoints(&mut client, &destinations, key, group(named))
             .await
             .unwrap();
-        let held = destinations.holds_endpoints(key, "e2");
+        let held = destinations
+            .missing_endpoints(key, &[group("e2")])
+            .is_empty();
         (fetched, held)
     }
 
@@ -364,14 +370,14 @@ mod tests {
         assert!(matches!(fetch_from(e2, "e1").await, (Fetched::Newer, true)));
         assert!(matches!(
             fetch_from(None, "e2").await,
-            (Fetched::Unknown, false)
+            (Fetched::Gone, false)
         ));
         let garbage = Some(proto::EndpointsReply {
             version: "e2".into(),
             endpoints: bytes::Bytes::from_static(b"\xff\xff"),
         });
         match fetch_from(garbage, "e2").await {
-            (Fetched::Refused(error), false) => assert_eq!(error.field, "endpoints"),
+            (Fetched::Refused(error), false) => assert_eq!(error.field, "endpoints[a]"),
             _ => panic!("endpoints that do not decode are refused, and not held"),
         }
     }

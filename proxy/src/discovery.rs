@@ -28,8 +28,9 @@ pub enum Resolution {
 
 pub struct Entry {
     state: watch::Sender<Resolution>,
-    /// The endpoints last fetched for this destination, which updates name by version.
-    endpoints: Mutex<Option<HeldEndpoints>>,
+    /// The endpoint groups last fetched for this destination, by name, which updates name with
+    /// their versions.
+    endpoints: Mutex<HashMap<String, HeldEndpoints>>,
 }
 
 #[derive(Clone)]
@@ -43,6 +44,33 @@ struct HeldEndpoints {
 impl Entry {
     pub fn current(&self) -> Resolution {
         self.state.borrow().clone()
+    }
+
+    /// Every endpoint of `groups`, from the groups held at the versions named; groups no longer
+    /// named are let go.
+    fn endpoints(
+        &self,
+        groups: &[proto::EndpointGroup],
+    ) -> Result<Vec<proto::Endpoint>, ConfigError> {
+        let mut held = self.endpoints.lock().expect("endpoints lock");
+        held.retain(|name, _| groups.iter().any(|group| group.name == *name));
+        let mut endpoints = Vec::new();
+        for group in groups {
+            match held.get(&group.name) {
+                Some(held) if held.version == group.version => endpoints.extend(
+                    proto::Endpoints::decode(held.encoded.clone())
+                        .expect("held endpoints decoded when they were fetched")
+                        .endpoints,
+                ),
+                _ => {
+                    return Err(invalid(
+                        format!("endpoints[{}]", group.name),
+                        format!("version `{}` is not held", group.version),
+                    ));
+                }
+            }
+        }
+        Ok(endpoints)
     }
 
     /// The current resolution once it is no longer pending, or `Pending` after `wait`.
@@ -108,34 +136,53 @@ impl Destinations {
             .cloned()
     }
 
-    /// Whether the endpoints `version` of `key` are held (or `key` is not subscribed, so none
-    /// are needed).
-    pub fn holds_endpoints(&self, key: &str, version: &str) -> bool {
-        self.existing(key).is_none_or(|entry| {
+    /// The endpoint groups of `groups` not held at the version named (none when `key` is not
+    /// subscribed, so none are needed).
+    pub fn missing_endpoints(
+        &self,
+        key: &str,
+        groups: &[proto::EndpointGroup],
+    ) -> Vec<proto::EndpointGroup> {
+        let Some(entry) = self.existing(key) else {
+            return Vec::new();
+        };
+        let held = entry.endpoints.lock().expect("endpoints lock");
+        groups
+            .iter()
+            .filter(|group| {
+                held.get(&group.name)
+                    .is_none_or(|held| held.version != group.version)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Holds a fetched endpoint group (an encoded `proto::Endpoints`) for the updates that name
+    /// it; refused, keeping what was held, when it does not decode.
+    pub fn hold_endpoints(
+        &self,
+        key: &str,
+        group: proto::EndpointGroup,
+        encoded: &[u8],
+    ) -> Result<(), ConfigError> {
+        proto::Endpoints::decode(encoded).map_err(|error| {
+            invalid(
+                format!("endpoints[{}]", group.name),
+                format!("do not decode: {error}"),
+            )
+        })?;
+        if let Some(entry) = self.existing(key) {
+            // Copied: a slice would keep the reply's whole read buffer alive.
+            let encoded = Bytes::copy_from_slice(encoded);
+            let held = HeldEndpoints {
+                version: group.version,
+                encoded,
+            };
             entry
                 .endpoints
                 .lock()
                 .expect("endpoints lock")
-                .as_ref()
-                .is_some_and(|held| held.version == version)
-        })
-    }
-
-    /// Holds fetched endpoints (an encoded `proto::Endpoints`) for the updates that name them;
-    /// refused, keeping what was held, when they do not decode.
-    pub fn hold_endpoints(
-        &self,
-        key: &str,
-        version: String,
-        encoded: &[u8],
-    ) -> Result<(), ConfigError> {
-        proto::Endpoints::decode(encoded)
-            .map_err(|error| invalid("endpoints", format!("do not decode: {error}")))?;
-        if let Some(entry) = self.existing(key) {
-            // Copied: a slice would keep the reply's whole read buffer alive.
-            let encoded = Bytes::copy_from_slice(encoded);
-            *entry.endpoints.lock().expect("endpoints lock") =
-                Some(HeldEndpoints { version, encoded });
+                .insert(group.name, held);
         }
         Ok(())
     }
@@ -146,20 +193,7 @@ impl Destinations {
             // Not subscribed (any more): nothing to do.
             return Ok(());
         };
-        let held = entry.endpoints.lock().expect("endpoints lock").clone();
-        let endpoints = match held {
-            Some(held) if held.version == update.endpoints_version => {
-                proto::Endpoints::decode(held.encoded)
-                    .expect("held endpoints decoded when they were fetched")
-                    .endpoints
-            }
-            _ => {
-                return Err(invalid(
-                    "endpoints",
-                    format!("version `{}` is not held", update.endpoints_version),
-                ));
-            }
-        };
+        let endpoints = entry.endpoints(&update.endpoint_groups)?;
         let destination = proto::Destination::decode(update.destination)
             .map_err(|error| invalid("destination", format!("does not decode: {error}")))?;
         let config = DestinationConfig::from_proto(update.version, destination, endpoints)?;
@@ -176,7 +210,7 @@ impl Destinations {
 
     pub fn set_unknown(&self, key: &str, reason: String) {
         if let Some(entry) = self.existing(key) {
-            *entry.endpoints.lock().expect("endpoints lock") = None;
+            entry.endpoints.lock().expect("endpoints lock").clear();
             entry.state.send_replace(Resolution::Unknown(reason.into()));
         }
     }
@@ -215,10 +249,21 @@ mod tests {
 
     const KEY: &str = "web.default.svc.cluster.local:80";
 
+    /// Endpoint groups by (name, version).
+    fn groups(named: &[(&str, &str)]) -> Vec<proto::EndpointGroup> {
+        named
+            .iter()
+            .map(|(name, version)| proto::EndpointGroup {
+                name: name.to_string(),
+                version: version.to_string(),
+            })
+            .collect()
+    }
+
     fn update(
         version: &str,
         subsets: &[&str],
-        endpoints_version: &str,
+        groups: &[proto::EndpointGroup],
     ) -> proto::DestinationUpdate {
         let destination = proto::Destination {
             namespace: "default".into(),
@@ -231,7 +276,7 @@ mod tests {
             key: KEY.into(),
             version: version.into(),
             destination: destination.encode_to_vec().into(),
-            endpoints_version: endpoints_version.into(),
+            endpoint_groups: groups.to_vec(),
         }
     }
 
@@ -260,46 +305,60 @@ mod tests {
     }
 
     #[test]
-    fn updates_apply_with_the_endpoints_held_under_the_version_they_name() {
+    fn updates_apply_with_the_endpoint_groups_held_at_the_versions_they_name() {
         let (destinations, _subscriptions) = Destinations::new(Metrics::new());
         destinations.entry(KEY);
-        let first: SocketAddr = "10.0.0.1:80".parse().unwrap();
-        let second: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let addr = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let hold = |name: &str, version: &str, addresses: &[&str]| {
+            destinations.hold_endpoints(
+                KEY,
+                groups(&[(name, version)]).remove(0),
+                &endpoints(addresses),
+            )
+        };
+        let both = groups(&[("a", "1"), ("b", "1")]);
 
         // Not held: refused, nothing applied.
-        assert!(!destinations.holds_endpoints(KEY, "e1"));
+        assert_eq!(destinations.missing_endpoints(KEY, &both), both);
         assert_eq!(
-            destinations.apply(update("0", &["stable"], "e1")),
-            Err(invalid("endpoints", "version `e1` is not held"))
+            destinations.apply(update("0", &["stable"], &both)),
+            Err(invalid("endpoints[a]", "version `1` is not held"))
         );
 
-        destinations
-            .hold_endpoints(KEY, "e1".into(), &endpoints(&["10.0.0.1:80"]))
-            .unwrap();
-        assert!(destinations.holds_endpoints(KEY, "e1"));
-        destinations.apply(update("1", &["stable"], "e1")).unwrap();
-        assert_eq!(applied(&destinations), ("1".to_string(), vec![first]));
+        hold("a", "1", &["10.0.0.1:80"]).unwrap();
+        hold("b", "1", &["10.0.0.2:80"]).unwrap();
+        assert!(destinations.missing_endpoints(KEY, &both).is_empty());
+        destinations.apply(update("1", &["stable"], &both)).unwrap();
+        assert_eq!(
+            applied(&destinations),
+            ("1".into(), vec![addr("10.0.0.1:80"), addr("10.0.0.2:80")])
+        );
 
         // A policy that cannot apply to them (their subset is not declared) is refused.
-        let refused = destinations.apply(update("2", &[], "e1")).unwrap_err();
+        let refused = destinations.apply(update("2", &[], &both)).unwrap_err();
         assert_eq!(refused.field, "endpoints[0].subsets");
         assert_eq!(applied(&destinations).0, "1");
 
-        // Endpoints that do not decode are refused and the held ones stay.
-        let broken = destinations.hold_endpoints(KEY, "e2".into(), b"\xff\xff");
-        assert_eq!(broken.unwrap_err().field, "endpoints");
-        assert!(destinations.holds_endpoints(KEY, "e1"));
+        // A group that does not decode is refused and the held one stays.
+        let broken = destinations.hold_endpoints(KEY, groups(&[("b", "2")]).remove(0), b"\xff\xff");
+        assert_eq!(broken.unwrap_err().field, "endpoints[b]");
+        assert!(destinations.missing_endpoints(KEY, &both).is_empty());
 
-        // New endpoints replace the held ones.
+        // Churn in one group: only it is missing; a group no longer named is let go.
+        let churned = groups(&[("a", "1"), ("b", "3")]);
+        assert_eq!(destinations.missing_endpoints(KEY, &churned), churned[1..]);
+        hold("b", "3", &["10.0.0.3:80"]).unwrap();
         destinations
-            .hold_endpoints(KEY, "e3".into(), &endpoints(&["10.0.0.2:80"]))
+            .apply(update("3", &["stable"], &churned[1..]))
             .unwrap();
-        destinations.apply(update("3", &["stable"], "e3")).unwrap();
-        assert_eq!(applied(&destinations), ("3".to_string(), vec![second]));
-        assert_eq!(destinations.subscriptions()[0].known_version, "3");
+        assert_eq!(
+            applied(&destinations),
+            ("3".into(), vec![addr("10.0.0.3:80")])
+        );
+        assert_eq!(destinations.missing_endpoints(KEY, &churned), churned[..1]);
 
-        // Unknown drops them.
+        // Unknown drops them all.
         destinations.set_unknown(KEY, "gone".into());
-        assert!(!destinations.holds_endpoints(KEY, "e3"));
+        assert_eq!(destinations.missing_endpoints(KEY, &churned), churned);
     }
 }

@@ -60,11 +60,9 @@ impl ControlPlane {
 
     /// Publishes `configuration` as the state of `key`; returns its version.
     pub fn publish(&self, key: &str, configuration: Configuration) -> String {
-        let snapshot = Snapshot::known(
-            configuration.destination,
-            configuration.endpoints,
-            Instant::now(),
-        );
+        // One group: how the controller groups endpoints is the index's business.
+        let groups = vec![("all".to_string(), configuration.endpoints)];
+        let snapshot = Snapshot::known(configuration.destination, groups, Instant::now());
         let Snapshot::Known { version, .. } = &snapshot else {
             unreachable!("Snapshot::known is known")
         };

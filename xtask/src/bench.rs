@@ -26,6 +26,9 @@ pub struct ControlPlaneArgs {
     /// Policy edits to time (default: the bench's).
     #[arg(long)]
     edits: Option<String>,
+    /// Endpoint changes to time (default: the bench's).
+    #[arg(long)]
+    endpoint_changes: Option<String>,
     /// Markdown file whose `## Control plane` section receives the results, relative to the
     /// workspace root.
     #[arg(long, default_value = "docs/benchmarks.md")]
@@ -89,6 +92,7 @@ fn control_plane(args: ControlPlaneArgs) -> Result<()> {
         ("--proxies", &args.proxies),
         ("--endpoints", &args.endpoints),
         ("--edits", &args.edits),
+        ("--endpoint-changes", &args.endpoint_changes),
     ];
     run_bench(bench, &forwarded, args.no_write, &args.write)
 }

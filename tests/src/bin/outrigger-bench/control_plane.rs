@@ -7,9 +7,11 @@
 //! the Service, and acknowledges every version at once. Then the policy file is edited, again and
 //! again, and each stream notes when the new version reached it.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +44,9 @@ pub struct ControlPlaneArgs {
     /// Policy edits to time.
     #[arg(long, default_value_t = 10)]
     edits: usize,
+    /// Endpoint changes (one endpoint of one EndpointSlice) to time.
+    #[arg(long, default_value_t = 5)]
+    endpoint_changes: usize,
     /// Replace the `## Control plane` section of this Markdown file with the results.
     #[arg(long)]
     write: Option<PathBuf>,
@@ -53,6 +58,9 @@ pub struct ControlPlaneArgs {
 /// The latest version each simulated proxy received, and when.
 type Received = Arc<Mutex<Vec<Option<(String, Instant)>>>>;
 
+/// Bytes of endpoints every simulated proxy fetched, together.
+type Fetched = Arc<std::sync::atomic::AtomicU64>;
+
 pub fn run(args: ControlPlaneArgs, machine: String, date: String) -> Result<()> {
     if args.proxies == 0 || args.endpoints == 0 {
         bail!("--proxies and --endpoints must be at least 1");
@@ -62,7 +70,7 @@ pub fn run(args: ControlPlaneArgs, machine: String, date: String) -> Result<()> 
         .build()
         .context("starting the runtime")?;
     let manifests = std::env::temp_dir().join(format!("outrigger-bench-cp-{}", std::process::id()));
-    write_manifests(&manifests, args.endpoints)?;
+    write_manifests(&manifests, args.endpoints, 0)?;
     write_policy(&manifests, 1)?;
     let result = runtime.block_on(measure(&args, &manifests));
     let _ = std::fs::remove_dir_all(&manifests);
@@ -79,6 +87,11 @@ pub fn run(args: ControlPlaneArgs, machine: String, date: String) -> Result<()> 
 struct Measured {
     /// Per edit, each proxy's time from the edit to receiving (and acknowledging) it.
     latencies: Vec<Vec<Duration>>,
+    /// The same per endpoint change.
+    endpoint_latencies: Vec<Vec<Duration>>,
+    /// Endpoint bytes fetched per proxy: on connecting, and per endpoint change.
+    fetched_on_connect: u64,
+    fetched_per_change: u64,
     /// Bytes.
     rss_idle: u64,
     rss_connected: u64,
@@ -113,6 +126,7 @@ async fn measure(args: &ControlPlaneArgs, manifests: &Path) -> Result<Measured> 
     let rss_idle = memory(controller.pid())?.rss;
 
     let received: Received = Arc::new(Mutex::new(vec![None; args.proxies]));
+    let fetched: Fetched = Arc::default();
     let (stop, stopped) = watch::channel(false);
     let started = Instant::now();
     let mut streams = tokio::task::JoinSet::new();
@@ -121,20 +135,62 @@ async fn measure(args: &ControlPlaneArgs, manifests: &Path) -> Result<Measured> 
             format!("http://{grpc}"),
             proxy,
             received.clone(),
+            fetched.clone(),
             stopped.clone(),
         ));
     }
     let first = wait_all(&received, |_| true, Duration::from_secs(120)).await?;
     let connect_time = started.elapsed();
     let rss_connected = memory(controller.pid())?.rss;
+    let per_proxy = |bytes: u64| bytes / args.proxies as u64;
+    let fetched_on_connect = per_proxy(fetched.swap(0, Ordering::Relaxed));
 
+    let (latencies, previous) = time_changes(&received, first, args.edits, |edit| {
+        write_policy(manifests, edit as u64 + 2)
+    })
+    .await?;
+    let (endpoint_latencies, _) =
+        time_changes(&received, previous, args.endpoint_changes, |change| {
+            write_manifests(manifests, args.endpoints, change + 1)
+        })
+        .await?;
+    let fetched_per_change =
+        per_proxy(fetched.load(Ordering::Relaxed)) / args.endpoint_changes.max(1) as u64;
+    tokio::time::sleep(SETTLE).await;
+    let rss_settled = memory(controller.pid())?.rss;
+    let rss_peak = memory(controller.pid())?.peak;
+    let push_seconds = scrape_push_seconds(admin).await.unwrap_or_default();
+    let _ = stop.send(true);
+    while streams.join_next().await.is_some() {}
+    drop(controller);
+    Ok(Measured {
+        latencies,
+        endpoint_latencies,
+        fetched_on_connect,
+        fetched_per_change,
+        rss_idle,
+        rss_connected,
+        rss_settled,
+        rss_peak,
+        connect_time,
+        push_seconds,
+    })
+}
+
+/// Makes `count` changes one after the other, each timed from when it is made to when each proxy
+/// received the version it led to; returns the times and the last version.
+async fn time_changes(
+    received: &Received,
+    mut previous: String,
+    count: usize,
+    change: impl Fn(usize) -> Result<()>,
+) -> Result<(Vec<Vec<Duration>>, String)> {
     let mut latencies = Vec::new();
-    let mut previous = first;
-    for edit in 0..args.edits {
-        write_policy(manifests, edit as u64 + 2)?;
-        let edited = Instant::now();
-        let versions = wait_all(
-            &received,
+    for n in 0..count {
+        change(n)?;
+        let changed = Instant::now();
+        let version = wait_all(
+            received,
             |version| version != previous,
             Duration::from_secs(60),
         )
@@ -147,28 +203,13 @@ async fn measure(args: &ControlPlaneArgs, manifests: &Path) -> Result<Measured> 
                     arrival
                         .expect("every proxy received")
                         .1
-                        .saturating_duration_since(edited)
+                        .saturating_duration_since(changed)
                 })
                 .collect(),
         );
-        previous = versions;
+        previous = version;
     }
-    tokio::time::sleep(SETTLE).await;
-    let rss_settled = memory(controller.pid())?.rss;
-    let rss_peak = memory(controller.pid())?.peak;
-    let push_seconds = scrape_push_seconds(admin).await.unwrap_or_default();
-    let _ = stop.send(true);
-    while streams.join_next().await.is_some() {}
-    drop(controller);
-    Ok(Measured {
-        latencies,
-        rss_idle,
-        rss_connected,
-        rss_settled,
-        rss_peak,
-        connect_time,
-        push_seconds,
-    })
+    Ok((latencies, previous))
 }
 
 /// Waits until every proxy holds one same version for which `is_new` holds; returns it.
@@ -212,6 +253,7 @@ async fn simulate_proxy(
     url: String,
     id: usize,
     received: Received,
+    fetched: Fetched,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<()> {
     let mut client = DiscoveryClient::connect(url)
@@ -237,7 +279,7 @@ async fn simulate_proxy(
     tx.send(send(hello)).await?;
     tx.send(send(subscribe)).await?;
     let mut incoming = client.stream(ReceiverStream::new(rx)).await?.into_inner();
-    let mut held_endpoints = String::new();
+    let mut held: HashMap<String, String> = HashMap::new();
     loop {
         let message = tokio::select! {
             message = incoming.message() => message?,
@@ -247,12 +289,18 @@ async fn simulate_proxy(
             return Ok(());
         };
         if let Some(controller_message::Message::Update(update)) = message.message {
-            // As a proxy does: fetch the endpoints an update names when they are not held.
-            if update.endpoints_version != held_endpoints {
+            // As a proxy does: fetch the endpoint groups an update names that are not held.
+            for group in &update.endpoint_groups {
+                if held.get(&group.name) == Some(&group.version) {
+                    continue;
+                }
                 let request = EndpointsRequest {
                     key: update.key.clone(),
+                    group: group.name.clone(),
                 };
-                held_endpoints = client.endpoints(request).await?.into_inner().version;
+                let reply = client.endpoints(request).await?.into_inner();
+                fetched.fetch_add(reply.endpoints.len() as u64, Ordering::Relaxed);
+                held.insert(group.name.clone(), reply.version);
             }
             let at = Instant::now();
             tx.send(send(proxy_message::Message::Ack(Ack {
@@ -265,7 +313,9 @@ async fn simulate_proxy(
     }
 }
 
-fn write_manifests(dir: &Path, endpoints: usize) -> Result<()> {
+/// The Service and its EndpointSlices; `change` > 0 adds one endpoint, different for each
+/// `change`, to the first slice.
+fn write_manifests(dir: &Path, endpoints: usize, change: usize) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut yaml = String::from(
         "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: bench}\n\
@@ -288,8 +338,16 @@ fn write_manifests(dir: &Path, endpoints: usize) -> Result<()> {
                 index % 250 + 1
             )?;
         }
+        if slice == 0 && change > 0 {
+            writeln!(
+                yaml,
+                "- {{addresses: [127.2.{}.{}], conditions: {{ready: true}}}}",
+                change / 250,
+                change % 250 + 1
+            )?;
+        }
     }
-    std::fs::write(dir.join("reviews.yaml"), yaml).context("writing the Service manifests")
+    replace_file(dir, "reviews.yaml", &yaml).context("writing the Service manifests")
 }
 
 /// The policy, with a timeout that differs at each edit so each edit is a new version.
@@ -299,10 +357,14 @@ fn write_policy(dir: &Path, seconds: u64) -> Result<()> {
          metadata: {{name: reviews, namespace: bench}}\n\
          spec: {{host: reviews, timeout: {seconds}s, retries: {{attempts: 2}}}}\n"
     );
-    // Written whole, then renamed: the controller never reads half a file.
-    let partial = dir.join(".reviews-policy.yaml.partial");
-    std::fs::write(&partial, policy).context("writing the policy")?;
-    std::fs::rename(&partial, dir.join("reviews-policy.yaml")).context("replacing the policy")
+    replace_file(dir, "reviews-policy.yaml", &policy).context("writing the policy")
+}
+
+/// Written whole, then renamed over the old file: the controller never reads half a file.
+fn replace_file(dir: &Path, name: &str, content: &str) -> std::io::Result<()> {
+    let partial = dir.join(format!(".{name}.partial"));
+    std::fs::write(&partial, content)?;
+    std::fs::rename(&partial, dir.join(name))
 }
 
 /// The controller's own `outrigger_controller_push_seconds` histogram, as text.
@@ -316,6 +378,22 @@ async fn scrape_push_seconds(admin: std::net::SocketAddr) -> Option<String> {
             .map(|line| format!("    {line}\n"))
             .collect(),
     )
+}
+
+/// Every proxy's time, and each change's slowest, both sorted.
+fn spread(latencies: &[Vec<Duration>]) -> (Vec<Duration>, Vec<Duration>) {
+    let mut all: Vec<Duration> = latencies.iter().flatten().copied().collect();
+    all.sort();
+    let mut last: Vec<Duration> = latencies
+        .iter()
+        .map(|change| change.iter().copied().max().unwrap_or_default())
+        .collect();
+    last.sort();
+    (all, last)
+}
+
+fn kib(bytes: u64) -> String {
+    format!("{:.1} KiB", bytes as f64 / 1024.0)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -332,14 +410,8 @@ fn ms(d: Duration) -> String {
 
 impl Measured {
     fn report(&self, args: &ControlPlaneArgs, machine: &str, date: &str) -> String {
-        let mut all: Vec<Duration> = self.latencies.iter().flatten().copied().collect();
-        all.sort();
-        let mut last: Vec<Duration> = self
-            .latencies
-            .iter()
-            .map(|edit| edit.iter().copied().max().unwrap_or_default())
-            .collect();
-        last.sort();
+        let (all, last) = spread(&self.latencies);
+        let (endpoint_all, endpoint_last) = spread(&self.endpoint_latencies);
         let command = args
             .command
             .clone()
@@ -348,7 +420,8 @@ impl Measured {
         let mut out = String::from("## Control plane\n\n");
         let _ = writeln!(
             out,
-            "How fast a DestinationPolicy edit reaches every proxy, and what the controller costs.\n"
+            "How fast a DestinationPolicy edit and an endpoint change reach every proxy, and what the \
+             controller costs.\n"
         );
         let _ = writeln!(out, "- Command: `{command}`");
         let _ = writeln!(out, "- Date: {date}");
@@ -360,15 +433,18 @@ impl Measured {
              own HTTP/2 connection, subscribed to that Service, fetching its endpoints with the `Endpoints` \
              call when a version names ones it does not hold (as a proxy does; here once, on connecting), and \
              acknowledging every version at once; {} edits of the policy file (its timeout), each timed from \
-             the file's replacement to the moment each stream received the new version. Policy edits leave \
-             the endpoints as they are, so each sends every stream a few hundred bytes. The manifests source is told of edits by the \
+             the file's replacement to the moment each stream received the new version, then {} endpoint \
+             changes (one endpoint added to one EndpointSlice), timed the same way. Policy edits leave \
+             the endpoints as they are, so each sends every stream a few hundred bytes; an endpoint \
+             change sends the new version of one group (one slice's endpoints). The manifests source is told of edits by the \
              filesystem (inotify) and reads the directory once its events have been quiet for 10 ms, so \
              about 10 ms of each figure is that wait; the controller's own histogram below starts when \
              it sees the change.\n",
             args.endpoints,
             args.endpoints.div_ceil(ENDPOINTS_PER_SLICE),
             args.proxies,
-            args.edits
+            args.edits,
+            args.endpoint_changes
         );
         let _ = writeln!(out, "| Measure | Value |\n|---|---:|");
         let _ = writeln!(
@@ -390,6 +466,27 @@ impl Measured {
             out,
             "| Edit to the last proxy's acknowledgement, worst edit | {} ms |",
             ms(percentile(&last, 100.0))
+        );
+        let _ = writeln!(
+            out,
+            "| Endpoint change to a proxy's acknowledgement, p50 | {} ms |",
+            ms(percentile(&endpoint_all, 50.0))
+        );
+        let _ = writeln!(
+            out,
+            "| Endpoint change to a proxy's acknowledgement, p99 | {} ms |",
+            ms(percentile(&endpoint_all, 99.0))
+        );
+        let _ = writeln!(
+            out,
+            "| Endpoint change to the last proxy's acknowledgement, worst change | {} ms |",
+            ms(percentile(&endpoint_last, 100.0))
+        );
+        let _ = writeln!(
+            out,
+            "| Endpoints fetched per proxy: on connecting / per endpoint change | {} / {} |",
+            kib(self.fetched_on_connect),
+            kib(self.fetched_per_change)
         );
         let _ = writeln!(
             out,
@@ -445,10 +542,17 @@ mod tests {
     #[test]
     fn manifests_hold_every_endpoint_in_slices() {
         let dir = tempfile::tempdir().unwrap();
-        write_manifests(dir.path(), 250).unwrap();
+        write_manifests(dir.path(), 250, 0).unwrap();
         let yaml = std::fs::read_to_string(dir.path().join("reviews.yaml")).unwrap();
         assert_eq!(yaml.matches("kind: EndpointSlice").count(), 3);
         assert_eq!(yaml.matches("conditions: {ready: true}").count(), 250);
         assert!(yaml.contains("127.1.0.250") && yaml.contains("127.1.0.1]"));
+
+        // A change adds one endpoint to the first slice.
+        write_manifests(dir.path(), 250, 3).unwrap();
+        let yaml = std::fs::read_to_string(dir.path().join("reviews.yaml")).unwrap();
+        assert_eq!(yaml.matches("conditions: {ready: true}").count(), 251);
+        let first_slice = yaml.split("kind: EndpointSlice").nth(1).unwrap();
+        assert!(first_slice.contains("127.2.0.4]"));
     }
 }
