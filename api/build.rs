@@ -6,7 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Shared, not copied: one encoding of a destination goes to every proxy.
         .bytes(".outrigger.v1.DestinationUpdate.destination")
-        .bytes(".outrigger.v1.EndpointsReply.endpoints")
+        .bytes(".outrigger.v1.EndpointGroupContent.endpoints")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -11,9 +11,9 @@ use std::time::Instant;
 
 use futures_util::Stream;
 use outrigger_api::proto::{
-    self, ControllerMessage, DestinationUnknown, DestinationUpdate, EndpointGroup, EndpointsReply,
-    EndpointsRequest, ProxyMessage, Welcome, controller_message, discovery_server::Discovery,
-    proxy_message,
+    self, ControllerMessage, DestinationUnknown, DestinationUpdate, EndpointGroupContent,
+    EndpointsReply, EndpointsRequest, ProxyMessage, Welcome, controller_message,
+    discovery_server::Discovery, proxy_message,
 };
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::StreamExt;
@@ -160,12 +160,11 @@ impl Snapshot {
     /// replica, gives the same version to the same configuration, so proxies that reconnect are
     /// not sent what they already have, and never miss a change behind a reused number.
     pub fn known(
-        destination: proto::Destination,
+        mut destination: proto::Destination,
         groups: Vec<(String, Vec<proto::Endpoint>)>,
         changed_at: Instant,
     ) -> Self {
         use prost::Message as _;
-        let encoded = bytes::Bytes::from(destination.encode_to_vec());
         let endpoints: Vec<EndpointSet> = groups
             .into_iter()
             .map(|(name, endpoints)| {
@@ -177,12 +176,16 @@ impl Snapshot {
                 }
             })
             .collect();
-        let mut parts: Vec<&[u8]> = vec![&encoded];
-        for group in &endpoints {
-            parts.extend([group.name.as_bytes(), group.version.as_bytes()]);
-        }
+        destination.endpoint_groups = endpoints
+            .iter()
+            .map(|set| proto::EndpointGroup {
+                name: set.name.clone(),
+                version: set.version.clone(),
+            })
+            .collect();
+        let encoded = bytes::Bytes::from(destination.encode_to_vec());
         Self::Known {
-            version: content_version(&parts),
+            version: content_version(&[&encoded]),
             destination: Box::new(destination),
             encoded,
             endpoints,
@@ -370,18 +373,19 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<EndpointsRequest>,
     ) -> Result<Response<EndpointsReply>, Status> {
-        let EndpointsRequest { key, group } = request.into_inner();
+        let EndpointsRequest { key, groups } = request.into_inner();
         match self.snapshots.current(&key).as_deref() {
-            Some(Snapshot::Known { endpoints, .. }) => endpoints
-                .iter()
-                .find(|set| set.name == group)
-                .map(|set| {
-                    Response::new(EndpointsReply {
+            Some(Snapshot::Known { endpoints, .. }) => Ok(Response::new(EndpointsReply {
+                groups: endpoints
+                    .iter()
+                    .filter(|set| groups.contains(&set.name))
+                    .map(|set| EndpointGroupContent {
+                        name: set.name.clone(),
                         version: set.version.clone(),
                         endpoints: set.encoded.clone(),
                     })
-                })
-                .ok_or_else(|| Status::not_found(format!("{key} has no endpoint group {group}"))),
+                    .collect(),
+            })),
             _ => Err(Status::not_found(format!("{key}: {UNKNOWN_REASON}"))),
         }
     }
@@ -440,7 +444,7 @@ impl DiscoveryService {
                 Some((key, Some(snapshot))) = watches.next() => {
                     let Some(state) = subscribed.get_mut(&key) else { continue };
                     let reply = match &*snapshot {
-                        Snapshot::Known { version, destination, encoded, endpoints, changed_at } => {
+                        Snapshot::Known { version, destination, encoded, changed_at, .. } => {
                             if *version == state.sent_version {
                                 continue;
                             }
@@ -454,13 +458,6 @@ impl DiscoveryService {
                                 key,
                                 version: version.clone(),
                                 destination: encoded.clone(),
-                                endpoint_groups: endpoints
-                                    .iter()
-                                    .map(|set| EndpointGroup {
-                                        name: set.name.clone(),
-                                        version: set.version.clone(),
-                                    })
-                                    .collect(),
                             })
                         }
                         Snapshot::Unknown { reason } => {
@@ -798,20 +795,21 @@ mod tests {
         let mut client = DiscoveryClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
-        let mut fetch = async |key: &str, group: &str| {
+        let mut fetch = async |key: &str, groups: &[&str]| {
             client
                 .endpoints(EndpointsRequest {
                     key: key.into(),
-                    group: group.into(),
+                    groups: groups.iter().map(|g| g.to_string()).collect(),
                 })
                 .await
-                .map(|reply| reply.into_inner())
+                .map(|reply| reply.into_inner().groups)
         };
         let versions = |update: &DestinationUpdate| -> Vec<(String, String)> {
-            update
+            proto::Destination::decode(update.destination.clone())
+                .unwrap()
                 .endpoint_groups
-                .iter()
-                .map(|group| (group.name.clone(), group.version.clone()))
+                .into_iter()
+                .map(|group| (group.name, group.version))
                 .collect()
         };
 
@@ -823,9 +821,13 @@ mod tests {
         let mut stream = Stream::open(addr, "a", "").await;
         let first = versions(&stream.next_update().await);
         assert_eq!(first.len(), 2);
-        let fetched = fetch(KEY, "b").await.unwrap();
-        assert_eq!(fetched.version, first[1].1);
-        let endpoints = proto::Endpoints::decode(fetched.endpoints).unwrap();
+        let fetched = fetch(KEY, &["b", "gone"]).await.unwrap();
+        assert_eq!(fetched.len(), 1, "a group that is not there is left out");
+        assert_eq!(
+            (&fetched[0].name, &fetched[0].version),
+            (&first[1].0, &first[1].1)
+        );
+        let endpoints = proto::Endpoints::decode(fetched[0].endpoints.clone()).unwrap();
         assert_eq!(endpoints.endpoints[0].address, "10.0.0.2:80");
 
         // A policy edit names the same groups.
@@ -845,11 +847,9 @@ mod tests {
         let churned = versions(&stream.next_update().await);
         assert_eq!(churned[0], first[0]);
         assert_ne!(churned[1], first[1]);
-        assert_eq!(fetch(KEY, "b").await.unwrap().version, churned[1].1);
+        assert_eq!(fetch(KEY, &["b"]).await.unwrap()[0].version, churned[1].1);
 
-        let gone = fetch(KEY, "c").await.unwrap_err();
-        assert_eq!(gone.code(), tonic::Code::NotFound);
-        let unknown = fetch("nothing.shop.svc.cluster.local:80", "a")
+        let unknown = fetch("nothing.shop.svc.cluster.local:80", &["a"])
             .await
             .unwrap_err();
         assert_eq!(unknown.code(), tonic::Code::NotFound);

@@ -680,6 +680,8 @@ impl Index {
                             .collect()
                     })
                     .unwrap_or_default(),
+                // Named by `Snapshot::known`, from the groups.
+                endpoint_groups: Vec::new(),
             };
             let by_name = DestinationKey::Service {
                 namespace: service.namespace.clone(),

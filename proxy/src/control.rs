@@ -8,11 +8,12 @@ use outrigger_api::proto::{
     self, Ack, EndpointsRequest, Hello, Nack, ProxyMessage, Subscribe, Subscription,
     controller_message, discovery_client::DiscoveryClient, proxy_message,
 };
+use prost::Message as _;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, invalid};
 use crate::discovery::Destinations;
 use crate::metrics::{Metrics, UpdateLabels, UpdateResult};
 use crate::serve::stopped;
@@ -165,23 +166,42 @@ async fn session(
                 continue;
             }
             Some(controller_message::Message::Update(update)) => {
-                let mut fetched = Fetched::Named;
-                for group in destinations.missing_endpoints(&update.key, &update.endpoint_groups) {
-                    fetched = fetch_endpoints(&mut client, destinations, &update.key, group)
+                let proto::DestinationUpdate {
+                    key,
+                    version,
+                    destination,
+                } = update;
+                let destination = match decode_destination(destination) {
+                    Ok(destination) => destination,
+                    Err(error) => {
+                        if tx
+                            .send(send(answer(metrics, key, version, Err(error))))
+                            .await
+                            .is_err()
+                        {
+                            return Err(fail(welcomed, anyhow::anyhow!("stream closed")));
+                        }
+                        continue;
+                    }
+                };
+                let missing = destinations.missing_endpoints(&key, &destination.endpoint_groups);
+                let fetched = if missing.is_empty() {
+                    Fetched::Named
+                } else {
+                    fetch_endpoints(&mut client, destinations, &key, missing)
                         .await
                         .map_err(|status| {
                             fail(
                                 welcomed,
                                 anyhow::Error::new(status).context("fetching endpoints"),
                             )
-                        })?;
-                    if !matches!(fetched, Fetched::Named) {
-                        break;
-                    }
-                }
-                let (key, version) = (update.key.clone(), update.version.clone());
+                        })?
+                };
                 match fetched {
-                    Fetched::Named => answer(metrics, key, version, destinations.apply(update)),
+                    Fetched::Named => {
+                        let applied = destinations.apply(&key, version.clone(), destination);
+                        answer(metrics, key, version, applied)
+                    }
                     Fetched::Refused(error) => answer(metrics, key, version, Err(error)),
                     // A newer update (naming what was fetched, or without the group gone)
                     // follows on the stream; for a key gone unknown, a DestinationUnknown does.
@@ -200,45 +220,60 @@ async fn session(
     }
 }
 
-/// What fetching an endpoint group an update names gave.
-#[derive(Debug)]
-enum Fetched {
-    /// The version named, now held.
-    Named,
-    /// A newer version, now held.
-    Newer,
-    /// The key is no longer known, or the group is gone.
-    Gone,
-    Refused(ConfigError),
+fn decode_destination(encoded: bytes::Bytes) -> Result<proto::Destination, ConfigError> {
+    proto::Destination::decode(encoded)
+        .map_err(|error| invalid("destination", format!("does not decode: {error}")))
 }
 
+/// What fetching the endpoint groups a destination names gave, the first that holds of: one
+/// refused, one gone, one newer than named, all as named.
+#[derive(Debug)]
+enum Fetched {
+    Refused(ConfigError),
+    /// The key is no longer known, or a group is gone.
+    Gone,
+    /// A newer version of a group, now held.
+    Newer,
+    /// The versions named, now held.
+    Named,
+}
+
+/// Fetches `groups` of `key` in one call and holds every one that decodes.
 async fn fetch_endpoints(
     client: &mut DiscoveryClient<tonic::transport::Channel>,
     destinations: &Destinations,
     key: &str,
-    group: proto::EndpointGroup,
+    groups: Vec<proto::EndpointGroup>,
 ) -> Result<Fetched, tonic::Status> {
     let request = EndpointsRequest {
         key: key.to_string(),
-        group: group.name.clone(),
+        groups: groups.iter().map(|group| group.name.clone()).collect(),
     };
     let reply = match client.endpoints(request).await {
         Ok(reply) => reply.into_inner(),
         Err(status) if status.code() == tonic::Code::NotFound => return Ok(Fetched::Gone),
         Err(status) => return Err(status),
     };
-    let named = reply.version == group.version;
-    let fetched = proto::EndpointGroup {
-        name: group.name,
-        version: reply.version,
-    };
-    if let Err(error) = destinations.hold_endpoints(key, fetched, &reply.endpoints) {
-        return Ok(Fetched::Refused(error));
+    let (mut refused, mut gone, mut newer) = (None, false, false);
+    for group in groups {
+        let Some(content) = reply.groups.iter().find(|c| c.name == group.name) else {
+            gone = true;
+            continue;
+        };
+        newer |= content.version != group.version;
+        let fetched = proto::EndpointGroup {
+            name: group.name,
+            version: content.version.clone(),
+        };
+        if let Err(error) = destinations.hold_endpoints(key, fetched, &content.endpoints) {
+            refused.get_or_insert(error);
+        }
     }
-    Ok(if named {
-        Fetched::Named
-    } else {
-        Fetched::Newer
+    Ok(match refused {
+        Some(error) => Fetched::Refused(error),
+        None if gone => Fetched::Gone,
+        None if newer => Fetched::Newer,
+        None => Fetched::Named,
     })
 }
 
@@ -278,17 +313,13 @@ mod tests {
     #[test]
     fn a_destination_that_does_not_decode_is_rejected_with_the_reason() {
         let metrics = Metrics::new();
-        let (destinations, _subscriptions) = Destinations::new(metrics.clone());
-        let key = "web.default.svc.cluster.local:80";
-        destinations.entry(key);
-        let update = proto::DestinationUpdate {
-            key: key.into(),
-            version: "1".into(),
-            destination: bytes::Bytes::from_static(b"\xff\xff\xff"),
-            endpoint_groups: vec![],
-        };
-        let result = destinations.apply(update);
-        match answer(&metrics, key.into(), "1".into(), result) {
+        let result = decode_destination(bytes::Bytes::from_static(b"\xff\xff\xff")).map(|_| ());
+        match answer(
+            &metrics,
+            "web.default.svc.cluster.local:80".into(),
+            "1".into(),
+            result,
+        ) {
             proxy_message::Message::Nack(nack) => {
                 assert_eq!(nack.version, "1");
                 assert!(
@@ -347,7 +378,7 @@ mod tests {
             name: "a".into(),
             version: version.into(),
         };
-        let fetched = fetch_endpoints(&mut client, &destinations, key, group(named))
+        let fetched = fetch_endpoints(&mut client, &destinations, key, vec![group(named)])
             .await
             .unwrap();
         let held = destinations
@@ -358,24 +389,31 @@ mod tests {
 
     #[tokio::test]
     async fn fetched_endpoints_are_held_whichever_version_they_are() {
-        let e2 = Some(proto::EndpointsReply {
-            version: "e2".into(),
-            endpoints: prost::Message::encode_to_vec(&proto::Endpoints::default()).into(),
-        });
+        let reply = |endpoints: bytes::Bytes| proto::EndpointsReply {
+            groups: vec![proto::EndpointGroupContent {
+                name: "a".into(),
+                version: "e2".into(),
+                endpoints,
+            }],
+        };
+        let e2 = Some(reply(proto::Endpoints::default().encode_to_vec().into()));
         assert!(matches!(
             fetch_from(e2.clone(), "e2").await,
             (Fetched::Named, true)
         ));
         // The update named an older version: the one fetched waits for the update naming it.
         assert!(matches!(fetch_from(e2, "e1").await, (Fetched::Newer, true)));
+        // The key is gone, or the group.
         assert!(matches!(
             fetch_from(None, "e2").await,
             (Fetched::Gone, false)
         ));
-        let garbage = Some(proto::EndpointsReply {
-            version: "e2".into(),
-            endpoints: bytes::Bytes::from_static(b"\xff\xff"),
-        });
+        let no_groups = Some(proto::EndpointsReply::default());
+        assert!(matches!(
+            fetch_from(no_groups, "e2").await,
+            (Fetched::Gone, false)
+        ));
+        let garbage = Some(reply(bytes::Bytes::from_static(b"\xff\xff")));
         match fetch_from(garbage, "e2").await {
             (Fetched::Refused(error), false) => assert_eq!(error.field, "endpoints[a]"),
             _ => panic!("endpoints that do not decode are refused, and not held"),

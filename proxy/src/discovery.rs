@@ -188,15 +188,18 @@ impl Destinations {
     }
 
     /// Validates and applies a new version; on error the previous version stays in force.
-    pub fn apply(&self, update: proto::DestinationUpdate) -> Result<(), ConfigError> {
-        let Some(entry) = self.existing(&update.key) else {
+    pub fn apply(
+        &self,
+        key: &str,
+        version: String,
+        destination: proto::Destination,
+    ) -> Result<(), ConfigError> {
+        let Some(entry) = self.existing(key) else {
             // Not subscribed (any more): nothing to do.
             return Ok(());
         };
-        let endpoints = entry.endpoints(&update.endpoint_groups)?;
-        let destination = proto::Destination::decode(update.destination)
-            .map_err(|error| invalid("destination", format!("does not decode: {error}")))?;
-        let config = DestinationConfig::from_proto(update.version, destination, endpoints)?;
+        let endpoints = entry.endpoints(&destination.endpoint_groups)?;
+        let config = DestinationConfig::from_proto(version, destination, endpoints)?;
         entry.state.send_modify(|state| {
             let previous = match &*state {
                 Resolution::Ready(previous) => Some(previous.as_ref()),
@@ -260,23 +263,14 @@ mod tests {
             .collect()
     }
 
-    fn update(
-        version: &str,
-        subsets: &[&str],
-        groups: &[proto::EndpointGroup],
-    ) -> proto::DestinationUpdate {
-        let destination = proto::Destination {
+    fn destination(subsets: &[&str], groups: &[proto::EndpointGroup]) -> proto::Destination {
+        proto::Destination {
             namespace: "default".into(),
             service: "web".into(),
             port: 80,
             subsets: subsets.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        };
-        proto::DestinationUpdate {
-            key: KEY.into(),
-            version: version.into(),
-            destination: destination.encode_to_vec().into(),
             endpoint_groups: groups.to_vec(),
+            ..Default::default()
         }
     }
 
@@ -321,21 +315,25 @@ mod tests {
         // Not held: refused, nothing applied.
         assert_eq!(destinations.missing_endpoints(KEY, &both), both);
         assert_eq!(
-            destinations.apply(update("0", &["stable"], &both)),
+            destinations.apply(KEY, "0".into(), destination(&["stable"], &both)),
             Err(invalid("endpoints[a]", "version `1` is not held"))
         );
 
         hold("a", "1", &["10.0.0.1:80"]).unwrap();
         hold("b", "1", &["10.0.0.2:80"]).unwrap();
         assert!(destinations.missing_endpoints(KEY, &both).is_empty());
-        destinations.apply(update("1", &["stable"], &both)).unwrap();
+        destinations
+            .apply(KEY, "1".into(), destination(&["stable"], &both))
+            .unwrap();
         assert_eq!(
             applied(&destinations),
             ("1".into(), vec![addr("10.0.0.1:80"), addr("10.0.0.2:80")])
         );
 
         // A policy that cannot apply to them (their subset is not declared) is refused.
-        let refused = destinations.apply(update("2", &[], &both)).unwrap_err();
+        let refused = destinations
+            .apply(KEY, "2".into(), destination(&[], &both))
+            .unwrap_err();
         assert_eq!(refused.field, "endpoints[0].subsets");
         assert_eq!(applied(&destinations).0, "1");
 
@@ -349,7 +347,7 @@ mod tests {
         assert_eq!(destinations.missing_endpoints(KEY, &churned), churned[1..]);
         hold("b", "3", &["10.0.0.3:80"]).unwrap();
         destinations
-            .apply(update("3", &["stable"], &churned[1..]))
+            .apply(KEY, "3".into(), destination(&["stable"], &churned[1..]))
             .unwrap();
         assert_eq!(
             applied(&destinations),

@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use outrigger_api::proto::{
-    Ack, EndpointsRequest, Hello, ProxyMessage, Subscribe, Subscription, controller_message,
-    discovery_client::DiscoveryClient, proxy_message,
+    self as proto, Ack, EndpointsRequest, Hello, ProxyMessage, Subscribe, Subscription,
+    controller_message, discovery_client::DiscoveryClient, proxy_message,
 };
 use outrigger_tests::process::{ChildProcess, free_port};
+use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -70,7 +71,7 @@ pub fn run(args: ControlPlaneArgs, machine: String, date: String) -> Result<()> 
         .build()
         .context("starting the runtime")?;
     let manifests = std::env::temp_dir().join(format!("outrigger-bench-cp-{}", std::process::id()));
-    write_manifests(&manifests, args.endpoints, 0)?;
+    write_manifests(&manifests, args.endpoints)?;
     write_policy(&manifests, 1)?;
     let result = runtime.block_on(measure(&args, &manifests));
     let _ = std::fs::remove_dir_all(&manifests);
@@ -151,7 +152,7 @@ async fn measure(args: &ControlPlaneArgs, manifests: &Path) -> Result<Measured> 
     .await?;
     let (endpoint_latencies, _) =
         time_changes(&received, previous, args.endpoint_changes, |change| {
-            write_manifests(manifests, args.endpoints, change + 1)
+            write_slice(manifests, 0, args.endpoints, change + 1)
         })
         .await?;
     let fetched_per_change =
@@ -289,18 +290,23 @@ async fn simulate_proxy(
             return Ok(());
         };
         if let Some(controller_message::Message::Update(update)) = message.message {
-            // As a proxy does: fetch the endpoint groups an update names that are not held.
-            for group in &update.endpoint_groups {
-                if held.get(&group.name) == Some(&group.version) {
-                    continue;
-                }
+            // As a proxy does: fetch the endpoint groups the destination names that are not held.
+            let destination = proto::Destination::decode(update.destination)?;
+            let missing: Vec<String> = destination
+                .endpoint_groups
+                .into_iter()
+                .filter(|group| held.get(&group.name) != Some(&group.version))
+                .map(|group| group.name)
+                .collect();
+            if !missing.is_empty() {
                 let request = EndpointsRequest {
                     key: update.key.clone(),
-                    group: group.name.clone(),
+                    groups: missing,
                 };
-                let reply = client.endpoints(request).await?.into_inner();
-                fetched.fetch_add(reply.endpoints.len() as u64, Ordering::Relaxed);
-                held.insert(group.name.clone(), reply.version);
+                for group in client.endpoints(request).await?.into_inner().groups {
+                    fetched.fetch_add(group.endpoints.len() as u64, Ordering::Relaxed);
+                    held.insert(group.name, group.version);
+                }
             }
             let at = Instant::now();
             tx.send(send(proxy_message::Message::Ack(Ack {
@@ -313,41 +319,46 @@ async fn simulate_proxy(
     }
 }
 
-/// The Service and its EndpointSlices; `change` > 0 adds one endpoint, different for each
-/// `change`, to the first slice.
-fn write_manifests(dir: &Path, endpoints: usize, change: usize) -> Result<()> {
+/// The Service, and its EndpointSlices each in a file of its own, so that changing one is one
+/// file's event, as it is one object's watch event in a cluster.
+fn write_manifests(dir: &Path, endpoints: usize) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut yaml = String::from(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: bench}\n\
-         spec: {clusterIP: 10.96.0.30, ports: [{name: http, port: 9080}]}\n",
-    );
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: bench}\n\
+         spec: {clusterIP: 10.96.0.30, ports: [{name: http, port: 9080}]}\n";
+    replace_file(dir, "reviews.yaml", service).context("writing the Service")?;
     for slice in 0..endpoints.div_ceil(ENDPOINTS_PER_SLICE) {
-        write!(
-            yaml,
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-             metadata: {{name: reviews-{slice}, namespace: bench, labels: {{kubernetes.io/service-name: reviews}}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: 9080}}]\nendpoints:\n"
-        )?;
-        for index in slice * ENDPOINTS_PER_SLICE..((slice + 1) * ENDPOINTS_PER_SLICE).min(endpoints)
-        {
-            // Addresses only: nothing ever connects to them.
-            writeln!(
-                yaml,
-                "- {{addresses: [127.1.{}.{}], conditions: {{ready: true}}}}",
-                index / 250,
-                index % 250 + 1
-            )?;
-        }
-        if slice == 0 && change > 0 {
-            writeln!(
-                yaml,
-                "- {{addresses: [127.2.{}.{}], conditions: {{ready: true}}}}",
-                change / 250,
-                change % 250 + 1
-            )?;
-        }
+        write_slice(dir, slice, endpoints, 0)?;
     }
-    replace_file(dir, "reviews.yaml", &yaml).context("writing the Service manifests")
+    Ok(())
+}
+
+/// EndpointSlice number `slice`; `change` > 0 adds one endpoint to it, different for each
+/// `change`.
+fn write_slice(dir: &Path, slice: usize, endpoints: usize, change: usize) -> Result<()> {
+    let mut yaml = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: reviews-{slice}, namespace: bench, labels: {{kubernetes.io/service-name: reviews}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 9080}}]\nendpoints:\n"
+    );
+    for index in slice * ENDPOINTS_PER_SLICE..((slice + 1) * ENDPOINTS_PER_SLICE).min(endpoints) {
+        // Addresses only: nothing ever connects to them.
+        writeln!(
+            yaml,
+            "- {{addresses: [127.1.{}.{}], conditions: {{ready: true}}}}",
+            index / 250,
+            index % 250 + 1
+        )?;
+    }
+    if change > 0 {
+        writeln!(
+            yaml,
+            "- {{addresses: [127.2.{}.{}], conditions: {{ready: true}}}}",
+            change / 250,
+            change % 250 + 1
+        )?;
+    }
+    replace_file(dir, &format!("reviews-slice-{slice}.yaml"), &yaml)
+        .with_context(|| format!("writing EndpointSlice {slice}"))
 }
 
 /// The policy, with a timeout that differs at each edit so each edit is a new version.
@@ -542,17 +553,28 @@ mod tests {
     #[test]
     fn manifests_hold_every_endpoint_in_slices() {
         let dir = tempfile::tempdir().unwrap();
-        write_manifests(dir.path(), 250, 0).unwrap();
-        let yaml = std::fs::read_to_string(dir.path().join("reviews.yaml")).unwrap();
+        write_manifests(dir.path(), 250).unwrap();
+        let all = || -> String {
+            let mut files: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|entry| entry.unwrap().path())
+                .collect();
+            files.sort();
+            files
+                .iter()
+                .map(|file| std::fs::read_to_string(file).unwrap())
+                .collect()
+        };
+        let yaml = all();
+        assert_eq!(yaml.matches("kind: Service").count(), 1);
         assert_eq!(yaml.matches("kind: EndpointSlice").count(), 3);
         assert_eq!(yaml.matches("conditions: {ready: true}").count(), 250);
         assert!(yaml.contains("127.1.0.250") && yaml.contains("127.1.0.1]"));
 
-        // A change adds one endpoint to the first slice.
-        write_manifests(dir.path(), 250, 3).unwrap();
-        let yaml = std::fs::read_to_string(dir.path().join("reviews.yaml")).unwrap();
-        assert_eq!(yaml.matches("conditions: {ready: true}").count(), 251);
-        let first_slice = yaml.split("kind: EndpointSlice").nth(1).unwrap();
-        assert!(first_slice.contains("127.2.0.4]"));
+        // A change adds one endpoint to one slice.
+        write_slice(dir.path(), 0, 250, 3).unwrap();
+        assert_eq!(all().matches("conditions: {ready: true}").count(), 251);
+        let first = std::fs::read_to_string(dir.path().join("reviews-slice-0.yaml")).unwrap();
+        assert!(first.contains("127.2.0.4]"));
     }
 }
