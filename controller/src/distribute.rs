@@ -92,9 +92,10 @@ impl Default for Snapshots {
 }
 
 impl Snapshots {
-    pub fn publish(&self, key: &str, snapshot: Snapshot) {
+    /// Publishes `snapshot` for `key`; one snapshot may serve several keys.
+    pub fn publish(&self, key: &str, snapshot: Arc<Snapshot>) {
         let mut inner = self.inner.lock().expect("snapshots lock");
-        let snapshot = Some(Arc::new(snapshot));
+        let snapshot = Some(snapshot);
         match inner.channels.get(key) {
             Some(channel) => {
                 channel.send_replace(snapshot);
@@ -619,7 +620,7 @@ mod tests {
             unreachable!("Snapshot::known is known")
         };
         let version = version.clone();
-        snapshots.publish(KEY, snapshot);
+        snapshots.publish(KEY, Arc::new(snapshot));
         version
     }
 

@@ -26,9 +26,6 @@ use crate::distribute::{Snapshot, Snapshots};
 use crate::metrics::Metrics;
 use crate::translate::{PolicyError, Translated, translate};
 
-/// A destination's endpoints by the EndpointSlice they come from, ordered by its name.
-type Groups = Vec<(String, Vec<proto::Endpoint>)>;
-
 /// The label an EndpointSlice names its Service with.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The appProtocol of a Service port whose endpoints speak HTTP/2 without TLS.
@@ -592,7 +589,7 @@ impl Index {
 
     /// Publishes what changed for a Service, and withdraws the keys it no longer has.
     fn recompute(&mut self, service: &ObjectKey, changed_at: Instant) {
-        let destinations = self.destinations(service);
+        let destinations = self.destinations(service, changed_at);
         let published = self.published.entry(service.clone()).or_default();
         published.retain(|key, _| {
             let kept = destinations.contains_key(key);
@@ -601,9 +598,8 @@ impl Index {
             }
             kept
         });
-        for (key, (destination, groups)) in destinations {
-            let snapshot = Snapshot::known(destination, groups, changed_at);
-            let Snapshot::Known { version, .. } = &snapshot else {
+        for (key, snapshot) in destinations {
+            let Snapshot::Known { version, .. } = &*snapshot else {
                 unreachable!("Snapshot::known is known")
             };
             if published.get(&key) == Some(version) {
@@ -617,9 +613,14 @@ impl Index {
         }
     }
 
-    /// Every key of a Service with its destination and endpoints, grouped by EndpointSlice (so a
-    /// pod coming or going changes one group); none when the Service is unknown.
-    fn destinations(&self, service: &ObjectKey) -> BTreeMap<String, (proto::Destination, Groups)> {
+    /// Every key of a Service with its snapshot (one per port, whichever key names it), endpoints
+    /// grouped by EndpointSlice so that a pod coming or going changes one group; none when the
+    /// Service is unknown.
+    fn destinations(
+        &self,
+        service: &ObjectKey,
+        changed_at: Instant,
+    ) -> BTreeMap<String, Arc<Snapshot>> {
         let Some(state) = self.services.get(service) else {
             return BTreeMap::new();
         };
@@ -634,7 +635,8 @@ impl Index {
             .collect();
         let mut destinations = BTreeMap::new();
         for port in &state.ports {
-            let mut groups = Groups::new();
+            // Endpoints by the EndpointSlice they come from, in the order of its name.
+            let mut groups = Vec::new();
             let mut seen = HashSet::new();
             for (name, slice) in &slices {
                 let Some(&target_port) = slice.ports.get(&port.name) else {
@@ -692,8 +694,9 @@ impl Index {
                 .cluster_ips
                 .iter()
                 .map(|&ip| DestinationKey::Address(SocketAddr::new(ip, port.port)));
+            let snapshot = Arc::new(Snapshot::known(destination, groups, changed_at));
             for key in std::iter::once(by_name).chain(by_address) {
-                destinations.insert(key.to_string(), (destination.clone(), groups.clone()));
+                destinations.insert(key.to_string(), snapshot.clone());
             }
         }
         destinations

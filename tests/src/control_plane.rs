@@ -67,7 +67,7 @@ impl ControlPlane {
             unreachable!("Snapshot::known is known")
         };
         let version = version.clone();
-        self.snapshots.publish(key, snapshot);
+        self.snapshots.publish(key, std::sync::Arc::new(snapshot));
         version
     }
 
