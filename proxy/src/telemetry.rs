@@ -88,6 +88,7 @@ where
                 started,
                 grpc,
                 grpc_ok: grpc_status,
+                body_failed: false,
             };
             Ok(response.map(|body| {
                 boxed(RecordedBody {
@@ -107,12 +108,16 @@ struct Recorder {
     grpc: bool,
     /// `grpc-status` seen in the headers (trailers-only response) or trailers: true when 0.
     grpc_ok: Option<bool>,
+    /// The body was cut short (a reset upstream, a deadline): whatever the status said, the app
+    /// did not get the response.
+    body_failed: bool,
 }
 
 impl Drop for Recorder {
     /// Runs when the response body is finished or abandoned: the request is over either way.
     fn drop(&mut self) {
-        let failed = self.status >= 500 || (self.grpc && self.grpc_ok != Some(true));
+        let failed =
+            self.status >= 500 || (self.grpc && self.grpc_ok != Some(true)) || self.body_failed;
         let classification = if failed {
             Classification::Failure
         } else {
@@ -151,10 +156,14 @@ impl http_body::Body for RecordedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         let frame = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &frame
-            && let Some(status) = frame.trailers_ref().and_then(|t| t.get("grpc-status"))
-        {
-            this.recorder.grpc_ok = Some(status.as_bytes() == b"0");
+        match &frame {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(status) = frame.trailers_ref().and_then(|t| t.get("grpc-status")) {
+                    this.recorder.grpc_ok = Some(status.as_bytes() == b"0");
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.recorder.body_failed = true,
+            _ => {}
         }
         frame
     }

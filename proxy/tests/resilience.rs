@@ -276,6 +276,47 @@ async fn the_request_timeout_bounds_everything_including_retries() {
 }
 
 #[tokio::test]
+async fn the_request_timeout_cuts_a_body_still_streaming_when_it_passes() {
+    use http_body_util::BodyExt;
+    let policy = proto::Policy {
+        timeout_ms: Some(200),
+        ..Default::default()
+    };
+    let m = mesh(&[("stable", 1)], policy, vec![]).await;
+    let mut conn = Conn::http1(m.proxy.outbound).await;
+    let response = conn.send_raw(request("web", "/stream")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"first\n");
+    // The backend holds its last chunk back past the deadline: the app's body is cut there.
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .expect("cut at the deadline, not left hanging");
+    assert!(rest.is_err(), "the body must not look complete: {rest:?}");
+    let base =
+        r#"direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route="""#;
+    assert_eq!(
+        metric(
+            m.proxy.admin,
+            &format!(r#"outrigger_timeouts_total{{{base},kind="request"}}"#)
+        )
+        .await,
+        1.0
+    );
+    // A 200 whose body was cut is a failure, not a success.
+    eventually("the cut response counts as a failure", || async {
+        let metrics = admin_get(m.proxy.admin, "/metrics").await.body;
+        metrics.lines().any(|line| {
+            line.starts_with("outrigger_requests_total{")
+                && line.contains(r#"status_code="200",classification="failure""#)
+                && line.ends_with(" 1")
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_slow_attempt_times_out_and_is_retried_on_another_endpoint() {
     let mut attempts = retries(2, &[proto::RetryOn::GatewayError]);
     attempts.per_try_timeout_ms = Some(100);
