@@ -135,6 +135,19 @@ impl Snapshots {
         }
     }
 
+    /// A stream let go of `key`: when no stream watches it any more and the index never published
+    /// it (an address no Service owns), its channel goes too, so keys asked about once do not
+    /// pile up.
+    pub fn release(&self, key: &str) {
+        let mut inner = self.inner.lock().expect("snapshots lock");
+        if let Some(channel) = inner.channels.get(key)
+            && channel.receiver_count() == 0
+            && !matches!(channel.borrow().as_deref(), Some(Snapshot::Known { .. }))
+        {
+            inner.channels.remove(key);
+        }
+    }
+
     /// The current snapshot of one key, without subscribing to it.
     pub fn current(&self, key: &str) -> Slot {
         let inner = self.inner.lock().expect("snapshots lock");
@@ -255,6 +268,10 @@ pub type Subscribers = HashMap<String, HashMap<ProxyId, Holding>>;
 pub enum ProxyEvent {
     Connected(ProxyId),
     Disconnected(ProxyId),
+    Unsubscribed {
+        proxy: ProxyId,
+        keys: Vec<String>,
+    },
     Acked {
         proxy: ProxyId,
         key: String,
@@ -479,6 +496,10 @@ impl DiscoveryService {
             }
         }
         self.metrics.proxies_connected.dec();
+        drop(watches);
+        for key in subscribed.keys() {
+            self.snapshots.release(key);
+        }
         self.forget(&proxy, subscribed.into_keys());
         let _ = self.events.send(ProxyEvent::Disconnected(proxy));
     }
@@ -532,8 +553,13 @@ impl DiscoveryService {
                 for key in &unsubscribe.keys {
                     watches.remove(key);
                     subscribed.remove(key);
+                    self.snapshots.release(key);
                 }
-                self.forget(proxy, unsubscribe.keys);
+                self.forget(proxy, unsubscribe.keys.clone());
+                let _ = self.events.send(ProxyEvent::Unsubscribed {
+                    proxy: proxy.clone(),
+                    keys: unsubscribe.keys,
+                });
             }
             Some(proxy_message::Message::Ack(ack)) => {
                 if let Some(awaiting) = answered(subscribed, &ack.key, &ack.version) {
@@ -854,5 +880,61 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(unknown.code(), tonic::Code::NotFound);
+    }
+
+    #[tokio::test]
+    async fn keys_no_service_owns_are_let_go_when_no_stream_watches_them() {
+        let snapshots = Snapshots::default();
+        snapshots.mark_synced();
+        let service = DiscoveryService::new(snapshots.clone(), Metrics::default(), "test".into());
+        let mut events = service.events();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(crate::serve_grpc(listener, service, shutdown));
+        let mut until = async |wanted: fn(&ProxyEvent) -> bool| {
+            while !wanted(&events.recv().await.unwrap()) {}
+        };
+
+        // Unsubscribed.
+        let a = Stream::open(addr, "a", "").await;
+        until(|e| matches!(e, ProxyEvent::Connected(_))).await;
+        eventually_unknown(&snapshots).await;
+        a.answer(proxy_message::Message::Unsubscribe(proto::Unsubscribe {
+            keys: vec![KEY.into()],
+        }))
+        .await;
+        until(|e| matches!(e, ProxyEvent::Unsubscribed { .. })).await;
+        assert!(snapshots.current(KEY).is_none());
+
+        // Disconnected.
+        let b = Stream::open(addr, "b", "").await;
+        until(|e| matches!(e, ProxyEvent::Connected(_))).await;
+        eventually_unknown(&snapshots).await;
+        drop(b);
+        until(|e| matches!(e, ProxyEvent::Disconnected(_))).await;
+        assert!(snapshots.current(KEY).is_none());
+
+        // A key the index published stays, watched or not.
+        let version = publish(&snapshots, 1);
+        let mut c = Stream::open(addr, "c", "").await;
+        assert_eq!(c.update().await, version);
+        drop(c);
+        until(|e| matches!(e, ProxyEvent::Disconnected(_))).await;
+        assert!(snapshots.current(KEY).is_some());
+    }
+
+    /// The subscription of a stream just opened lands after its Connected event.
+    async fn eventually_unknown(snapshots: &Snapshots) {
+        for _ in 0..200 {
+            if matches!(
+                snapshots.current(KEY).as_deref(),
+                Some(Snapshot::Unknown { .. })
+            ) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("{KEY} was never watched");
     }
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use outrigger_api::proto::{
-    self, Ack, EndpointsRequest, Hello, Nack, ProxyMessage, Subscribe, Subscription,
+    self, Ack, EndpointsRequest, Hello, Nack, ProxyMessage, Subscribe, Subscription, Unsubscribe,
     controller_message, discovery_client::DiscoveryClient, proxy_message,
 };
 use prost::Message as _;
@@ -25,6 +25,15 @@ pub struct Identity {
     pub service_account: String,
 }
 
+/// The control plane, and how this proxy uses it.
+#[derive(Clone, Debug)]
+pub struct ControlPlane {
+    pub url: String,
+    pub identity: Identity,
+    /// Destinations unused this long are unsubscribed from.
+    pub idle_timeout: Duration,
+}
+
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
@@ -35,8 +44,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// Runs until `shutdown`. `ready` turns true at the first Welcome and stays true.
 pub async fn run(
-    url: String,
-    identity: Identity,
+    control_plane: ControlPlane,
     destinations: Destinations,
     mut subscriptions: mpsc::UnboundedReceiver<String>,
     metrics: Metrics,
@@ -46,8 +54,7 @@ pub async fn run(
     let mut backoff = BACKOFF_MIN;
     loop {
         let session = session(
-            &url,
-            &identity,
+            &control_plane,
             &destinations,
             &mut subscriptions,
             &metrics,
@@ -57,7 +64,7 @@ pub async fn run(
             result = session => match result {
                 Ok(()) => true,
                 Err(SessionError { welcomed, error }) => {
-                    tracing::warn!(%url, error = %error, "control plane stream lost");
+                    tracing::warn!(url = %control_plane.url, error = %error, "control plane stream lost");
                     welcomed
                 }
             },
@@ -83,8 +90,7 @@ struct SessionError {
 }
 
 async fn session(
-    url: &str,
-    identity: &Identity,
+    control_plane: &ControlPlane,
     destinations: &Destinations,
     subscriptions: &mut mpsc::UnboundedReceiver<String>,
     metrics: &Metrics,
@@ -92,7 +98,7 @@ async fn session(
 ) -> Result<(), SessionError> {
     let mut welcomed = false;
     let fail = |welcomed, error: anyhow::Error| SessionError { welcomed, error };
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+    let channel = tonic::transport::Endpoint::from_shared(control_plane.url.clone())
         .map_err(|e| {
             fail(
                 false,
@@ -115,9 +121,9 @@ async fn session(
         message: Some(message),
     };
     let hello = proxy_message::Message::Hello(Hello {
-        namespace: identity.namespace.clone(),
-        workload: identity.workload.clone(),
-        service_account: identity.service_account.clone(),
+        namespace: control_plane.identity.namespace.clone(),
+        workload: control_plane.identity.workload.clone(),
+        service_account: control_plane.identity.service_account.clone(),
         proxy_version: env!("CARGO_PKG_VERSION").to_string(),
     });
     // Everything subscribed so far, with what is applied, so only changes come back. Keys queued
@@ -134,6 +140,8 @@ async fn session(
         .await
         .map_err(|e| fail(false, anyhow::Error::new(e).context("opening stream")))?
         .into_inner();
+    let first_sweep = tokio::time::Instant::now() + control_plane.idle_timeout;
+    let mut sweeps = tokio::time::interval_at(first_sweep, control_plane.idle_timeout);
     loop {
         let message = tokio::select! {
             message = incoming.message() => message,
@@ -143,6 +151,16 @@ async fn session(
                 });
                 if tx.send(send(subscribe)).await.is_err() {
                     return Err(fail(welcomed, anyhow::anyhow!("stream closed")));
+                }
+                continue;
+            }
+            _ = sweeps.tick() => {
+                let keys = destinations.sweep();
+                if !keys.is_empty() {
+                    let unsubscribe = proxy_message::Message::Unsubscribe(Unsubscribe { keys });
+                    if tx.send(send(unsubscribe)).await.is_err() {
+                        return Err(fail(welcomed, anyhow::anyhow!("stream closed")));
+                    }
                 }
                 continue;
             }

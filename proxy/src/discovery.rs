@@ -5,6 +5,7 @@
 //! replaces it atomically: requests already running finish on the version they started with.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ pub enum Resolution {
 
 pub struct Entry {
     state: watch::Sender<Resolution>,
+    /// Looked up since the last sweep.
+    used: AtomicBool,
     /// The endpoint groups last fetched for this destination, by name, which updates name with
     /// their versions.
     endpoints: Mutex<HashMap<String, HeldEndpoints>>,
@@ -116,15 +119,33 @@ impl Destinations {
     pub fn entry(&self, key: &str) -> Arc<Entry> {
         let mut entries = self.inner.entries.lock().expect("destinations lock");
         if let Some(entry) = entries.get(key) {
+            entry.used.store(true, Ordering::Relaxed);
             return entry.clone();
         }
         let entry = Arc::new(Entry {
             state: watch::Sender::new(Resolution::Pending),
+            used: AtomicBool::new(true),
             endpoints: Mutex::default(),
         });
         entries.insert(key.to_string(), entry.clone());
         let _ = self.inner.subscribe.send(key.to_string());
         entry
+    }
+
+    /// Forgets the destinations not looked up since the last sweep that nothing holds (no open
+    /// connection, no request in flight); returns their keys, to unsubscribe from.
+    pub fn sweep(&self) -> Vec<String> {
+        let mut entries = self.inner.entries.lock().expect("destinations lock");
+        let mut idle = Vec::new();
+        entries.retain(|key, entry| {
+            let used = entry.used.swap(false, Ordering::Relaxed);
+            let kept = used || Arc::strong_count(entry) > 1;
+            if !kept {
+                idle.push(key.clone());
+            }
+            kept
+        });
+        idle
     }
 
     fn existing(&self, key: &str) -> Option<Arc<Entry>> {
@@ -358,5 +379,31 @@ mod tests {
         // Unknown drops them all.
         destinations.set_unknown(KEY, "gone".into());
         assert_eq!(destinations.missing_endpoints(KEY, &churned), churned);
+    }
+
+    #[test]
+    fn a_sweep_forgets_what_was_neither_used_since_the_last_nor_held() {
+        let (destinations, mut subscriptions) = Destinations::new(Metrics::new());
+        let held = destinations.entry("held.default.svc.cluster.local:80");
+        destinations.entry("idle.default.svc.cluster.local:80");
+        destinations.entry("used.default.svc.cluster.local:80");
+        while subscriptions.try_recv().is_ok() {}
+
+        // Everything was just used.
+        assert!(destinations.sweep().is_empty());
+        destinations.entry("used.default.svc.cluster.local:80");
+        assert_eq!(destinations.sweep(), ["idle.default.svc.cluster.local:80"]);
+        assert_eq!(destinations.sweep(), ["used.default.svc.cluster.local:80"]);
+        // Held (an open connection, a request waiting): kept, however long.
+        assert!(destinations.sweep().is_empty());
+        drop(held);
+        assert_eq!(destinations.sweep(), ["held.default.svc.cluster.local:80"]);
+
+        // Used again after being forgotten: subscribed again.
+        destinations.entry("idle.default.svc.cluster.local:80");
+        assert_eq!(
+            subscriptions.try_recv().unwrap(),
+            "idle.default.svc.cluster.local:80"
+        );
     }
 }

@@ -45,7 +45,7 @@ use tokio::sync::watch;
 use tower::{Layer, ServiceExt};
 
 use crate::admin::Admin;
-use crate::control::Identity;
+use crate::control::{ControlPlane, Identity};
 use crate::discovery::Destinations;
 use crate::inbound::{Inbound, InboundService};
 use crate::metrics::{Direction, DstLabels, Metrics};
@@ -99,6 +99,10 @@ pub struct Settings {
     /// How long a request to a new destination waits for the control plane.
     #[arg(long, env = "OUTRIGGER_DISCOVERY_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub discovery_timeout: Duration,
+    /// A destination that no connection or request has used for this long (up to twice this) is
+    /// forgotten, and the control plane told, so that addresses called once are not kept forever.
+    #[arg(long, env = "OUTRIGGER_DISCOVERY_IDLE_TIMEOUT", default_value = "1m", value_parser = parse_duration)]
+    pub discovery_idle_timeout: Duration,
 }
 
 /// Durations in the Gateway API form used everywhere in Outrigger: `250ms`, `10s`, `1m`, `1h`.
@@ -158,13 +162,17 @@ impl Proxy {
             header_read_timeout: settings.header_read_timeout,
         };
 
-        let control = tokio::spawn(control::run(
-            settings.control_plane.clone(),
-            Identity {
+        let control_plane = ControlPlane {
+            url: settings.control_plane.clone(),
+            identity: Identity {
                 namespace: settings.namespace.clone(),
                 workload: settings.workload.clone(),
                 service_account: settings.service_account.clone(),
             },
+            idle_timeout: settings.discovery_idle_timeout,
+        };
+        let control = tokio::spawn(control::run(
+            control_plane,
             destinations.clone(),
             subscriptions,
             metrics.clone(),

@@ -245,3 +245,32 @@ async fn a_controller_that_silently_vanishes_is_noticed_by_keepalive() {
     }
     panic!("the proxy never noticed the controller was gone");
 }
+
+#[tokio::test]
+async fn destinations_left_unused_are_unsubscribed_and_come_back_when_called() {
+    let mut cp = ControlPlane::start().await;
+    let backend = Backend::start("web").await;
+    cp.publish(
+        WEB,
+        destination("default", "web", 80, &[(backend.addr, &[])]),
+    );
+    let mut settings = settings(&cp.url(), backend.addr);
+    settings.discovery_idle_timeout = std::time::Duration::from_millis(200);
+    let proxy = RunningProxy::start(settings).await.ready().await;
+    assert_eq!(get(proxy.outbound, "web", "/").await.status, 200);
+
+    // The connection is closed: nothing uses the destination any more.
+    let keys = cp
+        .next_event(|e| match e {
+            ProxyEvent::Unsubscribed { keys, .. } => Some(keys),
+            _ => None,
+        })
+        .await;
+    assert_eq!(keys, [WEB]);
+    let config: serde_json::Value =
+        serde_json::from_str(&admin_get(proxy.admin, "/config").await.body).unwrap();
+    assert!(config["destinations"].get(WEB).is_none(), "{config}");
+
+    // Called again: subscribed again, and served.
+    assert_eq!(get(proxy.outbound, "web", "/").await.body, "web");
+}

@@ -34,6 +34,7 @@ impl RunningProxy {
             header_read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(1),
             discovery_timeout: Duration::from_secs(2),
+            discovery_idle_timeout: Duration::from_secs(60),
         })
         .await
         .expect("proxy binds");

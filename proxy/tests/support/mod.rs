@@ -27,6 +27,7 @@ pub fn settings(control_plane: &str, app_addr: SocketAddr) -> Settings {
         header_read_timeout: Duration::from_secs(10),
         drain_timeout: Duration::from_secs(5),
         discovery_timeout: Duration::from_secs(2),
+        discovery_idle_timeout: Duration::from_secs(60),
     }
 }
 
