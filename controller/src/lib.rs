@@ -182,6 +182,9 @@ pub async fn serve_grpc(
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                // A reply's frames go out as separate small writes: without this, Nagle holds the
+                // later ones until the proxy's delayed ACK, some 40 ms.
+                let _ = stream.set_nodelay(true);
                 let service = service.clone();
                 connections.spawn(async move {
                     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

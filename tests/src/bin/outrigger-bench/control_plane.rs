@@ -457,77 +457,69 @@ impl Measured {
             args.edits,
             args.endpoint_changes
         );
+        let proxies = args.proxies;
+        let at = |latencies: &[Duration], p: f64| format!("{} ms", ms(percentile(latencies, p)));
+        let rows = [
+            (
+                "Edit to a proxy's acknowledgement, p50".to_string(),
+                at(&all, 50.0),
+            ),
+            (
+                "Edit to a proxy's acknowledgement, p99".into(),
+                at(&all, 99.0),
+            ),
+            (
+                "Edit to the last proxy's acknowledgement, p50 over edits".into(),
+                at(&last, 50.0),
+            ),
+            (
+                "Edit to the last proxy's acknowledgement, worst edit".into(),
+                at(&last, 100.0),
+            ),
+            (
+                "Endpoint change to a proxy's acknowledgement, p50".into(),
+                at(&endpoint_all, 50.0),
+            ),
+            (
+                "Endpoint change to a proxy's acknowledgement, p99".into(),
+                at(&endpoint_all, 99.0),
+            ),
+            (
+                "Endpoint change to the last proxy's acknowledgement, worst change".into(),
+                at(&endpoint_last, 100.0),
+            ),
+            (
+                "Endpoints fetched per proxy: on connecting / per endpoint change".into(),
+                format!(
+                    "{} / {}",
+                    kib(self.fetched_on_connect),
+                    kib(self.fetched_per_change)
+                ),
+            ),
+            (
+                format!("{proxies} streams connected and first version acknowledged"),
+                format!("{} ms", ms(self.connect_time)),
+            ),
+            (
+                "Controller RSS, index loaded, no proxies".into(),
+                mib(self.rss_idle),
+            ),
+            (
+                format!("Controller RSS, {proxies} proxies connected"),
+                mib(self.rss_connected),
+            ),
+            (
+                format!(
+                    "Controller RSS, {proxies} proxies connected, {SETTLE:?} after the last edit"
+                ),
+                mib(self.rss_settled),
+            ),
+            ("Controller peak RSS (VmHWM)".into(), mib(self.rss_peak)),
+        ];
         let _ = writeln!(out, "| Measure | Value |\n|---|---:|");
-        let _ = writeln!(
-            out,
-            "| Edit to a proxy's acknowledgement, p50 | {} ms |",
-            ms(percentile(&all, 50.0))
-        );
-        let _ = writeln!(
-            out,
-            "| Edit to a proxy's acknowledgement, p99 | {} ms |",
-            ms(percentile(&all, 99.0))
-        );
-        let _ = writeln!(
-            out,
-            "| Edit to the last proxy's acknowledgement, p50 over edits | {} ms |",
-            ms(percentile(&last, 50.0))
-        );
-        let _ = writeln!(
-            out,
-            "| Edit to the last proxy's acknowledgement, worst edit | {} ms |",
-            ms(percentile(&last, 100.0))
-        );
-        let _ = writeln!(
-            out,
-            "| Endpoint change to a proxy's acknowledgement, p50 | {} ms |",
-            ms(percentile(&endpoint_all, 50.0))
-        );
-        let _ = writeln!(
-            out,
-            "| Endpoint change to a proxy's acknowledgement, p99 | {} ms |",
-            ms(percentile(&endpoint_all, 99.0))
-        );
-        let _ = writeln!(
-            out,
-            "| Endpoint change to the last proxy's acknowledgement, worst change | {} ms |",
-            ms(percentile(&endpoint_last, 100.0))
-        );
-        let _ = writeln!(
-            out,
-            "| Endpoints fetched per proxy: on connecting / per endpoint change | {} / {} |",
-            kib(self.fetched_on_connect),
-            kib(self.fetched_per_change)
-        );
-        let _ = writeln!(
-            out,
-            "| {} streams connected and first version acknowledged | {} ms |",
-            args.proxies,
-            ms(self.connect_time)
-        );
-        let _ = writeln!(
-            out,
-            "| Controller RSS, index loaded, no proxies | {} |",
-            mib(self.rss_idle)
-        );
-        let _ = writeln!(
-            out,
-            "| Controller RSS, {} proxies connected | {} |",
-            args.proxies,
-            mib(self.rss_connected)
-        );
-        let _ = writeln!(
-            out,
-            "| Controller RSS, {} proxies connected, {:?} after the last edit | {} |",
-            args.proxies,
-            SETTLE,
-            mib(self.rss_settled)
-        );
-        let _ = writeln!(
-            out,
-            "| Controller peak RSS (VmHWM) | {} |",
-            mib(self.rss_peak)
-        );
+        for (measure, value) in rows {
+            let _ = writeln!(out, "| {measure} | {value} |");
+        }
         let _ = writeln!(
             out,
             "\nThe controller's `outrigger_controller_push_seconds` (change seen to acknowledged) at the end:\n"
