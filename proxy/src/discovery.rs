@@ -36,11 +36,10 @@ pub struct Entry {
     endpoints: Mutex<HashMap<String, HeldEndpoints>>,
 }
 
-#[derive(Clone)]
 struct HeldEndpoints {
     version: String,
-    /// An encoded `proto::Endpoints`: a tenth of the decoded size, decoded again when a policy
-    /// change needs them.
+    /// An encoded `proto::Endpoints`, a fraction of the decoded size, decoded again when a new
+    /// version of the destination needs them.
     encoded: Bytes,
 }
 
