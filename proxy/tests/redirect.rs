@@ -283,6 +283,29 @@ fn inbound_connections_reach_the_app_through_the_proxy() {
                     assert_eq!(app.hits(), 3);
                     let inbound = r#"outrigger_requests_total{direction="inbound",dst_namespace="shop",dst_service="",dst_subset="",route="",status_code="200",classification="success"}"#;
                     assert_eq!(metric(admin, inbound).await, 3.0, "the requests went through the proxy");
+
+                    // Not HTTP (a database's port, say): forwarded as it is to the app.
+                    let database = tokio::net::TcpListener::bind("0.0.0.0:5432").await.unwrap();
+                    let echo = tokio::spawn(async move {
+                        let (mut stream, peer) = database.accept().await.unwrap();
+                        let (mut read, mut write) = stream.split();
+                        tokio::io::copy(&mut read, &mut write).await.unwrap();
+                        peer
+                    });
+                    client_ref.enter();
+                    let mut client = tokio::net::TcpStream::connect("10.231.0.2:5432").await.unwrap();
+                    server_ref.enter();
+                    client.write_all(b"\x00\x00\x00\x08\x04\xd2\x16\x2f").await.unwrap();
+                    client.shutdown().await.unwrap();
+                    let mut echoed = Vec::new();
+                    client.read_to_end(&mut echoed).await.unwrap();
+                    assert_eq!(echoed, b"\x00\x00\x00\x08\x04\xd2\x16\x2f");
+                    let peer = echo.await.unwrap();
+                    assert_eq!(
+                        peer.ip().to_string(),
+                        "10.231.0.2",
+                        "the app was reached from the proxy, on the pod's own address"
+                    );
                 });
             })
             .join()
