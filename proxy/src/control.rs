@@ -184,46 +184,17 @@ async fn session(
                 continue;
             }
             Some(controller_message::Message::Update(update)) => {
-                let proto::DestinationUpdate {
-                    key,
-                    version,
-                    destination,
-                } = update;
-                let destination = match decode_destination(destination) {
-                    Ok(destination) => destination,
-                    Err(error) => {
-                        if tx
-                            .send(send(answer(metrics, key, version, Err(error))))
-                            .await
-                            .is_err()
-                        {
-                            return Err(fail(welcomed, anyhow::anyhow!("stream closed")));
-                        }
-                        continue;
-                    }
-                };
-                let missing = destinations.missing_endpoints(&key, &destination.endpoint_groups);
-                let fetched = if missing.is_empty() {
-                    Fetched::Named
-                } else {
-                    fetch_endpoints(&mut client, destinations, &key, missing)
-                        .await
-                        .map_err(|status| {
-                            fail(
-                                welcomed,
-                                anyhow::Error::new(status).context("fetching endpoints"),
-                            )
-                        })?
-                };
-                match fetched {
-                    Fetched::Named => {
-                        let applied = destinations.apply(&key, version.clone(), destination);
-                        answer(metrics, key, version, applied)
-                    }
-                    Fetched::Refused(error) => answer(metrics, key, version, Err(error)),
-                    // A newer update (naming what was fetched, or without the group gone)
-                    // follows on the stream; for a key gone unknown, a DestinationUnknown does.
-                    Fetched::Newer | Fetched::Gone => continue,
+                let answered = update_answer(&mut client, destinations, metrics, update)
+                    .await
+                    .map_err(|status| {
+                        fail(
+                            welcomed,
+                            anyhow::Error::new(status).context("fetching endpoints"),
+                        )
+                    })?;
+                match answered {
+                    Some(reply) => reply,
+                    None => continue,
                 }
             }
             Some(controller_message::Message::Unknown(unknown)) => {
@@ -236,6 +207,40 @@ async fn session(
             return Err(fail(welcomed, anyhow::anyhow!("stream closed")));
         }
     }
+}
+
+/// Applies an update, fetching the endpoint groups it names that are not held: the Ack or Nack
+/// to send, or none when a newer update follows (a group fetched at a newer version, or gone).
+async fn update_answer(
+    client: &mut DiscoveryClient<tonic::transport::Channel>,
+    destinations: &Destinations,
+    metrics: &Metrics,
+    update: proto::DestinationUpdate,
+) -> Result<Option<proxy_message::Message>, tonic::Status> {
+    let proto::DestinationUpdate {
+        key,
+        version,
+        destination,
+    } = update;
+    let destination = match decode_destination(destination) {
+        Ok(destination) => destination,
+        Err(error) => return Ok(Some(answer(metrics, key, version, Err(error)))),
+    };
+    let missing = destinations.missing_endpoints(&key, &destination.endpoint_groups);
+    let fetched = if missing.is_empty() {
+        Fetched::Named
+    } else {
+        fetch_endpoints(client, destinations, &key, missing).await?
+    };
+    Ok(match fetched {
+        Fetched::Named => {
+            let applied = destinations.apply(&key, version.clone(), destination);
+            Some(answer(metrics, key, version, applied))
+        }
+        Fetched::Refused(error) => Some(answer(metrics, key, version, Err(error))),
+        // A DestinationUnknown follows for a key gone unknown.
+        Fetched::Newer | Fetched::Gone => None,
+    })
 }
 
 fn decode_destination(encoded: bytes::Bytes) -> Result<proto::Destination, ConfigError> {
