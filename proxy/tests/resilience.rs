@@ -238,6 +238,13 @@ async fn routes_match_headers_path_and_method_and_override_the_split() {
     assert_eq!(metric(m.proxy.admin, routed).await, 1.0);
 }
 
+/// The `outrigger_timeouts_total` series of the `web` destination for `kind`.
+fn timeouts(kind: &str) -> String {
+    format!(
+        r#"outrigger_timeouts_total{{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route="",kind="{kind}"}}"#
+    )
+}
+
 #[tokio::test]
 async fn the_request_timeout_bounds_everything_including_retries() {
     let mut attempts = retries(10, &[proto::RetryOn::ServerError]);
@@ -255,24 +262,8 @@ async fn the_request_timeout_bounds_everything_including_retries() {
     // 200 ms of 50 ms attempts with tiny backoff: about four tries, never the ten allowed.
     let tries = m.backends[0].hits() - 1;
     assert!((2..=5).contains(&tries), "{tries} tries");
-    let base =
-        r#"direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route="""#;
-    assert_eq!(
-        metric(
-            m.proxy.admin,
-            &format!(r#"outrigger_timeouts_total{{{base},kind="request"}}"#)
-        )
-        .await,
-        1.0
-    );
-    assert!(
-        metric(
-            m.proxy.admin,
-            &format!(r#"outrigger_timeouts_total{{{base},kind="per_try"}}"#)
-        )
-        .await
-            >= 2.0
-    );
+    assert_eq!(metric(m.proxy.admin, &timeouts("request")).await, 1.0);
+    assert!(metric(m.proxy.admin, &timeouts("per_try")).await >= 2.0);
 }
 
 #[tokio::test]
@@ -294,16 +285,7 @@ async fn the_request_timeout_cuts_a_body_still_streaming_when_it_passes() {
         .await
         .expect("cut at the deadline, not left hanging");
     assert!(rest.is_err(), "the body must not look complete: {rest:?}");
-    let base =
-        r#"direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route="""#;
-    assert_eq!(
-        metric(
-            m.proxy.admin,
-            &format!(r#"outrigger_timeouts_total{{{base},kind="request"}}"#)
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(metric(m.proxy.admin, &timeouts("request")).await, 1.0);
     // A 200 whose body was cut is a failure, not a success.
     eventually("the cut response counts as a failure", || async {
         let metrics = admin_get(m.proxy.admin, "/metrics").await.body;
@@ -331,8 +313,7 @@ async fn a_slow_attempt_times_out_and_is_retried_on_another_endpoint() {
         let reply = get(m.proxy.outbound, "web", "/").await;
         assert_eq!((reply.status, reply.body.as_str()), (200, "stable-1"));
     }
-    let per_try = r#"outrigger_timeouts_total{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route="",kind="per_try"}"#;
-    assert!(metric(m.proxy.admin, per_try).await >= 1.0);
+    assert!(metric(m.proxy.admin, &timeouts("per_try")).await >= 1.0);
 }
 
 #[tokio::test]
