@@ -759,16 +759,43 @@ mod tests {
         }
     }
 
+    /// The discovery service on a loopback port, over snapshots that are synced and empty; it
+    /// serves until `_stop` is dropped.
+    struct Served {
+        snapshots: Snapshots,
+        service: DiscoveryService,
+        addr: std::net::SocketAddr,
+        _stop: watch::Sender<bool>,
+    }
+
+    impl Served {
+        async fn start() -> Self {
+            let snapshots = Snapshots::default();
+            snapshots.mark_synced();
+            let service =
+                DiscoveryService::new(snapshots.clone(), Metrics::default(), "test".into());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (_stop, shutdown) = watch::channel(false);
+            tokio::spawn(crate::serve_grpc(listener, service.clone(), shutdown));
+            Self {
+                snapshots,
+                service,
+                addr,
+                _stop,
+            }
+        }
+    }
+
     #[tokio::test]
     async fn subscribers_follow_what_each_proxy_applied_or_rejected() {
-        let snapshots = Snapshots::default();
-        snapshots.mark_synced();
-        let service = DiscoveryService::new(snapshots.clone(), Metrics::default(), "test".into());
+        let Served {
+            snapshots,
+            service,
+            addr,
+            _stop,
+        } = Served::start().await;
         let mut subscribers = service.subscribers();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (_stop, shutdown) = watch::channel(false);
-        tokio::spawn(crate::serve_grpc(listener, service, shutdown));
 
         let first = publish(&snapshots, 3);
         let mut a = Stream::open(addr, "a", "").await;
@@ -812,13 +839,12 @@ mod tests {
 
     #[tokio::test]
     async fn updates_name_endpoint_groups_which_are_fetched_apart() {
-        let snapshots = Snapshots::default();
-        snapshots.mark_synced();
-        let service = DiscoveryService::new(snapshots.clone(), Metrics::default(), "test".into());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (_stop, shutdown) = watch::channel(false);
-        tokio::spawn(crate::serve_grpc(listener, service, shutdown));
+        let Served {
+            snapshots,
+            addr,
+            _stop,
+            ..
+        } = Served::start().await;
         let mut client = DiscoveryClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
@@ -884,14 +910,13 @@ mod tests {
 
     #[tokio::test]
     async fn keys_no_service_owns_are_let_go_when_no_stream_watches_them() {
-        let snapshots = Snapshots::default();
-        snapshots.mark_synced();
-        let service = DiscoveryService::new(snapshots.clone(), Metrics::default(), "test".into());
+        let Served {
+            snapshots,
+            service,
+            addr,
+            _stop,
+        } = Served::start().await;
         let mut events = service.events();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (_stop, shutdown) = watch::channel(false);
-        tokio::spawn(crate::serve_grpc(listener, service, shutdown));
         let mut until = async |wanted: fn(&ProxyEvent) -> bool| {
             while !wanted(&events.recv().await.unwrap()) {}
         };
