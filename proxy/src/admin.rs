@@ -5,9 +5,9 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::body::{Body, full};
-use crate::discovery::{Destinations, Resolution};
+use crate::http::body::{Body, full};
 use crate::metrics::Metrics;
+use crate::outbound::resolve::{Destinations, Resolution};
 
 #[derive(Clone)]
 pub struct Admin {

@@ -1,6 +1,6 @@
 use clap::{Parser, Subcommand};
-use outrigger_proxy::redirect::{self, RedirectSettings};
 use outrigger_proxy::{Proxy, Settings};
+use outrigger_proxy::{RedirectSettings, install_redirect};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -33,7 +33,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     if let Some(Command::Init(settings)) = cli.command {
-        return redirect::install(&settings);
+        return install_redirect(&settings);
     }
     let proxy = Proxy::bind(cli.settings).await?;
     tracing::info!(

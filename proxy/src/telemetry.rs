@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Frame, SizeHint};
 
-use crate::body::{Body, BoxError, boxed};
+use crate::http::body::{Body, BoxError, boxed};
 use crate::metrics::{Classification, DstLabels, Metrics, ResponseLabels};
 
 #[derive(Clone)]

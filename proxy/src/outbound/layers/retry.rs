@@ -13,13 +13,13 @@ use prometheus_client::metrics::family::Family;
 use rand::Rng;
 use tower::Service as _;
 
-use crate::body::{Body, boxed};
-use crate::config::{RetryOn, RetryPolicy};
-use crate::error::ProxyError;
-use crate::headers::is_upgrade;
+use crate::http::body::{Body, boxed};
+use crate::http::error::ProxyError;
+use crate::http::headers::is_upgrade;
 use crate::metrics::{DstLabels, RetryLabels};
-use crate::replay::ReplayBody;
-use crate::stack::{ResponseFuture, Stack, Step};
+use crate::outbound::layers::replay::ReplayBody;
+use crate::outbound::stack::{ResponseFuture, Stack, Step};
+use crate::policy::{RetryOn, RetryPolicy};
 
 /// Endpoints a request has been sent to; the balancer avoids them for its retries.
 #[derive(Clone, Default)]
@@ -292,7 +292,7 @@ mod tests {
     }
 
     fn status(code: u16) -> Result<Response<Body>, ProxyError> {
-        let mut response = Response::new(crate::body::empty());
+        let mut response = Response::new(crate::http::body::full(""));
         *response.status_mut() = http::StatusCode::from_u16(code).unwrap();
         Ok(response)
     }

@@ -4,9 +4,9 @@ use http::{Request, StatusCode};
 use rand::Rng;
 use tower::Service as _;
 
-use crate::body::{Body, proxy_error};
-use crate::config::FaultConfig;
-use crate::stack::{ResponseFuture, Stack, Step};
+use crate::http::body::{Body, proxy_error};
+use crate::outbound::stack::{ResponseFuture, Stack, Step};
+use crate::policy::FaultConfig;
 
 /// Marks responses the proxy failed on purpose.
 pub const FAULT_HEADER: &str = "outrigger-fault";

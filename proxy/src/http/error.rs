@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 
-use crate::body::{Body, proxy_error};
+use crate::http::body::{Body, proxy_error};
 use crate::metrics::TimeoutKind;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,11 +37,6 @@ impl ProxyError {
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
-    }
-
-    /// True when nothing reached the server, so the request may go elsewhere whatever its method.
-    pub fn is_connect(&self) -> bool {
-        matches!(self, Self::Connect { .. })
     }
 
     pub fn into_response(self) -> http::Response<Body> {

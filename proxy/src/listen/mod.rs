@@ -2,6 +2,8 @@
 //! client from costing more than a 4xx or a closed connection, and graceful draining. Redirected
 //! connections that are not HTTP are forwarded as they are (`opaque`).
 
+pub mod opaque;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,9 +17,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::body::Body;
+use crate::http::body::Body;
 use crate::metrics::{ConnectionGuard, Direction, Metrics};
-use crate::opaque::{self, Protocol};
+use opaque::Protocol;
 
 /// Limits applied to every downstream connection.
 #[derive(Clone, Debug)]

@@ -9,8 +9,8 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower::util::BoxCloneSyncService;
 
-use crate::body::Body;
-use crate::error::ProxyError;
+use crate::http::body::Body;
+use crate::http::error::ProxyError;
 
 /// The rest of the stack, as a layer sees it.
 pub type Stack = BoxCloneSyncService<Request<Body>, Response<Body>, ProxyError>;

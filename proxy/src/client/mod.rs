@@ -15,11 +15,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-use crate::body::{Body, boxed};
-use crate::error::ProxyError;
-use crate::headers::{is_upgrade, strip_hop_by_hop};
-use crate::outlier::Health;
-use crate::pool::PooledStream;
+use crate::http::body::{Body, boxed};
+use crate::http::error::ProxyError;
+use crate::http::headers::{is_upgrade, strip_hop_by_hop};
+use crate::outbound::balance::outlier::Health;
+use crate::outbound::layers::pool::PooledStream;
 
 /// Opens connections to one address, whatever the request URI says, so the URI can keep the
 /// authority the app used (`Host`, `:authority`).

@@ -10,10 +10,10 @@ use std::task::{Context, Poll};
 
 use http::{Request, Response};
 
-use crate::body::Body;
-use crate::config::DEFAULT_CONNECT_TIMEOUT;
-use crate::endpoint::Endpoint;
-use crate::serve::ConnectionInfo;
+use crate::client::Endpoint;
+use crate::http::body::Body;
+use crate::listen::ConnectionInfo;
+use crate::policy::DEFAULT_CONNECT_TIMEOUT;
 
 /// The local app, one endpoint per port it is reached on.
 pub struct Inbound {

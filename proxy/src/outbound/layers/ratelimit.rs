@@ -7,9 +7,9 @@ use http::{Request, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 use tower::Service as _;
 
-use crate::body::{Body, proxy_error};
-use crate::config::RateLimitConfig;
-use crate::stack::{ResponseFuture, Stack, Step};
+use crate::http::body::{Body, proxy_error};
+use crate::outbound::stack::{ResponseFuture, Stack, Step};
+use crate::policy::RateLimitConfig;
 
 #[derive(Debug)]
 pub struct TokenBucket {

@@ -2,6 +2,14 @@
 //! from the connection's original destination (iptables REDIRECT) or, for connections addressed to
 //! the proxy itself, from the request's authority.
 
+pub mod balance;
+pub mod destination;
+pub mod layers;
+pub mod resolve;
+pub mod route;
+pub mod split;
+pub mod stack;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,10 +21,10 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode};
 use outrigger_api::destination::DestinationKey;
 
-use crate::body::{Body, proxy_error};
-use crate::discovery::{Destinations, Entry, Resolution};
+use crate::http::body::{Body, proxy_error};
+use crate::listen::ConnectionInfo;
 use crate::metrics::DstLabels;
-use crate::serve::ConnectionInfo;
+use crate::outbound::resolve::{Destinations, Entry, Resolution};
 
 pub struct Outbound {
     pub destinations: Destinations,

@@ -12,23 +12,23 @@ use std::time::Instant;
 
 use http::Request;
 
-use crate::balance::{Balance, Balancer};
-use crate::body::Body;
-use crate::config::{DestinationConfig, RouteMatch, TrafficPolicy};
-use crate::endpoint::Endpoint;
-use crate::error::ProxyError;
-use crate::fault::Faults;
+use crate::client::Endpoint;
+use crate::http::body::Body;
+use crate::http::error::ProxyError;
 use crate::metrics::{
     DestinationLabels, Direction, DstLabels, EndpointLabels, EndpointState, Metrics, TimeoutKind,
     TimeoutLabels,
 };
-use crate::outlier::OutlierDetector;
-use crate::pool::{Pool, PoolLimit};
-use crate::ratelimit::{RateLimit, TokenBucket};
-use crate::retry::Retry;
-use crate::split::{ChosenSubset, Split, WeightedBalance};
-use crate::stack::{Leaf, ResponseFuture, Stack, layer, leaf};
-use crate::timeout::Deadline;
+use crate::outbound::balance::outlier::OutlierDetector;
+use crate::outbound::balance::{Balance, Balancer};
+use crate::outbound::layers::deadline::Deadline;
+use crate::outbound::layers::fault::Faults;
+use crate::outbound::layers::pool::{Pool, PoolLimit};
+use crate::outbound::layers::ratelimit::{RateLimit, TokenBucket};
+use crate::outbound::layers::retry::Retry;
+use crate::outbound::split::{ChosenSubset, Split, WeightedBalance};
+use crate::outbound::stack::{Leaf, ResponseFuture, Stack, layer, leaf};
+use crate::policy::{DestinationConfig, RouteMatch, TrafficPolicy};
 
 pub struct Destination {
     pub config: Arc<DestinationConfig>,

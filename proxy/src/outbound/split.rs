@@ -7,10 +7,10 @@ use std::sync::Arc;
 use http::Request;
 use rand::Rng;
 
-use crate::balance::Balance;
-use crate::body::Body;
+use crate::http::body::Body;
 use crate::metrics::Name;
-use crate::stack::{Leaf, ResponseFuture};
+use crate::outbound::balance::Balance;
+use crate::outbound::stack::{Leaf, ResponseFuture};
 
 /// The subset a response came from, for the `dst_subset` label.
 #[derive(Clone, Debug)]
@@ -79,12 +79,12 @@ impl Leaf for Split {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::{Algorithm, Balancer};
+    use crate::outbound::balance::{Algorithm, Balancer};
 
     fn subset(name: &str, weight: u32, endpoints: usize) -> WeightedBalance {
         let endpoints = (0..endpoints)
             .map(|i| {
-                Arc::new(crate::endpoint::Endpoint::new(
+                Arc::new(crate::client::Endpoint::new(
                     std::net::SocketAddr::from(([127, 0, 0, 1], 3000 + i as u16)),
                     String::new(),
                     vec![name.to_string()],

@@ -2,7 +2,7 @@
 
 use http::Request;
 
-use crate::config::{HeaderValueMatch, RouteMatch};
+use crate::policy::{HeaderValueMatch, RouteMatch};
 
 impl RouteMatch {
     pub fn matches<B>(&self, request: &Request<B>) -> bool {
@@ -37,7 +37,7 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::HeaderMatch;
+    use crate::policy::HeaderMatch;
 
     fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Request<()> {
         let mut builder = Request::builder().method(method).uri(path);

@@ -13,10 +13,10 @@ use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::config::{ConfigError, invalid};
-use crate::discovery::Destinations;
+use crate::listen::stopped;
 use crate::metrics::{Metrics, UpdateLabels, UpdateResult};
-use crate::serve::stopped;
+use crate::outbound::resolve::Destinations;
+use crate::policy::{ConfigError, invalid};
 
 #[derive(Clone, Debug)]
 pub struct Identity {

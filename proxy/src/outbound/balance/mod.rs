@@ -4,6 +4,8 @@
 //! snapshot that retries (a different endpoint next time) and outlier detection (skip ejected ones)
 //! also read, so the algorithms are small functions over that snapshot.
 
+pub mod outlier;
+
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
@@ -13,12 +15,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use http::{HeaderName, Request};
 use rand::Rng;
 
-use crate::body::Body;
-use crate::endpoint::Endpoint;
-use crate::error::ProxyError;
-use crate::outlier::{Outcome, OutlierDetector};
-use crate::retry::Tried;
-use crate::stack::{Leaf, ResponseFuture};
+use crate::client::Endpoint;
+use crate::http::body::Body;
+use crate::http::error::ProxyError;
+use crate::outbound::balance::outlier::{Outcome, OutlierDetector};
+use crate::outbound::layers::retry::Tried;
+use crate::outbound::stack::{Leaf, ResponseFuture};
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Algorithm {
@@ -29,7 +31,7 @@ pub enum Algorithm {
     /// Requests with the same value of this header go to the same endpoint while the set is
     /// unchanged; adding or removing an endpoint moves only its share of keys.
     ConsistentHash {
-        #[serde(serialize_with = "crate::config::serialize_header")]
+        #[serde(serialize_with = "crate::policy::serialize_header")]
         header: HeaderName,
     },
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body as _, Frame, SizeHint};
 
-use crate::body::{Body, BoxError};
+use crate::http::body::{Body, BoxError};
 
 /// SPEC.md: bodies over 64 KiB are not retried.
 pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
@@ -155,7 +155,7 @@ impl http_body::Body for ReplayBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::body::{boxed, full};
+    use crate::http::body::{boxed, full};
     use http_body_util::{BodyExt, StreamBody};
 
     async fn read(body: ReplayBody) -> Vec<u8> {

@@ -8,7 +8,7 @@ use http::HeaderName;
 use outrigger_api::proto;
 use serde::Serialize;
 
-use crate::balance::Algorithm;
+use crate::outbound::balance::Algorithm;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{field}: {problem}")]
@@ -171,11 +171,9 @@ pub mod defaults {
     pub const BACKOFF_MAX: Duration = Duration::from_millis(250);
     pub const BUDGET_PERCENT: u32 = 20;
     pub const BUDGET_MIN_PER_SECOND: u32 = 10;
-    pub const CONSECUTIVE_5XX: u32 = 5;
     pub const INTERVAL: Duration = Duration::from_secs(10);
     pub const BASE_EJECTION_TIME: Duration = Duration::from_secs(30);
     pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
-    pub const MAX_EJECTION_PERCENT: u32 = 50;
 }
 
 /// Without a policy saying otherwise (SPEC.md).

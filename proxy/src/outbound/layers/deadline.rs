@@ -17,10 +17,10 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::time::{Instant, Sleep};
 use tower::Service as _;
 
-use crate::body::{Body, BoxError, boxed};
-use crate::error::ProxyError;
+use crate::http::body::{Body, BoxError, boxed};
+use crate::http::error::ProxyError;
 use crate::metrics::TimeoutKind;
-use crate::stack::{ResponseFuture, Stack, Step};
+use crate::outbound::stack::{ResponseFuture, Stack, Step};
 
 #[derive(Clone)]
 pub struct Deadline {

@@ -8,9 +8,9 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use crate::config::OutlierConfig;
-use crate::endpoint::Endpoint;
+use crate::client::Endpoint;
 use crate::metrics::{DestinationLabels, EndpointLabels, EndpointState, Metrics};
+use crate::policy::OutlierConfig;
 
 /// What a response says about the endpoint that produced it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -14,9 +14,9 @@ use outrigger_api::proto;
 use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{ConfigError, DestinationConfig, invalid};
-use crate::destination::Destination;
 use crate::metrics::Metrics;
+use crate::outbound::destination::Destination;
+use crate::policy::{ConfigError, DestinationConfig, invalid};
 
 #[derive(Clone)]
 pub enum Resolution {

@@ -14,10 +14,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use tower::Service as _;
 
-use crate::body::Body;
-use crate::config::PoolLimits;
-use crate::error::ProxyError;
-use crate::stack::{ResponseFuture, Stack, Step};
+use crate::http::body::Body;
+use crate::http::error::ProxyError;
+use crate::outbound::stack::{ResponseFuture, Stack, Step};
+use crate::policy::PoolLimits;
 
 /// Semaphores for one destination's limits, shared by all its endpoints and routes.
 #[derive(Clone, Default)]
