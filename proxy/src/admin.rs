@@ -7,12 +7,12 @@ use tokio::sync::watch;
 
 use crate::http::body::{Body, full};
 use crate::metrics::Metrics;
-use crate::outbound::resolve::{Destinations, Resolution};
+use crate::outbound::resolve::{Resolution, Resolver};
 
 #[derive(Clone)]
 pub struct Admin {
     pub metrics: Metrics,
-    pub destinations: Destinations,
+    pub resolver: Resolver,
     pub ready: watch::Receiver<bool>,
 }
 
@@ -45,7 +45,7 @@ impl Admin {
     /// Every destination with the configuration applied to it and its version.
     fn config(&self) -> Value {
         let destinations: serde_json::Map<String, Value> = self
-            .destinations
+            .resolver
             .all()
             .into_iter()
             .map(|(key, resolution)| {
@@ -56,6 +56,10 @@ impl Admin {
                         "state": "ready",
                         "version": destination.config.version,
                         "config": &*destination.config,
+                        "layers": destination
+                            .layers()
+                            .into_iter()
+                            .collect::<serde_json::Map<String, Value>>(),
                     }),
                 };
                 (key, value)
@@ -70,7 +74,7 @@ impl Admin {
     /// Every endpoint of every destination with its state.
     fn endpoints(&self) -> Value {
         let destinations: serde_json::Map<String, Value> = self
-            .destinations
+            .resolver
             .all()
             .into_iter()
             .filter_map(|(key, resolution)| match resolution {
@@ -78,7 +82,7 @@ impl Admin {
                 _ => None,
             })
             .map(|(key, destination)| {
-                let now = std::time::Instant::now();
+                let now = tokio::time::Instant::now();
                 let endpoints: Vec<Value> = destination
                     .endpoints
                     .iter()

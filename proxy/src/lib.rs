@@ -15,10 +15,13 @@
 //! - `ctx`, `http`, `policy`, `metrics`, `shutdown`: per-request values, bodies and errors, the
 //!   validated configuration types, the metrics registry.
 
+#![forbid(unsafe_code)]
+
 mod admin;
 mod app;
 mod client;
 mod control;
+mod ctx;
 mod http;
 mod inbound;
 mod init;
@@ -26,6 +29,7 @@ mod listen;
 mod metrics;
 mod outbound;
 mod policy;
+mod shutdown;
 mod telemetry;
 
 pub use app::{Proxy, Settings, parse_duration};

@@ -1,3 +1,5 @@
+#![forbid(unsafe_code)]
+
 use clap::{Parser, Subcommand};
 use outrigger_proxy::{Proxy, Settings};
 use outrigger_proxy::{RedirectSettings, install_redirect};

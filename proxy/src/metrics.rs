@@ -13,10 +13,11 @@ use prometheus_client::registry::Registry;
 
 /// An enum whose variants are label values, written as Prometheus expects them.
 macro_rules! label_values {
-    ($name:ident { $($variant:ident => $value:literal,)+ }) => {
+    ($(#[$meta:meta])* $name:ident { $($(#[$variant_meta:meta])* $variant:ident => $value:literal,)+ }) => {
+        $(#[$meta])*
         #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
         pub enum $name {
-            $($variant,)+
+            $($(#[$variant_meta])* $variant,)+
         }
 
         impl $name {
@@ -47,7 +48,7 @@ pub type Name = Arc<String>;
 
 /// Who a request was for. Built once per destination and route, cloned per request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DstLabels {
+pub struct RequestLabels {
     pub direction: Direction,
     pub dst_namespace: Name,
     pub dst_service: Name,
@@ -65,16 +66,30 @@ label_values! {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResponseLabels {
     #[prometheus(flatten)]
-    pub dst: DstLabels,
+    pub dst: RequestLabels,
     pub status_code: u16,
     pub classification: Classification,
+}
+
+label_values! {
+    /// Why a request was retried.
+    RetryReason {
+        ConnectFailure => "connect-failure",
+        Reset => "reset",
+        PerTryTimeout => "per-try-timeout",
+        /// gRPC `UNAVAILABLE`.
+        Unavailable => "unavailable",
+        RetriableStatusCode => "retriable-status-code",
+        GatewayError => "gateway-error",
+        ServerError => "5xx",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RetryLabels {
     #[prometheus(flatten)]
-    pub dst: DstLabels,
-    pub reason: &'static str,
+    pub dst: RequestLabels,
+    pub reason: RetryReason,
 }
 
 label_values! {
@@ -87,13 +102,13 @@ label_values! {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TimeoutLabels {
     #[prometheus(flatten)]
-    pub dst: DstLabels,
+    pub dst: RequestLabels,
     pub kind: TimeoutKind,
 }
 
 /// Labels of per-destination (not per-request) series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DestinationLabels {
+pub struct ServiceLabels {
     pub dst_namespace: Name,
     pub dst_service: Name,
 }
@@ -109,7 +124,7 @@ label_values! {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
     #[prometheus(flatten)]
-    pub dst: DestinationLabels,
+    pub dst: ServiceLabels,
     pub state: EndpointState,
 }
 
@@ -145,13 +160,13 @@ impl MetricConstructor<Histogram> for LatencyBuckets {
 pub struct Metrics {
     registry: Arc<Registry>,
     pub requests: Family<ResponseLabels, Counter>,
-    pub request_duration: Family<DstLabels, Histogram, LatencyBuckets>,
+    pub request_duration: Family<RequestLabels, Histogram, LatencyBuckets>,
     pub retries: Family<RetryLabels, Counter>,
-    pub retry_budget_exhausted: Family<DstLabels, Counter>,
+    pub retry_budget_exhausted: Family<RequestLabels, Counter>,
     pub timeouts: Family<TimeoutLabels, Counter>,
-    pub outlier_ejections: Family<DestinationLabels, Counter>,
+    pub outlier_ejections: Family<ServiceLabels, Counter>,
     pub endpoints: Family<EndpointLabels, Gauge>,
-    pub rate_limited: Family<DstLabels, Counter>,
+    pub rate_limited: Family<RequestLabels, Counter>,
     pub connections_open: Family<DirectionLabels, Gauge>,
     pub config_updates: Family<UpdateLabels, Counter>,
     pub control_plane_connected: Gauge,

@@ -655,7 +655,7 @@ async fn faults_abort_and_delay_on_command() {
         matches!(e, ProxyEvent::Acked { version: ref v, .. } if *v == version).then_some(())
     })
     .await;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     assert_eq!(get(proxy.outbound, "web", "/").await.status, 200);
     assert!(
         started.elapsed() >= Duration::from_millis(300),

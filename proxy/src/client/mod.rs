@@ -1,146 +1,45 @@
-//! One upstream endpoint: its connection pools (HTTP/1 keep-alive and HTTP/2 multiplexed) and the
-//! load the balancer reads.
+//! One upstream endpoint: its connection pools (HTTP/1 keep-alive and HTTP/2 multiplexed), the
+//! load the balancer reads and the health outlier detection keeps.
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+mod connect;
+mod health;
+mod load;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Request, Response, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 use crate::http::body::{Body, boxed};
 use crate::http::error::ProxyError;
 use crate::http::headers::{is_upgrade, strip_hop_by_hop};
-use crate::outbound::balance::outlier::Health;
-use crate::outbound::layers::pool::PooledStream;
+use crate::policy::{DEFAULT_CONNECT_TIMEOUT, EndpointConfig};
+use connect::Connector;
+pub use health::{Claim, Health, Outcome, Recorded, Thresholds};
+pub use load::Load;
 
-/// Opens connections to one address, whatever the request URI says, so the URI can keep the
-/// authority the app used (`Host`, `:authority`).
-#[derive(Clone)]
-struct Connector {
-    addr: SocketAddr,
-    timeout: Duration,
+/// How an endpoint's connections are made: the destination's settings, shared by its endpoints.
+#[derive(Clone, Debug)]
+pub struct Dial {
+    pub connect_timeout: Duration,
     /// `maxConnections` of the destination, shared by its endpoints.
-    slots: Option<Arc<Semaphore>>,
+    pub slots: Option<Arc<Semaphore>>,
 }
 
-impl tower::Service<http::Uri> for Connector {
-    type Response = TokioIo<PooledStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let Connector {
-            addr,
-            timeout,
-            slots,
-        } = self.clone();
-        Box::pin(async move {
-            // Waiting here is queueing for a connection; the pool's request limit bounds it.
-            let slot = match slots {
-                Some(slots) => Some(slots.acquire_owned().await.map_err(std::io::Error::other)?),
-                None => None,
-            };
-            let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("connect timed out after {timeout:?}"),
-                    )
-                })??;
-            stream.set_nodelay(true)?;
-            Ok(TokioIo::new(PooledStream::new(stream, slot)))
-        })
-    }
-}
-
-/// What the balancer knows of an endpoint's load.
-#[derive(Debug)]
-pub struct Load {
-    in_flight: AtomicUsize,
-    /// Peak-EWMA of response latency in nanoseconds, and when it was last updated.
-    ewma: Mutex<(f64, Instant)>,
-}
-
-/// Assumed latency of an endpoint that has not answered yet: pessimistic enough that a new
-/// endpoint is not flooded, low enough that it is tried.
-const DEFAULT_RTT: Duration = Duration::from_millis(30);
-/// How fast old latency observations fade.
-const DECAY: Duration = Duration::from_secs(10);
-
-impl Default for Load {
+impl Default for Dial {
     fn default() -> Self {
         Self {
-            in_flight: AtomicUsize::new(0),
-            ewma: Mutex::new((DEFAULT_RTT.as_nanos() as f64, Instant::now())),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            slots: None,
         }
     }
 }
 
-impl Load {
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    /// PeakEwma cost: expected latency, scaled by the work already queued on the endpoint.
-    pub fn cost(&self) -> f64 {
-        let (ewma, updated) = *self.ewma.lock().expect("ewma lock");
-        let decayed = ewma * decay_weight(updated.elapsed());
-        decayed * (self.in_flight() + 1) as f64
-    }
-
-    pub fn observe(&self, rtt: Duration) {
-        let rtt = rtt.as_nanos() as f64;
-        let mut ewma = self.ewma.lock().expect("ewma lock");
-        let now = Instant::now();
-        let (previous, updated) = *ewma;
-        // Peak: a slow response counts at once; fast ones pull the average down gradually.
-        let next = if rtt > previous {
-            rtt
-        } else {
-            let w = decay_weight(now - updated);
-            previous * w + rtt * (1.0 - w)
-        };
-        *ewma = (next, now);
-    }
-}
-
-fn decay_weight(elapsed: Duration) -> f64 {
-    (-elapsed.as_secs_f64() / DECAY.as_secs_f64()).exp()
-}
-
-/// Counts a request against an endpoint's load until dropped.
-pub struct InFlight<'a> {
-    load: &'a Load,
-    started: Instant,
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl InFlight<'_> {
-    fn answered(self) {
-        self.load.observe(self.started.elapsed());
-    }
-}
-
 pub struct Endpoint {
-    pub addr: SocketAddr,
+    pub addr: std::net::SocketAddr,
     /// Pod name, when known.
     pub pod: String,
     pub subsets: Vec<String>,
@@ -165,18 +64,11 @@ impl std::fmt::Debug for Endpoint {
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl Endpoint {
-    pub fn new(
-        addr: SocketAddr,
-        pod: String,
-        subsets: Vec<String>,
-        h2c: bool,
-        connect_timeout: Duration,
-        slots: Option<Arc<Semaphore>>,
-    ) -> Self {
+    pub fn new(config: &EndpointConfig, dial: &Dial) -> Self {
         let connector = Connector {
-            addr,
-            timeout: connect_timeout,
-            slots,
+            addr: config.address,
+            timeout: dial.connect_timeout,
+            slots: dial.slots.clone(),
         };
         let mut builder = Client::builder(TokioExecutor::new());
         builder
@@ -185,10 +77,10 @@ impl Endpoint {
         let http1 = builder.build(connector.clone());
         let http2 = builder.http2_only(true).build(connector);
         Self {
-            addr,
-            pod,
-            subsets,
-            h2c,
+            addr: config.address,
+            pod: config.pod.clone(),
+            subsets: config.subsets.clone(),
+            h2c: config.h2c,
             load: Load::default(),
             health: Health::default(),
             http1,
@@ -196,19 +88,18 @@ impl Endpoint {
         }
     }
 
-    /// Starts counting a request against this endpoint's load.
-    pub fn start(&self) -> InFlight<'_> {
-        self.load.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight {
-            load: &self.load,
-            started: Instant::now(),
-        }
+    /// Whether this endpoint is the one `config` describes, so that it can serve a new version.
+    pub fn is(&self, config: &EndpointConfig) -> bool {
+        self.addr == config.address
+            && self.pod == config.pod
+            && self.subsets == config.subsets
+            && self.h2c == config.h2c
     }
 
     /// Sends `request` to this endpoint, over HTTP/2 when the app spoke it or the endpoint prefers
     /// it, and joins the two sides of an upgrade (WebSocket) into one byte tunnel.
     pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Body>, ProxyError> {
-        let in_flight = self.start();
+        let in_flight = self.load.start();
         let downstream_version = request.version();
         let upgrade = is_upgrade(request.headers());
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
@@ -288,4 +179,14 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
     if let Err(error) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
         tracing::debug!(%error, "upgraded connection ended with an error");
     }
+}
+
+/// An endpoint on a loopback port, for tests of what picks among endpoints.
+#[cfg(test)]
+pub fn test_endpoint(port: u16, subsets: &[&str]) -> Arc<Endpoint> {
+    let config = EndpointConfig {
+        subsets: subsets.iter().map(|s| s.to_string()).collect(),
+        ..EndpointConfig::at(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+    };
+    Arc::new(Endpoint::new(&config, &Dial::default()))
 }

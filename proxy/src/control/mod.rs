@@ -2,8 +2,12 @@
 //! acknowledge or reject every version. The stream is re-established with jittered exponential
 //! backoff; meanwhile the proxy serves on what it last applied.
 
+mod decode;
+mod held;
+
 use std::time::Duration;
 
+use anyhow::Context as _;
 use outrigger_api::proto::{
     self, Ack, EndpointsRequest, Hello, Nack, ProxyMessage, Subscribe, Subscription, Unsubscribe,
     controller_message, discovery_client::DiscoveryClient, proxy_message,
@@ -12,11 +16,13 @@ use prost::Message as _;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 
-use crate::listen::stopped;
 use crate::metrics::{Metrics, UpdateLabels, UpdateResult};
-use crate::outbound::resolve::Destinations;
-use crate::policy::{ConfigError, invalid};
+use crate::outbound::resolve::Resolver;
+use crate::shutdown::stopped;
+use decode::{ConfigError, invalid};
+use held::HeldEndpoints;
 
 #[derive(Clone, Debug)]
 pub struct Identity {
@@ -45,17 +51,20 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Runs until `shutdown`. `ready` turns true at the first Welcome and stays true.
 pub async fn run(
     control_plane: ControlPlane,
-    destinations: Destinations,
+    resolver: Resolver,
     mut subscriptions: mpsc::UnboundedReceiver<String>,
     metrics: Metrics,
     ready: watch::Sender<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Kept across sessions: after a reconnect, what is held need not be fetched again.
+    let mut held = HeldEndpoints::default();
     let mut backoff = BACKOFF_MIN;
     loop {
         let session = session(
             &control_plane,
-            &destinations,
+            &resolver,
+            &mut held,
             &mut subscriptions,
             &metrics,
             &ready,
@@ -89,22 +98,60 @@ struct SessionError {
     error: anyhow::Error,
 }
 
+/// One configuration stream, from connecting until it fails.
 async fn session(
     control_plane: &ControlPlane,
-    destinations: &Destinations,
+    resolver: &Resolver,
+    held: &mut HeldEndpoints,
     subscriptions: &mut mpsc::UnboundedReceiver<String>,
     metrics: &Metrics,
     ready: &watch::Sender<bool>,
 ) -> Result<(), SessionError> {
-    let mut welcomed = false;
     let fail = |welcomed, error: anyhow::Error| SessionError { welcomed, error };
-    let channel = tonic::transport::Endpoint::from_shared(control_plane.url.clone())
-        .map_err(|e| {
-            fail(
-                false,
-                anyhow::Error::new(e).context("reading the control plane URL"),
-            )
-        })?
+    let channel = connect(&control_plane.url)
+        .await
+        .map_err(|error| fail(false, error))?;
+    let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let (outgoing, rx) = mpsc::channel(256);
+    // Keys queued while disconnected are in the resubscription.
+    while subscriptions.try_recv().is_ok() {}
+    for message in greeting(&control_plane.identity, resolver) {
+        outgoing
+            .try_send(message)
+            .expect("a fresh channel has room");
+    }
+    let mut incoming = client
+        .stream(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| fail(false, anyhow::Error::new(e).context("opening stream")))?
+        .into_inner();
+    let mut stream = Stream {
+        client,
+        outgoing,
+        resolver,
+        held,
+        metrics,
+        welcomed: false,
+    };
+    let first_sweep = tokio::time::Instant::now() + control_plane.idle_timeout;
+    let mut sweeps = tokio::time::interval_at(first_sweep, control_plane.idle_timeout);
+    loop {
+        let handled = tokio::select! {
+            message = incoming.message() => match message {
+                Ok(Some(message)) => stream.receive(message, ready).await,
+                Ok(None) => Err(anyhow::anyhow!("controller ended the stream")),
+                Err(status) => Err(status.into()),
+            },
+            Some(key) = subscriptions.recv() => stream.subscribe(key).await,
+            _ = sweeps.tick() => stream.sweep().await,
+        };
+        handled.map_err(|error| fail(stream.welcomed, error))?;
+    }
+}
+
+async fn connect(url: &str) -> anyhow::Result<Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| anyhow::Error::new(e).context("reading the control plane URL"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         // A controller that vanished without closing the connection (a partition, a dead node)
@@ -114,133 +161,151 @@ async fn session(
         .keep_alive_while_idle(true)
         .connect()
         .await
-        .map_err(|e| fail(false, anyhow::Error::new(e).context("connecting")))?;
-    let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let (tx, rx) = mpsc::channel(256);
-    let send = |message| ProxyMessage {
-        message: Some(message),
-    };
+        .map_err(|e| anyhow::Error::new(e).context("connecting"))?;
+    Ok(channel)
+}
+
+/// Who this proxy is, then everything subscribed so far with what is applied, so that only
+/// changes come back.
+fn greeting(identity: &Identity, resolver: &Resolver) -> [ProxyMessage; 2] {
     let hello = proxy_message::Message::Hello(Hello {
-        namespace: control_plane.identity.namespace.clone(),
-        workload: control_plane.identity.workload.clone(),
-        service_account: control_plane.identity.service_account.clone(),
+        namespace: identity.namespace.clone(),
+        workload: identity.workload.clone(),
+        service_account: identity.service_account.clone(),
         proxy_version: env!("CARGO_PKG_VERSION").to_string(),
     });
-    // Everything subscribed so far, with what is applied, so only changes come back. Keys queued
-    // while disconnected are in it too.
-    while subscriptions.try_recv().is_ok() {}
     let resubscribe = proxy_message::Message::Subscribe(Subscribe {
-        destinations: destinations.subscriptions(),
+        destinations: resolver.subscriptions(),
     });
-    for message in [hello, resubscribe] {
-        tx.try_send(send(message)).expect("fresh channel has room");
+    [hello, resubscribe].map(|message| ProxyMessage {
+        message: Some(message),
+    })
+}
+
+/// An open configuration stream.
+struct Stream<'a> {
+    client: DiscoveryClient<Channel>,
+    outgoing: mpsc::Sender<ProxyMessage>,
+    resolver: &'a Resolver,
+    held: &'a mut HeldEndpoints,
+    metrics: &'a Metrics,
+    /// The controller has said Welcome on this stream.
+    welcomed: bool,
+}
+
+impl Stream<'_> {
+    async fn send(&self, message: proxy_message::Message) -> anyhow::Result<()> {
+        let message = ProxyMessage {
+            message: Some(message),
+        };
+        self.outgoing
+            .send(message)
+            .await
+            .map_err(|_| anyhow::anyhow!("stream closed"))
     }
-    let mut incoming = client
-        .stream(ReceiverStream::new(rx))
+
+    async fn subscribe(&self, key: String) -> anyhow::Result<()> {
+        self.send(proxy_message::Message::Subscribe(Subscribe {
+            destinations: vec![Subscription {
+                key,
+                ..Default::default()
+            }],
+        }))
         .await
-        .map_err(|e| fail(false, anyhow::Error::new(e).context("opening stream")))?
-        .into_inner();
-    let first_sweep = tokio::time::Instant::now() + control_plane.idle_timeout;
-    let mut sweeps = tokio::time::interval_at(first_sweep, control_plane.idle_timeout);
-    loop {
-        let message = tokio::select! {
-            message = incoming.message() => message,
-            Some(key) = subscriptions.recv() => {
-                let subscribe = proxy_message::Message::Subscribe(Subscribe {
-                    destinations: vec![Subscription { key, ..Default::default() }],
-                });
-                if tx.send(send(subscribe)).await.is_err() {
-                    return Err(fail(welcomed, anyhow::anyhow!("stream closed")));
-                }
-                continue;
-            }
-            _ = sweeps.tick() => {
-                let keys = destinations.sweep();
-                if !keys.is_empty() {
-                    let unsubscribe = proxy_message::Message::Unsubscribe(Unsubscribe { keys });
-                    if tx.send(send(unsubscribe)).await.is_err() {
-                        return Err(fail(welcomed, anyhow::anyhow!("stream closed")));
-                    }
-                }
-                continue;
-            }
-        };
-        let message = match message {
-            Ok(Some(message)) => message,
-            Ok(None) => {
-                return Err(fail(
-                    welcomed,
-                    anyhow::anyhow!("controller ended the stream"),
-                ));
-            }
-            Err(status) => return Err(fail(welcomed, status.into())),
-        };
-        let reply = match message.message {
+    }
+
+    /// Unsubscribes from the destinations unused since the last sweep.
+    async fn sweep(&mut self) -> anyhow::Result<()> {
+        let keys = self.resolver.sweep();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        for key in &keys {
+            self.held.forget(key);
+        }
+        self.send(proxy_message::Message::Unsubscribe(Unsubscribe { keys }))
+            .await
+    }
+
+    async fn receive(
+        &mut self,
+        message: proto::ControllerMessage,
+        ready: &watch::Sender<bool>,
+    ) -> anyhow::Result<()> {
+        match message.message {
             Some(controller_message::Message::Welcome(welcome)) => {
                 tracing::info!(controller = %welcome.controller, "control plane stream up");
-                welcomed = true;
-                metrics.control_plane_connected.set(1);
+                self.welcomed = true;
+                self.metrics.control_plane_connected.set(1);
                 ready.send_replace(true);
-                continue;
+                Ok(())
             }
             Some(controller_message::Message::Update(update)) => {
-                let answered = update_answer(&mut client, destinations, metrics, update)
-                    .await
-                    .map_err(|status| {
-                        fail(
-                            welcomed,
-                            anyhow::Error::new(status).context("fetching endpoints"),
-                        )
-                    })?;
-                match answered {
-                    Some(reply) => reply,
-                    None => continue,
+                match self.update(update).await.context("fetching endpoints")? {
+                    Some(reply) => self.send(reply).await,
+                    None => Ok(()),
                 }
             }
             Some(controller_message::Message::Unknown(unknown)) => {
-                destinations.set_unknown(&unknown.key, unknown.reason);
-                continue;
+                self.held.forget(&unknown.key);
+                self.resolver.set_unknown(&unknown.key, unknown.reason);
+                Ok(())
             }
-            None => continue,
-        };
-        if tx.send(send(reply)).await.is_err() {
-            return Err(fail(welcomed, anyhow::anyhow!("stream closed")));
+            None => Ok(()),
         }
+    }
+
+    /// Applies an update, fetching the endpoint groups it names that are not held: the Ack or
+    /// Nack to send, or none when a newer update follows (a group fetched at a newer version, or
+    /// gone).
+    async fn update(
+        &mut self,
+        update: proto::DestinationUpdate,
+    ) -> Result<Option<proxy_message::Message>, tonic::Status> {
+        let proto::DestinationUpdate {
+            key,
+            version,
+            destination,
+        } = update;
+        let destination = match decode_destination(destination) {
+            Ok(destination) => destination,
+            Err(error) => return Ok(Some(answer(self.metrics, key, version, Err(error)))),
+        };
+        // No longer subscribed: nothing to fetch or apply.
+        if !self.resolver.is_subscribed(&key) {
+            return Ok(Some(answer(self.metrics, key, version, Ok(()))));
+        }
+        let missing = self.held.missing(&key, &destination.endpoint_groups);
+        let fetched = if missing.is_empty() {
+            Fetched::Named
+        } else {
+            fetch_endpoints(&mut self.client, self.held, &key, missing).await?
+        };
+        Ok(match fetched {
+            Fetched::Named => {
+                let applied = apply(self.resolver, self.held, &key, version.clone(), destination);
+                Some(answer(self.metrics, key, version, applied))
+            }
+            Fetched::Refused(error) => Some(answer(self.metrics, key, version, Err(error))),
+            // A DestinationUnknown follows for a key gone unknown.
+            Fetched::Newer | Fetched::Gone => None,
+        })
     }
 }
 
-/// Applies an update, fetching the endpoint groups it names that are not held: the Ack or Nack
-/// to send, or none when a newer update follows (a group fetched at a newer version, or gone).
-async fn update_answer(
-    client: &mut DiscoveryClient<tonic::transport::Channel>,
-    destinations: &Destinations,
-    metrics: &Metrics,
-    update: proto::DestinationUpdate,
-) -> Result<Option<proxy_message::Message>, tonic::Status> {
-    let proto::DestinationUpdate {
-        key,
-        version,
-        destination,
-    } = update;
-    let destination = match decode_destination(destination) {
-        Ok(destination) => destination,
-        Err(error) => return Ok(Some(answer(metrics, key, version, Err(error)))),
-    };
-    let missing = destinations.missing_endpoints(&key, &destination.endpoint_groups);
-    let fetched = if missing.is_empty() {
-        Fetched::Named
-    } else {
-        fetch_endpoints(client, destinations, &key, missing).await?
-    };
-    Ok(match fetched {
-        Fetched::Named => {
-            let applied = destinations.apply(&key, version.clone(), destination);
-            Some(answer(metrics, key, version, applied))
-        }
-        Fetched::Refused(error) => Some(answer(metrics, key, version, Err(error))),
-        // A DestinationUnknown follows for a key gone unknown.
-        Fetched::Newer | Fetched::Gone => None,
-    })
+/// Validates a version with the endpoint groups it names and puts it in force; on error the
+/// previous version stays.
+fn apply(
+    resolver: &Resolver,
+    held: &mut HeldEndpoints,
+    key: &str,
+    version: String,
+    destination: proto::Destination,
+) -> Result<(), ConfigError> {
+    let endpoints = held.endpoints(key, &destination.endpoint_groups)?;
+    let config = decode::destination(version, destination, endpoints)?;
+    resolver.apply(key, config);
+    Ok(())
 }
 
 fn decode_destination(encoded: bytes::Bytes) -> Result<proto::Destination, ConfigError> {
@@ -263,8 +328,8 @@ enum Fetched {
 
 /// Fetches `groups` of `key` in one call and holds every one that decodes.
 async fn fetch_endpoints(
-    client: &mut DiscoveryClient<tonic::transport::Channel>,
-    destinations: &Destinations,
+    client: &mut DiscoveryClient<Channel>,
+    held: &mut HeldEndpoints,
     key: &str,
     groups: Vec<proto::EndpointGroup>,
 ) -> Result<Fetched, tonic::Status> {
@@ -288,7 +353,7 @@ async fn fetch_endpoints(
             name: group.name,
             version: content.version.clone(),
         };
-        if let Err(error) = destinations.hold_endpoints(key, fetched, &content.endpoints) {
+        if let Err(error) = held.hold(key, fetched, &content.endpoints) {
             refused.get_or_insert(error);
         }
     }
@@ -332,6 +397,128 @@ fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const KEY: &str = "web.default.svc.cluster.local:80";
+
+    /// Endpoint groups by (name, version).
+    fn groups(named: &[(&str, &str)]) -> Vec<proto::EndpointGroup> {
+        named
+            .iter()
+            .map(|(name, version)| proto::EndpointGroup {
+                name: name.to_string(),
+                version: version.to_string(),
+            })
+            .collect()
+    }
+
+    fn web(subsets: &[&str], groups: &[proto::EndpointGroup]) -> proto::Destination {
+        proto::Destination {
+            namespace: "default".into(),
+            service: "web".into(),
+            port: 80,
+            subsets: subsets.iter().map(|s| s.to_string()).collect(),
+            endpoint_groups: groups.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn endpoints(addresses: &[&str]) -> Vec<u8> {
+        proto::Endpoints {
+            endpoints: addresses
+                .iter()
+                .map(|address| proto::Endpoint {
+                    address: address.to_string(),
+                    subsets: vec!["stable".into()],
+                    ..Default::default()
+                })
+                .collect(),
+        }
+        .encode_to_vec()
+    }
+
+    fn applied(resolver: &Resolver) -> (String, Vec<std::net::SocketAddr>) {
+        match resolver.lookup(KEY).current() {
+            crate::outbound::resolve::Resolution::Ready(d) => (
+                d.config.version.clone(),
+                d.config.endpoints.iter().map(|e| e.address).collect(),
+            ),
+            _ => panic!("nothing applied"),
+        }
+    }
+
+    #[test]
+    fn updates_apply_with_the_endpoint_groups_held_at_the_versions_they_name() {
+        let (resolver, _subscriptions) = Resolver::new(Metrics::new());
+        resolver.lookup(KEY);
+        let mut held = HeldEndpoints::default();
+        let addr = |s: &str| -> std::net::SocketAddr { s.parse().unwrap() };
+        let hold = |held: &mut HeldEndpoints, name: &str, version: &str, addresses: &[&str]| {
+            held.hold(
+                KEY,
+                groups(&[(name, version)]).remove(0),
+                &endpoints(addresses),
+            )
+        };
+        let both = groups(&[("a", "1"), ("b", "1")]);
+
+        // Not held: refused, nothing applied.
+        assert_eq!(held.missing(KEY, &both), both);
+        assert_eq!(
+            apply(
+                &resolver,
+                &mut held,
+                KEY,
+                "0".into(),
+                web(&["stable"], &both)
+            ),
+            Err(invalid("endpoints[a]", "version `1` is not held"))
+        );
+
+        hold(&mut held, "a", "1", &["10.0.0.1:80"]).unwrap();
+        hold(&mut held, "b", "1", &["10.0.0.2:80"]).unwrap();
+        assert!(held.missing(KEY, &both).is_empty());
+        apply(
+            &resolver,
+            &mut held,
+            KEY,
+            "1".into(),
+            web(&["stable"], &both),
+        )
+        .unwrap();
+        assert_eq!(
+            applied(&resolver),
+            ("1".into(), vec![addr("10.0.0.1:80"), addr("10.0.0.2:80")])
+        );
+
+        // A policy that cannot apply to them (their subset is not declared) is refused.
+        let refused = apply(&resolver, &mut held, KEY, "2".into(), web(&[], &both)).unwrap_err();
+        assert_eq!(refused.field, "endpoints[0].subsets");
+        assert_eq!(applied(&resolver).0, "1");
+
+        // A group that does not decode is refused and the held one stays.
+        let broken = held.hold(KEY, groups(&[("b", "2")]).remove(0), b"\xff\xff");
+        assert_eq!(broken.unwrap_err().field, "endpoints[b]");
+        assert!(held.missing(KEY, &both).is_empty());
+
+        // Churn in one group: only it is missing; a group no longer named is let go.
+        let churned = groups(&[("a", "1"), ("b", "3")]);
+        assert_eq!(held.missing(KEY, &churned), churned[1..]);
+        hold(&mut held, "b", "3", &["10.0.0.3:80"]).unwrap();
+        apply(
+            &resolver,
+            &mut held,
+            KEY,
+            "3".into(),
+            web(&["stable"], &churned[1..]),
+        )
+        .unwrap();
+        assert_eq!(applied(&resolver), ("3".into(), vec![addr("10.0.0.3:80")]));
+        assert_eq!(held.missing(KEY, &churned), churned[..1]);
+
+        // Forgotten (unknown, unsubscribed): nothing is held any more.
+        held.forget(KEY);
+        assert_eq!(held.missing(KEY, &churned), churned);
+    }
 
     #[test]
     fn a_destination_that_does_not_decode_is_rejected_with_the_reason() {
@@ -394,20 +581,17 @@ mod tests {
         let mut client = DiscoveryClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
-        let (destinations, _subscriptions) = Destinations::new(Metrics::new());
+        let mut held = HeldEndpoints::default();
         let key = "web.default.svc.cluster.local:80";
-        destinations.entry(key);
         let group = |version: &str| proto::EndpointGroup {
             name: "a".into(),
             version: version.into(),
         };
-        let fetched = fetch_endpoints(&mut client, &destinations, key, vec![group(named)])
+        let fetched = fetch_endpoints(&mut client, &mut held, key, vec![group(named)])
             .await
             .unwrap();
-        let held = destinations
-            .missing_endpoints(key, &[group("e2")])
-            .is_empty();
-        (fetched, held)
+        let e2_held = held.missing(key, &[group("e2")]).is_empty();
+        (fetched, e2_held)
     }
 
     #[tokio::test]

@@ -10,10 +10,10 @@ use std::task::{Context, Poll};
 
 use http::{Request, Response};
 
-use crate::client::Endpoint;
+use crate::client::{Dial, Endpoint};
 use crate::http::body::Body;
 use crate::listen::ConnectionInfo;
-use crate::policy::DEFAULT_CONNECT_TIMEOUT;
+use crate::policy::EndpointConfig;
 
 /// The local app, one endpoint per port it is reached on.
 pub struct Inbound {
@@ -40,16 +40,7 @@ impl Inbound {
             .lock()
             .expect("inbound lock")
             .entry(addr)
-            .or_insert_with(|| {
-                Arc::new(Endpoint::new(
-                    addr,
-                    String::new(),
-                    Vec::new(),
-                    false,
-                    DEFAULT_CONNECT_TIMEOUT,
-                    None,
-                ))
-            })
+            .or_insert_with(|| Arc::new(Endpoint::new(&EndpointConfig::at(addr), &Dial::default())))
             .clone()
     }
 }

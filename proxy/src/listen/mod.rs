@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::http::body::Body;
 use crate::metrics::{ConnectionGuard, Direction, Metrics};
+use crate::shutdown::stopped;
 use opaque::Protocol;
 
 /// Limits applied to every downstream connection.
@@ -147,10 +148,4 @@ pub async fn serve<S, F, H>(
     {
         tracing::warn!(?direction, "drain deadline passed with requests in flight");
     }
-}
-
-/// Resolves once `shutdown` turns true (or its sender is gone).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    // The `Ref` that `wait_for` returns must not live in the caller's future: it is not `Send`.
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }

@@ -1,22 +1,22 @@
 //! A destination as applied: its validated configuration, its endpoints (kept across versions, so
-//! their connections, load and health survive a change) and the stack of layers requests go
-//! through:
+//! their connections, load and health survive a change) and the stack requests go through, built
+//! in that order, in three levels:
 //!
-//! rate limit > fault injection > route > timeout > retry > per-try timeout > pool limit > split >
-//! balance (with outlier detection) > endpoint
+//! - destination: rate limit > fault injection > route table (first matching route);
+//! - route (each route, and one for what no route matched): request timeout > retry;
+//! - attempt (each try): per-try timeout > pool limit > split > balance (with outlier detection)
+//!   > endpoint.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
-use http::Request;
+use tokio::time::Instant;
 
-use crate::client::Endpoint;
-use crate::http::body::Body;
-use crate::http::error::ProxyError;
+use crate::client::{Dial, Endpoint};
 use crate::metrics::{
-    DestinationLabels, Direction, DstLabels, EndpointLabels, EndpointState, Metrics, TimeoutKind,
+    Direction, EndpointLabels, EndpointState, Metrics, RequestLabels, ServiceLabels, TimeoutKind,
     TimeoutLabels,
 };
 use crate::outbound::balance::outlier::OutlierDetector;
@@ -26,18 +26,22 @@ use crate::outbound::layers::fault::Faults;
 use crate::outbound::layers::pool::{Pool, PoolLimit};
 use crate::outbound::layers::ratelimit::{RateLimit, TokenBucket};
 use crate::outbound::layers::retry::Retry;
-use crate::outbound::split::{ChosenSubset, Split, WeightedBalance};
-use crate::outbound::stack::{Leaf, ResponseFuture, Stack, layer, leaf};
-use crate::policy::{DestinationConfig, RouteMatch, TrafficPolicy};
+use crate::outbound::route::{Route, RouteTable};
+use crate::outbound::split::{Split, WeightedBalance};
+use crate::outbound::stack::{Built, Layers, Stack};
+use crate::policy::{DestinationConfig, RetryPolicy, TrafficPolicy};
 
 pub struct Destination {
     pub config: Arc<DestinationConfig>,
     pub endpoints: Vec<Arc<Endpoint>>,
     pub outlier: Option<Arc<OutlierDetector>>,
     /// Labels of requests no route matched.
-    pub labels: DstLabels,
+    pub labels: RequestLabels,
     pool: Pool,
     service: Stack,
+    table: RouteTable,
+    /// The destination level's parts, top-down.
+    layers: Vec<&'static str>,
 }
 
 impl Destination {
@@ -55,32 +59,12 @@ impl Destination {
         let pool = same_pool
             .map(|p| p.pool.clone())
             .unwrap_or_else(|| Pool::new(config.connection_pool));
-        let reusable: HashMap<SocketAddr, &Arc<Endpoint>> = same_pool
-            .map(|p| p.endpoints.iter().map(|e| (e.addr, e)).collect())
-            .unwrap_or_default();
-        let endpoints: Vec<Arc<Endpoint>> = config
-            .endpoints
-            .iter()
-            .map(|wanted| match reusable.get(&wanted.address) {
-                Some(existing)
-                    if existing.pod == wanted.pod
-                        && existing.subsets == wanted.subsets
-                        && existing.h2c == wanted.h2c =>
-                {
-                    Arc::clone(existing)
-                }
-                _ => Arc::new(Endpoint::new(
-                    wanted.address,
-                    wanted.pod.clone(),
-                    wanted.subsets.clone(),
-                    wanted.h2c,
-                    config.connect_timeout,
-                    pool.connections.clone(),
-                )),
-            })
-            .collect();
-
-        let destination_labels = DestinationLabels {
+        let dial = Dial {
+            connect_timeout: config.connect_timeout,
+            slots: pool.connections.clone(),
+        };
+        let endpoints = endpoints(&config, same_pool, &dial);
+        let service_labels = ServiceLabels {
             dst_namespace: Arc::new(config.namespace.clone()),
             dst_service: Arc::new(config.service.clone()),
         };
@@ -88,96 +72,57 @@ impl Destination {
             OutlierDetector::new(
                 outlier,
                 endpoints.clone(),
-                destination_labels.clone(),
+                service_labels.clone(),
                 metrics.clone(),
             )
         });
         if outlier.is_none() {
-            for (state, count) in [
-                (EndpointState::Healthy, endpoints.len()),
-                (EndpointState::Ejected, 0),
-                (EndpointState::Probation, 0),
-            ] {
-                let labels = EndpointLabels {
-                    dst: destination_labels.clone(),
-                    state,
-                };
-                metrics.endpoints.get_or_create(&labels).set(count as i64);
-            }
+            report_all_healthy(metrics, &service_labels, endpoints.len());
         }
-
-        let name: Arc<str> =
-            format!("{}.{}:{}", config.service, config.namespace, config.port).into();
-        let balance = |members: Vec<Arc<Endpoint>>| {
-            let balancer = Arc::new(Balancer::new(config.load_balancer.clone(), members));
-            Balance::new(name.clone(), balancer, outlier.clone())
-        };
-        let subsets: HashMap<&str, Balance> = config
-            .subsets
-            .iter()
-            .map(|subset| {
-                let members = endpoints
-                    .iter()
-                    .filter(|e| e.subsets.contains(subset))
-                    .cloned()
-                    .collect();
-                (subset.as_str(), balance(members))
-            })
-            .collect();
-        let all = balance(endpoints.clone());
-        let route_labels = |route: &str| DstLabels {
-            direction: Direction::Outbound,
-            dst_namespace: destination_labels.dst_namespace.clone(),
-            dst_service: destination_labels.dst_service.clone(),
-            dst_subset: Arc::default(),
-            route: Arc::new(route.to_string()),
-        };
-        let layers = RouteLayers {
+        let routes = Routes {
             metrics,
+            service_labels: &service_labels,
             pool: &pool,
-            all: &all,
-            subsets: &subsets,
+            balancers: Balancers::new(&config, &endpoints, &outlier),
         };
-        let routes: Arc<[Route]> = config
-            .routes
-            .iter()
-            .map(|route| {
-                let labels = route_labels(&route.name);
-                Route {
-                    matcher: Some(route.matcher.clone()),
-                    service: layers.stack(&route.traffic, &labels),
-                    labels,
-                }
-            })
-            .chain(std::iter::once({
-                let labels = route_labels("");
-                Route {
-                    matcher: None,
-                    service: layers.stack(&config.traffic, &labels),
-                    labels,
-                }
-            }))
-            .collect();
-        let labels = route_labels("");
-        let mut service = leaf(RouteTable { routes });
-        if let Some(config) = config.fault_injection {
-            service = layer(Faults { config }, service);
-        }
-        if let Some(limit) = config.rate_limit {
-            let rate_limit = RateLimit {
+        let labels = routes.labels("");
+        let table = RouteTable::new(
+            config
+                .routes
+                .iter()
+                .map(|route| routes.route(Some(route.matcher.clone()), &route.name, &route.traffic))
+                .chain(std::iter::once(routes.route(None, "", &config.traffic)))
+                .collect(),
+        );
+        let Built { stack, names } = Layers::new()
+            .push_if(config.rate_limit.map(|limit| RateLimit {
                 bucket: Arc::new(TokenBucket::new(limit)),
                 limited: metrics.rate_limited.get_or_create_owned(&labels),
-            };
-            service = layer(rate_limit, service);
-        }
+            }))
+            .push_if(config.fault_injection.map(|config| Faults { config }))
+            .over(table.clone());
         Self {
             config: Arc::new(config),
             endpoints,
             outlier,
             labels,
             pool,
-            service,
+            service: stack,
+            table,
+            layers: names,
         }
+    }
+
+    /// The parts of the stack, top-down: the destination level, then each route's (named, or
+    /// empty for what no route matched) route and attempt levels.
+    pub fn layers(&self) -> Vec<(String, serde_json::Value)> {
+        std::iter::once(("destination".to_string(), self.layers.as_slice()))
+            .chain(self.table.routes().iter().map(|route| {
+                let (name, layers) = route.describe();
+                (format!("route {name:?}"), layers)
+            }))
+            .map(|(level, layers)| (level, serde_json::json!(layers)))
+            .collect()
     }
 
     /// The stack one request goes through.
@@ -193,96 +138,340 @@ impl Destination {
     }
 }
 
-/// What every route's stack is built from.
-struct RouteLayers<'a> {
-    metrics: &'a Metrics,
-    pool: &'a Pool,
-    all: &'a Balance,
-    subsets: &'a HashMap<&'a str, Balance>,
+/// The endpoints of `config`, reusing those of `previous` that are the same.
+fn endpoints(
+    config: &DestinationConfig,
+    previous: Option<&Destination>,
+    dial: &Dial,
+) -> Vec<Arc<Endpoint>> {
+    let reusable: HashMap<SocketAddr, &Arc<Endpoint>> = previous
+        .map(|p| p.endpoints.iter().map(|e| (e.addr, e)).collect())
+        .unwrap_or_default();
+    config
+        .endpoints
+        .iter()
+        .map(|wanted| match reusable.get(&wanted.address) {
+            Some(existing) if existing.is(wanted) => Arc::clone(existing),
+            _ => Arc::new(Endpoint::new(wanted, dial)),
+        })
+        .collect()
 }
 
-impl RouteLayers<'_> {
-    fn stack(&self, traffic: &TrafficPolicy, labels: &DstLabels) -> Stack {
-        let split = match &traffic.split {
-            None => Split::All(self.all.clone()),
+/// Without outlier detection every endpoint is healthy, and the gauges say so.
+fn report_all_healthy(metrics: &Metrics, labels: &ServiceLabels, endpoints: usize) {
+    for (state, count) in [
+        (EndpointState::Healthy, endpoints),
+        (EndpointState::Ejected, 0),
+        (EndpointState::Probation, 0),
+    ] {
+        let labels = EndpointLabels {
+            dst: labels.clone(),
+            state,
+        };
+        metrics.endpoints.get_or_create(&labels).set(count as i64);
+    }
+}
+
+/// A balancer over every endpoint, and one per subset.
+struct Balancers {
+    all: Balance,
+    subsets: HashMap<String, Balance>,
+}
+
+impl Balancers {
+    fn new(
+        config: &DestinationConfig,
+        endpoints: &[Arc<Endpoint>],
+        outlier: &Option<Arc<OutlierDetector>>,
+    ) -> Self {
+        let name: Arc<str> =
+            format!("{}.{}:{}", config.service, config.namespace, config.port).into();
+        let balance = |members: Vec<Arc<Endpoint>>| {
+            let balancer = Arc::new(Balancer::new(config.load_balancer.clone(), members));
+            Balance::new(name.clone(), balancer, outlier.clone())
+        };
+        let subsets = config
+            .subsets
+            .iter()
+            .map(|subset| {
+                let members = endpoints
+                    .iter()
+                    .filter(|e| e.subsets.contains(subset))
+                    .cloned()
+                    .collect();
+                (subset.clone(), balance(members))
+            })
+            .collect();
+        Self {
+            all: balance(endpoints.to_vec()),
+            subsets,
+        }
+    }
+}
+
+/// What the route and attempt levels are built from.
+struct Routes<'a> {
+    metrics: &'a Metrics,
+    service_labels: &'a ServiceLabels,
+    pool: &'a Pool,
+    balancers: Balancers,
+}
+
+impl Routes<'_> {
+    fn labels(&self, route: &str) -> RequestLabels {
+        RequestLabels {
+            direction: Direction::Outbound,
+            dst_namespace: self.service_labels.dst_namespace.clone(),
+            dst_service: self.service_labels.dst_service.clone(),
+            dst_subset: Arc::default(),
+            route: Arc::new(route.to_string()),
+        }
+    }
+
+    fn route(
+        &self,
+        matcher: Option<crate::policy::RouteMatch>,
+        name: &str,
+        traffic: &TrafficPolicy,
+    ) -> Route {
+        let labels = self.labels(name);
+        let attempt = self.attempt(traffic, &labels);
+        let built = Layers::new()
+            .push_if(
+                traffic
+                    .timeout
+                    .map(|after| self.deadline(after, TimeoutKind::Request, &labels)),
+            )
+            .push(self.retry(traffic.retries.clone(), &labels))
+            .over_stack(attempt);
+        Route::new(matcher, labels, built)
+    }
+
+    fn attempt(&self, traffic: &TrafficPolicy, labels: &RequestLabels) -> Built {
+        let per_try = traffic
+            .retries
+            .as_ref()
+            .and_then(|retries| retries.per_try_timeout);
+        Layers::new()
+            .push_if(per_try.map(|after| self.deadline(after, TimeoutKind::PerTry, labels)))
+            .push_if(
+                self.pool
+                    .requests
+                    .clone()
+                    .map(|requests| PoolLimit { requests }),
+            )
+            .over(self.split(traffic))
+    }
+
+    fn split(&self, traffic: &TrafficPolicy) -> Split {
+        match &traffic.split {
+            None => Split::All(self.balancers.all.clone()),
             Some(weights) => Split::Weighted(
                 weights
                     .iter()
                     .map(|w| WeightedBalance {
                         subset: Arc::new(w.subset.clone()),
                         weight: w.weight,
-                        balance: self.subsets[w.subset.as_str()].clone(),
+                        balance: self.balancers.subsets[&w.subset].clone(),
                     })
                     .collect(),
             ),
-        };
-        let timeouts = |kind| {
-            self.metrics.timeouts.get_or_create_owned(&TimeoutLabels {
-                dst: labels.clone(),
-                kind,
-            })
-        };
-        let deadline = |after, kind| Deadline {
+        }
+    }
+
+    fn deadline(&self, after: Duration, kind: TimeoutKind, labels: &RequestLabels) -> Deadline {
+        Deadline {
             after,
             kind,
-            timeouts: timeouts(kind),
-        };
-        let mut attempt = leaf(split);
-        if let Some(requests) = &self.pool.requests {
-            let limit = PoolLimit {
-                requests: requests.clone(),
-            };
-            attempt = layer(limit, attempt);
+            timeouts: self.metrics.timeouts.get_or_create_owned(&TimeoutLabels {
+                dst: labels.clone(),
+                kind,
+            }),
         }
-        if let Some(per_try) = traffic.retries.as_ref().and_then(|r| r.per_try_timeout) {
-            attempt = layer(deadline(per_try, TimeoutKind::PerTry), attempt);
-        }
-        let retry = Retry::new(
-            traffic.retries.clone(),
+    }
+
+    fn retry(&self, policy: Option<RetryPolicy>, labels: &RequestLabels) -> Retry {
+        Retry::new(
+            policy,
             labels.clone(),
             self.metrics.retries.clone(),
             self.metrics
                 .retry_budget_exhausted
                 .get_or_create_owned(labels),
-        );
-        let mut request = layer(retry, attempt);
-        if let Some(timeout) = traffic.timeout {
-            request = layer(deadline(timeout, TimeoutKind::Request), request);
-        }
-        request
+        )
     }
 }
 
-struct Route {
-    /// `None` for the spec-level policy, which takes what no route matched.
-    matcher: Option<RouteMatch>,
-    labels: DstLabels,
-    service: Stack,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{
+        Algorithm, EndpointConfig, FaultConfig, OutlierConfig, PoolLimits, RateLimitConfig,
+        RetryOn, RouteConfig, RouteMatch, WeightedSubset,
+    };
 
-/// Sends each request down the first route that matches, and labels the response with the route
-/// and subset, including the responses the proxy makes for errors.
-#[derive(Clone)]
-struct RouteTable {
-    routes: Arc<[Route]>,
-}
+    fn retries(per_try_timeout: Option<Duration>) -> RetryPolicy {
+        RetryPolicy {
+            attempts: 2,
+            per_try_timeout,
+            retry_on: RetryOn::default(),
+            retriable_status_codes: Vec::new(),
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            budget_percent: 20,
+            budget_min_per_second: 10,
+            retry_non_idempotent: false,
+        }
+    }
 
-impl Leaf for RouteTable {
-    fn call(&self, request: Request<Body>) -> ResponseFuture {
-        let route = self
-            .routes
-            .iter()
-            .find(|r| r.matcher.as_ref().is_none_or(|m| m.matches(&request)))
-            .expect("the last route matches everything");
-        let mut labels = route.labels.clone();
-        let response = tower::Service::call(&mut route.service.clone(), request);
-        Box::pin(async move {
-            let mut response = response.await.unwrap_or_else(ProxyError::into_response);
-            if let Some(ChosenSubset(subset)) = response.extensions_mut().remove::<ChosenSubset>() {
-                labels.dst_subset = subset;
-            }
-            response.extensions_mut().insert(labels);
-            Ok(response)
-        })
+    fn endpoint(port: u16, subset: &str) -> EndpointConfig {
+        EndpointConfig {
+            pod: format!("pod-{port}"),
+            subsets: vec![subset.to_string()],
+            ..EndpointConfig::at(SocketAddr::from(([10, 0, 0, 1], port)))
+        }
+    }
+
+    /// Every policy on, and one route with its own split and timeout.
+    fn everything() -> DestinationConfig {
+        DestinationConfig {
+            version: "1".into(),
+            namespace: "shop".into(),
+            service: "reviews".into(),
+            port: 9080,
+            policy: Some("shop/reviews".into()),
+            policy_generation: 1,
+            subsets: vec!["stable".into(), "canary".into()],
+            endpoints: vec![
+                endpoint(1, "stable"),
+                endpoint(2, "stable"),
+                endpoint(3, "canary"),
+            ],
+            load_balancer: Algorithm::RoundRobin,
+            connect_timeout: Duration::from_secs(1),
+            traffic: TrafficPolicy {
+                split: None,
+                timeout: Some(Duration::from_secs(10)),
+                retries: Some(retries(Some(Duration::from_secs(2)))),
+            },
+            routes: vec![RouteConfig {
+                name: "canary-testers".into(),
+                matcher: RouteMatch::default(),
+                traffic: TrafficPolicy {
+                    split: Some(vec![WeightedSubset {
+                        subset: "canary".into(),
+                        weight: 100,
+                    }]),
+                    timeout: None,
+                    retries: None,
+                },
+            }],
+            outlier_detection: Some(OutlierConfig {
+                consecutive_5xx: 5,
+                consecutive_gateway_errors: 0,
+                interval: Duration::from_secs(10),
+                base_ejection_time: Duration::from_secs(30),
+                max_ejection_time: Duration::from_secs(300),
+                max_ejection_percent: 50,
+            }),
+            connection_pool: PoolLimits {
+                max_connections: Some(10),
+                max_pending_requests: Some(10),
+            },
+            rate_limit: Some(RateLimitConfig {
+                requests_per_second: 100,
+                burst: 200,
+            }),
+            fault_injection: Some(FaultConfig {
+                delay_percent: 0.0,
+                delay: Duration::ZERO,
+                abort_percent: 0.0,
+                abort_status: 503,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_stack_runs_destination_then_route_then_attempt_levels() {
+        let destination = Destination::build(everything(), None, &Metrics::new());
+        let attempt = ["per-try timeout", "pool limit", "split"];
+        assert_eq!(
+            destination.layers(),
+            [
+                (
+                    "destination".to_string(),
+                    serde_json::json!(["rate limit", "fault injection", "route table"])
+                ),
+                (
+                    "route \"canary-testers\"".to_string(),
+                    serde_json::json!(["retry", "pool limit", "split"])
+                ),
+                (
+                    "route \"\"".to_string(),
+                    serde_json::json!([&["request timeout", "retry"][..], &attempt[..]].concat())
+                ),
+            ]
+        );
+
+        // Policies left out leave no layer; a retry layer is always there (connect failures
+        // are retried once without a policy).
+        let bare = DestinationConfig {
+            traffic: TrafficPolicy {
+                split: None,
+                timeout: None,
+                retries: None,
+            },
+            routes: Vec::new(),
+            connection_pool: PoolLimits::default(),
+            rate_limit: None,
+            fault_injection: None,
+            ..everything()
+        };
+        let bare = Destination::build(bare, None, &Metrics::new());
+        assert_eq!(
+            bare.layers(),
+            [
+                (
+                    "destination".to_string(),
+                    serde_json::json!(["route table"])
+                ),
+                (
+                    "route \"\"".to_string(),
+                    serde_json::json!(["retry", "split"])
+                ),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn endpoints_survive_a_new_version_unless_they_or_their_dialling_change() {
+        let metrics = Metrics::new();
+        let first = Destination::build(everything(), None, &metrics);
+        let same = |a: &Destination, b: &Destination, i: usize| {
+            Arc::ptr_eq(&a.endpoints[i], &b.endpoints[i])
+        };
+
+        // A policy edit: the same endpoints, with their connections, load and health.
+        let edited = DestinationConfig {
+            version: "2".into(),
+            load_balancer: Algorithm::Random,
+            ..everything()
+        };
+        let second = Destination::build(edited, Some(&first), &metrics);
+        assert!((0..3).all(|i| same(&first, &second, i)));
+
+        // One endpoint's pod changed (a new pod on a reused IP): only it is new.
+        let mut moved = everything();
+        moved.endpoints[1].pod = "pod-2-replaced".into();
+        let third = Destination::build(moved, Some(&second), &metrics);
+        assert!(same(&second, &third, 0) && !same(&second, &third, 1) && same(&second, &third, 2));
+
+        // Another connect timeout: every endpoint dials anew.
+        let dialling = DestinationConfig {
+            connect_timeout: Duration::from_secs(2),
+            ..everything()
+        };
+        let fourth = Destination::build(dialling, Some(&third), &metrics);
+        assert!((0..3).all(|i| !same(&third, &fourth, i)));
     }
 }

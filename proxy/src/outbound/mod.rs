@@ -21,13 +21,13 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode};
 use outrigger_api::destination::DestinationKey;
 
+use crate::ctx::Labels;
 use crate::http::body::{Body, proxy_error};
 use crate::listen::ConnectionInfo;
-use crate::metrics::DstLabels;
-use crate::outbound::resolve::{Destinations, Entry, Resolution};
+use crate::outbound::resolve::{Lookup, Resolution, Resolver};
 
 pub struct Outbound {
-    pub destinations: Destinations,
+    pub resolver: Resolver,
     /// The app's namespace: short names (`reviews`) are Services in it.
     pub namespace: String,
     /// How long a request for a destination waits for the control plane's first answer.
@@ -38,21 +38,21 @@ impl Outbound {
     /// Whether the control plane says no Service owns `addr`, so that a redirected connection to
     /// it is forwarded as it is. Unanswered is not unknown: such requests get 503 saying so.
     pub async fn is_unknown(&self, addr: SocketAddr) -> bool {
-        let entry = self
-            .destinations
-            .entry(&DestinationKey::Address(addr).to_string());
+        let lookup = self
+            .resolver
+            .lookup(&DestinationKey::Address(addr).to_string());
         matches!(
-            entry.resolved(self.discovery_wait).await,
+            lookup.resolved(self.discovery_wait).await,
             Resolution::Unknown(_)
         )
     }
 }
 
-/// A request's destination: its key, and its entry among the subscribed destinations.
+/// A request's destination: its key, and its lookup among those asked about.
 #[derive(Clone)]
 struct Target {
     key: Arc<str>,
-    entry: Arc<Entry>,
+    lookup: Arc<Lookup>,
 }
 
 /// The destination a connection used last, by the authority as the app wrote it (empty for a
@@ -119,7 +119,7 @@ impl OutboundService {
         };
         let key: Arc<str> = key.to_string().into();
         let target = Target {
-            entry: self.outbound.destinations.entry(&key),
+            lookup: self.outbound.resolver.lookup(&key),
             key,
         };
         *last = Some(LastTarget {
@@ -140,14 +140,14 @@ impl tower::Service<Request<Body>> for OutboundService {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let Target { key, entry } = match self.target(&request) {
+        let Target { key, lookup } = match self.target(&request) {
             Ok(target) => target,
             Err(response) => return Box::pin(async move { Ok(*response) }),
         };
         let wait = self.outbound.discovery_wait;
         Box::pin(async move {
-            let resolution = match entry.current() {
-                Resolution::Pending => entry.resolved(wait).await,
+            let resolution = match lookup.current() {
+                Resolution::Pending => lookup.resolved(wait).await,
                 resolution => resolution,
             };
             let destination = match resolution {
@@ -173,8 +173,10 @@ impl tower::Service<Request<Body>> for OutboundService {
             };
             // Responses made before a route was chosen (rate limit, faults) count for the
             // destination.
-            if response.extensions().get::<DstLabels>().is_none() {
-                response.extensions_mut().insert(destination.labels.clone());
+            if response.extensions().get::<Labels>().is_none() {
+                response
+                    .extensions_mut()
+                    .insert(Labels(destination.labels.clone()));
             }
             Ok(response)
         })

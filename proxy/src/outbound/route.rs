@@ -1,8 +1,89 @@
-//! Route matching: path prefix, headers (exact or regex) and method; the first match wins.
+//! Routes: matching by path prefix, headers (exact or regex) and method, and the table that sends
+//! each request down the first route that matches.
+
+use std::sync::Arc;
 
 use http::Request;
 
+use crate::ctx::{ChosenSubset, Labels};
+use crate::http::body::Body;
+use crate::http::error::ProxyError;
+use crate::metrics::RequestLabels;
+use crate::outbound::stack::{Built, Leaf, ResponseFuture, Stack};
 use crate::policy::{HeaderValueMatch, RouteMatch};
+
+pub struct Route {
+    /// `None` for the spec-level policy, which takes what no route matched.
+    matcher: Option<RouteMatch>,
+    labels: RequestLabels,
+    service: Stack,
+    /// The route and attempt levels' parts, top-down.
+    layers: Vec<&'static str>,
+}
+
+impl Route {
+    pub fn new(matcher: Option<RouteMatch>, labels: RequestLabels, built: Built) -> Self {
+        Self {
+            matcher,
+            labels,
+            service: built.stack,
+            layers: built.names,
+        }
+    }
+
+    /// The route's name (empty for what no route matched) and its parts, top-down.
+    pub fn describe(&self) -> (&str, &[&'static str]) {
+        (&self.labels.route, &self.layers)
+    }
+}
+
+/// Sends each request down the first route that matches, and labels the response with the route
+/// and subset, including the responses the proxy makes for errors.
+#[derive(Clone)]
+pub struct RouteTable {
+    routes: Arc<[Route]>,
+}
+
+impl RouteTable {
+    /// The last route must match everything.
+    pub fn new(routes: Vec<Route>) -> Self {
+        assert!(
+            routes.last().is_some_and(|route| route.matcher.is_none()),
+            "a route table ends with the route for what no other matched"
+        );
+        Self {
+            routes: routes.into(),
+        }
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+}
+
+impl Leaf for RouteTable {
+    fn name(&self) -> &'static str {
+        "route table"
+    }
+
+    fn call(&self, request: Request<Body>) -> ResponseFuture {
+        let route = self
+            .routes
+            .iter()
+            .find(|r| r.matcher.as_ref().is_none_or(|m| m.matches(&request)))
+            .expect("the last route matches everything");
+        let mut labels = route.labels.clone();
+        let response = tower::Service::call(&mut route.service.clone(), request);
+        Box::pin(async move {
+            let mut response = response.await.unwrap_or_else(ProxyError::into_response);
+            if let Some(ChosenSubset(subset)) = response.extensions_mut().remove::<ChosenSubset>() {
+                labels.dst_subset = subset;
+            }
+            response.extensions_mut().insert(Labels(labels));
+            Ok(response)
+        })
+    }
+}
 
 impl RouteMatch {
     pub fn matches<B>(&self, request: &Request<B>) -> bool {

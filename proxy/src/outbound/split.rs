@@ -7,14 +7,11 @@ use std::sync::Arc;
 use http::Request;
 use rand::Rng;
 
+use crate::ctx::ChosenSubset;
 use crate::http::body::Body;
 use crate::metrics::Name;
 use crate::outbound::balance::Balance;
 use crate::outbound::stack::{Leaf, ResponseFuture};
-
-/// The subset a response came from, for the `dst_subset` label.
-#[derive(Clone, Debug)]
-pub struct ChosenSubset(pub Name);
 
 pub struct WeightedBalance {
     pub subset: Name,
@@ -59,6 +56,10 @@ impl Split {
 }
 
 impl Leaf for Split {
+    fn name(&self) -> &'static str {
+        "split"
+    }
+
     fn call(&self, request: Request<Body>) -> ResponseFuture {
         match self {
             Split::All(balance) => balance.call(request),
@@ -79,20 +80,12 @@ impl Leaf for Split {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbound::balance::{Algorithm, Balancer};
+    use crate::outbound::balance::Balancer;
+    use crate::policy::Algorithm;
 
     fn subset(name: &str, weight: u32, endpoints: usize) -> WeightedBalance {
         let endpoints = (0..endpoints)
-            .map(|i| {
-                Arc::new(crate::client::Endpoint::new(
-                    std::net::SocketAddr::from(([127, 0, 0, 1], 3000 + i as u16)),
-                    String::new(),
-                    vec![name.to_string()],
-                    false,
-                    std::time::Duration::from_secs(1),
-                    None,
-                ))
-            })
+            .map(|i| crate::client::test_endpoint(3000 + i as u16, &[name]))
             .collect();
         WeightedBalance {
             subset: Arc::new(name.to_string()),

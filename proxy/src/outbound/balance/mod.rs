@@ -1,166 +1,22 @@
-//! Load balancing: picks one endpoint of a destination (or of one subset of it) per request.
-//!
-//! tower's own balancer covers P2C only and owns its endpoints; here the endpoint set is a shared
-//! snapshot that retries (a different endpoint next time) and outlier detection (skip ejected ones)
-//! also read, so the algorithms are small functions over that snapshot.
+//! Load balancing: sends each request to one endpoint of a destination (or of one subset of it),
+//! picked by the destination's algorithm (`picker`), skipping ejected endpoints (`outlier`) and
+//! those the request already tried.
 
 pub mod outlier;
+mod picker;
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use http::{HeaderName, Request};
-use rand::Rng;
+use http::Request;
 
-use crate::client::Endpoint;
+use crate::client::{Endpoint, Outcome};
+use crate::ctx::Tried;
 use crate::http::body::Body;
 use crate::http::error::ProxyError;
-use crate::outbound::balance::outlier::{Outcome, OutlierDetector};
-use crate::outbound::layers::retry::Tried;
 use crate::outbound::stack::{Leaf, ResponseFuture};
-
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub enum Algorithm {
-    PeakEwma,
-    RoundRobin,
-    LeastRequest,
-    Random,
-    /// Requests with the same value of this header go to the same endpoint while the set is
-    /// unchanged; adding or removing an endpoint moves only its share of keys.
-    ConsistentHash {
-        #[serde(serialize_with = "crate::policy::serialize_header")]
-        header: HeaderName,
-    },
-}
-
-/// Virtual nodes per endpoint on the hash ring: enough for an even spread over a few endpoints.
-const RING_POINTS_PER_ENDPOINT: usize = 128;
-
-pub struct Balancer {
-    algorithm: Algorithm,
-    endpoints: Vec<Arc<Endpoint>>,
-    next: AtomicUsize,
-    /// ConsistentHash only: (point, endpoint index), sorted by point.
-    ring: Vec<(u64, usize)>,
-}
-
-impl Balancer {
-    pub fn new(algorithm: Algorithm, endpoints: Vec<Arc<Endpoint>>) -> Self {
-        let ring = match algorithm {
-            Algorithm::ConsistentHash { .. } => {
-                let mut ring: Vec<(u64, usize)> = endpoints
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(index, endpoint)| {
-                        (0..RING_POINTS_PER_ENDPOINT)
-                            .map(move |point| (hash(&(endpoint.addr, point)), index))
-                    })
-                    .collect();
-                ring.sort_unstable();
-                ring
-            }
-            _ => Vec::new(),
-        };
-        Self {
-            algorithm,
-            endpoints,
-            // A random start, so proxies that start together do not all begin with the same endpoint.
-            next: AtomicUsize::new(rand::rng().random::<u32>() as usize),
-            ring,
-        }
-    }
-
-    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
-        &self.endpoints
-    }
-
-    /// Picks an endpoint for a request with these headers, skipping `avoid` (endpoints already
-    /// tried) and any that `usable` refuses, unless nothing else is left.
-    pub fn pick(
-        &self,
-        headers: &http::HeaderMap,
-        avoid: &[SocketAddr],
-        usable: impl Fn(&Endpoint) -> bool,
-    ) -> Option<Arc<Endpoint>> {
-        let eligible = |e: &Endpoint| !avoid.contains(&e.addr) && usable(e);
-        self.pick_among(headers, &eligible)
-            .or_else(|| self.pick_among(headers, &|e: &Endpoint| usable(e)))
-            .or_else(|| self.pick_among(headers, &|_: &Endpoint| true))
-    }
-
-    fn pick_among(
-        &self,
-        headers: &http::HeaderMap,
-        eligible: &dyn Fn(&Endpoint) -> bool,
-    ) -> Option<Arc<Endpoint>> {
-        let n = self.endpoints.len();
-        if n == 0 {
-            return None;
-        }
-        let index = match &self.algorithm {
-            Algorithm::RoundRobin => {
-                let start = self.next.fetch_add(1, Ordering::Relaxed);
-                (0..n)
-                    .map(|offset| (start + offset) % n)
-                    .find(|&i| eligible(&self.endpoints[i]))?
-            }
-            Algorithm::Random => self.random_eligible(eligible)?,
-            Algorithm::PeakEwma => self.power_of_two(eligible, |e| e.load.cost())?,
-            Algorithm::LeastRequest => {
-                self.power_of_two(eligible, |e| e.load.in_flight() as f64)?
-            }
-            Algorithm::ConsistentHash { header } => match headers.get(header) {
-                Some(value) => {
-                    let h = hash(&value.as_bytes());
-                    let start = self.ring.partition_point(|(point, _)| *point < h);
-                    (0..self.ring.len())
-                        .map(|offset| self.ring[(start + offset) % self.ring.len()].1)
-                        .find(|&i| eligible(&self.endpoints[i]))?
-                }
-                None => self.random_eligible(eligible)?,
-            },
-        };
-        Some(self.endpoints[index].clone())
-    }
-
-    fn random_eligible(&self, eligible: &dyn Fn(&Endpoint) -> bool) -> Option<usize> {
-        let n = self.endpoints.len();
-        let start = rand::rng().random_range(0..n);
-        (0..n)
-            .map(|offset| (start + offset) % n)
-            .find(|&i| eligible(&self.endpoints[i]))
-    }
-
-    /// Power of two choices: two random eligible endpoints, the cheaper one wins. Nearly as good
-    /// as scanning every endpoint, at constant cost.
-    fn power_of_two(
-        &self,
-        eligible: &dyn Fn(&Endpoint) -> bool,
-        cost: impl Fn(&Endpoint) -> f64,
-    ) -> Option<usize> {
-        let n = self.endpoints.len();
-        let mut rng = rand::rng();
-        let a = {
-            let start = rng.random_range(0..n);
-            (0..n)
-                .map(|offset| (start + offset) % n)
-                .find(|&i| eligible(&self.endpoints[i]))?
-        };
-        let b = {
-            let start = rng.random_range(0..n);
-            (0..n)
-                .map(|offset| (start + offset) % n)
-                .find(|&i| i != a && eligible(&self.endpoints[i]))
-        };
-        Some(match b {
-            Some(b) if cost(&self.endpoints[b]) < cost(&self.endpoints[a]) => b,
-            _ => a,
-        })
-    }
-}
+use outlier::OutlierDetector;
+pub use picker::Balancer;
 
 /// The balancing layer: sends each request to the endpoint the balancer picks, skipping ejected
 /// endpoints and those this request already tried, and tells outlier detection how it went.
@@ -213,6 +69,10 @@ impl Balance {
 }
 
 impl Leaf for Balance {
+    fn name(&self) -> &'static str {
+        "balance"
+    }
+
     fn call(&self, request: Request<Body>) -> ResponseFuture {
         let tried = request.extensions().get::<Tried>().cloned();
         let avoid = tried.as_ref().map(Tried::addrs).unwrap_or_default();
@@ -253,157 +113,5 @@ struct Report {
 impl Drop for Report {
     fn drop(&mut self) {
         self.detector.observe(&self.endpoint, self.outcome);
-    }
-}
-
-fn hash(value: &impl Hash) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    value.hash(&mut hasher);
-    hasher.finish()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::HashMap;
-    use std::time::Duration;
-
-    fn endpoints(n: u16) -> Vec<Arc<Endpoint>> {
-        (0..n)
-            .map(|i| {
-                Arc::new(Endpoint::new(
-                    SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
-                    String::new(),
-                    Vec::new(),
-                    false,
-                    Duration::from_secs(1),
-                    None,
-                ))
-            })
-            .collect()
-    }
-
-    fn counts(
-        balancer: &Balancer,
-        requests: usize,
-        headers: impl Fn(usize) -> http::HeaderMap,
-    ) -> HashMap<SocketAddr, usize> {
-        let mut counts = HashMap::new();
-        for i in 0..requests {
-            let picked = balancer.pick(&headers(i), &[], |_| true).unwrap();
-            *counts.entry(picked.addr).or_default() += 1;
-        }
-        counts
-    }
-
-    #[tokio::test]
-    async fn round_robin_takes_turns() {
-        let balancer = Balancer::new(Algorithm::RoundRobin, endpoints(3));
-        let counts = counts(&balancer, 300, |_| http::HeaderMap::new());
-        assert!(counts.values().all(|&c| c == 100), "{counts:?}");
-    }
-
-    #[tokio::test]
-    async fn random_spreads_evenly() {
-        let balancer = Balancer::new(Algorithm::Random, endpoints(4));
-        let counts = counts(&balancer, 8000, |_| http::HeaderMap::new());
-        assert_eq!(counts.len(), 4);
-        assert!(
-            counts.values().all(|&c| (1700..2300).contains(&c)),
-            "{counts:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn least_request_avoids_the_busy_endpoint() {
-        let all = endpoints(3);
-        let busy: Vec<_> = (0..10).map(|_| all[0].start()).collect();
-        let balancer = Balancer::new(Algorithm::LeastRequest, all.clone());
-        let counts = counts(&balancer, 1000, |_| http::HeaderMap::new());
-        assert_eq!(counts.get(&all[0].addr), None, "{counts:?}");
-        drop(busy);
-    }
-
-    #[tokio::test]
-    async fn peak_ewma_prefers_the_fast_endpoint() {
-        let all = endpoints(2);
-        all[0].load.observe(Duration::from_millis(500));
-        all[1].load.observe(Duration::from_millis(1));
-        let balancer = Balancer::new(Algorithm::PeakEwma, all.clone());
-        let counts = counts(&balancer, 1000, |_| http::HeaderMap::new());
-        // P2C with two endpoints compares both every time.
-        assert_eq!(counts.get(&all[1].addr), Some(&1000), "{counts:?}");
-    }
-
-    #[tokio::test]
-    async fn consistent_hash_is_sticky_and_moves_little_on_change() {
-        let header = HeaderName::from_static("x-user");
-        let algorithm = Algorithm::ConsistentHash {
-            header: header.clone(),
-        };
-        let all = endpoints(5);
-        let user = |i: usize| {
-            let mut h = http::HeaderMap::new();
-            h.insert(header.clone(), i.to_string().parse().unwrap());
-            h
-        };
-        let before = Balancer::new(algorithm.clone(), all.clone());
-        let after = Balancer::new(algorithm, all[..4].to_vec());
-        let mut moved = 0;
-        for i in 0..1000 {
-            let first = before.pick(&user(i), &[], |_| true).unwrap().addr;
-            assert_eq!(before.pick(&user(i), &[], |_| true).unwrap().addr, first);
-            let second = after.pick(&user(i), &[], |_| true).unwrap().addr;
-            if first != second {
-                assert_eq!(first, all[4].addr, "a key moved off a surviving endpoint");
-                moved += 1;
-            }
-        }
-        // The removed endpoint held about a fifth of the keys; only those move.
-        assert!((100..300).contains(&moved), "{moved}");
-        let spread = counts(&before, 5000, user);
-        assert!(
-            spread.values().all(|&c| (600..1400).contains(&c)),
-            "{spread:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn avoided_and_unusable_endpoints_are_skipped_while_others_remain() {
-        let all = endpoints(3);
-        for algorithm in [
-            Algorithm::RoundRobin,
-            Algorithm::Random,
-            Algorithm::PeakEwma,
-            Algorithm::LeastRequest,
-            Algorithm::ConsistentHash {
-                header: HeaderName::from_static("x-user"),
-            },
-        ] {
-            let balancer = Balancer::new(algorithm, all.clone());
-            for _ in 0..100 {
-                let picked = balancer
-                    .pick(&http::HeaderMap::new(), &[all[0].addr], |e| {
-                        e.addr != all[1].addr
-                    })
-                    .unwrap();
-                assert_eq!(picked.addr, all[2].addr);
-            }
-            // Nothing eligible left: still answer rather than fail.
-            assert!(
-                balancer
-                    .pick(
-                        &http::HeaderMap::new(),
-                        &[all[0].addr, all[1].addr, all[2].addr],
-                        |_| false
-                    )
-                    .is_some()
-            );
-        }
-        assert!(
-            Balancer::new(Algorithm::Random, Vec::new())
-                .pick(&http::HeaderMap::new(), &[], |_| true)
-                .is_none()
-        );
     }
 }

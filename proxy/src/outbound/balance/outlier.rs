@@ -3,84 +3,23 @@
 //! Consecutive server errors eject an endpoint for `base * n` (n = times ejected, capped at the
 //! maximum). When that time is up the endpoint is on probation: exactly one request probes it;
 //! success restores it, failure ejects it again for longer. Never more than `max_ejection_percent`
-//! of the endpoints are out, and at least one always stays in rotation.
+//! of the endpoints are out, and at least one always stays in rotation. Each endpoint's state is
+//! its `client::Health`; this is the destination-wide policy over them.
 
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::client::Endpoint;
-use crate::metrics::{DestinationLabels, EndpointLabels, EndpointState, Metrics};
+use tokio::time::Instant;
+
+use crate::client::{Claim, Endpoint, Outcome, Recorded, Thresholds};
+use crate::metrics::{EndpointLabels, EndpointState, Metrics, ServiceLabels};
 use crate::policy::OutlierConfig;
-
-/// What a response says about the endpoint that produced it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    Success,
-    /// A 5xx other than the gateway errors.
-    ServerError,
-    /// 502, 503, 504, or no connection at all.
-    GatewayError,
-}
-
-impl Outcome {
-    pub fn of_status(status: http::StatusCode) -> Self {
-        match status.as_u16() {
-            502..=504 => Self::GatewayError,
-            500..=599 => Self::ServerError,
-            _ => Self::Success,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Status {
-    Healthy,
-    Ejected {
-        until: Instant,
-    },
-    /// The ejection time is over and the single probe has been sent.
-    Probing,
-}
-
-/// An endpoint's health, kept across configuration versions.
-#[derive(Debug)]
-pub struct Health(Mutex<HealthState>);
-
-#[derive(Debug)]
-struct HealthState {
-    status: Status,
-    consecutive_5xx: u32,
-    consecutive_gateway: u32,
-    /// Times ejected: the next ejection lasts one base period longer.
-    ejections: u32,
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Self(Mutex::new(HealthState {
-            status: Status::Healthy,
-            consecutive_5xx: 0,
-            consecutive_gateway: 0,
-            ejections: 0,
-        }))
-    }
-}
-
-impl Health {
-    pub fn state(&self, now: Instant) -> EndpointState {
-        match self.0.lock().expect("health lock").status {
-            Status::Healthy => EndpointState::Healthy,
-            Status::Ejected { until } if now < until => EndpointState::Ejected,
-            Status::Ejected { .. } | Status::Probing => EndpointState::Probation,
-        }
-    }
-}
 
 /// Outlier detection over one destination's endpoints.
 pub struct OutlierDetector {
     config: OutlierConfig,
     endpoints: Vec<Arc<Endpoint>>,
-    labels: DestinationLabels,
+    labels: ServiceLabels,
     metrics: Metrics,
     /// Serialises ejection decisions, so two concurrent failures cannot both take the last slot.
     ejecting: Mutex<()>,
@@ -90,7 +29,7 @@ impl OutlierDetector {
     pub fn new(
         config: OutlierConfig,
         endpoints: Vec<Arc<Endpoint>>,
-        labels: DestinationLabels,
+        labels: ServiceLabels,
         metrics: Metrics,
     ) -> Arc<Self> {
         let detector = Arc::new(Self {
@@ -106,32 +45,22 @@ impl OutlierDetector {
 
     /// May this endpoint be picked now: healthy, or due for its probe.
     pub fn is_available(&self, endpoint: &Endpoint) -> bool {
-        let state = endpoint.health.0.lock().expect("health lock");
-        match state.status {
-            Status::Healthy => true,
-            Status::Ejected { until } => Instant::now() >= until,
-            Status::Probing => false,
-        }
+        endpoint.health.is_available(Instant::now())
     }
 
     /// Called for the endpoint actually picked: if it was due for its probe, this request is the
     /// probe, and no other may be. False when another request took the probe first.
     pub fn claim(&self, endpoint: &Endpoint) -> bool {
-        let mut state = endpoint.health.0.lock().expect("health lock");
-        match state.status {
-            Status::Healthy => return true,
-            Status::Ejected { until } if Instant::now() >= until => {
-                state.status = Status::Probing;
-                drop(state);
+        match endpoint.health.claim(Instant::now()) {
+            Claim::Healthy => true,
+            Claim::Probe => {
                 self.refresh_gauges();
-                return true;
+                true
             }
-            Status::Ejected { .. } | Status::Probing => {}
+            // The balancer only offers an unavailable endpoint when nothing else is left: serve
+            // rather than fail.
+            Claim::Unavailable => !self.any_available(),
         }
-        drop(state);
-        // The balancer only offers an unavailable endpoint when nothing else is left: serve
-        // rather than fail.
-        !self.any_available()
     }
 
     fn any_available(&self) -> bool {
@@ -139,55 +68,26 @@ impl OutlierDetector {
     }
 
     pub fn observe(self: &Arc<Self>, endpoint: &Endpoint, outcome: Outcome) {
-        let mut state = endpoint.health.0.lock().expect("health lock");
-        match outcome {
-            Outcome::Success => {
-                state.consecutive_5xx = 0;
-                state.consecutive_gateway = 0;
-                if state.status == Status::Probing {
-                    state.status = Status::Healthy;
-                    drop(state);
-                    self.refresh_gauges();
-                }
-                return;
-            }
-            // Gateway errors are server errors too, as in Envoy.
-            Outcome::ServerError => state.consecutive_5xx += 1,
-            Outcome::GatewayError => {
-                state.consecutive_5xx += 1;
-                state.consecutive_gateway += 1;
-            }
-        }
-        let over = |count: u32, threshold: u32| threshold > 0 && count >= threshold;
-        let should_eject = state.status == Status::Probing
-            || (state.status == Status::Healthy
-                && (over(state.consecutive_5xx, self.config.consecutive_5xx)
-                    || over(
-                        state.consecutive_gateway,
-                        self.config.consecutive_gateway_errors,
-                    )));
-        drop(state);
-        if should_eject {
-            self.eject(endpoint);
+        let thresholds = Thresholds {
+            consecutive_5xx: self.config.consecutive_5xx,
+            consecutive_gateway_errors: self.config.consecutive_gateway_errors,
+        };
+        match endpoint.health.record(outcome, thresholds) {
+            Recorded::Nothing => {}
+            Recorded::Restored => self.refresh_gauges(),
+            Recorded::Eject => self.eject(endpoint),
         }
     }
 
     fn eject(self: &Arc<Self>, endpoint: &Endpoint) {
         let _deciding = self.ejecting.lock().expect("ejection lock");
-        let probing = endpoint.health.0.lock().expect("health lock").status == Status::Probing;
         // A failed probe goes back out whatever the quota: it was counted as out already.
-        if !probing && self.out_of_rotation() >= self.max_ejected() {
+        if !endpoint.health.is_probing() && self.out_of_rotation() >= self.max_ejected() {
             return;
         }
-        let until = {
-            let mut state = endpoint.health.0.lock().expect("health lock");
-            state.ejections += 1;
-            state.consecutive_5xx = 0;
-            state.consecutive_gateway = 0;
-            let until = Instant::now() + ejection_time(&self.config, state.ejections);
-            state.status = Status::Ejected { until };
-            until
-        };
+        let until = endpoint
+            .health
+            .eject(Instant::now(), |n| ejection_time(&self.config, n));
         tracing::info!(endpoint = %endpoint.addr, ?until, "outlier ejected");
         self.metrics
             .outlier_ejections
@@ -197,7 +97,7 @@ impl OutlierDetector {
         // Probation starts by itself when the time is up: show it in the gauges then.
         let detector: Weak<Self> = Arc::downgrade(self);
         tokio::spawn(async move {
-            tokio::time::sleep_until(until.into()).await;
+            tokio::time::sleep_until(until).await;
             if let Some(detector) = detector.upgrade() {
                 detector.refresh_gauges();
             }
@@ -250,7 +150,6 @@ fn ejection_time(config: &OutlierConfig, n: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::SocketAddr;
 
     fn config() -> OutlierConfig {
         OutlierConfig {
@@ -265,18 +164,9 @@ mod tests {
 
     fn detector(n: u16, config: OutlierConfig) -> Arc<OutlierDetector> {
         let endpoints = (0..n)
-            .map(|i| {
-                Arc::new(Endpoint::new(
-                    SocketAddr::from(([127, 0, 0, 1], 2000 + i)),
-                    String::new(),
-                    Vec::new(),
-                    false,
-                    Duration::from_secs(1),
-                    None,
-                ))
-            })
+            .map(|i| crate::client::test_endpoint(2000 + i, &[]))
             .collect();
-        let labels = DestinationLabels {
+        let labels = ServiceLabels {
             dst_namespace: Arc::new("ns".into()),
             dst_service: Arc::new("svc".into()),
         };
@@ -287,7 +177,7 @@ mod tests {
         d.endpoints[i].health.state(Instant::now())
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn consecutive_errors_eject_and_a_success_in_between_resets_the_count() {
         let d = detector(4, config());
         let e = d.endpoints[0].clone();
@@ -302,7 +192,7 @@ mod tests {
         assert!(!d.is_available(&e));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn probation_admits_exactly_one_probe_then_restores_or_ejects_for_longer() {
         let d = detector(4, config());
         let e = d.endpoints[0].clone();
@@ -339,7 +229,7 @@ mod tests {
         assert_eq!(ejection_time(&c, 3), Duration::from_millis(100));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn never_more_than_the_allowed_share_and_never_the_last_endpoint() {
         let d = detector(4, config());
         for e in d.endpoints.clone() {
@@ -377,7 +267,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn gateway_error_threshold_counts_only_gateway_errors() {
         let c = OutlierConfig {
             consecutive_5xx: 0,

@@ -31,6 +31,13 @@ pub struct Deadline {
 }
 
 impl Step for Deadline {
+    fn name(&self) -> &'static str {
+        match self.kind {
+            TimeoutKind::Request => "request timeout",
+            TimeoutKind::PerTry => "per-try timeout",
+        }
+    }
+
     fn call(&self, next: &mut Stack, request: Request<Body>) -> ResponseFuture {
         let response = next.call(request);
         let deadline = Instant::now() + self.after;

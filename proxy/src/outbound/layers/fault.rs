@@ -21,6 +21,10 @@ fn chance(percent: f64) -> bool {
 }
 
 impl Step for Faults {
+    fn name(&self) -> &'static str {
+        "fault injection"
+    }
+
     fn call(&self, next: &mut Stack, request: Request<Body>) -> ResponseFuture {
         // As in Istio, a request may be both delayed and then aborted.
         let delay = chance(self.config.delay_percent).then_some(self.config.delay);

@@ -2,16 +2,10 @@
 //! destination, at most `maxPendingRequests` requests waiting for one; past that a request fails
 //! at once with 503 instead of queueing without bound.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::Request;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
+use tokio::sync::Semaphore;
 use tower::Service as _;
 
 use crate::http::body::Body;
@@ -54,6 +48,10 @@ pub struct PoolLimit {
 }
 
 impl Step for PoolLimit {
+    fn name(&self) -> &'static str {
+        "pool limit"
+    }
+
     fn call(&self, next: &mut Stack, request: Request<Body>) -> ResponseFuture {
         let Ok(permit) = self.requests.clone().try_acquire_owned() else {
             return Box::pin(async {
@@ -68,66 +66,5 @@ impl Step for PoolLimit {
             drop(permit);
             response
         })
-    }
-}
-
-/// A connection that gives its pool slot back when it closes.
-pub struct PooledStream {
-    stream: TcpStream,
-    _slot: Option<OwnedSemaphorePermit>,
-}
-
-impl PooledStream {
-    pub fn new(stream: TcpStream, slot: Option<OwnedSemaphorePermit>) -> Self {
-        Self {
-            stream,
-            _slot: slot,
-        }
-    }
-}
-
-impl Connection for PooledStream {
-    fn connected(&self) -> Connected {
-        self.stream.connected()
-    }
-}
-
-impl AsyncRead for PooledStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for PooledStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
     }
 }

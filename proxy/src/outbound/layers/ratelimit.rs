@@ -1,10 +1,11 @@
 //! Local rate limit: a token bucket per destination; past it, 429 with `Retry-After`.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{Request, StatusCode};
 use prometheus_client::metrics::counter::Counter;
+use tokio::time::Instant;
 use tower::Service as _;
 
 use crate::http::body::{Body, proxy_error};
@@ -52,6 +53,10 @@ pub struct RateLimit {
 }
 
 impl Step for RateLimit {
+    fn name(&self) -> &'static str {
+        "rate limit"
+    }
+
     fn call(&self, next: &mut Stack, request: Request<Body>) -> ResponseFuture {
         match self.bucket.take() {
             Ok(()) => next.call(request),
@@ -74,8 +79,8 @@ impl Step for RateLimit {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_bucket_allows_its_burst_then_its_rate() {
+    #[tokio::test(start_paused = true)]
+    async fn a_bucket_allows_its_burst_then_its_rate() {
         let bucket = TokenBucket::new(RateLimitConfig {
             requests_per_second: 10,
             burst: 3,
@@ -83,12 +88,24 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(bucket.take(), Ok(()));
         }
-        let wait = bucket.take().unwrap_err();
-        assert!(
-            wait <= Duration::from_millis(100) && wait > Duration::from_millis(50),
-            "{wait:?}"
-        );
-        std::thread::sleep(wait);
+        let waits = |expected_ms: f64| {
+            let wait = bucket.take().unwrap_err();
+            assert!(
+                (wait.as_secs_f64() * 1000.0 - expected_ms).abs() < 0.001,
+                "{wait:?}"
+            );
+        };
+        // Time stands still: a token is 100 ms away, then 60 ms once 40 ms have passed.
+        waits(100.0);
+        tokio::time::advance(Duration::from_millis(40)).await;
+        waits(60.0);
+        tokio::time::advance(Duration::from_millis(61)).await;
         assert_eq!(bucket.take(), Ok(()));
+        // Idle for long: no more than the burst piles up.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        for _ in 0..3 {
+            assert_eq!(bucket.take(), Ok(()));
+        }
+        assert!(bucket.take().is_err());
     }
 }

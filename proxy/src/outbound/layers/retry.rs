@@ -3,37 +3,24 @@
 //! one) and which requests may be (idempotent methods, replayable bodies).
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{Method, Request, Response};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use rand::Rng;
+use tokio::time::Instant;
 use tower::Service as _;
 
+use crate::ctx::Tried;
 use crate::http::body::{Body, boxed};
 use crate::http::error::ProxyError;
 use crate::http::headers::is_upgrade;
-use crate::metrics::{DstLabels, RetryLabels};
+use crate::metrics::{RequestLabels, RetryLabels, RetryReason};
 use crate::outbound::layers::replay::ReplayBody;
 use crate::outbound::stack::{ResponseFuture, Stack, Step};
-use crate::policy::{RetryOn, RetryPolicy};
-
-/// Endpoints a request has been sent to; the balancer avoids them for its retries.
-#[derive(Clone, Default)]
-pub struct Tried(Arc<Mutex<Vec<SocketAddr>>>);
-
-impl Tried {
-    pub fn addrs(&self) -> Vec<SocketAddr> {
-        self.0.lock().expect("tried lock").clone()
-    }
-
-    pub fn push(&self, addr: SocketAddr) {
-        self.0.lock().expect("tried lock").push(addr);
-    }
-}
+use crate::policy::RetryPolicy;
 
 /// Caps retries at `percent` of the requests of the last `WINDOW`, plus `min_per_second`.
 #[derive(Debug)]
@@ -93,30 +80,21 @@ impl Budget {
     }
 }
 
-/// Without a retry policy only connect failures are retried, once: nothing reached the server.
-fn connect_failure_once() -> RetryPolicy {
-    RetryPolicy {
-        attempts: 1,
-        per_try_timeout: None,
-        retry_on: RetryOn {
-            connect_failure: true,
-            ..RetryOn::default()
-        },
-        retriable_status_codes: Vec::new(),
-        backoff_base: Duration::ZERO,
-        backoff_max: Duration::ZERO,
-        budget_percent: 100,
-        budget_min_per_second: 0,
-        retry_non_idempotent: false,
-    }
+/// What is retried.
+enum Mode {
+    /// No retry policy: a request whose connection could not be established is retried once on
+    /// another endpoint (nothing reached the server, so it is safe for every method).
+    ConnectFailureOnce,
+    Policy {
+        policy: RetryPolicy,
+        budget: Budget,
+    },
 }
 
 #[derive(Clone)]
 pub struct Retry {
-    policy: Arc<RetryPolicy>,
-    /// `None` for the connect-failure default, which needs no budget.
-    budget: Option<Arc<Budget>>,
-    labels: DstLabels,
+    mode: Arc<Mode>,
+    labels: RequestLabels,
     retries: Family<RetryLabels, Counter>,
     exhausted: Counter,
 }
@@ -125,16 +103,19 @@ impl Retry {
     /// Retries by `policy`, or only connect failures when there is none.
     pub fn new(
         policy: Option<RetryPolicy>,
-        labels: DstLabels,
+        labels: RequestLabels,
         retries: Family<RetryLabels, Counter>,
         exhausted: Counter,
     ) -> Self {
-        let budget = policy
-            .as_ref()
-            .map(|p| Arc::new(Budget::new(p.budget_percent, p.budget_min_per_second)));
+        let mode = match policy {
+            None => Mode::ConnectFailureOnce,
+            Some(policy) => Mode::Policy {
+                budget: Budget::new(policy.budget_percent, policy.budget_min_per_second),
+                policy,
+            },
+        };
         Self {
-            policy: Arc::new(policy.unwrap_or_else(connect_failure_once)),
-            budget,
+            mode: Arc::new(mode),
             labels,
             retries,
             exhausted,
@@ -142,20 +123,60 @@ impl Retry {
     }
 }
 
-/// Why a result may be retried (the `reason` label), or `None`.
+impl Mode {
+    fn allows_non_idempotent(&self) -> bool {
+        match self {
+            Mode::ConnectFailureOnce => false,
+            Mode::Policy { policy, .. } => policy.retry_non_idempotent,
+        }
+    }
+
+    /// How long to wait before retry number `retry`: at once without a policy.
+    fn backoff(&self, retry: u32) -> Duration {
+        match self {
+            Mode::ConnectFailureOnce => Duration::ZERO,
+            Mode::Policy { policy, .. } => backoff(policy, retry),
+        }
+    }
+
+    fn attempts(&self) -> u32 {
+        match self {
+            Mode::ConnectFailureOnce => 1,
+            Mode::Policy { policy, .. } => policy.attempts,
+        }
+    }
+
+    /// Why a result may be retried, or `None`.
+    fn reason(
+        &self,
+        grpc: bool,
+        result: &Result<Response<Body>, ProxyError>,
+    ) -> Option<RetryReason> {
+        match self {
+            Mode::ConnectFailureOnce => matches!(result, Err(ProxyError::Connect { .. }))
+                .then_some(RetryReason::ConnectFailure),
+            Mode::Policy { policy, .. } => retry_reason(policy, grpc, result),
+        }
+    }
+}
+
+/// Why a result may be retried under `policy`, or `None`.
 fn retry_reason(
     policy: &RetryPolicy,
     grpc: bool,
     result: &Result<Response<Body>, ProxyError>,
-) -> Option<&'static str> {
+) -> Option<RetryReason> {
     let on = policy.retry_on;
     match result {
         Err(ProxyError::Connect { .. }) => {
-            (on.connect_failure || on.server_error || on.gateway_error).then_some("connect-failure")
+            (on.connect_failure || on.server_error || on.gateway_error)
+                .then_some(RetryReason::ConnectFailure)
         }
-        Err(ProxyError::Upstream { .. }) => (on.reset || on.server_error).then_some("reset"),
+        Err(ProxyError::Upstream { .. }) => {
+            (on.reset || on.server_error).then_some(RetryReason::Reset)
+        }
         Err(ProxyError::Timeout { .. }) => {
-            (on.server_error || on.gateway_error).then_some("per-try-timeout")
+            (on.server_error || on.gateway_error).then_some(RetryReason::PerTryTimeout)
         }
         Err(ProxyError::NoEndpoints(_) | ProxyError::Overflow(_)) => None,
         // gRPC reports failure in grpc-status; UNAVAILABLE (14) is the one safe to retry.
@@ -164,15 +185,15 @@ fn retry_reason(
             .get("grpc-status")
             .is_some_and(|s| s == "14")
             && (on.server_error || on.gateway_error || on.reset))
-            .then_some("unavailable"),
+            .then_some(RetryReason::Unavailable),
         Ok(response) => {
             let status = response.status().as_u16();
             if on.retriable_status_codes && policy.retriable_status_codes.contains(&status) {
-                Some("retriable-status-code")
+                Some(RetryReason::RetriableStatusCode)
             } else if on.gateway_error && (502..=504).contains(&status) {
-                Some("gateway-error")
+                Some(RetryReason::GatewayError)
             } else if on.server_error && status >= 500 {
-                Some("5xx")
+                Some(RetryReason::ServerError)
             } else {
                 None
             }
@@ -208,12 +229,16 @@ fn same_request(
 }
 
 impl Step for Retry {
+    fn name(&self) -> &'static str {
+        "retry"
+    }
+
     fn call(&self, next: &mut Stack, request: Request<Body>) -> ResponseFuture {
         // An upgraded connection cannot be replayed.
         if is_upgrade(request.headers()) {
             return next.call(request);
         }
-        if let Some(budget) = &self.budget {
+        if let Mode::Policy { budget, .. } = &*self.mode {
             budget.record_request();
         }
         let this = self.clone();
@@ -238,18 +263,21 @@ impl Step for Retry {
                 );
                 attempt.extensions_mut().insert(tried.clone());
                 let result = next.clone().call(attempt).await;
-                let Some(reason) = retry_reason(&this.policy, grpc, &result) else {
+                let Some(reason) = this.mode.reason(grpc, &result) else {
                     return result;
                 };
                 // Nothing reached the server on a connect failure, and a gRPC server answering
                 // UNAVAILABLE did not process the call (every gRPC call is a POST): safe for every
                 // method.
-                let unprocessed = matches!(reason, "connect-failure" | "unavailable");
-                let method_allows = idempotent || this.policy.retry_non_idempotent || unprocessed;
-                if retries >= this.policy.attempts || !method_allows || !body.is_replayable() {
+                let unprocessed = matches!(
+                    reason,
+                    RetryReason::ConnectFailure | RetryReason::Unavailable
+                );
+                let method_allows = idempotent || unprocessed || this.mode.allows_non_idempotent();
+                if retries >= this.mode.attempts() || !method_allows || !body.is_replayable() {
                     return result;
                 }
-                if let Some(budget) = &this.budget
+                if let Mode::Policy { budget, .. } = &*this.mode
                     && !budget.try_retry()
                 {
                     this.exhausted.inc();
@@ -263,7 +291,7 @@ impl Step for Retry {
                     })
                     .inc();
                 drop(result);
-                tokio::time::sleep(backoff(&this.policy, retries)).await;
+                tokio::time::sleep(this.mode.backoff(retries)).await;
             }
         })
     }
@@ -272,6 +300,7 @@ impl Step for Retry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::RetryOn;
 
     fn policy() -> RetryPolicy {
         RetryPolicy {
@@ -300,7 +329,10 @@ mod tests {
     #[test]
     fn retry_on_conditions_follow_istio() {
         let p = policy();
-        assert_eq!(retry_reason(&p, false, &status(503)), Some("gateway-error"));
+        assert_eq!(
+            retry_reason(&p, false, &status(503)),
+            Some(RetryReason::GatewayError)
+        );
         assert_eq!(
             retry_reason(&p, false, &status(500)),
             None,
@@ -308,7 +340,7 @@ mod tests {
         );
         assert_eq!(
             retry_reason(&p, false, &status(409)),
-            Some("retriable-status-code")
+            Some(RetryReason::RetriableStatusCode)
         );
         assert_eq!(retry_reason(&p, false, &status(200)), None);
         let five_xx = RetryPolicy {
@@ -318,7 +350,10 @@ mod tests {
             },
             ..policy()
         };
-        assert_eq!(retry_reason(&five_xx, false, &status(500)), Some("5xx"));
+        assert_eq!(
+            retry_reason(&five_xx, false, &status(500)),
+            Some(RetryReason::ServerError)
+        );
         assert_eq!(retry_reason(&five_xx, false, &status(404)), None);
         let timeout = Err(ProxyError::Timeout {
             kind: crate::metrics::TimeoutKind::PerTry,
@@ -326,12 +361,11 @@ mod tests {
         });
         assert_eq!(
             retry_reason(&five_xx, false, &timeout),
-            Some("per-try-timeout")
+            Some(RetryReason::PerTryTimeout)
         );
-        assert_eq!(
-            retry_reason(&connect_failure_once(), false, &status(503)),
-            None
-        );
+        let connect_failure_once = Mode::ConnectFailureOnce;
+        assert_eq!(connect_failure_once.reason(false, &status(503)), None);
+        assert_eq!(connect_failure_once.reason(false, &timeout), None);
     }
 
     #[test]
@@ -343,7 +377,10 @@ mod tests {
             .unwrap()
             .headers_mut()
             .insert("grpc-status", "14".parse().unwrap());
-        assert_eq!(retry_reason(&p, true, &unavailable), Some("unavailable"));
+        assert_eq!(
+            retry_reason(&p, true, &unavailable),
+            Some(RetryReason::Unavailable)
+        );
         let mut internal = status(200);
         internal
             .as_mut()
