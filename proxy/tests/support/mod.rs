@@ -99,8 +99,12 @@ pub enum Conn {
 
 impl Conn {
     pub async fn http1(addr: SocketAddr) -> Self {
-        let io = TokioIo::new(TcpStream::connect(addr).await.expect("connect"));
-        let (send, conn) = hyper::client::conn::http1::handshake(io)
+        Self::http1_over(TcpStream::connect(addr).await.expect("connect")).await
+    }
+
+    /// HTTP/1.1 over a connection made elsewhere (from another network namespace, say).
+    pub async fn http1_over(stream: TcpStream) -> Self {
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .expect("handshake");
         tokio::spawn(conn.with_upgrades());
