@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use outrigger_api::proto;
+use outrigger_proxy::Proxy;
 use outrigger_tests::{Backend, ControlPlane, destination};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -203,6 +204,16 @@ impl Hosts {
         self.pod.enter();
         stream
     }
+
+    /// `GET path` from the neighbour; None when the connection is refused or closed unanswered.
+    async fn neighbour_get(&self, addr: &str, host: &str, path: &str) -> Option<Reply> {
+        let stream = self.connect_from_neighbour(addr).await.ok()?;
+        Conn::http1_over(stream)
+            .await
+            .send(request(host, path))
+            .await
+            .ok()
+    }
 }
 
 impl Drop for Hosts {
@@ -383,5 +394,209 @@ fn inbound_connections_reach_the_app_through_the_proxy() {
             POD,
             "the app was reached from the proxy, on the pod's own address"
         );
+    });
+}
+
+#[test]
+fn a_pod_is_no_relay_to_what_it_can_reach() {
+    let hosts = Hosts::create("x");
+    // A third host the pod can reach and its neighbour cannot (the pod forwards nothing).
+    let far = Netns::create(&format!("or-x-far-{}", std::process::id()));
+    let (pod_if, far_if) = (
+        format!("orxf{}", std::process::id()),
+        format!("orxg{}", std::process::id()),
+    );
+    let mut veth = Command::new("ip");
+    veth.args([
+        "link", "add", &pod_if, "type", "veth", "peer", "name", &far_if,
+    ]);
+    run(veth);
+    for (netns, interface, address) in [
+        (&hosts.pod, &pod_if, "10.233.0.2/24"),
+        (&far, &far_if, "10.233.0.1/24"),
+    ] {
+        let mut move_in = Command::new("ip");
+        move_in.args(["link", "set", interface, "netns", &netns.0]);
+        run(move_in);
+        run(netns.exec("ip", &["addr", "add", address, "dev", interface]));
+        run(netns.exec("ip", &["link", "set", interface, "up"]));
+    }
+    run(hosts
+        .neighbour
+        .exec("ip", &["route", "add", "10.233.0.0/24", "via", POD]));
+    // The pod forwards nothing: it refuses what is routed through it, at once.
+    run(hosts.pod.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]));
+    run(hosts.pod.exec(
+        "iptables",
+        &[
+            "-A",
+            "FORWARD",
+            "-p",
+            "tcp",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ],
+    ));
+    hosts.init(&[]);
+    hosts.run(|| async {
+        let cp = ControlPlane::start().await;
+        let app = Backend::start_on(addr("0.0.0.0:8080"), "app").await;
+        let secret = Backend::start_on(addr(&format!("{IN_POD}.9:0")), "secret").await;
+        cp.publish(
+            "secret.shop.svc.cluster.local:80",
+            destination("shop", "secret", 80, &[(secret.addr, &[])]),
+        );
+        let _proxy = hosts.start_proxy(&cp.url(), "127.0.0.1:8080");
+        proxy_ready().await;
+        // The pod itself reaches the Service.
+        assert_eq!(
+            get(addr("127.0.0.1:4140"), "secret.shop", "/").await.body,
+            "secret"
+        );
+        assert_eq!(secret.hits(), 1);
+
+        // The neighbour, at every port of the proxy's, asking for that Service.
+        for port in [4140, 4143, 4191] {
+            let reply = hosts
+                .neighbour_get(&format!("{POD}:{port}"), "secret.shop", "/")
+                .await;
+            assert!(
+                reply.as_ref().is_none_or(|r| r.status >= 400),
+                "port {port}: {reply:?}"
+            );
+        }
+        assert_eq!(
+            secret.hits(),
+            1,
+            "the neighbour reached the Service through the pod"
+        );
+
+        // With the rules of earlier versions, which redirected the outbound port like any other:
+        // the proxy itself refuses.
+        run(hosts.pod.exec(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-I",
+                "OUTRIGGER_INBOUND",
+                "1",
+                "-p",
+                "tcp",
+                "--dport",
+                "4140",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "4143",
+            ],
+        ));
+        let reply = hosts
+            .neighbour_get(&format!("{POD}:4140"), "secret.shop", "/")
+            .await;
+        assert!(reply.is_none(), "{reply:?}");
+        assert_eq!(secret.hits(), 1, "the proxy forwarded to its outbound port");
+
+        // A connection routed through the pod to a far address: the pod forwards nothing, so
+        // without the mesh it goes nowhere, and the proxy must not make it.
+        far.enter();
+        let far_listener = TcpListener::bind("10.233.0.1:5432").await.unwrap();
+        hosts.pod.enter();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = far_listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut read, mut write) = stream.split();
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                });
+            }
+        });
+        match hosts.connect_from_neighbour("10.233.0.1:5432").await {
+            Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused),
+            Ok(stream) => panic!(
+                "connected through the pod; it echoed {:?}",
+                exchange(stream, b"\x00hello").await
+            ),
+        }
+        // The same, redirected by a rule that does not check the destination is this pod's.
+        run(hosts.pod.exec(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-I",
+                "OUTRIGGER_INBOUND",
+                "1",
+                "-p",
+                "tcp",
+                "-d",
+                "10.233.0.1",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "4143",
+            ],
+        ));
+        let stream = hosts
+            .connect_from_neighbour("10.233.0.1:5432")
+            .await
+            .unwrap();
+        assert_eq!(
+            exchange(stream, b"\x00hello").await,
+            b"",
+            "relayed to the far host"
+        );
+
+        // And the app is served as before.
+        let reply = hosts
+            .neighbour_get(&format!("{POD}:8080"), "app", "/")
+            .await;
+        assert_eq!(reply.map(|r| r.body), Some("app".to_string()));
+        assert_eq!(app.hits(), 1);
+    });
+}
+
+#[test]
+fn settings_that_would_make_the_proxy_a_relay_are_refused() {
+    let netns = Netns::create(&format!("or-s-{}", std::process::id()));
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // The proxy's real ports, free in a namespace of its own.
+                netns.enter();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    let pod = |outbound: &str, app: &str| {
+                        let mut settings = settings("http://127.0.0.1:1", addr(app));
+                        settings.outbound_addr = addr(outbound);
+                        settings.inbound_addr = addr("0.0.0.0:4143");
+                        settings.admin_addr = addr("0.0.0.0:4191");
+                        settings
+                    };
+                    for (outbound, app, refused) in [
+                        ("127.0.0.1:4140", "127.0.0.1:4140", "--app-addr"),
+                        ("127.0.0.1:4140", "127.0.0.1:4143", "--app-addr"),
+                        ("127.0.0.1:4140", "127.0.0.1:4191", "--app-addr"),
+                        ("127.0.0.1:4140", "192.0.2.1:8080", "--app-addr"),
+                        ("0.0.0.0:4140", "127.0.0.1:8080", "--outbound-addr"),
+                    ] {
+                        match Proxy::bind(pod(outbound, app)).await {
+                            Ok(_) => panic!("outbound {outbound}, app {app}: bound"),
+                            Err(error) => {
+                                let error = format!("{error:#}");
+                                assert!(error.contains(refused), "{app}: {error}");
+                            }
+                        }
+                    }
+                    let proxy = Proxy::bind(pod("127.0.0.1:4140", "127.0.0.1:8080")).await;
+                    assert!(proxy.is_ok(), "the injected settings");
+                });
+            })
+            .join()
+            .expect("namespace thread");
     });
 }

@@ -6,7 +6,7 @@ mod settings;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use hyper::body::Incoming;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -16,7 +16,7 @@ use tower::{Layer, ServiceExt};
 use crate::admin::Admin;
 use crate::control::{self, ControlPlane, Identity};
 use crate::http::body::boxed;
-use crate::inbound::{Inbound, InboundService};
+use crate::inbound::{Inbound, InboundService, is_local};
 use crate::listen::{Handling, ServerLimits, serve};
 use crate::metrics::{Direction, Metrics, RequestLabels};
 use crate::outbound::resolve::Resolver;
@@ -34,17 +34,41 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn bind(settings: Settings) -> anyhow::Result<Self> {
+        let outbound = settings.outbound_addr;
+        if !outbound.ip().is_loopback() {
+            bail!(
+                "--outbound-addr {outbound} is not a loopback address: whoever reached it could \
+                 call any Service as this pod"
+            );
+        }
         let bind = |addr: SocketAddr, what: &'static str| async move {
             TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the {what} listener on {addr}"))
         };
-        Ok(Self {
+        let proxy = Self {
             outbound: bind(settings.outbound_addr, "outbound").await?,
             inbound: bind(settings.inbound_addr, "inbound").await?,
             admin: bind(settings.admin_addr, "admin").await?,
             settings,
-        })
+        };
+        // What reaches the inbound listener directly goes there: the app, not a relay.
+        let app = proxy.settings.app_addr;
+        if proxy.own_ports().contains(&app.port()) {
+            bail!("--app-addr {app} is one of the proxy's own ports");
+        }
+        if !is_local(app.ip()) {
+            bail!("--app-addr {app} is not an address of this host");
+        }
+        Ok(proxy)
+    }
+
+    /// The ports the proxy listens on.
+    fn own_ports(&self) -> Vec<u16> {
+        [&self.outbound, &self.inbound, &self.admin]
+            .iter()
+            .map(|listener| listener.local_addr().expect("bound").port())
+            .collect()
     }
 
     pub fn outbound_addr(&self) -> SocketAddr {
@@ -62,6 +86,7 @@ impl Proxy {
     /// Serves until `shutdown` turns true, then drains in-flight requests (up to the drain
     /// timeout) and returns.
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let own_ports = self.own_ports();
         let Proxy {
             settings,
             outbound,
@@ -86,7 +111,7 @@ impl Proxy {
         };
         tokio::join!(
             servers.outbound(outbound, resolver.clone()),
-            servers.inbound(inbound),
+            servers.inbound(inbound, own_ports),
             servers.admin(admin, resolver, ready),
         );
         let _ = control.await;
@@ -140,7 +165,7 @@ impl Servers<'_> {
                 let service = telemetry
                     .layer(OutboundService::new(outbound.clone(), connection))
                     .map_request(|r: http::Request<Incoming>| r.map(boxed));
-                async move {
+                Some(async move {
                     match connection.original_dst {
                         // Outside the mesh: as if there were no proxy.
                         Some(original_dst) if outbound.is_unknown(original_dst).await => {
@@ -148,17 +173,17 @@ impl Servers<'_> {
                         }
                         _ => Handling::Serve(TowerToHyperService::new(service)),
                     }
-                }
+                })
             },
         )
         .await
     }
 
     /// Other pods' requests to the local app.
-    async fn inbound(&self, listener: TcpListener) {
+    async fn inbound(&self, listener: TcpListener, own_ports: Vec<u16>) {
         let mut labels = unlabelled(Direction::Inbound);
         labels.dst_namespace = Arc::new(self.settings.namespace.clone());
-        let inbound = Arc::new(Inbound::new(self.settings.app_addr));
+        let inbound = Arc::new(Inbound::new(self.settings.app_addr, own_ports));
         let telemetry = TelemetryLayer::new(self.metrics.clone(), labels);
         serve(
             listener,
@@ -168,10 +193,13 @@ impl Servers<'_> {
             self.shutdown.clone(),
             self.settings.drain_timeout,
             move |connection| {
+                let endpoint = inbound.endpoint(inbound.target(&connection)?);
                 let service = telemetry
-                    .layer(InboundService::new(&inbound, connection))
+                    .layer(InboundService::new(endpoint))
                     .map_request(|r: http::Request<Incoming>| r.map(boxed));
-                std::future::ready(Handling::Serve(TowerToHyperService::new(service)))
+                Some(std::future::ready(Handling::Serve(
+                    TowerToHyperService::new(service),
+                )))
             },
         )
         .await
@@ -192,10 +220,10 @@ impl Servers<'_> {
             self.settings.drain_timeout,
             move |_| {
                 let admin = admin.clone();
-                std::future::ready(Handling::Serve(hyper::service::service_fn(
-                    move |request| {
+                Some(std::future::ready(Handling::Serve(
+                    hyper::service::service_fn(move |request| {
                         std::future::ready(Ok::<_, std::convert::Infallible>(admin.handle(request)))
-                    },
+                    }),
                 )))
             },
         )

@@ -21,7 +21,8 @@ pub struct Settings {
     pub workload: String,
     #[arg(long, env = "OUTRIGGER_SERVICE_ACCOUNT", default_value = "default")]
     pub service_account: String,
-    /// Where the app's outgoing HTTP arrives.
+    /// Where the app's outgoing HTTP arrives; a loopback address, as whoever reaches it can call
+    /// any Service as this pod.
     #[arg(
         long,
         env = "OUTRIGGER_OUTBOUND_ADDR",
@@ -31,7 +32,8 @@ pub struct Settings {
     /// Where other pods' requests to this app arrive.
     #[arg(long, env = "OUTRIGGER_INBOUND_ADDR", default_value = "0.0.0.0:4143")]
     pub inbound_addr: SocketAddr,
-    /// The local app, for inbound requests.
+    /// The local app, for inbound requests: an address of this host, none of the proxy's ports.
+    /// When it is a loopback address, only loopback peers are forwarded there.
     #[arg(long, env = "OUTRIGGER_APP_ADDR", default_value = "127.0.0.1:8080")]
     pub app_addr: SocketAddr,
     /// `/metrics`, `/live`, `/ready`, `/config`, `/endpoints`.

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -18,24 +18,48 @@ use crate::policy::EndpointConfig;
 /// The local app, one endpoint per port it is reached on.
 pub struct Inbound {
     app_addr: SocketAddr,
+    /// The proxy's listening ports: never forwarded to, or anyone reaching the inbound port
+    /// would reach the outbound one as this pod (and through it, any Service).
+    own_ports: Vec<u16>,
     ports: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
 }
 
 impl Inbound {
-    pub fn new(app_addr: SocketAddr) -> Self {
+    pub fn new(app_addr: SocketAddr, own_ports: Vec<u16>) -> Self {
         Self {
             app_addr,
+            own_ports,
             ports: Mutex::default(),
         }
     }
 
-    /// Redirected connections go to the app on the port they were meant for; connections made to
-    /// the inbound listener itself go to `--app-addr`.
-    fn endpoint(&self, connection: &ConnectionInfo) -> Arc<Endpoint> {
-        let addr = match connection.original_dst {
-            Some(dst) => SocketAddr::new(self.app_addr.ip(), dst.port()),
-            None => self.app_addr,
+    /// Where a connection's requests go; None when it must be closed, as it asks for more than
+    /// its peer could reach without the proxy. Redirected connections go to the app on the port
+    /// they were meant for, if that is this pod and not the proxy itself; connections made to
+    /// the inbound listener itself go to `--app-addr`, and when that is loopback, only for peers
+    /// on loopback (anyone else could not have reached it).
+    pub fn target(&self, connection: &ConnectionInfo) -> Option<SocketAddr> {
+        let target = match connection.original_dst {
+            Some(dst) => {
+                // REDIRECT delivers to the primary address of the interface a connection came in
+                // on, so that is the original destination but in pods with several addresses.
+                let local = dst.ip() == connection.local.ip() || is_local(dst.ip());
+                if self.own_ports.contains(&dst.port()) || !local {
+                    None
+                } else {
+                    Some(SocketAddr::new(self.app_addr.ip(), dst.port()))
+                }
+            }
+            None if is_loopback(self.app_addr.ip()) && !is_loopback(connection.peer.ip()) => None,
+            None => Some(self.app_addr),
         };
+        if target.is_none() {
+            tracing::debug!(peer = %connection.peer, original_dst = ?connection.original_dst, "inbound connection refused");
+        }
+        target
+    }
+
+    pub fn endpoint(&self, addr: SocketAddr) -> Arc<Endpoint> {
         self.ports
             .lock()
             .expect("inbound lock")
@@ -45,16 +69,23 @@ impl Inbound {
     }
 }
 
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+/// Whether `ip` is an address of this host: the kernel binds only its own.
+pub fn is_local(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
 #[derive(Clone)]
 pub struct InboundService {
     endpoint: Arc<Endpoint>,
 }
 
 impl InboundService {
-    pub fn new(inbound: &Inbound, connection: ConnectionInfo) -> Self {
-        Self {
-            endpoint: inbound.endpoint(&connection),
-        }
+    pub fn new(endpoint: Arc<Endpoint>) -> Self {
+        Self { endpoint }
     }
 }
 

@@ -68,14 +68,22 @@ pub fn rules(settings: &RedirectSettings, hook: bool) -> String {
             .collect::<Vec<_>>()
             .join(",")
     };
-    let mut inbound_skip = vec![settings.inbound_port, settings.admin_port];
+    // None of the proxy's own ports is redirected: through the inbound listener, the outbound
+    // one would route anyone's request to any Service as this pod.
+    let mut inbound_skip = vec![
+        settings.inbound_port,
+        settings.admin_port,
+        settings.outbound_port,
+    ];
     inbound_skip.extend(&settings.skip_inbound_ports);
     lines.push(format!(
         "-A {INBOUND_CHAIN} -p tcp -m multiport --dports {} -j RETURN",
         ports(&inbound_skip)
     ));
+    // Only connections to this pod: one routed through it to another address must not become
+    // the proxy's connection there.
     lines.push(format!(
-        "-A {INBOUND_CHAIN} -p tcp -j REDIRECT --to-ports {}",
+        "-A {INBOUND_CHAIN} -p tcp -m addrtype --dst-type LOCAL -j REDIRECT --to-ports {}",
         settings.inbound_port
     ));
     lines.push(format!(
@@ -180,8 +188,8 @@ mod tests {
 :OUTRIGGER_OUTBOUND - [0:0]
 -A PREROUTING -p tcp -j OUTRIGGER_INBOUND
 -A OUTPUT -p tcp -j OUTRIGGER_OUTBOUND
--A OUTRIGGER_INBOUND -p tcp -m multiport --dports 4143,4191,22 -j RETURN
--A OUTRIGGER_INBOUND -p tcp -j REDIRECT --to-ports 4143
+-A OUTRIGGER_INBOUND -p tcp -m multiport --dports 4143,4191,4140,22 -j RETURN
+-A OUTRIGGER_INBOUND -p tcp -m addrtype --dst-type LOCAL -j REDIRECT --to-ports 4143
 -A OUTRIGGER_OUTBOUND -m owner --uid-owner 7 -j RETURN
 -A OUTRIGGER_OUTBOUND -o lo -d 127.0.0.1/32 -j RETURN
 -A OUTRIGGER_OUTBOUND -d 10.0.0.0/8 -j RETURN

@@ -35,6 +35,8 @@ pub struct ServerLimits {
 #[derive(Clone, Copy, Debug)]
 pub struct ConnectionInfo {
     pub peer: SocketAddr,
+    /// The address the connection was accepted on.
+    pub local: SocketAddr,
     /// Where the client meant to connect before iptables redirected it to the proxy; `None` when it
     /// connected to the proxy's own address.
     pub original_dst: Option<SocketAddr>,
@@ -45,7 +47,11 @@ impl ConnectionInfo {
         let peer = stream.peer_addr()?;
         let local = stream.local_addr()?;
         let original_dst = original_dst(stream).filter(|dst| *dst != local && *dst != listen_addr);
-        Ok(Self { peer, original_dst })
+        Ok(Self {
+            peer,
+            local,
+            original_dst,
+        })
     }
 }
 
@@ -69,7 +75,8 @@ fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
 
 /// Serves connections from `listener` (counted in `connections_open` under `direction`) until
 /// `shutdown` turns true, then stops accepting and waits up to `drain` for in-flight requests to
-/// finish. `handle` says what becomes of each HTTP connection.
+/// finish. `handle` says what becomes of each HTTP connection, or None to close it before a byte
+/// is read or forwarded.
 pub async fn serve<S, F, H>(
     listener: TcpListener,
     direction: Option<Direction>,
@@ -79,7 +86,7 @@ pub async fn serve<S, F, H>(
     drain: Duration,
     handle: F,
 ) where
-    F: Fn(ConnectionInfo) -> H,
+    F: Fn(ConnectionInfo) -> Option<H>,
     H: Future<Output = Handling<S>> + Send + 'static,
     S: Service<http::Request<Incoming>, Response = http::Response<Body>, Error = Infallible>
         + Send
@@ -116,8 +123,10 @@ pub async fn serve<S, F, H>(
         let Ok(info) = ConnectionInfo::of(&stream, listen_addr) else {
             continue;
         };
+        let Some(handling) = handle(info) else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let handling = handle(info);
         let (builder, watcher) = (builder.clone(), graceful.watcher());
         let guard = direction.map(|d| ConnectionGuard::open(&metrics, d));
         tokio::spawn(async move {
