@@ -600,3 +600,49 @@ fn settings_that_would_make_the_proxy_a_relay_are_refused() {
             .expect("namespace thread");
     });
 }
+
+#[test]
+fn inbound_requests_go_to_the_address_they_were_sent_to() {
+    let hosts = Hosts::create("o");
+    hosts.init(&[]);
+    hosts.run(|| async {
+        let cp = ControlPlane::start().await;
+        // Bound to loopback only: the app means no one else to reach it.
+        let private = Backend::start_on(addr("127.0.0.1:8080"), "private").await;
+        let public = Backend::start_on(addr(&format!("{POD}:9001")), "public").await;
+        let _proxy = hosts.start_proxy(&cp.url(), "127.0.0.1:8080");
+        proxy_ready().await;
+
+        // Bound to the pod's address only: reached, through the proxy.
+        let reply = hosts
+            .neighbour_get(&format!("{POD}:9001"), "app", "/")
+            .await;
+        assert_eq!(
+            reply.map(|r| (r.status, r.body)),
+            Some((200, "public".to_string()))
+        );
+        assert_eq!(public.hits(), 1);
+        assert_eq!(inbound_ok().await, 1.0, "through the proxy");
+
+        // Bound to loopback only: not reached from outside, redirected or at the inbound port.
+        let reply = hosts
+            .neighbour_get(&format!("{POD}:8080"), "app", "/")
+            .await;
+        assert!(reply.as_ref().is_none_or(|r| r.status >= 400), "{reply:?}");
+        let reply = hosts
+            .neighbour_get(&format!("{POD}:4143"), "app", "/")
+            .await;
+        assert!(reply.as_ref().is_none_or(|r| r.status >= 400), "{reply:?}");
+        assert_eq!(
+            private.hits(),
+            0,
+            "a loopback-only listener answered the neighbour"
+        );
+
+        // From inside the pod, the inbound port still leads to --app-addr.
+        assert_eq!(
+            get(addr("127.0.0.1:4143"), "app", "/").await.body,
+            "private"
+        );
+    });
+}

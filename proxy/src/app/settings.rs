@@ -32,8 +32,9 @@ pub struct Settings {
     /// Where other pods' requests to this app arrive.
     #[arg(long, env = "OUTRIGGER_INBOUND_ADDR", default_value = "0.0.0.0:4143")]
     pub inbound_addr: SocketAddr,
-    /// The local app, for inbound requests: an address of this host, none of the proxy's ports.
-    /// When it is a loopback address, only loopback peers are forwarded there.
+    /// The local app, for connections made to the inbound listener itself (redirected ones go
+    /// where they were sent): an address of this host, none of the proxy's ports. When it is a
+    /// loopback address, only loopback peers are forwarded there.
     #[arg(long, env = "OUTRIGGER_APP_ADDR", default_value = "127.0.0.1:8080")]
     pub app_addr: SocketAddr,
     /// `/metrics`, `/live`, `/ready`, `/config`, `/endpoints`.

@@ -34,10 +34,11 @@ impl Inbound {
     }
 
     /// Where a connection's requests go; None when it must be closed, as it asks for more than
-    /// its peer could reach without the proxy. Redirected connections go to the app on the port
-    /// they were meant for, if that is this pod and not the proxy itself; connections made to
-    /// the inbound listener itself go to `--app-addr`, and when that is loopback, only for peers
-    /// on loopback (anyone else could not have reached it).
+    /// its peer could reach without the proxy. Redirected connections go where they were sent
+    /// (the pod's address, not loopback: what the app bound to loopback only stays its own), if
+    /// that is this pod and not the proxy itself; connections made to the inbound listener
+    /// itself go to `--app-addr`, and when that is loopback, only for peers on loopback (anyone
+    /// else could not have reached it).
     pub fn target(&self, connection: &ConnectionInfo) -> Option<SocketAddr> {
         let target = match connection.original_dst {
             Some(dst) => {
@@ -47,7 +48,7 @@ impl Inbound {
                 if self.own_ports.contains(&dst.port()) || !local {
                     None
                 } else {
-                    Some(SocketAddr::new(self.app_addr.ip(), dst.port()))
+                    Some(dst)
                 }
             }
             None if is_loopback(self.app_addr.ip()) && !is_loopback(connection.peer.ip()) => None,
