@@ -1,4 +1,8 @@
-//! The admin server: `/metrics`, `/live`, `/ready`, `/config`, `/endpoints`.
+//! The admin server: `/metrics`, `/live`, `/ready`, `/config`, `/endpoints`. The injected proxy
+//! serves it on every address, for kubelet probes and Prometheus; `/config` and `/endpoints` (every
+//! destination's policy, pods and addresses) are for loopback only (`kubectl port-forward`).
+
+use std::net::SocketAddr;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -17,8 +21,16 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub fn handle(&self, request: Request<Incoming>) -> Response<Body> {
-        match (request.method(), request.uri().path()) {
+    /// Answers `request`, which came from `peer`.
+    pub fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let path = request.uri().path();
+        if matches!(path, "/config" | "/endpoints") && !peer.ip().to_canonical().is_loopback() {
+            return text(
+                StatusCode::FORBIDDEN,
+                "served on loopback only: use kubectl port-forward\n",
+            );
+        }
+        match (request.method(), path) {
             (&http::Method::GET, "/metrics") => respond(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

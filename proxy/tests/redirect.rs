@@ -646,3 +646,28 @@ fn inbound_requests_go_to_the_address_they_were_sent_to() {
         );
     });
 }
+
+#[test]
+fn configuration_dumps_are_served_to_loopback_only() {
+    let hosts = Hosts::create("a");
+    hosts.init(&[]);
+    hosts.run(|| async {
+        let cp = ControlPlane::start().await;
+        let _proxy = hosts.start_proxy(&cp.url(), "127.0.0.1:8080");
+        proxy_ready().await;
+        let admin = format!("{POD}:4191");
+        // Probes and scrapes come from outside the pod.
+        for path in ["/live", "/ready", "/metrics"] {
+            let reply = hosts.neighbour_get(&admin, "pod", path).await;
+            assert_eq!(reply.map(|r| r.status), Some(200), "{path}");
+        }
+        for path in ["/config", "/endpoints"] {
+            let reply = hosts.neighbour_get(&admin, "pod", path).await.unwrap();
+            assert_eq!(reply.status, 403, "{path}: {reply:?}");
+            // The app calling the pod's own address goes through the outbound proxy, which
+            // forwards it as the proxy: no more than the neighbour.
+            assert_eq!(get(addr(&admin), "pod", path).await.status, 403, "{path}");
+            assert_eq!(admin_get(addr(ADMIN), path).await.status, 200, "{path}");
+        }
+    });
+}

@@ -218,11 +218,12 @@ impl Servers<'_> {
             self.metrics.clone(),
             self.shutdown.clone(),
             self.settings.drain_timeout,
-            move |_| {
+            move |connection| {
                 let admin = admin.clone();
                 Some(std::future::ready(Handling::Serve(
                     hyper::service::service_fn(move |request| {
-                        std::future::ready(Ok::<_, std::convert::Infallible>(admin.handle(request)))
+                        let response = admin.handle(request, connection.peer);
+                        std::future::ready(Ok::<_, std::convert::Infallible>(response))
                     }),
                 )))
             },
