@@ -352,6 +352,18 @@ fn redirected_connections_reach_their_original_destination_through_the_proxy() {
             0,
             "opaque bytes never reach the Service's endpoints"
         );
+
+        // Loopback, the whole range in both families, is the app talking to itself: the proxy
+        // never sees it.
+        for local in ["127.0.10.1:0", "[::1]:0"] {
+            let backend = Backend::start_on(addr(local), "local").await;
+            assert_eq!(get(backend.addr, "local", "/").await.body, "local");
+            assert_eq!(
+                destination_state(&backend.addr.to_string()).await,
+                serde_json::Value::Null,
+                "{local} went through the proxy"
+            );
+        }
     });
 }
 
@@ -670,4 +682,101 @@ fn configuration_dumps_are_served_to_loopback_only() {
             assert_eq!(admin_get(addr(ADMIN), path).await.status, 200, "{path}");
         }
     });
+}
+
+#[test]
+fn ipv6_goes_through_the_mesh_too() {
+    let hosts = Hosts::create("6");
+    // More ports than one multiport match takes.
+    let skipped: Vec<String> = (9100..9120).map(|port| port.to_string()).collect();
+    hosts.init(&[&format!("--skip-inbound-ports={}", skipped.join(","))]);
+    hosts.run(|| async {
+        let cp = ControlPlane::start().await;
+        let app = Backend::start_on(addr("[::]:8080"), "app").await;
+        let _proxy = hosts.start_proxy(&cp.url(), "127.0.0.1:8080");
+        proxy_ready().await;
+
+        // Inbound, to the pod's IPv6 address.
+        let reply = hosts
+            .neighbour_get(&format!("[{POD_V6}]:8080"), "app", "/")
+            .await;
+        assert_eq!(reply.map(|r| r.body), Some("app".to_string()));
+        assert_eq!(app.hits(), 1);
+        assert_eq!(
+            inbound_ok().await,
+            1.0,
+            "the request went through the proxy"
+        );
+        let reply = hosts
+            .neighbour_get(&format!("[{POD_V6}]:4191"), "pod", "/ready")
+            .await;
+        assert_eq!(
+            reply.map(|r| r.status),
+            Some(200),
+            "probes reach the pod over IPv6"
+        );
+
+        // Outbound, to an IPv6 address outside the mesh: forwarded as it is, by the proxy.
+        hosts.neighbour.enter();
+        let outside = Backend::start_on(addr(&format!("[{NEIGHBOUR_V6}]:9000")), "outside").await;
+        hosts.pod.enter();
+        let reply = get(outside.addr, "example.com", "/").await;
+        assert_eq!((reply.status, reply.body.as_str()), (200, "outside"));
+        assert_eq!(
+            destination_state(&outside.addr.to_string()).await,
+            "unknown",
+            "the connection went around the proxy"
+        );
+
+        // The last skipped port, in both families: reached directly, not through the proxy.
+        for (target, neighbour) in [
+            (format!("{POD}:9119"), NEIGHBOUR),
+            (format!("[{POD_V6}]:9119"), NEIGHBOUR_V6),
+        ] {
+            let echoed = echo_once(TcpListener::bind("[::]:9119").await.unwrap());
+            let stream = hosts.connect_from_neighbour(&target).await.unwrap();
+            assert_eq!(exchange(stream, b"\x00skip").await, b"\x00skip");
+            let peer = echoed.await.unwrap().ip().to_canonical();
+            assert_eq!(peer.to_string(), neighbour, "{target}");
+        }
+    });
+}
+
+#[test]
+fn a_dry_run_prints_both_families_rules_and_runs_nothing() {
+    let output = Command::new(env!("CARGO_BIN_EXE_outrigger-proxy"))
+        .args([
+            "init",
+            "--dry-run",
+            "--skip-outbound-cidrs=10.0.0.0/8,fd00::/8",
+        ])
+        // Nothing to run: neither iptables-save nor anything else can be found.
+        .env("PATH", "")
+        .output()
+        .expect("run outrigger-proxy");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let (v4, v6) = stdout
+        .split_once("# ip6tables-restore --noflush\n")
+        .unwrap_or_else(|| panic!("no IPv6 rules: {stdout}"));
+    assert!(
+        v4.starts_with("# iptables-restore --noflush\n*nat\n"),
+        "{v4}"
+    );
+    for (rules, own, other) in [
+        (v4, "10.0.0.0/8", "fd00::/8"),
+        (v6, "fd00::/8", "10.0.0.0/8"),
+    ] {
+        assert!(
+            rules.contains("-A PREROUTING -p tcp -j OUTRIGGER_INBOUND"),
+            "{rules}"
+        );
+        assert!(rules.contains(&format!("-d {own} -j RETURN")), "{rules}");
+        assert!(!rules.contains(other), "{rules}");
+        assert!(rules.ends_with("COMMIT\n"), "{rules}");
+    }
 }

@@ -1,35 +1,39 @@
 //! The proxy as a process: its settings (flags) and its three servers (outbound, inbound,
 //! admin) with the control-plane client beside them.
 
+mod listeners;
 mod settings;
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
+use futures_util::future::join_all;
 use hyper::body::Incoming;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::{Layer, ServiceExt};
 
 use crate::admin::Admin;
 use crate::control::{self, ControlPlane, Identity};
-use crate::http::body::boxed;
+use crate::http::body::{Body, boxed};
 use crate::inbound::{Inbound, InboundService, is_local};
-use crate::listen::{Handling, ServerLimits, serve};
+use crate::listen::{ConnectionInfo, Handling, ServerLimits, serve};
 use crate::metrics::{Direction, Metrics, RequestLabels};
 use crate::outbound::resolve::Resolver;
 use crate::outbound::{Outbound, OutboundService};
 use crate::telemetry::TelemetryLayer;
+use listeners::Listeners;
 pub use settings::{Settings, parse_duration};
 
 /// A proxy with its listeners bound.
 pub struct Proxy {
     settings: Settings,
-    outbound: TcpListener,
-    inbound: TcpListener,
-    admin: TcpListener,
+    outbound: Listeners,
+    inbound: Listeners,
+    admin: Listeners,
 }
 
 impl Proxy {
@@ -41,15 +45,10 @@ impl Proxy {
                  call any Service as this pod"
             );
         }
-        let bind = |addr: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the {what} listener on {addr}"))
-        };
         let proxy = Self {
-            outbound: bind(settings.outbound_addr, "outbound").await?,
-            inbound: bind(settings.inbound_addr, "inbound").await?,
-            admin: bind(settings.admin_addr, "admin").await?,
+            outbound: Listeners::bind(settings.outbound_addr, "outbound")?,
+            inbound: Listeners::bind(settings.inbound_addr, "inbound")?,
+            admin: Listeners::bind(settings.admin_addr, "admin")?,
             settings,
         };
         // What reaches the inbound listener directly goes there: the app, not a relay.
@@ -67,20 +66,20 @@ impl Proxy {
     fn own_ports(&self) -> Vec<u16> {
         [&self.outbound, &self.inbound, &self.admin]
             .iter()
-            .map(|listener| listener.local_addr().expect("bound").port())
+            .map(|listeners| listeners.addr().port())
             .collect()
     }
 
     pub fn outbound_addr(&self) -> SocketAddr {
-        self.outbound.local_addr().expect("bound")
+        self.outbound.addr()
     }
 
     pub fn inbound_addr(&self) -> SocketAddr {
-        self.inbound.local_addr().expect("bound")
+        self.inbound.addr()
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.local_addr().expect("bound")
+        self.admin.addr()
     }
 
     /// Serves until `shutdown` turns true, then drains in-flight requests (up to the drain
@@ -145,89 +144,92 @@ impl Servers<'_> {
         }
     }
 
+    /// Serves each of `listeners` alike, until shutdown and drained.
+    async fn serve<S, F, H>(&self, listeners: Listeners, direction: Option<Direction>, handle: F)
+    where
+        F: Fn(ConnectionInfo) -> Option<H> + Clone,
+        H: Future<Output = Handling<S>> + Send + 'static,
+        S: hyper::service::Service<
+                http::Request<Incoming>,
+                Response = http::Response<Body>,
+                Error = Infallible,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        join_all(listeners.into_inner().into_iter().map(|listener| {
+            serve(
+                listener,
+                direction,
+                self.limits(),
+                self.metrics.clone(),
+                self.shutdown.clone(),
+                self.settings.drain_timeout,
+                handle.clone(),
+            )
+        }))
+        .await;
+    }
+
     /// The app's outgoing requests, each to the destination it names or was redirected to.
-    async fn outbound(&self, listener: TcpListener, resolver: Resolver) {
+    async fn outbound(&self, listeners: Listeners, resolver: Resolver) {
         let outbound = Arc::new(Outbound {
             resolver,
             namespace: self.settings.namespace.clone(),
             discovery_wait: self.settings.discovery_timeout,
         });
         let telemetry = TelemetryLayer::new(self.metrics.clone(), unlabelled(Direction::Outbound));
-        serve(
-            listener,
-            Some(Direction::Outbound),
-            self.limits(),
-            self.metrics.clone(),
-            self.shutdown.clone(),
-            self.settings.drain_timeout,
-            move |connection| {
-                let outbound = outbound.clone();
-                let service = telemetry
-                    .layer(OutboundService::new(outbound.clone(), connection))
-                    .map_request(|r: http::Request<Incoming>| r.map(boxed));
-                Some(async move {
-                    match connection.original_dst {
-                        // Outside the mesh: as if there were no proxy.
-                        Some(original_dst) if outbound.is_unknown(original_dst).await => {
-                            Handling::Forward(original_dst)
-                        }
-                        _ => Handling::Serve(TowerToHyperService::new(service)),
+        self.serve(listeners, Some(Direction::Outbound), move |connection| {
+            let outbound = outbound.clone();
+            let service = telemetry
+                .layer(OutboundService::new(outbound.clone(), connection))
+                .map_request(|r: http::Request<Incoming>| r.map(boxed));
+            Some(async move {
+                match connection.original_dst {
+                    // Outside the mesh: as if there were no proxy.
+                    Some(original_dst) if outbound.is_unknown(original_dst).await => {
+                        Handling::Forward(original_dst)
                     }
-                })
-            },
-        )
+                    _ => Handling::Serve(TowerToHyperService::new(service)),
+                }
+            })
+        })
         .await
     }
 
     /// Other pods' requests to the local app.
-    async fn inbound(&self, listener: TcpListener, own_ports: Vec<u16>) {
+    async fn inbound(&self, listeners: Listeners, own_ports: Vec<u16>) {
         let mut labels = unlabelled(Direction::Inbound);
         labels.dst_namespace = Arc::new(self.settings.namespace.clone());
         let inbound = Arc::new(Inbound::new(self.settings.app_addr, own_ports));
         let telemetry = TelemetryLayer::new(self.metrics.clone(), labels);
-        serve(
-            listener,
-            Some(Direction::Inbound),
-            self.limits(),
-            self.metrics.clone(),
-            self.shutdown.clone(),
-            self.settings.drain_timeout,
-            move |connection| {
-                let endpoint = inbound.endpoint(inbound.target(&connection)?);
-                let service = telemetry
-                    .layer(InboundService::new(endpoint))
-                    .map_request(|r: http::Request<Incoming>| r.map(boxed));
-                Some(std::future::ready(Handling::Serve(
-                    TowerToHyperService::new(service),
-                )))
-            },
-        )
+        self.serve(listeners, Some(Direction::Inbound), move |connection| {
+            let endpoint = inbound.endpoint(inbound.target(&connection)?);
+            let service = telemetry
+                .layer(InboundService::new(endpoint))
+                .map_request(|r: http::Request<Incoming>| r.map(boxed));
+            Some(std::future::ready(Handling::Serve(
+                TowerToHyperService::new(service),
+            )))
+        })
         .await
     }
 
-    async fn admin(&self, listener: TcpListener, resolver: Resolver, ready: watch::Receiver<bool>) {
+    async fn admin(&self, listeners: Listeners, resolver: Resolver, ready: watch::Receiver<bool>) {
         let admin = Admin {
             metrics: self.metrics.clone(),
             resolver,
             ready,
         };
-        serve(
-            listener,
-            None,
-            self.limits(),
-            self.metrics.clone(),
-            self.shutdown.clone(),
-            self.settings.drain_timeout,
-            move |connection| {
-                let admin = admin.clone();
-                Some(std::future::ready(Handling::Serve(
-                    hyper::service::service_fn(move |request| {
-                        let response = admin.handle(request, connection.peer);
-                        std::future::ready(Ok::<_, std::convert::Infallible>(response))
-                    }),
-                )))
-            },
-        )
+        self.serve(listeners, None, move |connection| {
+            let admin = admin.clone();
+            Some(std::future::ready(Handling::Serve(
+                hyper::service::service_fn(move |request| {
+                    let response = admin.handle(request, connection.peer);
+                    std::future::ready(Ok::<_, Infallible>(response))
+                }),
+            )))
+        })
         .await
     }
 }
