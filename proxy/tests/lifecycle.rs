@@ -51,7 +51,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
             "--app-addr",
             &backend.addr.to_string(),
         ])
-        .args(["--drain-timeout", "10s"])
+        .args(["--drain-timeout", "10s", "--allow-loopback-endpoints"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

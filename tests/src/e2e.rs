@@ -35,6 +35,8 @@ impl RunningProxy {
             drain_timeout: Duration::from_secs(1),
             discovery_timeout: Duration::from_secs(2),
             discovery_idle_timeout: Duration::from_secs(60),
+            // The backends listen on loopback too.
+            allow_loopback_endpoints: true,
         })
         .await
         .expect("proxy binds");

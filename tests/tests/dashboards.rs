@@ -537,6 +537,8 @@ async fn start_proxy(control_plane: &str, workload: &str, app: SocketAddr) -> Ru
         any,
         "--app-addr",
         &app.to_string(),
+        // The backends listen on loopback too.
+        "--allow-loopback-endpoints",
     ]);
     let proxy = outrigger_proxy::Proxy::bind(flags.settings)
         .await

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tower::{Layer, ServiceExt};
 
 use crate::admin::Admin;
-use crate::control::{self, ControlPlane, Identity};
+use crate::control::{self, ControlPlane, Identity, LoopbackEndpoints};
 use crate::http::body::{Body, boxed};
 use crate::inbound::{Inbound, InboundService, is_local};
 use crate::listen::{ConnectionInfo, Handling, ServerLimits, serve};
@@ -126,6 +126,11 @@ fn control_plane(settings: &Settings) -> ControlPlane {
             service_account: settings.service_account.clone(),
         },
         idle_timeout: settings.discovery_idle_timeout,
+        loopback_endpoints: if settings.allow_loopback_endpoints {
+            LoopbackEndpoints::Allowed
+        } else {
+            LoopbackEndpoints::Refused
+        },
     }
 }
 

@@ -56,6 +56,11 @@ pub struct Settings {
     /// forgotten, and the control plane told, so that addresses called once are not kept forever.
     #[arg(long, env = "OUTRIGGER_DISCOVERY_IDLE_TIMEOUT", default_value = "1m", value_parser = parse_duration)]
     pub discovery_idle_timeout: Duration,
+    /// Accept endpoints at loopback addresses: only where the controller, the endpoints and the
+    /// proxy share one host (tests, the demo). In a pod, loopback is the caller's own pod, so
+    /// such endpoints are refused by default.
+    #[arg(long, env = "OUTRIGGER_ALLOW_LOOPBACK_ENDPOINTS")]
+    pub allow_loopback_endpoints: bool,
 }
 
 /// Durations in the Gateway API form used everywhere in Outrigger: `250ms`, `10s`, `1m`, `1h`.

@@ -2,6 +2,7 @@
 //! refused here, with the field named, before anything changes.
 
 use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use http::HeaderName;
@@ -27,18 +28,27 @@ pub fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigEr
     }
 }
 
+/// Whether endpoints may be loopback addresses: only where the controller, the endpoints and the
+/// proxy share one host (tests, the demo). In a pod, loopback is the caller's own pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoopbackEndpoints {
+    Refused,
+    Allowed,
+}
+
 /// Decodes one version of a destination with the endpoints its groups hold.
 pub fn destination(
     version: String,
     destination: proto::Destination,
     endpoints: Vec<proto::Endpoint>,
+    loopback: LoopbackEndpoints,
 ) -> Result<DestinationConfig, ConfigError> {
     let port = u16::try_from(destination.port)
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| invalid("port", format!("{} is not a TCP port", destination.port)))?;
     let subsets = destination.subsets;
-    let endpoints = endpoint_configs(endpoints, &subsets)?;
+    let endpoints = endpoint_configs(endpoints, &subsets, loopback)?;
     let policy = destination.policy_spec.unwrap_or_default();
     let traffic = TrafficPolicy {
         split: split("policy.trafficSplit", policy.traffic_split, &subsets)?,
@@ -72,17 +82,24 @@ pub fn destination(
 fn endpoint_configs(
     endpoints: Vec<proto::Endpoint>,
     subsets: &[String],
+    loopback: LoopbackEndpoints,
 ) -> Result<Vec<EndpointConfig>, ConfigError> {
     endpoints
         .into_iter()
         .enumerate()
         .map(|(i, endpoint)| {
-            let address = endpoint.address.parse().map_err(|_| {
+            let address: SocketAddr = endpoint.address.parse().map_err(|_| {
                 invalid(
                     format!("endpoints[{i}].address"),
                     format!("`{}` is not ip:port", endpoint.address),
                 )
             })?;
+            if let Some(problem) = not_a_peer(address.ip(), loopback) {
+                return Err(invalid(
+                    format!("endpoints[{i}].address"),
+                    format!("`{}` is {problem}", endpoint.address),
+                ));
+            }
             if let Some(unknown) = endpoint.subsets.iter().find(|s| !subsets.contains(s)) {
                 return Err(invalid(
                     format!("endpoints[{i}].subsets"),
@@ -97,6 +114,31 @@ fn endpoint_configs(
             })
         })
         .collect()
+}
+
+/// Why the proxy must not connect to `ip` for anyone, if so: the caller's own pod, the node or
+/// its cloud's metadata service, or no single host. The controller should never send these; an
+/// EndpointSlice can hold them.
+fn not_a_peer(ip: IpAddr, loopback: LoopbackEndpoints) -> Option<&'static str> {
+    // `::ffff:127.0.0.1` is 127.0.0.1 to a dual-stack socket.
+    let ip = ip.to_canonical();
+    let link_local = match ip {
+        IpAddr::V4(ip) => ip.is_link_local(),
+        IpAddr::V6(ip) => ip.is_unicast_link_local(),
+    };
+    if ip.is_loopback() && loopback == LoopbackEndpoints::Refused {
+        Some("loopback: inside the caller's own pod")
+    } else if link_local {
+        Some("link-local: the node's, or its cloud's metadata service")
+    } else if ip.is_unspecified() {
+        Some("unspecified: no host")
+    } else if ip.is_multicast() {
+        Some("multicast: not one host")
+    } else if ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        Some("broadcast: not one host")
+    } else {
+        None
+    }
 }
 
 /// Routes in order; what a route leaves out it takes from the destination's `traffic`.
@@ -432,12 +474,20 @@ mod tests {
     fn rejected(change: impl FnOnce(&mut proto::Destination, &mut [proto::Endpoint])) -> String {
         let (mut d, mut e) = (reviews(), endpoints());
         change(&mut d, &mut e);
-        destination("1".into(), d, e).unwrap_err().to_string()
+        destination("1".into(), d, e, LoopbackEndpoints::Refused)
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
     fn defaults_apply_when_the_policy_is_silent() {
-        let config = destination("1".into(), reviews(), endpoints()).unwrap();
+        let config = destination(
+            "1".into(),
+            reviews(),
+            endpoints(),
+            LoopbackEndpoints::Refused,
+        )
+        .unwrap();
         assert_eq!(config.load_balancer, Algorithm::PeakEwma);
         assert_eq!(config.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert_eq!(
@@ -447,10 +497,36 @@ mod tests {
     }
 
     #[test]
+    fn loopback_endpoints_are_refused_unless_allowed() {
+        let mut loopback = endpoints();
+        loopback[0].address = "127.0.0.1:9080".into();
+        let refused = destination(
+            "1".into(),
+            reviews(),
+            loopback.clone(),
+            LoopbackEndpoints::Refused,
+        );
+        assert_eq!(
+            refused.unwrap_err().to_string(),
+            "endpoints[0].address: `127.0.0.1:9080` is loopback: inside the caller's own pod"
+        );
+        let allowed = destination("1".into(), reviews(), loopback, LoopbackEndpoints::Allowed);
+        assert_eq!(
+            allowed.unwrap().endpoints[0].address,
+            "127.0.0.1:9080".parse().unwrap()
+        );
+    }
+
+    #[test]
     fn what_cannot_be_applied_is_refused_with_the_field_named() {
         assert_eq!(
             rejected(|_, e| e[0].address = "nowhere".into()),
             "endpoints[0].address: `nowhere` is not ip:port"
+        );
+        assert_eq!(
+            rejected(|_, e| e[0].address = "169.254.169.254:80".into()),
+            "endpoints[0].address: `169.254.169.254:80` is link-local: the node's, or its \
+             cloud's metadata service"
         );
         assert_eq!(
             rejected(|_, e| e[0].subsets = vec!["v9".into()]),

@@ -21,6 +21,7 @@ use tonic::transport::Channel;
 use crate::metrics::{Metrics, UpdateLabels, UpdateResult};
 use crate::outbound::resolve::Resolver;
 use crate::shutdown::stopped;
+pub use decode::LoopbackEndpoints;
 use decode::{ConfigError, invalid};
 use held::HeldEndpoints;
 
@@ -38,6 +39,7 @@ pub struct ControlPlane {
     pub identity: Identity,
     /// Destinations unused this long are unsubscribed from.
     pub idle_timeout: Duration,
+    pub loopback_endpoints: LoopbackEndpoints,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -131,6 +133,7 @@ async fn session(
         resolver,
         held,
         metrics,
+        loopback_endpoints: control_plane.loopback_endpoints,
         welcomed: false,
     };
     let first_sweep = tokio::time::Instant::now() + control_plane.idle_timeout;
@@ -189,6 +192,7 @@ struct Stream<'a> {
     resolver: &'a Resolver,
     held: &'a mut HeldEndpoints,
     metrics: &'a Metrics,
+    loopback_endpoints: LoopbackEndpoints,
     /// The controller has said Welcome on this stream.
     welcomed: bool,
 }
@@ -283,7 +287,14 @@ impl Stream<'_> {
         };
         Ok(match fetched {
             Fetched::Named => {
-                let applied = apply(self.resolver, self.held, &key, version.clone(), destination);
+                let applied = apply(
+                    self.resolver,
+                    self.held,
+                    &key,
+                    version.clone(),
+                    destination,
+                    self.loopback_endpoints,
+                );
                 Some(answer(self.metrics, key, version, applied))
             }
             Fetched::Refused(error) => Some(answer(self.metrics, key, version, Err(error))),
@@ -301,9 +312,10 @@ fn apply(
     key: &str,
     version: String,
     destination: proto::Destination,
+    loopback: LoopbackEndpoints,
 ) -> Result<(), ConfigError> {
     let endpoints = held.endpoints(key, &destination.endpoint_groups)?;
-    let config = decode::destination(version, destination, endpoints)?;
+    let config = decode::destination(version, destination, endpoints, loopback)?;
     resolver.apply(key, config);
     Ok(())
 }
@@ -469,7 +481,8 @@ mod tests {
                 &mut held,
                 KEY,
                 "0".into(),
-                web(&["stable"], &both)
+                web(&["stable"], &both),
+                LoopbackEndpoints::Refused
             ),
             Err(invalid("endpoints[a]", "version `1` is not held"))
         );
@@ -483,6 +496,7 @@ mod tests {
             KEY,
             "1".into(),
             web(&["stable"], &both),
+            LoopbackEndpoints::Refused,
         )
         .unwrap();
         assert_eq!(
@@ -491,7 +505,15 @@ mod tests {
         );
 
         // A policy that cannot apply to them (their subset is not declared) is refused.
-        let refused = apply(&resolver, &mut held, KEY, "2".into(), web(&[], &both)).unwrap_err();
+        let refused = apply(
+            &resolver,
+            &mut held,
+            KEY,
+            "2".into(),
+            web(&[], &both),
+            LoopbackEndpoints::Refused,
+        )
+        .unwrap_err();
         assert_eq!(refused.field, "endpoints[0].subsets");
         assert_eq!(applied(&resolver).0, "1");
 
@@ -510,6 +532,7 @@ mod tests {
             KEY,
             "3".into(),
             web(&["stable"], &churned[1..]),
+            LoopbackEndpoints::Refused,
         )
         .unwrap();
         assert_eq!(applied(&resolver), ("3".into(), vec![addr("10.0.0.3:80")]));

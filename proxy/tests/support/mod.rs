@@ -28,6 +28,8 @@ pub fn settings(control_plane: &str, app_addr: SocketAddr) -> Settings {
         drain_timeout: Duration::from_secs(5),
         discovery_timeout: Duration::from_secs(2),
         discovery_idle_timeout: Duration::from_secs(60),
+        // The test backends listen on loopback, as the proxy does.
+        allow_loopback_endpoints: true,
     }
 }
 
