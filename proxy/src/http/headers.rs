@@ -1,5 +1,6 @@
 //! Hop-by-hop headers (RFC 9110 section 7.6.1): they describe one connection, so the proxy drops
-//! them between its two connections, except what an upgrade needs.
+//! them between its two connections, except what an upgrade needs; and the framing headers that
+//! two hops could read differently.
 
 use http::header::{self, HeaderMap, HeaderName};
 
@@ -12,9 +13,20 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
-/// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like).
+/// True for an HTTP/1.1 request asking to switch protocols (WebSocket and the like). Not to h2c:
+/// the upgraded connection would carry HTTP/2 requests past the proxy's routing and policy, so
+/// such a request is passed on as a plain one (as are upgrades that cannot be read).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_tokens(headers).any(|t| t == "upgrade")
+    let h2c_or_unreadable = headers.get_all(header::UPGRADE).iter().any(|value| {
+        value.to_str().map_or(true, |value| {
+            value
+                .split(',')
+                .any(|protocol| protocol.trim().eq_ignore_ascii_case("h2c"))
+        })
+    });
+    headers.contains_key(header::UPGRADE)
+        && !h2c_or_unreadable
+        && connection_tokens(headers).any(|t| t == "upgrade")
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
@@ -29,6 +41,11 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
 /// Removes hop-by-hop headers. With `keep_upgrade`, `Connection: upgrade` and `Upgrade` stay so
 /// the next hop can switch protocols too. `TE: trailers` stays: gRPC needs it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // A message with both is read by its Transfer-Encoding; passed on with its Content-Length, the
+    // next hop could read it by that instead (RFC 9112 section 6.1).
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let named: Vec<String> = connection_tokens(headers)
         .filter(|t| !(keep_upgrade && t == "upgrade"))
         .collect();
@@ -45,6 +62,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+    // The h2c upgrade's, which is never passed on.
+    headers.remove("http2-settings");
     let te_is_trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
@@ -82,6 +101,30 @@ mod tests {
         ]);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h, headers(&[("x-end-to-end", "1")]));
+    }
+
+    #[test]
+    fn content_length_goes_with_transfer_encoding() {
+        let mut h = headers(&[("transfer-encoding", "chunked"), ("content-length", "3")]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = headers(&[("content-length", "3")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, headers(&[("content-length", "3")]));
+    }
+
+    #[test]
+    fn an_h2c_upgrade_is_no_upgrade() {
+        for upgrade in ["h2c", "H2C", "websocket, h2c"] {
+            let mut h = headers(&[
+                ("connection", "Upgrade, HTTP2-Settings"),
+                ("upgrade", upgrade),
+                ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+            ]);
+            assert!(!is_upgrade(&h), "{upgrade}");
+            strip_hop_by_hop(&mut h, false);
+            assert!(h.is_empty(), "{upgrade}: {h:?}");
+        }
     }
 
     #[test]
