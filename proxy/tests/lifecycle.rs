@@ -160,6 +160,35 @@ async fn slow_clients_are_cut_off() {
 }
 
 #[tokio::test]
+async fn a_keep_alive_connection_idle_past_the_header_read_timeout_is_reused() {
+    let (_cp, backend, proxy) = limited_proxy().await;
+    for listener in [proxy.outbound, proxy.inbound] {
+        let mut conn = Conn::http1(listener).await;
+        assert_eq!(conn.get("web", "/").await.status, 200);
+        // Idle well past the 300 ms header-read timeout, as a pooled client connection is.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let again = conn.send(request("web", "/")).await;
+        assert_eq!(again.expect("the idle connection was closed").status, 200);
+    }
+    assert_eq!(backend.hits(), 4);
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let cp = ControlPlane::start().await;
+    let backend = Backend::start("web").await;
+    cp.publish(
+        WEB,
+        destination("default", "web", 80, &[(backend.addr, &[])]),
+    );
+    let mut settings = settings(&cp.url(), backend.addr);
+    settings.idle_timeout = Duration::from_millis(300);
+    let proxy = RunningProxy::start(settings).await.ready().await;
+    let reply = exchange(proxy.outbound, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
+}
+
+#[tokio::test]
 async fn a_request_without_authority_gets_400() {
     let (_cp, _backend, proxy) = limited_proxy().await;
     let reply = exchange(proxy.outbound, b"GET / HTTP/1.0\r\n\r\n").await;

@@ -117,6 +117,7 @@ impl Servers<'_> {
         ServerLimits {
             max_header_bytes: self.settings.max_header_bytes,
             header_read_timeout: self.settings.header_read_timeout,
+            idle_timeout: self.settings.idle_timeout,
         }
     }
 
