@@ -119,17 +119,17 @@ impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
                 let head_until = Instant::now() + this.timeouts.header_read;
                 this.deadline.as_mut().reset(head_until);
             }
-            Poll::Pending if this.phase != Phase::Busy => {
-                if this.deadline.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(match this.phase {
-                        // Read as the end of the stream: an idle connection closes quietly.
-                        Phase::Idle => Ok(()),
-                        _ => Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "the request head did not arrive within the header-read timeout",
-                        )),
-                    });
-                }
+            Poll::Pending
+                if this.phase != Phase::Busy && this.deadline.as_mut().poll(cx).is_ready() =>
+            {
+                return Poll::Ready(match this.phase {
+                    // Read as the end of the stream: an idle connection closes quietly.
+                    Phase::Idle => Ok(()),
+                    _ => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the request head did not arrive within the header-read timeout",
+                    )),
+                });
             }
             _ => {}
         }
