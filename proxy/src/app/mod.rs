@@ -144,7 +144,7 @@ impl Servers<'_> {
                 async move {
                     match connection.original_dst {
                         // Outside the mesh: as if there were no proxy.
-                        Some(original_dst) if outbound.is_unknown(original_dst).await => {
+                        Some(original_dst) if outbound.is_outside_mesh(original_dst).await => {
                             Handling::Forward(original_dst)
                         }
                         _ => Handling::Serve(TowerToHyperService::new(service)),

@@ -25,6 +25,16 @@ pub enum Resolution {
     Ready(Arc<Destination>),
 }
 
+/// Whether the control plane can answer questions about new destinations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlPlaneState {
+    /// Not reached yet since the proxy started.
+    Connecting,
+    Connected,
+    /// Reached before, lost since: nothing new will be answered until it is back.
+    Unreachable,
+}
+
 /// One destination asked about.
 pub struct Lookup {
     state: watch::Sender<Resolution>,
@@ -56,6 +66,7 @@ pub struct Resolver {
 
 struct Inner {
     lookups: Mutex<HashMap<String, Arc<Lookup>>>,
+    control_plane: watch::Sender<ControlPlaneState>,
     /// New keys for the control-plane client to subscribe to.
     subscribe: mpsc::UnboundedSender<String>,
     metrics: Metrics,
@@ -66,6 +77,7 @@ impl Resolver {
         let (subscribe, subscriptions) = mpsc::unbounded_channel();
         let inner = Inner {
             lookups: Mutex::default(),
+            control_plane: watch::Sender::new(ControlPlaneState::Connecting),
             subscribe,
             metrics,
         };
@@ -91,6 +103,26 @@ impl Resolver {
         lookups.insert(key.to_string(), lookup.clone());
         let _ = self.inner.subscribe.send(key.to_string());
         lookup
+    }
+
+    pub fn set_control_plane(&self, state: ControlPlaneState) {
+        self.inner.control_plane.send_replace(state);
+    }
+
+    pub fn control_plane(&self) -> ControlPlaneState {
+        *self.inner.control_plane.borrow()
+    }
+
+    /// The resolution of `lookup` once answered, waiting up to `wait`; not waiting while the
+    /// control plane is unreachable, since it cannot answer.
+    pub async fn resolve(&self, lookup: &Lookup, wait: Duration) -> Resolution {
+        match lookup.current() {
+            Resolution::Pending if self.control_plane() == ControlPlaneState::Unreachable => {
+                Resolution::Pending
+            }
+            Resolution::Pending => lookup.resolved(wait).await,
+            resolution => resolution,
+        }
     }
 
     /// Forgets the destinations not looked up since the last sweep that nothing holds (no open

@@ -192,7 +192,8 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> Reply {
     }
 }
 
-/// The value of one series in the proxy's `/metrics`, 0 when absent.
+/// The value of one series in the proxy's `/metrics`; a series that is not there fails the test
+/// (a counter never incremented is absent, and must not read as 0).
 pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
     let text = admin_get(admin, "/metrics").await.body;
     text.lines()
@@ -201,7 +202,7 @@ pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
                 .and_then(|rest| rest.strip_prefix(' '))
         })
         .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
+        .unwrap_or_else(|| panic!("no series {series} in /metrics:\n{text}"))
 }
 
 /// Retries `check` until it holds, for state that changes asynchronously (config pushes).
