@@ -112,20 +112,29 @@ impl Endpoint {
             set_absolute_uri(&mut request, false);
             &self.http1
         };
-        let mut response = client.request(request).await.map_err(|source| {
-            if source.is_connect() {
-                ProxyError::Connect {
-                    endpoint: self.addr,
-                    source,
-                }
-            } else {
-                ProxyError::Upstream {
-                    endpoint: self.addr,
-                    source,
-                }
+        let mut response = match client.request(request).await {
+            Ok(response) => response,
+            Err(source) => {
+                in_flight.failed();
+                return Err(if source.is_connect() {
+                    ProxyError::Connect {
+                        endpoint: self.addr,
+                        source,
+                    }
+                } else {
+                    ProxyError::Upstream {
+                        endpoint: self.addr,
+                        source,
+                    }
+                });
             }
-        })?;
-        in_flight.answered();
+        };
+        // Gateway errors say the endpoint could not serve: they cost like failures.
+        if matches!(response.status().as_u16(), 502..=504) {
+            in_flight.failed();
+        } else {
+            in_flight.answered();
+        }
         let switching = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
         match downstream_upgrade {
             Some(downstream) if switching => {

@@ -195,6 +195,17 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> Reply {
 /// The value of one series in the proxy's `/metrics`; a series that is not there fails the test
 /// (a counter never incremented is absent, and must not read as 0).
 pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    match metric_if_present(admin, series).await {
+        Some(value) => value,
+        None => panic!(
+            "no series {series} in /metrics:\n{}",
+            admin_get(admin, "/metrics").await.body
+        ),
+    }
+}
+
+/// The value of one series, for a test to which its absence means something.
+pub async fn metric_if_present(admin: SocketAddr, series: &str) -> Option<f64> {
     let text = admin_get(admin, "/metrics").await.body;
     text.lines()
         .find_map(|line| {
@@ -202,7 +213,6 @@ pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
                 .and_then(|rest| rest.strip_prefix(' '))
         })
         .map(|v| v.trim().parse().unwrap())
-        .unwrap_or_else(|| panic!("no series {series} in /metrics:\n{text}"))
 }
 
 /// Retries `check` until it holds, for state that changes asynchronously (config pushes).
