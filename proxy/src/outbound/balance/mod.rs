@@ -40,6 +40,10 @@ impl Balance {
         }
     }
 
+    pub fn balancer(&self) -> &Arc<Balancer> {
+        &self.balancer
+    }
+
     fn is_available(&self, endpoint: &Endpoint) -> bool {
         self.outlier
             .as_ref()

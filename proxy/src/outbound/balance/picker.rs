@@ -62,6 +62,28 @@ impl Balancer {
         &self.endpoints
     }
 
+    /// Whether this balancer picks by `algorithm` among exactly `endpoints`, so that a new version
+    /// can keep it (and its hash ring, and its place in a round).
+    pub fn is_over(&self, algorithm: &Algorithm, endpoints: &[Arc<Endpoint>]) -> bool {
+        let same_picker = match (&self.picker, algorithm) {
+            (Picker::PeakEwma, Algorithm::PeakEwma)
+            | (Picker::LeastRequest, Algorithm::LeastRequest)
+            | (Picker::Random, Algorithm::Random)
+            | (Picker::RoundRobin { .. }, Algorithm::RoundRobin) => true,
+            (Picker::ConsistentHash { header: mine, .. }, Algorithm::ConsistentHash { header }) => {
+                mine == header
+            }
+            _ => false,
+        };
+        same_picker
+            && self.endpoints.len() == endpoints.len()
+            && self
+                .endpoints
+                .iter()
+                .zip(endpoints)
+                .all(|(mine, theirs)| Arc::ptr_eq(mine, theirs))
+    }
+
     /// Picks an endpoint for a request with these headers, skipping `avoid` (endpoints already
     /// tried) and any that `usable` refuses, unless nothing else is left.
     pub fn pick(

@@ -35,6 +35,11 @@ pub struct Budget {
 const WINDOW_SECONDS: u64 = 10;
 
 impl Budget {
+    /// Whether this budget is kept by `policy` (so a new version can carry it on).
+    pub fn is_of(&self, policy: &RetryPolicy) -> bool {
+        (self.percent, self.min_per_second) == (policy.budget_percent, policy.budget_min_per_second)
+    }
+
     pub fn new(percent: u32, min_per_second: u32) -> Self {
         Self {
             percent,
@@ -87,7 +92,7 @@ enum Mode {
     ConnectFailureOnce,
     Policy {
         policy: RetryPolicy,
-        budget: Budget,
+        budget: Arc<Budget>,
     },
 }
 
@@ -100,9 +105,11 @@ pub struct Retry {
 }
 
 impl Retry {
-    /// Retries by `policy`, or only connect failures when there is none.
+    /// Retries by `policy`, or only connect failures when there is none. A policy keeps its
+    /// budget in `budget` (the previous version's, when its settings are the same).
     pub fn new(
         policy: Option<RetryPolicy>,
+        budget: impl FnOnce(&RetryPolicy) -> Arc<Budget>,
         labels: RequestLabels,
         retries: Family<RetryLabels, Counter>,
         exhausted: Counter,
@@ -110,7 +117,7 @@ impl Retry {
         let mode = match policy {
             None => Mode::ConnectFailureOnce,
             Some(policy) => Mode::Policy {
-                budget: Budget::new(policy.budget_percent, policy.budget_min_per_second),
+                budget: budget(&policy),
                 policy,
             },
         };
@@ -119,6 +126,14 @@ impl Retry {
             labels,
             retries,
             exhausted,
+        }
+    }
+
+    /// The budget retries are taken from, if any.
+    pub fn budget(&self) -> Option<&Arc<Budget>> {
+        match &*self.mode {
+            Mode::ConnectFailureOnce => None,
+            Mode::Policy { budget, .. } => Some(budget),
         }
     }
 }
