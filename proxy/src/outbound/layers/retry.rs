@@ -216,6 +216,18 @@ fn retry_reason(
     }
 }
 
+/// Whether nothing of the request reached the server, so that sending it again is safe whatever
+/// its method: the connection failed, or the server refused the stream before processing it
+/// (HTTP/2 REFUSED_STREAM, which a GOAWAY also gives the streams it excludes). A gRPC UNAVAILABLE
+/// is an answer: the call may have been processed.
+fn reached_no_server(result: &Result<Response<Body>, ProxyError>) -> bool {
+    match result {
+        Err(ProxyError::Connect { .. }) => true,
+        Err(error @ ProxyError::Upstream { .. }) => error.is_refused_stream(),
+        _ => false,
+    }
+}
+
 /// Full jitter: anywhere between zero and the exponential step, so retries spread out.
 fn backoff(policy: &RetryPolicy, retry: u32) -> Duration {
     let step = policy
@@ -281,14 +293,8 @@ impl Step for Retry {
                 let Some(reason) = this.mode.reason(grpc, &result) else {
                     return result;
                 };
-                // Nothing reached the server on a connect failure, and a gRPC server answering
-                // UNAVAILABLE did not process the call (every gRPC call is a POST): safe for every
-                // method.
-                let unprocessed = matches!(
-                    reason,
-                    RetryReason::ConnectFailure | RetryReason::Unavailable
-                );
-                let method_allows = idempotent || unprocessed || this.mode.allows_non_idempotent();
+                let method_allows =
+                    idempotent || reached_no_server(&result) || this.mode.allows_non_idempotent();
                 if retries >= this.mode.attempts() || !method_allows || !body.is_replayable() {
                     return result;
                 }
