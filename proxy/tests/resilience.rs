@@ -785,6 +785,26 @@ async fn a_refused_stream_is_retried_whatever_the_method() {
     assert_eq!(good.hits(), 10);
 }
 
+#[tokio::test]
+async fn grpc_server_errors_eject_the_endpoint_though_http_says_200() {
+    let policy = proto::Policy {
+        outlier_detection: outlier(60_000),
+        load_balancer: round_robin(),
+        ..Default::default()
+    };
+    let m = mesh(&[("stable", 3)], policy, vec![]).await;
+    m.backends[0].set(Behaviour::GrpcStatus(13));
+    let mut conn = Conn::http2(m.proxy.outbound).await;
+    for _ in 0..12 {
+        conn.send(grpc_call()).await.unwrap();
+    }
+    let states = endpoint_states(m.proxy.admin).await;
+    assert!(
+        states.contains(&(m.backends[0].addr.to_string(), "ejected".into())),
+        "{states:?}"
+    );
+}
+
 fn grpc_call() -> http::Request<http_body_util::Full<bytes::Bytes>> {
     let mut call = request("web", "/pkg.Service/Method");
     *call.method_mut() = http::Method::POST;
