@@ -196,7 +196,9 @@ fn report_all_healthy(metrics: &Metrics, labels: &ServiceLabels, endpoints: usiz
             dst: labels.clone(),
             state,
         };
-        metrics.endpoints.get_or_create(&labels).set(count as i64);
+        metrics
+            .endpoints
+            .with(&labels, |metric| metric.set(count as i64));
     }
 }
 

@@ -94,8 +94,7 @@ impl OutlierDetector {
         tracing::info!(endpoint = %endpoint.addr, ?until, "outlier ejected");
         self.metrics
             .outlier_ejections
-            .get_or_create(&self.labels)
-            .inc();
+            .with(&self.labels, |metric| metric.inc());
         self.refresh_gauges();
         // Probation starts by itself when the time is up: show it in the gauges then.
         let detector: Weak<Self> = Arc::downgrade(self);
@@ -138,13 +137,13 @@ impl OutlierDetector {
                 .iter()
                 .filter(|e| e.health.state(now) == state)
                 .count();
+            let labels = EndpointLabels {
+                dst: self.labels.clone(),
+                state,
+            };
             self.metrics
                 .endpoints
-                .get_or_create(&EndpointLabels {
-                    dst: self.labels.clone(),
-                    state,
-                })
-                .set(count as i64);
+                .with(&labels, |gauge| gauge.set(count as i64));
         }
     }
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use http::{Method, Request, Response};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use rand::Rng;
 use tokio::time::Instant;
 use tower::Service as _;
@@ -17,7 +16,7 @@ use crate::ctx::Tried;
 use crate::http::body::{Body, boxed};
 use crate::http::error::ProxyError;
 use crate::http::headers::is_upgrade;
-use crate::metrics::{RequestLabels, RetryLabels, RetryReason};
+use crate::metrics::{RequestLabels, RetryLabels, RetryReason, ServiceFamily};
 use crate::outbound::layers::replay::ReplayBody;
 use crate::outbound::stack::{ResponseFuture, Stack, Step};
 use crate::policy::RetryPolicy;
@@ -100,7 +99,7 @@ enum Mode {
 pub struct Retry {
     mode: Arc<Mode>,
     labels: RequestLabels,
-    retries: Family<RetryLabels, Counter>,
+    retries: ServiceFamily<RetryLabels, Counter>,
     exhausted: Counter,
 }
 
@@ -111,7 +110,7 @@ impl Retry {
         policy: Option<RetryPolicy>,
         budget: impl FnOnce(&RetryPolicy) -> Arc<Budget>,
         labels: RequestLabels,
-        retries: Family<RetryLabels, Counter>,
+        retries: ServiceFamily<RetryLabels, Counter>,
         exhausted: Counter,
     ) -> Self {
         let mode = match policy {
@@ -305,12 +304,11 @@ impl Step for Retry {
                     return result;
                 }
                 retries += 1;
-                this.retries
-                    .get_or_create(&RetryLabels {
-                        dst: this.labels.clone(),
-                        reason,
-                    })
-                    .inc();
+                let labels = RetryLabels {
+                    dst: this.labels.clone(),
+                    reason,
+                };
+                this.retries.with(&labels, |counter| counter.inc());
                 drop(result);
                 tokio::time::sleep(this.mode.backoff(retries)).await;
             }
