@@ -66,7 +66,19 @@ func TestEchoImage(t *testing.T) {
 			if time.Now().After(deadline) {
 				t.Fatalf("client %v: %v\n%s", args, err, output)
 			}
-			time.Sleep(200 * time.Millisecond) // the server may still be starting
+			time.Sleep(200 * time.Millisecond) // the server may not be listening yet
+		}
+	}
+
+	// The server answers 503 until all its listeners are up, a few seconds after it starts (the
+	// mesh manifests have no readiness probe, so the suite's first requests may see that too).
+	for _, url := range []string{"http://127.0.0.1:" + httpPort + "/", "grpc://127.0.0.1:" + grpcPort} {
+		deadline := time.Now().Add(20 * time.Second)
+		for code := ""; code != "200"; code = echo.ParseResponse(client(url)).Code {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s still answers %q after 20 s", url, code)
+			}
+			time.Sleep(200 * time.Millisecond)
 		}
 	}
 
