@@ -6,6 +6,7 @@
 mod bench;
 mod ci;
 mod cluster;
+mod conformance;
 mod crds;
 mod demo;
 
@@ -46,6 +47,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The Gateway API conformance suite's mesh tests: builds it (`build`), runs it (`run`).
+    Conformance {
+        #[command(subcommand)]
+        action: conformance::Action,
+    },
     /// Writes crds/ from the DestinationPolicy types (`cargo test` fails while crds/ is stale).
     Crds {
         /// Only compare: fail, naming the files, when crds/ is not what would be written.
@@ -59,6 +65,7 @@ fn main() -> Result<()> {
         Task::Bench { target } => bench::run(target),
         Task::Ci => ci::run(),
         Task::Cluster { action } => cluster::run(action),
+        Task::Conformance { action } => conformance::run(action),
         Task::Crds { check } => crds::run(check),
         Task::Demo { args } => demo::run(args),
     }
