@@ -1,15 +1,4 @@
-//! Sidecar injection: a mutating admission webhook that adds the proxy to meshed pods.
-//!
-//! A pod gets the proxy when its namespace is labelled `outrigger.dev/inject=enabled` (the
-//! webhook registered for those namespaces calls `/inject`), or when the pod itself is annotated
-//! `outrigger.dev/inject: enabled` (the webhook for every other namespace calls
-//! `/inject-annotated`). The annotation `outrigger.dev/inject: disabled` opts a pod out.
-//! A pod that already has the proxy is left as it is, so injecting twice changes nothing.
-//!
-//! What is added, first among the init containers so the app's own init containers are meshed
-//! too: `outrigger-init`, which installs the iptables redirection and exits, then
-//! `outrigger-proxy` as a native sidecar (an init container with `restartPolicy: Always`), which
-//! starts before the app and stops after it.
+//! The JSON patch that adds the mesh to a pod, and the injector's settings.
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,

@@ -30,8 +30,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio_stream::StreamMap;
 
-use crate::index::{Change, Kind, Object, ObjectKey, ObjectRef};
 use crate::metrics::Metrics;
+use crate::source::{Change, Kind, Object, ObjectKey, ObjectRef};
 
 const KINDS: [Kind; 4] = [
     Kind::Service,

@@ -7,15 +7,19 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::Stream;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use outrigger_api::proto::{
     self, ControllerMessage, DestinationUnknown, DestinationUpdate, EndpointGroupContent,
     EndpointsReply, EndpointsRequest, ProxyMessage, Welcome, controller_message,
     discovery_server::Discovery, proxy_message,
 };
+use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
 use tokio_stream::StreamMap;
 use tokio_stream::wrappers::{ReceiverStream, WatchStream};
@@ -600,6 +604,45 @@ impl DiscoveryService {
     }
 }
 
+/// Proxies that vanish without closing their connection are noticed within about this long.
+const GRPC_KEEPALIVE: Duration = Duration::from_secs(20);
+
+/// Serves the configuration streams until `shutdown`. Streams have no natural end to drain to,
+/// so stopping drops them all at once and the proxies reconnect, to another replica or to this
+/// one restarted, keeping their configuration meanwhile.
+pub async fn serve_grpc(
+    listener: TcpListener,
+    discovery: DiscoveryService,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let service = TowerToHyperService::new(discovery.into_server());
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                // A reply's frames go out as separate small writes: without this, Nagle holds the
+                // later ones until the proxy's delayed ACK, some 40 ms.
+                let _ = stream.set_nodelay(true);
+                let service = service.clone();
+                connections.spawn(async move {
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    builder
+                        .http2()
+                        .timer(TokioTimer::new())
+                        .keep_alive_interval(GRPC_KEEPALIVE);
+                    let _ = builder
+                        .http2_only()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+            Some(_) = connections.join_next() => {}
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -777,7 +820,7 @@ mod tests {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let (_stop, shutdown) = watch::channel(false);
-            tokio::spawn(crate::serve_grpc(listener, service.clone(), shutdown));
+            tokio::spawn(serve_grpc(listener, service.clone(), shutdown));
             Self {
                 snapshots,
                 service,

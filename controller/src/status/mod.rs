@@ -37,9 +37,10 @@ use outrigger_api::policy::{
 use tokio::sync::watch;
 
 use crate::distribute::{PolicyVersion, ProxyId, Subscribers};
-use crate::index::{ObjectKey, PolicyReport, PolicyReports, Problem};
-use crate::kube_source::explain;
+use crate::index::{PolicyReport, PolicyReports, Problem};
 use crate::metrics::Metrics;
+use crate::source::ObjectKey;
+use crate::source::kube::explain;
 
 pub const FIELD_MANAGER: &str = "outrigger-controller";
 /// At most one status write per policy per this long.

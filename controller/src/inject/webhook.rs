@@ -17,7 +17,7 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::inject::{InjectorConfig, OptIn, patch};
+use crate::inject::patch::{InjectorConfig, OptIn, patch};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct WebhookSettings {

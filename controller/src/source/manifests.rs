@@ -25,8 +25,8 @@ use outrigger_api::policy::DestinationPolicy;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::index::{Change, Object, ObjectRef};
 use crate::metrics::Metrics;
+use crate::source::{Change, Object, ObjectRef};
 use crate::translate::translate;
 
 /// An event is followed by others for the same edit (an editor's write then rename, a file
@@ -430,7 +430,7 @@ pub fn parse(file: &Path, content: &[u8]) -> Result<Vec<Object>, ManifestError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::{Kind, ObjectKey};
+    use crate::source::{Kind, ObjectKey};
 
     const SERVICE: &str = "\
 apiVersion: v1

@@ -403,7 +403,7 @@ mod tests {
     }
 
     fn example() -> DestinationPolicy {
-        serde_norway::from_str(include_str!("../../examples/reviews-canary.yaml"))
+        serde_norway::from_str(include_str!("../../../examples/reviews-canary.yaml"))
             .expect("the example parses")
     }
 
