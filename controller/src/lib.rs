@@ -1,18 +1,32 @@
 //! The Outrigger control plane: sources of cluster state feed an index, which publishes
 //! per-destination snapshots on watch channels that the proxies' configuration streams subscribe
 //! to.
+//!
+//! Modules are private; what the binary and the test suites use is re-exported here.
 
-pub mod admin;
+#![forbid(unsafe_code)]
+
+mod admin;
 mod app;
 pub mod crds;
-pub mod distribute;
-pub mod index;
-pub mod inject;
-pub mod leader;
-pub mod metrics;
-pub mod source;
-pub mod status;
-pub mod translate;
+mod distribute;
+mod index;
+mod inject;
+mod leader;
+mod metrics;
+mod source;
+mod status;
+mod translate;
 
 pub use app::{Controller, Settings};
-pub use distribute::serve_grpc;
+pub use distribute::{DiscoveryService, ProxyEvent, Snapshot, Snapshots, serve_grpc};
+pub use index::Index;
+pub use inject::patch::InjectorConfig;
+pub use inject::webhook::{
+    INJECT_ANNOTATED_PATH, INJECT_NAMESPACED_PATH, Webhook, WebhookSettings,
+};
+pub use leader::LEASE_NAME;
+pub use metrics::Metrics;
+pub use source::Change;
+pub use source::manifests::{Manifests, parse};
+pub use status::MIN_INTERVAL;

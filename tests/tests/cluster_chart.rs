@@ -256,13 +256,13 @@ async fn pods_are_stored_with_the_proxy_injected() {
          controlPlane: http://outrigger-controller.outrigger-system.svc:8090\n",
     )
     .unwrap();
-    let settings = outrigger_controller::inject::webhook::WebhookSettings {
+    let settings = outrigger_controller::WebhookSettings {
         webhook_addr: "127.0.0.1:0".parse().unwrap(),
         webhook_cert: Some(cert),
         webhook_key: Some(key),
         injector_config: Some(injector),
     };
-    let webhook = outrigger_controller::inject::webhook::Webhook::bind(&settings)
+    let webhook = outrigger_controller::Webhook::bind(&settings)
         .await
         .unwrap()
         .unwrap();
