@@ -1,7 +1,6 @@
 //! The index, fed changes by hand.
 
 use super::*;
-use crate::distribute::EndpointSet;
 use serde_json::{Value, json};
 
 const BY_NAME: &str = "reviews.shop.svc.cluster.local:9080";
@@ -104,7 +103,7 @@ fn published(snapshots: &Snapshots, key: &str) -> Published {
             ..
         }) => Published::Known(
             destination.clone(),
-            endpoints.iter().flat_map(EndpointSet::decode).collect(),
+            endpoints.iter().flat_map(|group| group.decode()).collect(),
         ),
     }
 }
