@@ -17,7 +17,7 @@ use crate::leader::{Elector, LeaderSettings};
 use crate::metrics::Metrics;
 use crate::source;
 use crate::source::manifests::Manifests;
-use crate::{admin, status};
+use crate::{admin, kube_api, status};
 
 /// Settings of a controller; each flag can also come from `OUTRIGGER_<FLAG>` (the leader
 /// namespace from `POD_NAMESPACE`, as the chart sets it).
@@ -73,7 +73,7 @@ impl Controller {
         let source = match settings.manifests {
             Some(dir) => Source::Manifests(Manifests::new(dir, metrics.clone())?),
             None => Source::Kubernetes {
-                client: source::kube::client(settings.kubeconfig.as_deref()).await?,
+                client: kube_api::client(settings.kubeconfig.as_deref()).await?,
                 leader: settings.leader,
             },
         };

@@ -18,8 +18,8 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 use tokio::sync::watch;
 
+use crate::kube_api::explain;
 use crate::metrics::Metrics;
-use crate::source::kube::explain;
 
 pub const LEASE_NAME: &str = "outrigger-controller";
 const DEFAULT_LEASE_DURATION: &str = "15s";

@@ -12,6 +12,7 @@ pub mod crds;
 mod distribute;
 mod index;
 mod inject;
+mod kube_api;
 mod leader;
 mod metrics;
 mod source;

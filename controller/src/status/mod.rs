@@ -38,9 +38,9 @@ use tokio::sync::watch;
 
 use crate::distribute::{PolicyVersion, ProxyId, Subscribers};
 use crate::index::{PolicyReport, PolicyReports, Problem};
+use crate::kube_api::explain;
 use crate::metrics::Metrics;
 use crate::source::ObjectKey;
-use crate::source::kube::explain;
 
 pub const FIELD_MANAGER: &str = "outrigger-controller";
 /// At most one status write per policy per this long.
