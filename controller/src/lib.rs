@@ -14,6 +14,7 @@ mod index;
 mod inject;
 mod kube_api;
 mod leader;
+mod listen;
 mod metrics;
 mod source;
 mod status;
@@ -23,9 +24,7 @@ pub use app::{Controller, Settings};
 pub use distribute::{DiscoveryService, ProxyEvent, Snapshot, Snapshots, serve_grpc};
 pub use index::Index;
 pub use inject::patch::InjectorConfig;
-pub use inject::webhook::{
-    INJECT_ANNOTATED_PATH, INJECT_NAMESPACED_PATH, Webhook, WebhookSettings,
-};
+pub use inject::webhook::{INJECT_NAMESPACED_PATH, INJECT_POD_PATH, Webhook, WebhookSettings};
 pub use leader::LEASE_NAME;
 pub use metrics::Metrics;
 pub use source::Change;

@@ -258,7 +258,7 @@ async fn the_webhook_certificate_is_for_the_controller_service_and_trusted_by_th
         paths,
         [
             outrigger_controller::INJECT_NAMESPACED_PATH,
-            outrigger_controller::INJECT_ANNOTATED_PATH
+            outrigger_controller::INJECT_POD_PATH
         ]
     );
     let dir = tempfile::tempdir().unwrap();
