@@ -119,16 +119,18 @@ impl Snapshots {
         }
     }
 
-    /// A stream let go of `key`: when no stream watches it any more and the index never published
-    /// it (an address no Service owns), its channel goes too, so keys asked about once do not
-    /// pile up.
-    pub fn release(&self, key: &str) {
+    /// A stream let go of `keys`: a key no stream watches any more that the index never published
+    /// (an address no Service owns) loses its channel too, so keys asked about once do not pile
+    /// up.
+    pub fn release_all(&self, keys: &[String]) {
         let mut inner = self.inner.lock().expect("snapshots lock");
-        if let Some(channel) = inner.channels.get(key)
-            && channel.receiver_count() == 0
-            && !matches!(channel.borrow().as_deref(), Some(Snapshot::Known { .. }))
-        {
-            inner.channels.remove(key);
+        for key in keys {
+            if let Some(channel) = inner.channels.get(key)
+                && channel.receiver_count() == 0
+                && !matches!(channel.borrow().as_deref(), Some(Snapshot::Known { .. }))
+            {
+                inner.channels.remove(key);
+            }
         }
     }
 
@@ -143,13 +145,25 @@ impl Snapshots {
 
     /// The channel of one key: its current snapshot (None until published or synced) and changes.
     pub fn watch(&self, key: &str) -> watch::Receiver<Slot> {
+        self.watch_all([key]).pop().expect("one key, one channel")
+    }
+
+    /// The channels of several keys, in their order, under one lock.
+    pub fn watch_all<'a>(
+        &self,
+        keys: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<watch::Receiver<Slot>> {
         let mut inner = self.inner.lock().expect("snapshots lock");
-        let initial = (inner.synced).then(unknown);
-        inner
-            .channels
-            .entry(key.to_string())
-            .or_insert_with(|| watch::Sender::new(initial))
-            .subscribe()
+        let synced = inner.synced;
+        keys.into_iter()
+            .map(|key| {
+                inner
+                    .channels
+                    .entry(key.to_string())
+                    .or_insert_with(|| watch::Sender::new(synced.then(unknown)))
+                    .subscribe()
+            })
+            .collect()
     }
 }
 

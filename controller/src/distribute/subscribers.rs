@@ -63,13 +63,19 @@ impl SubscriberTable {
         self.0.subscribe()
     }
 
-    /// Records that `proxy` subscribed to `key`, holding `holding` of it.
-    pub(super) fn subscribe(&self, proxy: &ProxyId, key: &str, holding: Holding) {
+    /// Records that `proxy` subscribed to these keys, holding what each says: one update (one
+    /// lock, one wake-up of status) for all of them.
+    pub(super) fn subscribe_all(&self, proxy: &ProxyId, holdings: Vec<(String, Holding)>) {
+        if holdings.is_empty() {
+            return;
+        }
         self.0.send_modify(|subscribers| {
-            subscribers
-                .entry(key.to_string())
-                .or_default()
-                .insert(proxy.clone(), holding);
+            for (key, holding) in holdings {
+                subscribers
+                    .entry(key)
+                    .or_default()
+                    .insert(proxy.clone(), holding);
+            }
         });
     }
 
@@ -90,13 +96,16 @@ impl SubscriberTable {
     }
 
     /// `proxy` let go of `keys`.
-    pub(super) fn forget(&self, proxy: &ProxyId, keys: impl IntoIterator<Item = String>) {
+    pub(super) fn forget(&self, proxy: &ProxyId, keys: &[String]) {
+        if keys.is_empty() {
+            return;
+        }
         self.0.send_modify(|subscribers| {
             for key in keys {
-                if let Some(proxies) = subscribers.get_mut(&key) {
+                if let Some(proxies) = subscribers.get_mut(key) {
                     proxies.remove(proxy);
                     if proxies.is_empty() {
-                        subscribers.remove(&key);
+                        subscribers.remove(key);
                     }
                 }
             }

@@ -13,6 +13,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
+use super::listener::{IDLE_TIMEOUT, MAX_HEADER_LIST_BYTES, MAX_STREAMS_PER_CONNECTION};
+use super::server::{MAX_KEYS_PER_STREAM, MAX_REASON_BYTES, bounded_reason};
 use super::*;
 use crate::metrics::Metrics;
 
@@ -63,22 +65,27 @@ struct Stream {
 
 impl Stream {
     async fn open(addr: std::net::SocketAddr, workload: &str, known_version: &str) -> Self {
-        let mut client = DiscoveryClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
-        let (send, outgoing) = mpsc::channel(8);
-        let hello = proxy_message::Message::Hello(Hello {
-            namespace: "shop".into(),
-            workload: workload.into(),
-            ..Default::default()
-        });
         let subscribe = proxy_message::Message::Subscribe(Subscribe {
             destinations: vec![Subscription {
                 key: KEY.into(),
                 known_version: known_version.into(),
             }],
         });
-        for message in [hello, subscribe] {
+        Self::open_with(addr, vec![hello("shop", workload), subscribe])
+            .await
+            .unwrap()
+    }
+
+    /// A stream that first sends `messages`, or the status it was refused with.
+    async fn open_with(
+        addr: std::net::SocketAddr,
+        messages: Vec<proxy_message::Message>,
+    ) -> Result<Self, tonic::Status> {
+        let mut client = DiscoveryClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (send, outgoing) = mpsc::channel(8);
+        for message in messages {
             send.send(ProxyMessage {
                 message: Some(message),
             })
@@ -87,10 +94,9 @@ impl Stream {
         }
         let received = client
             .stream(ReceiverStream::new(outgoing))
-            .await
-            .unwrap()
+            .await?
             .into_inner();
-        Self { send, received }
+        Ok(Self { send, received })
     }
 
     /// The version of the next update.
@@ -120,6 +126,14 @@ impl Stream {
             .await
             .unwrap();
     }
+}
+
+fn hello(namespace: &str, workload: &str) -> proxy_message::Message {
+    proxy_message::Message::Hello(Hello {
+        namespace: namespace.into(),
+        workload: workload.into(),
+        ..Default::default()
+    })
 }
 
 /// Waits until the holdings of `KEY` are `expected`, by workload.
@@ -361,4 +375,232 @@ async fn eventually_unknown(snapshots: &Snapshots) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     panic!("{KEY} was never watched");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_says_nothing_is_ended_after_the_hello_deadline() {
+    let Served { addr, _stop, .. } = Served::start().await;
+    let opened = tokio::time::timeout(
+        Duration::from_secs(3600),
+        Stream::open_with(addr, Vec::new()),
+    )
+    .await
+    .expect("answered before the test's own deadline");
+    let status = opened.err().expect("refused");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status}");
+}
+
+#[tokio::test]
+async fn names_in_hello_are_bounded() {
+    let Served { addr, _stop, .. } = Served::start().await;
+    for (namespace, workload) in [
+        ("n".repeat(64), "a".to_string()),
+        ("shop".into(), "w".repeat(254)),
+        ("shop".into(), "a\nb".into()),
+    ] {
+        let status = Stream::open_with(addr, vec![hello(&namespace, &workload)])
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    }
+    assert!(
+        Stream::open_with(addr, vec![hello(&"n".repeat(63), &"w".repeat(253))])
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn a_message_over_the_size_limit_ends_the_stream_saying_why() {
+    let Served { addr, _stop, .. } = Served::start().await;
+    let mut stream = Stream::open_with(addr, vec![hello("shop", "a")])
+        .await
+        .unwrap();
+    stream
+        .answer(proxy_message::Message::Subscribe(Subscribe {
+            destinations: vec![Subscription {
+                key: "k".repeat(300 * 1024),
+                ..Default::default()
+            }],
+        }))
+        .await;
+    let status = loop {
+        match stream.received.message().await {
+            Ok(Some(message)) => {
+                let welcome = matches!(
+                    message.message,
+                    Some(controller_message::Message::Welcome(_))
+                );
+                assert!(welcome, "only the Welcome comes first: {message:?}");
+            }
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status}");
+}
+
+/// The keys of the `Unknown` messages that come before the stream has `count` of them.
+async fn unknowns(stream: &mut Stream, count: usize) -> Vec<(String, String)> {
+    let mut unknown = Vec::new();
+    while unknown.len() < count {
+        let message = stream.received.message().await.unwrap().expect("open");
+        if let Some(controller_message::Message::Unknown(u)) = message.message {
+            unknown.push((u.key, u.reason));
+        }
+    }
+    unknown
+}
+
+#[tokio::test]
+async fn a_stream_subscribes_to_destination_keys_only_and_to_a_bounded_number() {
+    let Served {
+        snapshots,
+        service,
+        addr,
+        _stop,
+    } = Served::start().await;
+    let keys: Vec<String> = (0..=MAX_KEYS_PER_STREAM)
+        .map(|i| format!("s{i}.shop.svc.cluster.local:80"))
+        .collect();
+    let subscribe = |keys: &[String]| {
+        proxy_message::Message::Subscribe(Subscribe {
+            destinations: keys
+                .iter()
+                .map(|key| Subscription {
+                    key: key.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+    };
+    let mut stream = Stream::open_with(addr, vec![hello("shop", "a"), subscribe(&keys)])
+        .await
+        .unwrap();
+    // Every key is unknown here (nothing is published); the one past the limit says so at once.
+    let answered = unknowns(&mut stream, keys.len()).await;
+    let over: Vec<&(String, String)> = answered
+        .iter()
+        .filter(|(_, reason)| reason.contains("the most one stream may"))
+        .collect();
+    assert_eq!(over.len(), 1, "{over:?}");
+    assert_eq!(over[0].0, keys[MAX_KEYS_PER_STREAM]);
+    let subscribed = service.subscribers().borrow().len();
+    assert_eq!(subscribed, MAX_KEYS_PER_STREAM);
+
+    stream.answer(subscribe(&["not a key".to_string()])).await;
+    let answered = unknowns(&mut stream, 1).await;
+    assert_eq!(answered[0].0, "not a key");
+    assert!(
+        answered[0].1.starts_with("not a destination key"),
+        "{answered:?}"
+    );
+    assert!(snapshots.current("not a key").is_none(), "never watched");
+}
+
+#[tokio::test]
+async fn a_rejection_reason_is_kept_to_1_kib_cut_on_a_character_boundary() {
+    let Served {
+        snapshots,
+        service,
+        addr,
+        _stop,
+    } = Served::start().await;
+    let mut subscribers = service.subscribers();
+    let version = publish(&snapshots, 3);
+    let mut a = Stream::open(addr, "a", "").await;
+    assert_eq!(a.update().await, version);
+    a.answer(proxy_message::Message::Nack(Nack {
+        key: KEY.into(),
+        version,
+        reason: "é".repeat(4096),
+    }))
+    .await;
+    let kept = |subscribers: &Subscribers| {
+        subscribers
+            .get(KEY)
+            .and_then(|proxies| proxies.values().next())
+            .and_then(|holding| holding.rejected.clone())
+            .map(|(_, reason)| reason)
+    };
+    let reason = subscribers
+        .wait_for(|subscribers| kept(subscribers).is_some())
+        .await
+        .map(|subscribers| kept(&subscribers).unwrap())
+        .unwrap();
+    assert!(reason.len() <= MAX_REASON_BYTES, "{} bytes", reason.len());
+    assert!(reason.ends_with('…'));
+    assert!(reason.trim_end_matches('…').chars().all(|c| c == 'é'));
+    assert_eq!(bounded_reason("short".into()), "short");
+}
+
+/// The settings the server announces in its first frame, by identifier.
+async fn server_settings(addr: std::net::SocketAddr) -> HashMap<u16, u32> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut connection = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The client preface and an empty SETTINGS frame.
+    connection
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut header = [0u8; 9];
+    connection.read_exact(&mut header).await.unwrap();
+    assert_eq!(header[3], 0x4, "the first frame is SETTINGS");
+    let length =
+        usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+    let mut payload = vec![0u8; length];
+    connection.read_exact(&mut payload).await.unwrap();
+    payload
+        .chunks(6)
+        .map(|setting| {
+            let id = u16::from_be_bytes([setting[0], setting[1]]);
+            let value = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
+            (id, value)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn connections_are_limited_in_streams_and_header_size() {
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    const MAX_HEADER_LIST_SIZE: u16 = 0x6;
+    let Served { addr, _stop, .. } = Served::start().await;
+    let settings = server_settings(addr).await;
+    assert_eq!(
+        settings.get(&MAX_CONCURRENT_STREAMS),
+        Some(&MAX_STREAMS_PER_CONNECTION)
+    );
+    assert_eq!(
+        settings.get(&MAX_HEADER_LIST_SIZE),
+        Some(&MAX_HEADER_LIST_BYTES)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_with_no_stream_open_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let Served { addr, _stop, .. } = Served::start().await;
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3600), silent.read_to_end(&mut rest))
+        .await
+        .expect("closed before the test's own deadline")
+        .unwrap();
+    assert!(started.elapsed() >= IDLE_TIMEOUT);
+
+    // A connection with its configuration stream open stays, however long.
+    let mut open = Stream::open(addr, "a", "").await;
+    assert_eq!(unknowns(&mut open, 1).await[0].0, KEY);
+    tokio::time::sleep(IDLE_TIMEOUT * 4).await;
+    let other = "ratings.shop.svc.cluster.local:80";
+    open.answer(proxy_message::Message::Subscribe(Subscribe {
+        destinations: vec![Subscription {
+            key: other.into(),
+            ..Default::default()
+        }],
+    }))
+    .await;
+    assert_eq!(unknowns(&mut open, 1).await[0].0, other);
 }
