@@ -50,7 +50,7 @@ enum Source {
     /// The API server, which every replica writes its proxies' status to, and the leader the
     /// rest.
     Kubernetes {
-        client: kube::Client,
+        clients: kube_api::Clients,
         leader: LeaderSettings,
     },
 }
@@ -73,7 +73,7 @@ impl Controller {
         let source = match settings.manifests {
             Some(dir) => Source::Manifests(Manifests::new(dir, metrics.clone())?),
             None => Source::Kubernetes {
-                client: kube_api::client(settings.kubeconfig.as_deref()).await?,
+                clients: kube_api::clients(settings.kubeconfig.as_deref()).await?,
                 leader: settings.leader,
             },
         };
@@ -113,18 +113,18 @@ impl Controller {
         let mut election = None;
         match self.source {
             Source::Manifests(manifests) => manifests.spawn(changes)?,
-            Source::Kubernetes { client, leader } => {
+            Source::Kubernetes { clients, leader } => {
                 tasks.spawn(source::kube::run(
-                    client.clone(),
+                    clients.watch.clone(),
                     changes,
                     self.metrics.clone(),
                 ));
                 let (leading, leading_changes) = watch::channel(false);
-                let elector = Elector::new(&client, &leader, self.metrics.clone());
+                let elector = Elector::new(&clients.call, &leader, self.metrics.clone());
                 let identity = elector.identity().to_string();
                 election = Some(tokio::spawn(elector.run(leading, shutdown.clone())));
                 let (replicas, replicas_changes) = watch::channel(status::Replicas::new());
-                tasks.spawn(status::watch_replicas(client.clone(), replicas));
+                tasks.spawn(status::watch_replicas(clients.watch, replicas));
                 let inputs = status::Inputs {
                     reports: index.policy_reports(),
                     subscribers: discovery.subscribers(),
@@ -134,7 +134,7 @@ impl Controller {
                     identity,
                     lease_duration: leader.lease_duration,
                 };
-                tasks.spawn(status::run(client, inputs, self.metrics.clone()));
+                tasks.spawn(status::run(clients.call, inputs, self.metrics.clone()));
             }
         }
         tasks.spawn(index.run(received));
