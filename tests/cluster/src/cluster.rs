@@ -13,7 +13,7 @@ use crate::binaries::{Binaries, cache_dir, format_duration};
 use crate::certs::Certificates;
 use crate::error::{Context, Error, Result, bail};
 use crate::process::{self, Lifetime, Process};
-use crate::progress;
+use crate::{json_string, progress};
 
 /// How long the API server may take to answer `/readyz` after it starts (4 s is usual; a loaded
 /// 2-core CI machine is much slower).
@@ -828,27 +828,12 @@ fn write_kubeconfig(path: &Path, server: &str, certs: &Certificates) -> Result<(
          contexts:\n\
          - name: outrigger-test\n  context:\n    cluster: outrigger-test\n    user: outrigger-admin\n\
          current-context: outrigger-test\n",
-        yaml_string(server),
-        yaml_string(&certs.ca_cert.to_string_lossy()),
-        yaml_string(&certs.admin_cert.to_string_lossy()),
-        yaml_string(&certs.admin_key.to_string_lossy()),
+        json_string(server),
+        json_string(&certs.ca_cert.to_string_lossy()),
+        json_string(&certs.admin_cert.to_string_lossy()),
+        json_string(&certs.admin_key.to_string_lossy()),
     );
     fs::write(path, text).context(|| format!("writing {}", path.display()))
-}
-
-/// A double-quoted YAML scalar (JSON string syntax), safe for any path.
-fn yaml_string(value: &str) -> String {
-    let mut quoted = String::from('"');
-    for c in value.chars() {
-        match c {
-            '"' => quoted.push_str("\\\""),
-            '\\' => quoted.push_str("\\\\"),
-            c if (c as u32) < 0x20 => quoted.push_str(&format!("\\u{:04x}", c as u32)),
-            c => quoted.push(c),
-        }
-    }
-    quoted.push('"');
-    quoted
 }
 
 fn flag(name: &str, value: impl AsRef<std::ffi::OsStr>) -> OsString {
@@ -871,10 +856,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn yaml_strings_are_quoted_and_escaped() {
-        assert_eq!(yaml_string("/a b/c"), "\"/a b/c\"");
-        assert_eq!(yaml_string("q\"\\"), "\"q\\\"\\\\\"");
-        assert_eq!(yaml_string("\n"), "\"\\u000a\"");
+    fn strings_are_quoted_and_escaped() {
+        assert_eq!(json_string("/a b/c"), "\"/a b/c\"");
+        assert_eq!(json_string("q\"\\"), "\"q\\\"\\\\\"");
+        assert_eq!(json_string("\n"), "\"\\u000a\"");
     }
 
     #[test]
