@@ -8,6 +8,7 @@ mod ci;
 mod cluster;
 mod crds;
 mod demo;
+mod images;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -35,7 +36,8 @@ enum Task {
     },
     /// Formatting, lints and every test: what CI runs (the README's test command).
     Ci,
-    /// A real etcd + kube-apiserver on 127.0.0.1 for trying things by hand (the e2e tests' cluster).
+    /// The e2e tests' cluster for trying things by hand: a single node whose pods run, or a real
+    /// etcd + kube-apiserver on 127.0.0.1.
     Cluster {
         #[command(subcommand)]
         action: cluster::Action,
@@ -46,6 +48,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Builds the images (controller, proxy, proxy-init, and the test apps') from the release
+    /// binaries without Docker, into <target>/images/ for the test cluster to import.
+    Images,
     /// Writes crds/ from the DestinationPolicy types (`cargo test` fails while crds/ is stale).
     Crds {
         /// Only compare: fail, naming the files, when crds/ is not what would be written.
@@ -61,6 +66,7 @@ fn main() -> Result<()> {
         Task::Cluster { action } => cluster::run(action),
         Task::Crds { check } => crds::run(check),
         Task::Demo { args } => demo::run(args),
+        Task::Images => images::run(),
     }
 }
 

@@ -80,9 +80,36 @@ impl Image {
         self
     }
 
-    /// Whether the image has something at `path` (absolute, as inside the image).
+    /// Whether `path` (absolute, as inside the image) leads to a file or directory there,
+    /// following the image's symlinks as a container would.
     pub fn contains(&self, path: &str) -> bool {
-        self.entries.contains_key(&relative(Path::new(path)))
+        let mut resolved = PathBuf::new();
+        let mut pending = walk_parts(Path::new(path));
+        let mut hops = 0;
+        while let Some(part) = pending.pop() {
+            if part == Path::new("..") {
+                resolved.pop();
+                continue;
+            }
+            let candidate = resolved.join(&part);
+            match self.entries.get(&candidate) {
+                Some(Entry::Symlink(target)) if hops < 40 => {
+                    hops += 1;
+                    if target.is_absolute() {
+                        resolved = PathBuf::new();
+                    }
+                    pending.extend(walk_parts(target));
+                }
+                Some(Entry::Symlink(_)) => return false,
+                Some(_) => resolved = candidate,
+                // Parents of entries are directories of the image too.
+                None if self.entries.keys().any(|key| key.starts_with(&candidate)) => {
+                    resolved = candidate
+                }
+                None => return false,
+            }
+        }
+        true
     }
 
     /// `COPY host_file image_path` with the host file's permissions.

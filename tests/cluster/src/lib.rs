@@ -25,6 +25,8 @@ mod certs;
 mod cluster;
 mod error;
 mod image;
+mod machine;
+mod node;
 mod process;
 mod versions;
 
@@ -32,13 +34,15 @@ use std::io::Write;
 use std::path::Path;
 
 pub use binaries::{Binaries, cache_dir};
-pub use certs::Certificates;
+pub use certs::{Certificates, ClientCertificate};
 pub use cluster::{
     Cluster, ClusterBuilder, StoppedProcess, dev_state_dir, helm_environment, is_running_in,
-    kubeconfig_in, stop_in,
+    kubeconfig_in, stop_in, stop_node,
 };
 pub use error::{Error, Result};
 pub use image::Image;
+pub use machine::MachineSnapshot;
+pub use node::{NodeLock, PAUSE_IMAGE, node_runtime_endpoint, node_state_dir};
 pub use process::{Lifetime, is_alive};
 pub use versions::Versions;
 
