@@ -1,5 +1,5 @@
 //! `cargo xtask images`: the product's images (controller, proxy, proxy-init) and the test apps'
-//! (a steerable HTTP backend, a client, a TCP echo), built from the release binaries without a
+//! (one program that is a steerable HTTP backend, a client or a TCP echo), built from the release binaries without a
 //! Docker engine, as `docker save` archives in `<target>/images/` that the test cluster's node
 //! imports.
 //!
@@ -54,7 +54,7 @@ impl ImageSpec {
     }
 }
 
-pub const IMAGES: [ImageSpec; 6] = [
+pub const IMAGES: [ImageSpec; 4] = [
     ImageSpec {
         name: "controller",
         binary: "outrigger-controller",
@@ -83,28 +83,11 @@ pub const IMAGES: [ImageSpec; 6] = [
         iptables: true,
         product: true,
     },
+    // One program plays every test app (backend, client, TCP echo), by its first argument.
     ImageSpec {
-        name: "backend",
-        binary: "outrigger-test-backend",
-        path: "/outrigger-test-backend",
-        user: Some(APP_USER),
-        args: &[],
-        iptables: false,
-        product: false,
-    },
-    ImageSpec {
-        name: "client",
-        binary: "outrigger-test-client",
-        path: "/outrigger-test-client",
-        user: Some(APP_USER),
-        args: &[],
-        iptables: false,
-        product: false,
-    },
-    ImageSpec {
-        name: "echo",
-        binary: "outrigger-test-echo",
-        path: "/outrigger-test-echo",
+        name: "app",
+        binary: "outrigger-test-app",
+        path: "/outrigger-test-app",
         user: Some(APP_USER),
         args: &[],
         iptables: false,

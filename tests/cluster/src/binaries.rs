@@ -1,7 +1,8 @@
 //! Building the pinned test-cluster binaries with Go, once, into a cache outside the repository:
-//! etcd, kube-apiserver, kube-controller-manager, kubectl and helm for the API server, and for the
-//! node kubelet, kube-scheduler, kube-proxy, containerd, the CNI plugins, CoreDNS, crictl and the
-//! pod sandbox ("pause") program.
+//! etcd, kube-apiserver, kube-controller-manager, kubectl and helm for the API server; for the
+//! node kubelet, kube-scheduler, kube-proxy, containerd, the CNI plugins, CoreDNS, crictl, the pod
+//! sandbox ("pause") program, and Prometheus with Kubernetes service discovery (for the suite in
+//! pods).
 //!
 //! `k8s.io/kubernetes` cannot be `go install`ed (its go.mod replaces the staging modules with
 //! local paths), and neither can etcd's server, so each is built from a small Go module generated
@@ -38,6 +39,9 @@ const CNI_PLUGINS: [&str; 4] = [
     "main/loopback",
     "meta/portmap",
 ];
+/// Prometheus with no service discovery but Kubernetes' (and the static and file ones it always
+/// has), which its plugins' build tags allow.
+const PROMETHEUS_TAGS: &str = "remove_all_sd,enable_kubernetes_sd";
 /// containerd's release build tags for a static binary without the docs generator.
 const CONTAINERD_TAGS: &str = "urfave_cli_no_docs,osusergo,netgo,static_build";
 
@@ -205,11 +209,12 @@ enum Component {
     CoreDns,
     Crictl,
     Pause,
+    Prometheus,
 }
 
 impl Component {
     const API_SERVER: [Component; 3] = [Component::Kubernetes, Component::Etcd, Component::Helm];
-    const ALL: [Component; 9] = [
+    const ALL: [Component; 10] = [
         Component::Kubernetes,
         Component::Etcd,
         Component::Helm,
@@ -219,6 +224,7 @@ impl Component {
         Component::CoreDns,
         Component::Crictl,
         Component::Pause,
+        Component::Prometheus,
     ];
 
     fn name(self) -> &'static str {
@@ -232,6 +238,7 @@ impl Component {
             Component::CoreDns => "coredns",
             Component::Crictl => "crictl",
             Component::Pause => "pause",
+            Component::Prometheus => "prometheus",
         }
     }
 
@@ -255,6 +262,7 @@ impl Component {
             Component::CoreDns => format!("CoreDNS {}", versions.coredns),
             Component::Crictl => format!("crictl {}", versions.crictl),
             Component::Pause => "the pod sandbox program".to_string(),
+            Component::Prometheus => format!("Prometheus {}", versions.prometheus_release()),
         }
     }
 
@@ -275,6 +283,7 @@ impl Component {
             Component::CoreDns => &["coredns"],
             Component::Crictl => &["crictl"],
             Component::Pause => &["outrigger-pause"],
+            Component::Prometheus => &["prometheus"],
         };
         names.iter().map(|name| name.to_string()).collect()
     }
@@ -303,6 +312,9 @@ impl Component {
             Component::CoreDns => versions.coredns.clone(),
             Component::Crictl => versions.crictl.clone(),
             Component::Pause => PAUSE_MAIN_GO.to_string(),
+            Component::Prometheus => {
+                format!("{}\n{PROMETHEUS_TAGS}", versions.prometheus)
+            }
         };
         format!("{BUILD_RECIPE}\n{inputs}\n")
     }
@@ -395,6 +407,18 @@ impl<'a> Builder<'a> {
                     ),
                 )?,
                 Component::Pause => self.build_pause(&bin)?,
+                Component::Prometheus => self.install(
+                    &bin,
+                    &[format!(
+                        "github.com/prometheus/prometheus/cmd/prometheus@{}",
+                        versions.prometheus
+                    )],
+                    PROMETHEUS_TAGS,
+                    &format!(
+                        "-s -w -X github.com/prometheus/common/version.Version={}",
+                        versions.prometheus_release()
+                    ),
+                )?,
             }
             for binary in component.binaries() {
                 if !bin.join(&binary).is_file() {

@@ -24,6 +24,8 @@ pub struct Versions {
     pub coredns: String,
     /// `sigs.k8s.io/cri-tools`: crictl.
     pub crictl: String,
+    /// `github.com/prometheus/prometheus`, whose module versions are v0.3yy.z for 3.yy.z.
+    pub prometheus: String,
 }
 
 impl Versions {
@@ -40,6 +42,7 @@ impl Versions {
         let mut cni_plugins = None;
         let mut coredns = None;
         let mut crictl = None;
+        let mut prometheus = None;
         for (index, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -63,6 +66,7 @@ impl Versions {
                 "CNI_PLUGINS" => &mut cni_plugins,
                 "COREDNS" => &mut coredns,
                 "CRICTL" => &mut crictl,
+                "PROMETHEUS" => &mut prometheus,
                 other => bail!("versions.env line {}: unknown key {other}", index + 1),
             };
             *slot = Some(value.to_string());
@@ -82,6 +86,7 @@ impl Versions {
             cni_plugins: required(cni_plugins, "CNI_PLUGINS")?,
             coredns: required(coredns, "COREDNS")?,
             crictl: required(crictl, "CRICTL")?,
+            prometheus: required(prometheus, "PROMETHEUS")?,
         })
     }
 
@@ -97,6 +102,20 @@ impl Versions {
             .split('.')
             .next()
             .expect("split yields at least one part")
+    }
+
+    /// Prometheus' own version, `3.16.0` for the module version v0.316.0.
+    pub fn prometheus_release(&self) -> String {
+        let numbers = self.prometheus.trim_start_matches('v');
+        let mut parts = numbers.split('.');
+        let (_, minor, patch) = (parts.next(), parts.next(), parts.next());
+        let minor = minor.unwrap_or_default();
+        let (major, minor) = minor.split_at(minor.len().min(1));
+        format!(
+            "{major}.{}.{}",
+            minor.trim_start_matches('0').parse::<u32>().unwrap_or(0),
+            patch.unwrap_or("0")
+        )
     }
 
     fn kubernetes_minor_patch(&self) -> &str {
@@ -128,9 +147,19 @@ mod tests {
         assert!(versions.etcd.starts_with("v3."), "{versions:?}");
         assert!(versions.helm.starts_with("v3."), "{versions:?}");
         assert!(versions.containerd.starts_with("v2."), "{versions:?}");
+        assert!(versions.prometheus.starts_with("v0.3"), "{versions:?}");
         let minor_patch = versions.kubernetes.strip_prefix("v1.").unwrap();
         assert_eq!(versions.kubernetes_staging(), format!("v0.{minor_patch}"));
         assert!(minor_patch.starts_with(versions.kubernetes_minor()));
+    }
+
+    #[test]
+    fn prometheus_module_versions_map_to_releases() {
+        let mut versions = Versions::pinned();
+        versions.prometheus = "v0.316.0".into();
+        assert_eq!(versions.prometheus_release(), "3.16.0");
+        versions.prometheus = "v0.305.2".into();
+        assert_eq!(versions.prometheus_release(), "3.5.2");
     }
 
     #[test]
