@@ -961,7 +961,7 @@ fn restarts(suite: &mut Suite) {
             let old = suite.only_pod(SYSTEM, "app.kubernetes.io/component=controller")?;
             let meshed = suite.pods(SHOP, "app")?.len();
             let load = suite.start_load()?;
-            let mut overcounted = Vec::new();
+            let mut overcounted = std::collections::BTreeSet::new();
             let resynced = suite
                 .kubectl(&["delete", "pod", "-n", SYSTEM, old.name(), "--wait=false"])
                 .and_then(|_| {
@@ -993,7 +993,7 @@ fn restarts(suite: &mut Suite) {
                             suite.json(&["get", "dp", "reviews", "-n", SHOP])?["status"]["proxies"]
                                 .clone();
                             if proxies["connected"].as_u64().unwrap_or(0) > 1 {
-                                overcounted.push(proxies.to_string());
+                                overcounted.insert(proxies.to_string());
                             }
                             Ok(connected as usize == meshed
                                 && proxies["connected"] == 1
@@ -1163,9 +1163,32 @@ fn dashboards(suite: &mut Suite) {
     );
 }
 
-/// What only failures make: retries, timeouts, an exhausted retry budget, requests over the rate
-/// limit, a configuration the proxies reject.
+/// What only changes and failures make: a policy change pushed to the proxies, retries, timeouts,
+/// an exhausted retry budget, requests over the rate limit, a configuration the proxies reject.
 fn provoke_what_the_dashboards_show(suite: &Suite) -> Outcome {
+    // The canary is rolled out further: a change the controller pushes and the proxy acknowledges.
+    let controller = suite.only_pod(SYSTEM, "app.kubernetes.io/component=controller")?;
+    let pushes = || {
+        metrics(controller.addr(9990)).map(|exposition| {
+            series_sum(&exposition, "outrigger_controller_push_seconds_count", "").unwrap_or(0.0)
+        })
+    };
+    let pushed_before = pushes()?;
+    suite.kubectl(&[
+        "patch",
+        "dp",
+        "reviews",
+        "-n",
+        SHOP,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"trafficSplit":[{"subset":"stable","weight":50},{"subset":"canary","weight":50}]}}"#,
+    ])?;
+    eventually(
+        "the client's proxy acknowledges the 50/50 canary",
+        PATIENCE,
+        || Ok(pushes()? > pushed_before),
+    )?;
     let reviews = suite.pods(SHOP, "app=reviews")?;
     let v2 = suite.only_pod(SHOP, "app=reviews,version=v2")?;
     // Slower than the testers' route's 2 s timeout and the per-try timeout.
@@ -1275,7 +1298,7 @@ fn bad_input_and_uninstall(suite: &mut Suite) {
                             .unwrap_or(0)
                             != 0))
             });
-            let restored = upgrade(suite, &["--set", "proxy.skipOutboundCIDRs={}"]);
+            let restored = upgrade(suite, &["--set-json", "proxy.skipOutboundCIDRs=[]"]);
             failure?;
             restored?;
             let logs =
