@@ -9,6 +9,7 @@ mod cluster;
 mod conformance;
 mod crds;
 mod demo;
+mod images;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -36,7 +37,8 @@ enum Task {
     },
     /// Formatting, lints and every test: what CI runs (the README's test command).
     Ci,
-    /// A real etcd + kube-apiserver on 127.0.0.1 for trying things by hand (the e2e tests' cluster).
+    /// The e2e tests' cluster for trying things by hand: a single node whose pods run, or a real
+    /// etcd + kube-apiserver on 127.0.0.1.
     Cluster {
         #[command(subcommand)]
         action: cluster::Action,
@@ -52,6 +54,9 @@ enum Task {
         #[command(subcommand)]
         action: conformance::Action,
     },
+    /// Builds the images (controller, proxy, proxy-init, and the test apps') from the release
+    /// binaries without Docker, into <target>/images/ for the test cluster to import.
+    Images,
     /// Writes crds/ from the DestinationPolicy types (`cargo test` fails while crds/ is stale).
     Crds {
         /// Only compare: fail, naming the files, when crds/ is not what would be written.
@@ -68,6 +73,7 @@ fn main() -> Result<()> {
         Task::Conformance { action } => conformance::run(action),
         Task::Crds { check } => crds::run(check),
         Task::Demo { args } => demo::run(args),
+        Task::Images => images::run(),
     }
 }
 
