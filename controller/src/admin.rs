@@ -4,11 +4,14 @@ use std::convert::Infallible;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::listen;
 use crate::metrics::Metrics;
+
+/// Probes and a few Prometheus servers; more is someone else.
+const MAX_CONNECTIONS: usize = 64;
 
 /// Serves forever; `/ready` answers 200 once `ready` is true (the index has its first full view).
 ///
@@ -17,10 +20,7 @@ use crate::metrics::Metrics;
 /// watches at once, and turning them all unready would take the Service's endpoints away, cutting
 /// every proxy off from the last good configuration, which is what they should keep serving.
 pub async fn serve(listener: TcpListener, metrics: Metrics, ready: watch::Receiver<bool>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+    let serve_connection = |stream, _| {
         let metrics = metrics.clone();
         let ready = ready.clone();
         let service =
@@ -28,12 +28,16 @@ pub async fn serve(listener: TcpListener, metrics: Metrics, ready: watch::Receiv
                 let response = respond(&metrics, *ready.borrow(), request.uri().path());
                 std::future::ready(Ok::<_, Infallible>(response))
             });
-        tokio::spawn(async move {
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+        listen::serve_http1(stream, service)
+    };
+    listen::serve(
+        listener,
+        "admin",
+        MAX_CONNECTIONS,
+        std::future::pending(),
+        serve_connection,
+    )
+    .await;
 }
 
 fn respond(metrics: &Metrics, ready: bool, path: &str) -> http::Response<Full<Bytes>> {
@@ -83,5 +87,22 @@ mod tests {
         synced.send_replace(true);
         assert_eq!(status(addr, "/ready").await, "HTTP/1.1 200 OK");
         assert_eq!(status(addr, "/nothing").await, "HTTP/1.1 404 Not Found");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_sends_no_request_is_dropped() {
+        use std::time::Duration;
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_synced, ready) = watch::channel(true);
+        tokio::spawn(serve(listener, Metrics::default(), ready));
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buffer = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(3600), silent.read(&mut buffer)).await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "the connection is closed: {read:?}"
+        );
     }
 }

@@ -7,9 +7,11 @@
 //! new leader takes over within about one lease duration of the old one dying. Every write carries
 //! the resourceVersion it read, so of two replicas racing for the Lease exactly one wins. A leader
 //! that cannot renew for two thirds of the duration steps down before anyone else may take over,
-//! and one that stops cleanly hands the Lease back.
+//! timed from when it sent its last renewal that succeeded (the others start their count later,
+//! when they see it written), and even while a request of its own is still unanswered: every
+//! request has a deadline. One that stops cleanly hands the Lease back.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -17,11 +19,14 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::{Api, Client};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
-use crate::kube_source::explain;
+use crate::kube_api::{explain, within};
 use crate::metrics::Metrics;
 
 pub const LEASE_NAME: &str = "outrigger-controller";
+/// The most one request about the Lease may take; a renewal is bounded by the renew deadline too.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_LEASE_DURATION: &str = "15s";
 
 #[derive(clap::Args, Clone, Debug)]
@@ -91,20 +96,13 @@ impl Elector {
     pub async fn run(mut self, leading: watch::Sender<bool>, mut shutdown: watch::Receiver<bool>) {
         tracing::info!(identity = %self.identity, lease = LEASE_NAME, "joining the leader election");
         loop {
-            let holds = match self.try_acquire_or_renew().await {
-                Ok(holds) => holds,
-                Err(error) => {
-                    self.metrics.reconcile_errors.inc();
-                    tracing::error!("leader election: {error:#}");
-                    // Keep leading while the Lease cannot have passed to anyone else.
-                    self.renewed
-                        .is_some_and(|renewed| renewed.elapsed() < self.renew_deadline())
-                }
-            };
+            let holds = self.attempt().await;
             if !holds {
                 self.renewed = None;
             }
-            let was_leading = leading.send_replace(holds);
+            // Only a change wakes those watching.
+            let was_leading = *leading.borrow();
+            leading.send_if_modified(|leads| std::mem::replace(leads, holds) != holds);
             match (was_leading, holds) {
                 (false, true) => {
                     tracing::info!(identity = %self.identity, "leading: this replica writes status")
@@ -137,12 +135,38 @@ impl Elector {
         self.duration * 2 / 3
     }
 
+    /// One try to take or renew the Lease, bounded: while this replica leads, it must be done by
+    /// the renew deadline, after which the Lease may pass to another replica, so past it this
+    /// one steps down even when its request is still in flight.
+    async fn attempt(&mut self) -> bool {
+        let deadline = match self.renewed {
+            Some(renewed) => renewed + self.renew_deadline(),
+            None => Instant::now() + self.duration / 3,
+        };
+        match tokio::time::timeout_at(deadline, self.try_acquire_or_renew()).await {
+            Ok(Ok(holds)) => holds,
+            Ok(Err(error)) => {
+                self.metrics.reconcile_errors.inc();
+                tracing::error!("leader election: {error:#}");
+                // Keep leading while the Lease cannot have passed to anyone else.
+                self.renewed
+                    .is_some_and(|renewed| renewed.elapsed() < self.renew_deadline())
+            }
+            Err(_) => {
+                self.metrics.reconcile_errors.inc();
+                tracing::error!(
+                    "leader election: the API server did not answer in time ({:?} after the last renewal)",
+                    self.renew_deadline()
+                );
+                false
+            }
+        }
+    }
+
     /// Whether this replica holds the Lease after trying to take or renew it.
     async fn try_acquire_or_renew(&mut self) -> anyhow::Result<bool> {
         let now = MicroTime(Timestamp::now());
-        let Some(lease) = self
-            .api
-            .get_opt(LEASE_NAME)
+        let Some(lease) = within(CALL_TIMEOUT, self.api.get_opt(LEASE_NAME))
             .await
             .map_err(|e| self.failed("reading", &e))?
         else {
@@ -153,9 +177,12 @@ impl Elector {
                 },
                 spec: Some(self.record(None, now)),
             };
-            return match self.api.create(&PostParams::default(), &lease).await {
+            // Others time the Lease from when they see it written, which is after it was sent.
+            let sent = Instant::now();
+            let params = PostParams::default();
+            return match within(CALL_TIMEOUT, self.api.create(&params, &lease)).await {
                 Ok(_) => {
-                    self.renewed = Some(Instant::now());
+                    self.renewed = Some(sent);
                     Ok(true)
                 }
                 // Another replica created it first.
@@ -194,13 +221,15 @@ impl Elector {
             metadata: lease.metadata,
             spec: Some(record),
         };
-        match self
-            .api
-            .replace(LEASE_NAME, &PostParams::default(), &renewed)
-            .await
-        {
+        let sent = Instant::now();
+        let params = PostParams::default();
+        let replaced = within(
+            CALL_TIMEOUT,
+            self.api.replace(LEASE_NAME, &params, &renewed),
+        );
+        match replaced.await {
             Ok(_) => {
-                self.renewed = Some(Instant::now());
+                self.renewed = Some(sent);
                 Ok(true)
             }
             // Someone else wrote it since it was read.
@@ -227,9 +256,7 @@ impl Elector {
 
     /// Clears the holder, as client-go does when it releases a Lease.
     async fn release(&self) -> anyhow::Result<()> {
-        let mut lease = self
-            .api
-            .get(LEASE_NAME)
+        let mut lease = within(CALL_TIMEOUT, self.api.get(LEASE_NAME))
             .await
             .map_err(|e| self.failed("reading", &e))?;
         let spec = lease.spec.get_or_insert_with(Default::default);
@@ -239,8 +266,8 @@ impl Elector {
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(MicroTime(Timestamp::now()));
-        self.api
-            .replace(LEASE_NAME, &PostParams::default(), &lease)
+        let params = PostParams::default();
+        within(CALL_TIMEOUT, self.api.replace(LEASE_NAME, &params, &lease))
             .await
             .map(drop)
             .map_err(|e| self.failed("updating", &e))
@@ -265,4 +292,139 @@ fn identity() -> String {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "outrigger-controller".into());
         format!("{host}-{}", std::process::id())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::kube_api::fake;
+
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/system/leases";
+
+    /// How the fake API server answers a Lease update.
+    #[derive(Clone, Copy)]
+    enum Updates {
+        Answer,
+        /// After this long, the first one; every one after never.
+        AnswerLateThenHang(Duration),
+    }
+
+    /// The Lease as the fake API server stores it, with a resourceVersion per write; reads are
+    /// answered at once, updates as the test says.
+    struct FakeLeases {
+        lease: Option<Value>,
+        version: u64,
+        updates: Updates,
+        updated: usize,
+    }
+
+    fn client(updates: Updates) -> Client {
+        let state = Arc::new(Mutex::new(FakeLeases {
+            lease: None,
+            version: 0,
+            updates,
+            updated: 0,
+        }));
+        fake::client(move |call| {
+            let state = state.clone();
+            Box::pin(async move {
+                let name = format!("{LEASES}/{LEASE_NAME}");
+                let (delay, answer) = {
+                    let mut state = state.lock().unwrap();
+                    let write = |state: &mut FakeLeases, body: &[u8]| {
+                        let mut lease: Value = serde_json::from_slice(body).unwrap();
+                        state.version += 1;
+                        lease["metadata"]["resourceVersion"] = json!(state.version.to_string());
+                        state.lease = Some(lease.clone());
+                        fake::json(200, &lease)
+                    };
+                    match (call.method.as_str(), call.path.split('?').next().unwrap()) {
+                        ("GET", path) if path == name => match &state.lease {
+                            Some(lease) => (None, fake::json(200, lease)),
+                            None => (None, fake::status(404, "NotFound")),
+                        },
+                        ("POST", LEASES) => (None, write(&mut state, &call.body)),
+                        ("PUT", path) if path == name => {
+                            state.updated += 1;
+                            let delay = match state.updates {
+                                Updates::Answer => Some(Duration::ZERO),
+                                Updates::AnswerLateThenHang(late) if state.updated == 1 => {
+                                    Some(late)
+                                }
+                                Updates::AnswerLateThenHang(_) => None,
+                            };
+                            (Some(delay), write(&mut state, &call.body))
+                        }
+                        other => panic!("unexpected call {other:?}"),
+                    }
+                };
+                match delay {
+                    None | Some(Some(Duration::ZERO)) => {}
+                    Some(Some(late)) => tokio::time::sleep(late).await,
+                    Some(None) => std::future::pending::<()>().await,
+                }
+                answer
+            })
+        })
+    }
+
+    /// An elector running on `client`; its `leading` channel.
+    fn elect(client: &Client) -> (watch::Receiver<bool>, watch::Sender<bool>) {
+        let settings = LeaderSettings {
+            leader_namespace: Some("system".into()),
+            lease_duration: Duration::from_secs(15),
+        };
+        let elector = Elector::new(client, &settings, Metrics::default());
+        let (leading, is_leading) = watch::channel(false);
+        let (stop, shutdown) = watch::channel(false);
+        tokio::spawn(elector.run(leading, shutdown));
+        (is_leading, stop)
+    }
+
+    async fn until(leading: &mut watch::Receiver<bool>, value: bool) {
+        tokio::time::timeout(
+            Duration::from_secs(3600),
+            leading.wait_for(|leads| *leads == value),
+        )
+        .await
+        .expect("in time")
+        .expect("the elector runs");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_whose_renewal_hangs_steps_down_by_the_renew_deadline() {
+        let client = client(Updates::AnswerLateThenHang(Duration::ZERO));
+        let (mut leading, _stop) = elect(&client);
+        until(&mut leading, true).await;
+        let acquired = Instant::now();
+        // Renewed at 5 s; the renewal at 10 s never answers.
+        until(&mut leading, false).await;
+        assert_eq!(acquired.elapsed(), Duration::from_secs(15));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_renew_deadline_counts_from_when_the_renewal_was_sent() {
+        // The renewal sent at 5 s is answered at 9 s; the next, sent at 14 s, never.
+        let client = client(Updates::AnswerLateThenHang(Duration::from_secs(4)));
+        let (mut leading, _stop) = elect(&client);
+        until(&mut leading, true).await;
+        let acquired = Instant::now();
+        until(&mut leading, false).await;
+        // 5 s + the renew deadline (10 s), not 9 s + 10 s.
+        assert_eq!(acquired.elapsed(), Duration::from_secs(15));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_renews_keeps_leading() {
+        let client = client(Updates::Answer);
+        let (mut leading, _stop) = elect(&client);
+        until(&mut leading, true).await;
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(*leading.borrow());
+        assert!(!leading.has_changed().unwrap(), "never stepped down");
+    }
 }

@@ -1,205 +1,32 @@
 //! The Outrigger control plane: sources of cluster state feed an index, which publishes
 //! per-destination snapshots on watch channels that the proxies' configuration streams subscribe
 //! to.
+//!
+//! Modules are private; what the binary and the test suites use is re-exported here.
 
-pub mod admin;
+#![forbid(unsafe_code)]
+
+mod admin;
+mod app;
 pub mod crds;
-pub mod distribute;
-pub mod index;
-pub mod inject;
-pub mod kube_source;
-pub mod leader;
-pub mod manifests;
-pub mod metrics;
-pub mod status;
-pub mod translate;
-pub mod webhook;
+mod distribute;
+mod index;
+mod inject;
+mod kube_api;
+mod leader;
+mod listen;
+mod metrics;
+mod source;
+mod status;
+mod translate;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
-
-use anyhow::Context as _;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
-
-use crate::distribute::{DiscoveryService, Snapshots};
-use crate::index::Index;
-use crate::leader::{Elector, LeaderSettings};
-use crate::manifests::Manifests;
-use crate::metrics::Metrics;
-
-/// Settings of a controller; each flag can also come from `OUTRIGGER_<FLAG>` (the leader
-/// namespace from `POD_NAMESPACE`, as the chart sets it).
-#[derive(clap::Args, Clone, Debug)]
-pub struct Settings {
-    /// Serve the cluster state in this directory of YAML manifests (Services, EndpointSlices,
-    /// Pods, DestinationPolicies) instead of the Kubernetes API's; watched, so edits apply within
-    /// milliseconds (seconds on filesystems that send no change events). Nothing is written back.
-    #[arg(long, env = "OUTRIGGER_MANIFESTS", conflicts_with = "kubeconfig")]
-    pub manifests: Option<PathBuf>,
-    /// The Kubernetes API to watch and write status to (the default source). Without this flag:
-    /// the KUBECONFIG variable or ~/.kube/config, else the cluster the controller runs in.
-    #[arg(long, env = "OUTRIGGER_KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
-    #[command(flatten)]
-    pub leader: LeaderSettings,
-    /// Configuration stream to proxies.
-    #[arg(long, env = "OUTRIGGER_GRPC_ADDR", default_value = "0.0.0.0:8090")]
-    pub grpc_addr: SocketAddr,
-    /// `/metrics`, `/live`, `/ready`.
-    #[arg(long, env = "OUTRIGGER_ADMIN_ADDR", default_value = "0.0.0.0:9990")]
-    pub admin_addr: SocketAddr,
-    #[command(flatten)]
-    pub webhook: webhook::WebhookSettings,
-}
-
-/// Proxies that vanish without closing their connection are noticed within about this long.
-const GRPC_KEEPALIVE: Duration = Duration::from_secs(20);
-
-/// Where cluster state comes from.
-enum Source {
-    Manifests(Manifests),
-    /// The API server, which every replica writes its proxies' status to, and the leader the
-    /// rest.
-    Kubernetes {
-        client: kube::Client,
-        leader: LeaderSettings,
-    },
-}
-
-/// How long a stopping leader may take to hand its Lease back.
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A controller with its listeners bound and its source opened.
-pub struct Controller {
-    source: Source,
-    metrics: Metrics,
-    grpc: TcpListener,
-    admin: TcpListener,
-    webhook: Option<webhook::Webhook>,
-}
-
-impl Controller {
-    pub async fn bind(settings: Settings) -> anyhow::Result<Self> {
-        let metrics = Metrics::default();
-        let source = match settings.manifests {
-            Some(dir) => Source::Manifests(Manifests::new(dir, metrics.clone())?),
-            None => Source::Kubernetes {
-                client: kube_source::client(settings.kubeconfig.as_deref()).await?,
-                leader: settings.leader,
-            },
-        };
-        let bind = |addr: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the {what} listener on {addr}"))
-        };
-        Ok(Self {
-            source,
-            grpc: bind(settings.grpc_addr, "gRPC").await?,
-            admin: bind(settings.admin_addr, "admin").await?,
-            webhook: webhook::Webhook::bind(&settings.webhook).await?,
-            metrics,
-        })
-    }
-
-    pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc.local_addr().expect("bound")
-    }
-
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.local_addr().expect("bound")
-    }
-
-    /// Serves until `shutdown` turns true.
-    pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let snapshots = Snapshots::default();
-        let index = Index::new(snapshots.clone(), self.metrics.clone());
-        let ready = index.synced();
-        let name = std::env::var("HOSTNAME").unwrap_or_else(|_| "outrigger-controller".into());
-        let discovery = DiscoveryService::new(snapshots, self.metrics.clone(), name);
-        let (changes, received) = mpsc::channel(1024);
-        // Dropping the set on return stops the index, the Kubernetes watches, status and the
-        // admin server; the manifests thread then finds its channel closed.
-        let mut tasks = JoinSet::new();
-        let mut election = None;
-        match self.source {
-            Source::Manifests(manifests) => manifests.spawn(changes)?,
-            Source::Kubernetes { client, leader } => {
-                tasks.spawn(kube_source::run(
-                    client.clone(),
-                    changes,
-                    self.metrics.clone(),
-                ));
-                let (leading, leading_changes) = watch::channel(false);
-                let elector = Elector::new(&client, &leader, self.metrics.clone());
-                let identity = elector.identity().to_string();
-                election = Some(tokio::spawn(elector.run(leading, shutdown.clone())));
-                let (replicas, replicas_changes) = watch::channel(status::Replicas::new());
-                tasks.spawn(status::watch_replicas(client.clone(), replicas));
-                let inputs = status::Inputs {
-                    reports: index.policy_reports(),
-                    subscribers: discovery.subscribers(),
-                    leading: leading_changes,
-                    synced: ready.clone(),
-                    replicas: replicas_changes,
-                    identity,
-                    lease_duration: leader.lease_duration,
-                };
-                tasks.spawn(status::run(client, inputs, self.metrics.clone()));
-            }
-        }
-        tasks.spawn(index.run(received));
-        tasks.spawn(admin::serve(self.admin, self.metrics, ready));
-        if let Some(webhook) = self.webhook {
-            tasks.spawn(webhook.serve());
-        }
-        tracing::info!(grpc = %self.grpc.local_addr()?, "controller serving");
-        serve_grpc(self.grpc, discovery, shutdown).await;
-        if let Some(election) = election {
-            // Hands the Lease back, so that another replica writes status at once.
-            let _ = tokio::time::timeout(RELEASE_TIMEOUT, election).await;
-        }
-        Ok(())
-    }
-}
-
-/// Serves the configuration streams until `shutdown`. Streams have no natural end to drain to,
-/// so stopping drops them all at once and the proxies reconnect, to another replica or to this
-/// one restarted, keeping their configuration meanwhile.
-pub async fn serve_grpc(
-    listener: TcpListener,
-    discovery: DiscoveryService,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let service = TowerToHyperService::new(discovery.into_server());
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                // A reply's frames go out as separate small writes: without this, Nagle holds the
-                // later ones until the proxy's delayed ACK, some 40 ms.
-                let _ = stream.set_nodelay(true);
-                let service = service.clone();
-                connections.spawn(async move {
-                    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    builder
-                        .http2()
-                        .timer(TokioTimer::new())
-                        .keep_alive_interval(GRPC_KEEPALIVE);
-                    let _ = builder
-                        .http2_only()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-            Some(_) = connections.join_next() => {}
-            _ = shutdown.wait_for(|stop| *stop) => break,
-        }
-    }
-}
+pub use app::{Controller, Settings};
+pub use distribute::{DiscoveryService, ProxyEvent, Snapshot, Snapshots, serve_grpc};
+pub use index::Index;
+pub use inject::patch::InjectorConfig;
+pub use inject::webhook::{INJECT_NAMESPACED_PATH, INJECT_POD_PATH, Webhook, WebhookSettings};
+pub use leader::LEASE_NAME;
+pub use metrics::Metrics;
+pub use source::Change;
+pub use source::manifests::{Manifests, parse};
+pub use status::MIN_INTERVAL;

@@ -3,10 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use outrigger_api::proto;
-use outrigger_controller::distribute::{Snapshot, Snapshots};
-use outrigger_controller::index::{Change, Index};
-use outrigger_controller::manifests::{Manifests, parse};
-use outrigger_controller::metrics::Metrics;
+use outrigger_controller::{Change, Index, Manifests, Metrics, Snapshot, Snapshots, parse};
 
 /// Where cargo runs the test from, not where it was built.
 fn examples() -> PathBuf {

@@ -124,18 +124,15 @@ impl Drop for Recorder {
         } else {
             Classification::Success
         };
-        self.metrics
-            .request_duration
-            .get_or_create(&self.labels)
-            .observe(self.started.elapsed().as_secs_f64());
-        self.metrics
-            .requests
-            .get_or_create(&ResponseLabels {
-                dst: self.labels.clone(),
-                status_code: self.status,
-                classification,
-            })
-            .inc();
+        self.metrics.request_duration.with(&self.labels, |metric| {
+            metric.observe(self.started.elapsed().as_secs_f64())
+        });
+        let labels = ResponseLabels {
+            dst: self.labels.clone(),
+            status_code: self.status,
+            classification,
+        };
+        self.metrics.requests.with(&labels, |counter| counter.inc());
     }
 }
 

@@ -5,8 +5,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use outrigger_api::proto;
-use outrigger_controller::distribute::{DiscoveryService, ProxyEvent, Snapshot, Snapshots};
-use outrigger_controller::metrics::Metrics;
+use outrigger_controller::{DiscoveryService, Metrics, ProxyEvent, Snapshot, Snapshots};
 use tokio::sync::{broadcast, watch};
 
 pub struct ControlPlane {

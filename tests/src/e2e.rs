@@ -32,6 +32,7 @@ impl RunningProxy {
             admin_addr: any,
             max_header_bytes: 16 * 1024,
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3600),
             drain_timeout: Duration::from_secs(1),
             discovery_timeout: Duration::from_secs(2),
             discovery_idle_timeout: Duration::from_secs(60),

@@ -3,12 +3,13 @@
 
 pub mod backend;
 pub mod control_plane;
+pub mod dashboards;
 pub mod e2e;
 pub mod process;
 
 pub use backend::{Backend, Behaviour};
 pub use control_plane::{Configuration, ControlPlane, destination};
-pub use outrigger_controller::distribute::ProxyEvent;
+pub use outrigger_controller::ProxyEvent;
 
 /// The workspace root, as cargo says when it runs a test (a test binary cached from another
 /// checkout would otherwise read files from that one).

@@ -257,8 +257,8 @@ async fn the_webhook_certificate_is_for_the_controller_service_and_trusted_by_th
     assert_eq!(
         paths,
         [
-            outrigger_controller::webhook::INJECT_NAMESPACED_PATH,
-            outrigger_controller::webhook::INJECT_ANNOTATED_PATH
+            outrigger_controller::INJECT_NAMESPACED_PATH,
+            outrigger_controller::INJECT_POD_PATH
         ]
     );
     let dir = tempfile::tempdir().unwrap();
@@ -322,8 +322,7 @@ async fn the_webhook_certificate_is_for_the_controller_service_and_trusted_by_th
         .as_str()
         .unwrap()
         .to_string();
-    let config: outrigger_controller::inject::InjectorConfig =
-        serde_norway::from_str(&injector).unwrap();
+    let config: outrigger_controller::InjectorConfig = serde_norway::from_str(&injector).unwrap();
     assert_eq!(
         config.control_plane,
         "http://outrigger-controller.outrigger-system.svc:8090"

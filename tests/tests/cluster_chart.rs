@@ -1,6 +1,7 @@
 //! The Helm chart and the sidecar injector against a real kube-apiserver: the chart installs,
-//! upgrades and uninstalls (keeping the CRDs), and a Pod created in a labelled namespace is stored
-//! with the proxy injected by the controller's webhook.
+//! upgrades and uninstalls (keeping the CRDs), and a Pod that opts in (in a labelled namespace, or
+//! labelled itself) is stored with the proxy injected by the controller's webhook, while no other
+//! pod is sent to it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -244,7 +245,7 @@ fn init_container_names(pod: &Value) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn pods_are_stored_with_the_proxy_injected() {
+async fn only_pods_that_opt_in_are_sent_to_the_injector_and_stored_meshed() {
     let cluster = Cluster::start().expect("start the test cluster");
     let dir = tempfile::tempdir().unwrap();
     let (cert, key, ca) = certificates(dir.path());
@@ -256,44 +257,19 @@ async fn pods_are_stored_with_the_proxy_injected() {
          controlPlane: http://outrigger-controller.outrigger-system.svc:8090\n",
     )
     .unwrap();
-    let settings = outrigger_controller::webhook::WebhookSettings {
+    let settings = outrigger_controller::WebhookSettings {
         webhook_addr: "127.0.0.1:0".parse().unwrap(),
         webhook_cert: Some(cert),
         webhook_key: Some(key),
         injector_config: Some(injector),
     };
-    let webhook = outrigger_controller::webhook::Webhook::bind(&settings)
+    let webhook = outrigger_controller::Webhook::bind(&settings)
         .await
         .unwrap()
         .unwrap();
     let port = webhook.local_addr().port();
     tokio::spawn(webhook.serve());
 
-    // The chart's two webhooks, reached by URL: this API server has no Service routing.
-    let configuration = format!(
-        r#"{{"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
-  "metadata": {{"name": "outrigger-test-injector"}},
-  "webhooks": [
-    {{"name": "namespaces.inject.outrigger.dev",
-      "clientConfig": {{"url": "https://127.0.0.1:{port}/inject", "caBundle": "{ca}"}},
-      "namespaceSelector": {{"matchLabels": {{"outrigger.dev/inject": "enabled"}}}},
-      "rules": [{{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}}],
-      "admissionReviewVersions": ["v1"], "sideEffects": "None", "failurePolicy": "Fail"}},
-    {{"name": "pods.inject.outrigger.dev",
-      "clientConfig": {{"url": "https://127.0.0.1:{port}/inject-annotated", "caBundle": "{ca}"}},
-      "namespaceSelector": {{"matchExpressions": [{{"key": "outrigger.dev/inject", "operator": "NotIn", "values": ["enabled"]}}]}},
-      "rules": [{{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}}],
-      "admissionReviewVersions": ["v1"], "sideEffects": "None", "failurePolicy": "Fail"}}
-  ]}}"#
-    );
-    let applied = cluster
-        .kubectl_with_input(&["apply", "-f", "-"], &configuration)
-        .unwrap();
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
     for namespace in ["meshed", "plain"] {
         cluster
             .kubectl(&["create", "namespace", namespace])
@@ -311,13 +287,9 @@ async fn pods_are_stored_with_the_proxy_injected() {
             "outrigger.dev/inject=enabled",
         ])
         .unwrap();
-
-    let pod = |namespace: &str, name: &str, annotation: Option<&str>| {
-        let annotations = annotation
-            .map(|a| format!(r#", "annotations": {{"outrigger.dev/inject": "{a}"}}"#))
-            .unwrap_or_default();
+    let pod = |namespace: &str, name: &str, metadata: &str| {
         let manifest = format!(
-            r#"{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "{name}", "namespace": "{namespace}"{annotations}}},
+            r#"{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "{name}", "namespace": "{namespace}"{metadata}}},
   "spec": {{"initContainers": [{{"name": "migrate", "image": "migrate"}}], "containers": [{{"name": "app", "image": "app"}}]}}}}"#
         );
         let created = cluster
@@ -325,12 +297,33 @@ async fn pods_are_stored_with_the_proxy_injected() {
             .unwrap();
         assert!(
             created.status.success(),
-            "{}",
+            "creating pod {namespace}/{name}: {}",
             String::from_utf8_lossy(&created.stderr)
         );
         json(&cluster, &["get", "pod", name, "-n", namespace])
     };
-    let meshed = pod("meshed", "web", None);
+    let label = |value: &str| format!(r#", "labels": {{"outrigger.dev/inject": "{value}"}}"#);
+    let annotation =
+        |value: &str| format!(r#", "annotations": {{"outrigger.dev/inject": "{value}"}}"#);
+
+    // The chart's webhooks, failing closed, first at an address where nothing answers: a pod
+    // that is sent to them cannot be created, so those that are created were never sent.
+    let closed = outrigger_tests::process::free_port().unwrap().port();
+    register_chart_webhooks(&cluster, &ca, closed);
+    for (namespace, name, metadata) in [
+        ("plain", "unmeshed", String::new()),
+        ("plain", "annotated-only", annotation("enabled")),
+        ("meshed", "labelled-out", label("disabled")),
+    ] {
+        assert_eq!(
+            init_container_names(&pod(namespace, name, &metadata)),
+            ["migrate"]
+        );
+    }
+
+    // Reached, they inject the pods that opted in.
+    register_chart_webhooks(&cluster, &ca, port);
+    let meshed = pod("meshed", "web", "");
     assert_eq!(
         init_container_names(&meshed),
         ["outrigger-init", "outrigger-proxy", "migrate"]
@@ -345,15 +338,15 @@ async fn pods_are_stored_with_the_proxy_injected() {
         "true"
     );
     assert_eq!(
-        init_container_names(&pod("meshed", "opted-out", Some("disabled"))),
+        init_container_names(&pod("meshed", "opted-out", &annotation("disabled"))),
         ["migrate"]
     );
     assert_eq!(
-        init_container_names(&pod("plain", "untouched", None)),
+        init_container_names(&pod("plain", "untouched", "")),
         ["migrate"]
     );
     assert_eq!(
-        init_container_names(&pod("plain", "opted-in", Some("enabled"))),
+        init_container_names(&pod("plain", "opted-in", &label("enabled"))),
         ["outrigger-init", "outrigger-proxy", "migrate"]
     );
 
@@ -373,5 +366,45 @@ async fn pods_are_stored_with_the_proxy_injected() {
     assert_eq!(
         init_container_names(&copy),
         ["outrigger-init", "outrigger-proxy", "migrate"]
+    );
+}
+
+/// The chart's MutatingWebhookConfiguration, failing closed, its webhooks reached by URL on
+/// `port` (this API server has no Service routing).
+fn register_chart_webhooks(cluster: &Cluster, ca: &str, port: u16) {
+    let output = cluster
+        .helm_command()
+        .args(["template", "outrigger"])
+        .arg(chart())
+        .args(["--namespace", "outrigger-system"])
+        .args(["--show-only", "templates/webhook.yaml"])
+        .args(["--set", "injector.failurePolicy=Fail"])
+        .output()
+        .expect("run helm");
+    assert!(
+        output.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rendered = String::from_utf8(output.stdout).unwrap();
+    let mut configuration = rendered
+        .split("\n---\n")
+        .map(|document| serde_norway::from_str::<Value>(document).expect("helm renders YAML"))
+        .find(|document| document["kind"] == "MutatingWebhookConfiguration")
+        .expect("the chart has a MutatingWebhookConfiguration");
+    for webhook in configuration["webhooks"].as_array_mut().unwrap() {
+        let path = webhook["clientConfig"]["service"]["path"].clone();
+        webhook["clientConfig"] = serde_json::json!({
+            "url": format!("https://127.0.0.1:{port}{}", path.as_str().unwrap()),
+            "caBundle": ca,
+        });
+    }
+    let applied = cluster
+        .kubectl_with_input(&["apply", "-f", "-"], &configuration.to_string())
+        .unwrap();
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
     );
 }

@@ -610,7 +610,7 @@ async fn status_and_kubectl_get_follow_the_policy_and_its_proxies() {
         "all 2 proxies applied generation 1"
     );
     // Settled: the controller's own status writes do not make it write again.
-    tokio::time::sleep(outrigger_controller::status::MIN_INTERVAL * 4).await;
+    tokio::time::sleep(outrigger_controller::MIN_INTERVAL * 4).await;
     let settled = cluster.policy("status", "reviews");
     assert_eq!(
         settled["metadata"]["resourceVersion"],
@@ -978,7 +978,7 @@ fn lease_holder(cluster: &TestCluster) -> String {
     cluster.kubectl(&[
         "get",
         "lease",
-        outrigger_controller::leader::LEASE_NAME,
+        outrigger_controller::LEASE_NAME,
         "--namespace",
         SYSTEM_NAMESPACE,
         "-o",

@@ -146,6 +146,7 @@ impl Servers<'_> {
         ServerLimits {
             max_header_bytes: self.settings.max_header_bytes,
             header_read_timeout: self.settings.header_read_timeout,
+            idle_timeout: self.settings.idle_timeout,
         }
     }
 
@@ -192,7 +193,7 @@ impl Servers<'_> {
             Some(async move {
                 match connection.original_dst {
                     // Outside the mesh: as if there were no proxy.
-                    Some(original_dst) if outbound.is_unknown(original_dst).await => {
+                    Some(original_dst) if outbound.is_outside_mesh(original_dst).await => {
                         Handling::Forward(original_dst)
                     }
                     _ => Handling::Serve(TowerToHyperService::new(service)),

@@ -43,9 +43,13 @@ pub struct Settings {
     /// Largest request head accepted; larger gets 431.
     #[arg(long, env = "OUTRIGGER_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     pub max_header_bytes: usize,
-    /// A client must send a request head within this time.
+    /// A client must send a request head within this time of starting it.
     #[arg(long, env = "OUTRIGGER_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
+    /// An HTTP/1 connection with no request in flight is closed after this long; it outlasts the
+    /// pools of the clients that keep connections to the proxy (as Envoy's default does).
+    #[arg(long, env = "OUTRIGGER_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, env = "OUTRIGGER_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,

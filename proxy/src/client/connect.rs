@@ -1,4 +1,8 @@
 //! Opening connections to one endpoint, within the destination's `maxConnections`.
+//!
+//! Connections notice a peer that vanished (a dead node, a partition) without a request timeout:
+//! TCP keepalive probes idle ones, and `TCP_USER_TIMEOUT` fails one whose sent data goes
+//! unacknowledged; HTTP/2 connections are also pinged (see `client`).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -52,10 +56,30 @@ impl tower::Service<http::Uri> for Connector {
                         format!("connect timed out after {timeout:?}"),
                     )
                 })??;
-            stream.set_nodelay(true)?;
+            configure(&stream)?;
             Ok(TokioIo::new(PooledStream::new(stream, slot)))
         })
     }
+}
+
+/// Idle connections are probed after this long, then every `KEEPALIVE_INTERVAL`, and dropped after
+/// `KEEPALIVE_PROBES` unanswered probes.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
+/// Data sent and not acknowledged for this long fails the connection.
+const USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn configure(stream: &TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES),
+    )?;
+    socket.set_tcp_user_timeout(Some(USER_TIMEOUT))
 }
 
 /// A connection that gives its pool slot back when it closes.
@@ -116,5 +140,32 @@ impl AsyncWrite for PooledStream {
 
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::Service as _;
+
+    #[tokio::test]
+    async fn upstream_connections_notice_a_vanished_peer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut connector = Connector {
+            addr: listener.local_addr().unwrap(),
+            timeout: Duration::from_secs(1),
+            slots: None,
+        };
+        let connected = connector
+            .call(http::Uri::from_static("http://web"))
+            .await
+            .unwrap();
+        let socket = socket2::SockRef::from(&connected.inner().stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
+        assert!(connected.inner().stream.nodelay().unwrap());
     }
 }

@@ -28,6 +28,17 @@ impl Outcome {
             _ => Self::Success,
         }
     }
+
+    /// What a gRPC status (from `grpc-status`, in headers or trailers) says, as Envoy maps them to
+    /// HTTP: UNAVAILABLE and DEADLINE_EXCEEDED are gateway errors, INTERNAL, UNKNOWN and DATA_LOSS
+    /// server errors; the rest are the caller's business.
+    pub fn of_grpc_status(code: &[u8]) -> Self {
+        match code {
+            b"14" | b"4" => Self::GatewayError,
+            b"13" | b"2" | b"15" => Self::ServerError,
+            _ => Self::Success,
+        }
+    }
 }
 
 /// Consecutive failures that call for an ejection; 0 is off.
@@ -75,8 +86,14 @@ struct State {
     status: Status,
     consecutive_5xx: u32,
     consecutive_gateway: u32,
-    /// Times ejected: the next ejection lasts one base period longer.
+    /// Times ejected, less one for each interval spent healthy since: the next ejection lasts one
+    /// base period longer.
     ejections: u32,
+    /// Since when the endpoint has been back in rotation, after its last ejection.
+    healthy_since: Option<Instant>,
+    /// Counts ejections: an outcome of a request sent before the last ejection is not about the
+    /// endpoint as it is now, and is passed over.
+    epoch: u64,
 }
 
 impl Default for Health {
@@ -86,6 +103,8 @@ impl Default for Health {
             consecutive_5xx: 0,
             consecutive_gateway: 0,
             ejections: 0,
+            healthy_since: None,
+            epoch: 0,
         }))
     }
 }
@@ -125,18 +144,28 @@ impl Health {
         }
     }
 
+    /// Which ejection period a request sent now belongs to (for [`Health::record`]).
+    pub fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
     pub fn is_probing(&self) -> bool {
         self.lock().status == Status::Probing
     }
 
-    pub fn record(&self, outcome: Outcome, thresholds: Thresholds) -> Recorded {
+    /// Records the outcome of a request sent in `epoch`.
+    pub fn record(&self, outcome: Outcome, epoch: u64, thresholds: Thresholds) -> Recorded {
         let mut state = self.lock();
+        if epoch != state.epoch {
+            return Recorded::Nothing;
+        }
         match outcome {
             Outcome::Success => {
                 state.consecutive_5xx = 0;
                 state.consecutive_gateway = 0;
                 if state.status == Status::Probing {
                     state.status = Status::Healthy;
+                    state.healthy_since = Some(Instant::now());
                     return Recorded::Restored;
                 }
                 return Recorded::Nothing;
@@ -163,11 +192,24 @@ impl Health {
         }
     }
 
-    /// Ejects the endpoint for the length `ejection` gives for its `n`th ejection; returns when
-    /// the ejection ends.
-    pub fn eject(&self, now: Instant, ejection: impl FnOnce(u32) -> Duration) -> Instant {
+    /// Ejects the endpoint for the length `ejection` gives for its `n`th ejection, where each
+    /// `interval` it spent healthy since the last one takes one off `n`; returns when the ejection
+    /// ends.
+    pub fn eject(
+        &self,
+        now: Instant,
+        interval: Duration,
+        ejection: impl FnOnce(u32) -> Duration,
+    ) -> Instant {
         let mut state = self.lock();
-        state.ejections += 1;
+        if let Some(since) = state.healthy_since.take() {
+            let healthy_intervals =
+                now.saturating_duration_since(since).as_nanos() / interval.as_nanos().max(1);
+            let forgiven = u32::try_from(healthy_intervals).unwrap_or(u32::MAX);
+            state.ejections = state.ejections.saturating_sub(forgiven);
+        }
+        state.ejections = state.ejections.saturating_add(1);
+        state.epoch += 1;
         state.consecutive_5xx = 0;
         state.consecutive_gateway = 0;
         let until = now + ejection(state.ejections);

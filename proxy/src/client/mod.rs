@@ -60,8 +60,10 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-/// Idle pooled connections are closed after this long.
+/// Idle pooled connections are closed after this long: less than the proxies' own server idle
+/// timeout (`--idle-timeout`), so that a connection is not reused as the server closes it.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
 
 impl Endpoint {
     pub fn new(config: &EndpointConfig, dial: &Dial) -> Self {
@@ -73,7 +75,12 @@ impl Endpoint {
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT);
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .timer(TokioTimer::new())
+            // An HTTP/2 peer that stops answering pings is given up on, streams and all.
+            .http2_keep_alive_interval(HTTP2_KEEPALIVE)
+            .http2_keep_alive_timeout(HTTP2_KEEPALIVE)
+            .http2_keep_alive_while_idle(true);
         let http1 = builder.build(connector.clone());
         let http2 = builder.http2_only(true).build(connector);
         Self {
@@ -112,20 +119,29 @@ impl Endpoint {
             set_absolute_uri(&mut request, false);
             &self.http1
         };
-        let mut response = client.request(request).await.map_err(|source| {
-            if source.is_connect() {
-                ProxyError::Connect {
-                    endpoint: self.addr,
-                    source,
-                }
-            } else {
-                ProxyError::Upstream {
-                    endpoint: self.addr,
-                    source,
-                }
+        let mut response = match client.request(request).await {
+            Ok(response) => response,
+            Err(source) => {
+                in_flight.failed();
+                return Err(if source.is_connect() {
+                    ProxyError::Connect {
+                        endpoint: self.addr,
+                        source,
+                    }
+                } else {
+                    ProxyError::Upstream {
+                        endpoint: self.addr,
+                        source,
+                    }
+                });
             }
-        })?;
-        in_flight.answered();
+        };
+        // Gateway errors say the endpoint could not serve: they cost like failures.
+        if matches!(response.status().as_u16(), 502..=504) {
+            in_flight.failed();
+        } else {
+            in_flight.answered();
+        }
         let switching = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
         match downstream_upgrade {
             Some(downstream) if switching => {

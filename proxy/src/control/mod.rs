@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::metrics::{Metrics, UpdateLabels, UpdateResult};
-use crate::outbound::resolve::Resolver;
+use crate::outbound::resolve::{ControlPlaneState, Resolver};
 use crate::shutdown::stopped;
 pub use decode::LoopbackEndpoints;
 use decode::{ConfigError, invalid};
@@ -82,6 +82,9 @@ pub async fn run(
             _ = stopped(&mut shutdown) => return,
         };
         metrics.control_plane_connected.set(0);
+        if resolver.control_plane() == ControlPlaneState::Connected {
+            resolver.set_control_plane(ControlPlaneState::Unreachable);
+        }
         if welcomed {
             backoff = BACKOFF_MIN;
         }
@@ -241,6 +244,8 @@ impl Stream<'_> {
                 tracing::info!(controller = %welcome.controller, "control plane stream up");
                 self.welcomed = true;
                 self.metrics.control_plane_connected.set(1);
+                self.resolver
+                    .set_control_plane(ControlPlaneState::Connected);
                 ready.send_replace(true);
                 Ok(())
             }

@@ -39,6 +39,18 @@ impl ProxyError {
         }
     }
 
+    /// The server refused the stream before processing it (HTTP/2 REFUSED_STREAM).
+    pub fn is_refused_stream(&self) -> bool {
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            source = cause.source();
+        }
+        false
+    }
+
     pub fn into_response(self) -> http::Response<Body> {
         // The source chain says what went wrong (refused, reset, ...); the app deserves it.
         let mut reason = self.to_string();

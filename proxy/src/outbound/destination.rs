@@ -6,6 +6,11 @@
 //! - route (each route, and one for what no route matched): request timeout > retry;
 //! - attempt (each try): per-try timeout > pool limit > split > balance (with outlier detection)
 //!   > endpoint.
+//!
+//! A new version carries on what its settings did not change: endpoints (with their connections,
+//! load and health), the rate limit's tokens, each route's retry budget, and balancers (with their
+//! hash rings) whose members are the same. Otherwise every rollout step would hand out a fresh
+//! burst and a fresh budget, and re-sort every ring.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,7 +30,7 @@ use crate::outbound::layers::deadline::Deadline;
 use crate::outbound::layers::fault::Faults;
 use crate::outbound::layers::pool::{Pool, PoolLimit};
 use crate::outbound::layers::ratelimit::{RateLimit, TokenBucket};
-use crate::outbound::layers::retry::Retry;
+use crate::outbound::layers::retry::{Budget, Retry};
 use crate::outbound::route::{Route, RouteTable};
 use crate::outbound::split::{Split, WeightedBalance};
 use crate::outbound::stack::{Built, Layers, Stack};
@@ -40,6 +45,10 @@ pub struct Destination {
     pool: Pool,
     service: Stack,
     table: RouteTable,
+    balancers: Balancers,
+    bucket: Option<Arc<TokenBucket>>,
+    /// Each route's retry budget, by route name.
+    budgets: HashMap<String, Arc<Budget>>,
     /// The destination level's parts, top-down.
     layers: Vec<&'static str>,
 }
@@ -83,7 +92,14 @@ impl Destination {
             metrics,
             service_labels: &service_labels,
             pool: &pool,
-            balancers: Balancers::new(&config, &endpoints, &outlier),
+            balancers: Balancers::new(
+                &config,
+                &endpoints,
+                &outlier,
+                previous.map(|p| &p.balancers),
+            ),
+            previous_budgets: previous.map(|p| &p.budgets),
+            budgets: Default::default(),
         };
         let labels = routes.labels("");
         let table = RouteTable::new(
@@ -94,13 +110,22 @@ impl Destination {
                 .chain(std::iter::once(routes.route(None, "", &config.traffic)))
                 .collect(),
         );
+        let bucket = config.rate_limit.map(|limit| {
+            previous
+                .and_then(|p| p.bucket.clone())
+                .filter(|bucket| bucket.config == limit)
+                .unwrap_or_else(|| Arc::new(TokenBucket::new(limit)))
+        });
         let Built { stack, names } = Layers::new()
-            .push_if(config.rate_limit.map(|limit| RateLimit {
-                bucket: Arc::new(TokenBucket::new(limit)),
+            .push_if(bucket.clone().map(|bucket| RateLimit {
+                bucket,
                 limited: metrics.rate_limited.get_or_create_owned(&labels),
             }))
             .push_if(config.fault_injection.map(|config| Faults { config }))
             .over(table.clone());
+        let Routes {
+            balancers, budgets, ..
+        } = routes;
         Self {
             config: Arc::new(config),
             endpoints,
@@ -109,6 +134,9 @@ impl Destination {
             pool,
             service: stack,
             table,
+            balancers,
+            bucket,
+            budgets: budgets.into_inner(),
             layers: names,
         }
     }
@@ -168,7 +196,9 @@ fn report_all_healthy(metrics: &Metrics, labels: &ServiceLabels, endpoints: usiz
             dst: labels.clone(),
             state,
         };
-        metrics.endpoints.get_or_create(&labels).set(count as i64);
+        metrics
+            .endpoints
+            .with(&labels, |metric| metric.set(count as i64));
     }
 }
 
@@ -183,11 +213,16 @@ impl Balancers {
         config: &DestinationConfig,
         endpoints: &[Arc<Endpoint>],
         outlier: &Option<Arc<OutlierDetector>>,
+        previous: Option<&Balancers>,
     ) -> Self {
         let name: Arc<str> =
             format!("{}.{}:{}", config.service, config.namespace, config.port).into();
-        let balance = |members: Vec<Arc<Endpoint>>| {
-            let balancer = Arc::new(Balancer::new(config.load_balancer.clone(), members));
+        let balance = |members: Vec<Arc<Endpoint>>, previous: Option<&Balance>| {
+            let balancer = previous
+                .map(|p| p.balancer())
+                .filter(|b| b.is_over(&config.load_balancer, &members))
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Balancer::new(config.load_balancer.clone(), members)));
             Balance::new(name.clone(), balancer, outlier.clone())
         };
         let subsets = config
@@ -199,11 +234,12 @@ impl Balancers {
                     .filter(|e| e.subsets.contains(subset))
                     .cloned()
                     .collect();
-                (subset.clone(), balance(members))
+                let previous = previous.and_then(|p| p.subsets.get(subset));
+                (subset.clone(), balance(members, previous))
             })
             .collect();
         Self {
-            all: balance(endpoints.to_vec()),
+            all: balance(endpoints.to_vec(), previous.map(|p| &p.all)),
             subsets,
         }
     }
@@ -215,6 +251,9 @@ struct Routes<'a> {
     service_labels: &'a ServiceLabels,
     pool: &'a Pool,
     balancers: Balancers,
+    previous_budgets: Option<&'a HashMap<String, Arc<Budget>>>,
+    /// The budgets of the routes built so far.
+    budgets: std::cell::RefCell<HashMap<String, Arc<Budget>>>,
 }
 
 impl Routes<'_> {
@@ -242,7 +281,7 @@ impl Routes<'_> {
                     .timeout
                     .map(|after| self.deadline(after, TimeoutKind::Request, &labels)),
             )
-            .push(self.retry(traffic.retries.clone(), &labels))
+            .push(self.retry(name, traffic.retries.clone(), &labels))
             .over_stack(attempt);
         Route::new(matcher, labels, built)
     }
@@ -290,15 +329,34 @@ impl Routes<'_> {
         }
     }
 
-    fn retry(&self, policy: Option<RetryPolicy>, labels: &RequestLabels) -> Retry {
-        Retry::new(
+    fn retry(&self, route: &str, policy: Option<RetryPolicy>, labels: &RequestLabels) -> Retry {
+        let budget = |policy: &RetryPolicy| {
+            self.previous_budgets
+                .and_then(|budgets| budgets.get(route))
+                .filter(|budget| budget.is_of(policy))
+                .cloned()
+                .unwrap_or_else(|| {
+                    Arc::new(Budget::new(
+                        policy.budget_percent,
+                        policy.budget_min_per_second,
+                    ))
+                })
+        };
+        let retry = Retry::new(
             policy,
+            budget,
             labels.clone(),
             self.metrics.retries.clone(),
             self.metrics
                 .retry_budget_exhausted
                 .get_or_create_owned(labels),
-        )
+        );
+        if let Some(budget) = retry.budget() {
+            self.budgets
+                .borrow_mut()
+                .insert(route.to_string(), budget.clone());
+        }
+        retry
     }
 }
 
@@ -473,5 +531,105 @@ mod tests {
         };
         let fourth = Destination::build(dialling, Some(&third), &metrics);
         assert!((0..3).all(|i| !same(&third, &fourth, i)));
+    }
+
+    async fn status(destination: &Destination) -> u16 {
+        let request = http::Request::builder()
+            .uri("/")
+            .body(crate::http::body::full(""))
+            .unwrap();
+        tower::ServiceExt::oneshot(destination.service(), request)
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limit_and_retry_budgets_survive_versions_that_keep_their_settings() {
+        let metrics = Metrics::new();
+        // Every request that passes the rate limit is aborted by fault injection: no network.
+        let limited = DestinationConfig {
+            rate_limit: Some(RateLimitConfig {
+                requests_per_second: 1,
+                burst: 3,
+            }),
+            fault_injection: Some(FaultConfig {
+                abort_percent: 100.0,
+                ..everything().fault_injection.unwrap()
+            }),
+            ..everything()
+        };
+        let first = Destination::build(limited.clone(), None, &metrics);
+        for _ in 0..3 {
+            assert_eq!(status(&first).await, 503);
+        }
+        assert_eq!(status(&first).await, 429);
+
+        // An endpoint-only change, as in a rollout: the spent burst stays spent.
+        let mut rollout = limited.clone();
+        rollout.endpoints.push(endpoint(4, "canary"));
+        let second = Destination::build(rollout.clone(), Some(&first), &metrics);
+        assert_eq!(status(&second).await, 429);
+        assert!(Arc::ptr_eq(&first.budgets[""], &second.budgets[""]));
+
+        // New settings are a new limit and a new budget.
+        let mut changed = rollout;
+        changed.rate_limit = Some(RateLimitConfig {
+            requests_per_second: 1,
+            burst: 5,
+        });
+        changed.traffic.retries = Some(RetryPolicy {
+            budget_percent: 50,
+            ..retries(None)
+        });
+        let third = Destination::build(changed, Some(&second), &metrics);
+        assert_eq!(status(&third).await, 503);
+        assert!(!Arc::ptr_eq(&second.budgets[""], &third.budgets[""]));
+    }
+
+    #[tokio::test]
+    async fn balancers_and_their_rings_are_kept_while_their_members_are() {
+        let metrics = Metrics::new();
+        let hashed = DestinationConfig {
+            load_balancer: Algorithm::ConsistentHash {
+                header: http::HeaderName::from_static("x-user"),
+            },
+            ..everything()
+        };
+        let first = Destination::build(hashed.clone(), None, &metrics);
+        let kept = |a: &Destination, b: &Destination, subset: &str| {
+            let of = |d: &Destination| match subset {
+                "" => d.balancers.all.balancer().clone(),
+                subset => d.balancers.subsets[subset].balancer().clone(),
+            };
+            Arc::ptr_eq(&of(a), &of(b))
+        };
+        // A policy edit: every ring stays.
+        let edited = DestinationConfig {
+            version: "2".into(),
+            traffic: TrafficPolicy {
+                timeout: Some(Duration::from_secs(3)),
+                ..hashed.traffic.clone()
+            },
+            ..hashed.clone()
+        };
+        let second = Destination::build(edited, Some(&first), &metrics);
+        assert!(kept(&first, &second, "") && kept(&first, &second, "stable"));
+
+        // A canary pod added: the canary subset and the whole set change, stable stays.
+        let mut grown = hashed.clone();
+        grown.endpoints.push(endpoint(4, "canary"));
+        let third = Destination::build(grown.clone(), Some(&second), &metrics);
+        assert!(!kept(&second, &third, "") && !kept(&second, &third, "canary"));
+        assert!(kept(&second, &third, "stable"));
+
+        // Another algorithm: new balancers.
+        let other = DestinationConfig {
+            load_balancer: Algorithm::Random,
+            ..grown
+        };
+        let fourth = Destination::build(other, Some(&third), &metrics);
+        assert!(!kept(&third, &fourth, "stable"));
     }
 }

@@ -24,7 +24,7 @@ use outrigger_api::destination::DestinationKey;
 use crate::ctx::Labels;
 use crate::http::body::{Body, proxy_error};
 use crate::listen::ConnectionInfo;
-use crate::outbound::resolve::{Lookup, Resolution, Resolver};
+use crate::outbound::resolve::{ControlPlaneState, Lookup, Resolution, Resolver};
 
 pub struct Outbound {
     pub resolver: Resolver,
@@ -35,15 +35,17 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// Whether the control plane says no Service owns `addr`, so that a redirected connection to
-    /// it is forwarded as it is. Unanswered is not unknown: such requests get 503 saying so.
-    pub async fn is_unknown(&self, addr: SocketAddr) -> bool {
+    /// Whether a redirected connection to `addr` is outside the mesh, and so forwarded as it is:
+    /// no Service owns it, or the control plane has not said (it is unreachable, or did not answer
+    /// in time): then the connection goes where it was going, as plain Kubernetes networking would
+    /// take it, rather than failing.
+    pub async fn is_outside_mesh(&self, addr: SocketAddr) -> bool {
         let lookup = self
             .resolver
             .lookup(&DestinationKey::Address(addr).to_string());
-        matches!(
-            lookup.resolved(self.discovery_wait).await,
-            Resolution::Unknown(_)
+        !matches!(
+            self.resolver.resolve(&lookup, self.discovery_wait).await,
+            Resolution::Ready(_)
         )
     }
 }
@@ -144,12 +146,12 @@ impl tower::Service<Request<Body>> for OutboundService {
             Ok(target) => target,
             Err(response) => return Box::pin(async move { Ok(*response) }),
         };
-        let wait = self.outbound.discovery_wait;
+        let outbound = self.outbound.clone();
         Box::pin(async move {
-            let resolution = match lookup.current() {
-                Resolution::Pending => lookup.resolved(wait).await,
-                resolution => resolution,
-            };
+            let resolution = outbound
+                .resolver
+                .resolve(&lookup, outbound.discovery_wait)
+                .await;
             let destination = match resolution {
                 Resolution::Ready(destination) => destination,
                 Resolution::Unknown(reason) => {
@@ -159,11 +161,13 @@ impl tower::Service<Request<Body>> for OutboundService {
                     ));
                 }
                 Resolution::Pending => {
+                    let why = match outbound.resolver.control_plane() {
+                        ControlPlaneState::Unreachable => "the control plane is unreachable",
+                        _ => "the control plane has not answered",
+                    };
                     return Ok(proxy_error(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        &format!(
-                            "no configuration for {key} yet: the control plane has not answered"
-                        ),
+                        &format!("no configuration for {key} yet: {why}"),
                     ));
                 }
             };
@@ -180,5 +184,47 @@ impl tower::Service<Request<Body>> for OutboundService {
             }
             Ok(response)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn new_outbound() -> Outbound {
+        let (resolver, _subscriptions) = Resolver::new(Metrics::new());
+        Outbound {
+            resolver,
+            namespace: "default".into(),
+            discovery_wait: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn redirected_connections_the_mesh_cannot_place_go_where_they_were_going() {
+        let addr: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        let key = DestinationKey::Address(addr).to_string();
+
+        // Unanswered, even by a control plane that is up: as if there were no proxy (after the
+        // wait, which paused time skips).
+        let outbound = new_outbound();
+        outbound
+            .resolver
+            .set_control_plane(ControlPlaneState::Connected);
+        assert!(outbound.is_outside_mesh(addr).await);
+
+        // No Service owns it.
+        outbound.resolver.set_unknown(&key, "no Service".into());
+        assert!(outbound.is_outside_mesh(addr).await);
+
+        // The control plane is gone: no wait at all for what it cannot answer.
+        let outbound = new_outbound();
+        outbound
+            .resolver
+            .set_control_plane(ControlPlaneState::Unreachable);
+        let started = tokio::time::Instant::now();
+        assert!(outbound.is_outside_mesh(addr).await);
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 }

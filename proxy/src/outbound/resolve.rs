@@ -4,7 +4,7 @@
 //! first answer; after that every request reads the latest applied version, and a new version
 //! replaces it atomically: requests already running finish on the version they started with.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +12,7 @@ use std::time::Duration;
 use outrigger_api::proto;
 use tokio::sync::{mpsc, watch};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, OfService, ServiceLabels};
 use crate::outbound::destination::Destination;
 use crate::policy::DestinationConfig;
 
@@ -25,6 +25,16 @@ pub enum Resolution {
     Ready(Arc<Destination>),
 }
 
+/// Whether the control plane can answer questions about new destinations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlPlaneState {
+    /// Not reached yet since the proxy started.
+    Connecting,
+    Connected,
+    /// Reached before, lost since: nothing new will be answered until it is back.
+    Unreachable,
+}
+
 /// One destination asked about.
 pub struct Lookup {
     state: watch::Sender<Resolution>,
@@ -35,6 +45,14 @@ pub struct Lookup {
 impl Lookup {
     pub fn current(&self) -> Resolution {
         self.state.borrow().clone()
+    }
+
+    /// The Service the last applied version is about.
+    fn service(&self) -> Option<ServiceLabels> {
+        match &*self.state.borrow() {
+            Resolution::Ready(destination) => Some(destination.labels.service()),
+            _ => None,
+        }
     }
 
     /// The current resolution once it is no longer pending, or `Pending` after `wait`.
@@ -56,6 +74,7 @@ pub struct Resolver {
 
 struct Inner {
     lookups: Mutex<HashMap<String, Arc<Lookup>>>,
+    control_plane: watch::Sender<ControlPlaneState>,
     /// New keys for the control-plane client to subscribe to.
     subscribe: mpsc::UnboundedSender<String>,
     metrics: Metrics,
@@ -66,6 +85,7 @@ impl Resolver {
         let (subscribe, subscriptions) = mpsc::unbounded_channel();
         let inner = Inner {
             lookups: Mutex::default(),
+            control_plane: watch::Sender::new(ControlPlaneState::Connecting),
             subscribe,
             metrics,
         };
@@ -93,19 +113,51 @@ impl Resolver {
         lookup
     }
 
+    pub fn set_control_plane(&self, state: ControlPlaneState) {
+        self.inner.control_plane.send_replace(state);
+    }
+
+    pub fn control_plane(&self) -> ControlPlaneState {
+        *self.inner.control_plane.borrow()
+    }
+
+    /// The resolution of `lookup` once answered, waiting up to `wait`; not waiting while the
+    /// control plane is unreachable, since it cannot answer.
+    pub async fn resolve(&self, lookup: &Lookup, wait: Duration) -> Resolution {
+        match lookup.current() {
+            Resolution::Pending if self.control_plane() == ControlPlaneState::Unreachable => {
+                Resolution::Pending
+            }
+            Resolution::Pending => lookup.resolved(wait).await,
+            resolution => resolution,
+        }
+    }
+
     /// Forgets the destinations not looked up since the last sweep that nothing holds (no open
-    /// connection, no request in flight); returns their keys, to unsubscribe from.
+    /// connection, no request in flight), and the metric series of Services no destination left
+    /// is about; returns their keys, to unsubscribe from.
     pub fn sweep(&self) -> Vec<String> {
         let mut lookups = self.inner.lookups.lock().expect("resolver lock");
         let mut idle = Vec::new();
+        let mut gone = HashSet::new();
         lookups.retain(|key, lookup| {
             let used = lookup.used.swap(false, Ordering::Relaxed);
             let kept = used || Arc::strong_count(lookup) > 1;
             if !kept {
                 idle.push(key.clone());
+                gone.extend(lookup.service());
             }
             kept
         });
+        for lookup in lookups.values() {
+            if let Some(service) = lookup.service() {
+                gone.remove(&service);
+            }
+        }
+        drop(lookups);
+        for service in &gone {
+            self.inner.metrics.forget_service(service);
+        }
         idle
     }
 
@@ -198,5 +250,59 @@ mod tests {
             subscriptions.try_recv().unwrap(),
             "idle.default.svc.cluster.local:80"
         );
+    }
+
+    fn web(version: &str) -> DestinationConfig {
+        DestinationConfig {
+            version: version.into(),
+            namespace: "default".into(),
+            service: "web".into(),
+            port: 80,
+            policy: None,
+            policy_generation: 0,
+            subsets: Vec::new(),
+            endpoints: Vec::new(),
+            load_balancer: crate::policy::Algorithm::PeakEwma,
+            connect_timeout: Duration::from_secs(1),
+            traffic: crate::policy::TrafficPolicy {
+                split: None,
+                timeout: None,
+                retries: None,
+            },
+            routes: Vec::new(),
+            outlier_detection: None,
+            connection_pool: Default::default(),
+            rate_limit: None,
+            fault_injection: None,
+        }
+    }
+
+    #[test]
+    fn the_series_of_a_service_go_once_no_destination_of_it_is_left() {
+        let metrics = Metrics::new();
+        let (resolver, _subscriptions) = Resolver::new(metrics.clone());
+        let (by_name, by_address) = ("web.default.svc.cluster.local:80", "10.96.0.5:80");
+        for key in [by_name, by_address] {
+            resolver.lookup(key);
+            resolver.apply(key, web("1"));
+        }
+        let Resolution::Ready(destination) = resolver.lookup(by_name).current() else {
+            panic!("applied")
+        };
+        metrics
+            .request_duration
+            .with(&destination.labels, |histogram| histogram.observe(0.01));
+        let web_series = |metrics: &Metrics| metrics.encode().contains(r#"dst_service="web""#);
+        assert!(web_series(&metrics));
+
+        // The name goes idle while the address is still called: the series stay.
+        assert!(resolver.sweep().is_empty());
+        resolver.lookup(by_address);
+        assert_eq!(resolver.sweep(), [by_name]);
+        assert!(web_series(&metrics));
+        // Then the address too: nothing about web is left.
+        drop(destination);
+        assert_eq!(resolver.sweep(), [by_address]);
+        assert!(!web_series(&metrics), "{}", metrics.encode());
     }
 }

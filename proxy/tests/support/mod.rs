@@ -25,6 +25,7 @@ pub fn settings(control_plane: &str, app_addr: SocketAddr) -> Settings {
         admin_addr: any,
         max_header_bytes: 16 * 1024,
         header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(3600),
         drain_timeout: Duration::from_secs(5),
         discovery_timeout: Duration::from_secs(2),
         discovery_idle_timeout: Duration::from_secs(60),
@@ -197,8 +198,20 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> Reply {
     }
 }
 
-/// The value of one series in the proxy's `/metrics`, 0 when absent.
+/// The value of one series in the proxy's `/metrics`; a series that is not there fails the test
+/// (a counter never incremented is absent, and must not read as 0).
 pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    match metric_if_present(admin, series).await {
+        Some(value) => value,
+        None => panic!(
+            "no series {series} in /metrics:\n{}",
+            admin_get(admin, "/metrics").await.body
+        ),
+    }
+}
+
+/// The value of one series, for a test to which its absence means something.
+pub async fn metric_if_present(admin: SocketAddr, series: &str) -> Option<f64> {
     let text = admin_get(admin, "/metrics").await.body;
     text.lines()
         .find_map(|line| {
@@ -206,7 +219,6 @@ pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
                 .and_then(|rest| rest.strip_prefix(' '))
         })
         .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
 }
 
 /// Retries `check` until it holds, for state that changes asynchronously (config pushes).

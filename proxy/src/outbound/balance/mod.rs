@@ -6,13 +6,17 @@ pub mod outlier;
 mod picker;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use http::Request;
+use http_body::{Frame, SizeHint};
 
 use crate::client::{Endpoint, Outcome};
 use crate::ctx::Tried;
-use crate::http::body::Body;
+use crate::http::body::{Body, BoxError, boxed};
 use crate::http::error::ProxyError;
 use crate::outbound::stack::{Leaf, ResponseFuture};
 use outlier::OutlierDetector;
@@ -38,6 +42,10 @@ impl Balance {
             balancer,
             outlier,
         }
+    }
+
+    pub fn balancer(&self) -> &Arc<Balancer> {
+        &self.balancer
     }
 
     fn is_available(&self, endpoint: &Endpoint) -> bool {
@@ -85,33 +93,88 @@ impl Leaf for Balance {
         }
         let report = self.outlier.clone().map(|detector| Report {
             detector,
+            epoch: endpoint.health.epoch(),
             endpoint: endpoint.clone(),
             outcome: Outcome::GatewayError,
         });
         Box::pin(async move {
             let result = endpoint.send(request).await;
-            // Reported as it drops, at the end of this block.
-            if let Some(mut report) = report {
-                report.outcome = match &result {
-                    Ok(response) => Outcome::of_status(response.status()),
-                    Err(_) => Outcome::GatewayError,
-                };
-            }
-            result
+            let Some(mut report) = report else {
+                return result;
+            };
+            let response = match result {
+                Ok(response) => response,
+                // Reported as it drops: no answer is a gateway error.
+                Err(error) => return Err(error),
+            };
+            report.outcome = match response.headers().get(GRPC_STATUS) {
+                // A trailers-only answer.
+                Some(code) => Outcome::of_grpc_status(code.as_bytes()),
+                None => Outcome::of_status(response.status()),
+            };
+            // gRPC says how a call went in its trailers: the report waits for the body's end.
+            Ok(response.map(|body| {
+                boxed(Reported {
+                    inner: body,
+                    report,
+                })
+            }))
         })
     }
 }
+
+const GRPC_STATUS: &str = "grpc-status";
 
 /// Tells outlier detection how a request went when it is over, including when it is abandoned
 /// (a per-try timeout drops it): an attempt that never answered counts as a gateway error.
 struct Report {
     detector: Arc<OutlierDetector>,
     endpoint: Arc<Endpoint>,
+    /// The endpoint's health epoch when the request was sent.
+    epoch: u64,
     outcome: Outcome,
 }
 
 impl Drop for Report {
     fn drop(&mut self) {
-        self.detector.observe(&self.endpoint, self.outcome);
+        self.detector
+            .observe(&self.endpoint, self.outcome, self.epoch);
+    }
+}
+
+pin_project_lite::pin_project! {
+    // A response body that reports its request's outcome when it ends, from the gRPC status in
+    // its trailers if it has one.
+    struct Reported {
+        #[pin]
+        inner: Body,
+        report: Report,
+    }
+}
+
+impl http_body::Body for Reported {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &frame
+            && let Some(code) = frame.trailers_ref().and_then(|t| t.get(GRPC_STATUS))
+        {
+            this.report.outcome = Outcome::of_grpc_status(code.as_bytes());
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -67,12 +67,13 @@ impl OutlierDetector {
         self.endpoints.iter().any(|e| self.is_available(e))
     }
 
-    pub fn observe(self: &Arc<Self>, endpoint: &Endpoint, outcome: Outcome) {
+    /// Takes the outcome of a request sent in the endpoint's health `epoch`.
+    pub fn observe(self: &Arc<Self>, endpoint: &Endpoint, outcome: Outcome, epoch: u64) {
         let thresholds = Thresholds {
             consecutive_5xx: self.config.consecutive_5xx,
             consecutive_gateway_errors: self.config.consecutive_gateway_errors,
         };
-        match endpoint.health.record(outcome, thresholds) {
+        match endpoint.health.record(outcome, epoch, thresholds) {
             Recorded::Nothing => {}
             Recorded::Restored => self.refresh_gauges(),
             Recorded::Eject => self.eject(endpoint),
@@ -87,12 +88,13 @@ impl OutlierDetector {
         }
         let until = endpoint
             .health
-            .eject(Instant::now(), |n| ejection_time(&self.config, n));
+            .eject(Instant::now(), self.config.interval, |n| {
+                ejection_time(&self.config, n)
+            });
         tracing::info!(endpoint = %endpoint.addr, ?until, "outlier ejected");
         self.metrics
             .outlier_ejections
-            .get_or_create(&self.labels)
-            .inc();
+            .with(&self.labels, |metric| metric.inc());
         self.refresh_gauges();
         // Probation starts by itself when the time is up: show it in the gauges then.
         let detector: Weak<Self> = Arc::downgrade(self);
@@ -112,8 +114,12 @@ impl OutlierDetector {
             .count()
     }
 
-    /// The share allowed out, rounded down, but at least one when that leaves one in rotation.
+    /// The share allowed out, rounded down, but at least one when that leaves one in rotation
+    /// (none when the share is 0%).
     fn max_ejected(&self) -> usize {
+        if self.config.max_ejection_percent == 0 {
+            return 0;
+        }
         let n = self.endpoints.len();
         let by_percent = n * self.config.max_ejection_percent as usize / 100;
         by_percent.max(1).min(n.saturating_sub(1))
@@ -131,20 +137,23 @@ impl OutlierDetector {
                 .iter()
                 .filter(|e| e.health.state(now) == state)
                 .count();
+            let labels = EndpointLabels {
+                dst: self.labels.clone(),
+                state,
+            };
             self.metrics
                 .endpoints
-                .get_or_create(&EndpointLabels {
-                    dst: self.labels.clone(),
-                    state,
-                })
-                .set(count as i64);
+                .with(&labels, |gauge| gauge.set(count as i64));
         }
     }
 }
 
 /// How long an endpoint stays out after its `n`th ejection.
 fn ejection_time(config: &OutlierConfig, n: u32) -> Duration {
-    (config.base_ejection_time * n).min(config.max_ejection_time)
+    config
+        .base_ejection_time
+        .saturating_mul(n)
+        .min(config.max_ejection_time)
 }
 
 #[cfg(test)]
@@ -173,6 +182,11 @@ mod tests {
         OutlierDetector::new(config, endpoints, labels, Metrics::new())
     }
 
+    /// A response to a request sent just now.
+    fn seen(d: &Arc<OutlierDetector>, e: &Endpoint, outcome: Outcome) {
+        d.observe(e, outcome, e.health.epoch());
+    }
+
     fn state(d: &OutlierDetector, i: usize) -> EndpointState {
         d.endpoints[i].health.state(Instant::now())
     }
@@ -181,13 +195,13 @@ mod tests {
     async fn consecutive_errors_eject_and_a_success_in_between_resets_the_count() {
         let d = detector(4, config());
         let e = d.endpoints[0].clone();
-        d.observe(&e, Outcome::ServerError);
-        d.observe(&e, Outcome::ServerError);
-        d.observe(&e, Outcome::Success);
-        d.observe(&e, Outcome::ServerError);
-        d.observe(&e, Outcome::GatewayError);
+        seen(&d, &e, Outcome::ServerError);
+        seen(&d, &e, Outcome::ServerError);
+        seen(&d, &e, Outcome::Success);
+        seen(&d, &e, Outcome::ServerError);
+        seen(&d, &e, Outcome::GatewayError);
         assert_eq!(state(&d, 0), EndpointState::Healthy);
-        d.observe(&e, Outcome::ServerError);
+        seen(&d, &e, Outcome::ServerError);
         assert_eq!(state(&d, 0), EndpointState::Ejected);
         assert!(!d.is_available(&e));
     }
@@ -197,14 +211,14 @@ mod tests {
         let d = detector(4, config());
         let e = d.endpoints[0].clone();
         for _ in 0..3 {
-            d.observe(&e, Outcome::ServerError);
+            seen(&d, &e, Outcome::ServerError);
         }
         tokio::time::sleep(ejection_time(&config(), 1)).await;
         assert_eq!(state(&d, 0), EndpointState::Probation);
         assert!(d.is_available(&e));
         assert!(d.claim(&e), "the first request is the probe");
         assert!(!d.is_available(&e), "a second request while probing");
-        d.observe(&e, Outcome::ServerError);
+        seen(&d, &e, Outcome::ServerError);
         assert_eq!(
             state(&d, 0),
             EndpointState::Ejected,
@@ -216,7 +230,7 @@ mod tests {
         assert_eq!(state(&d, 0), EndpointState::Ejected);
         tokio::time::sleep(ejection_time(&config(), 1)).await;
         assert!(d.claim(&e));
-        d.observe(&e, Outcome::Success);
+        seen(&d, &e, Outcome::Success);
         assert_eq!(state(&d, 0), EndpointState::Healthy);
         assert!(d.is_available(&e));
     }
@@ -227,6 +241,96 @@ mod tests {
         assert_eq!(ejection_time(&c, 1), Duration::from_millis(40));
         assert_eq!(ejection_time(&c, 2), Duration::from_millis(80));
         assert_eq!(ejection_time(&c, 3), Duration::from_millis(100));
+        let huge = OutlierConfig {
+            base_ejection_time: Duration::MAX / 2,
+            max_ejection_time: Duration::MAX,
+            ..config()
+        };
+        assert_eq!(
+            ejection_time(&huge, 4),
+            Duration::MAX,
+            "saturates, no overflow"
+        );
+    }
+
+    /// Ejects `e` (healthy, with `config()`) and waits out the ejection: returns how long it was.
+    async fn eject_and_wait(d: &Arc<OutlierDetector>, e: &Arc<Endpoint>) -> Duration {
+        for _ in 0..3 {
+            seen(d, e, Outcome::ServerError);
+        }
+        assert_eq!(e.health.state(Instant::now()), EndpointState::Ejected);
+        let ejected = Instant::now();
+        while !d.is_available(e) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(d.claim(e));
+        seen(d, e, Outcome::Success);
+        ejected.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_interval_spent_healthy_takes_one_off_the_next_ejections_length() {
+        let c = OutlierConfig {
+            max_ejection_time: Duration::from_secs(1),
+            ..config()
+        };
+        let d = detector(4, c.clone());
+        let e = d.endpoints[0].clone();
+        assert_eq!(eject_and_wait(&d, &e).await, ejection_time(&c, 1));
+        assert_eq!(eject_and_wait(&d, &e).await, ejection_time(&c, 2));
+        assert_eq!(eject_and_wait(&d, &e).await, ejection_time(&c, 3));
+        // Healthy for two intervals: the fourth ejection is counted as the second.
+        tokio::time::sleep(c.interval * 2).await;
+        assert_eq!(eject_and_wait(&d, &e).await, ejection_time(&c, 2));
+        // Healthy long enough to be forgiven everything.
+        tokio::time::sleep(c.interval * 10).await;
+        assert_eq!(eject_and_wait(&d, &e).await, ejection_time(&c, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_to_a_request_sent_before_the_ejection_does_not_decide_the_probation() {
+        let d = detector(4, config());
+        let e = d.endpoints[0].clone();
+        let sent_before = e.health.epoch();
+        for _ in 0..3 {
+            seen(&d, &e, Outcome::ServerError);
+        }
+        tokio::time::sleep(ejection_time(&config(), 1)).await;
+        assert!(d.claim(&e), "the probe");
+        // A slow request from before the ejection answers now: it is not the probe.
+        d.observe(&e, Outcome::Success, sent_before);
+        assert_eq!(state(&d, 0), EndpointState::Probation);
+        seen(&d, &e, Outcome::ServerError);
+        assert_eq!(
+            state(&d, 0),
+            EndpointState::Ejected,
+            "the probe's answer decides"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_max_ejection_percent_of_zero_ejects_nothing() {
+        let d = detector(
+            4,
+            OutlierConfig {
+                max_ejection_percent: 0,
+                ..config()
+            },
+        );
+        let e = d.endpoints[0].clone();
+        for _ in 0..10 {
+            seen(&d, &e, Outcome::ServerError);
+        }
+        assert_eq!(state(&d, 0), EndpointState::Healthy);
+    }
+
+    #[test]
+    fn grpc_statuses_count_as_http_would() {
+        assert_eq!(Outcome::of_grpc_status(b"0"), Outcome::Success);
+        assert_eq!(Outcome::of_grpc_status(b"5"), Outcome::Success, "NOT_FOUND");
+        assert_eq!(Outcome::of_grpc_status(b"14"), Outcome::GatewayError);
+        assert_eq!(Outcome::of_grpc_status(b"4"), Outcome::GatewayError);
+        assert_eq!(Outcome::of_grpc_status(b"13"), Outcome::ServerError);
     }
 
     #[tokio::test(start_paused = true)]
@@ -234,7 +338,7 @@ mod tests {
         let d = detector(4, config());
         for e in d.endpoints.clone() {
             for _ in 0..3 {
-                d.observe(&e, Outcome::ServerError);
+                seen(&d, &e, Outcome::ServerError);
             }
         }
         assert_eq!(d.out_of_rotation(), 2, "50% of 4");
@@ -246,7 +350,7 @@ mod tests {
         let d = detector(2, tiny);
         for e in d.endpoints.clone() {
             for _ in 0..3 {
-                d.observe(&e, Outcome::ServerError);
+                seen(&d, &e, Outcome::ServerError);
             }
         }
         assert_eq!(
@@ -258,7 +362,7 @@ mod tests {
         let d = detector(1, config());
         let e = d.endpoints[0].clone();
         for _ in 0..10 {
-            d.observe(&e, Outcome::ServerError);
+            seen(&d, &e, Outcome::ServerError);
         }
         assert_eq!(
             state(&d, 0),
@@ -277,11 +381,11 @@ mod tests {
         let d = detector(4, c);
         let e = d.endpoints[0].clone();
         for _ in 0..5 {
-            d.observe(&e, Outcome::ServerError);
+            seen(&d, &e, Outcome::ServerError);
         }
         assert_eq!(state(&d, 0), EndpointState::Healthy);
-        d.observe(&e, Outcome::GatewayError);
-        d.observe(&e, Outcome::GatewayError);
+        seen(&d, &e, Outcome::GatewayError);
+        seen(&d, &e, Outcome::GatewayError);
         assert_eq!(state(&d, 0), EndpointState::Ejected);
     }
 }

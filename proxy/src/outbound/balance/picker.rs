@@ -62,6 +62,28 @@ impl Balancer {
         &self.endpoints
     }
 
+    /// Whether this balancer picks by `algorithm` among exactly `endpoints`, so that a new version
+    /// can keep it (and its hash ring, and its place in a round).
+    pub fn is_over(&self, algorithm: &Algorithm, endpoints: &[Arc<Endpoint>]) -> bool {
+        let same_picker = match (&self.picker, algorithm) {
+            (Picker::PeakEwma, Algorithm::PeakEwma)
+            | (Picker::LeastRequest, Algorithm::LeastRequest)
+            | (Picker::Random, Algorithm::Random)
+            | (Picker::RoundRobin { .. }, Algorithm::RoundRobin) => true,
+            (Picker::ConsistentHash { header: mine, .. }, Algorithm::ConsistentHash { header }) => {
+                mine == header
+            }
+            _ => false,
+        };
+        same_picker
+            && self.endpoints.len() == endpoints.len()
+            && self
+                .endpoints
+                .iter()
+                .zip(endpoints)
+                .all(|(mine, theirs)| Arc::ptr_eq(mine, theirs))
+    }
+
     /// Picks an endpoint for a request with these headers, skipping `avoid` (endpoints already
     /// tried) and any that `usable` refuses, unless nothing else is left.
     pub fn pick(
@@ -93,8 +115,12 @@ impl Balancer {
                     .find(|&i| eligible(&self.endpoints[i]))?
             }
             Picker::Random => self.random_eligible(eligible)?,
-            Picker::PeakEwma => self.power_of_two(eligible, |e| e.load.cost())?,
-            Picker::LeastRequest => self.power_of_two(eligible, |e| e.load.in_flight() as f64)?,
+            Picker::PeakEwma => {
+                self.power_of_two(eligible, |b, a| b.load.is_cheaper_than(&a.load))?
+            }
+            Picker::LeastRequest => {
+                self.power_of_two(eligible, |b, a| b.load.in_flight() < a.load.in_flight())?
+            }
             Picker::ConsistentHash { header, ring } => match headers.get(header) {
                 Some(value) => {
                     let h = hash(&value.as_bytes());
@@ -117,12 +143,12 @@ impl Balancer {
             .find(|&i| eligible(&self.endpoints[i]))
     }
 
-    /// Power of two choices: two random eligible endpoints, the cheaper one wins. Nearly as good
-    /// as scanning every endpoint, at constant cost.
+    /// Power of two choices: two random eligible endpoints, the cheaper one wins (the first
+    /// drawn when neither is). Nearly as good as scanning every endpoint, at constant cost.
     fn power_of_two(
         &self,
         eligible: &dyn Fn(&Endpoint) -> bool,
-        cost: impl Fn(&Endpoint) -> f64,
+        cheaper: impl Fn(&Endpoint, &Endpoint) -> bool,
     ) -> Option<usize> {
         let n = self.endpoints.len();
         let mut rng = rand::rng();
@@ -139,7 +165,7 @@ impl Balancer {
                 .find(|&i| i != a && eligible(&self.endpoints[i]))
         };
         Some(match b {
-            Some(b) if cost(&self.endpoints[b]) < cost(&self.endpoints[a]) => b,
+            Some(b) if cheaper(&self.endpoints[b], &self.endpoints[a]) => b,
             _ => a,
         })
     }
@@ -226,6 +252,28 @@ mod tests {
         let counts = counts(&balancer, 1000, |_| http::HeaderMap::new());
         // P2C with two endpoints compares both every time.
         assert_eq!(counts.get(&all[1].addr), Some(&1000), "{counts:?}");
+    }
+
+    #[tokio::test]
+    async fn peak_ewma_shares_between_equal_endpoints_when_one_has_not_answered_yet() {
+        let all = endpoints(2);
+        all[0].load.observe(Duration::from_millis(1));
+        let balancer = Balancer::new(Algorithm::PeakEwma, all.clone());
+        let counts = counts(&balancer, 1000, |_| http::HeaderMap::new());
+        // The new endpoint is as good as the known fast one until it answers: about half each.
+        let new = counts.get(&all[1].addr).copied().unwrap_or(0);
+        assert!((300..700).contains(&new), "{counts:?}");
+    }
+
+    #[tokio::test]
+    async fn peak_ewma_avoids_an_endpoint_that_only_fails() {
+        let all = endpoints(3);
+        all[0].load.observe(Duration::from_millis(2));
+        all[1].load.observe(Duration::from_millis(2));
+        all[2].load.start().failed();
+        let balancer = Balancer::new(Algorithm::PeakEwma, all.clone());
+        let counts = counts(&balancer, 1000, |_| http::HeaderMap::new());
+        assert_eq!(counts.get(&all[2].addr), None, "{counts:?}");
     }
 
     #[tokio::test]

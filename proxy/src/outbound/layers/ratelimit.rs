@@ -14,6 +14,8 @@ use crate::policy::RateLimitConfig;
 
 #[derive(Debug)]
 pub struct TokenBucket {
+    /// The settings it was made with, so that a new version with the same can carry it on.
+    pub config: RateLimitConfig,
     rate: f64,
     burst: f64,
     state: Mutex<(f64, Instant)>,
@@ -23,6 +25,7 @@ impl TokenBucket {
     pub fn new(config: RateLimitConfig) -> Self {
         let burst = f64::from(config.burst.max(1));
         Self {
+            config,
             rate: f64::from(config.requests_per_second),
             burst,
             state: Mutex::new((burst, Instant::now())),

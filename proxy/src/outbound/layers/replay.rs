@@ -2,6 +2,10 @@
 //! a copy, up to a limit; retries replay the copy, then continue from the app if the first attempt
 //! did not read it all. Past the limit the copy is dropped and the request cannot be retried, but
 //! it still streams: nothing waits for a large body to be buffered.
+//!
+//! One attempt owns the body at a time: the newest. An earlier attempt still being sent (one a
+//! per-try timeout abandoned while its connection writes on) fails its next read instead of
+//! taking chunks from the app's body that the newer attempt needs.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -25,10 +29,14 @@ struct Shared {
     overflowed: bool,
     /// The source is finished; these were its trailers.
     finished: Option<Option<HeaderMap>>,
+    /// The attempt that owns the body now.
+    owner: u64,
 }
 
 pub struct ReplayBody {
     shared: Arc<Mutex<Shared>>,
+    /// Which attempt this is.
+    attempt: u64,
     /// How many copied chunks this attempt has sent.
     position: usize,
     trailers_sent: bool,
@@ -44,16 +52,24 @@ impl ReplayBody {
                 copied_bytes: 0,
                 overflowed: false,
                 finished,
+                owner: 0,
             })),
+            attempt: 0,
             position: 0,
             trailers_sent: false,
         }
     }
 
-    /// A body for the next attempt, from the start.
+    /// A body for the next attempt, from the start; it owns the body from now on.
     pub fn replay(&self) -> Self {
+        let attempt = {
+            let mut shared = self.shared.lock().expect("replay lock");
+            shared.owner += 1;
+            shared.owner
+        };
         Self {
             shared: self.shared.clone(),
+            attempt,
             position: 0,
             trailers_sent: false,
         }
@@ -74,6 +90,9 @@ impl http_body::Body for ReplayBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let mut shared = this.shared.lock().expect("replay lock");
+        if shared.owner != this.attempt {
+            return Poll::Ready(Some(Err("a newer attempt owns the request body".into())));
+        }
         if let Some(chunk) = shared.copy.get(this.position) {
             this.position += 1;
             return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
@@ -164,10 +183,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_small_body_is_sent_again_whole() {
-        let first = ReplayBody::new(full("hello"));
-        let second = first.replay();
-        assert_eq!(read(first).await, b"hello");
-        assert!(second.is_replayable());
+        let body = ReplayBody::new(full("hello"));
+        assert_eq!(read(body.replay()).await, b"hello");
+        assert!(body.is_replayable());
+        let second = body.replay();
         assert_eq!(second.size_hint().exact(), Some(5));
         assert_eq!(read(second).await, b"hello");
     }
@@ -177,21 +196,35 @@ mod tests {
         let chunks =
             ["one ", "two ", "three"].map(|c| Ok::<_, BoxError>(Frame::data(Bytes::from(c))));
         let source = boxed(StreamBody::new(futures_util::stream::iter(chunks)));
-        let mut first = ReplayBody::new(source);
-        let retry = first.replay();
+        let body = ReplayBody::new(source);
+        let mut first = body.replay();
         // The first attempt reads one chunk, then fails.
         let chunk = first.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(&chunk[..], b"one ");
         drop(first);
-        assert_eq!(read(retry).await, b"one two three");
+        assert_eq!(read(body.replay()).await, b"one two three");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_attempt_still_being_sent_cannot_take_the_newer_ones_chunks() {
+        let chunks =
+            ["one ", "two ", "three"].map(|c| Ok::<_, BoxError>(Frame::data(Bytes::from(c))));
+        let source = boxed(StreamBody::new(futures_util::stream::iter(chunks)));
+        let body = ReplayBody::new(source);
+        let mut first = body.replay();
+        let chunk = first.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&chunk[..], b"one ");
+        // A per-try timeout gives up on the first attempt; its connection still reads its body.
+        let second = body.replay();
+        assert!(first.frame().await.unwrap().is_err());
+        assert_eq!(read(second).await, b"one two three");
     }
 
     #[tokio::test]
     async fn a_large_body_streams_but_cannot_be_replayed() {
         let big = vec![b'x'; MAX_REPLAY_BYTES + 1];
-        let first = ReplayBody::new(full(big.clone()));
-        let retry = first.replay();
-        assert_eq!(read(first).await.len(), big.len());
-        assert!(!retry.is_replayable());
+        let body = ReplayBody::new(full(big.clone()));
+        assert_eq!(read(body.replay()).await.len(), big.len());
+        assert!(!body.is_replayable());
     }
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use http::{Method, Request, Response};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use rand::Rng;
 use tokio::time::Instant;
 use tower::Service as _;
@@ -17,7 +16,7 @@ use crate::ctx::Tried;
 use crate::http::body::{Body, boxed};
 use crate::http::error::ProxyError;
 use crate::http::headers::is_upgrade;
-use crate::metrics::{RequestLabels, RetryLabels, RetryReason};
+use crate::metrics::{RequestLabels, RetryLabels, RetryReason, ServiceFamily};
 use crate::outbound::layers::replay::ReplayBody;
 use crate::outbound::stack::{ResponseFuture, Stack, Step};
 use crate::policy::RetryPolicy;
@@ -35,6 +34,11 @@ pub struct Budget {
 const WINDOW_SECONDS: u64 = 10;
 
 impl Budget {
+    /// Whether this budget is kept by `policy` (so a new version can carry it on).
+    pub fn is_of(&self, policy: &RetryPolicy) -> bool {
+        (self.percent, self.min_per_second) == (policy.budget_percent, policy.budget_min_per_second)
+    }
+
     pub fn new(percent: u32, min_per_second: u32) -> Self {
         Self {
             percent,
@@ -87,7 +91,7 @@ enum Mode {
     ConnectFailureOnce,
     Policy {
         policy: RetryPolicy,
-        budget: Budget,
+        budget: Arc<Budget>,
     },
 }
 
@@ -95,22 +99,24 @@ enum Mode {
 pub struct Retry {
     mode: Arc<Mode>,
     labels: RequestLabels,
-    retries: Family<RetryLabels, Counter>,
+    retries: ServiceFamily<RetryLabels, Counter>,
     exhausted: Counter,
 }
 
 impl Retry {
-    /// Retries by `policy`, or only connect failures when there is none.
+    /// Retries by `policy`, or only connect failures when there is none. A policy keeps its
+    /// budget in `budget` (the previous version's, when its settings are the same).
     pub fn new(
         policy: Option<RetryPolicy>,
+        budget: impl FnOnce(&RetryPolicy) -> Arc<Budget>,
         labels: RequestLabels,
-        retries: Family<RetryLabels, Counter>,
+        retries: ServiceFamily<RetryLabels, Counter>,
         exhausted: Counter,
     ) -> Self {
         let mode = match policy {
             None => Mode::ConnectFailureOnce,
             Some(policy) => Mode::Policy {
-                budget: Budget::new(policy.budget_percent, policy.budget_min_per_second),
+                budget: budget(&policy),
                 policy,
             },
         };
@@ -119,6 +125,14 @@ impl Retry {
             labels,
             retries,
             exhausted,
+        }
+    }
+
+    /// The budget retries are taken from, if any.
+    pub fn budget(&self) -> Option<&Arc<Budget>> {
+        match &*self.mode {
+            Mode::ConnectFailureOnce => None,
+            Mode::Policy { budget, .. } => Some(budget),
         }
     }
 }
@@ -201,6 +215,18 @@ fn retry_reason(
     }
 }
 
+/// Whether nothing of the request reached the server, so that sending it again is safe whatever
+/// its method: the connection failed, or the server refused the stream before processing it
+/// (HTTP/2 REFUSED_STREAM, which a GOAWAY also gives the streams it excludes). A gRPC UNAVAILABLE
+/// is an answer: the call may have been processed.
+fn reached_no_server(result: &Result<Response<Body>, ProxyError>) -> bool {
+    match result {
+        Err(ProxyError::Connect { .. }) => true,
+        Err(error @ ProxyError::Upstream { .. }) => error.is_refused_stream(),
+        _ => false,
+    }
+}
+
 /// Full jitter: anywhere between zero and the exponential step, so retries spread out.
 fn backoff(policy: &RetryPolicy, retry: u32) -> Duration {
     let step = policy
@@ -266,14 +292,8 @@ impl Step for Retry {
                 let Some(reason) = this.mode.reason(grpc, &result) else {
                     return result;
                 };
-                // Nothing reached the server on a connect failure, and a gRPC server answering
-                // UNAVAILABLE did not process the call (every gRPC call is a POST): safe for every
-                // method.
-                let unprocessed = matches!(
-                    reason,
-                    RetryReason::ConnectFailure | RetryReason::Unavailable
-                );
-                let method_allows = idempotent || unprocessed || this.mode.allows_non_idempotent();
+                let method_allows =
+                    idempotent || reached_no_server(&result) || this.mode.allows_non_idempotent();
                 if retries >= this.mode.attempts() || !method_allows || !body.is_replayable() {
                     return result;
                 }
@@ -284,12 +304,11 @@ impl Step for Retry {
                     return result;
                 }
                 retries += 1;
-                this.retries
-                    .get_or_create(&RetryLabels {
-                        dst: this.labels.clone(),
-                        reason,
-                    })
-                    .inc();
+                let labels = RetryLabels {
+                    dst: this.labels.clone(),
+                    reason,
+                };
+                this.retries.with(&labels, |counter| counter.inc());
                 drop(result);
                 tokio::time::sleep(this.mode.backoff(retries)).await;
             }

@@ -17,17 +17,13 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use notify::event::{AccessKind, AccessMode};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
-use outrigger_api::policy::DestinationPolicy;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::index::{Change, Object, ObjectRef};
 use crate::metrics::Metrics;
-use crate::translate::translate;
+use crate::source::{Change, Kind, Object, ObjectRef};
 
 /// An event is followed by others for the same edit (an editor's write then rename, a file
 /// written in pieces): the directory is read once they have been quiet this long...
@@ -377,31 +373,20 @@ pub fn parse(file: &Path, content: &[u8]) -> Result<Vec<Object>, ManifestError> 
         let Some(TypeMeta { api_version, kind }) = type_meta else {
             continue; // An empty document.
         };
-        let mut object = match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Service") => Object::Service(Box::new(
-                Service::deserialize(document).map_err(yaml_error)?,
-            )),
-            ("discovery.k8s.io/v1", "EndpointSlice") => Object::EndpointSlice(Box::new(
-                EndpointSlice::deserialize(document).map_err(yaml_error)?,
-            )),
-            ("v1", "Pod") => Object::Pod(Box::new(Pod::deserialize(document).map_err(yaml_error)?)),
-            ("outrigger.dev/v1alpha1", "DestinationPolicy") => Object::DestinationPolicy(Box::new(
-                DestinationPolicy::deserialize(document).map_err(yaml_error)?,
-            )),
-            (_, "Service" | "EndpointSlice" | "Pod" | "DestinationPolicy") => {
-                return Err(error(
-                    None,
-                    format!(
-                        "document {}: {kind} has no apiVersion `{api_version}`",
-                        number + 1
-                    ),
-                ));
-            }
-            _ => {
-                tracing::debug!(file = %file.display(), %kind, "skipping a kind the controller does not read");
-                continue;
-            }
+        let Some(object_kind) = Kind::named(&kind) else {
+            tracing::debug!(file = %file.display(), %kind, "skipping a kind the controller does not read");
+            continue;
         };
+        if api_version != object_kind.api_version() {
+            return Err(error(
+                None,
+                format!(
+                    "document {}: {kind} has no apiVersion `{api_version}`",
+                    number + 1
+                ),
+            ));
+        }
+        let mut object = object_kind.deserialize(document).map_err(yaml_error)?;
         let metadata = object.metadata_mut();
         if metadata.name.as_deref().unwrap_or_default().is_empty() {
             return Err(error(
@@ -412,15 +397,10 @@ pub fn parse(file: &Path, content: &[u8]) -> Result<Vec<Object>, ManifestError> 
         metadata
             .namespace
             .get_or_insert_with(|| DEFAULT_NAMESPACE.to_string());
-        // The API server would refuse an invalid policy; so does this source.
-        if let Object::DestinationPolicy(policy) = &object
-            && let Err(problem) = translate(&policy.spec)
-        {
+        // The API server would refuse an invalid object; so does this source.
+        if let Err(problem) = object.check() {
             let reference = object.reference().expect("named above");
-            return Err(error(
-                None,
-                format!("DestinationPolicy {}: {problem}", reference.key),
-            ));
+            return Err(error(None, format!("{kind} {}: {problem}", reference.key)));
         }
         objects.push(object);
     }
@@ -430,7 +410,7 @@ pub fn parse(file: &Path, content: &[u8]) -> Result<Vec<Object>, ManifestError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::{Kind, ObjectKey};
+    use crate::source::{Kind, ObjectKey};
 
     const SERVICE: &str = "\
 apiVersion: v1

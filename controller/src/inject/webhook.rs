@@ -2,22 +2,26 @@
 //! AdmissionReviews for pods with the patch from `inject`.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::{Body, Incoming};
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::inject::{InjectorConfig, OptIn, patch};
+use crate::inject::patch::{InjectorConfig, OptIn, patch};
+use crate::listen;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct WebhookSettings {
@@ -49,11 +53,17 @@ impl Default for WebhookSettings {
 
 /// Called for pods in namespaces labelled `outrigger.dev/inject=enabled`.
 pub const INJECT_NAMESPACED_PATH: &str = "/inject";
-/// Called for pods elsewhere: injected only when annotated `outrigger.dev/inject: enabled`.
-pub const INJECT_ANNOTATED_PATH: &str = "/inject-annotated";
+/// Called for pods elsewhere labelled `outrigger.dev/inject: enabled`.
+pub const INJECT_POD_PATH: &str = "/inject-pod";
 
 /// Reviews larger than this are refused: a pod spec is far smaller.
 const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
+/// The API server calls with a few connections at a time; more is someone else.
+const MAX_CONNECTIONS: usize = 256;
+/// A TLS client sends its hello at once.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The API server sends a review whole; it gives up on the webhook after at most 30 s anyway.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Webhook {
     listener: TcpListener,
@@ -101,46 +111,72 @@ impl Webhook {
     }
 
     pub async fn serve(self) {
-        loop {
-            let Ok((stream, peer)) = self.listener.accept().await else {
-                continue;
-            };
-            let (tls, injector) = (self.tls.clone(), self.injector.clone());
-            tokio::spawn(async move {
-                let stream = match tls.accept(stream).await {
-                    Ok(stream) => stream,
-                    Err(error) => {
-                        tracing::debug!(%peer, %error, "webhook TLS handshake failed");
-                        return;
-                    }
-                };
-                let service = hyper::service::service_fn(move |request| {
-                    let injector = injector.clone();
-                    async move { Ok::<_, Infallible>(review(&injector, request).await) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+        let (tls, injector) = (self.tls, self.injector);
+        listen::serve(
+            self.listener,
+            "webhook",
+            MAX_CONNECTIONS,
+            std::future::pending(),
+            |stream, peer| serve_connection(stream, peer, tls.clone(), injector.clone()),
+        )
+        .await;
     }
 }
 
-async fn review(
+/// One connection from the API server: TLS, then HTTP/1 reviews.
+async fn serve_connection<I>(
+    stream: I,
+    peer: SocketAddr,
+    tls: TlsAcceptor,
+    injector: Arc<InjectorConfig>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "webhook TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "webhook TLS handshake timed out");
+            return;
+        }
+    };
+    let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+        let injector = injector.clone();
+        async move { Ok::<_, Infallible>(review(&injector, request).await) }
+    });
+    listen::serve_http1(stream, service).await;
+}
+
+async fn review<B>(
     injector: &InjectorConfig,
-    request: http::Request<hyper::body::Incoming>,
-) -> http::Response<Full<Bytes>> {
+    request: http::Request<B>,
+) -> http::Response<Full<Bytes>>
+where
+    B: Body,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
     let opt_in = match request.uri().path() {
         INJECT_NAMESPACED_PATH => OptIn::Namespace,
-        INJECT_ANNOTATED_PATH => OptIn::Annotation,
+        INJECT_POD_PATH => OptIn::Pod,
         _ => return respond(404, Bytes::from_static(b"not found\n")),
     };
-    let body = match Limited::new(request.into_body(), MAX_REVIEW_BYTES)
-        .collect()
-        .await
-    {
-        Ok(body) => body.to_bytes(),
-        Err(error) => return respond(400, Bytes::from(format!("reading the review: {error}\n"))),
+    let body = Limited::new(request.into_body(), MAX_REVIEW_BYTES).collect();
+    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, body).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(error)) => {
+            return respond(400, Bytes::from(format!("reading the review: {error}\n")));
+        }
+        Err(_) => {
+            return respond(
+                408,
+                Bytes::from(format!(
+                    "the review's body did not arrive within {BODY_READ_TIMEOUT:?}\n"
+                )),
+            );
+        }
     };
     let review: AdmissionReview<Pod> = match serde_json::from_slice(&body) {
         Ok(review) => review,
@@ -201,4 +237,64 @@ fn respond(status: u16, body: Bytes) -> http::Response<Full<Bytes>> {
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(body))
         .expect("static response parts are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+    use tokio_rustls::rustls::sign::CertifiedKey;
+
+    use super::*;
+
+    /// Enough TLS for a client that never says hello.
+    #[derive(Debug)]
+    struct NoCertificate;
+
+    impl ResolvesServerCert for NoCertificate {
+        fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+            None
+        }
+    }
+
+    fn injector() -> Arc<InjectorConfig> {
+        Arc::new(serde_norway::from_str("proxyImage: p\ninitImage: i\ncontrolPlane: c\n").unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_completes_the_tls_handshake_is_dropped() {
+        let config = ServerConfig::builder()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(NoCertificate));
+        let (_silent, server) = tokio::io::duplex(1024);
+        let started = tokio::time::Instant::now();
+        let served = serve_connection(
+            server,
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            TlsAcceptor::from(Arc::new(config)),
+            injector(),
+        );
+        tokio::time::timeout(Duration::from_secs(3600), served)
+            .await
+            .expect("the connection is given up");
+        assert_eq!(started.elapsed(), TLS_HANDSHAKE_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_review_whose_body_never_arrives_is_answered_408() {
+        let body = StreamBody::new(futures_util::stream::pending::<
+            Result<Frame<Bytes>, std::io::Error>,
+        >());
+        let request = http::Request::post(INJECT_NAMESPACED_PATH)
+            .body(body)
+            .unwrap();
+        let response =
+            tokio::time::timeout(Duration::from_secs(3600), review(&injector(), request))
+                .await
+                .expect("answered");
+        assert_eq!(response.status(), 408);
+    }
 }

@@ -1,29 +1,11 @@
 //! DestinationPolicy spec -> the protocol's policy, checked on the way.
-//!
-//! The API server enforces the CRD's schema and CEL rules, but a manifests directory has no API
-//! server in front of it, and a cluster may run an older CRD; so every rule the proxies rely on is
-//! checked again here, with the field named as `kubectl` would name it. Values arrive complete:
-//! the policy types carry SPEC.md's defaults, so the proxies get explicit numbers.
 
 use std::collections::{BTreeMap, HashSet};
-use std::time::Duration;
 
 use outrigger_api::policy::{self, DestinationPolicySpec};
 use outrigger_api::proto;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("spec.{field}: {problem}")]
-pub struct PolicyError {
-    pub field: String,
-    pub problem: String,
-}
-
-fn invalid(field: impl Into<String>, problem: impl Into<String>) -> PolicyError {
-    PolicyError {
-        field: field.into(),
-        problem: problem.into(),
-    }
-}
+use super::{PolicyError, check_percent, invalid, millis};
 
 /// A policy ready to be put into the destinations of its Service.
 #[derive(Clone, Debug, PartialEq)]
@@ -112,14 +94,6 @@ pub fn translate(spec: &DestinationPolicySpec) -> Result<Translated, PolicyError
         policy,
         routes,
     })
-}
-
-fn millis(duration: &policy::Duration) -> u64 {
-    duration_ms(duration.get())
-}
-
-fn duration_ms(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn traffic_split(
@@ -242,13 +216,6 @@ fn retry_policy(field: &str, retries: &policy::Retries) -> Result<proto::RetryPo
         }),
         retry_non_idempotent: retries.retry_non_idempotent,
     })
-}
-
-fn check_percent(field: &str, percent: u32) -> Result<(), PolicyError> {
-    if percent > 100 {
-        return Err(invalid(field, format!("{percent} is above 100")));
-    }
-    Ok(())
 }
 
 fn route_match(
@@ -403,7 +370,7 @@ mod tests {
     }
 
     fn example() -> DestinationPolicy {
-        serde_norway::from_str(include_str!("../../examples/reviews-canary.yaml"))
+        serde_norway::from_str(include_str!("../../../examples/reviews-canary.yaml"))
             .expect("the example parses")
     }
 

@@ -1,15 +1,4 @@
-//! Sidecar injection: a mutating admission webhook that adds the proxy to meshed pods.
-//!
-//! A pod gets the proxy when its namespace is labelled `outrigger.dev/inject=enabled` (the
-//! webhook registered for those namespaces calls `/inject`), or when the pod itself is annotated
-//! `outrigger.dev/inject: enabled` (the webhook for every other namespace calls
-//! `/inject-annotated`). The annotation `outrigger.dev/inject: disabled` opts a pod out.
-//! A pod that already has the proxy is left as it is, so injecting twice changes nothing.
-//!
-//! What is added, first among the init containers so the app's own init containers are meshed
-//! too: `outrigger-init`, which installs the iptables redirection and exits, then
-//! `outrigger-proxy` as a native sidecar (an init container with `restartPolicy: Always`), which
-//! starts before the app and stops after it.
+//! The JSON patch that adds the mesh to a pod, and the injector's settings.
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
@@ -19,7 +8,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-pub const INJECT_ANNOTATION: &str = "outrigger.dev/inject";
+/// As a label, `enabled` opts a pod in and `disabled` out; as an annotation, `disabled` opts it
+/// out too.
+pub const INJECT_KEY: &str = "outrigger.dev/inject";
 pub const INJECTED_ANNOTATION: &str = "outrigger.dev/injected";
 pub const PROXY_CONTAINER: &str = "outrigger-proxy";
 pub const INIT_CONTAINER: &str = "outrigger-init";
@@ -58,11 +49,11 @@ const OUTBOUND_PORT: u16 = 4140;
 const INBOUND_PORT: u16 = 4143;
 const ADMIN_PORT: u16 = 4191;
 
-/// Who asked: a namespace opted in as a whole, or only pods annotated to be.
+/// Who asked: a namespace opted in as a whole, or a pod by its label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OptIn {
     Namespace,
-    Annotation,
+    Pod,
 }
 
 /// Why a pod is left alone, for the logs.
@@ -78,12 +69,19 @@ pub enum Skip {
 pub fn patch(pod: &Pod, opt_in: OptIn, config: &InjectorConfig) -> Result<Value, Skip> {
     let annotations = pod.metadata.annotations.as_ref();
     let annotation = annotations
-        .and_then(|a| a.get(INJECT_ANNOTATION))
+        .and_then(|a| a.get(INJECT_KEY))
         .map(String::as_str);
-    match (opt_in, annotation) {
-        (_, Some("disabled")) => return Err(Skip::OptedOut),
-        (OptIn::Annotation, Some("enabled")) | (OptIn::Namespace, _) => {}
-        (OptIn::Annotation, _) => return Err(Skip::NotOptedIn),
+    let label = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(INJECT_KEY))
+        .map(String::as_str);
+    if label == Some("disabled") || annotation == Some("disabled") {
+        return Err(Skip::OptedOut);
+    }
+    if opt_in == OptIn::Pod && label != Some("enabled") {
+        return Err(Skip::NotOptedIn);
     }
     let spec = pod.spec.as_ref();
     let already = annotations.is_some_and(|a| a.contains_key(INJECTED_ANNOTATION))
@@ -388,23 +386,34 @@ mod tests {
     }
 
     #[test]
-    fn annotations_opt_in_and_out() {
-        let opted_out = pod(
+    fn a_label_opts_a_pod_in_and_a_label_or_an_annotation_opts_it_out() {
+        for opted_out in [
             "metadata: {name: a, annotations: {outrigger.dev/inject: disabled}}\nspec: {containers: []}\n",
-        );
-        assert_eq!(
-            patch(&opted_out, OptIn::Namespace, &config()),
-            Err(Skip::OptedOut)
-        );
+            "metadata: {name: a, labels: {outrigger.dev/inject: disabled}}\nspec: {containers: []}\n",
+            "metadata: {name: a, labels: {outrigger.dev/inject: enabled}, annotations: {outrigger.dev/inject: disabled}}\nspec: {containers: []}\n",
+        ] {
+            for opt_in in [OptIn::Namespace, OptIn::Pod] {
+                assert_eq!(
+                    patch(&pod(opted_out), opt_in, &config()),
+                    Err(Skip::OptedOut),
+                    "{opted_out}"
+                );
+            }
+        }
         let plain = pod(APP);
+        assert_eq!(patch(&plain, OptIn::Pod, &config()), Err(Skip::NotOptedIn));
+        // An annotation cannot be selected: the per-pod webhook is never sent such a pod.
+        let annotated = pod(
+            "metadata: {name: a, annotations: {outrigger.dev/inject: enabled}}\nspec: {containers: []}\n",
+        );
         assert_eq!(
-            patch(&plain, OptIn::Annotation, &config()),
+            patch(&annotated, OptIn::Pod, &config()),
             Err(Skip::NotOptedIn)
         );
         let opted_in = pod(
-            "metadata: {name: a, annotations: {outrigger.dev/inject: enabled}}\nspec: {containers: []}\n",
+            "metadata: {name: a, labels: {outrigger.dev/inject: enabled}}\nspec: {containers: []}\n",
         );
-        assert!(patch(&opted_in, OptIn::Annotation, &config()).is_ok());
+        assert!(patch(&opted_in, OptIn::Pod, &config()).is_ok());
         let host = pod("metadata: {name: a}\nspec: {hostNetwork: true, containers: []}\n");
         assert_eq!(
             patch(&host, OptIn::Namespace, &config()),

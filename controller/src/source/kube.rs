@@ -1,6 +1,6 @@
-//! The Kubernetes API as the source of cluster state: watches of Services, EndpointSlices, Pods
-//! (metadata only: the index needs their labels) and DestinationPolicies, turned into the same
-//! [`Change`]s the manifests source sends.
+//! The Kubernetes API as the source of cluster state: a watch of every kind in `kinds` (Pods as
+//! metadata only: the index needs their labels), turned into the same [`Change`]s the manifests
+//! source sends.
 //!
 //! kube-runtime's watcher lists each kind, then watches it from the list's resourceVersion; when a
 //! watch breaks (an API server restart) it resumes from the last version seen, or lists again when
@@ -11,107 +11,23 @@
 
 use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
-use std::fmt::Debug;
-use std::path::Path;
-use std::pin::Pin;
 
-use anyhow::Context as _;
-use futures_util::{Stream, StreamExt as _};
-use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::core::PartialObjectMeta;
-use kube::runtime::WatchStreamExt as _;
-use kube::runtime::watcher::{self, Event, watcher};
-use kube::{Api, Client, Config, Resource};
-use outrigger_api::policy::DestinationPolicy;
-use serde::de::DeserializeOwned;
+use futures_util::StreamExt as _;
+use kube::Client;
+use kube::runtime::watcher::{self, Event};
 use tokio::sync::mpsc;
 use tokio_stream::StreamMap;
 
-use crate::index::{Change, Kind, Object, ObjectKey, ObjectRef};
+use crate::kube_api::explain;
 use crate::metrics::Metrics;
+use crate::source::{Change, Kind, Object, ObjectKey, ObjectRef};
 
-const KINDS: [Kind; 4] = [
-    Kind::Service,
-    Kind::EndpointSlice,
-    Kind::Pod,
-    Kind::DestinationPolicy,
-];
-
-/// A client for the API server of `--kubeconfig`, else the one inferred as kubectl would (the
-/// KUBECONFIG variable or ~/.kube/config), else the cluster this runs in.
-pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
-            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("loading the kubeconfig {}", path.display()))?
-        }
-        None => Config::infer().await.context(
-            "finding the Kubernetes API: not in a cluster and no kubeconfig \
-             (give --kubeconfig PATH, or --manifests DIR to run without a cluster)",
-        )?,
-    };
-    Client::try_from(config).context("creating the Kubernetes client")
-}
-
-/// An API error as people read it: the server's message (which names the resource and, when
-/// forbidden, the user and verb) rather than the client's debug dump.
-pub fn explain(error: &kube::Error) -> String {
-    match error {
-        kube::Error::Api(status) if status.is_forbidden() => format!(
-            "{} (the controller's RBAC lacks a permission the Outrigger chart grants)",
-            status.message
-        ),
-        kube::Error::Api(status) => {
-            format!("{} ({} {})", status.message, status.code, status.reason)
-        }
-        other => {
-            let mut message = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            message
-        }
-    }
-}
-
-type Events = Pin<Box<dyn Stream<Item = Result<Event<Object>, watcher::Error>> + Send>>;
-
-/// Watches the four kinds and sends what changes to the index, until the index is gone.
+/// Watches every kind and sends what changes to the index, until the index is gone.
 pub async fn run(client: Client, changes: mpsc::Sender<Change>, metrics: Metrics) {
     let mut events = StreamMap::new();
-    events.insert(
-        Kind::Service,
-        watch_kind(Api::<Service>::all(client.clone()), |o| {
-            Object::Service(Box::new(o))
-        }),
-    );
-    events.insert(
-        Kind::EndpointSlice,
-        watch_kind(Api::<EndpointSlice>::all(client.clone()), |o| {
-            Object::EndpointSlice(Box::new(o))
-        }),
-    );
-    events.insert(
-        Kind::Pod,
-        watch_kind(
-            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
-            pod_labels,
-        ),
-    );
-    events.insert(
-        Kind::DestinationPolicy,
-        watch_kind(Api::<DestinationPolicy>::all(client), |o| {
-            Object::DestinationPolicy(Box::new(o))
-        }),
-    );
+    for kind in Kind::ALL {
+        events.insert(kind, kind.watch(client.clone()));
+    }
     let mut mirror = Mirror::new();
     while let Some((kind, event)) = events.next().await {
         let event = match event {
@@ -121,7 +37,7 @@ pub async fn run(client: Client, changes: mpsc::Sender<Change>, metrics: Metrics
             Err(watcher::Error::WatchError(status)) if status.code == 410 => {
                 tracing::info!(
                     "{} changed while the watch was down; listing them again",
-                    plural(kind)
+                    kind.plural()
                 );
                 continue;
             }
@@ -137,40 +53,6 @@ pub async fn run(client: Client, changes: mpsc::Sender<Change>, metrics: Metrics
             }
         }
     }
-}
-
-fn watch_kind<K>(api: Api<K>, into: fn(K) -> Object) -> Events
-where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-{
-    Box::pin(
-        watcher(api, watcher::Config::default())
-            .default_backoff()
-            .map(move |event| event.map(|event| map_event(event, into))),
-    )
-}
-
-fn map_event<K>(event: Event<K>, into: fn(K) -> Object) -> Event<Object> {
-    match event {
-        Event::Apply(object) => Event::Apply(into(object)),
-        Event::Delete(object) => Event::Delete(into(object)),
-        Event::Init => Event::Init,
-        Event::InitApply(object) => Event::InitApply(into(object)),
-        Event::InitDone => Event::InitDone,
-    }
-}
-
-/// Only what the index reads of a Pod.
-fn pod_labels(pod: PartialObjectMeta<Pod>) -> Object {
-    Object::Pod(Box::new(Pod {
-        metadata: ObjectMeta {
-            name: pod.metadata.name,
-            namespace: pod.metadata.namespace,
-            labels: pod.metadata.labels,
-            ..Default::default()
-        },
-        ..Default::default()
-    }))
 }
 
 /// The kind a change is about; none for `Synced`.
@@ -190,23 +72,14 @@ fn describe(kind: Kind, error: &watcher::Error) -> String {
         watcher::Error::WatchError(status) => ("watching", status.message.clone()),
         watcher::Error::NoResourceVersion => ("listing", error.to_string()),
     };
-    let missing_crd = kind == Kind::DestinationPolicy
+    let missing_crd = kind.is_custom()
         && matches!(error, watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.is_not_found());
     let hint = if missing_crd {
-        " (is the DestinationPolicy CRD installed? kubectl apply -f crds/)"
+        format!(" (is the {kind:?} CRD installed? kubectl apply -f crds/)")
     } else {
-        ""
+        String::new()
     };
-    format!("{doing} {} failed: {cause}{hint}", plural(kind))
-}
-
-fn plural(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Service => "Services",
-        Kind::EndpointSlice => "EndpointSlices",
-        Kind::Pod => "Pods",
-        Kind::DestinationPolicy => "DestinationPolicies",
-    }
+    format!("{doing} {} failed: {cause}{hint}", kind.plural())
 }
 
 /// What the index was told of each kind, to turn watch events into changes.
@@ -218,9 +91,9 @@ struct Mirror {
     /// Per kind, the objects of a list in progress.
     listing: HashMap<Kind, Vec<Object>>,
     listed: HashSet<Kind>,
-    /// The uid and generation of each policy sent: a change that leaves them alone changed only
-    /// status or metadata, such as the controller's own status writes.
-    policy_generations: HashMap<ObjectKey, (Option<String>, Option<i64>)>,
+    /// The uid and generation of each object sent whose status the controller writes: a change
+    /// that leaves them alone changed only status or metadata, such as those status writes.
+    generations: HashMap<ObjectRef, (Option<String>, Option<i64>)>,
 }
 
 impl Mirror {
@@ -230,7 +103,7 @@ impl Mirror {
             present: HashMap::new(),
             listing: HashMap::new(),
             listed: HashSet::new(),
-            policy_generations: HashMap::new(),
+            generations: HashMap::new(),
         }
     }
 
@@ -241,7 +114,7 @@ impl Mirror {
             return changes;
         };
         held.append(&mut changes);
-        if !KINDS.iter().all(|kind| self.listed.contains(kind)) {
+        if !Kind::ALL.iter().all(|kind| self.listed.contains(kind)) {
             return Vec::new();
         }
         tracing::info!("listed Services, EndpointSlices, Pods and DestinationPolicies");
@@ -299,13 +172,13 @@ impl Mirror {
 
     fn applied(&mut self, object: Object) -> Option<Change> {
         let reference = object.reference()?;
-        if let Object::DestinationPolicy(policy) = &object {
-            let generation = (policy.metadata.uid.clone(), policy.metadata.generation);
-            if self.policy_generations.get(&reference.key) == Some(&generation) {
+        if reference.kind.status_is_ours() {
+            let metadata = object.metadata();
+            let generation = (metadata.uid.clone(), metadata.generation);
+            if self.generations.get(&reference) == Some(&generation) {
                 return None;
             }
-            self.policy_generations
-                .insert(reference.key.clone(), generation);
+            self.generations.insert(reference.clone(), generation);
         }
         self.present
             .entry(reference.kind)
@@ -319,9 +192,7 @@ impl Mirror {
         if !present.remove(&reference.key) {
             return None;
         }
-        if reference.kind == Kind::DestinationPolicy {
-            self.policy_generations.remove(&reference.key);
-        }
+        self.generations.remove(&reference);
         Some(Change::Deleted(reference))
     }
 }
@@ -353,7 +224,7 @@ mod tests {
     /// A mirror past its first full list, of nothing.
     fn synced() -> Mirror {
         let mut mirror = Mirror::new();
-        for kind in KINDS {
+        for kind in Kind::ALL {
             mirror.apply(kind, Event::Init);
             mirror.apply(kind, Event::InitDone);
         }
@@ -501,27 +372,6 @@ mod tests {
                 .len(),
             1
         );
-    }
-
-    #[test]
-    fn pods_keep_only_what_the_index_reads() {
-        let pod: PartialObjectMeta<Pod> = serde_json::from_value(json!({
-            "apiVersion": "meta.k8s.io/v1",
-            "kind": "PartialObjectMetadata",
-            "metadata": {
-                "namespace": "shop", "name": "reviews-1", "labels": {"version": "v1"},
-                "annotations": {"big": "x".repeat(1000)}, "uid": "u",
-            },
-        }))
-        .unwrap();
-        let Object::Pod(pod) = pod_labels(pod) else {
-            unreachable!("pod_labels makes Pods")
-        };
-        assert_eq!(
-            serde_json::to_value(&pod.metadata).unwrap(),
-            json!({"namespace": "shop", "name": "reviews-1", "labels": {"version": "v1"}})
-        );
-        assert!(pod.spec.is_none() && pod.status.is_none());
     }
 
     #[test]

@@ -1,342 +1,14 @@
-//! DestinationPolicy status, written with server-side apply on the status subresource.
-//!
-//! Every replica serves proxies, so every replica counts its own: what the proxies it serves did
-//! with the policy's generation goes into its entry of `status.replicas`, applied under a field
-//! manager of its own (`outrigger-controller/<identity>`) so that the API server merges the
-//! entries by name. The leader alone (field manager `outrigger-controller`) writes the rest: the
-//! conditions Accepted, ResolvedRefs and Programmed, `observedGeneration`, the `split`, and the
-//! sums `proxies` and `proxiesSummary` over the entries of the current generation.
-//!
-//! A replica refreshes its entry every [`REFRESH_LEASES`] lease durations even when its counts
-//! stay the same; the leader removes the entries not refreshed for [`STALE_LEASES`] lease
-//! durations, those of replicas that are gone (the timestamps are the writers' clocks, so skew
-//! between nodes must stay well under that). An entry of an older generation is kept but not
-//! counted: its replica has not seen the current one yet.
-//!
-//! Writes are coalesced: a pass computes every policy's status from the index's reports, from what
-//! the proxies hold and from the other replicas' entries, writes those that differ from what was
-//! written last, then waits at least [`MIN_INTERVAL`]; so a burst of changes (a thousand proxies
-//! acknowledging a rollout) costs each policy at most one write per replica per interval. A status
-//! write leaves a policy's generation alone, and the Kubernetes source ignores changes that do, so
-//! writing never causes work of its own.
+//! A DestinationPolicy's status: this replica's entry (its proxies' counts) and the leader's
+//! conditions and sums over every replica's entries.
 
 use std::collections::HashMap;
-use std::pin::pin;
-use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
-use kube::runtime::WatchStreamExt as _;
-use kube::runtime::watcher::{self, Event, watcher};
-use kube::{Api, Client, Resource as _};
-use outrigger_api::policy::{
-    DestinationPolicy, DestinationPolicyStatus, ProxyCounts, ReplicaStatus,
-};
-use tokio::sync::watch;
+use outrigger_api::policy::{DestinationPolicyStatus, ProxyCounts, ReplicaStatus};
 
 use crate::distribute::{PolicyVersion, ProxyId, Subscribers};
-use crate::index::{ObjectKey, PolicyReport, PolicyReports, Problem};
-use crate::kube_source::explain;
-use crate::metrics::Metrics;
-
-pub const FIELD_MANAGER: &str = "outrigger-controller";
-/// At most one status write per policy per this long.
-pub const MIN_INTERVAL: Duration = Duration::from_millis(500);
-/// A replica rewrites an unchanged entry after this many lease durations.
-pub const REFRESH_LEASES: u32 = 2;
-/// The leader removes an entry not rewritten for this many lease durations.
-pub const STALE_LEASES: u32 = 5;
-/// Failed writes are tried again after this long, or at the next change.
-const RETRY_AFTER: Duration = Duration::from_secs(5);
-const CONCURRENT_WRITES: usize = 8;
-
-/// Every policy's uid and `status.replicas`, as the API server has them.
-pub type Replicas = HashMap<ObjectKey, (Option<String>, Vec<ReplicaStatus>)>;
-
-/// What status is computed from.
-pub struct Inputs {
-    pub reports: watch::Receiver<PolicyReports>,
-    pub subscribers: watch::Receiver<Subscribers>,
-    /// Whether this replica holds the leader Lease.
-    pub leading: watch::Receiver<bool>,
-    /// Whether the index has its first full view; before, a Service may look missing that is not.
-    pub synced: watch::Receiver<bool>,
-    /// Every replica's entries, kept by [`watch_replicas`].
-    pub replicas: watch::Receiver<Replicas>,
-    /// This replica's name in the Lease, and of its entries.
-    pub identity: String,
-    pub lease_duration: Duration,
-}
-
-/// One status write.
-enum Write {
-    /// This replica's entry.
-    Own(ReplicaStatus),
-    /// The leader's conditions and sums.
-    Summary(DestinationPolicyStatus),
-    /// The removal of a gone replica's entry, at its position in the list.
-    Prune { position: usize, name: String },
-}
-
-/// Writes this replica's entries, and the rest of status while it leads, until the index is gone.
-pub async fn run(client: Client, mut inputs: Inputs, metrics: Metrics) {
-    if inputs.synced.wait_for(|synced| *synced).await.is_err() {
-        return;
-    }
-    let own_manager = format!("{FIELD_MANAGER}/{}", inputs.identity);
-    let refresh = seconds(inputs.lease_duration * REFRESH_LEASES);
-    let stale = seconds(inputs.lease_duration * STALE_LEASES);
-    // What this replica wrote last, by policy and uid (a policy recreated under the same name
-    // starts afresh): the leader's part, and its own entry.
-    let mut written: HashMap<ObjectKey, (Option<String>, DestinationPolicyStatus)> = HashMap::new();
-    let mut contributed: HashMap<ObjectKey, (Option<String>, ReplicaStatus)> = HashMap::new();
-    loop {
-        let leading = *inputs.leading.borrow_and_update();
-        if !leading {
-            // Another replica writes meanwhile: once leading again, everything is written anew.
-            written.clear();
-        }
-        let now =
-            Time(Timestamp::from_second(Timestamp::now().as_second()).expect("now is in range"));
-        let age = |entry: &ReplicaStatus| now.0.as_second() - entry.last_update_time.0.as_second();
-        let mut writes: Vec<(ObjectKey, Option<String>, Write)> = Vec::new();
-        {
-            let reports = inputs.reports.borrow_and_update();
-            let subscribers = inputs.subscribers.borrow_and_update();
-            let replicas = inputs.replicas.borrow_and_update();
-            written.retain(|key, _| reports.contains_key(key));
-            contributed.retain(|key, _| reports.contains_key(key));
-            for (key, report) in reports.iter() {
-                let counted = replica_status(key, report, &subscribers, &inputs.identity, &now);
-                let own = match contributed.get(key) {
-                    // Unchanged and recent: the entry as written, time included.
-                    Some((uid, entry))
-                        if *uid == report.uid
-                            && same_counts(entry, &counted)
-                            && age(entry) < refresh =>
-                    {
-                        entry.clone()
-                    }
-                    _ => {
-                        writes.push((key.clone(), report.uid.clone(), Write::Own(counted.clone())));
-                        counted
-                    }
-                };
-                if !leading {
-                    continue;
-                }
-                let listed = replicas
-                    .get(key)
-                    .filter(|(uid, _)| *uid == report.uid)
-                    .map_or(&[][..], |(_, entries)| entries.as_slice());
-                let others = || {
-                    listed
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, e)| e.name != own.name)
-                };
-                let entries: Vec<&ReplicaStatus> = others()
-                    .filter(|(_, entry)| age(entry) < stale)
-                    .map(|(_, entry)| entry)
-                    .chain([&own])
-                    .collect();
-                let previous = match written.get(key) {
-                    Some((uid, status)) if *uid == report.uid => Some(status),
-                    _ => report.status.as_ref(),
-                };
-                let status = desired_status(report, &entries, previous, &now);
-                if written.get(key) != Some(&(report.uid.clone(), status.clone())) {
-                    writes.push((key.clone(), report.uid.clone(), Write::Summary(status)));
-                }
-                for (position, entry) in others().filter(|(_, entry)| age(entry) >= stale) {
-                    let name = entry.name.clone();
-                    writes.push((
-                        key.clone(),
-                        report.uid.clone(),
-                        Write::Prune { position, name },
-                    ));
-                }
-            }
-        }
-        let results: Vec<_> = futures_util::stream::iter(writes)
-            .map(|(key, uid, write)| {
-                let client = client.clone();
-                let own_manager = own_manager.as_str();
-                async move {
-                    let result = match &write {
-                        Write::Own(entry) => {
-                            let status = serde_json::json!({ "replicas": [entry] });
-                            apply(client, &key, own_manager, status).await
-                        }
-                        Write::Summary(status) => {
-                            apply(client, &key, FIELD_MANAGER, serde_json::json!(status)).await
-                        }
-                        Write::Prune { position, name } => {
-                            prune(client, &key, *position, name).await
-                        }
-                    };
-                    (key, uid, write, result)
-                }
-            })
-            .buffer_unordered(CONCURRENT_WRITES)
-            .collect()
-            .await;
-        let mut failed = false;
-        for (key, uid, write, result) in results {
-            match (write, result) {
-                (Write::Own(entry), Ok(())) => {
-                    contributed.insert(key, (uid, entry));
-                }
-                (Write::Summary(status), Ok(())) => {
-                    written.insert(key, (uid, status));
-                }
-                (Write::Prune { name, .. }, Ok(())) => {
-                    tracing::info!(policy = %key, replica = %name, "removed the status entry of a replica that stopped refreshing it");
-                }
-                // Deleted since the index reported it.
-                (_, Err(kube::Error::Api(error))) if error.is_not_found() => {}
-                // The list changed since it was read (the entry is gone already, or moved): the
-                // next pass sees it as it is now.
-                (Write::Prune { .. }, Err(kube::Error::Api(error))) if error.code == 422 => {}
-                (_, Err(error)) => {
-                    failed = true;
-                    metrics.reconcile_errors.inc();
-                    tracing::error!(policy = %key, "writing the status of DestinationPolicy {key}: {}", explain(&error));
-                }
-            }
-        }
-        tokio::time::sleep(MIN_INTERVAL).await;
-        let gone = tokio::select! {
-            changed = inputs.reports.changed() => changed.is_err(),
-            changed = inputs.subscribers.changed() => changed.is_err(),
-            changed = inputs.leading.changed() => changed.is_err(),
-            changed = inputs.replicas.changed() => changed.is_err(),
-            // Entries to refresh, and others gone stale, with nothing else changing.
-            _ = tokio::time::sleep(inputs.lease_duration) => false,
-            _ = tokio::time::sleep(RETRY_AFTER), if failed => false,
-        };
-        if gone {
-            return;
-        }
-    }
-}
-
-fn seconds(duration: Duration) -> i64 {
-    i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)
-}
-
-fn same_counts(a: &ReplicaStatus, b: &ReplicaStatus) -> bool {
-    (a.observed_generation, &a.proxies, &a.rejection)
-        == (b.observed_generation, &b.proxies, &b.rejection)
-}
-
-/// Applies `status` to the policy's status subresource as `manager`.
-async fn apply(
-    client: Client,
-    key: &ObjectKey,
-    manager: &str,
-    status: serde_json::Value,
-) -> Result<(), kube::Error> {
-    let api: Api<DestinationPolicy> = Api::namespaced(client, &key.namespace);
-    let patch = serde_json::json!({
-        "apiVersion": DestinationPolicy::api_version(&()),
-        "kind": DestinationPolicy::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &key.name,
-        &PatchParams::apply(manager).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map(drop)
-}
-
-/// Removes the entry of replica `name` at `position`. Server-side apply removes only what the
-/// applier owns, and the entry is its replica's, so this is a JSON patch, which checks first that
-/// the entry is still where it was read.
-async fn prune(
-    client: Client,
-    key: &ObjectKey,
-    position: usize,
-    name: &str,
-) -> Result<(), kube::Error> {
-    let api: Api<DestinationPolicy> = Api::namespaced(client, &key.namespace);
-    let path = format!("/status/replicas/{position}");
-    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
-        { "op": "test", "path": format!("{path}/name"), "value": name },
-        { "op": "remove", "path": path },
-    ]))
-    .expect("a well-formed JSON patch");
-    api.patch_status(
-        &key.name,
-        &PatchParams::default(),
-        &Patch::<()>::Json(patch),
-    )
-    .await
-    .map(drop)
-}
-
-/// Keeps `replicas` up to date with every policy's entries, for the leader's sums. The Kubernetes
-/// source watches the same policies but passes on spec changes only.
-pub async fn watch_replicas(client: Client, replicas: watch::Sender<Replicas>) {
-    let api: Api<DestinationPolicy> = Api::all(client);
-    let mut events = pin!(watcher(api, watcher::Config::default()).default_backoff());
-    let mut listing: Option<Replicas> = None;
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(Event::Init) => listing = Some(Replicas::new()),
-            Ok(Event::InitApply(policy)) => {
-                if let Some(listing) = &mut listing {
-                    record(listing, &policy);
-                }
-            }
-            Ok(Event::InitDone) => {
-                if let Some(listing) = listing.take() {
-                    replicas.send_replace(listing);
-                }
-            }
-            Ok(Event::Apply(policy)) => {
-                replicas.send_if_modified(|replicas| record(replicas, &policy));
-            }
-            Ok(Event::Delete(policy)) => {
-                replicas.send_if_modified(|replicas| {
-                    policy_key(&policy).is_some_and(|key| replicas.remove(&key).is_some())
-                });
-            }
-            // The Kubernetes source counts the failures of its watch of the same objects; this one
-            // retries with the same backoff.
-            Err(error) => tracing::warn!("watching the status of DestinationPolicies: {error}"),
-        }
-    }
-}
-
-fn policy_key(policy: &DestinationPolicy) -> Option<ObjectKey> {
-    Some(ObjectKey::new(
-        policy.metadata.namespace.as_deref()?,
-        policy.metadata.name.as_deref()?,
-    ))
-}
-
-/// Records a policy's entries; whether they changed.
-fn record(replicas: &mut Replicas, policy: &DestinationPolicy) -> bool {
-    let Some(key) = policy_key(policy) else {
-        return false;
-    };
-    let entries = policy
-        .status
-        .as_ref()
-        .map(|status| status.replicas.clone())
-        .unwrap_or_default();
-    let value = (policy.metadata.uid.clone(), entries);
-    if replicas.get(&key) == Some(&value) {
-        return false;
-    }
-    replicas.insert(key, value);
-    true
-}
+use crate::index::{PolicyReport, Problem};
+use crate::source::ObjectKey;
 
 /// A condition's value, before it is dated.
 struct Verdict {
@@ -372,7 +44,7 @@ impl Verdict {
 
 /// This replica's entry: its proxies subscribed to the policy's Service, by what they hold of its
 /// current generation.
-pub fn replica_status(
+pub(super) fn replica_status(
     key: &ObjectKey,
     report: &PolicyReport,
     subscribers: &Subscribers,
@@ -400,7 +72,7 @@ pub fn replica_status(
 
 /// The status a policy should have, summing `entries` (one per live replica); conditions whose
 /// value did not change keep their `lastTransitionTime` from `previous`.
-pub fn desired_status(
+pub(super) fn desired_status(
     report: &PolicyReport,
     entries: &[&ReplicaStatus],
     previous: Option<&DestinationPolicyStatus>,
@@ -549,6 +221,8 @@ fn count(n: usize) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::jiff::Timestamp;
+
     use super::*;
     use crate::distribute::Holding;
 

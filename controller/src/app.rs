@@ -1,0 +1,153 @@
+//! The controller as a process: its settings, its listeners, and the tasks that connect the
+//! sources, the index, distribution, status, leader election, the admin server and the webhook.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::distribute::{DiscoveryService, Snapshots, serve_grpc};
+use crate::index::Index;
+use crate::inject::webhook;
+use crate::leader::{Elector, LeaderSettings};
+use crate::metrics::Metrics;
+use crate::source;
+use crate::source::manifests::Manifests;
+use crate::{admin, kube_api, status};
+
+/// Settings of a controller; each flag can also come from `OUTRIGGER_<FLAG>` (the leader
+/// namespace from `POD_NAMESPACE`, as the chart sets it).
+#[derive(clap::Args, Clone, Debug)]
+pub struct Settings {
+    /// Serve the cluster state in this directory of YAML manifests (Services, EndpointSlices,
+    /// Pods, DestinationPolicies) instead of the Kubernetes API's; watched, so edits apply within
+    /// milliseconds (seconds on filesystems that send no change events). Nothing is written back.
+    #[arg(long, env = "OUTRIGGER_MANIFESTS", conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+    /// The Kubernetes API to watch and write status to (the default source). Without this flag:
+    /// the KUBECONFIG variable or ~/.kube/config, else the cluster the controller runs in.
+    #[arg(long, env = "OUTRIGGER_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub leader: LeaderSettings,
+    /// Configuration stream to proxies.
+    #[arg(long, env = "OUTRIGGER_GRPC_ADDR", default_value = "0.0.0.0:8090")]
+    pub grpc_addr: SocketAddr,
+    /// `/metrics`, `/live`, `/ready`.
+    #[arg(long, env = "OUTRIGGER_ADMIN_ADDR", default_value = "0.0.0.0:9990")]
+    pub admin_addr: SocketAddr,
+    #[command(flatten)]
+    pub webhook: webhook::WebhookSettings,
+}
+
+/// Where cluster state comes from.
+enum Source {
+    Manifests(Manifests),
+    /// The API server, which every replica writes its proxies' status to, and the leader the
+    /// rest.
+    Kubernetes {
+        clients: kube_api::Clients,
+        leader: LeaderSettings,
+    },
+}
+
+/// How long a stopping leader may take to hand its Lease back.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A controller with its listeners bound and its source opened.
+pub struct Controller {
+    source: Source,
+    metrics: Metrics,
+    grpc: TcpListener,
+    admin: TcpListener,
+    webhook: Option<webhook::Webhook>,
+}
+
+impl Controller {
+    pub async fn bind(settings: Settings) -> anyhow::Result<Self> {
+        let metrics = Metrics::default();
+        let source = match settings.manifests {
+            Some(dir) => Source::Manifests(Manifests::new(dir, metrics.clone())?),
+            None => Source::Kubernetes {
+                clients: kube_api::clients(settings.kubeconfig.as_deref()).await?,
+                leader: settings.leader,
+            },
+        };
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the {what} listener on {addr}"))
+        };
+        Ok(Self {
+            source,
+            grpc: bind(settings.grpc_addr, "gRPC").await?,
+            admin: bind(settings.admin_addr, "admin").await?,
+            webhook: webhook::Webhook::bind(&settings.webhook).await?,
+            metrics,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().expect("bound")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().expect("bound")
+    }
+
+    /// Serves until `shutdown` turns true.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let snapshots = Snapshots::default();
+        let index = Index::new(snapshots.clone(), self.metrics.clone());
+        let ready = index.synced();
+        let name = std::env::var("HOSTNAME").unwrap_or_else(|_| "outrigger-controller".into());
+        let discovery = DiscoveryService::new(snapshots, self.metrics.clone(), name);
+        let (changes, received) = mpsc::channel(1024);
+        // Dropping the set on return stops the index, the Kubernetes watches, status and the
+        // admin server; the manifests thread then finds its channel closed.
+        let mut tasks = JoinSet::new();
+        let mut election = None;
+        match self.source {
+            Source::Manifests(manifests) => manifests.spawn(changes)?,
+            Source::Kubernetes { clients, leader } => {
+                tasks.spawn(source::kube::run(
+                    clients.watch.clone(),
+                    changes,
+                    self.metrics.clone(),
+                ));
+                let (leading, leading_changes) = watch::channel(false);
+                let elector = Elector::new(&clients.call, &leader, self.metrics.clone());
+                let identity = elector.identity().to_string();
+                election = Some(tokio::spawn(elector.run(leading, shutdown.clone())));
+                let (replicas, replicas_changes) = watch::channel(status::Replicas::new());
+                tasks.spawn(status::watch_replicas(clients.watch, replicas));
+                let inputs = status::Inputs {
+                    reports: index.policy_reports(),
+                    subscribers: discovery.subscribers(),
+                    leading: leading_changes,
+                    synced: ready.clone(),
+                    replicas: replicas_changes,
+                    identity,
+                    lease_duration: leader.lease_duration,
+                };
+                tasks.spawn(status::run(clients.call, inputs, self.metrics.clone()));
+            }
+        }
+        tasks.spawn(index.run(received));
+        tasks.spawn(admin::serve(self.admin, self.metrics, ready));
+        if let Some(webhook) = self.webhook {
+            tasks.spawn(webhook.serve());
+        }
+        tracing::info!(grpc = %self.grpc.local_addr()?, "controller serving");
+        serve_grpc(self.grpc, discovery, shutdown).await;
+        if let Some(election) = election {
+            // Hands the Lease back, so that another replica writes status at once.
+            let _ = tokio::time::timeout(RELEASE_TIMEOUT, election).await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,606 @@
+//! The discovery service through real sockets.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outrigger_api::proto::{
+    self, Ack, ControllerMessage, DestinationUpdate, EndpointsRequest, Hello, Nack, ProxyMessage,
+    Subscribe, Subscription, controller_message, discovery_client::DiscoveryClient, proxy_message,
+};
+use prost::Message as _;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+use super::listener::{IDLE_TIMEOUT, MAX_HEADER_LIST_BYTES, MAX_STREAMS_PER_CONNECTION};
+use super::server::{MAX_KEYS_PER_STREAM, MAX_REASON_BYTES, bounded_reason};
+use super::*;
+use crate::metrics::Metrics;
+
+const KEY: &str = "reviews.shop.svc.cluster.local:9080";
+
+/// A destination carrying generation `generation` of policy shop/reviews.
+fn publish(snapshots: &Snapshots, generation: i64) -> String {
+    publish_with(snapshots, generation, &[])
+}
+
+/// The same, with endpoint groups of the given addresses.
+fn publish_with(snapshots: &Snapshots, generation: i64, groups: &[(&str, &[&str])]) -> String {
+    let groups = groups
+        .iter()
+        .map(|(name, addresses)| {
+            let endpoints = addresses
+                .iter()
+                .map(|address| proto::Endpoint {
+                    address: address.to_string(),
+                    ..Default::default()
+                })
+                .collect();
+            (name.to_string(), endpoints)
+        })
+        .collect();
+    let destination = proto::Destination {
+        namespace: "shop".into(),
+        service: "reviews".into(),
+        port: 9080,
+        policy: "shop/reviews".into(),
+        policy_generation: generation,
+        ..Default::default()
+    };
+    let snapshot = Snapshot::known(destination, groups, Instant::now());
+    let Snapshot::Known { version, .. } = &snapshot else {
+        unreachable!("Snapshot::known is known")
+    };
+    let version = version.clone();
+    snapshots.publish(KEY, Arc::new(snapshot));
+    version
+}
+
+/// A proxy's stream, driven by hand.
+struct Stream {
+    send: mpsc::Sender<ProxyMessage>,
+    received: Streaming<ControllerMessage>,
+}
+
+impl Stream {
+    async fn open(addr: std::net::SocketAddr, workload: &str, known_version: &str) -> Self {
+        let subscribe = proxy_message::Message::Subscribe(Subscribe {
+            destinations: vec![Subscription {
+                key: KEY.into(),
+                known_version: known_version.into(),
+            }],
+        });
+        Self::open_with(addr, vec![hello("shop", workload), subscribe])
+            .await
+            .unwrap()
+    }
+
+    /// A stream that first sends `messages`, or the status it was refused with.
+    async fn open_with(
+        addr: std::net::SocketAddr,
+        messages: Vec<proxy_message::Message>,
+    ) -> Result<Self, tonic::Status> {
+        let mut client = DiscoveryClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (send, outgoing) = mpsc::channel(8);
+        for message in messages {
+            send.send(ProxyMessage {
+                message: Some(message),
+            })
+            .await
+            .unwrap();
+        }
+        let received = client
+            .stream(ReceiverStream::new(outgoing))
+            .await?
+            .into_inner();
+        Ok(Self { send, received })
+    }
+
+    /// The version of the next update.
+    async fn update(&mut self) -> String {
+        self.next_update().await.version
+    }
+
+    async fn next_update(&mut self) -> DestinationUpdate {
+        loop {
+            let message = self
+                .received
+                .message()
+                .await
+                .unwrap()
+                .expect("the stream goes on");
+            if let Some(controller_message::Message::Update(update)) = message.message {
+                return update;
+            }
+        }
+    }
+
+    async fn answer(&self, message: proxy_message::Message) {
+        self.send
+            .send(ProxyMessage {
+                message: Some(message),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn hello(namespace: &str, workload: &str) -> proxy_message::Message {
+    proxy_message::Message::Hello(Hello {
+        namespace: namespace.into(),
+        workload: workload.into(),
+        ..Default::default()
+    })
+}
+
+/// Waits until the holdings of `KEY` are `expected`, by workload.
+async fn until_held(subscribers: &mut watch::Receiver<Subscribers>, expected: &[(&str, Holding)]) {
+    let expected: HashMap<String, Holding> = expected
+        .iter()
+        .map(|(w, h)| (w.to_string(), h.clone()))
+        .collect();
+    let held = |subscribers: &Subscribers| -> HashMap<String, Holding> {
+        subscribers
+            .get(KEY)
+            .into_iter()
+            .flatten()
+            .map(|(proxy, holding)| (proxy.workload.clone(), holding.clone()))
+            .collect()
+    };
+    let reached = tokio::time::timeout(
+        Duration::from_secs(10),
+        subscribers.wait_for(|subscribers| held(subscribers) == expected),
+    )
+    .await
+    .is_ok();
+    assert!(
+        reached,
+        "expected {expected:?}, have {:?}",
+        held(&subscribers.borrow())
+    );
+}
+
+fn holds(generation: i64, rejected: Option<(i64, &str)>) -> Holding {
+    let version = |generation| PolicyVersion {
+        policy: "shop/reviews".into(),
+        generation,
+    };
+    Holding {
+        applied: Some(version(generation)),
+        rejected: rejected.map(|(generation, reason)| (version(generation), reason.to_string())),
+    }
+}
+
+/// The discovery service on a loopback port, over snapshots that are synced and empty; it
+/// serves until `_stop` is dropped.
+struct Served {
+    snapshots: Snapshots,
+    service: DiscoveryService,
+    addr: std::net::SocketAddr,
+    _stop: watch::Sender<bool>,
+}
+
+impl Served {
+    async fn start() -> Self {
+        let snapshots = Snapshots::default();
+        snapshots.mark_synced();
+        let service = DiscoveryService::new(snapshots.clone(), Metrics::default(), "test".into());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(serve_grpc(listener, service.clone(), shutdown));
+        Self {
+            snapshots,
+            service,
+            addr,
+            _stop,
+        }
+    }
+}
+
+#[tokio::test]
+async fn subscribers_follow_what_each_proxy_applied_or_rejected() {
+    let Served {
+        snapshots,
+        service,
+        addr,
+        _stop,
+    } = Served::start().await;
+    let mut subscribers = service.subscribers();
+
+    let first = publish(&snapshots, 3);
+    let mut a = Stream::open(addr, "a", "").await;
+    assert_eq!(a.update().await, first);
+    until_held(&mut subscribers, &[("a", Holding::default())]).await;
+    a.answer(proxy_message::Message::Ack(Ack {
+        key: KEY.into(),
+        version: first.clone(),
+    }))
+    .await;
+    until_held(&mut subscribers, &[("a", holds(3, None))]).await;
+
+    // A proxy that reconnects with the current version holds it without answering.
+    let b = Stream::open(addr, "b", &first).await;
+    until_held(
+        &mut subscribers,
+        &[("a", holds(3, None)), ("b", holds(3, None))],
+    )
+    .await;
+
+    // Generation 4 rejected by one proxy: it keeps generation 3 meanwhile.
+    let second = publish(&snapshots, 4);
+    assert_eq!(a.update().await, second);
+    a.answer(proxy_message::Message::Nack(Nack {
+        key: KEY.into(),
+        version: second,
+        reason: "no".into(),
+    }))
+    .await;
+    until_held(
+        &mut subscribers,
+        &[("a", holds(3, Some((4, "no")))), ("b", holds(3, None))],
+    )
+    .await;
+
+    // Gone proxies are forgotten.
+    drop(a);
+    drop(b);
+    until_held(&mut subscribers, &[]).await;
+}
+
+#[tokio::test]
+async fn updates_name_endpoint_groups_which_are_fetched_apart() {
+    let Served {
+        snapshots,
+        addr,
+        _stop,
+        ..
+    } = Served::start().await;
+    let mut client = DiscoveryClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let mut fetch = async |key: &str, groups: &[&str]| {
+        client
+            .endpoints(EndpointsRequest {
+                key: key.into(),
+                groups: groups.iter().map(|g| g.to_string()).collect(),
+            })
+            .await
+            .map(|reply| reply.into_inner().groups)
+    };
+    let versions = |update: &DestinationUpdate| -> Vec<(String, String)> {
+        proto::Destination::decode(update.destination.clone())
+            .unwrap()
+            .endpoint_groups
+            .into_iter()
+            .map(|group| (group.name, group.version))
+            .collect()
+    };
+
+    publish_with(
+        &snapshots,
+        3,
+        &[("a", &["10.0.0.1:80"]), ("b", &["10.0.0.2:80"])],
+    );
+    let mut stream = Stream::open(addr, "a", "").await;
+    let first = versions(&stream.next_update().await);
+    assert_eq!(first.len(), 2);
+    let fetched = fetch(KEY, &["b", "gone"]).await.unwrap();
+    assert_eq!(fetched.len(), 1, "a group that is not there is left out");
+    assert_eq!(
+        (&fetched[0].name, &fetched[0].version),
+        (&first[1].0, &first[1].1)
+    );
+    let endpoints = proto::Endpoints::decode(fetched[0].endpoints.clone()).unwrap();
+    assert_eq!(endpoints.endpoints[0].address, "10.0.0.2:80");
+
+    // A policy edit names the same groups.
+    publish_with(
+        &snapshots,
+        4,
+        &[("a", &["10.0.0.1:80"]), ("b", &["10.0.0.2:80"])],
+    );
+    assert_eq!(versions(&stream.next_update().await), first);
+
+    // A change in one group names a new version of that group only.
+    publish_with(
+        &snapshots,
+        4,
+        &[("a", &["10.0.0.1:80"]), ("b", &["10.0.0.3:80"])],
+    );
+    let churned = versions(&stream.next_update().await);
+    assert_eq!(churned[0], first[0]);
+    assert_ne!(churned[1], first[1]);
+    assert_eq!(fetch(KEY, &["b"]).await.unwrap()[0].version, churned[1].1);
+
+    let unknown = fetch("nothing.shop.svc.cluster.local:80", &["a"])
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test]
+async fn keys_no_service_owns_are_let_go_when_no_stream_watches_them() {
+    let Served {
+        snapshots,
+        service,
+        addr,
+        _stop,
+    } = Served::start().await;
+    let mut events = service.events();
+    let mut until = async |wanted: fn(&ProxyEvent) -> bool| {
+        while !wanted(&events.recv().await.unwrap()) {}
+    };
+
+    // Unsubscribed.
+    let a = Stream::open(addr, "a", "").await;
+    until(|e| matches!(e, ProxyEvent::Connected(_))).await;
+    eventually_unknown(&snapshots).await;
+    a.answer(proxy_message::Message::Unsubscribe(proto::Unsubscribe {
+        keys: vec![KEY.into()],
+    }))
+    .await;
+    until(|e| matches!(e, ProxyEvent::Unsubscribed { .. })).await;
+    assert!(snapshots.current(KEY).is_none());
+
+    // Disconnected.
+    let b = Stream::open(addr, "b", "").await;
+    until(|e| matches!(e, ProxyEvent::Connected(_))).await;
+    eventually_unknown(&snapshots).await;
+    drop(b);
+    until(|e| matches!(e, ProxyEvent::Disconnected(_))).await;
+    assert!(snapshots.current(KEY).is_none());
+
+    // A key the index published stays, watched or not.
+    let version = publish(&snapshots, 1);
+    let mut c = Stream::open(addr, "c", "").await;
+    assert_eq!(c.update().await, version);
+    drop(c);
+    until(|e| matches!(e, ProxyEvent::Disconnected(_))).await;
+    assert!(snapshots.current(KEY).is_some());
+}
+
+/// The subscription of a stream just opened lands after its Connected event.
+async fn eventually_unknown(snapshots: &Snapshots) {
+    for _ in 0..200 {
+        if matches!(
+            snapshots.current(KEY).as_deref(),
+            Some(Snapshot::Unknown { .. })
+        ) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{KEY} was never watched");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_says_nothing_is_ended_after_the_hello_deadline() {
+    let Served { addr, _stop, .. } = Served::start().await;
+    let opened = tokio::time::timeout(
+        Duration::from_secs(3600),
+        Stream::open_with(addr, Vec::new()),
+    )
+    .await
+    .expect("answered before the test's own deadline");
+    let status = opened.err().expect("refused");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status}");
+}
+
+#[tokio::test]
+async fn names_in_hello_are_bounded() {
+    let Served { addr, _stop, .. } = Served::start().await;
+    for (namespace, workload) in [
+        ("n".repeat(64), "a".to_string()),
+        ("shop".into(), "w".repeat(254)),
+        ("shop".into(), "a\nb".into()),
+    ] {
+        let status = Stream::open_with(addr, vec![hello(&namespace, &workload)])
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    }
+    assert!(
+        Stream::open_with(addr, vec![hello(&"n".repeat(63), &"w".repeat(253))])
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn a_message_over_the_size_limit_ends_the_stream_saying_why() {
+    let Served { addr, _stop, .. } = Served::start().await;
+    let mut stream = Stream::open_with(addr, vec![hello("shop", "a")])
+        .await
+        .unwrap();
+    stream
+        .answer(proxy_message::Message::Subscribe(Subscribe {
+            destinations: vec![Subscription {
+                key: "k".repeat(300 * 1024),
+                ..Default::default()
+            }],
+        }))
+        .await;
+    let status = loop {
+        match stream.received.message().await {
+            Ok(Some(message)) => {
+                let welcome = matches!(
+                    message.message,
+                    Some(controller_message::Message::Welcome(_))
+                );
+                assert!(welcome, "only the Welcome comes first: {message:?}");
+            }
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status}");
+}
+
+/// The keys of the `Unknown` messages that come before the stream has `count` of them.
+async fn unknowns(stream: &mut Stream, count: usize) -> Vec<(String, String)> {
+    let mut unknown = Vec::new();
+    while unknown.len() < count {
+        let message = stream.received.message().await.unwrap().expect("open");
+        if let Some(controller_message::Message::Unknown(u)) = message.message {
+            unknown.push((u.key, u.reason));
+        }
+    }
+    unknown
+}
+
+#[tokio::test]
+async fn a_stream_subscribes_to_destination_keys_only_and_to_a_bounded_number() {
+    let Served {
+        snapshots,
+        service,
+        addr,
+        _stop,
+    } = Served::start().await;
+    let keys: Vec<String> = (0..=MAX_KEYS_PER_STREAM)
+        .map(|i| format!("s{i}.shop.svc.cluster.local:80"))
+        .collect();
+    let subscribe = |keys: &[String]| {
+        proxy_message::Message::Subscribe(Subscribe {
+            destinations: keys
+                .iter()
+                .map(|key| Subscription {
+                    key: key.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+    };
+    let mut stream = Stream::open_with(addr, vec![hello("shop", "a"), subscribe(&keys)])
+        .await
+        .unwrap();
+    // Every key is unknown here (nothing is published); the one past the limit says so at once.
+    let answered = unknowns(&mut stream, keys.len()).await;
+    let over: Vec<&(String, String)> = answered
+        .iter()
+        .filter(|(_, reason)| reason.contains("the most one stream may"))
+        .collect();
+    assert_eq!(over.len(), 1, "{over:?}");
+    assert_eq!(over[0].0, keys[MAX_KEYS_PER_STREAM]);
+    let subscribed = service.subscribers().borrow().len();
+    assert_eq!(subscribed, MAX_KEYS_PER_STREAM);
+
+    stream.answer(subscribe(&["not a key".to_string()])).await;
+    let answered = unknowns(&mut stream, 1).await;
+    assert_eq!(answered[0].0, "not a key");
+    assert!(
+        answered[0].1.starts_with("not a destination key"),
+        "{answered:?}"
+    );
+    assert!(snapshots.current("not a key").is_none(), "never watched");
+}
+
+#[tokio::test]
+async fn a_rejection_reason_is_kept_to_1_kib_cut_on_a_character_boundary() {
+    let Served {
+        snapshots,
+        service,
+        addr,
+        _stop,
+    } = Served::start().await;
+    let mut subscribers = service.subscribers();
+    let version = publish(&snapshots, 3);
+    let mut a = Stream::open(addr, "a", "").await;
+    assert_eq!(a.update().await, version);
+    a.answer(proxy_message::Message::Nack(Nack {
+        key: KEY.into(),
+        version,
+        reason: "é".repeat(4096),
+    }))
+    .await;
+    let kept = |subscribers: &Subscribers| {
+        subscribers
+            .get(KEY)
+            .and_then(|proxies| proxies.values().next())
+            .and_then(|holding| holding.rejected.clone())
+            .map(|(_, reason)| reason)
+    };
+    let reason = subscribers
+        .wait_for(|subscribers| kept(subscribers).is_some())
+        .await
+        .map(|subscribers| kept(&subscribers).unwrap())
+        .unwrap();
+    assert!(reason.len() <= MAX_REASON_BYTES, "{} bytes", reason.len());
+    assert!(reason.ends_with('…'));
+    assert!(reason.trim_end_matches('…').chars().all(|c| c == 'é'));
+    assert_eq!(bounded_reason("short".into()), "short");
+}
+
+/// The settings the server announces in its first frame, by identifier.
+async fn server_settings(addr: std::net::SocketAddr) -> HashMap<u16, u32> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut connection = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The client preface and an empty SETTINGS frame.
+    connection
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut header = [0u8; 9];
+    connection.read_exact(&mut header).await.unwrap();
+    assert_eq!(header[3], 0x4, "the first frame is SETTINGS");
+    let length =
+        usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+    let mut payload = vec![0u8; length];
+    connection.read_exact(&mut payload).await.unwrap();
+    payload
+        .chunks(6)
+        .map(|setting| {
+            let id = u16::from_be_bytes([setting[0], setting[1]]);
+            let value = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
+            (id, value)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn connections_are_limited_in_streams_and_header_size() {
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    const MAX_HEADER_LIST_SIZE: u16 = 0x6;
+    let Served { addr, _stop, .. } = Served::start().await;
+    let settings = server_settings(addr).await;
+    assert_eq!(
+        settings.get(&MAX_CONCURRENT_STREAMS),
+        Some(&MAX_STREAMS_PER_CONNECTION)
+    );
+    assert_eq!(
+        settings.get(&MAX_HEADER_LIST_SIZE),
+        Some(&MAX_HEADER_LIST_BYTES)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_with_no_stream_open_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let Served { addr, _stop, .. } = Served::start().await;
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3600), silent.read_to_end(&mut rest))
+        .await
+        .expect("closed before the test's own deadline")
+        .unwrap();
+    assert!(started.elapsed() >= IDLE_TIMEOUT);
+
+    // A connection with its configuration stream open stays, however long.
+    let mut open = Stream::open(addr, "a", "").await;
+    assert_eq!(unknowns(&mut open, 1).await[0].0, KEY);
+    tokio::time::sleep(IDLE_TIMEOUT * 4).await;
+    let other = "ratings.shop.svc.cluster.local:80";
+    open.answer(proxy_message::Message::Subscribe(Subscribe {
+        destinations: vec![Subscription {
+            key: other.into(),
+            ..Default::default()
+        }],
+    }))
+    .await;
+    assert_eq!(unknowns(&mut open, 1).await[0].0, other);
+}

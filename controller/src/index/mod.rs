@@ -1,0 +1,301 @@
+//! The index: what the controller knows of the cluster, turned into one `proto::Destination` per
+//! Service port.
+//!
+//! Sources (a manifests directory; the Kubernetes API) feed it [`Change`]s. It keeps only what
+//! destinations are made of (Service ports and ClusterIPs, ready endpoints, pod labels, translated
+//! policies), and on each change recomputes only the Services that change can affect. A destination
+//! is published under the Service port's name (`reviews.shop.svc.cluster.local:9080`) and under
+//! each ClusterIP:port (what a redirected connection was addressed to), and only when its content
+//! changed, so streams are not woken for nothing.
+//!
+//! One file per kind of state: `service`, `slice`, `pod`, `policy`, each keeping what destinations
+//! need of its objects and saying which Services a change affects; `report` turns that state into
+//! what status needs of each policy. A new kind (a route, an authorization policy) gets a file of
+//! its own here, an arm in [`Index::insert`] and [`Index::remove`], and its part of
+//! [`Index::destinations`].
+
+mod pod;
+mod policy;
+mod report;
+mod service;
+mod slice;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use outrigger_api::destination::DestinationKey;
+use outrigger_api::proto;
+use tokio::sync::{mpsc, watch};
+
+use self::pod::Pods;
+use self::policy::Policies;
+pub use self::report::{PolicyReport, PolicyReports, Problem};
+use self::service::Services;
+use self::slice::{SliceState, Slices};
+use crate::distribute::{Snapshot, Snapshots};
+use crate::metrics::Metrics;
+use crate::source::{Change, Kind, Object, ObjectKey, ObjectRef};
+
+pub struct Index {
+    snapshots: Snapshots,
+    metrics: Metrics,
+    services: Services,
+    slices: Slices,
+    pods: Pods,
+    policies: Policies,
+    /// Per Service, the keys published for it and their versions.
+    published: HashMap<ObjectKey, HashMap<String, String>>,
+    synced: watch::Sender<bool>,
+    reports: watch::Sender<PolicyReports>,
+}
+
+impl Index {
+    pub fn new(snapshots: Snapshots, metrics: Metrics) -> Self {
+        Self {
+            snapshots,
+            metrics,
+            services: Services::default(),
+            slices: Slices::default(),
+            pods: Pods::default(),
+            policies: Policies::default(),
+            published: HashMap::new(),
+            synced: watch::Sender::new(false),
+            reports: watch::Sender::new(PolicyReports::new()),
+        }
+    }
+
+    /// Turns true once a source has delivered its full initial state.
+    pub fn synced(&self) -> watch::Receiver<bool> {
+        self.synced.subscribe()
+    }
+
+    /// What status needs of every DestinationPolicy (translation errors included), kept up to
+    /// date as changes are applied.
+    pub fn policy_reports(&self) -> watch::Receiver<PolicyReports> {
+        self.reports.subscribe()
+    }
+
+    /// Applies changes until every sender is gone.
+    pub async fn run(mut self, mut changes: mpsc::Receiver<Change>) {
+        while let Some(change) = changes.recv().await {
+            self.apply(change);
+        }
+    }
+
+    pub fn apply(&mut self, change: Change) {
+        let changed_at = Instant::now();
+        let changed = match &change {
+            Change::Applied(object) => object.reference(),
+            Change::Deleted(reference) => Some(reference.clone()),
+            Change::Synced => None,
+        };
+        let changed_policy = changed
+            .filter(|reference| reference.kind == Kind::DestinationPolicy)
+            .map(|reference| reference.key);
+        let affected: BTreeSet<ObjectKey> = match change {
+            Change::Applied(object) => {
+                let Some(reference) = object.reference() else {
+                    tracing::warn!(kind = ?object.kind(), "ignoring an object without a name or namespace");
+                    return;
+                };
+                if let Object::Pod(pod) = &object
+                    && self.pods.unchanged(&reference.key, pod)
+                {
+                    return;
+                }
+                self.remove(&reference)
+                    .into_iter()
+                    .chain(self.insert(reference.key, object))
+                    .collect()
+            }
+            Change::Deleted(reference) => self.remove(&reference),
+            Change::Synced => {
+                self.snapshots.mark_synced();
+                self.synced.send_replace(true);
+                return;
+            }
+        };
+        for service in &affected {
+            self.recompute(service, changed_at);
+        }
+        let policies = affected
+            .iter()
+            .flat_map(|service| self.policies.of_service(service))
+            .cloned()
+            .chain(changed_policy)
+            .collect();
+        self.report(policies);
+    }
+
+    /// Forgets an object; returns the Services it affected.
+    fn remove(&mut self, reference: &ObjectRef) -> BTreeSet<ObjectKey> {
+        let key = &reference.key;
+        match reference.kind {
+            Kind::Service => self
+                .services
+                .remove(key)
+                .then(|| key.clone())
+                .into_iter()
+                .collect(),
+            Kind::EndpointSlice => self.slices.remove(key).into_iter().collect(),
+            Kind::Pod if self.pods.remove(key) => self.slices.services_on_pod(key),
+            Kind::Pod => BTreeSet::new(),
+            Kind::DestinationPolicy => self.policies.remove(key).into_iter().collect(),
+        }
+    }
+
+    /// Records an object; returns the Services it affects.
+    fn insert(&mut self, key: ObjectKey, object: Object) -> BTreeSet<ObjectKey> {
+        match object {
+            Object::Service(service) => {
+                self.services.insert(key.clone(), &service);
+                BTreeSet::from([key])
+            }
+            Object::EndpointSlice(slice) => self.slices.insert(key, &slice).into_iter().collect(),
+            Object::Pod(pod) => {
+                let services = self.slices.services_on_pod(&key);
+                self.pods.insert(key, *pod);
+                services
+            }
+            Object::DestinationPolicy(policy) => self
+                .policies
+                .insert(key, &policy, &self.metrics)
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// Publishes what changed for a Service, and withdraws the keys it no longer has.
+    fn recompute(&mut self, service: &ObjectKey, changed_at: Instant) {
+        let destinations = self.destinations(service, changed_at);
+        let published = self.published.entry(service.clone()).or_default();
+        published.retain(|key, _| {
+            let kept = destinations.contains_key(key);
+            if !kept {
+                self.snapshots.remove(key);
+            }
+            kept
+        });
+        for (key, snapshot) in destinations {
+            let Snapshot::Known { version, .. } = &*snapshot else {
+                unreachable!("Snapshot::known is known")
+            };
+            if published.get(&key) == Some(version) {
+                continue;
+            }
+            published.insert(key.clone(), version.clone());
+            self.snapshots.publish(&key, snapshot);
+        }
+        if published.is_empty() {
+            self.published.remove(service);
+        }
+    }
+
+    /// Every key of a Service with its snapshot (one per port, whichever key names it), endpoints
+    /// grouped by EndpointSlice so that a pod coming or going changes one group; none when the
+    /// Service is unknown.
+    fn destinations(
+        &self,
+        service: &ObjectKey,
+        changed_at: Instant,
+    ) -> BTreeMap<String, Arc<Snapshot>> {
+        let Some(state) = self.services.get(service) else {
+            return BTreeMap::new();
+        };
+        let policy = self.policies.in_force(service);
+        let slices: Vec<(&str, &SliceState)> = self
+            .slices
+            .of_service(service)
+            .map(|(key, slice)| (key.name.as_str(), slice))
+            .collect();
+        let mut destinations = BTreeMap::new();
+        for port in &state.ports {
+            // Endpoints by the EndpointSlice they come from, in the order of its name.
+            let mut groups = Vec::new();
+            let mut seen = HashSet::new();
+            for (name, slice) in &slices {
+                let Some(&target_port) = slice.ports.get(&port.name) else {
+                    continue;
+                };
+                let endpoints: Vec<proto::Endpoint> = slice
+                    .endpoints
+                    .iter()
+                    .map(|endpoint| (endpoint, SocketAddr::new(endpoint.ip, target_port)))
+                    // The same endpoint may sit in two slices while they are rebalanced.
+                    .filter(|(_, address)| seen.insert(*address))
+                    .map(|(endpoint, address)| proto::Endpoint {
+                        address: address.to_string(),
+                        subsets: policy
+                            .map(|(.., translated)| {
+                                self.pods.subsets_of(
+                                    &service.namespace,
+                                    endpoint.pod.as_deref(),
+                                    translated,
+                                )
+                            })
+                            .unwrap_or_default(),
+                        pod: endpoint.pod.clone().unwrap_or_default(),
+                        h2c: port.h2c,
+                    })
+                    .collect();
+                if !endpoints.is_empty() {
+                    groups.push((name.to_string(), endpoints));
+                }
+            }
+            let destination = proto::Destination {
+                namespace: service.namespace.clone(),
+                service: service.name.clone(),
+                port: port.port.into(),
+                policy: policy.map(|(key, ..)| key.to_string()).unwrap_or_default(),
+                policy_generation: policy.map(|(_, state, _)| state.generation).unwrap_or(0),
+                policy_spec: policy.map(|(.., translated)| translated.policy.clone()),
+                routes: policy
+                    .map(|(.., translated)| translated.routes.clone())
+                    .unwrap_or_default(),
+                subsets: policy
+                    .map(|(.., translated)| {
+                        translated
+                            .subsets
+                            .iter()
+                            .map(|(name, _)| name.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                // Named by `Snapshot::known`, from the groups.
+                endpoint_groups: Vec::new(),
+            };
+            let by_name = DestinationKey::Service {
+                namespace: service.namespace.clone(),
+                name: service.name.clone(),
+                port: port.port,
+            };
+            let by_address = state
+                .cluster_ips
+                .iter()
+                .map(|&ip| DestinationKey::Address(SocketAddr::new(ip, port.port)));
+            let snapshot = Arc::new(Snapshot::known(destination, groups, changed_at));
+            for key in std::iter::once(by_name).chain(by_address) {
+                destinations.insert(key.to_string(), snapshot.clone());
+            }
+        }
+        destinations
+    }
+}
+
+/// Removes `key` from the set of `owner`, and the set once empty.
+fn remove_from(
+    index: &mut HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    owner: &ObjectKey,
+    key: &ObjectKey,
+) {
+    if let Some(keys) = index.get_mut(owner) {
+        keys.remove(key);
+        if keys.is_empty() {
+            index.remove(owner);
+        }
+    }
+}

@@ -1,0 +1,564 @@
+//! The index, fed changes by hand.
+
+use super::*;
+use serde_json::{Value, json};
+
+const BY_NAME: &str = "reviews.shop.svc.cluster.local:9080";
+const BY_IP: &str = "10.96.0.10:9080";
+
+fn object<T: serde::de::DeserializeOwned>(value: Value) -> T {
+    serde_json::from_value(value).expect("a valid object")
+}
+
+fn service(ports: Value) -> Change {
+    Change::Applied(Object::Service(Box::new(object(json!({
+        "metadata": {"namespace": "shop", "name": "reviews"},
+        "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "ports": ports},
+    })))))
+}
+
+fn reviews() -> Change {
+    service(json!([{"name": "http", "port": 9080}]))
+}
+
+/// A slice of `reviews` whose endpoints are (ip, pod, ready), listening on `port`.
+fn slice(name: &str, port: u16, endpoints: &[(&str, &str, bool)]) -> Change {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(ip, pod, ready)| {
+            json!({
+                "addresses": [ip],
+                "conditions": {"ready": ready},
+                "targetRef": {"kind": "Pod", "name": pod, "namespace": "shop"},
+            })
+        })
+        .collect();
+    Change::Applied(Object::EndpointSlice(Box::new(object(json!({
+        "metadata": {
+            "namespace": "shop", "name": name,
+            "labels": {"kubernetes.io/service-name": "reviews"},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port}],
+        "endpoints": endpoints,
+    })))))
+}
+
+fn pod(name: &str, version: &str) -> Change {
+    Change::Applied(Object::Pod(Box::new(object(json!({
+        "metadata": {"namespace": "shop", "name": name, "labels": {"version": version}},
+    })))))
+}
+
+fn policy(name: &str, created: &str, spec: Value) -> Change {
+    Change::Applied(Object::DestinationPolicy(Box::new(object(json!({
+        "apiVersion": "outrigger.dev/v1alpha1",
+        "kind": "DestinationPolicy",
+        "metadata": {
+            "namespace": "shop", "name": name, "generation": 3,
+            "creationTimestamp": created,
+        },
+        "spec": spec,
+    })))))
+}
+
+fn canary_policy() -> Value {
+    json!({
+        "host": "reviews",
+        "subsets": [
+            {"name": "stable", "labels": {"version": "v1"}},
+            {"name": "canary", "labels": {"version": "v2"}},
+        ],
+        "trafficSplit": [{"subset": "stable", "weight": 90}, {"subset": "canary", "weight": 10}],
+        "timeout": "10s",
+    })
+}
+
+fn deleted(kind: Kind, name: &str) -> Change {
+    Change::Deleted(ObjectRef {
+        kind,
+        key: ObjectKey::new("shop", name),
+    })
+}
+
+fn index() -> (Index, Snapshots) {
+    let snapshots = Snapshots::default();
+    (Index::new(snapshots.clone(), Metrics::default()), snapshots)
+}
+
+#[derive(Debug, PartialEq)]
+enum Published {
+    Nothing,
+    Unknown,
+    Known(Box<proto::Destination>, Vec<proto::Endpoint>),
+}
+
+fn published(snapshots: &Snapshots, key: &str) -> Published {
+    match snapshots.watch(key).borrow().as_deref() {
+        None => Published::Nothing,
+        Some(Snapshot::Unknown { .. }) => Published::Unknown,
+        Some(Snapshot::Known {
+            destination,
+            endpoints,
+            ..
+        }) => Published::Known(
+            destination.clone(),
+            endpoints.iter().flat_map(|group| group.decode()).collect(),
+        ),
+    }
+}
+
+fn known(snapshots: &Snapshots, key: &str) -> proto::Destination {
+    match published(snapshots, key) {
+        Published::Known(destination, _) => *destination,
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+fn endpoint_list(snapshots: &Snapshots, key: &str) -> Vec<proto::Endpoint> {
+    match published(snapshots, key) {
+        Published::Known(_, endpoints) => endpoints,
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+/// (address, subsets) of every endpoint.
+fn endpoints(snapshots: &Snapshots, key: &str) -> Vec<(String, Vec<String>)> {
+    endpoint_list(snapshots, key)
+        .into_iter()
+        .map(|e| (e.address, e.subsets))
+        .collect()
+}
+
+#[test]
+fn a_service_port_is_published_by_name_and_by_cluster_ip() {
+    let (mut index, snapshots) = index();
+    index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+    assert_eq!(published(&snapshots, BY_NAME), Published::Nothing);
+    index.apply(reviews());
+    let destination = known(&snapshots, BY_NAME);
+    assert_eq!(published(&snapshots, BY_NAME), published(&snapshots, BY_IP));
+    assert_eq!(
+        (
+            destination.namespace.as_str(),
+            destination.service.as_str(),
+            destination.port
+        ),
+        ("shop", "reviews", 9080)
+    );
+    assert_eq!(
+        endpoint_list(&snapshots, BY_NAME),
+        [proto::Endpoint {
+            address: "10.0.0.1:8080".into(),
+            subsets: vec![],
+            pod: "reviews-1".into(),
+            h2c: false,
+        }]
+    );
+    assert_eq!(destination.policy, "");
+    assert_eq!(destination.policy_spec, None);
+}
+
+#[test]
+fn endpoints_are_the_ready_ones_on_the_named_port_once_each() {
+    let (mut index, snapshots) = index();
+    index.apply(service(json!([
+        {"name": "http", "port": 9080},
+        {"name": "grpc", "port": 9090, "appProtocol": "kubernetes.io/h2c"},
+    ])));
+    index.apply(slice(
+        "reviews-a",
+        8080,
+        &[
+            ("10.0.0.1", "reviews-1", true),
+            ("10.0.0.2", "reviews-2", false),
+        ],
+    ));
+    // The same endpoint in a second slice, as while slices are rebalanced.
+    index.apply(slice("reviews-b", 8080, &[("10.0.0.1", "reviews-1", true)]));
+    assert_eq!(
+        endpoints(&snapshots, BY_NAME),
+        [("10.0.0.1:8080".to_string(), vec![])]
+    );
+    // No slice has a `grpc` port: the destination exists, without endpoints.
+    let grpc = known(&snapshots, "reviews.shop.svc.cluster.local:9090");
+    assert_eq!(
+        published(&snapshots, "10.96.0.10:9090"),
+        Published::Known(Box::new(grpc), vec![])
+    );
+
+    index.apply(Change::Applied(Object::EndpointSlice(Box::new(object(
+        json!({
+            "metadata": {"namespace": "shop", "name": "reviews-grpc",
+                "labels": {"kubernetes.io/service-name": "reviews"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "grpc", "port": 7070}],
+            "endpoints": [{"addresses": ["10.0.0.3"]}],
+        }),
+    )))));
+    let grpc = endpoint_list(&snapshots, "reviews.shop.svc.cluster.local:9090");
+    assert_eq!(grpc.len(), 1);
+    assert_eq!(grpc[0].address, "10.0.0.3:7070");
+    assert!(grpc[0].h2c, "appProtocol kubernetes.io/h2c");
+}
+
+/// (slice, version, addresses) of every endpoint group.
+fn groups(snapshots: &Snapshots, key: &str) -> Vec<(String, String, Vec<String>)> {
+    match snapshots.current(key).as_deref() {
+        Some(Snapshot::Known { endpoints, .. }) => endpoints
+            .iter()
+            .map(|group| {
+                let addresses = group.decode().into_iter().map(|e| e.address).collect();
+                (group.name.clone(), group.version.clone(), addresses)
+            })
+            .collect(),
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+#[test]
+fn endpoints_are_grouped_by_slice_so_churn_changes_one_group() {
+    let (mut index, snapshots) = index();
+    index.apply(reviews());
+    index.apply(slice("reviews-b", 8080, &[("10.0.0.2", "reviews-2", true)]));
+    index.apply(slice(
+        "reviews-a",
+        8080,
+        &[
+            ("10.0.0.1", "reviews-1", true),
+            ("10.0.0.2", "reviews-2", true),
+        ],
+    ));
+    let before = groups(&snapshots, BY_NAME);
+    let layout = |groups: &[(String, String, Vec<String>)]| -> Vec<(String, Vec<String>)> {
+        groups
+            .iter()
+            .map(|(name, _, addresses)| (name.clone(), addresses.clone()))
+            .collect()
+    };
+    // By slice name; an endpoint in two slices counts once, in the first, and reviews-b is
+    // left with none.
+    assert_eq!(
+        layout(&before),
+        [(
+            "reviews-a".to_string(),
+            vec!["10.0.0.1:8080".to_string(), "10.0.0.2:8080".to_string()]
+        )]
+    );
+
+    index.apply(slice("reviews-b", 8080, &[("10.0.0.3", "reviews-3", true)]));
+    let after = groups(&snapshots, BY_NAME);
+    assert_eq!(after[0], before[0], "an untouched slice keeps its version");
+    assert_eq!(
+        layout(&after[1..]),
+        [("reviews-b".to_string(), vec!["10.0.0.3:8080".to_string()])]
+    );
+}
+
+#[test]
+fn subsets_follow_pod_labels() {
+    let (mut index, snapshots) = index();
+    index.apply(pod("reviews-1", "v1"));
+    index.apply(pod("reviews-2", "v2"));
+    index.apply(policy("reviews", "2026-01-01T00:00:00Z", canary_policy()));
+    index.apply(slice(
+        "reviews-a",
+        8080,
+        &[
+            ("10.0.0.1", "reviews-1", true),
+            ("10.0.0.2", "reviews-2", true),
+            ("10.0.0.3", "reviews-3", true),
+        ],
+    ));
+    index.apply(reviews());
+    let subsets = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        endpoints(&snapshots, BY_NAME),
+        [
+            ("10.0.0.1:8080".into(), subsets(&["stable"])),
+            ("10.0.0.2:8080".into(), subsets(&["canary"])),
+            // A pod the index has not seen carries no labels.
+            ("10.0.0.3:8080".into(), subsets(&[])),
+        ]
+    );
+    assert_eq!(known(&snapshots, BY_NAME).subsets, ["stable", "canary"]);
+
+    index.apply(pod("reviews-3", "v2"));
+    index.apply(pod("reviews-1", "v2"));
+    index.apply(deleted(Kind::Pod, "reviews-2"));
+    assert_eq!(
+        endpoints(&snapshots, BY_NAME),
+        [
+            ("10.0.0.1:8080".into(), subsets(&["canary"])),
+            ("10.0.0.2:8080".into(), subsets(&[])),
+            ("10.0.0.3:8080".into(), subsets(&["canary"])),
+        ]
+    );
+}
+
+#[test]
+fn the_policy_in_force_is_translated_into_the_destination() {
+    let (mut index, snapshots) = index();
+    index.apply(reviews());
+    index.apply(policy(
+        "reviews",
+        "2026-01-01T00:00:00Z",
+        json!({"host": "reviews.shop.svc.cluster.local", "timeout": "1m30s",
+               "routes": [{"name": "slow", "match": {"pathPrefix": "/slow"}, "timeout": "5m"}]}),
+    ));
+    let destination = known(&snapshots, BY_NAME);
+    assert_eq!(destination.policy, "shop/reviews");
+    assert_eq!(destination.policy_generation, 3);
+    assert_eq!(destination.policy_spec.unwrap().timeout_ms, Some(90_000));
+    assert_eq!(destination.routes[0].name, "slow");
+    assert_eq!(destination.routes[0].timeout_ms, Some(300_000));
+
+    // The oldest valid policy wins; an invalid one is not in force and counts as an error.
+    index.apply(policy(
+        "older-but-invalid",
+        "2025-01-01T00:00:00Z",
+        json!({"host": "reviews", "timeout": "1s", "retries": {"perTryTimeout": "2s"}}),
+    ));
+    assert_eq!(known(&snapshots, BY_NAME).policy, "shop/reviews");
+    assert_eq!(index.metrics.reconcile_errors.get(), 1);
+    index.apply(policy(
+        "oldest",
+        "2024-01-01T00:00:00Z",
+        json!({"host": "reviews", "timeout": "3s"}),
+    ));
+    assert_eq!(known(&snapshots, BY_NAME).policy, "shop/oldest");
+    index.apply(deleted(Kind::DestinationPolicy, "oldest"));
+    assert_eq!(known(&snapshots, BY_NAME).policy, "shop/reviews");
+
+    // A host in another namespace governs nothing here.
+    index.apply(deleted(Kind::DestinationPolicy, "reviews"));
+    index.apply(policy(
+        "elsewhere",
+        "2020-01-01T00:00:00Z",
+        json!({"host": "reviews.books", "timeout": "3s"}),
+    ));
+    let destination = known(&snapshots, BY_NAME);
+    assert_eq!(destination.policy, "");
+    assert_eq!(destination.policy_spec, None);
+}
+
+#[test]
+fn churn_and_deletion_reach_every_key() {
+    let (mut index, snapshots) = index();
+    index.apply(reviews());
+    index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+    index.apply(Change::Synced);
+    for round in 2..20u8 {
+        let ip = format!("10.0.0.{round}");
+        index.apply(slice("reviews-a", 8080, &[(&ip, "reviews-x", true)]));
+        assert_eq!(
+            endpoints(&snapshots, BY_IP),
+            [(format!("{ip}:8080"), vec![])]
+        );
+    }
+    index.apply(deleted(Kind::EndpointSlice, "reviews-a"));
+    assert!(endpoint_list(&snapshots, BY_NAME).is_empty());
+
+    // A port taken away and a ClusterIP changed withdraw their keys.
+    index.apply(service(json!([{"name": "http", "port": 9081}])));
+    assert_eq!(published(&snapshots, BY_NAME), Published::Unknown);
+    assert_eq!(published(&snapshots, BY_IP), Published::Unknown);
+    assert!(matches!(
+        published(&snapshots, "reviews.shop.svc.cluster.local:9081"),
+        Published::Known(..)
+    ));
+
+    index.apply(deleted(Kind::Service, "reviews"));
+    for key in ["reviews.shop.svc.cluster.local:9081", "10.96.0.10:9081"] {
+        assert_eq!(published(&snapshots, key), Published::Unknown, "{key}");
+    }
+    // Deleting what is not there changes nothing.
+    index.apply(deleted(Kind::Service, "reviews"));
+    index.apply(deleted(Kind::Pod, "nobody"));
+}
+
+#[test]
+fn an_unchanged_recompute_publishes_nothing() {
+    let (mut index, snapshots) = index();
+    index.apply(pod("reviews-1", "v1"));
+    index.apply(policy("reviews", "2026-01-01T00:00:00Z", canary_policy()));
+    index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+    index.apply(reviews());
+    let mut by_name = snapshots.watch(BY_NAME);
+    let mut by_ip = snapshots.watch(BY_IP);
+    by_name.mark_unchanged();
+    by_ip.mark_unchanged();
+
+    index.apply(reviews());
+    index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+    index.apply(pod("reviews-1", "v1"));
+    index.apply(policy("reviews", "2026-01-01T00:00:00Z", canary_policy()));
+    // A not-ready endpoint and an unrelated pod change nothing either.
+    index.apply(slice(
+        "reviews-a",
+        8080,
+        &[
+            ("10.0.0.1", "reviews-1", true),
+            ("10.0.0.9", "reviews-9", false),
+        ],
+    ));
+    index.apply(pod("unrelated", "v2"));
+    assert!(!by_name.has_changed().unwrap());
+    assert!(!by_ip.has_changed().unwrap());
+
+    index.apply(pod("reviews-1", "v2"));
+    assert!(by_name.has_changed().unwrap());
+    assert!(by_ip.has_changed().unwrap());
+}
+
+#[test]
+fn synced_makes_the_rest_unknown_and_the_index_ready() {
+    let (mut index, snapshots) = index();
+    let ready = index.synced();
+    let elsewhere = snapshots.watch("ratings.shop.svc.cluster.local:80");
+    index.apply(reviews());
+    assert!(elsewhere.borrow().is_none(), "may still appear");
+    assert!(!*ready.borrow());
+    index.apply(Change::Synced);
+    assert!(matches!(
+        elsewhere.borrow().as_deref(),
+        Some(Snapshot::Unknown { .. })
+    ));
+    assert!(*ready.borrow());
+    assert!(matches!(
+        published(&snapshots, BY_NAME),
+        Published::Known(..)
+    ));
+}
+
+fn report(index: &Index, name: &str) -> PolicyReport {
+    index.policy_reports().borrow()[&ObjectKey::new("shop", name)].clone()
+}
+
+fn problem(reason: &'static str, message: &str) -> Problem {
+    Problem::new(reason, message)
+}
+
+#[test]
+fn reports_say_why_a_policy_is_not_in_force_or_not_resolved() {
+    let (mut index, _) = index();
+    index.apply(policy("reviews", "2026-01-01T00:00:00Z", canary_policy()));
+    let missing = problem("ServiceNotFound", "Service shop/reviews does not exist");
+    let reviews_report = report(&index, "reviews");
+    assert_eq!(reviews_report.split, "stable=90,canary=10");
+    assert_eq!(reviews_report.generation, 3);
+    assert_eq!(reviews_report.accepted, Ok(()));
+    assert_eq!(reviews_report.resolved_refs, Err(missing.clone()));
+    assert_eq!(reviews_report.destination_keys, Err(missing));
+
+    // The Service, with endpoints of the stable pods only.
+    index.apply(pod("reviews-1", "v1"));
+    index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+    index.apply(reviews());
+    let reviews_report = report(&index, "reviews");
+    assert_eq!(
+        reviews_report.resolved_refs,
+        Err(problem(
+            "SubsetsWithoutEndpoints",
+            "no ready endpoints in subset canary: while another subset has some, it gets \
+             no traffic"
+        ))
+    );
+    assert_eq!(
+        reviews_report.destination_keys,
+        Ok(vec![BY_IP.to_string(), BY_NAME.to_string()])
+    );
+    // A canary pod labelled later resolves it.
+    index.apply(slice("reviews-b", 8080, &[("10.0.0.2", "reviews-2", true)]));
+    index.apply(pod("reviews-2", "v2"));
+    assert_eq!(report(&index, "reviews").resolved_refs, Ok(()));
+
+    index.apply(policy(
+        "newer",
+        "2026-02-01T00:00:00Z",
+        json!({"host": "reviews"}),
+    ));
+    let conflicted = problem(
+        "Conflicted",
+        "DestinationPolicy shop/reviews governs Service shop/reviews: of the policies for a \
+         Service, the oldest is in force",
+    );
+    let newer = report(&index, "newer");
+    assert_eq!(newer.accepted, Err(conflicted.clone()));
+    assert_eq!(newer.destination_keys, Err(conflicted));
+    assert_eq!(newer.split, "all");
+
+    index.apply(policy(
+        "invalid",
+        "2025-01-01T00:00:00Z",
+        json!({"host": "reviews", "timeout": "1s", "retries": {"perTryTimeout": "2s"}}),
+    ));
+    assert_eq!(
+        report(&index, "invalid").accepted,
+        Err(problem(
+            "Invalid",
+            "spec.retries.perTryTimeout: 2s exceeds the timeout 1s"
+        ))
+    );
+    assert_eq!(
+        report(&index, "reviews").accepted,
+        Ok(()),
+        "an invalid policy is never in force"
+    );
+
+    index.apply(policy(
+        "elsewhere",
+        "2020-01-01T00:00:00Z",
+        json!({"host": "reviews.books"}),
+    ));
+    assert_eq!(
+        report(&index, "elsewhere").resolved_refs,
+        Err(problem(
+            "ServiceNotFound",
+            "host `reviews.books` names no Service in namespace shop, the only one a policy \
+             there applies to"
+        ))
+    );
+
+    // The policy in force deleted: the next oldest takes over.
+    index.apply(deleted(Kind::DestinationPolicy, "reviews"));
+    assert!(
+        !index
+            .policy_reports()
+            .borrow()
+            .contains_key(&ObjectKey::new("shop", "reviews"))
+    );
+    assert_eq!(report(&index, "newer").accepted, Ok(()));
+}
+
+#[test]
+fn reports_change_only_when_their_content_does() {
+    let (mut index, _) = index();
+    index.apply(reviews());
+    index.apply(policy("reviews", "2026-01-01T00:00:00Z", canary_policy()));
+    let mut reports = index.policy_reports();
+    reports.mark_unchanged();
+    index.apply(pod("unrelated", "v1"));
+    index.apply(reviews());
+    assert!(!reports.has_changed().unwrap());
+    index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+    index.apply(pod("reviews-1", "v2"));
+    assert!(reports.has_changed().unwrap());
+}
+
+#[tokio::test]
+async fn run_applies_what_sources_send() {
+    let (index, snapshots) = index();
+    let ready = index.synced();
+    let (changes, received) = mpsc::channel(8);
+    let running = tokio::spawn(index.run(received));
+    changes.send(reviews()).await.unwrap();
+    changes.send(Change::Synced).await.unwrap();
+    drop(changes);
+    running.await.unwrap();
+    assert!(*ready.borrow());
+    assert!(matches!(
+        published(&snapshots, BY_NAME),
+        Published::Known(..)
+    ));
+}

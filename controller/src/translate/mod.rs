@@ -1,0 +1,45 @@
+//! Policy resources -> the protocol's policy, checked on the way: one file per resource kind
+//! (today `destination_policy`; a route or an authorization policy gets a file of its own).
+//!
+//! The API server enforces the CRD's schema and CEL rules, but a manifests directory has no API
+//! server in front of it, and a cluster may run an older CRD; so every rule the proxies rely on is
+//! checked again here, with the field named as `kubectl` would name it. Values arrive complete:
+//! the policy types carry SPEC.md's defaults, so the proxies get explicit numbers.
+
+mod destination_policy;
+
+use std::time::Duration;
+
+use outrigger_api::policy;
+
+pub use self::destination_policy::{Translated, translate};
+
+/// A field of a spec that cannot be used, named as `kubectl` would name it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("spec.{field}: {problem}")]
+pub struct PolicyError {
+    pub field: String,
+    pub problem: String,
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> PolicyError {
+    PolicyError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+fn millis(duration: &policy::Duration) -> u64 {
+    duration_ms(duration.get())
+}
+
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn check_percent(field: &str, percent: u32) -> Result<(), PolicyError> {
+    if percent > 100 {
+        return Err(invalid(field, format!("{percent} is above 100")));
+    }
+    Ok(())
+}
