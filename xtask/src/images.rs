@@ -158,12 +158,17 @@ pub fn assemble(spec: &ImageSpec, reference: &str, binary: &Path) -> Result<Imag
     Ok(image)
 }
 
-/// This machine's `iptables-restore` and `iptables-save` (nft or legacy, whichever its
-/// alternatives choose), at their paths with the symlinks to the multi-call binary, its
+/// This machine's `iptables-restore` and `iptables-save` and their IPv6 twins (nft or legacy,
+/// whichever its alternatives choose), at their paths with the symlinks to the multi-call binary, its
 /// libraries, its extension modules (loaded by name: `REDIRECT`, `owner`, `multiport`) with
 /// theirs, and `/etc/protocols` (`-p tcp`).
 fn add_iptables(image: &mut Image) -> Result<()> {
-    for command in ["iptables-restore", "iptables-save"] {
+    for command in [
+        "iptables-restore",
+        "iptables-save",
+        "ip6tables-restore",
+        "ip6tables-save",
+    ] {
         let path = find_on_path(command).with_context(|| {
             format!("{command} is not installed (apt-get install iptables; cargo xtask ci does)")
         })?;
@@ -391,6 +396,8 @@ mod tests {
             "/usr/local/bin/outrigger-proxy",
             "/usr/sbin/iptables-restore",
             "/usr/sbin/iptables-save",
+            "/usr/sbin/ip6tables-restore",
+            "/usr/sbin/ip6tables-save",
             "/etc/protocols",
             "/lib64/ld-linux-x86-64.so.2",
         ] {
