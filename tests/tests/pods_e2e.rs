@@ -225,6 +225,24 @@ impl Suite {
     fn client_proxy(&self) -> Result<SocketAddr, String> {
         Ok(self.only_pod(SHOP, "app=client")?.addr(4191))
     }
+
+    /// What the client pod's proxy shows at `path` on loopback only (`/config`, `/endpoints`),
+    /// asked from inside the pod.
+    fn client_proxy_dump(&self, path: &str) -> Result<String, String> {
+        let url = format!("http://127.0.0.1:4191{path}");
+        self.kubectl(&[
+            "exec",
+            "-n",
+            SHOP,
+            "deploy/client",
+            "-c",
+            "app",
+            "--",
+            APP,
+            "get",
+            &url,
+        ])
+    }
 }
 
 struct Pod {
@@ -840,10 +858,18 @@ fn failures(suite: &mut Suite) {
                 "the client's proxy applies the short ejections",
                 PATIENCE,
                 || {
-                    let (_, config) = http("GET", proxy, "/config", "")?;
+                    let config = suite.client_proxy_dump("/config")?;
                     Ok(config.contains(r#""base_ejection_time": "1000ms""#))
                 },
             )?;
+            // Policies, pods and addresses are for the pod itself, not for whoever reaches it.
+            for dump in ["/config", "/endpoints"] {
+                let (status, _) = http("GET", proxy, dump, "")?;
+                ensure!(
+                    status == 403,
+                    "the client's proxy served {dump} off the pod: {status}"
+                );
+            }
             let bad = suite
                 .pods(SHOP, "app=reviews,version=v1")?
                 .into_iter()
@@ -863,13 +889,13 @@ fn failures(suite: &mut Suite) {
             // One call at a time: the fifth 5xx in a row ejects it before another call is sent.
             let calls =
                 suite.client_calls(&["--url", REVIEWS_URL, "--requests=600", "--pause=20ms"]);
-            let endpoints = http("GET", proxy, "/endpoints", "");
+            let endpoints = suite.client_proxy_dump("/endpoints");
             let exposition = metrics(proxy);
             let hits = backend_stats(&bad)?["hits"].as_u64().unwrap_or(0) - hits_before;
             steer(&bad, "answer")?;
             calls?.all_ok()?;
 
-            let (_, endpoints) = endpoints?;
+            let endpoints = endpoints?;
             let endpoints: Value = serde_json::from_str(&endpoints)
                 .map_err(|err| format!("/endpoints: {err}: {endpoints}"))?;
             let state = endpoints

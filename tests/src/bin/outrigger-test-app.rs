@@ -7,7 +7,9 @@
 //! - `echo`: a plain TCP echo;
 //! - `idle`: an app that only waits (tests `kubectl exec` the client role in its pod), and on
 //!   SIGTERM makes one call, to show whether the network still works while it stops;
-//! - `http` and `tcp`: clients that make calls and print a JSON summary of what came back.
+//! - `http` and `tcp`: clients that make calls and print a JSON summary of what came back;
+//! - `get`: one GET whose body it prints, for what the pod's proxy shows on loopback only
+//!   (`/config`, `/endpoints`).
 //!
 //! The long-running roles print, first thing, what their pod's proxy said to `/ready` when they
 //! started (the injected sidecar should be ready before the app starts).
@@ -73,6 +75,8 @@ enum Role {
     Http(client::HttpCalls),
     /// TCP round trips; prints a JSON summary.
     Tcp(client::TcpRoundTrips),
+    /// One GET; prints the body, and fails unless the status is 200.
+    Get { url: String },
 }
 
 #[derive(clap::Args)]
@@ -132,6 +136,12 @@ async fn main() -> Result<()> {
         }
         Role::Http(calls) => calls.run().await,
         Role::Tcp(round_trips) => round_trips.run().await,
+        Role::Get { url } => {
+            let answer = client::get(&url, &[]).await?;
+            print!("{}", answer.body);
+            anyhow::ensure!(answer.status == 200, "{url} answered {}", answer.status);
+            Ok(())
+        }
     }
 }
 
