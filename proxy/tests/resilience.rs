@@ -6,6 +6,7 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http_body_util::Full;
 use outrigger_api::proto;
 use outrigger_tests::{Backend, Behaviour, ControlPlane, ProxyEvent, destination};
@@ -505,44 +506,53 @@ async fn endpoint_states(admin: std::net::SocketAddr) -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn consecutive_errors_eject_and_probation_sends_exactly_one_probe() {
+    // Ejections long enough for 30 requests on a loaded machine; their ends are waited for, not
+    // slept through.
     let policy = proto::Policy {
-        outlier_detection: outlier(400),
+        outlier_detection: outlier(2000),
         load_balancer: round_robin(),
         ..Default::default()
     };
     let m = mesh(&[("stable", 3)], policy, vec![]).await;
     let bad = &m.backends[0];
+    let state_of_bad = || async {
+        endpoint_states(m.proxy.admin)
+            .await
+            .into_iter()
+            .find(|(address, _)| *address == bad.addr.to_string())
+            .map(|(_, state)| state)
+            .expect("the bad endpoint is listed")
+    };
     bad.set(Behaviour::Status(500));
     let mut conn = Conn::http1(m.proxy.outbound).await;
     for _ in 0..9 {
         conn.get("web", "/").await;
     }
     let at_ejection = bad.hits();
-    let states = endpoint_states(m.proxy.admin).await;
-    assert!(
-        states.contains(&(bad.addr.to_string(), "ejected".into())),
-        "{states:?}"
-    );
+    assert_eq!(state_of_bad().await, "ejected");
     let ejected =
         r#"outrigger_endpoints{dst_namespace="default",dst_service="web",state="ejected"}"#;
     assert_eq!(metric(m.proxy.admin, ejected).await, 1.0);
-    assert_eq!(
-        metric(
-            m.proxy.admin,
-            r#"outrigger_outlier_ejections_total{dst_namespace="default",dst_service="web"}"#
-        )
-        .await,
-        1.0
-    );
+    let ejections =
+        r#"outrigger_outlier_ejections_total{dst_namespace="default",dst_service="web"}"#;
+    assert_eq!(metric(m.proxy.admin, ejections).await, 1.0);
 
     // While ejected: no traffic at all.
     for _ in 0..30 {
         assert_eq!(conn.get("web", "/").await.status, 200);
     }
     assert_eq!(bad.hits(), at_ejection);
+    assert_eq!(
+        state_of_bad().await,
+        "ejected",
+        "the ejection outlasted the requests"
+    );
 
     // Probation: exactly one probe, which fails, so it is ejected again (for twice as long).
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    eventually("probation", || async {
+        state_of_bad().await == "probation"
+    })
+    .await;
     let probation =
         r#"outrigger_endpoints{dst_namespace="default",dst_service="web",state="probation"}"#;
     assert_eq!(metric(m.proxy.admin, probation).await, 1.0);
@@ -550,18 +560,15 @@ async fn consecutive_errors_eject_and_probation_sends_exactly_one_probe() {
         conn.get("web", "/").await;
     }
     assert_eq!(bad.hits(), at_ejection + 1, "one probe");
-    assert_eq!(
-        metric(
-            m.proxy.admin,
-            r#"outrigger_outlier_ejections_total{dst_namespace="default",dst_service="web"}"#
-        )
-        .await,
-        2.0
-    );
+    assert_eq!(metric(m.proxy.admin, ejections).await, 2.0);
+    assert_eq!(state_of_bad().await, "ejected");
 
     // Recovered: the next probe succeeds and it is back in rotation.
     bad.set(Behaviour::Answer);
-    tokio::time::sleep(Duration::from_millis(850)).await;
+    eventually("probation again", || async {
+        state_of_bad().await == "probation"
+    })
+    .await;
     for _ in 0..30 {
         assert_eq!(conn.get("web", "/").await.status, 200);
     }
@@ -581,13 +588,28 @@ async fn pool_limits_fail_fast_with_a_reason() {
         ..Default::default()
     };
     let m = mesh(&[("stable", 1)], policy, vec![]).await;
-    m.backends[0].set(Behaviour::Delay(Duration::from_millis(300)));
-    // HTTP/1 throughout, as the warm-up: its idle connection is the one pool slot.
-    let replies =
-        futures_util::future::join_all((0..6).map(|_| get(m.proxy.outbound, "web", "/"))).await;
-    let ok = replies.iter().filter(|r| r.status == 200).count();
-    let refused: Vec<_> = replies.iter().filter(|r| r.status == 503).collect();
-    assert_eq!((ok, refused.len()), (2, 4), "{replies:?}");
+    let backend = &m.backends[0];
+    let warmed_up = backend.hits();
+    backend.set(Behaviour::Hold);
+    // HTTP/1 throughout, as the warm-up: its idle connection is the one pool slot. The first
+    // request holds it until released, the second waits for it, the rest are refused at once.
+    let mut replies: futures_util::stream::FuturesUnordered<_> =
+        (0..6).map(|_| get(m.proxy.outbound, "web", "/")).collect();
+    let mut refused = Vec::new();
+    while refused.len() < 4 {
+        let reply = replies.next().await.expect("six replies");
+        assert_eq!(
+            reply.status, 503,
+            "only refusals come before the release: {reply:?}"
+        );
+        refused.push(reply);
+    }
+    backend.set(Behaviour::Answer);
+    backend.release(1);
+    let answered: Vec<_> = replies.collect().await;
+    assert!(answered.iter().all(|r| r.status == 200), "{answered:?}");
+    assert_eq!(answered.len(), 2);
+    assert_eq!(backend.hits(), warmed_up + 2);
     assert!(
         refused[0]
             .header("outrigger-proxy-error")
@@ -605,13 +627,20 @@ async fn the_rate_limit_answers_429_with_retry_after() {
         ..Default::default()
     };
     let m = mesh(&[("stable", 1)], policy, vec![]).await;
-    // The warm-up request took one token.
-    let replies = load(m.proxy.outbound, 10, 1).await;
+    // The warm-up request took one token; the bucket refills one a second meanwhile, however long
+    // the requests take here.
+    let started = tokio::time::Instant::now();
+    let replies = load(m.proxy.outbound, 20, 1).await;
+    let refilled = started.elapsed().as_secs() + 1;
     let limited: Vec<_> = replies.iter().filter(|r| r.status == 429).collect();
-    assert_eq!(limited.len(), 6, "{replies:?}");
+    let passed = (replies.len() - limited.len()) as u64;
+    assert!(
+        (4..=4 + refilled).contains(&passed) && !limited.is_empty(),
+        "{passed} passed in {refilled} s: {replies:?}"
+    );
     assert_eq!(limited[0].header("retry-after"), "1");
     let counted = r#"outrigger_rate_limited_total{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route=""}"#;
-    assert_eq!(metric(m.proxy.admin, counted).await, 6.0);
+    assert_eq!(metric(m.proxy.admin, counted).await, limited.len() as f64);
 }
 
 #[tokio::test]

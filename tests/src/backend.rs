@@ -13,7 +13,7 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, Semaphore, oneshot};
 
 /// How the backend answers the next requests.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,6 +30,9 @@ pub enum Behaviour {
     GrpcStatus(u32),
     /// 500 for this share of requests (0 to 100), picked at random; the rest are answered.
     FailPercent(u32),
+    /// Waits until [`Backend::release`] lets it through, then answers: a request in flight for
+    /// as long as a test needs, however slow the machine.
+    Hold,
 }
 
 /// `answer`, `status 503`, `delay 500ms`, `reset`, `grpc-status 14`, `fail-percent 50`: how a
@@ -88,6 +91,8 @@ struct State {
     errors: AtomicU64,
     /// Lets a `/stream` response send its last chunk.
     release: Notify,
+    /// Permits for held requests.
+    held: Semaphore,
 }
 
 pub struct Backend {
@@ -111,6 +116,7 @@ impl Backend {
             connections: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             release: Notify::new(),
+            held: Semaphore::new(0),
         });
         let (stop, mut stopped) = oneshot::channel();
         let served = state.clone();
@@ -163,6 +169,11 @@ impl Backend {
         self.state.release.notify_waiters();
     }
 
+    /// Lets `requests` held requests through (or ones yet to come).
+    pub fn release(&self, requests: usize) {
+        self.state.held.add_permits(requests);
+    }
+
     /// Stops accepting and drops every open connection.
     pub fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
@@ -210,6 +221,7 @@ async fn respond(
         }
         Behaviour::FailPercent(_) => {}
         Behaviour::Delay(delay) => tokio::time::sleep(delay).await,
+        Behaviour::Hold => state.held.acquire().await.ok()?.forget(),
         Behaviour::Reset => return None,
         Behaviour::GrpcStatus(code) => {
             let mut response = text(200, "", &request);

@@ -221,13 +221,15 @@ pub async fn metric_if_present(admin: SocketAddr, series: &str) -> Option<f64> {
         .map(|v| v.trim().parse().unwrap())
 }
 
-/// Retries `check` until it holds, for state that changes asynchronously (config pushes).
+/// Retries `check` until it holds, for state that changes asynchronously (config pushes, ejection
+/// windows); gives up after 30 s, long enough for a loaded machine.
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    for _ in 0..200 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
         if check().await {
             return;
         }
