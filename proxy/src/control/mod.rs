@@ -49,6 +49,15 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A destination with thousands of endpoints is a large snapshot.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// After a stream that was up is lost, the next attempt comes within this long, at random: every
+/// proxy of a controller that went away loses its stream at once, and they must not all come back
+/// at once (they serve on what they hold meanwhile).
+const RECONNECT_SPREAD: Duration = Duration::from_secs(3);
+/// An `Endpoints` call that fails is retried alone, up to this many attempts in all, before the
+/// stream is given up: one failed fetch need not cost every destination its stream.
+const FETCH_ATTEMPTS: u32 = 4;
+/// Each `Endpoints` call gets this long; a call that hangs would otherwise stall the stream.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs until `shutdown`. `ready` turns true at the first Welcome and stays true.
 pub async fn run(
@@ -86,16 +95,20 @@ pub async fn run(
             resolver.set_control_plane(ControlPlaneState::Unreachable);
         }
         if welcomed {
-            backoff = BACKOFF_MIN;
+            backoff = RECONNECT_SPREAD;
         }
         // Full jitter: proxies that lost the same controller do not come back in lockstep.
-        let delay = rand::rng().random_range(Duration::ZERO..=backoff);
+        let delay = jittered(backoff);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stopped(&mut shutdown) => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+fn jittered(backoff: Duration) -> Duration {
+    rand::rng().random_range(Duration::ZERO..=backoff)
 }
 
 struct SessionError {
@@ -354,8 +367,18 @@ async fn fetch_endpoints(
         key: key.to_string(),
         groups: groups.iter().map(|group| group.name.clone()).collect(),
     };
-    let reply = match client.endpoints(request).await {
-        Ok(reply) => reply.into_inner(),
+    let call = || {
+        let mut client = client.clone();
+        let request = request.clone();
+        async move {
+            client
+                .endpoints(request)
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let reply = match with_retries(call).await {
+        Ok(reply) => reply,
         Err(status) if status.code() == tonic::Code::NotFound => return Ok(Fetched::Gone),
         Err(status) => return Err(status),
     };
@@ -380,6 +403,34 @@ async fn fetch_endpoints(
         None if newer => Fetched::Newer,
         None => Fetched::Named,
     })
+}
+
+/// `call` until it answers, with [`FETCH_TIMEOUT`] each time and jittered backoff between, up to
+/// [`FETCH_ATTEMPTS`]; `NotFound` is an answer.
+async fn with_retries<F, Fut, T>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let mut backoff = BACKOFF_MIN;
+    let mut attempt = 1;
+    loop {
+        let status = match tokio::time::timeout(FETCH_TIMEOUT, call()).await {
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(status)) if status.code() == tonic::Code::NotFound => return Err(status),
+            Ok(Err(status)) => status,
+            Err(_) => {
+                tonic::Status::deadline_exceeded(format!("no answer within {FETCH_TIMEOUT:?}"))
+            }
+        };
+        if attempt == FETCH_ATTEMPTS {
+            return Err(status);
+        }
+        tracing::warn!(%status, attempt, "fetching endpoints failed; trying again");
+        tokio::time::sleep(jittered(backoff)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        attempt += 1;
+    }
 }
 
 /// Counts the outcome of applying a version and says it to the controller.
@@ -416,6 +467,66 @@ mod tests {
     use super::*;
 
     const KEY: &str = "web.default.svc.cluster.local:80";
+
+    type Call = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u32, tonic::Status>>>>;
+
+    /// A call that answers `outcomes` in turn (then hangs), and how often it was made.
+    fn scripted(
+        outcomes: Vec<Result<u32, tonic::Code>>,
+    ) -> (impl FnMut() -> Call, std::rc::Rc<std::cell::Cell<usize>>) {
+        let calls = std::rc::Rc::new(std::cell::Cell::new(0));
+        let counted = calls.clone();
+        let mut outcomes = outcomes.into_iter();
+        let call = move || {
+            counted.set(counted.get() + 1);
+            let outcome = outcomes.next();
+            Box::pin(async move {
+                match outcome {
+                    Some(outcome) => outcome.map_err(|code| tonic::Status::new(code, "scripted")),
+                    None => std::future::pending().await,
+                }
+            }) as Call
+        };
+        (call, calls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_endpoints_call_is_retried_alone() {
+        use tonic::Code::{NotFound, Unavailable};
+        let (call, calls) = scripted(vec![Err(Unavailable), Err(Unavailable), Ok(7)]);
+        assert_eq!(with_retries(call).await.unwrap(), 7);
+        assert_eq!(calls.get(), 3);
+
+        // A call that hangs is cut, and counts as a failed attempt.
+        let (call, calls) = scripted(vec![Err(Unavailable)]);
+        let started = tokio::time::Instant::now();
+        let error = with_retries(call).await.unwrap_err();
+        assert_eq!(error.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(calls.get(), FETCH_ATTEMPTS as usize);
+        assert!(started.elapsed() >= FETCH_TIMEOUT * (FETCH_ATTEMPTS - 1));
+
+        // NotFound is an answer, not a failure.
+        let (call, calls) = scripted(vec![Err(NotFound), Ok(7)]);
+        assert_eq!(with_retries(call).await.unwrap_err().code(), NotFound);
+        assert_eq!(calls.get(), 1);
+    }
+
+    #[test]
+    fn reconnects_after_a_lost_stream_are_spread_over_seconds() {
+        let delays: Vec<Duration> = (0..1000).map(|_| jittered(RECONNECT_SPREAD)).collect();
+        assert!(delays.iter().all(|delay| *delay <= RECONNECT_SPREAD));
+        // Uniform over 3 s: about two in three after the first second, a tenth in any 300 ms.
+        let late = delays
+            .iter()
+            .filter(|d| **d > Duration::from_secs(1))
+            .count();
+        assert!(late > 500, "{late} of 1000 after 1 s");
+        let first = delays
+            .iter()
+            .filter(|d| **d < Duration::from_millis(300))
+            .count();
+        assert!(first < 200, "{first} of 1000 within 300 ms");
+    }
 
     /// Endpoint groups by (name, version).
     fn groups(named: &[(&str, &str)]) -> Vec<proto::EndpointGroup> {
