@@ -2,6 +2,8 @@
 
 pub mod destination;
 pub mod duration;
+#[cfg(feature = "logging")]
+pub mod logging;
 #[cfg(feature = "crd")]
 pub mod policy;
 

@@ -704,6 +704,7 @@ pub fn crd() -> CustomResourceDefinition {
         {
             let mut value = serde_json::to_value(&*schema).expect("a schema serializes");
             drop_nullable(&mut value);
+            known_integer_formats(&mut value);
             *schema = serde_json::from_value(value).expect("the same schema deserializes");
         }
     }
@@ -729,10 +730,62 @@ fn drop_nullable(schema: &mut Value) {
     }
 }
 
+/// schemars names unsigned integers `uint32` and `uint16`, formats the API server does not know
+/// (`helm install` and `kubectl apply` warn about each): they become `int64` and `int32`, which
+/// hold them, with the type's maximum where none is set, so the API server still refuses what the
+/// Rust type could not hold.
+fn known_integer_formats(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            let known = match map.get("format").and_then(Value::as_str) {
+                Some("uint32") => Some(("int64", u64::from(u32::MAX))),
+                Some("uint16") => Some(("int32", u64::from(u16::MAX))),
+                _ => None,
+            };
+            if let Some((format, maximum)) = known {
+                map.insert("format".into(), format.into());
+                map.entry("maximum").or_insert(Value::from(maximum as f64));
+            }
+            map.values_mut().for_each(known_integer_formats);
+        }
+        Value::Array(items) => items.iter_mut().for_each(known_integer_formats),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn integer_formats_are_ones_the_api_server_knows() {
+        fn formats(schema: &Value, found: &mut Vec<String>) {
+            match schema {
+                Value::Object(map) => {
+                    if let Some(format) = map.get("format").and_then(Value::as_str) {
+                        found.push(format.to_owned());
+                        // Ours: unsigned, so with a minimum, and bounded by the Rust type.
+                        if format.starts_with("int") && map.contains_key("minimum") {
+                            assert!(map.contains_key("maximum"), "{map:?}");
+                        }
+                    }
+                    map.values().for_each(|v| formats(v, found));
+                }
+                Value::Array(items) => items.iter().for_each(|v| formats(v, found)),
+                _ => {}
+            }
+        }
+        let mut found = Vec::new();
+        formats(&schema(), &mut found);
+        assert!(found.iter().any(|f| f == "int64"), "{found:?}");
+        for format in found {
+            assert!(
+                ["int32", "int64", "double", "date-time"].contains(&format.as_str()),
+                "{format}"
+            );
+        }
+    }
 
     fn schema() -> Value {
         let crd = crd();

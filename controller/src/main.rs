@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use outrigger_api::logging::LogFormat;
 use outrigger_controller::{Controller, Settings, crds};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -19,6 +20,15 @@ use tokio::signal::unix::{SignalKind, signal};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// `text` (colour only on a terminal) or `json` (one object a line, for log collectors).
+    #[arg(
+        long,
+        env = "OUTRIGGER_LOG_FORMAT",
+        value_enum,
+        default_value_t,
+        global = true
+    )]
+    log_format: LogFormat,
     #[command(flatten)]
     settings: Settings,
 }
@@ -38,12 +48,8 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let cli = Cli::parse();
+    outrigger_api::logging::init(cli.log_format);
     match cli.command {
         Some(Command::Crds { dir, check: true }) => crds::check(&dir),
         Some(Command::Crds { dir, check: false }) => crds::write(&dir),

@@ -1,24 +1,36 @@
-//! The admin server: `/metrics`, `/live`, `/ready`, `/config`, `/endpoints`.
+//! The admin server: `/metrics`, `/live`, `/ready`, `/config`, `/endpoints`. The injected proxy
+//! serves it on every address, for kubelet probes and Prometheus; `/config` and `/endpoints` (every
+//! destination's policy, pods and addresses) are for loopback only (`kubectl port-forward`).
+
+use std::net::SocketAddr;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::body::{Body, full};
-use crate::discovery::{Destinations, Resolution};
+use crate::http::body::{Body, full};
 use crate::metrics::Metrics;
+use crate::outbound::resolve::{Resolution, Resolver};
 
 #[derive(Clone)]
 pub struct Admin {
     pub metrics: Metrics,
-    pub destinations: Destinations,
+    pub resolver: Resolver,
     pub ready: watch::Receiver<bool>,
 }
 
 impl Admin {
-    pub fn handle(&self, request: Request<Incoming>) -> Response<Body> {
-        match (request.method(), request.uri().path()) {
+    /// Answers `request`, which came from `peer`.
+    pub fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let path = request.uri().path();
+        if matches!(path, "/config" | "/endpoints") && !peer.ip().to_canonical().is_loopback() {
+            return text(
+                StatusCode::FORBIDDEN,
+                "served on loopback only: use kubectl port-forward\n",
+            );
+        }
+        match (request.method(), path) {
             (&http::Method::GET, "/metrics") => respond(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -45,7 +57,7 @@ impl Admin {
     /// Every destination with the configuration applied to it and its version.
     fn config(&self) -> Value {
         let destinations: serde_json::Map<String, Value> = self
-            .destinations
+            .resolver
             .all()
             .into_iter()
             .map(|(key, resolution)| {
@@ -56,6 +68,10 @@ impl Admin {
                         "state": "ready",
                         "version": destination.config.version,
                         "config": &*destination.config,
+                        "layers": destination
+                            .layers()
+                            .into_iter()
+                            .collect::<serde_json::Map<String, Value>>(),
                     }),
                 };
                 (key, value)
@@ -70,7 +86,7 @@ impl Admin {
     /// Every endpoint of every destination with its state.
     fn endpoints(&self) -> Value {
         let destinations: serde_json::Map<String, Value> = self
-            .destinations
+            .resolver
             .all()
             .into_iter()
             .filter_map(|(key, resolution)| match resolution {
@@ -78,7 +94,7 @@ impl Admin {
                 _ => None,
             })
             .map(|(key, destination)| {
-                let now = std::time::Instant::now();
+                let now = tokio::time::Instant::now();
                 let endpoints: Vec<Value> = destination
                     .endpoints
                     .iter()

@@ -1,6 +1,9 @@
+#![forbid(unsafe_code)]
+
 use clap::{Parser, Subcommand};
-use outrigger_proxy::redirect::{self, RedirectSettings};
+use outrigger_api::logging::LogFormat;
 use outrigger_proxy::{Proxy, Settings};
+use outrigger_proxy::{RedirectSettings, install_redirect};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -14,6 +17,19 @@ use tokio::sync::watch;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// `text` (colour only on a terminal) or `json` (one object a line, for log collectors).
+    #[arg(
+        long,
+        env = "OUTRIGGER_LOG_FORMAT",
+        value_enum,
+        default_value_t,
+        global = true
+    )]
+    log_format: LogFormat,
+    /// Threads serving traffic. A sidecar's share of a node is small: one thread per core of a
+    /// 64-core node would be 64 per pod.
+    #[arg(long, env = "OUTRIGGER_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    worker_threads: u16,
     #[command(flatten)]
     settings: Settings,
 }
@@ -24,22 +40,27 @@ enum Command {
     Init(RedirectSettings),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    outrigger_api::logging::init(cli.log_format);
     if let Some(Command::Init(settings)) = cli.command {
-        return redirect::install(&settings);
+        return install_redirect(&settings);
     }
-    let proxy = Proxy::bind(cli.settings).await?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(cli.worker_threads))
+        .thread_name("proxy-worker")
+        .enable_all()
+        .build()?
+        .block_on(serve(cli.settings))
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let proxy = Proxy::bind(settings).await?;
     tracing::info!(
         outbound = %proxy.outbound_addr(),
         inbound = %proxy.inbound_addr(),
         admin = %proxy.admin_addr(),
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "proxy listening"
     );
     let (shutdown_tx, shutdown) = watch::channel(false);

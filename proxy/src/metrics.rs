@@ -1,8 +1,9 @@
 //! The proxy's Prometheus metrics (names and labels fixed by SPEC.md).
 
-use std::sync::Arc;
-
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -13,10 +14,11 @@ use prometheus_client::registry::Registry;
 
 /// An enum whose variants are label values, written as Prometheus expects them.
 macro_rules! label_values {
-    ($name:ident { $($variant:ident => $value:literal,)+ }) => {
+    ($(#[$meta:meta])* $name:ident { $($(#[$variant_meta:meta])* $variant:ident => $value:literal,)+ }) => {
+        $(#[$meta])*
         #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
         pub enum $name {
-            $($variant,)+
+            $($(#[$variant_meta])* $variant,)+
         }
 
         impl $name {
@@ -47,7 +49,7 @@ pub type Name = Arc<String>;
 
 /// Who a request was for. Built once per destination and route, cloned per request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DstLabels {
+pub struct RequestLabels {
     pub direction: Direction,
     pub dst_namespace: Name,
     pub dst_service: Name,
@@ -65,16 +67,30 @@ label_values! {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResponseLabels {
     #[prometheus(flatten)]
-    pub dst: DstLabels,
+    pub dst: RequestLabels,
     pub status_code: u16,
     pub classification: Classification,
+}
+
+label_values! {
+    /// Why a request was retried.
+    RetryReason {
+        ConnectFailure => "connect-failure",
+        Reset => "reset",
+        PerTryTimeout => "per-try-timeout",
+        /// gRPC `UNAVAILABLE`.
+        Unavailable => "unavailable",
+        RetriableStatusCode => "retriable-status-code",
+        GatewayError => "gateway-error",
+        ServerError => "5xx",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RetryLabels {
     #[prometheus(flatten)]
-    pub dst: DstLabels,
-    pub reason: &'static str,
+    pub dst: RequestLabels,
+    pub reason: RetryReason,
 }
 
 label_values! {
@@ -87,13 +103,13 @@ label_values! {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TimeoutLabels {
     #[prometheus(flatten)]
-    pub dst: DstLabels,
+    pub dst: RequestLabels,
     pub kind: TimeoutKind,
 }
 
 /// Labels of per-destination (not per-request) series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DestinationLabels {
+pub struct ServiceLabels {
     pub dst_namespace: Name,
     pub dst_service: Name,
 }
@@ -109,7 +125,7 @@ label_values! {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
     #[prometheus(flatten)]
-    pub dst: DestinationLabels,
+    pub dst: ServiceLabels,
     pub state: EndpointState,
 }
 
@@ -140,18 +156,103 @@ impl MetricConstructor<Histogram> for LatencyBuckets {
     }
 }
 
+/// The Service a series is about, so that its series can go when the proxy forgets it.
+pub trait OfService {
+    fn service(&self) -> ServiceLabels;
+}
+
+impl OfService for RequestLabels {
+    fn service(&self) -> ServiceLabels {
+        ServiceLabels {
+            dst_namespace: self.dst_namespace.clone(),
+            dst_service: self.dst_service.clone(),
+        }
+    }
+}
+
+impl OfService for ServiceLabels {
+    fn service(&self) -> ServiceLabels {
+        self.clone()
+    }
+}
+
+macro_rules! of_service_through_dst {
+    ($($labels:ty),+) => {
+        $(impl OfService for $labels {
+            fn service(&self) -> ServiceLabels {
+                self.dst.service()
+            }
+        })+
+    };
+}
+
+of_service_through_dst!(ResponseLabels, RetryLabels, TimeoutLabels, EndpointLabels);
+
+/// A family of per-Service series that remembers which label sets it made for each Service, so
+/// that they can be removed together (prometheus-client's `Family` cannot list them).
+#[derive(Clone)]
+pub struct ServiceFamily<S, M, C = fn() -> M> {
+    family: Family<S, M, C>,
+    made: Arc<Mutex<HashMap<ServiceLabels, HashSet<S>>>>,
+}
+
+impl<S, M, C> ServiceFamily<S, M, C>
+where
+    S: Clone + Hash + Eq + OfService,
+    M: Clone,
+    C: MetricConstructor<M>,
+{
+    fn new(family: Family<S, M, C>) -> Self {
+        Self {
+            family,
+            made: Arc::default(),
+        }
+    }
+
+    /// Applies `f` to the series of `labels`, made if need be.
+    pub fn with<R>(&self, labels: &S, f: impl FnOnce(&M) -> R) -> R {
+        // The usual case is one lookup, as in `Family::get_or_create`.
+        if let Some(metric) = self.family.get(labels) {
+            return f(&metric);
+        }
+        self.note(labels);
+        f(&self.family.get_or_create(labels))
+    }
+
+    pub fn get_or_create_owned(&self, labels: &S) -> M {
+        self.note(labels);
+        self.family.get_or_create_owned(labels)
+    }
+
+    fn note(&self, labels: &S) {
+        self.made
+            .lock()
+            .expect("series lock")
+            .entry(labels.service())
+            .or_default()
+            .insert(labels.clone());
+    }
+
+    fn forget(&self, service: &ServiceLabels) {
+        let made = self.made.lock().expect("series lock").remove(service);
+        for labels in made.into_iter().flatten() {
+            self.family.remove(&labels);
+        }
+    }
+}
+
 /// Every metric the proxy exposes. Cloning shares the same series.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
-    pub requests: Family<ResponseLabels, Counter>,
-    pub request_duration: Family<DstLabels, Histogram, LatencyBuckets>,
-    pub retries: Family<RetryLabels, Counter>,
-    pub retry_budget_exhausted: Family<DstLabels, Counter>,
-    pub timeouts: Family<TimeoutLabels, Counter>,
-    pub outlier_ejections: Family<DestinationLabels, Counter>,
-    pub endpoints: Family<EndpointLabels, Gauge>,
-    pub rate_limited: Family<DstLabels, Counter>,
+    pub requests: ServiceFamily<ResponseLabels, Counter>,
+    pub request_duration: ServiceFamily<RequestLabels, Histogram, LatencyBuckets>,
+    pub retries: ServiceFamily<RetryLabels, Counter>,
+    pub retry_budget_exhausted: ServiceFamily<RequestLabels, Counter>,
+    pub timeouts: ServiceFamily<TimeoutLabels, Counter>,
+    pub outlier_ejections: ServiceFamily<ServiceLabels, Counter>,
+    pub endpoints: ServiceFamily<EndpointLabels, Gauge>,
+    pub rate_limited: ServiceFamily<RequestLabels, Counter>,
     pub connections_open: Family<DirectionLabels, Gauge>,
     pub config_updates: Family<UpdateLabels, Counter>,
     pub control_plane_connected: Gauge,
@@ -226,18 +327,30 @@ impl Metrics {
         );
         Self {
             registry: Arc::new(registry),
-            requests,
-            request_duration,
-            retries,
-            retry_budget_exhausted,
-            timeouts,
-            outlier_ejections,
-            endpoints,
-            rate_limited,
+            requests: ServiceFamily::new(requests),
+            request_duration: ServiceFamily::new(request_duration),
+            retries: ServiceFamily::new(retries),
+            retry_budget_exhausted: ServiceFamily::new(retry_budget_exhausted),
+            timeouts: ServiceFamily::new(timeouts),
+            outlier_ejections: ServiceFamily::new(outlier_ejections),
+            endpoints: ServiceFamily::new(endpoints),
+            rate_limited: ServiceFamily::new(rate_limited),
             connections_open,
             config_updates,
             control_plane_connected,
         }
+    }
+
+    /// Removes every series about `service`, which the proxy no longer calls.
+    pub fn forget_service(&self, service: &ServiceLabels) {
+        self.requests.forget(service);
+        self.request_duration.forget(service);
+        self.retries.forget(service);
+        self.retry_budget_exhausted.forget(service);
+        self.timeouts.forget(service);
+        self.outlier_ejections.forget(service);
+        self.endpoints.forget(service);
+        self.rate_limited.forget(service);
     }
 
     /// The Prometheus text exposition of every series.

@@ -1,29 +1,30 @@
 //! The metrics layer: counts every request and its duration as the app saw it, including the
-//! responses the proxy made itself. Inner layers say whom a request was for by putting `DstLabels`
-//! in the response's extensions; the duration runs until the response body is done.
+//! responses the proxy made itself. Inner layers say whom a request was for by putting `ctx::Labels` in
+//! the response's extensions; the duration runs until the response body is done.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Frame, SizeHint};
+use tokio::time::Instant;
 
-use crate::body::{Body, BoxError, boxed};
-use crate::metrics::{Classification, DstLabels, Metrics, ResponseLabels};
+use crate::ctx::Labels;
+use crate::http::body::{Body, BoxError, boxed};
+use crate::metrics::{Classification, Metrics, RequestLabels, ResponseLabels};
 
 #[derive(Clone)]
 pub struct TelemetryLayer {
     metrics: Metrics,
     /// Labels for responses no inner layer labelled (an unknown destination, inbound traffic).
-    fallback: DstLabels,
+    fallback: RequestLabels,
 }
 
 impl TelemetryLayer {
-    pub fn new(metrics: Metrics, fallback: DstLabels) -> Self {
+    pub fn new(metrics: Metrics, fallback: RequestLabels) -> Self {
         Self { metrics, fallback }
     }
 }
@@ -74,8 +75,8 @@ where
             let response = response.await?;
             let labels = response
                 .extensions()
-                .get::<DstLabels>()
-                .cloned()
+                .get::<Labels>()
+                .map(|Labels(labels)| labels.clone())
                 .unwrap_or(layer.fallback);
             let grpc_status = response
                 .headers()
@@ -102,7 +103,7 @@ where
 
 struct Recorder {
     metrics: Metrics,
-    labels: DstLabels,
+    labels: RequestLabels,
     status: u16,
     started: Instant,
     grpc: bool,
@@ -123,18 +124,15 @@ impl Drop for Recorder {
         } else {
             Classification::Success
         };
-        self.metrics
-            .request_duration
-            .get_or_create(&self.labels)
-            .observe(self.started.elapsed().as_secs_f64());
-        self.metrics
-            .requests
-            .get_or_create(&ResponseLabels {
-                dst: self.labels.clone(),
-                status_code: self.status,
-                classification,
-            })
-            .inc();
+        self.metrics.request_duration.with(&self.labels, |metric| {
+            metric.observe(self.started.elapsed().as_secs_f64())
+        });
+        let labels = ResponseLabels {
+            dst: self.labels.clone(),
+            status_code: self.status,
+            classification,
+        };
+        self.metrics.requests.with(&labels, |counter| counter.inc());
     }
 }
 

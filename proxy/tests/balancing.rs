@@ -105,6 +105,53 @@ async fn load_aware_algorithms_send_less_to_a_slow_endpoint() {
 }
 
 #[tokio::test]
+async fn the_default_balancer_spreads_over_equal_endpoints_and_shuns_a_dead_one() {
+    // No policy: PeakEwma. Two equal endpoints and one whose port refuses connections.
+    let backends = [Backend::start("a").await, Backend::start("b").await];
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let cp = ControlPlane::start().await;
+    let endpoints = [
+        (backends[0].addr, &[][..]),
+        (backends[1].addr, &[]),
+        (dead, &[]),
+    ];
+    cp.publish(WEB, destination("default", "web", 80, &endpoints));
+    let proxy = RunningProxy::start(settings(&cp.url(), backends[0].addr))
+        .await
+        .ready()
+        .await;
+    let mut conn = Conn::http1(proxy.outbound).await;
+    for _ in 0..200 {
+        // A refused connection is retried once elsewhere: the app sees no failure.
+        assert_eq!(conn.get("web", "/").await.status, 200);
+    }
+    // Each first attempt at the dead endpoint is one connect-failure retry; after its first
+    // failure it is shunned for as long as the test runs.
+    let retried = metric_if_present(
+        proxy.admin,
+        r#"outrigger_retries_total{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route="",reason="connect-failure"}"#,
+    )
+    .await
+    // Absent: no attempt went there at all.
+    .unwrap_or(0.0);
+    assert!(
+        retried <= 5.0,
+        "{retried} first attempts went to the dead endpoint"
+    );
+    for backend in &backends {
+        assert!(
+            backend.hits() >= 40,
+            "{} got {} of 200",
+            backend.name(),
+            backend.hits()
+        );
+    }
+}
+
+#[tokio::test]
 async fn consistent_hash_keeps_a_key_on_one_endpoint() {
     let backends = three_backends().await;
     let (_cp, proxy) = proxy_for(proto::Algorithm::ConsistentHash, "x-user", &backends).await;

@@ -112,6 +112,15 @@ async fn keeps_serving_without_the_controller_and_resyncs_when_it_returns() {
         assert_eq!(get(proxy.outbound, "web", "/").await.body, "one");
     }
     assert_eq!(admin_get(proxy.admin, "/ready").await.status, 200);
+    // A destination never asked about cannot be learned meanwhile: refused without waiting for
+    // an answer that cannot come, saying why.
+    let unseen = get(proxy.outbound, "other", "/").await;
+    assert_eq!(unseen.status, 503);
+    assert!(
+        unseen.body.contains("the control plane is unreachable"),
+        "{}",
+        unseen.body
+    );
 
     // While it is away the policy changes; when it is back the proxy resubscribes and gets it.
     let mut cp = cp.start().await;

@@ -655,7 +655,7 @@ async fn faults_abort_and_delay_on_command() {
         matches!(e, ProxyEvent::Acked { version: ref v, .. } if *v == version).then_some(())
     })
     .await;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     assert_eq!(get(proxy.outbound, "web", "/").await.status, 200);
     assert!(
         started.elapsed() >= Duration::from_millis(300),
@@ -721,7 +721,8 @@ async fn chaos_one_backend_dies_mid_load() {
 }
 
 #[tokio::test]
-async fn grpc_is_retried_on_unavailable_and_classified_by_grpc_status() {
+async fn grpc_is_retried_on_unavailable_only_when_non_idempotent_retries_are_allowed() {
+    // Every gRPC call is a POST, and UNAVAILABLE is an answer: the call may have run.
     let policy = proto::Policy {
         retries: Some(retries(1, &[proto::RetryOn::ServerError])),
         load_balancer: round_robin(),
@@ -729,14 +730,102 @@ async fn grpc_is_retried_on_unavailable_and_classified_by_grpc_status() {
     };
     let m = mesh(&[("stable", 2)], policy, vec![]).await;
     let mut conn = Conn::http2(m.proxy.outbound).await;
-    let grpc_call = || {
-        let mut call = request("web", "/pkg.Service/Method");
-        *call.method_mut() = http::Method::POST;
-        call.headers_mut()
-            .insert("content-type", "application/grpc".parse().unwrap());
-        call.headers_mut().insert("te", "trailers".parse().unwrap());
-        call
+    m.backends[0].set(Behaviour::GrpcStatus(14));
+    m.backends[1].set(Behaviour::GrpcStatus(14));
+    let before = m.backends[0].hits() + m.backends[1].hits();
+    let reply = conn.send(grpc_call()).await.unwrap();
+    assert_eq!(reply.header("grpc-status"), "14");
+    let tries = m.backends[0].hits() + m.backends[1].hits() - before;
+    assert_eq!(tries, 1, "not retried");
+}
+
+/// An h2c server that refuses every stream before processing it (RST_STREAM REFUSED_STREAM).
+async fn refusing_h2_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_refused_stream_is_retried_whatever_the_method() {
+    let cp = ControlPlane::start().await;
+    let good = Backend::start("good").await;
+    let refusing = refusing_h2_server().await;
+    let mut d = destination("default", "web", 80, &[(refusing, &[]), (good.addr, &[])]);
+    d.policy_spec = Some(proto::Policy {
+        retries: Some(retries(1, &[proto::RetryOn::ServerError])),
+        load_balancer: round_robin(),
+        ..Default::default()
+    });
+    cp.publish(WEB, d);
+    let proxy = RunningProxy::start(settings(&cp.url(), good.addr))
+        .await
+        .ready()
+        .await;
+    let mut conn = Conn::http2(proxy.outbound).await;
+    for _ in 0..10 {
+        let mut post = request("web", "/orders");
+        *post.method_mut() = http::Method::POST;
+        let reply = conn.send(post).await.unwrap();
+        // Nothing reached the refusing server: sent again, to the other one.
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    assert_eq!(good.hits(), 10);
+}
+
+#[tokio::test]
+async fn grpc_server_errors_eject_the_endpoint_though_http_says_200() {
+    let policy = proto::Policy {
+        outlier_detection: outlier(60_000),
+        load_balancer: round_robin(),
+        ..Default::default()
     };
+    let m = mesh(&[("stable", 3)], policy, vec![]).await;
+    m.backends[0].set(Behaviour::GrpcStatus(13));
+    let mut conn = Conn::http2(m.proxy.outbound).await;
+    for _ in 0..12 {
+        conn.send(grpc_call()).await.unwrap();
+    }
+    let states = endpoint_states(m.proxy.admin).await;
+    assert!(
+        states.contains(&(m.backends[0].addr.to_string(), "ejected".into())),
+        "{states:?}"
+    );
+}
+
+fn grpc_call() -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut call = request("web", "/pkg.Service/Method");
+    *call.method_mut() = http::Method::POST;
+    call.headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    call.headers_mut().insert("te", "trailers".parse().unwrap());
+    call
+}
+
+#[tokio::test]
+async fn grpc_is_retried_on_unavailable_and_classified_by_grpc_status() {
+    let policy = proto::Policy {
+        retries: Some(proto::RetryPolicy {
+            retry_non_idempotent: true,
+            ..retries(1, &[proto::RetryOn::ServerError])
+        }),
+        load_balancer: round_robin(),
+        ..Default::default()
+    };
+    let m = mesh(&[("stable", 2)], policy, vec![]).await;
+    let mut conn = Conn::http2(m.proxy.outbound).await;
     m.backends[0].set(Behaviour::GrpcStatus(14));
     m.backends[1].set(Behaviour::GrpcStatus(0));
     for _ in 0..6 {

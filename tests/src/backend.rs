@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot};
 
 /// How the backend answers the next requests.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Behaviour {
     /// 200 with the backend's name as the body.
     Answer,
@@ -30,6 +30,50 @@ pub enum Behaviour {
     GrpcStatus(u32),
     /// 500 for this share of requests (0 to 100), picked at random; the rest are answered.
     FailPercent(u32),
+}
+
+/// `answer`, `status 503`, `delay 500ms`, `reset`, `grpc-status 14`, `fail-percent 50`: how a
+/// backend running as a program of its own is steered.
+impl std::str::FromStr for Behaviour {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let mut words = text.split_whitespace();
+        let kind = words.next().unwrap_or_default();
+        let argument = words.next();
+        let number = |what: &str| {
+            argument
+                .and_then(|value| value.parse::<u32>().ok())
+                .ok_or_else(|| format!("`{kind}` needs {what}, as in `{kind} 50`"))
+        };
+        let behaviour = match kind {
+            "answer" => Behaviour::Answer,
+            "status" => Behaviour::Status(
+                u16::try_from(number("a status code")?).map_err(|err| err.to_string())?,
+            ),
+            "delay" => Behaviour::Delay(
+                argument
+                    .ok_or("`delay` needs a duration, as in `delay 500ms`")
+                    .and_then(|value| {
+                        outrigger_api::duration::parse(value)
+                            .map_err(|_| "`delay` needs a duration, as in `delay 500ms`")
+                    })?,
+            ),
+            "reset" => Behaviour::Reset,
+            "grpc-status" => Behaviour::GrpcStatus(number("a gRPC status code")?),
+            "fail-percent" => Behaviour::FailPercent(number("a percentage")?.min(100)),
+            _ => {
+                return Err(format!(
+                    "unknown behaviour {text:?}: answer, status N, delay D, reset, grpc-status N \
+                     or fail-percent N"
+                ));
+            }
+        };
+        if words.next().is_some() {
+            return Err(format!("{text:?} has more words than `{kind}` takes"));
+        }
+        Ok(behaviour)
+    }
 }
 
 type Body = BoxBody<Bytes, Infallible>;

@@ -32,9 +32,12 @@ impl RunningProxy {
             admin_addr: any,
             max_header_bytes: 16 * 1024,
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3600),
             drain_timeout: Duration::from_secs(1),
             discovery_timeout: Duration::from_secs(2),
             discovery_idle_timeout: Duration::from_secs(60),
+            // The backends listen on loopback too.
+            allow_loopback_endpoints: true,
         })
         .await
         .expect("proxy binds");

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod control_plane;
+pub mod dashboards;
 pub mod e2e;
 pub mod process;
 

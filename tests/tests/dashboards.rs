@@ -17,8 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -26,10 +25,12 @@ use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use outrigger_tests::process::ChildProcess;
+use outrigger_tests::dashboards::{
+    Dashboard, GLOBAL_VARIABLES, Prometheus, dashboards_dir, exposed_names, family_of, http_get,
+    load_dashboards, metric_names, on_path, query_every_panel, series_sum, static_scrape_configs,
+    variable_references,
+};
 use outrigger_tests::{Backend, Behaviour, ControlPlane, destination};
-use regex::Regex;
-use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -39,190 +40,9 @@ const SERVICE: &str = "reviews";
 const AUTHORITY: &str = "reviews.shop:9080";
 const DESTINATION_KEY: &str = "reviews.shop.svc.cluster.local:9080";
 
-/// The dashboards' uids: links and bookmarks depend on them, so they never change.
-const DASHBOARD_UIDS: [&str; 3] = [
-    "outrigger-mesh-overview",
-    "outrigger-destination",
-    "outrigger-control-plane",
-];
-
-/// Prometheus scrapes this often; `$__rate_interval` is what Grafana makes of it at a 1 s step
-/// (four scrape intervals).
-const SCRAPE_INTERVAL: &str = "1s";
-const RATE_INTERVAL: &str = "4s";
-
 /// How long any one awaited effect (a scrape, an ejection, a pushed configuration) may take on a
 /// loaded machine before the test gives up.
 const PATIENCE: Duration = Duration::from_secs(30);
-
-// ------------------------------------------------------------------------------------------------
-// The dashboards
-
-struct Dashboard {
-    file: String,
-    json: Value,
-}
-
-impl Dashboard {
-    fn uid(&self) -> &str {
-        self.json["uid"].as_str().unwrap_or_default()
-    }
-
-    /// Every panel, those inside rows included, rows themselves excluded.
-    fn panels(&self) -> Vec<&Value> {
-        let mut panels = Vec::new();
-        for panel in self.json["panels"].as_array().into_iter().flatten() {
-            if panel["type"] == "row" {
-                panels.extend(panel["panels"].as_array().into_iter().flatten());
-            } else {
-                panels.push(panel);
-            }
-        }
-        panels
-    }
-
-    fn variables(&self) -> Vec<&Value> {
-        self.json["templating"]["list"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .collect()
-    }
-
-    /// Every query target, named for messages.
-    fn targets(&self) -> Vec<Target> {
-        let mut targets = Vec::new();
-        for panel in self.panels() {
-            for target in panel["targets"].as_array().into_iter().flatten() {
-                targets.push(Target {
-                    name: format!(
-                        "{} / {:?} / {}",
-                        self.file,
-                        panel["title"].as_str().unwrap_or("untitled"),
-                        target["refId"].as_str().unwrap_or("?"),
-                    ),
-                    expr: target["expr"].as_str().unwrap_or_default().to_string(),
-                    instant: target["instant"] == true,
-                });
-            }
-        }
-        targets
-    }
-}
-
-struct Target {
-    name: String,
-    expr: String,
-    instant: bool,
-}
-
-fn dashboards_dir() -> PathBuf {
-    outrigger_tests::workspace().join("charts/outrigger/dashboards")
-}
-
-fn load_dashboards() -> Vec<Dashboard> {
-    let dir = dashboards_dir();
-    let mut dashboards: Vec<Dashboard> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
-        .map(|path| {
-            let text = std::fs::read_to_string(&path).unwrap();
-            Dashboard {
-                file: path.file_name().unwrap().to_string_lossy().into_owned(),
-                json: serde_json::from_str(&text)
-                    .unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-            }
-        })
-        .collect();
-    dashboards.sort_by(|a, b| a.file.cmp(&b.file));
-    let uids: BTreeSet<&str> = dashboards.iter().map(Dashboard::uid).collect();
-    assert_eq!(
-        uids,
-        BTreeSet::from(DASHBOARD_UIDS),
-        "one dashboard per uid, and no other"
-    );
-    dashboards
-}
-
-/// Grafana's own variables, which need no definition in the dashboard.
-const GLOBAL_VARIABLES: [&str; 3] = ["__rate_interval", "__interval", "__range"];
-
-fn variable_references(text: &str) -> Vec<String> {
-    let reference = Regex::new(r"\$\{(\w+)\}|\$(\w+)").unwrap();
-    reference
-        .captures_iter(text)
-        .map(|c| c.get(1).or(c.get(2)).unwrap().as_str().to_string())
-        .collect()
-}
-
-/// `text` with its variables replaced, `${name}` and `$name` alike; unknown ones are left.
-fn substitute(text: &str, values: &BTreeMap<&str, String>) -> String {
-    let reference = Regex::new(r"\$\{(\w+)\}|\$(\w+)").unwrap();
-    reference
-        .replace_all(text, |c: &regex::Captures| {
-            let name = c.get(1).or(c.get(2)).unwrap().as_str();
-            values
-                .get(name)
-                .cloned()
-                .unwrap_or_else(|| c[0].to_string())
-        })
-        .into_owned()
-}
-
-/// The metric names a PromQL expression reads: identifiers that are not functions, keywords,
-/// label names, label values or durations.
-fn metric_names(expr: &str) -> BTreeSet<String> {
-    let strings = Regex::new(r#""(?:[^"\\]|\\.)*""#).unwrap();
-    let matchers = Regex::new(r"\{[^}]*\}").unwrap();
-    let ranges = Regex::new(r"\[[^\]]*\]").unwrap();
-    let label_lists =
-        Regex::new(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)").unwrap();
-    let identifier = Regex::new(r"[A-Za-z_:][A-Za-z0-9_:]*").unwrap();
-    const KEYWORDS: [&str; 8] = [
-        "and", "or", "unless", "bool", "offset", "inf", "nan", "atan2",
-    ];
-    let expr = strings.replace_all(expr, "\"\"");
-    let expr = matchers.replace_all(&expr, " ");
-    let expr = ranges.replace_all(&expr, " ");
-    let expr = label_lists.replace_all(&expr, " ");
-    identifier
-        .find_iter(&expr)
-        .filter(|m| {
-            let preceded_by_digit = expr[..m.start()]
-                .chars()
-                .last()
-                .is_some_and(|c| c.is_ascii_digit() || c == '.');
-            let is_function = expr[m.end()..].trim_start().starts_with('(');
-            !preceded_by_digit && !is_function && !KEYWORDS.contains(&m.as_str())
-        })
-        .map(|m| m.as_str().to_string())
-        .collect()
-}
-
-/// Sample names (`outrigger_requests_total`) and family names (`outrigger_requests`) of an
-/// OpenMetrics or Prometheus text exposition.
-fn exposed_names(exposition: &str) -> (BTreeSet<String>, BTreeSet<String>) {
-    let mut samples = BTreeSet::new();
-    let mut families = BTreeSet::new();
-    for line in exposition.lines() {
-        if let Some(declaration) = line.strip_prefix("# TYPE ") {
-            families.insert(declaration.split(' ').next().unwrap().to_string());
-        } else if !line.starts_with('#') && !line.is_empty() {
-            let end = line.find(['{', ' ']).unwrap_or(line.len());
-            samples.insert(line[..end].to_string());
-        }
-    }
-    (samples, families)
-}
-
-/// The family a sample name belongs to.
-fn family_of<'a>(sample: &'a str, families: &BTreeSet<String>) -> Option<&'a str> {
-    ["", "_total", "_bucket", "_count", "_sum", "_created"]
-        .iter()
-        .filter_map(|suffix| sample.strip_suffix(suffix))
-        .find(|family| families.contains(*family))
-}
 
 // ------------------------------------------------------------------------------------------------
 // Conventions and schema
@@ -355,30 +175,8 @@ fn dashboards_match_grafanas_schema() {
     }
 }
 
-fn on_path(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(program))
-            .find(|candidate| candidate.is_file())
-    })
-}
-
 // ------------------------------------------------------------------------------------------------
 // HTTP on loopback
-
-/// One GET over a fresh HTTP/1.1 connection: (status, body).
-async fn http_get(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    let io = TokioIo::new(TcpStream::connect(addr).await?);
-    let (mut send, connection) = hyper::client::conn::http1::handshake(io).await?;
-    tokio::spawn(connection);
-    let request = http::Request::get(path)
-        .header(http::header::HOST, host)
-        .body(Full::new(Bytes::new()))?;
-    let response = send.send_request(request).await?;
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
 
 async fn scrape(admin: SocketAddr) -> String {
     match http_get(admin, "admin", "/metrics").await {
@@ -387,17 +185,10 @@ async fn scrape(admin: SocketAddr) -> String {
     }
 }
 
-/// The sum of every series of `sample` in an exposition whose labels contain `labels`.
+/// The sum of every series of `sample` in an exposition whose labels contain `labels`; zero
+/// while there is none yet.
 fn sum_of(exposition: &str, sample: &str, labels: &str) -> f64 {
-    exposition
-        .lines()
-        .filter(|line| {
-            line.strip_prefix(sample)
-                .is_some_and(|rest| rest.starts_with(['{', ' ']))
-                && line.contains(labels)
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    series_sum(exposition, sample, labels).unwrap_or(0.0)
 }
 
 /// An h2c connection from an application to its proxy's outbound listener.
@@ -537,6 +328,8 @@ async fn start_proxy(control_plane: &str, workload: &str, app: SocketAddr) -> Ru
         any,
         "--app-addr",
         &app.to_string(),
+        // The backends listen on loopback too.
+        "--allow-loopback-endpoints",
     ]);
     let proxy = outrigger_proxy::Proxy::bind(flags.settings)
         .await
@@ -622,161 +415,6 @@ spec:
 }
 
 // ------------------------------------------------------------------------------------------------
-// Prometheus
-
-/// A Prometheus server of Debian's package on a free loopback port, with its storage in a
-/// temporary directory; killed when dropped, so that no test outcome leaves it running.
-struct Prometheus {
-    process: ChildProcess,
-    addr: SocketAddr,
-    /// Its configuration and storage, removed with it.
-    _dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    fn start(jobs: &[(&str, Vec<SocketAddr>)]) -> Self {
-        let binary = on_path("prometheus").unwrap_or_else(|| {
-            panic!(
-                "prometheus is not installed: `apt-get install prometheus` (Debian's package; \
-                 `cargo xtask ci` installs it)"
-            )
-        });
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = format!(
-            "global: {{scrape_interval: {SCRAPE_INTERVAL}, scrape_timeout: {SCRAPE_INTERVAL}, \
-             evaluation_interval: {SCRAPE_INTERVAL}}}\nscrape_configs:\n"
-        );
-        for (job, targets) in jobs {
-            let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
-            config += &format!(
-                "- job_name: {job}\n  static_configs: [{{targets: [{}]}}]\n",
-                targets.join(", ")
-            );
-        }
-        let config_file = dir.path().join("prometheus.yml");
-        std::fs::write(&config_file, config).unwrap();
-        // A port the kernel just handed out and took back: free unless another process races
-        // for it, which a failed start below would report.
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let process = ChildProcess::spawn(
-            "prometheus",
-            Command::new(binary)
-                .arg(format!("--config.file={}", config_file.display()))
-                .arg(format!(
-                    "--storage.tsdb.path={}",
-                    dir.path().join("data").display()
-                ))
-                .arg(format!("--web.listen-address={addr}"))
-                .stdin(Stdio::null()),
-        )
-        .expect("starting prometheus");
-        Self {
-            process,
-            addr,
-            _dir: dir,
-        }
-    }
-
-    /// The end of Prometheus' own log, for failure messages.
-    fn log(&self) -> String {
-        self.process.log_tail()
-    }
-
-    async fn ready(&mut self) {
-        self.process
-            .wait_ready(self.addr, "/-/ready", Duration::from_secs(60))
-            .await
-            .expect("prometheus to be ready");
-    }
-
-    /// The `data` of a successful API answer, or why there is none.
-    async fn api(&self, path: &str, params: &[(&str, &str)]) -> Result<Value, String> {
-        let query: Vec<String> = params
-            .iter()
-            .map(|(k, v)| format!("{}={}", url_encode(k), url_encode(v)))
-            .collect();
-        let uri = format!("{path}?{}", query.join("&"));
-        let (status, body) = http_get(self.addr, "prometheus", &uri)
-            .await
-            .map_err(|e| format!("GET {uri}: {e}"))?;
-        let answer: Value =
-            serde_json::from_str(&body).map_err(|e| format!("GET {uri}: {status} {e}: {body}"))?;
-        if answer["status"] != "success" {
-            return Err(format!(
-                "{}: {}",
-                answer["errorType"].as_str().unwrap_or("error"),
-                answer["error"].as_str().unwrap_or(&body)
-            ));
-        }
-        Ok(answer["data"].clone())
-    }
-
-    async fn targets_up(&self) -> usize {
-        let Ok(targets) = self.api("/api/v1/targets", &[("state", "active")]).await else {
-            return 0;
-        };
-        targets["activeTargets"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|t| t["health"] == "up")
-            .count()
-    }
-
-    /// The time of the oldest of every target's latest scrape.
-    async fn last_scraped(&self) -> f64 {
-        let Ok(data) = self
-            .api("/api/v1/query", &[("query", "min(timestamp(up))")])
-            .await
-        else {
-            return 0.0;
-        };
-        data["result"][0]["value"][1]
-            .as_str()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    }
-}
-
-fn url_encode(text: &str) -> String {
-    let mut encoded = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                encoded.push(byte as char)
-            }
-            _ => encoded += &format!("%{byte:02X}"),
-        }
-    }
-    encoded
-}
-
-/// Whether a query answer holds at least one series with a number (not NaN, not infinite).
-fn has_a_finite_value(data: &Value) -> bool {
-    let finite = |point: &Value| {
-        point[1]
-            .as_str()
-            .and_then(|v| v.parse::<f64>().ok())
-            .is_some_and(f64::is_finite)
-    };
-    data["result"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|series| {
-            series["values"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(finite)
-                || finite(&series["value"])
-        })
-}
-
-// ------------------------------------------------------------------------------------------------
 // The test
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -854,10 +492,13 @@ async fn every_panel_has_data_from_live_binaries() {
         .chain([&misconfigured])
         .map(|p| p.admin)
         .collect();
-    let mut prometheus = Prometheus::start(&[
-        ("outrigger-proxy", proxy_admins.clone()),
-        ("outrigger-controller", vec![controller_admin]),
-    ]);
+    let mut prometheus = Prometheus::start(
+        &Prometheus::debian(),
+        &static_scrape_configs(&[
+            ("outrigger-proxy", proxy_admins.clone()),
+            ("outrigger-controller", vec![controller_admin]),
+        ]),
+    );
     prometheus.ready().await;
     let deadline = Deadline::new("prometheus to scrape every proxy and the controller");
     while prometheus.targets_up().await < proxy_admins.len() + 1 {
@@ -988,93 +629,34 @@ async fn every_panel_has_data_from_live_binaries() {
         deadline.tick().await;
     }
 
-    // Every panel, as Grafana would run it over the load's time range.
-    let (start, end) = (load_start.floor(), (load_end + 1.0).ceil());
-    let values: BTreeMap<&str, String> = BTreeMap::from([
-        ("namespace", NAMESPACE.to_string()),
-        ("service", SERVICE.to_string()),
-        ("__rate_interval", RATE_INTERVAL.to_string()),
-        ("__interval", SCRAPE_INTERVAL.to_string()),
-        ("__range", format!("{}s", end - start)),
-    ]);
-    let (start, end) = (start.to_string(), end.to_string());
+    // Every metric the panels read is one the binaries expose.
     let mut problems = Vec::new();
     let mut used_families = BTreeSet::new();
-    let mut queries_run = 0;
-    let label_values = Regex::new(r"^label_values\((.+),\s*(\w+)\)$").unwrap();
-    for dashboard in &dashboards {
-        for variable in dashboard.variables() {
-            if variable["type"] != "query" {
-                continue;
-            }
-            let name = variable["name"].as_str().unwrap();
-            let query = variable["query"].as_str().unwrap_or_default();
-            let Some(parts) = label_values.captures(query) else {
-                problems.push(format!(
-                    "{}: variable {name}: not label_values(selector, label): {query}",
-                    dashboard.file
-                ));
-                continue;
-            };
-            let selector = substitute(&parts[1], &values);
-            let offered = prometheus
-                .api(
-                    &format!("/api/v1/label/{}/values", &parts[2]),
-                    &[("match[]", &selector), ("start", &start), ("end", &end)],
-                )
-                .await;
-            queries_run += 1;
-            let wanted = Value::from(values[name].as_str());
-            match offered {
-                Ok(list) if list.as_array().is_some_and(|l| l.contains(&wanted)) => {}
-                other => problems.push(format!(
-                    "{}: variable {name} ({query}) does not offer {wanted}: {other:?}",
-                    dashboard.file
+    for target in dashboards.iter().flat_map(Dashboard::targets) {
+        for name in metric_names(&target.expr) {
+            match family_of(&name, &exposed_families) {
+                Some(family) if exposed_samples.contains(&name) => {
+                    used_families.insert(family.to_string());
+                }
+                _ => problems.push(format!(
+                    "{}: {name} is not a metric the binaries expose",
+                    target.name
                 )),
             }
         }
-        for target in dashboard.targets() {
-            for name in metric_names(&target.expr) {
-                match family_of(&name, &exposed_families) {
-                    Some(family) if exposed_samples.contains(&name) => {
-                        used_families.insert(family.to_string());
-                    }
-                    _ => problems.push(format!(
-                        "{}: {name} is not a metric the binaries expose",
-                        target.name
-                    )),
-                }
-            }
-            let expr = substitute(&target.expr, &values);
-            if expr.contains('$') {
-                problems.push(format!("{}: unsubstituted variable in {expr}", target.name));
-                continue;
-            }
-            let answer = if target.instant {
-                prometheus
-                    .api("/api/v1/query", &[("query", &expr), ("time", &end)])
-                    .await
-            } else {
-                prometheus
-                    .api(
-                        "/api/v1/query_range",
-                        &[
-                            ("query", &expr),
-                            ("start", &start),
-                            ("end", &end),
-                            ("step", "1"),
-                        ],
-                    )
-                    .await
-            };
-            queries_run += 1;
-            match answer {
-                Ok(data) if has_a_finite_value(&data) => {}
-                Ok(data) => problems.push(format!("{}: no data for {expr}: {data}", target.name)),
-                Err(error) => problems.push(format!("{}: {expr}: {error}", target.name)),
-            }
-        }
     }
+    // Every panel, as Grafana would run it over the load's time range.
+    let queries = query_every_panel(
+        &dashboards,
+        &prometheus,
+        NAMESPACE,
+        SERVICE,
+        load_start,
+        load_end,
+    )
+    .await;
+    problems.extend(queries.problems);
+    let queries_run = queries.queries_run;
     let unused: Vec<&String> = exposed_families.difference(&used_families).collect();
     if !unused.is_empty() {
         problems.push(format!("exposed but on no dashboard: {unused:?}"));

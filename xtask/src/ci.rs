@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cargo, cluster};
+use crate::{cargo, cluster, images};
 
 pub fn run() -> Result<()> {
     install_system_tools()?;
@@ -19,25 +19,38 @@ pub fn run() -> Result<()> {
         "-D",
         "warnings",
     ])?;
-    // The test cluster's binaries (about 10 minutes the first time on a new machine) as a step of
-    // their own, so the tests' time is the tests'.
+    // The test cluster's binaries (about 16 minutes the first time on a new machine) and the
+    // images the suite in pods runs (a release build), as steps of their own, so the tests' time
+    // is the tests'.
     cluster::run(cluster::Action::Build)?;
+    images::run()?;
     cargo(&["test", "--workspace", "--all-features", "--locked"])
 }
 
-/// Debian packages the tests use: iptables and iproute2 for the traffic-redirection tests, which
-/// run in network namespaces of their own; Prometheus for the dashboards test, which scrapes the
-/// binaries with it.
-const SYSTEM_TOOLS: [(&str, &str); 3] = [
+/// Debian packages the tests use, by a program (or file) each provides: iptables and iproute2 for
+/// the traffic-redirection tests, which run in network namespaces of their own; Prometheus for
+/// the dashboards tests, which scrape the binaries with it; for the test cluster's node, runc
+/// (which runs its containers), nftables (whose tables the node's teardown removes) and netbase
+/// (`/etc/protocols`, which the init image's iptables reads).
+const SYSTEM_TOOLS: [(&str, &str); 6] = [
     ("iptables-restore", "iptables"),
     ("ip", "iproute2"),
     ("prometheus", "prometheus"),
+    ("runc", "runc"),
+    ("nft", "nftables"),
+    ("/etc/protocols", "netbase"),
 ];
 
 fn install_system_tools() -> Result<()> {
     let missing: Vec<&str> = SYSTEM_TOOLS
         .iter()
-        .filter(|(program, _)| !on_path(program))
+        .filter(|(provided, _)| {
+            if provided.starts_with('/') {
+                !std::path::Path::new(provided).exists()
+            } else {
+                !on_path(provided)
+            }
+        })
         .map(|(_, package)| *package)
         .collect();
     if missing.is_empty() {
@@ -45,7 +58,12 @@ fn install_system_tools() -> Result<()> {
     }
     eprintln!("installing {}", missing.join(" "));
     apt(&["update", "-qq"])?;
-    apt(&[&["install", "-y", "-qq"][..], &missing].concat())
+    // Only what is listed: runc would otherwise bring criu, prometheus its exporters.
+    apt(&[
+        &["install", "-y", "-qq", "--no-install-recommends"][..],
+        &missing,
+    ]
+    .concat())
 }
 
 fn on_path(program: &str) -> bool {

@@ -1,7 +1,8 @@
-//! `cargo xtask cluster up|down|env|build`: a real etcd + kube-apiserver (+ kube-controller-manager)
-//! on 127.0.0.1 for trying Outrigger by hand, the same cluster the end-to-end tests start through
-//! the `outrigger-cluster` crate. Its state (certificates, kubeconfig, logs, pids) is kept in
-//! `~/.cache/outrigger/cluster/dev`.
+//! `cargo xtask cluster up|down|env|build`: the test cluster the end-to-end tests start through
+//! the `outrigger-cluster` crate, for trying Outrigger by hand. `up` starts a single-node cluster
+//! whose pods run (state in `~/.cache/outrigger/cluster/node`), with the images `cargo xtask
+//! images` built; `up --api-only` starts etcd + kube-apiserver (+ kube-controller-manager) on
+//! 127.0.0.1 (state in `~/.cache/outrigger/cluster/dev`).
 
 use std::path::Path;
 
@@ -9,22 +10,29 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use outrigger_cluster::{
     Binaries, Cluster, Lifetime, dev_state_dir, helm_environment, is_running_in, kubeconfig_in,
-    stop_in,
+    node_runtime_endpoint, node_state_dir, stop_in, stop_node,
 };
+
+use crate::images;
 
 #[derive(Subcommand)]
 pub enum Action {
-    /// Builds the pinned binaries if needed (about 10 minutes the first time), starts the cluster
-    /// and leaves it running until `cargo xtask cluster down`.
+    /// Builds the pinned binaries if needed (about 16 minutes the first time), starts the cluster
+    /// and leaves it running until `cargo xtask cluster down`. Needs root.
     Up {
-        /// Leave out kube-controller-manager: faster and smaller, but no default ServiceAccounts,
-        /// namespace deletion, garbage collection or EndpointSlices for Services.
+        /// Only etcd and kube-apiserver (and kube-controller-manager) on 127.0.0.1: no node, so
+        /// pods stay Pending, but cheap and without root.
         #[arg(long)]
+        api_only: bool,
+        /// With --api-only, leave out kube-controller-manager: faster and smaller, but no default
+        /// ServiceAccounts, namespace deletion, garbage collection or EndpointSlices for Services.
+        #[arg(long, requires = "api_only")]
         without_controller_manager: bool,
     },
-    /// Stops every process `up` started; does nothing when none is running.
+    /// Stops every process `up` started and undoes what the node changed on this machine (mounts,
+    /// the bridge, iptables chains, cgroups, kernel tunables); does nothing when none is running.
     Down,
-    /// Prints shell exports for the cluster: `eval "$(cargo xtask cluster env)"`.
+    /// Prints shell exports for the running cluster: `eval "$(cargo xtask cluster env)"`.
     Env,
     /// Only builds the pinned binaries into the cache (what `up` and the tests do on first use).
     Build,
@@ -33,72 +41,108 @@ pub enum Action {
 pub fn run(action: Action) -> Result<()> {
     match action {
         Action::Up {
+            api_only,
             without_controller_manager,
-        } => up(!without_controller_manager),
+        } => up(api_only, !without_controller_manager),
         Action::Down => down(),
         Action::Env => env(),
         Action::Build => {
-            let binaries = Binaries::ensure_built()?;
+            let binaries = Binaries::ensure_node_built()?;
             eprintln!("binaries are in {}", binaries.dir().display());
             Ok(())
         }
     }
 }
 
-fn up(controller_manager: bool) -> Result<()> {
-    let state_dir = dev_state_dir()?;
+fn up(api_only: bool, controller_manager: bool) -> Result<()> {
+    let (state_dir, other) = if api_only {
+        (dev_state_dir()?, node_state_dir()?)
+    } else {
+        (node_state_dir()?, dev_state_dir()?)
+    };
+    if is_running_in(&other)? {
+        eprintln!(
+            "note: the other kind of cluster runs too (state in {}); `cargo xtask cluster env` \
+             points at the node when both run",
+            other.display()
+        );
+    }
     if is_running_in(&state_dir)? {
         eprintln!(
             "the cluster is already running (state in {}); `cargo xtask cluster down` stops it",
             state_dir.display()
         );
-    } else {
-        let cluster = Cluster::builder()
+        eprintln!("use it with: eval \"$(cargo xtask cluster env)\"");
+        return Ok(());
+    }
+    let builder = Cluster::builder().lifetime(Lifetime::Detached);
+    let cluster = if api_only {
+        builder
             .state_dir(&state_dir)
             .controller_manager(controller_manager)
-            .lifetime(Lifetime::Detached)
-            .start()
-            .context("starting the test cluster")?;
-        let pids: Vec<String> = cluster
-            .pids()
-            .iter()
-            .map(|(name, pid)| format!("{name} {pid}"))
-            .collect();
-        eprintln!(
-            "cluster up at {} in {:.1}s ({}); logs in {}",
-            cluster.server_url(),
-            cluster.startup_time().as_secs_f64(),
-            pids.join(", "),
-            state_dir.join("logs").display()
-        );
-        cluster.leave_running();
+    } else {
+        let archives = images::built_archives()?;
+        if archives.is_empty() {
+            eprintln!(
+                "note: no images built yet, so the chart's pods cannot start: `cargo xtask \
+                 images` builds them (then `cargo xtask cluster down && cargo xtask cluster up`)"
+            );
+        } else {
+            eprintln!(
+                "importing {} images built by `cargo xtask images`",
+                archives.len()
+            );
+        }
+        builder.node(true).images(archives)
     }
+    .start()
+    .context("starting the test cluster")?;
+    let pids: Vec<String> = cluster
+        .pids()
+        .iter()
+        .map(|(name, pid)| format!("{name} {pid}"))
+        .collect();
+    eprintln!(
+        "cluster up at {} in {:.1}s ({}); logs in {}",
+        cluster.server_url(),
+        cluster.startup_time().as_secs_f64(),
+        pids.join(", "),
+        state_dir.join("logs").display()
+    );
+    cluster.leave_running();
     eprintln!("use it with: eval \"$(cargo xtask cluster env)\"");
     Ok(())
 }
 
 fn down() -> Result<()> {
-    let state_dir = dev_state_dir()?;
-    let stopped = stop_in(&state_dir)
-        .with_context(|| format!("stopping the cluster recorded in {}", state_dir.display()))?;
-    if stopped.is_empty() {
+    let dev = dev_state_dir()?;
+    let stopped = stop_in(&dev)
+        .with_context(|| format!("stopping the cluster recorded in {}", dev.display()))?;
+    let mut done: Vec<String> = stopped
+        .iter()
+        .map(|process| format!("stopped {} {}", process.name, process.pid))
+        .collect();
+    done.extend(stop_node().context("stopping the node and undoing its changes")?);
+    if done.is_empty() {
         eprintln!("no cluster was running");
     } else {
-        let names: Vec<String> = stopped
-            .iter()
-            .map(|process| format!("{} {}", process.name, process.pid))
-            .collect();
-        eprintln!("stopped {}", names.join(", "));
+        eprintln!("{}", done.join("\n"));
     }
     Ok(())
 }
 
 fn env() -> Result<()> {
-    let state_dir = dev_state_dir()?;
+    let node = node_state_dir()?;
+    let state_dir = if is_running_in(&node)? {
+        node
+    } else {
+        let dev = dev_state_dir()?;
+        if !is_running_in(&dev)? {
+            eprintln!("note: no cluster is running; `cargo xtask cluster up` starts one");
+        }
+        dev
+    };
     let binaries = Binaries::locate()?;
-    if !is_running_in(&state_dir)? {
-        eprintln!("note: no cluster is running; `cargo xtask cluster up` starts one");
-    }
     let kubeconfig = kubeconfig_in(&state_dir);
     println!("export KUBECONFIG={}", shell_quote(&kubeconfig));
     println!("export PATH={}:\"$PATH\"", shell_quote(binaries.dir()));
@@ -109,6 +153,11 @@ fn env() -> Result<()> {
     }
     println!("# kubectl: {}", binaries.kubectl().display());
     println!("# helm: {}", binaries.helm().display());
+    // crictl reads it, for looking at the node's containers.
+    println!(
+        "export CONTAINER_RUNTIME_ENDPOINT={}",
+        shell_quote(Path::new(&node_runtime_endpoint()?))
+    );
     Ok(())
 }
 

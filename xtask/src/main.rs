@@ -6,8 +6,10 @@
 mod bench;
 mod ci;
 mod cluster;
+mod conformance;
 mod crds;
 mod demo;
+mod images;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -35,7 +37,8 @@ enum Task {
     },
     /// Formatting, lints and every test: what CI runs (the README's test command).
     Ci,
-    /// A real etcd + kube-apiserver on 127.0.0.1 for trying things by hand (the e2e tests' cluster).
+    /// The e2e tests' cluster for trying things by hand: a single node whose pods run, or a real
+    /// etcd + kube-apiserver on 127.0.0.1.
     Cluster {
         #[command(subcommand)]
         action: cluster::Action,
@@ -46,6 +49,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The Gateway API conformance suite's mesh tests: builds it (`build`), runs it (`run`).
+    Conformance {
+        #[command(subcommand)]
+        action: conformance::Action,
+    },
+    /// Builds the images (controller, proxy, proxy-init, and the test apps') from the release
+    /// binaries without Docker, into <target>/images/ for the test cluster to import.
+    Images,
     /// Writes crds/ from the DestinationPolicy types (`cargo test` fails while crds/ is stale).
     Crds {
         /// Only compare: fail, naming the files, when crds/ is not what would be written.
@@ -59,8 +70,10 @@ fn main() -> Result<()> {
         Task::Bench { target } => bench::run(target),
         Task::Ci => ci::run(),
         Task::Cluster { action } => cluster::run(action),
+        Task::Conformance { action } => conformance::run(action),
         Task::Crds { check } => crds::run(check),
         Task::Demo { args } => demo::run(args),
+        Task::Images => images::run(),
     }
 }
 

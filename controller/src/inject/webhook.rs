@@ -3,8 +3,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -67,8 +67,74 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Webhook {
     listener: TcpListener,
-    tls: TlsAcceptor,
+    tls: Arc<ServingCertificate>,
     injector: Arc<InjectorConfig>,
+}
+
+/// The webhook's certificate and key, read again for each connection and taken when they changed:
+/// the kubelet updates a mounted Secret in place, so a renewed certificate needs no restart (and
+/// the chart need not restart the controller for one). Files that cannot be read or do not make a
+/// TLS identity leave the last good one serving.
+struct ServingCertificate {
+    cert: PathBuf,
+    key: PathBuf,
+    current: Mutex<Loaded>,
+}
+
+struct Loaded {
+    pem: (Vec<u8>, Vec<u8>),
+    acceptor: TlsAcceptor,
+}
+
+impl ServingCertificate {
+    fn load(cert: &Path, key: &Path) -> anyhow::Result<Self> {
+        let pem = Self::read(cert, key)?;
+        let acceptor = acceptor(&pem)?;
+        Ok(Self {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            current: Mutex::new(Loaded { pem, acceptor }),
+        })
+    }
+
+    fn read(cert: &Path, key: &Path) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+        let read = |path: &Path, what: &str| {
+            std::fs::read(path)
+                .with_context(|| format!("reading the webhook {what} {}", path.display()))
+        };
+        Ok((read(cert, "certificate")?, read(key, "key")?))
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        let mut current = self.current.lock().expect("not poisoned");
+        let reloaded = Self::read(&self.cert, &self.key).and_then(|pem| {
+            if pem != current.pem {
+                current.acceptor = acceptor(&pem)?;
+                current.pem = pem;
+                tracing::info!(cert = %self.cert.display(), "webhook certificate reloaded");
+            }
+            Ok(())
+        });
+        if let Err(error) = reloaded {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "keeping the webhook certificate"
+            );
+        }
+        current.acceptor.clone()
+    }
+}
+
+fn acceptor((cert, key): &(Vec<u8>, Vec<u8>)) -> anyhow::Result<TlsAcceptor> {
+    let chain = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the webhook certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(key).context("reading the webhook key")?;
+    let tls = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("the webhook certificate and key do not make a TLS identity")?;
+    Ok(TlsAcceptor::from(Arc::new(tls)))
 }
 
 impl Webhook {
@@ -81,15 +147,7 @@ impl Webhook {
         ) else {
             return Ok(None);
         };
-        let chain = CertificateDer::pem_file_iter(cert)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .with_context(|| format!("reading the webhook certificate {}", cert.display()))?;
-        let key = PrivateKeyDer::from_pem_file(key)
-            .with_context(|| format!("reading the webhook key {}", key.display()))?;
-        let tls = ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .context("the webhook certificate and key do not make a TLS identity")?;
+        let tls = ServingCertificate::load(cert, key)?;
         let injector = std::fs::read_to_string(config)
             .with_context(|| format!("reading {}", config.display()))?;
         let injector: InjectorConfig = serde_norway::from_str(&injector)
@@ -101,7 +159,7 @@ impl Webhook {
             })?;
         Ok(Some(Self {
             listener,
-            tls: TlsAcceptor::from(Arc::new(tls)),
+            tls: Arc::new(tls),
             injector: Arc::new(injector),
         }))
     }
@@ -117,7 +175,7 @@ impl Webhook {
             "webhook",
             MAX_CONNECTIONS,
             std::future::pending(),
-            |stream, peer| serve_connection(stream, peer, tls.clone(), injector.clone()),
+            |stream, peer| serve_connection(stream, peer, tls.acceptor(), injector.clone()),
         )
         .await;
     }
@@ -258,6 +316,60 @@ mod tests {
         fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
             None
         }
+    }
+
+    /// A self-signed certificate for `localhost`, as PEM files, and a client that trusts it alone.
+    fn certificate(dir: &Path) -> tokio_rustls::TlsConnector {
+        let generated = rcgen::generate_simple_self_signed(["localhost".to_owned()]).unwrap();
+        std::fs::write(dir.join("tls.crt"), generated.cert.pem()).unwrap();
+        std::fs::write(dir.join("tls.key"), generated.signing_key.serialize_pem()).unwrap();
+        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+        roots.add(generated.cert.der().clone()).unwrap();
+        let config = tokio_rustls::rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
+    /// Whether a handshake with `serving` succeeds for `client`.
+    async fn handshake(serving: &ServingCertificate, client: &tokio_rustls::TlsConnector) -> bool {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let acceptor = serving.acceptor();
+        let (client, _server) = tokio::join!(client.connect(name, client_io), async move {
+            acceptor.accept(server_io).await
+        });
+        client.is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let first = certificate(dir.path());
+        let serving = ServingCertificate::load(&cert, &key).unwrap();
+        assert!(handshake(&serving, &first).await);
+
+        let renewed = certificate(dir.path());
+        assert!(
+            handshake(&serving, &renewed).await,
+            "the renewed one is served"
+        );
+        assert!(
+            !handshake(&serving, &first).await,
+            "the first one is not any more"
+        );
+
+        std::fs::write(&cert, "not a certificate").unwrap();
+        assert!(
+            handshake(&serving, &renewed).await,
+            "the last good one stays"
+        );
+        std::fs::remove_file(&key).unwrap();
+        assert!(
+            handshake(&serving, &renewed).await,
+            "the last good one stays"
+        );
     }
 
     fn injector() -> Arc<InjectorConfig> {

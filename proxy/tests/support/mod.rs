@@ -25,9 +25,12 @@ pub fn settings(control_plane: &str, app_addr: SocketAddr) -> Settings {
         admin_addr: any,
         max_header_bytes: 16 * 1024,
         header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(3600),
         drain_timeout: Duration::from_secs(5),
         discovery_timeout: Duration::from_secs(2),
         discovery_idle_timeout: Duration::from_secs(60),
+        // The test backends listen on loopback, as the proxy does.
+        allow_loopback_endpoints: true,
     }
 }
 
@@ -99,8 +102,12 @@ pub enum Conn {
 
 impl Conn {
     pub async fn http1(addr: SocketAddr) -> Self {
-        let io = TokioIo::new(TcpStream::connect(addr).await.expect("connect"));
-        let (send, conn) = hyper::client::conn::http1::handshake(io)
+        Self::http1_over(TcpStream::connect(addr).await.expect("connect")).await
+    }
+
+    /// HTTP/1.1 over a connection made elsewhere (from another network namespace, say).
+    pub async fn http1_over(stream: TcpStream) -> Self {
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .expect("handshake");
         tokio::spawn(conn.with_upgrades());
@@ -191,8 +198,20 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> Reply {
     }
 }
 
-/// The value of one series in the proxy's `/metrics`, 0 when absent.
+/// The value of one series in the proxy's `/metrics`; a series that is not there fails the test
+/// (a counter never incremented is absent, and must not read as 0).
 pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    match metric_if_present(admin, series).await {
+        Some(value) => value,
+        None => panic!(
+            "no series {series} in /metrics:\n{}",
+            admin_get(admin, "/metrics").await.body
+        ),
+    }
+}
+
+/// The value of one series, for a test to which its absence means something.
+pub async fn metric_if_present(admin: SocketAddr, series: &str) -> Option<f64> {
     let text = admin_get(admin, "/metrics").await.body;
     text.lines()
         .find_map(|line| {
@@ -200,7 +219,6 @@ pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
                 .and_then(|rest| rest.strip_prefix(' '))
         })
         .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
 }
 
 /// Retries `check` until it holds, for state that changes asynchronously (config pushes).

@@ -1,9 +1,13 @@
-//! Building the pinned etcd, kube-apiserver, kube-controller-manager, kubectl and helm with Go,
-//! once, into a cache outside the repository.
+//! Building the pinned test-cluster binaries with Go, once, into a cache outside the repository:
+//! etcd, kube-apiserver, kube-controller-manager, kubectl and helm for the API server; for the
+//! node kubelet, kube-scheduler, kube-proxy, containerd, the CNI plugins, CoreDNS, crictl, the pod
+//! sandbox ("pause") program, and Prometheus with Kubernetes service discovery (for the suite in
+//! pods).
 //!
 //! `k8s.io/kubernetes` cannot be `go install`ed (its go.mod replaces the staging modules with
 //! local paths), and neither can etcd's server, so each is built from a small Go module generated
-//! here from `versions.env`. Helm's module can be installed as it is.
+//! here from `versions.env`; so is CoreDNS, with the few plugins the node uses. The other modules
+//! are installed as they are released.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -17,12 +21,32 @@ use crate::{progress, tail_of_file};
 
 /// Source of the etcd wrapper, compiled in so the build does not depend on the working directory.
 const ETCD_MAIN_GO: &str = include_str!("../go/etcd/main.go");
+/// Source of the pod sandbox program, likewise.
+const PAUSE_MAIN_GO: &str = include_str!("../go/pause/main.go");
+/// Source of CoreDNS with the test node's plugins only, likewise.
+const COREDNS_MAIN_GO: &str = include_str!("../go/coredns/main.go");
 
 /// Bumped whenever the way the binaries are built changes (flags, layout), so that caches built
 /// the old way are rebuilt.
 const BUILD_RECIPE: &str = "outrigger-cluster build recipe 1";
 
 const KUBE_COMMANDS: [&str; 3] = ["kube-apiserver", "kube-controller-manager", "kubectl"];
+/// Built from the same generated module as [`KUBE_COMMANDS`], but apart from them, so that an
+/// API-server-only build does not compile them.
+const KUBE_NODE_COMMANDS: [&str; 3] = ["kubelet", "kube-scheduler", "kube-proxy"];
+/// Where the CNI plugins go, below `bin/`: containerd is pointed at this directory.
+const CNI_DIR: &str = "cni";
+const CNI_PLUGINS: [&str; 4] = [
+    "main/bridge",
+    "ipam/host-local",
+    "main/loopback",
+    "meta/portmap",
+];
+/// Prometheus with no service discovery but Kubernetes' (and the static and file ones it always
+/// has), which its plugins' build tags allow.
+const PROMETHEUS_TAGS: &str = "remove_all_sd,enable_kubernetes_sd";
+/// containerd's release build tags for a static binary without the docs generator.
+const CONTAINERD_TAGS: &str = "urfave_cli_no_docs,osusergo,netgo,static_build";
 
 /// Where Outrigger caches builds: `$OUTRIGGER_CACHE_DIR`, else `$XDG_CACHE_HOME/outrigger`, else
 /// `~/.cache/outrigger`.
@@ -47,12 +71,22 @@ pub struct Binaries {
 }
 
 impl Binaries {
-    /// The binaries of the pinned versions, built first if the cache does not hold them yet
-    /// (about 10 minutes on 2 cores; progress goes to stderr). Safe to call from several
+    /// The API server's binaries of the pinned versions, built first if the cache does not hold
+    /// them yet (about 10 minutes on 2 cores; progress goes to stderr). Safe to call from several
     /// processes at once: one builds while the others wait.
     pub fn ensure_built() -> Result<Binaries> {
+        Binaries::ensure_components(&Component::API_SERVER)
+    }
+
+    /// [`Binaries::ensure_built`], and the node's binaries too (about 6 more minutes the first
+    /// time).
+    pub fn ensure_node_built() -> Result<Binaries> {
+        Binaries::ensure_components(&Component::ALL)
+    }
+
+    fn ensure_components(components: &[Component]) -> Result<Binaries> {
         let binaries = Binaries::locate()?;
-        if binaries.is_built()? {
+        if binaries.are_current(components)? {
             return Ok(binaries);
         }
         let root = binaries.root();
@@ -70,8 +104,9 @@ impl Binaries {
                 .context(|| format!("locking {}", lock_path.display()))?;
         }
         // Another process may have built some or all of them while we waited.
-        let stale: Vec<Component> = Component::ALL
-            .into_iter()
+        let stale: Vec<Component> = components
+            .iter()
+            .copied()
             .filter(|component| !binaries.is_current(*component).unwrap_or(false))
             .collect();
         if !stale.is_empty() {
@@ -90,9 +125,13 @@ impl Binaries {
         Ok(Binaries { dir, versions })
     }
 
-    /// Whether the cache holds a complete build of exactly the pinned versions.
+    /// Whether the cache holds a complete build of exactly the pinned versions, node included.
     pub fn is_built(&self) -> Result<bool> {
-        for component in Component::ALL {
+        self.are_current(&Component::ALL)
+    }
+
+    fn are_current(&self, components: &[Component]) -> Result<bool> {
+        for &component in components {
             if !self.is_current(component)? {
                 return Ok(false);
             }
@@ -147,6 +186,17 @@ impl Binaries {
     pub fn etcd(&self) -> PathBuf {
         self.dir.join("outrigger-etcd")
     }
+
+    /// Any of the node's programs by name: `kubelet`, `kube-scheduler`, `kube-proxy`,
+    /// `containerd`, `ctr`, `containerd-shim-runc-v2`, `coredns`, `crictl`, `outrigger-pause`.
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The directory of the CNI plugins (bridge, host-local, loopback, portmap).
+    pub fn cni_dir(&self) -> PathBuf {
+        self.dir.join(CNI_DIR)
+    }
 }
 
 /// The parts of the build that are rebuilt independently: a new Helm does not recompile the
@@ -156,25 +206,89 @@ enum Component {
     Kubernetes,
     Etcd,
     Helm,
+    KubernetesNode,
+    Containerd,
+    CniPlugins,
+    CoreDns,
+    Crictl,
+    Pause,
+    Prometheus,
 }
 
 impl Component {
-    const ALL: [Component; 3] = [Component::Kubernetes, Component::Etcd, Component::Helm];
+    const API_SERVER: [Component; 3] = [Component::Kubernetes, Component::Etcd, Component::Helm];
+    const ALL: [Component; 10] = [
+        Component::Kubernetes,
+        Component::Etcd,
+        Component::Helm,
+        Component::KubernetesNode,
+        Component::Containerd,
+        Component::CniPlugins,
+        Component::CoreDns,
+        Component::Crictl,
+        Component::Pause,
+        Component::Prometheus,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Component::Kubernetes => "kubernetes",
             Component::Etcd => "etcd",
             Component::Helm => "helm",
+            Component::KubernetesNode => "kubernetes-node",
+            Component::Containerd => "containerd",
+            Component::CniPlugins => "cni-plugins",
+            Component::CoreDns => "coredns",
+            Component::Crictl => "crictl",
+            Component::Pause => "pause",
+            Component::Prometheus => "prometheus",
         }
     }
 
-    fn binaries(self) -> &'static [&'static str] {
+    /// What it is, for progress messages.
+    fn description(self, versions: &Versions) -> String {
         match self {
+            Component::Kubernetes => format!(
+                "Kubernetes {} ({})",
+                versions.kubernetes,
+                KUBE_COMMANDS.join(", ")
+            ),
+            Component::Etcd => format!("etcd {}", versions.etcd),
+            Component::Helm => format!("helm {}", versions.helm),
+            Component::KubernetesNode => format!(
+                "Kubernetes {} ({})",
+                versions.kubernetes,
+                KUBE_NODE_COMMANDS.join(", ")
+            ),
+            Component::Containerd => format!("containerd {}", versions.containerd),
+            Component::CniPlugins => format!("CNI plugins {}", versions.cni_plugins),
+            Component::CoreDns => format!("CoreDNS {}", versions.coredns),
+            Component::Crictl => format!("crictl {}", versions.crictl),
+            Component::Pause => "the pod sandbox program".to_string(),
+            Component::Prometheus => format!("Prometheus {}", versions.prometheus_release()),
+        }
+    }
+
+    /// The files it puts in `bin/`.
+    fn binaries(self) -> Vec<String> {
+        let names: &[&str] = match self {
             Component::Kubernetes => &KUBE_COMMANDS,
             Component::Etcd => &["outrigger-etcd"],
             Component::Helm => &["helm"],
-        }
+            Component::KubernetesNode => &KUBE_NODE_COMMANDS,
+            Component::Containerd => &["containerd", "ctr", "containerd-shim-runc-v2"],
+            Component::CniPlugins => {
+                return CNI_PLUGINS
+                    .iter()
+                    .map(|plugin| format!("{CNI_DIR}/{}", plugin_name(plugin)))
+                    .collect();
+            }
+            Component::CoreDns => &["coredns"],
+            Component::Crictl => &["crictl"],
+            Component::Pause => &["outrigger-pause"],
+            Component::Prometheus => &["prometheus"],
+        };
+        names.iter().map(|name| name.to_string()).collect()
     }
 
     fn stamp_path(self, root: &Path) -> PathBuf {
@@ -185,12 +299,36 @@ impl Component {
     /// rebuilt.
     fn stamp(self, versions: &Versions) -> String {
         let inputs = match self {
-            Component::Kubernetes => format!("{}\n{}", versions.kubernetes, kube_ldflags(versions)),
+            Component::Kubernetes | Component::KubernetesNode => {
+                format!("{}\n{}", versions.kubernetes, kube_ldflags(versions))
+            }
             Component::Etcd => format!("{}\n{ETCD_MAIN_GO}", versions.etcd),
             Component::Helm => format!("{}\n{}", versions.helm, helm_ldflags(versions)),
+            Component::Containerd => format!(
+                "{}\n{CONTAINERD_TAGS}\n{}",
+                versions.containerd,
+                containerd_ldflags(versions)
+            ),
+            Component::CniPlugins => {
+                format!("{}\n{}", versions.cni_plugins, CNI_PLUGINS.join(" "))
+            }
+            Component::CoreDns => format!("{}\n{COREDNS_MAIN_GO}", versions.coredns),
+            Component::Crictl => versions.crictl.clone(),
+            Component::Pause => PAUSE_MAIN_GO.to_string(),
+            Component::Prometheus => {
+                format!("{}\n{PROMETHEUS_TAGS}", versions.prometheus)
+            }
         };
         format!("{BUILD_RECIPE}\n{inputs}\n")
     }
+}
+
+/// `bridge` from `main/bridge`.
+fn plugin_name(plugin: &str) -> &str {
+    plugin
+        .rsplit('/')
+        .next()
+        .expect("split yields at least one part")
 }
 
 struct Builder<'a> {
@@ -228,18 +366,11 @@ impl<'a> Builder<'a> {
         let versions = self.versions;
         let names: Vec<String> = components
             .iter()
-            .map(|component| match component {
-                Component::Kubernetes => format!(
-                    "Kubernetes {} (kube-apiserver, kube-controller-manager, kubectl)",
-                    versions.kubernetes
-                ),
-                Component::Etcd => format!("etcd {}", versions.etcd),
-                Component::Helm => format!("helm {}", versions.helm),
-            })
+            .map(|component| component.description(versions))
             .collect();
         progress(&format!(
-            "building the test cluster's binaries: {}; about 10 minutes on 2 cores when nothing \
-             is cached. Go's output goes to {}",
+            "building the test cluster's binaries: {}; about 10 minutes on 2 cores for the API \
+             server and 6 more for the node when nothing is cached. Go's output goes to {}",
             names.join(", "),
             self.log_path.display()
         ));
@@ -252,15 +383,60 @@ impl<'a> Builder<'a> {
             let stamp_path = component.stamp_path(self.root);
             remove_if_exists(&stamp_path)?;
             match component {
-                Component::Kubernetes => self.build_kubernetes(&bin)?,
-                Component::Etcd => self.build_etcd(&bin)?,
+                Component::Kubernetes => self.build_kubernetes(&bin, "kube", &KUBE_COMMANDS)?,
+                Component::KubernetesNode => {
+                    self.build_kubernetes(&bin, "kube-node", &KUBE_NODE_COMMANDS)?
+                }
+                Component::Etcd => self.build_main(
+                    &bin,
+                    "etcd",
+                    Some(("go.etcd.io/etcd/server/v3", &versions.etcd)),
+                    ETCD_MAIN_GO,
+                    "outrigger-etcd",
+                )?,
                 Component::Helm => self.build_helm(&bin)?,
+                Component::Containerd => self.build_containerd(&bin)?,
+                Component::CniPlugins => self.build_cni_plugins(&bin.join(CNI_DIR))?,
+                Component::CoreDns => self.build_main(
+                    &bin,
+                    "coredns",
+                    Some(("github.com/coredns/coredns", &versions.coredns)),
+                    COREDNS_MAIN_GO,
+                    "coredns",
+                )?,
+                Component::Crictl => self.install(
+                    &bin,
+                    &[format!(
+                        "sigs.k8s.io/cri-tools/cmd/crictl@{}",
+                        versions.crictl
+                    )],
+                    "",
+                    &format!(
+                        "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version={}",
+                        versions.crictl
+                    ),
+                )?,
+                Component::Pause => {
+                    self.build_main(&bin, "pause", None, PAUSE_MAIN_GO, "outrigger-pause")?
+                }
+                Component::Prometheus => self.install(
+                    &bin,
+                    &[format!(
+                        "github.com/prometheus/prometheus/cmd/prometheus@{}",
+                        versions.prometheus
+                    )],
+                    PROMETHEUS_TAGS,
+                    &format!(
+                        "-s -w -X github.com/prometheus/common/version.Version={}",
+                        versions.prometheus_release()
+                    ),
+                )?,
             }
             for binary in component.binaries() {
-                if !bin.join(binary).is_file() {
+                if !bin.join(&binary).is_file() {
                     bail!(
                         "the build finished but {} is missing",
-                        bin.join(binary).display()
+                        bin.join(&binary).display()
                     );
                 }
             }
@@ -275,8 +451,9 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
-    fn build_kubernetes(&self, bin: &Path) -> Result<()> {
-        let module = self.write_kube_module()?;
+    /// Builds `commands` of `k8s.io/kubernetes` from the generated module `src/<module>`.
+    fn build_kubernetes(&self, bin: &Path, module: &str, commands: &[&str]) -> Result<()> {
+        let module = self.write_kube_module(module, commands)?;
         self.run_go(
             "resolving the Kubernetes modules",
             &module,
@@ -285,44 +462,129 @@ impl<'a> Builder<'a> {
         let mut build = vec!["build".to_string(), "-o".into(), path_arg(bin)?];
         build.extend(common_build_flags(&kube_ldflags(self.versions)));
         build.extend(
-            KUBE_COMMANDS
+            commands
                 .iter()
                 .map(|command| format!("k8s.io/kubernetes/cmd/{command}")),
         );
         self.run_go(
-            "compiling kube-apiserver, kube-controller-manager and kubectl (the slow part)",
+            &format!("compiling {} (the slow part)", commands.join(", ")),
             &module,
             &build,
         )
     }
 
-    fn build_etcd(&self, bin: &Path) -> Result<()> {
-        let module = self.write_etcd_module()?;
-        self.run_go("resolving the etcd modules", &module, &["mod", "tidy"])?;
+    /// containerd and ctr, then the shim, which containerd's release builds without gRPC.
+    fn build_containerd(&self, bin: &Path) -> Result<()> {
+        let package = |command: &str| {
+            format!(
+                "github.com/containerd/containerd/v2/cmd/{command}@{}",
+                self.versions.containerd
+            )
+        };
+        let ldflags = containerd_ldflags(self.versions);
+        self.install(
+            bin,
+            &[package("containerd"), package("ctr")],
+            CONTAINERD_TAGS,
+            &ldflags,
+        )?;
+        self.install(
+            bin,
+            &[package("containerd-shim-runc-v2")],
+            &format!("{CONTAINERD_TAGS},no_grpc"),
+            &ldflags,
+        )
+    }
+
+    fn build_cni_plugins(&self, cni_bin: &Path) -> Result<()> {
+        fs::create_dir_all(cni_bin).context(|| format!("creating {}", cni_bin.display()))?;
+        let packages: Vec<String> = CNI_PLUGINS
+            .iter()
+            .map(|plugin| {
+                format!(
+                    "github.com/containernetworking/plugins/plugins/{plugin}@{}",
+                    self.versions.cni_plugins
+                )
+            })
+            .collect();
+        self.install(
+            cni_bin,
+            &packages,
+            "",
+            &format!(
+                "-s -w -X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion={}",
+                self.versions.cni_plugins
+            ),
+        )
+    }
+
+    /// `go install` of released `packages` (`path@version`, all of one module) into `dir`: a
+    /// module without local replacements builds with exactly the dependencies it releases with.
+    fn install(&self, dir: &Path, packages: &[String], tags: &str, ldflags: &str) -> Result<()> {
+        let mut install = vec!["install".to_string()];
+        if !tags.is_empty() {
+            install.push(format!("-tags={tags}"));
+        }
+        install.extend(common_build_flags(ldflags));
+        install.extend(packages.iter().cloned());
+        let mut command = self.go(self.root, &install);
+        command.env("GOBIN", dir);
+        let names: Vec<&str> = packages
+            .iter()
+            .filter_map(|package| package.split('@').next()?.rsplit('/').next())
+            .collect();
+        self.run_step(&format!("compiling {}", names.join(", ")), command)
+    }
+
+    /// Builds `bin/<output>` from a `main.go` of ours, in a generated module `src/<name>` that
+    /// requires `requires` (`module version`), if anything.
+    fn build_main(
+        &self,
+        bin: &Path,
+        name: &str,
+        requires: Option<(&str, &str)>,
+        main_go: &str,
+        output: &str,
+    ) -> Result<()> {
+        let mut go_mod = format!(
+            "// Generated by the outrigger-cluster crate from tests/cluster/versions.env; do not edit.\n\
+             module outrigger.dev/test-cluster/{name}\n\n\
+             go 1.26.0\n"
+        );
+        if let Some((module, version)) = requires {
+            go_mod.push_str(&format!("\nrequire {module} {version}\n"));
+        }
+        let module = self.write_module(name, &go_mod, Some(main_go))?;
+        if requires.is_some() {
+            self.run_go(
+                &format!("resolving the {name} modules"),
+                &module,
+                &["mod", "tidy"],
+            )?;
+        }
         let mut build = vec![
             "build".to_string(),
             "-o".into(),
-            path_arg(&bin.join("outrigger-etcd"))?,
+            path_arg(&bin.join(output))?,
         ];
         build.extend(common_build_flags("-s -w"));
         build.push(".".into());
-        self.run_go("compiling etcd", &module, &build)
+        self.run_go(&format!("compiling {name}"), &module, &build)
     }
 
-    /// Helm's own module has no local replacements, so `go install pkg@version` builds it with
-    /// exactly the dependencies Helm releases with.
     fn build_helm(&self, bin: &Path) -> Result<()> {
-        let mut install = vec!["install".to_string()];
-        install.extend(common_build_flags(&helm_ldflags(self.versions)));
-        install.push(format!("helm.sh/helm/v3/cmd/helm@{}", self.versions.helm));
-        let mut command = self.go(self.root, &install);
-        command.env("GOBIN", bin);
-        self.run_step("compiling helm", command)
+        self.install(
+            bin,
+            &[format!("helm.sh/helm/v3/cmd/helm@{}", self.versions.helm)],
+            "",
+            &helm_ldflags(self.versions),
+        )
     }
 
-    /// A module that requires `k8s.io/kubernetes` and points every staging module it replaces
-    /// with a local path at the released staging module of the same version.
-    fn write_kube_module(&self) -> Result<PathBuf> {
+    /// A module `src/<name>` that requires `k8s.io/kubernetes`, names `commands` as its tools and
+    /// points every staging module Kubernetes replaces with a local path at the released staging
+    /// module of the same version.
+    fn write_kube_module(&self, name: &str, commands: &[&str]) -> Result<PathBuf> {
         let versions = self.versions;
         let upstream = self.upstream_kubernetes_go_mod()?;
         let staging_modules = staging_modules(&upstream);
@@ -347,7 +609,7 @@ impl<'a> Builder<'a> {
             "\nrequire k8s.io/kubernetes {}\n\ntool (\n",
             versions.kubernetes
         ));
-        for command in KUBE_COMMANDS {
+        for command in commands {
             go_mod.push_str(&format!("\tk8s.io/kubernetes/cmd/{command}\n"));
         }
         go_mod.push_str(")\n\nreplace (\n");
@@ -356,18 +618,7 @@ impl<'a> Builder<'a> {
             go_mod.push_str(&format!("\t{module} => {module} {staging_version}\n"));
         }
         go_mod.push_str(")\n");
-        self.write_module("kube", &go_mod, None)
-    }
-
-    fn write_etcd_module(&self) -> Result<PathBuf> {
-        let go_mod = format!(
-            "// Generated by the outrigger-cluster crate from tests/cluster/versions.env; do not edit.\n\
-             module outrigger.dev/test-cluster/etcd\n\n\
-             go 1.26.0\n\n\
-             require go.etcd.io/etcd/server/v3 {}\n",
-            self.versions.etcd
-        );
-        self.write_module("etcd", &go_mod, Some(ETCD_MAIN_GO))
+        self.write_module(name, &go_mod, None)
     }
 
     /// Writes `src/<name>/go.mod` (and `main.go`), keeping a go.sum from an earlier build only
@@ -512,6 +763,14 @@ fn kube_ldflags(versions: &Versions) -> String {
         ));
     }
     flags
+}
+
+/// containerd's version stamp, as its Makefile sets it.
+fn containerd_ldflags(versions: &Versions) -> String {
+    format!(
+        "-s -w -X github.com/containerd/containerd/v2/version.Version={}",
+        versions.containerd
+    )
 }
 
 /// Helm's release flags (its Makefile): its version, and the Kubernetes version `helm template`

@@ -6,7 +6,8 @@ use std::process::{Child, Command, Stdio};
 
 use crate::error::{Context, Result, bail};
 
-/// Paths of everything the API server, the controller manager and the admin kubeconfig need.
+/// Paths of everything the API server, the controller manager and the admin kubeconfig need (and,
+/// for a node, its components' client certificates).
 #[derive(Debug, Clone)]
 pub struct Certificates {
     /// The CA that signed the serving and client certificates; clients trust it.
@@ -21,6 +22,18 @@ pub struct Certificates {
     /// The key pair that signs and verifies ServiceAccount tokens.
     pub service_account_key: PathBuf,
     pub service_account_public_key: PathBuf,
+    /// Client certificates of the node's components, each with the identity Kubernetes' default
+    /// RBAC (and the Node authorizer) expects of it; none for an API server alone.
+    pub components: Vec<ClientCertificate>,
+}
+
+/// A client certificate and its key, for one component's kubeconfig.
+#[derive(Debug, Clone)]
+pub struct ClientCertificate {
+    /// The component (`kubelet`, `kube-proxy`, ...).
+    pub component: &'static str,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Names the API server's certificate is valid for: loopback, and the in-cluster names of the
@@ -28,10 +41,32 @@ pub struct Certificates {
 const APISERVER_NAMES: &str = "IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes,\
      DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local";
 
+const CLIENT_EXTENSIONS: &str = "basicConstraints = critical,CA:FALSE\n\
+     keyUsage = critical,digitalSignature,keyEncipherment\nextendedKeyUsage = clientAuth";
+
 impl Certificates {
-    /// Generates a fresh set in `dir`. The four key pairs are generated in parallel, since RSA key
-    /// generation dominates.
+    /// Generates a fresh set for an API server alone in `dir`. The key pairs are generated in
+    /// parallel, since RSA key generation dominates.
     pub fn generate(dir: &Path) -> Result<Certificates> {
+        Certificates::generate_with(dir, None, &[])
+    }
+
+    /// Generates a fresh set for a node whose API server also listens on `node_ip`, with client
+    /// certificates for `components`: `(component, subject)`, e.g.
+    /// `("kubelet", "O = system:nodes\nCN = system:node:<name>")`.
+    pub(crate) fn generate_for_node(
+        dir: &Path,
+        node_ip: &str,
+        components: &[(&'static str, &str)],
+    ) -> Result<Certificates> {
+        Certificates::generate_with(dir, Some(node_ip), components)
+    }
+
+    fn generate_with(
+        dir: &Path,
+        node_ip: Option<&str>,
+        components: &[(&'static str, &str)],
+    ) -> Result<Certificates> {
         fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
         let certs = Certificates {
             ca_cert: dir.join("ca.crt"),
@@ -42,6 +77,14 @@ impl Certificates {
             admin_key: dir.join("admin.key"),
             service_account_key: dir.join("service-account.key"),
             service_account_public_key: dir.join("service-account.pub"),
+            components: components
+                .iter()
+                .map(|(component, _)| ClientCertificate {
+                    component,
+                    cert: dir.join(format!("{component}.crt")),
+                    key: dir.join(format!("{component}.key")),
+                })
+                .collect(),
         };
 
         let ca_config = write_config(
@@ -50,26 +93,49 @@ impl Certificates {
             "CN = outrigger-test-ca",
             "basicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign,digitalSignature",
         )?;
+        let apiserver_names = match node_ip {
+            Some(ip) => format!("{APISERVER_NAMES},IP:{ip}"),
+            None => APISERVER_NAMES.to_string(),
+        };
         let apiserver_config = write_config(
             dir,
             "apiserver",
             "CN = kube-apiserver",
             &format!(
                 "basicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n\
-                 extendedKeyUsage = serverAuth\nsubjectAltName = {APISERVER_NAMES}"
+                 extendedKeyUsage = serverAuth\nsubjectAltName = {apiserver_names}"
             ),
         )?;
-        let admin_config = write_config(
-            dir,
-            "admin",
-            "O = system:masters\nCN = outrigger-admin",
-            "basicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n\
-             extendedKeyUsage = clientAuth",
-        )?;
-        let apiserver_csr = dir.join("apiserver.csr");
-        let admin_csr = dir.join("admin.csr");
+        // Signed by the CA: (name, certificate, key, config).
+        let mut signed = vec![
+            (
+                "apiserver",
+                &certs.apiserver_cert,
+                &certs.apiserver_key,
+                apiserver_config,
+            ),
+            (
+                "admin",
+                &certs.admin_cert,
+                &certs.admin_key,
+                write_config(
+                    dir,
+                    "admin",
+                    "O = system:masters\nCN = outrigger-admin",
+                    CLIENT_EXTENSIONS,
+                )?,
+            ),
+        ];
+        for (client, (component, subject)) in certs.components.iter().zip(components) {
+            signed.push((
+                component,
+                &client.cert,
+                &client.key,
+                write_config(dir, component, subject, CLIENT_EXTENSIONS)?,
+            ));
+        }
 
-        let key_generation = [
+        let mut key_generation = vec![
             openssl(
                 "req -x509 -new -newkey rsa:2048 -nodes -days 3650 -extensions ext",
                 &[
@@ -79,47 +145,34 @@ impl Certificates {
                 ],
             )?,
             openssl(
-                "req -new -newkey rsa:2048 -nodes",
-                &[
-                    ("-keyout", &certs.apiserver_key),
-                    ("-out", &apiserver_csr),
-                    ("-config", &apiserver_config),
-                ],
-            )?,
-            openssl(
-                "req -new -newkey rsa:2048 -nodes",
-                &[
-                    ("-keyout", &certs.admin_key),
-                    ("-out", &admin_csr),
-                    ("-config", &admin_config),
-                ],
-            )?,
-            openssl(
                 "genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048",
                 &[("-out", &certs.service_account_key)],
             )?,
         ];
+        let csrs: Vec<PathBuf> = signed
+            .iter()
+            .map(|(name, ..)| dir.join(format!("{name}.csr")))
+            .collect();
+        for ((_, _, key, config), csr) in signed.iter().zip(&csrs) {
+            key_generation.push(openssl(
+                "req -new -newkey rsa:2048 -nodes",
+                &[("-keyout", key), ("-out", csr), ("-config", config)],
+            )?);
+        }
         for step in key_generation {
             step.wait()?;
         }
 
-        let signing = [
-            sign(
-                &certs,
-                &apiserver_csr,
-                &apiserver_config,
-                &certs.apiserver_cert,
-                1,
-            )?,
-            sign(&certs, &admin_csr, &admin_config, &certs.admin_cert, 2)?,
-            openssl(
-                "pkey -pubout",
-                &[
-                    ("-in", &certs.service_account_key),
-                    ("-out", &certs.service_account_public_key),
-                ],
-            )?,
-        ];
+        let mut signing = vec![openssl(
+            "pkey -pubout",
+            &[
+                ("-in", &certs.service_account_key),
+                ("-out", &certs.service_account_public_key),
+            ],
+        )?];
+        for (serial, ((_, cert, _, config), csr)) in signed.iter().zip(&csrs).enumerate() {
+            signing.push(sign(&certs, csr, config, cert, serial as u32 + 1)?);
+        }
         for step in signing {
             step.wait()?;
         }

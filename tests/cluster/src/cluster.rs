@@ -1,4 +1,5 @@
-//! Starting, using and stopping one test cluster: etcd + kube-apiserver (+ kube-controller-manager).
+//! Starting, using and stopping one test cluster: etcd + kube-apiserver (+ kube-controller-manager),
+//! or all of that and the node (see `node`).
 
 use std::ffi::OsString;
 use std::fs;
@@ -12,8 +13,9 @@ use std::time::{Duration, Instant};
 use crate::binaries::{Binaries, cache_dir, format_duration};
 use crate::certs::Certificates;
 use crate::error::{Context, Error, Result, bail};
+use crate::node::{self, NodeLock, NodePaths};
 use crate::process::{self, Lifetime, Process};
-use crate::progress;
+use crate::{json_string, progress};
 
 /// How long the API server may take to answer `/readyz` after it starts (4 s is usual; a loaded
 /// 2-core CI machine is much slower).
@@ -28,15 +30,23 @@ const ADDRESS_IN_USE: &str = "address already in use";
 /// The ServiceAccount token issuer and audience, the in-cluster API address as a real cluster has.
 const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
+/// How long the node may take to be Ready, and CoreDNS to serve, after they start.
+const NODE_READY_TIMEOUT: Duration = Duration::from_secs(180);
+
 /// Configures a [`Cluster`] before starting it.
 #[derive(Debug, Clone)]
 pub struct ClusterBuilder {
     state_dir: Option<PathBuf>,
     controller_manager: bool,
     lifetime: Lifetime,
+    node: bool,
+    /// The caller holds the node's lock itself.
+    caller_holds_node_lock: bool,
+    images: Vec<PathBuf>,
 }
 
-/// A running etcd + kube-apiserver (+ kube-controller-manager) on 127.0.0.1.
+/// A running etcd + kube-apiserver (+ kube-controller-manager) on 127.0.0.1, or a whole
+/// single-node cluster on the node's bridge.
 ///
 /// Dropping it stops every process it started and, unless the thread is panicking (when its logs
 /// are worth keeping), removes its state directory; [`Cluster::stop`] does the same and reports.
@@ -49,13 +59,24 @@ pub struct Cluster {
     kubeconfig: PathBuf,
     server_url: String,
     etcd_port: u16,
-    apiserver_port: u16,
+    apiserver_address: SocketAddr,
     lifetime: Lifetime,
+    /// Set for a cluster with a node.
+    node: Option<NodeState>,
     /// In start order; stopped in reverse.
     processes: Vec<Process>,
     startup_time: Duration,
     /// Set once the processes have been stopped or deliberately left running.
     released: bool,
+}
+
+/// What a cluster with a node has besides the API server's.
+struct NodeState {
+    paths: NodePaths,
+    /// Archives imported into containerd when the node starts.
+    images: Vec<PathBuf>,
+    /// Held while this cluster runs the node, unless its starter holds it.
+    _lock: Option<NodeLock>,
 }
 
 /// A process that [`Cluster::stop`] or [`stop_in`] stopped.
@@ -71,6 +92,9 @@ impl Default for ClusterBuilder {
             state_dir: None,
             controller_manager: false,
             lifetime: Lifetime::TiedToThisProcess,
+            node: false,
+            caller_holds_node_lock: false,
+            images: Vec::new(),
         }
     }
 }
@@ -97,37 +121,88 @@ impl ClusterBuilder {
         self
     }
 
+    /// Runs the node too: kube-controller-manager, kube-scheduler, the kubelet with containerd,
+    /// the CNI bridge, kube-proxy and CoreDNS, so that pods run. Needs root; there is one node
+    /// per machine, so this waits while another process uses it, fails while `cargo xtask
+    /// cluster up` runs one, and first undoes what a crashed run left. Its state is in
+    /// [`node_state_dir`](crate::node_state_dir).
+    pub fn node(mut self, enabled: bool) -> Self {
+        self.node = enabled;
+        self
+    }
+
+    /// [`ClusterBuilder::node`], for a caller that holds the node's lock already: one that looks
+    /// at the machine before the node starts and after it stops, with no other node in between.
+    pub fn node_under(mut self, _held: &NodeLock) -> Self {
+        self.node = true;
+        self.caller_holds_node_lock = true;
+        self
+    }
+
+    /// Image archives (`docker save` or OCI) to import into the node's containerd when it starts.
+    pub fn images(mut self, archives: impl IntoIterator<Item = PathBuf>) -> Self {
+        self.images.extend(archives);
+        self
+    }
+
     /// Builds the binaries if needed, then starts the cluster and waits until it is ready.
     pub fn start(self) -> Result<Cluster> {
-        let binaries = Binaries::ensure_built()?;
-        let (state_dir, owns_state_dir) = match &self.state_dir {
-            Some(dir) => {
+        if self.node && self.state_dir.is_some() {
+            bail!("a node's state is always in node_state_dir(); state_dir() does not apply");
+        }
+        let binaries = if self.node {
+            Binaries::ensure_node_built()?
+        } else {
+            Binaries::ensure_built()?
+        };
+        let started = Instant::now();
+        let node = if self.node {
+            Some(take_node(
+                &binaries,
+                self.images.clone(),
+                self.caller_holds_node_lock,
+            )?)
+        } else {
+            None
+        };
+        let (state_dir, owns_state_dir) = match (&node, &self.state_dir) {
+            (Some(node), _) => (node.paths.state_dir.clone(), false),
+            (None, Some(dir)) => {
                 prepare_named_state_dir(dir)?;
                 (dir.clone(), false)
             }
-            None => (new_run_dir()?, true),
+            (None, None) => (new_run_dir()?, true),
         };
-        let started = Instant::now();
-        let certificates = Certificates::generate(&state_dir.join("certs"))?;
+        let certificates_dir = state_dir.join("certs");
+        let certificates = match node {
+            Some(_) => Certificates::generate_for_node(
+                &certificates_dir,
+                node::NODE_IP,
+                &node::COMPONENT_IDENTITIES,
+            ),
+            None => Certificates::generate(&certificates_dir),
+        };
+        let mut cluster = Cluster {
+            kubeconfig: kubeconfig_in(&state_dir),
+            state_dir: state_dir.clone(),
+            owns_state_dir,
+            binaries,
+            certificates: certificates?,
+            server_url: String::new(),
+            etcd_port: 0,
+            apiserver_address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            lifetime: self.lifetime,
+            node,
+            processes: Vec::new(),
+            startup_time: Duration::ZERO,
+            released: false,
+        };
         let certificates_time = started.elapsed();
 
         let mut attempt = 1;
         loop {
-            let mut cluster = Cluster {
-                kubeconfig: kubeconfig_in(&state_dir),
-                state_dir: state_dir.clone(),
-                owns_state_dir,
-                binaries: binaries.clone(),
-                certificates: certificates.clone(),
-                server_url: String::new(),
-                etcd_port: 0,
-                apiserver_port: 0,
-                lifetime: self.lifetime,
-                processes: Vec::new(),
-                startup_time: Duration::ZERO,
-                released: false,
-            };
-            match cluster.start_processes(self.controller_manager) {
+            cluster.released = false;
+            match cluster.start_processes(self.controller_manager || self.node) {
                 Ok(phase_times) => {
                     cluster.startup_time = started.elapsed();
                     progress(&format!(
@@ -139,8 +214,11 @@ impl ClusterBuilder {
                     ));
                     return Ok(cluster);
                 }
+                // The node's ports are fixed: no other ports to try.
                 Err(err)
-                    if attempt < START_ATTEMPTS && err.to_string().contains(ADDRESS_IN_USE) =>
+                    if attempt < START_ATTEMPTS
+                        && cluster.node.is_none()
+                        && err.to_string().contains(ADDRESS_IN_USE) =>
                 {
                     let first_line = err
                         .to_string()
@@ -157,10 +235,14 @@ impl ClusterBuilder {
                     attempt += 1;
                 }
                 Err(err) => {
-                    cluster.stop_processes();
+                    let shut_down = cluster.shut_down();
                     cluster.released = true;
+                    let also = match shut_down {
+                        Ok(_) => String::new(),
+                        Err(shut_down_err) => format!("; then, shutting down: {shut_down_err}"),
+                    };
                     return Err(Error::new(format!(
-                        "starting the test cluster (state and logs in {}): {err}",
+                        "starting the test cluster (state and logs in {}): {err}{also}",
                         state_dir.display()
                     )));
                 }
@@ -185,9 +267,40 @@ impl Cluster {
         &self.kubeconfig
     }
 
-    /// `https://127.0.0.1:<port>`.
+    /// `https://127.0.0.1:<port>`, or `https://10.88.0.1:6443` for a cluster with a node.
     pub fn server_url(&self) -> &str {
         &self.server_url
+    }
+
+    /// Whether this cluster has a node, so that its pods run.
+    pub fn has_node(&self) -> bool {
+        self.node.is_some()
+    }
+
+    /// The node's name, as `kubectl get nodes` shows it.
+    pub fn node_name(&self) -> &'static str {
+        node::NODE_NAME
+    }
+
+    /// Loads an image archive (`docker save` or OCI) into the node's containerd; pods use it with
+    /// `imagePullPolicy: Never` or `IfNotPresent`.
+    pub fn import_image(&self, archive: &Path) -> Result<()> {
+        let node = self.node_state("importing an image")?;
+        node::import_image(&node.paths, &self.binaries, archive)
+    }
+
+    /// `crictl` pointed at the node's containerd, for looking at containers directly.
+    pub fn crictl_command(&self) -> Result<Command> {
+        let node = self.node_state("running crictl")?;
+        Ok(node::crictl(&node.paths, &self.binaries))
+    }
+
+    fn node_state(&self, doing: &str) -> Result<&NodeState> {
+        self.node.as_ref().context(|| {
+            format!(
+                "{doing}: this cluster has no node (start it with Cluster::builder().node(true))"
+            )
+        })
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -328,9 +441,10 @@ impl Cluster {
         self.start_apiserver()
     }
 
-    /// Stops every process and reports which; fails if one is still alive afterwards.
+    /// Stops every process and reports which, and for a node undoes what it changed on the
+    /// machine; fails if a process is still alive afterwards or something could not be undone.
     pub fn stop(mut self) -> Result<Vec<StoppedProcess>> {
-        let stopped = self.stop_processes();
+        let stopped = self.shut_down()?;
         self.released = true;
         let survivors: Vec<String> = stopped
             .iter()
@@ -347,6 +461,51 @@ impl Cluster {
         Ok(stopped)
     }
 
+    /// Stops every process; for a node, the kubelet first (so that it recreates nothing), then
+    /// its pods while containerd still runs, then the rest, and then undoes what the node
+    /// changed on the machine.
+    fn shut_down(&mut self) -> Result<Vec<StoppedProcess>> {
+        let Some(node) = &self.node else {
+            return Ok(self.stop_processes());
+        };
+        let mut stopped = Vec::new();
+        let mut problems = Vec::new();
+        if let Some(index) = self
+            .processes
+            .iter()
+            .position(|process| process.name == node::KUBELET)
+        {
+            let mut kubelet = self.processes.remove(index);
+            kubelet.stop(STOP_GRACE);
+            stopped.push(StoppedProcess {
+                name: kubelet.name.to_string(),
+                pid: kubelet.pid(),
+            });
+        }
+        if node::containerd_answers(&node.paths, &self.binaries)
+            && let Err(err) = node::remove_pods(&node.paths, &self.binaries)
+        {
+            problems.push(err.to_string());
+        }
+        let paths = node.paths.clone();
+        stopped.extend(self.stop_processes());
+        match node::restore_machine(&paths, &self.binaries) {
+            Ok(done) if !done.is_empty() => {
+                progress(&format!("node teardown: {}", done.join("; ")))
+            }
+            Ok(_) => {}
+            Err(err) => problems.push(err.to_string()),
+        }
+        if !problems.is_empty() {
+            bail!(
+                "stopping the node (state in {}): {}",
+                paths.state_dir.display(),
+                problems.join("; ")
+            );
+        }
+        Ok(stopped)
+    }
+
     /// Leaves the processes running after this value is gone (for `cargo xtask cluster up`);
     /// [`stop_in`] stops them later from the pids recorded in the state directory.
     pub fn leave_running(mut self) {
@@ -355,17 +514,54 @@ impl Cluster {
 
     /// Starts the processes and waits for each to be ready; returns how long each took.
     fn start_processes(&mut self, controller_manager: bool) -> Result<String> {
-        let [etcd_port, etcd_peer_port, apiserver_port] = free_loopback_ports()?;
+        let [
+            etcd_port,
+            etcd_peer_port,
+            apiserver_port,
+            coredns_ready_port,
+        ] = free_loopback_ports()?;
         self.etcd_port = etcd_port;
-        self.apiserver_port = apiserver_port;
-        self.server_url = format!("https://127.0.0.1:{apiserver_port}");
-        write_kubeconfig(&self.kubeconfig, &self.server_url, &self.certificates)?;
+        self.apiserver_address = match &self.node {
+            Some(_) => SocketAddr::new(
+                node::NODE_IP.parse().expect("the node IP is an address"),
+                node::APISERVER_PORT,
+            ),
+            None => SocketAddr::from((Ipv4Addr::LOCALHOST, apiserver_port)),
+        };
+        self.server_url = format!("https://{}", self.apiserver_address);
+        let certs = &self.certificates;
+        write_kubeconfig(
+            &self.kubeconfig,
+            &self.server_url,
+            &certs.ca_cert,
+            &certs.admin_cert,
+            &certs.admin_key,
+        )?;
         let logs = self.state_dir.join("logs");
         // Fresh logs and data for each attempt, so that readiness is judged on this attempt's.
         for dir in [&logs, &self.state_dir.join("etcd-data")] {
             remove_dir_if_exists(dir)?;
         }
         fs::create_dir_all(&logs).context(|| format!("creating {}", logs.display()))?;
+        if let Some(node) = &self.node {
+            node::prepare_machine(&node.paths)?;
+            for client in &certs.components {
+                write_kubeconfig(
+                    &node.paths.kubeconfig_of(client.component),
+                    &self.server_url,
+                    &certs.ca_cert,
+                    &client.cert,
+                    &client.key,
+                )?;
+            }
+            node::write_configs(
+                &node.paths,
+                &self.binaries,
+                certs,
+                &self.kubeconfig,
+                coredns_ready_port,
+            )?;
+        }
 
         let etcd_args: Vec<OsString> = vec![
             flag("data-dir", self.state_dir.join("etcd-data")),
@@ -385,6 +581,9 @@ impl Cluster {
             phase_started = Instant::now();
         };
         self.spawn(ETCD, &self.binaries.etcd(), etcd_args)?;
+        if self.node.is_some() {
+            self.spawn_node_component(node::CONTAINERD)?;
+        }
         self.wait_until_etcd_ready()?;
         phase_done(ETCD);
 
@@ -393,6 +592,10 @@ impl Cluster {
             &self.binaries.kube_apiserver(),
             self.apiserver_args(),
         )?;
+        if self.node.is_some() {
+            self.import_node_images()?;
+            phase_done("containerd and images");
+        }
         self.wait_until_apiserver_ready()?;
         phase_done(APISERVER);
 
@@ -403,29 +606,114 @@ impl Cluster {
                 &self.binaries.kube_controller_manager(),
                 args,
             )?;
+        }
+        if self.node.is_some() {
+            for component in [
+                node::SCHEDULER,
+                node::KUBELET,
+                node::KUBE_PROXY,
+                node::COREDNS,
+            ] {
+                self.spawn_node_component(component)?;
+            }
+        }
+        if controller_manager {
             self.wait_until_controllers_work()?;
             phase_done(CONTROLLER_MANAGER);
+        }
+        if self.node.is_some() {
+            self.wait_until_node_serves(coredns_ready_port)?;
+            phase_done("node Ready and CoreDNS serving");
         }
         Ok(phases.join(", "))
     }
 
+    /// Starts one of the node's components with its arguments; containerd with the directory of
+    /// its shim on `PATH`, where it looks for it.
+    fn spawn_node_component(&mut self, component: &'static str) -> Result<()> {
+        let node = self.node_state("starting a node component")?;
+        let args = node::args_of(component, &node.paths);
+        let binary = self.binaries.program(component);
+        let mut env = Vec::new();
+        if component == node::CONTAINERD {
+            let mut path = self.binaries.dir().as_os_str().to_os_string();
+            if let Some(inherited) = std::env::var_os("PATH") {
+                path.push(":");
+                path.push(inherited);
+            }
+            env.push(("PATH", path));
+        }
+        self.spawn_with_env(component, &binary, args, env)
+    }
+
+    /// The pod sandbox image and the images asked for, once containerd answers.
+    fn import_node_images(&mut self) -> Result<()> {
+        let node = self.node_state("importing images")?;
+        let paths = node.paths.clone();
+        let mut archives = vec![node::write_pause_image(&paths, &self.binaries)?];
+        archives.extend(node.images.iter().cloned());
+        wait_until("containerd to answer", READY_TIMEOUT, || {
+            self.check_all_running()?;
+            Ok(node::containerd_answers(&paths, &self.binaries))
+        })?;
+        for archive in archives {
+            node::import_image(&paths, &self.binaries, &archive)?;
+        }
+        Ok(())
+    }
+
+    /// The node is Ready (the kubelet registered it and its runtime and network work) and
+    /// CoreDNS has synced with the API server.
+    fn wait_until_node_serves(&mut self, coredns_ready_port: u16) -> Result<()> {
+        let mut last_answer = String::new();
+        let ready_condition = r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#;
+        wait_until("the node to be Ready", NODE_READY_TIMEOUT, || {
+            self.check_all_running()?;
+            let output = self
+                .kubectl_command()
+                .args(["get", "node", node::NODE_NAME, "-o", ready_condition])
+                .stdin(Stdio::null())
+                .output()
+                .context(|| "running kubectl get node".into())?;
+            last_answer = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout).trim(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+            Ok(output.status.success() && last_answer == "True")
+        })
+        .map_err(|err| Error::new(format!("{err}; last answer: {last_answer}")))?;
+        wait_until("CoreDNS to be ready", NODE_READY_TIMEOUT, || {
+            self.check_all_running()?;
+            Ok(node::http_ready(coredns_ready_port))
+        })
+    }
+
     fn apiserver_args(&self) -> Vec<OsString> {
         let certs = &self.certificates;
-        vec![
+        let address = self.apiserver_address.ip().to_string();
+        let mut args = vec![
             flag(
                 "etcd-servers",
                 format!("http://127.0.0.1:{}", self.etcd_port),
             ),
-            flag("bind-address", "127.0.0.1"),
-            flag("advertise-address", "127.0.0.1"),
-            flag("secure-port", self.apiserver_port.to_string()),
+            flag("bind-address", &address),
+            flag("advertise-address", &address),
+            flag("secure-port", self.apiserver_address.port().to_string()),
             // Where it would write self-signed certificates: never the default /var/run/kubernetes.
             flag("cert-dir", self.state_dir.join("certs")),
             flag("tls-cert-file", &certs.apiserver_cert),
             flag("tls-private-key-file", &certs.apiserver_key),
             flag("client-ca-file", &certs.ca_cert),
             // Real authorization, so that tests of least-privilege RBAC mean something.
-            flag("authorization-mode", "RBAC"),
+            flag(
+                "authorization-mode",
+                if self.node.is_some() {
+                    "Node,RBAC"
+                } else {
+                    "RBAC"
+                },
+            ),
             // ServiceAccount tokens (`kubectl create token`, projected tokens) as in a real cluster.
             flag(
                 "service-account-key-file",
@@ -437,18 +725,30 @@ impl Cluster {
             ),
             flag("service-account-issuer", SERVICE_ACCOUNT_ISSUER),
             flag("api-audiences", SERVICE_ACCOUNT_ISSUER),
-            flag("service-cluster-ip-range", "10.0.0.0/24"),
+            flag("service-cluster-ip-range", node::SERVICE_SUBNET),
             flag("allow-privileged", "true"),
-            // Otherwise it publishes 127.0.0.1 as the `kubernetes` Endpoints and logs errors.
-            flag("endpoint-reconciler-type", "none"),
             flag("profiling", "false"),
-        ]
+        ];
+        if self.node.is_some() {
+            args.extend([
+                // The node can change only itself and its pods.
+                flag("enable-admission-plugins", "NodeRestriction"),
+                // For logs, exec and port-forward: the kubelet authenticates the API server.
+                flag("kubelet-client-certificate", &certs.admin_cert),
+                flag("kubelet-client-key", &certs.admin_key),
+                // The node's hostname resolves nowhere; its address is on the bridge.
+                flag("kubelet-preferred-address-types", "InternalIP"),
+            ]);
+        } else {
+            // Otherwise it publishes 127.0.0.1 as the `kubernetes` Endpoints and logs errors.
+            args.push(flag("endpoint-reconciler-type", "none"));
+        }
+        args
     }
 
     fn controller_manager_args(&self) -> Vec<OsString> {
         let certs = &self.certificates;
-        vec![
-            flag("kubeconfig", &self.kubeconfig),
+        let mut args = vec![
             flag("leader-elect", "false"),
             flag(
                 "service-account-private-key-file",
@@ -462,12 +762,31 @@ impl Cluster {
                 self.state_dir.join("certs").join("controller-manager"),
             ),
             flag("cluster-name", "outrigger-test"),
-        ]
+        ];
+        match &self.node {
+            // Its own identity, and each controller's ServiceAccount, as in a real cluster.
+            Some(node) => args.extend([
+                flag("kubeconfig", node.paths.kubeconfig_of(CONTROLLER_MANAGER)),
+                flag("use-service-account-credentials", "true"),
+            ]),
+            None => args.push(flag("kubeconfig", &self.kubeconfig)),
+        }
+        args
     }
 
     fn spawn(&mut self, name: &'static str, binary: &Path, args: Vec<OsString>) -> Result<()> {
+        self.spawn_with_env(name, binary, args, Vec::new())
+    }
+
+    fn spawn_with_env(
+        &mut self,
+        name: &'static str,
+        binary: &Path,
+        args: Vec<OsString>,
+        env: Vec<(&'static str, OsString)>,
+    ) -> Result<()> {
         let log_path = self.state_dir.join("logs").join(format!("{name}.log"));
-        let process = Process::spawn(name, binary, args, &log_path, self.lifetime)?;
+        let process = Process::spawn(name, binary, args, env, &log_path, self.lifetime)?;
         self.processes.push(process);
         self.write_pids()
     }
@@ -489,7 +808,7 @@ impl Cluster {
     }
 
     fn wait_until_apiserver_ready(&mut self) -> Result<()> {
-        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, self.apiserver_port));
+        let address = self.apiserver_address;
         // Until it listens, a cheap connect attempt is enough; kubectl costs a process each time.
         wait_until("kube-apiserver to listen", READY_TIMEOUT, || {
             self.check_all_running()?;
@@ -593,7 +912,9 @@ impl Drop for Cluster {
         if self.released {
             return;
         }
-        self.stop_processes();
+        if let Err(err) = self.shut_down() {
+            progress(&err.to_string());
+        }
         if std::thread::panicking() {
             progress(&format!(
                 "stopped the test cluster; its state and logs are kept in {}",
@@ -614,6 +935,74 @@ const OWNER_FILE: &str = "owner";
 /// The state directory `cargo xtask cluster up` uses: `<cache>/cluster/dev`.
 pub fn dev_state_dir() -> Result<PathBuf> {
     Ok(cache_dir()?.join("cluster").join("dev"))
+}
+
+/// Takes this machine's node for a new cluster: waits for its lock, makes sure no detached node
+/// (`cargo xtask cluster up`) runs, undoes what a crashed run left, and starts from an empty
+/// state directory.
+fn take_node(
+    binaries: &Binaries,
+    images: Vec<PathBuf>,
+    caller_holds_lock: bool,
+) -> Result<NodeState> {
+    let lock = if caller_holds_lock {
+        None
+    } else {
+        Some(NodeLock::acquire()?)
+    };
+    let paths = NodePaths::new(&node::node_state_dir()?);
+    if is_running_in(&paths.state_dir)? {
+        bail!(
+            "the node is in use by a cluster `cargo xtask cluster up` started (state in {}); \
+             `cargo xtask cluster down` stops it",
+            paths.state_dir.display()
+        );
+    }
+    let undone = clean_up_node(&paths, binaries)?;
+    if !undone.is_empty() {
+        progress(&format!(
+            "undid what an earlier node left: {}",
+            undone.join("; ")
+        ));
+    }
+    remove_dir_if_exists(&paths.state_dir)?;
+    fs::create_dir_all(&paths.state_dir)
+        .context(|| format!("creating {}", paths.state_dir.display()))?;
+    Ok(NodeState {
+        paths,
+        images,
+        _lock: lock,
+    })
+}
+
+/// Stops a node recorded in `paths` (the kubelet first, then its pods, then the rest) and undoes
+/// what it changed on the machine; returns what was done. Safe when nothing is left.
+fn clean_up_node(paths: &NodePaths, binaries: &Binaries) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    if let Some(kubelet) = read_pids(&paths.state_dir)?
+        .into_iter()
+        .find(|recorded| recorded.name == node::KUBELET)
+        && process::stop_recorded(kubelet.pid, &kubelet.binary, STOP_GRACE)?
+    {
+        done.push(format!("stopped kubelet {}", kubelet.pid));
+    }
+    if node::containerd_answers(paths, binaries) {
+        node::remove_pods(paths, binaries)?;
+        done.push("removed the pods".to_string());
+    }
+    for stopped in stop_in(&paths.state_dir)? {
+        done.push(format!("stopped {} {}", stopped.name, stopped.pid));
+    }
+    done.extend(node::restore_machine(paths, binaries)?);
+    Ok(done)
+}
+
+/// Stops this machine's node (one `cargo xtask cluster up` started, or what a crashed run left)
+/// and undoes what it changed; returns what was done. Waits while a test uses the node.
+pub fn stop_node() -> Result<Vec<String>> {
+    let _lock = NodeLock::acquire()?;
+    let binaries = Binaries::locate()?;
+    clean_up_node(&NodePaths::new(&node::node_state_dir()?), &binaries)
 }
 
 /// Whether a cluster recorded in `state_dir` still has a running process.
@@ -816,8 +1205,8 @@ fn wait_until(
     }
 }
 
-/// An admin kubeconfig for `server`: the CA, and the `system:masters` client certificate.
-fn write_kubeconfig(path: &Path, server: &str, certs: &Certificates) -> Result<()> {
+/// A kubeconfig for `server`: the CA, and a client certificate.
+fn write_kubeconfig(path: &Path, server: &str, ca: &Path, cert: &Path, key: &Path) -> Result<()> {
     let text = format!(
         "apiVersion: v1\n\
          kind: Config\n\
@@ -828,27 +1217,12 @@ fn write_kubeconfig(path: &Path, server: &str, certs: &Certificates) -> Result<(
          contexts:\n\
          - name: outrigger-test\n  context:\n    cluster: outrigger-test\n    user: outrigger-admin\n\
          current-context: outrigger-test\n",
-        yaml_string(server),
-        yaml_string(&certs.ca_cert.to_string_lossy()),
-        yaml_string(&certs.admin_cert.to_string_lossy()),
-        yaml_string(&certs.admin_key.to_string_lossy()),
+        json_string(server),
+        json_string(&ca.to_string_lossy()),
+        json_string(&cert.to_string_lossy()),
+        json_string(&key.to_string_lossy()),
     );
     fs::write(path, text).context(|| format!("writing {}", path.display()))
-}
-
-/// A double-quoted YAML scalar (JSON string syntax), safe for any path.
-fn yaml_string(value: &str) -> String {
-    let mut quoted = String::from('"');
-    for c in value.chars() {
-        match c {
-            '"' => quoted.push_str("\\\""),
-            '\\' => quoted.push_str("\\\\"),
-            c if (c as u32) < 0x20 => quoted.push_str(&format!("\\u{:04x}", c as u32)),
-            c => quoted.push(c),
-        }
-    }
-    quoted.push('"');
-    quoted
 }
 
 fn flag(name: &str, value: impl AsRef<std::ffi::OsStr>) -> OsString {
@@ -871,10 +1245,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn yaml_strings_are_quoted_and_escaped() {
-        assert_eq!(yaml_string("/a b/c"), "\"/a b/c\"");
-        assert_eq!(yaml_string("q\"\\"), "\"q\\\"\\\\\"");
-        assert_eq!(yaml_string("\n"), "\"\\u000a\"");
+    fn strings_are_quoted_and_escaped() {
+        assert_eq!(json_string("/a b/c"), "\"/a b/c\"");
+        assert_eq!(json_string("q\"\\"), "\"q\\\"\\\\\"");
+        assert_eq!(json_string("\n"), "\"\\u000a\"");
     }
 
     #[test]

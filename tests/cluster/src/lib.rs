@@ -24,6 +24,9 @@ mod binaries;
 mod certs;
 mod cluster;
 mod error;
+mod image;
+mod machine;
+mod node;
 mod process;
 mod versions;
 
@@ -31,12 +34,15 @@ use std::io::Write;
 use std::path::Path;
 
 pub use binaries::{Binaries, cache_dir};
-pub use certs::Certificates;
+pub use certs::{Certificates, ClientCertificate};
 pub use cluster::{
     Cluster, ClusterBuilder, StoppedProcess, dev_state_dir, helm_environment, is_running_in,
-    kubeconfig_in, stop_in,
+    kubeconfig_in, stop_in, stop_node,
 };
 pub use error::{Error, Result};
+pub use image::Image;
+pub use machine::MachineSnapshot;
+pub use node::{NodeLock, PAUSE_IMAGE, node_runtime_endpoint, node_state_dir};
 pub use process::{Lifetime, is_alive};
 pub use versions::Versions;
 
@@ -44,6 +50,22 @@ pub use versions::Versions;
 /// intercepts `print!`/`eprint!`), so that a slow first build shows up in CI logs.
 pub(crate) fn progress(message: &str) {
     let _ = writeln!(std::io::stderr().lock(), "outrigger-cluster: {message}");
+}
+
+/// `value` as a JSON string, which is also a YAML double-quoted scalar and a TOML basic string:
+/// safe for any path in any of the configuration files the cluster writes.
+pub(crate) fn json_string(value: &str) -> String {
+    let mut quoted = String::from('"');
+    for c in value.chars() {
+        match c {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            c if (c as u32) < 0x20 => quoted.push_str(&format!("\\u{:04x}", c as u32)),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    quoted
 }
 
 /// The last `lines` lines of a log file, for error messages.

@@ -40,11 +40,13 @@ struct Watchdog {
 }
 
 impl Process {
-    /// Starts `binary args...` with stdout and stderr appended to `log_path`.
+    /// Starts `binary args...`, with `env` added to its environment and stdout and stderr
+    /// appended to `log_path`.
     pub(crate) fn spawn(
         name: &'static str,
         binary: &Path,
         args: Vec<OsString>,
+        env: Vec<(&'static str, OsString)>,
         log_path: &Path,
         lifetime: Lifetime,
     ) -> Result<Process> {
@@ -59,6 +61,7 @@ impl Process {
         let mut command = Command::new(binary);
         command
             .args(args)
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_for_stderr);

@@ -16,6 +16,16 @@ pub struct Versions {
     pub etcd: String,
     /// `helm.sh/helm/v3`.
     pub helm: String,
+    /// `github.com/containerd/containerd/v2`: containerd, ctr and the runc shim.
+    pub containerd: String,
+    /// `github.com/containernetworking/plugins`: bridge, host-local, loopback, portmap.
+    pub cni_plugins: String,
+    /// `github.com/coredns/coredns`.
+    pub coredns: String,
+    /// `sigs.k8s.io/cri-tools`: crictl.
+    pub crictl: String,
+    /// `github.com/prometheus/prometheus`, whose module versions are v0.3yy.z for 3.yy.z.
+    pub prometheus: String,
 }
 
 impl Versions {
@@ -28,6 +38,11 @@ impl Versions {
         let mut kubernetes = None;
         let mut etcd = None;
         let mut helm = None;
+        let mut containerd = None;
+        let mut cni_plugins = None;
+        let mut coredns = None;
+        let mut crictl = None;
+        let mut prometheus = None;
         for (index, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -47,18 +62,31 @@ impl Versions {
                 "KUBERNETES" => &mut kubernetes,
                 "ETCD" => &mut etcd,
                 "HELM" => &mut helm,
+                "CONTAINERD" => &mut containerd,
+                "CNI_PLUGINS" => &mut cni_plugins,
+                "COREDNS" => &mut coredns,
+                "CRICTL" => &mut crictl,
+                "PROMETHEUS" => &mut prometheus,
                 other => bail!("versions.env line {}: unknown key {other}", index + 1),
             };
             *slot = Some(value.to_string());
         }
-        let kubernetes = kubernetes.context(|| "versions.env: KUBERNETES is missing".into())?;
+        let required = |value: Option<String>, key: &str| {
+            value.context(|| format!("versions.env: {key} is missing"))
+        };
+        let kubernetes = required(kubernetes, "KUBERNETES")?;
         if !kubernetes.starts_with("v1.") {
             bail!("versions.env: KUBERNETES={kubernetes} is not a v1.x.y release");
         }
         Ok(Versions {
             kubernetes,
-            etcd: etcd.context(|| "versions.env: ETCD is missing".into())?,
-            helm: helm.context(|| "versions.env: HELM is missing".into())?,
+            etcd: required(etcd, "ETCD")?,
+            helm: required(helm, "HELM")?,
+            containerd: required(containerd, "CONTAINERD")?,
+            cni_plugins: required(cni_plugins, "CNI_PLUGINS")?,
+            coredns: required(coredns, "COREDNS")?,
+            crictl: required(crictl, "CRICTL")?,
+            prometheus: required(prometheus, "PROMETHEUS")?,
         })
     }
 
@@ -74,6 +102,20 @@ impl Versions {
             .split('.')
             .next()
             .expect("split yields at least one part")
+    }
+
+    /// Prometheus' own version, `3.16.0` for the module version v0.316.0.
+    pub fn prometheus_release(&self) -> String {
+        let numbers = self.prometheus.trim_start_matches('v');
+        let mut parts = numbers.split('.');
+        let (_, minor, patch) = (parts.next(), parts.next(), parts.next());
+        let minor = minor.unwrap_or_default();
+        let (major, minor) = minor.split_at(minor.len().min(1));
+        format!(
+            "{major}.{}.{}",
+            minor.trim_start_matches('0').parse::<u32>().unwrap_or(0),
+            patch.unwrap_or("0")
+        )
     }
 
     fn kubernetes_minor_patch(&self) -> &str {
@@ -104,9 +146,20 @@ mod tests {
         assert!(versions.kubernetes.starts_with("v1."), "{versions:?}");
         assert!(versions.etcd.starts_with("v3."), "{versions:?}");
         assert!(versions.helm.starts_with("v3."), "{versions:?}");
+        assert!(versions.containerd.starts_with("v2."), "{versions:?}");
+        assert!(versions.prometheus.starts_with("v0.3"), "{versions:?}");
         let minor_patch = versions.kubernetes.strip_prefix("v1.").unwrap();
         assert_eq!(versions.kubernetes_staging(), format!("v0.{minor_patch}"));
         assert!(minor_patch.starts_with(versions.kubernetes_minor()));
+    }
+
+    #[test]
+    fn prometheus_module_versions_map_to_releases() {
+        let mut versions = Versions::pinned();
+        versions.prometheus = "v0.316.0".into();
+        assert_eq!(versions.prometheus_release(), "3.16.0");
+        versions.prometheus = "v0.305.2".into();
+        assert_eq!(versions.prometheus_release(), "3.5.2");
     }
 
     #[test]

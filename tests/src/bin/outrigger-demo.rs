@@ -160,6 +160,8 @@ async fn main() -> Result<()> {
                 &free_port()?.to_string(),
                 "--admin-addr",
                 &proxy_admin.to_string(),
+                // reviews v1 and v2 listen on loopback too.
+                "--allow-loopback-endpoints",
             ]),
     )?;
     proxy

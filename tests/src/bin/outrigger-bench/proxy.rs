@@ -35,7 +35,9 @@ impl Proxy {
                 .args(["--outbound-addr", &outbound.to_string()])
                 .args(["--inbound-addr", &inbound.to_string()])
                 .args(["--app-addr", &app.to_string()])
-                .args(["--admin-addr", &admin.to_string()]),
+                .args(["--admin-addr", &admin.to_string()])
+                // The backends listen on loopback too.
+                .arg("--allow-loopback-endpoints"),
         )?;
         runtime.block_on(process.wait_ready(admin, "/ready", Duration::from_secs(30)))?;
         Ok(Self { process, outbound })

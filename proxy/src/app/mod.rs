@@ -1,0 +1,252 @@
+//! The proxy as a process: its settings (flags) and its three servers (outbound, inbound,
+//! admin) with the control-plane client beside them.
+
+mod listeners;
+mod settings;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::bail;
+use futures_util::future::join_all;
+use hyper::body::Incoming;
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::watch;
+use tower::{Layer, ServiceExt};
+
+use crate::admin::Admin;
+use crate::control::{self, ControlPlane, Identity, LoopbackEndpoints};
+use crate::http::body::{Body, boxed};
+use crate::inbound::{Inbound, InboundService, is_local};
+use crate::listen::{ConnectionInfo, Handling, ServerLimits, serve};
+use crate::metrics::{Direction, Metrics, RequestLabels};
+use crate::outbound::resolve::Resolver;
+use crate::outbound::{Outbound, OutboundService};
+use crate::telemetry::TelemetryLayer;
+use listeners::Listeners;
+pub use settings::{Settings, parse_duration};
+
+/// A proxy with its listeners bound.
+pub struct Proxy {
+    settings: Settings,
+    outbound: Listeners,
+    inbound: Listeners,
+    admin: Listeners,
+}
+
+impl Proxy {
+    pub async fn bind(settings: Settings) -> anyhow::Result<Self> {
+        let outbound = settings.outbound_addr;
+        if !outbound.ip().is_loopback() {
+            bail!(
+                "--outbound-addr {outbound} is not a loopback address: whoever reached it could \
+                 call any Service as this pod"
+            );
+        }
+        let proxy = Self {
+            outbound: Listeners::bind(settings.outbound_addr, "outbound")?,
+            inbound: Listeners::bind(settings.inbound_addr, "inbound")?,
+            admin: Listeners::bind(settings.admin_addr, "admin")?,
+            settings,
+        };
+        // What reaches the inbound listener directly goes there: the app, not a relay.
+        let app = proxy.settings.app_addr;
+        if proxy.own_ports().contains(&app.port()) {
+            bail!("--app-addr {app} is one of the proxy's own ports");
+        }
+        if !is_local(app.ip()) {
+            bail!("--app-addr {app} is not an address of this host");
+        }
+        Ok(proxy)
+    }
+
+    /// The ports the proxy listens on.
+    fn own_ports(&self) -> Vec<u16> {
+        [&self.outbound, &self.inbound, &self.admin]
+            .iter()
+            .map(|listeners| listeners.addr().port())
+            .collect()
+    }
+
+    pub fn outbound_addr(&self) -> SocketAddr {
+        self.outbound.addr()
+    }
+
+    pub fn inbound_addr(&self) -> SocketAddr {
+        self.inbound.addr()
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.addr()
+    }
+
+    /// Serves until `shutdown` turns true, then drains in-flight requests (up to the drain
+    /// timeout) and returns.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let own_ports = self.own_ports();
+        let Proxy {
+            settings,
+            outbound,
+            inbound,
+            admin,
+        } = self;
+        let metrics = Metrics::new();
+        let (resolver, subscriptions) = Resolver::new(metrics.clone());
+        let (ready_tx, ready) = watch::channel(false);
+        let control = tokio::spawn(control::run(
+            control_plane(&settings),
+            resolver.clone(),
+            subscriptions,
+            metrics.clone(),
+            ready_tx,
+            shutdown.clone(),
+        ));
+        let servers = Servers {
+            settings: &settings,
+            metrics: &metrics,
+            shutdown: &shutdown,
+        };
+        tokio::join!(
+            servers.outbound(outbound, resolver.clone()),
+            servers.inbound(inbound, own_ports),
+            servers.admin(admin, resolver, ready),
+        );
+        let _ = control.await;
+    }
+}
+
+fn control_plane(settings: &Settings) -> ControlPlane {
+    ControlPlane {
+        url: settings.control_plane.clone(),
+        identity: Identity {
+            namespace: settings.namespace.clone(),
+            workload: settings.workload.clone(),
+            service_account: settings.service_account.clone(),
+        },
+        idle_timeout: settings.discovery_idle_timeout,
+        loopback_endpoints: if settings.allow_loopback_endpoints {
+            LoopbackEndpoints::Allowed
+        } else {
+            LoopbackEndpoints::Refused
+        },
+    }
+}
+
+/// What the three servers share.
+struct Servers<'a> {
+    settings: &'a Settings,
+    metrics: &'a Metrics,
+    shutdown: &'a watch::Receiver<bool>,
+}
+
+impl Servers<'_> {
+    fn limits(&self) -> ServerLimits {
+        ServerLimits {
+            max_header_bytes: self.settings.max_header_bytes,
+            header_read_timeout: self.settings.header_read_timeout,
+            idle_timeout: self.settings.idle_timeout,
+        }
+    }
+
+    /// Serves each of `listeners` alike, until shutdown and drained.
+    async fn serve<S, F, H>(&self, listeners: Listeners, direction: Option<Direction>, handle: F)
+    where
+        F: Fn(ConnectionInfo) -> Option<H> + Clone,
+        H: Future<Output = Handling<S>> + Send + 'static,
+        S: hyper::service::Service<
+                http::Request<Incoming>,
+                Response = http::Response<Body>,
+                Error = Infallible,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        join_all(listeners.into_inner().into_iter().map(|listener| {
+            serve(
+                listener,
+                direction,
+                self.limits(),
+                self.metrics.clone(),
+                self.shutdown.clone(),
+                self.settings.drain_timeout,
+                handle.clone(),
+            )
+        }))
+        .await;
+    }
+
+    /// The app's outgoing requests, each to the destination it names or was redirected to.
+    async fn outbound(&self, listeners: Listeners, resolver: Resolver) {
+        let outbound = Arc::new(Outbound {
+            resolver,
+            namespace: self.settings.namespace.clone(),
+            discovery_wait: self.settings.discovery_timeout,
+        });
+        let telemetry = TelemetryLayer::new(self.metrics.clone(), unlabelled(Direction::Outbound));
+        self.serve(listeners, Some(Direction::Outbound), move |connection| {
+            let outbound = outbound.clone();
+            let service = telemetry
+                .layer(OutboundService::new(outbound.clone(), connection))
+                .map_request(|r: http::Request<Incoming>| r.map(boxed));
+            Some(async move {
+                match connection.original_dst {
+                    // Outside the mesh: as if there were no proxy.
+                    Some(original_dst) if outbound.is_outside_mesh(original_dst).await => {
+                        Handling::Forward(original_dst)
+                    }
+                    _ => Handling::Serve(TowerToHyperService::new(service)),
+                }
+            })
+        })
+        .await
+    }
+
+    /// Other pods' requests to the local app.
+    async fn inbound(&self, listeners: Listeners, own_ports: Vec<u16>) {
+        let mut labels = unlabelled(Direction::Inbound);
+        labels.dst_namespace = Arc::new(self.settings.namespace.clone());
+        let inbound = Arc::new(Inbound::new(self.settings.app_addr, own_ports));
+        let telemetry = TelemetryLayer::new(self.metrics.clone(), labels);
+        self.serve(listeners, Some(Direction::Inbound), move |connection| {
+            let endpoint = inbound.endpoint(inbound.target(&connection)?);
+            let service = telemetry
+                .layer(InboundService::new(endpoint))
+                .map_request(|r: http::Request<Incoming>| r.map(boxed));
+            Some(std::future::ready(Handling::Serve(
+                TowerToHyperService::new(service),
+            )))
+        })
+        .await
+    }
+
+    async fn admin(&self, listeners: Listeners, resolver: Resolver, ready: watch::Receiver<bool>) {
+        let admin = Admin {
+            metrics: self.metrics.clone(),
+            resolver,
+            ready,
+        };
+        self.serve(listeners, None, move |connection| {
+            let admin = admin.clone();
+            Some(std::future::ready(Handling::Serve(
+                hyper::service::service_fn(move |request| {
+                    let response = admin.handle(request, connection.peer);
+                    std::future::ready(Ok::<_, Infallible>(response))
+                }),
+            )))
+        })
+        .await
+    }
+}
+
+/// Labels for responses no destination claimed.
+fn unlabelled(direction: Direction) -> RequestLabels {
+    RequestLabels {
+        direction,
+        dst_namespace: Arc::default(),
+        dst_service: Arc::default(),
+        dst_subset: Arc::default(),
+        route: Arc::default(),
+    }
+}

@@ -1,0 +1,564 @@
+//! What the control plane sends, decoded into `policy` types: everything the proxy cannot apply is
+//! refused here, with the field named, before anything changes.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use http::HeaderName;
+use outrigger_api::proto;
+
+use crate::policy::{
+    Algorithm, DEFAULT_CONNECT_TIMEOUT, DestinationConfig, EndpointConfig, FaultConfig,
+    HeaderMatch, HeaderValueMatch, OutlierConfig, PoolLimits, RateLimitConfig, RetryOn,
+    RetryPolicy, RouteConfig, RouteMatch, TrafficPolicy, WeightedSubset, defaults,
+};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {problem}")]
+pub struct ConfigError {
+    pub field: String,
+    pub problem: String,
+}
+
+pub fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Whether endpoints may be loopback addresses: only where the controller, the endpoints and the
+/// proxy share one host (tests, the demo). In a pod, loopback is the caller's own pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoopbackEndpoints {
+    Refused,
+    Allowed,
+}
+
+/// Decodes one version of a destination with the endpoints its groups hold.
+pub fn destination(
+    version: String,
+    destination: proto::Destination,
+    endpoints: Vec<proto::Endpoint>,
+    loopback: LoopbackEndpoints,
+) -> Result<DestinationConfig, ConfigError> {
+    let port = u16::try_from(destination.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| invalid("port", format!("{} is not a TCP port", destination.port)))?;
+    let subsets = destination.subsets;
+    let endpoints = endpoint_configs(endpoints, &subsets, loopback)?;
+    let policy = destination.policy_spec.unwrap_or_default();
+    let traffic = TrafficPolicy {
+        split: split("policy.trafficSplit", policy.traffic_split, &subsets)?,
+        timeout: policy.timeout_ms.map(Duration::from_millis),
+        retries: policy
+            .retries
+            .map(|r| retry_policy("policy.retries", r))
+            .transpose()?,
+    };
+    let routes = routes(destination.routes, &traffic, &subsets)?;
+    Ok(DestinationConfig {
+        version,
+        namespace: destination.namespace,
+        service: destination.service,
+        port,
+        policy: Some(destination.policy).filter(|p| !p.is_empty()),
+        policy_generation: destination.policy_generation,
+        subsets,
+        endpoints,
+        load_balancer: load_balancer(policy.load_balancer.unwrap_or_default())?,
+        connect_timeout: connect_timeout(policy.connection_pool.as_ref()),
+        traffic,
+        routes,
+        outlier_detection: policy.outlier_detection.map(outlier_config),
+        connection_pool: connection_pool(policy.connection_pool)?,
+        rate_limit: policy.rate_limit.map(rate_limit).transpose()?,
+        fault_injection: policy.fault_injection.map(fault_config).transpose()?,
+    })
+}
+
+fn endpoint_configs(
+    endpoints: Vec<proto::Endpoint>,
+    subsets: &[String],
+    loopback: LoopbackEndpoints,
+) -> Result<Vec<EndpointConfig>, ConfigError> {
+    endpoints
+        .into_iter()
+        .enumerate()
+        .map(|(i, endpoint)| {
+            let address: SocketAddr = endpoint.address.parse().map_err(|_| {
+                invalid(
+                    format!("endpoints[{i}].address"),
+                    format!("`{}` is not ip:port", endpoint.address),
+                )
+            })?;
+            if let Some(problem) = not_a_peer(address.ip(), loopback) {
+                return Err(invalid(
+                    format!("endpoints[{i}].address"),
+                    format!("`{}` is {problem}", endpoint.address),
+                ));
+            }
+            if let Some(unknown) = endpoint.subsets.iter().find(|s| !subsets.contains(s)) {
+                return Err(invalid(
+                    format!("endpoints[{i}].subsets"),
+                    format!("subset `{unknown}` is not declared"),
+                ));
+            }
+            Ok(EndpointConfig {
+                address,
+                pod: endpoint.pod,
+                subsets: endpoint.subsets,
+                h2c: endpoint.h2c,
+            })
+        })
+        .collect()
+}
+
+/// Why the proxy must not connect to `ip` for anyone, if so: the caller's own pod, the node or
+/// its cloud's metadata service, or no single host. The controller should never send these; an
+/// EndpointSlice can hold them.
+fn not_a_peer(ip: IpAddr, loopback: LoopbackEndpoints) -> Option<&'static str> {
+    // `::ffff:127.0.0.1` is 127.0.0.1 to a dual-stack socket.
+    let ip = ip.to_canonical();
+    let link_local = match ip {
+        IpAddr::V4(ip) => ip.is_link_local(),
+        IpAddr::V6(ip) => ip.is_unicast_link_local(),
+    };
+    if ip.is_loopback() && loopback == LoopbackEndpoints::Refused {
+        Some("loopback: inside the caller's own pod")
+    } else if link_local {
+        Some("link-local: the node's, or its cloud's metadata service")
+    } else if ip.is_unspecified() {
+        Some("unspecified: no host")
+    } else if ip.is_multicast() {
+        Some("multicast: not one host")
+    } else if ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        Some("broadcast: not one host")
+    } else {
+        None
+    }
+}
+
+/// Routes in order; what a route leaves out it takes from the destination's `traffic`.
+fn routes(
+    routes: Vec<proto::Route>,
+    traffic: &TrafficPolicy,
+    subsets: &[String],
+) -> Result<Vec<RouteConfig>, ConfigError> {
+    let mut names = HashSet::new();
+    routes
+        .into_iter()
+        .enumerate()
+        .map(|(i, route)| {
+            let field = format!("routes[{i}]");
+            if !names.insert(route.name.clone()) {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("`{}` is used twice", route.name),
+                ));
+            }
+            Ok(RouteConfig {
+                matcher: route_match(&field, route.r#match.unwrap_or_default())?,
+                traffic: TrafficPolicy {
+                    split: match route.traffic_split {
+                        Some(weights) => {
+                            split(&format!("{field}.trafficSplit"), Some(weights), subsets)?
+                        }
+                        None => traffic.split.clone(),
+                    },
+                    timeout: route
+                        .timeout_ms
+                        .map(Duration::from_millis)
+                        .or(traffic.timeout),
+                    retries: match route.retries {
+                        Some(r) => Some(retry_policy(&format!("{field}.retries"), r)?),
+                        None => traffic.retries.clone(),
+                    },
+                },
+                name: route.name,
+            })
+        })
+        .collect()
+}
+
+fn connect_timeout(pool: Option<&proto::ConnectionPool>) -> Duration {
+    match pool {
+        Some(pool) if pool.connect_timeout_ms > 0 => Duration::from_millis(pool.connect_timeout_ms),
+        _ => DEFAULT_CONNECT_TIMEOUT,
+    }
+}
+
+fn connection_pool(pool: Option<proto::ConnectionPool>) -> Result<PoolLimits, ConfigError> {
+    let limits = pool
+        .map(|pool| PoolLimits {
+            max_connections: pool.max_connections,
+            max_pending_requests: pool.max_pending_requests,
+        })
+        .unwrap_or_default();
+    if limits.max_connections == Some(0) {
+        return Err(invalid(
+            "policy.connectionPool.maxConnections",
+            "must be at least 1",
+        ));
+    }
+    Ok(limits)
+}
+
+fn rate_limit(limit: proto::RateLimit) -> Result<RateLimitConfig, ConfigError> {
+    if limit.requests_per_second == 0 {
+        return Err(invalid(
+            "policy.rateLimit.requestsPerSecond",
+            "must be at least 1",
+        ));
+    }
+    Ok(RateLimitConfig {
+        requests_per_second: limit.requests_per_second,
+        burst: limit.burst.max(1),
+    })
+}
+
+fn split(
+    field: &str,
+    split: Option<proto::TrafficSplit>,
+    subsets: &[String],
+) -> Result<Option<Vec<WeightedSubset>>, ConfigError> {
+    let Some(split) = split else { return Ok(None) };
+    let weights: Vec<WeightedSubset> = split
+        .weights
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| {
+            if !subsets.contains(&w.subset) {
+                return Err(invalid(
+                    format!("{field}[{i}].subset"),
+                    format!("subset `{}` is not declared", w.subset),
+                ));
+            }
+            Ok(WeightedSubset {
+                subset: w.subset,
+                weight: w.weight,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if weights.iter().all(|w| w.weight == 0) {
+        return Err(invalid(field, "at least one weight must be above 0"));
+    }
+    Ok(Some(weights))
+}
+
+fn retry_policy(field: &str, retries: proto::RetryPolicy) -> Result<RetryPolicy, ConfigError> {
+    let mut retry_on = RetryOn::default();
+    for (i, condition) in retries.retry_on.iter().enumerate() {
+        match proto::RetryOn::try_from(*condition) {
+            Ok(proto::RetryOn::ServerError) => retry_on.server_error = true,
+            Ok(proto::RetryOn::GatewayError) => retry_on.gateway_error = true,
+            Ok(proto::RetryOn::ConnectFailure) => retry_on.connect_failure = true,
+            Ok(proto::RetryOn::Reset) => retry_on.reset = true,
+            Ok(proto::RetryOn::RetriableStatusCodes) => retry_on.retriable_status_codes = true,
+            Ok(proto::RetryOn::Unspecified) | Err(_) => {
+                return Err(invalid(
+                    format!("{field}.retryOn[{i}]"),
+                    format!("unknown condition {condition}"),
+                ));
+            }
+        }
+    }
+    if retries.retry_on.is_empty() {
+        retry_on = RetryOn {
+            server_error: true,
+            connect_failure: true,
+            reset: true,
+            ..RetryOn::default()
+        };
+    }
+    let retriable_status_codes = retries
+        .retriable_status_codes
+        .iter()
+        .enumerate()
+        .map(|(i, code)| {
+            u16::try_from(*code)
+                .ok()
+                .filter(|c| (100..600).contains(c))
+                .ok_or_else(|| {
+                    invalid(
+                        format!("{field}.retriableStatusCodes[{i}]"),
+                        format!("{code} is not an HTTP status"),
+                    )
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let or_default = |ms: u64, default: Duration| {
+        if ms == 0 {
+            default
+        } else {
+            Duration::from_millis(ms)
+        }
+    };
+    let backoff_base = or_default(retries.backoff_base_ms, defaults::BACKOFF_BASE);
+    let backoff_max = or_default(
+        retries.backoff_max_ms,
+        defaults::BACKOFF_MAX.max(backoff_base),
+    );
+    if backoff_max < backoff_base {
+        return Err(invalid(
+            format!("{field}.backoff"),
+            "maxInterval is below baseInterval",
+        ));
+    }
+    let budget = retries.budget.unwrap_or(proto::RetryBudget {
+        percent: defaults::BUDGET_PERCENT,
+        min_retries_per_second: defaults::BUDGET_MIN_PER_SECOND,
+    });
+    Ok(RetryPolicy {
+        attempts: retries.attempts,
+        per_try_timeout: retries.per_try_timeout_ms.map(Duration::from_millis),
+        retry_on,
+        retriable_status_codes,
+        backoff_base,
+        backoff_max,
+        budget_percent: budget.percent,
+        budget_min_per_second: budget.min_retries_per_second,
+        retry_non_idempotent: retries.retry_non_idempotent,
+    })
+}
+
+fn route_match(field: &str, matcher: proto::RouteMatch) -> Result<RouteMatch, ConfigError> {
+    let headers = matcher
+        .headers
+        .into_iter()
+        .enumerate()
+        .map(|(i, header)| {
+            let field = format!("{field}.match.headers[{i}]");
+            let name = HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| {
+                invalid(
+                    format!("{field}.name"),
+                    format!("`{}` is not a header name", header.name),
+                )
+            })?;
+            let value = match header.value {
+                Some(proto::header_match::Value::Exact(exact)) => HeaderValueMatch::Exact(exact),
+                Some(proto::header_match::Value::Regex(pattern)) => {
+                    let anchored = format!("^(?:{pattern})$");
+                    let regex = regex::RegexBuilder::new(&anchored)
+                        .size_limit(1 << 20)
+                        .build()
+                        .map_err(|e| invalid(format!("{field}.regex"), e.to_string()))?;
+                    HeaderValueMatch::Regex(regex)
+                }
+                None => return Err(invalid(field, "needs exact or regex")),
+            };
+            Ok(HeaderMatch { name, value })
+        })
+        .collect::<Result<_, _>>()?;
+    let method = Some(matcher.method)
+        .filter(|m| !m.is_empty())
+        .map(|m| {
+            http::Method::from_bytes(m.as_bytes()).map_err(|_| {
+                invalid(
+                    format!("{field}.match.method"),
+                    format!("`{m}` is not a method"),
+                )
+            })
+        })
+        .transpose()?;
+    Ok(RouteMatch {
+        headers,
+        path_prefix: Some(matcher.path_prefix).filter(|p| !p.is_empty()),
+        method,
+    })
+}
+
+fn outlier_config(outlier: proto::OutlierDetection) -> OutlierConfig {
+    let ms_or = |ms: u64, default: Duration| {
+        if ms == 0 {
+            default
+        } else {
+            Duration::from_millis(ms)
+        }
+    };
+    let base_ejection_time = ms_or(outlier.base_ejection_time_ms, defaults::BASE_EJECTION_TIME);
+    OutlierConfig {
+        consecutive_5xx: outlier.consecutive_5xx_errors,
+        consecutive_gateway_errors: outlier.consecutive_gateway_errors,
+        interval: ms_or(outlier.interval_ms, defaults::INTERVAL),
+        base_ejection_time,
+        max_ejection_time: ms_or(outlier.max_ejection_time_ms, defaults::MAX_EJECTION_TIME)
+            .max(base_ejection_time),
+        max_ejection_percent: outlier.max_ejection_percent.min(100),
+    }
+}
+
+fn fault_config(faults: proto::FaultInjection) -> Result<FaultConfig, ConfigError> {
+    let delay = faults.delay.unwrap_or_default();
+    let abort = faults.abort.unwrap_or_default();
+    for (field, percent) in [
+        ("policy.faultInjection.delay.percent", delay.percent),
+        ("policy.faultInjection.abort.percent", abort.percent),
+    ] {
+        if !(0.0..=100.0).contains(&percent) {
+            return Err(invalid(field, format!("{percent} is not a percentage")));
+        }
+    }
+    let abort_status = u16::try_from(abort.http_status)
+        .ok()
+        .filter(|s| (200..600).contains(s));
+    let abort_status = match (abort.percent > 0.0, abort_status) {
+        (true, None) => {
+            return Err(invalid(
+                "policy.faultInjection.abort.httpStatus",
+                format!("{} is not an HTTP status", abort.http_status),
+            ));
+        }
+        (_, status) => status.unwrap_or(503),
+    };
+    Ok(FaultConfig {
+        delay_percent: delay.percent,
+        delay: Duration::from_millis(delay.fixed_delay_ms),
+        abort_percent: abort.percent,
+        abort_status,
+    })
+}
+
+fn load_balancer(lb: proto::LoadBalancer) -> Result<Algorithm, ConfigError> {
+    let field = "policy.loadBalancer";
+    Ok(match proto::Algorithm::try_from(lb.algorithm) {
+        Ok(proto::Algorithm::PeakEwma) => Algorithm::PeakEwma,
+        Ok(proto::Algorithm::RoundRobin) => Algorithm::RoundRobin,
+        Ok(proto::Algorithm::LeastRequest) => Algorithm::LeastRequest,
+        Ok(proto::Algorithm::Random) => Algorithm::Random,
+        Ok(proto::Algorithm::ConsistentHash) => {
+            let header = HeaderName::from_bytes(lb.hash_header.as_bytes()).map_err(|_| {
+                invalid(
+                    format!("{field}.hashHeader"),
+                    format!(
+                        "`{}` is not a header name (ConsistentHash needs one)",
+                        lb.hash_header
+                    ),
+                )
+            })?;
+            Algorithm::ConsistentHash { header }
+        }
+        Err(_) => {
+            return Err(invalid(
+                format!("{field}.algorithm"),
+                format!("unknown algorithm {}", lb.algorithm),
+            ));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reviews() -> proto::Destination {
+        proto::Destination {
+            namespace: "shop".into(),
+            service: "reviews".into(),
+            port: 9080,
+            subsets: vec!["v1".into()],
+            ..Default::default()
+        }
+    }
+
+    fn endpoints() -> Vec<proto::Endpoint> {
+        vec![proto::Endpoint {
+            address: "10.0.0.1:9080".into(),
+            subsets: vec!["v1".into()],
+            ..Default::default()
+        }]
+    }
+
+    fn rejected(change: impl FnOnce(&mut proto::Destination, &mut [proto::Endpoint])) -> String {
+        let (mut d, mut e) = (reviews(), endpoints());
+        change(&mut d, &mut e);
+        destination("1".into(), d, e, LoopbackEndpoints::Refused)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn defaults_apply_when_the_policy_is_silent() {
+        let config = destination(
+            "1".into(),
+            reviews(),
+            endpoints(),
+            LoopbackEndpoints::Refused,
+        )
+        .unwrap();
+        assert_eq!(config.load_balancer, Algorithm::PeakEwma);
+        assert_eq!(config.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(
+            config.endpoints[0].address,
+            "10.0.0.1:9080".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn loopback_endpoints_are_refused_unless_allowed() {
+        let mut loopback = endpoints();
+        loopback[0].address = "127.0.0.1:9080".into();
+        let refused = destination(
+            "1".into(),
+            reviews(),
+            loopback.clone(),
+            LoopbackEndpoints::Refused,
+        );
+        assert_eq!(
+            refused.unwrap_err().to_string(),
+            "endpoints[0].address: `127.0.0.1:9080` is loopback: inside the caller's own pod"
+        );
+        let allowed = destination("1".into(), reviews(), loopback, LoopbackEndpoints::Allowed);
+        assert_eq!(
+            allowed.unwrap().endpoints[0].address,
+            "127.0.0.1:9080".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_applied_is_refused_with_the_field_named() {
+        assert_eq!(
+            rejected(|_, e| e[0].address = "nowhere".into()),
+            "endpoints[0].address: `nowhere` is not ip:port"
+        );
+        assert_eq!(
+            rejected(|_, e| e[0].address = "169.254.169.254:80".into()),
+            "endpoints[0].address: `169.254.169.254:80` is link-local: the node's, or its \
+             cloud's metadata service"
+        );
+        assert_eq!(
+            rejected(|_, e| e[0].subsets = vec!["v9".into()]),
+            "endpoints[0].subsets: subset `v9` is not declared"
+        );
+        assert_eq!(
+            rejected(|d, _| d.port = 70000),
+            "port: 70000 is not a TCP port"
+        );
+        assert_eq!(
+            rejected(|d, _| {
+                d.policy_spec = Some(proto::Policy {
+                    load_balancer: Some(proto::LoadBalancer {
+                        algorithm: 42,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+            }),
+            "policy.loadBalancer.algorithm: unknown algorithm 42"
+        );
+        assert!(
+            rejected(|d, _| {
+                d.policy_spec = Some(proto::Policy {
+                    load_balancer: Some(proto::LoadBalancer {
+                        algorithm: proto::Algorithm::ConsistentHash as i32,
+                        hash_header: String::new(),
+                    }),
+                    ..Default::default()
+                })
+            })
+            .starts_with("policy.loadBalancer.hashHeader")
+        );
+    }
+}

@@ -1,0 +1,236 @@
+//! How long an HTTP/1 connection may take apart from its requests: once a client starts a request
+//! head it must finish it within the header-read timeout, and a connection with no request in
+//! flight is closed after the idle timeout.
+//!
+//! hyper's own header-read timeout also runs while a keep-alive connection waits for its next
+//! request, so it acted as an idle timeout shorter than clients keep pooled connections, and a
+//! client's next request met a connection being closed. Here the two are apart, and the idle
+//! timeout outlasts the pools of the clients that call the proxy (the proxy's own keeps idle
+//! connections 90 s).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// Requests started and finished on one connection: the service side counts them, the connection
+/// side reads them to know whether it is idle.
+#[derive(Default)]
+pub struct Activity {
+    started: AtomicU64,
+    finished: AtomicU64,
+    /// The connection's reader, waiting while requests are in flight: the last one to finish
+    /// wakes it to start the idle deadline.
+    reader: AtomicWaker,
+}
+
+/// A request in flight on its connection, until dropped (with the response body).
+pub struct InFlight(Arc<Activity>);
+
+impl Activity {
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.started.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(self))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Ordering::AcqRel);
+        self.0.reader.wake();
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub header_read: Duration,
+    pub idle: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Reading a request head: the header-read deadline runs.
+    Head,
+    /// Requests in flight: no deadline here (policies bound requests).
+    Busy,
+    /// Nothing in flight: the idle deadline runs.
+    Idle,
+}
+
+pub struct Timed<T> {
+    io: T,
+    activity: Arc<Activity>,
+    timeouts: Timeouts,
+    phase: Phase,
+    /// Requests started as of the last look.
+    seen_started: u64,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl<T> Timed<T> {
+    /// A fresh connection: its first request head is due within the header-read timeout.
+    pub fn new(io: T, activity: Arc<Activity>, timeouts: Timeouts) -> Self {
+        Self {
+            io,
+            activity,
+            timeouts,
+            phase: Phase::Head,
+            seen_started: 0,
+            deadline: Box::pin(tokio::time::sleep(timeouts.header_read)),
+        }
+    }
+
+    /// Brings the phase up to date with the requests the service has seen.
+    fn observe(&mut self) {
+        let started = self.activity.started.load(Ordering::Acquire);
+        let finished = self.activity.finished.load(Ordering::Acquire);
+        if started != self.seen_started {
+            // A head was read whole (the service got its request).
+            self.seen_started = started;
+            self.phase = Phase::Busy;
+        }
+        if self.phase == Phase::Busy && started == finished {
+            self.phase = Phase::Idle;
+            let idle_until = Instant::now() + self.timeouts.idle;
+            self.deadline.as_mut().reset(idle_until);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        this.activity.reader.register(cx.waker());
+        this.observe();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        match &polled {
+            Poll::Ready(Ok(())) if this.phase == Phase::Idle && buf.filled().len() > before => {
+                this.phase = Phase::Head;
+                let head_until = Instant::now() + this.timeouts.header_read;
+                this.deadline.as_mut().reset(head_until);
+            }
+            Poll::Pending
+                if this.phase != Phase::Busy && this.deadline.as_mut().poll(cx).is_ready() =>
+            {
+                return Poll::Ready(match this.phase {
+                    // Read as the end of the stream: an idle connection closes quietly.
+                    Phase::Idle => Ok(()),
+                    _ => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the request head did not arrive within the header-read timeout",
+                    )),
+                });
+            }
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const TIMEOUTS: Timeouts = Timeouts {
+        header_read: Duration::from_secs(10),
+        idle: Duration::from_secs(3600),
+    };
+
+    async fn read_some(timed: &mut Timed<tokio::io::DuplexStream>) -> std::io::Result<usize> {
+        let mut buf = [0u8; 64];
+        timed.read(&mut buf).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_must_arrive_in_time_from_its_first_byte_not_from_idle() {
+        let activity = Arc::new(Activity::default());
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut timed = Timed::new(server, activity.clone(), TIMEOUTS);
+
+        // The first request: its head arrives, the service takes it and answers.
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(read_some(&mut timed).await.unwrap() > 0);
+        let request = activity.begin();
+        drop(request);
+
+        // Idle far longer than the header-read timeout: still open.
+        let idle = tokio::spawn(async move {
+            let read = read_some(&mut timed).await;
+            (read, timed)
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!idle.is_finished(), "an idle connection was closed early");
+        client.write_all(b"GET").await.unwrap();
+        let (read, mut timed) = idle.await.unwrap();
+        assert_eq!(read.unwrap(), 3);
+
+        // Half a head, then silence: cut at the header-read timeout.
+        let cut = read_some(&mut timed).await.unwrap_err();
+        assert_eq!(cut.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_with_nothing_in_flight_closes_after_the_idle_timeout() {
+        let activity = Arc::new(Activity::default());
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut timed = Timed::new(server, activity.clone(), TIMEOUTS);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        read_some(&mut timed).await.unwrap();
+        let request = activity.begin();
+
+        // A long response: nothing to read meanwhile, and no deadline.
+        let reader = tokio::spawn(async move {
+            let read = read_some(&mut timed).await;
+            (read, Instant::now())
+        });
+        tokio::time::sleep(TIMEOUTS.idle * 2).await;
+        assert!(!reader.is_finished(), "a busy connection was timed out");
+        let finished = Instant::now();
+        drop(request);
+        let (read, closed) = reader.await.unwrap();
+        assert_eq!(read.unwrap(), 0, "closed as the end of the stream");
+        assert_eq!(closed - finished, TIMEOUTS.idle);
+        drop(client);
+    }
+}

@@ -1,0 +1,71 @@
+//! Redirected connections that are not HTTP (TLS, database protocols, anything else), and those to
+//! addresses the mesh does not know, are forwarded as they are to where they were going, as if
+//! there were no proxy: injecting the sidecar must not break what the app talked to before.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::listen::io::Prefixed;
+
+/// Forwarded connections to an address that does not answer give up after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Copies bytes both ways between the client and `to` until both sides are done, starting with
+/// what was read of the client already.
+pub async fn forward(client: Prefixed<TcpStream>, to: SocketAddr) {
+    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to)).await;
+    let mut upstream = match upstream {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(error)) => {
+            tracing::debug!(%to, %error, "forwarded connection refused");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%to, "forwarded connection timed out");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let (prefix, mut client) = client.into_parts();
+    if let Err(error) = upstream.write_all(&prefix).await {
+        tracing::debug!(%to, %error, "forwarded connection ended with an error");
+        return;
+    }
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%to, %error, "forwarded connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn forwarded_bytes_flow_both_ways_unchanged() {
+        let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo_addr = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = echo.accept().await.unwrap();
+            let (mut read, mut write) = stream.split();
+            tokio::io::copy(&mut read, &mut write).await.unwrap();
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        // The proxy read the first bytes to tell the protocol.
+        let detected = Prefixed::new(Bytes::from_static(b"\x16\x03\x01"), server);
+        tokio::spawn(forward(detected, echo_addr));
+        client.write_all(b" not http").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut echoed = Vec::new();
+        client.read_to_end(&mut echoed).await.unwrap();
+        assert_eq!(echoed, b"\x16\x03\x01 not http");
+    }
+}

@@ -1,0 +1,316 @@
+//! Accepting connections and serving HTTP/1.1 and h2c on them, with the limits that keep a bad
+//! client from costing more than a 4xx or a closed connection, and graceful draining. Each
+//! connection's protocol is told by its first bytes (`detect`); redirected connections that are
+//! not HTTP are forwarded as they are (`forward`).
+
+mod deadlines;
+mod detect;
+mod forward;
+mod io;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::http::body::{Body, BoxError, boxed};
+use crate::metrics::{ConnectionGuard, Direction, Metrics};
+use crate::shutdown::stopped;
+use deadlines::{Activity, InFlight, Timed, Timeouts};
+use detect::{DETECT_TIMEOUT, Protocol, detect};
+use io::Prefixed;
+
+/// Limits applied to every downstream connection.
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    /// Largest request head (request line plus headers) accepted; larger gets 431.
+    pub max_header_bytes: usize,
+    /// A client must send a complete request head within this time of starting it, or the
+    /// connection is closed.
+    pub header_read_timeout: Duration,
+    /// An HTTP/1 connection with no request in flight is closed after this long.
+    pub idle_timeout: Duration,
+}
+
+/// HTTP/2 connections are pinged this often when quiet, and closed when a ping goes unanswered
+/// this long: a client that vanished (a dead node) does not hold its streams forever.
+const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
+
+/// What the proxy knows about an accepted connection when it chooses where a request goes.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionInfo {
+    pub peer: SocketAddr,
+    /// The address the connection was accepted on.
+    pub local: SocketAddr,
+    /// Where the client meant to connect before iptables redirected it to the proxy; `None` when it
+    /// connected to the proxy's own address.
+    pub original_dst: Option<SocketAddr>,
+}
+
+impl ConnectionInfo {
+    fn of(stream: &TcpStream, listen_addr: SocketAddr) -> std::io::Result<Self> {
+        let peer = stream.peer_addr()?;
+        let local = stream.local_addr()?;
+        let original_dst = original_dst(stream).filter(|dst| *dst != local && *dst != listen_addr);
+        Ok(Self {
+            peer,
+            local,
+            original_dst,
+        })
+    }
+}
+
+/// What becomes of an HTTP connection.
+pub enum Handling<S> {
+    Serve(S),
+    /// Forwarded as it is to this address, as if there were no proxy.
+    Forward(SocketAddr),
+}
+
+/// SO_ORIGINAL_DST: the destination before an iptables REDIRECT. On a connection that was not
+/// redirected it is the local address, or an error without conntrack.
+fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let addr = match stream.local_addr().ok()? {
+        SocketAddr::V4(_) => sock.original_dst_v4(),
+        SocketAddr::V6(_) => sock.original_dst_v6(),
+    };
+    addr.ok()?.as_socket()
+}
+
+/// Serves connections from `listener` (counted in `connections_open` under `direction`) until
+/// `shutdown` turns true, then stops accepting and waits up to `drain` for in-flight requests to
+/// finish. `handle` says what becomes of each HTTP connection, or None to close it before a byte
+/// is read or forwarded.
+pub async fn serve<S, F, H>(
+    listener: TcpListener,
+    direction: Option<Direction>,
+    limits: ServerLimits,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+    handle: F,
+) where
+    F: Fn(ConnectionInfo) -> Option<H>,
+    H: Future<Output = Handling<S>> + Send + 'static,
+    S: Service<http::Request<Incoming>, Response = http::Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let listen_addr = listener
+        .local_addr()
+        .expect("bound listener has an address");
+    let servers = Arc::new(Servers::new(&limits));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, ?direction, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let Ok(info) = ConnectionInfo::of(&stream, listen_addr) else {
+            continue;
+        };
+        let Some(handling) = handle(info) else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (servers, watcher) = (servers.clone(), graceful.watcher());
+        let guard = direction.map(|d| ConnectionGuard::open(&metrics, d));
+        tokio::spawn(async move {
+            let _guard = guard;
+            servers.connection(stream, info, handling, watcher).await;
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(?direction, "drain deadline passed with requests in flight");
+    }
+}
+
+/// How HTTP is served on a connection once its protocol is known.
+struct Servers {
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+    timeouts: Timeouts,
+}
+
+impl Servers {
+    fn new(limits: &ServerLimits) -> Self {
+        let mut http1 = auto::Builder::new(TokioExecutor::new()).http1_only();
+        http1
+            .http1()
+            // Kept by `deadlines` instead, which does not run it while the connection is idle.
+            .header_read_timeout(None)
+            .max_buf_size(limits.max_header_bytes.max(8192));
+        let mut http2 = auto::Builder::new(TokioExecutor::new()).http2_only();
+        http2
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(HTTP2_KEEPALIVE)
+            .keep_alive_timeout(HTTP2_KEEPALIVE)
+            .max_header_list_size(limits.max_header_bytes as u32);
+        Self {
+            http1,
+            http2,
+            timeouts: Timeouts {
+                header_read: limits.header_read_timeout,
+                idle: limits.idle_timeout,
+            },
+        }
+    }
+
+    async fn connection<S, H>(
+        &self,
+        stream: TcpStream,
+        info: ConnectionInfo,
+        handling: H,
+        watcher: Watcher,
+    ) where
+        H: Future<Output = Handling<S>>,
+        S: Service<http::Request<Incoming>, Response = http::Response<Body>, Error = Infallible>
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        // A redirected client may speak anything; one that called the proxy speaks HTTP.
+        let wait = match info.original_dst {
+            Some(_) => DETECT_TIMEOUT,
+            None => self.timeouts.header_read,
+        };
+        let Ok((protocol, stream)) = detect(stream, wait).await else {
+            return;
+        };
+        let protocol = match (protocol, info.original_dst) {
+            (Protocol::Closed, _) => return,
+            (Protocol::Opaque, Some(original_dst)) => {
+                return forward::forward(stream, original_dst).await;
+            }
+            // Not HTTP, sent to the proxy itself: HTTP/1 serving answers 400.
+            (Protocol::Opaque, None) => Protocol::Http1,
+            (protocol, _) => protocol,
+        };
+        let service = match handling.await {
+            Handling::Serve(service) => service,
+            Handling::Forward(to) => return forward::forward(stream, to).await,
+        };
+        let served = match protocol {
+            Protocol::Http2 => {
+                let conn = self.http2.serve_connection(TokioIo::new(stream), service);
+                watcher.watch(conn.into_owned()).await
+            }
+            _ => self.http1_connection(stream, service, watcher).await,
+        };
+        if let Err(error) = served {
+            tracing::debug!(%error, peer = %info.peer, "connection ended with an error");
+        }
+    }
+
+    async fn http1_connection<S>(
+        &self,
+        stream: Prefixed<TcpStream>,
+        service: S,
+        watcher: Watcher,
+    ) -> Result<(), BoxError>
+    where
+        S: Service<http::Request<Incoming>, Response = http::Response<Body>, Error = Infallible>
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let activity = Arc::new(Activity::default());
+        let io = Timed::new(stream, activity.clone(), self.timeouts);
+        let service = Tracked {
+            inner: service,
+            activity,
+        };
+        let conn = self
+            .http1
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
+        watcher.watch(conn).await
+    }
+}
+
+/// Counts each request in flight on its connection until its response body is done, for the
+/// connection's deadlines.
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Service<http::Request<Incoming>> for Tracked<S>
+where
+    S: Service<http::Request<Incoming>, Response = http::Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
+
+    fn call(&self, request: http::Request<Incoming>) -> Self::Future {
+        let in_flight = self.activity.begin();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| {
+                boxed(UntilDone {
+                    inner: body,
+                    _in_flight: in_flight,
+                })
+            }))
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct UntilDone {
+        #[pin]
+        inner: Body,
+        _in_flight: InFlight,
+    }
+}
+
+impl http_body::Body for UntilDone {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

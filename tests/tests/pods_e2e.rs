@@ -1,0 +1,1524 @@
+//! The README's flow for real, in meshed pods on the test cluster's node (needs root, and the
+//! images `cargo xtask images` builds; `cargo xtask ci` does both):
+//!
+//! 1. `helm install` the chart: the controller runs as a pod with its ServiceAccount and RBAC
+//!    (in-cluster configuration) and takes its Lease; the CRDs are installed.
+//! 2. Label namespace `shop`; deploy reviews v1 (3 pods) and v2 (1), a client and a TCP echo: the
+//!    webhook served from the controller's pod injects `outrigger-init` and the native-sidecar
+//!    `outrigger-proxy`; the apps start after their proxy is ready; probes work through the
+//!    redirection.
+//! 3. Apply `examples/reviews-canary.yaml`: the client's calls to
+//!    `http://reviews.shop.svc.cluster.local:9080`, through CoreDNS, the ClusterIP and the iptables
+//!    of its own pod, split about 90/10; `x-canary: true` always reaches v2; `kubectl get dp`
+//!    shows the proxy as acknowledged.
+//! 4. v2 failing half its requests: retries hide it. A v1 pod answering only 5xx is ejected (the
+//!    client's proxy's `/endpoints` and metrics say so) and gets exactly one probe per ejection.
+//! 5. A rolling restart of reviews v1 under steady load loses no request; neither does deleting
+//!    the controller's pod, and its replacement resyncs every proxy.
+//! 6. TCP that is not HTTP, and HTTP to an address no Service owns, pass through unchanged.
+//! 7. Prometheus discovers the meshed pods through the API server (pod service discovery) and
+//!    every dashboard query returns data for namespace `shop`.
+//! 8. A pod that cannot be meshed says why in its events and logs; the proxy stops after the app;
+//!    `helm uninstall` leaves nothing that blocks pod creation, and meshed pods keep working.
+//!
+//! One test walks the flow, since each step builds on the ones before; each check is recorded and
+//! the flow goes on where it can, so that one failure does not hide the others. The test fails
+//! at the end, listing every failed check.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use outrigger_cluster::Cluster;
+use outrigger_tests::dashboards::{Prometheus, load_dashboards, query_every_panel, series_sum};
+use serde_json::Value;
+
+const SYSTEM: &str = "outrigger-system";
+const SHOP: &str = "shop";
+const REVIEWS_URL: &str = "http://reviews.shop.svc.cluster.local:9080/api/reviews";
+/// The images `cargo xtask images` writes into `<target>/images/`.
+const IMAGE_ARCHIVES: [(&str, &str); 4] = [
+    ("controller", "outrigger-controller"),
+    ("proxy", "outrigger-proxy"),
+    ("proxy-init", "outrigger-proxy"),
+    ("app", "outrigger-test-app"),
+];
+const APP: &str = "/outrigger-test-app";
+/// How long any one awaited effect (a rollout, an ejection, a scrape) may take on a loaded
+/// 2-core machine before a check gives up.
+const PATIENCE: Duration = Duration::from_secs(180);
+/// The client paces its calls below the example policy's rate limit (100/s).
+const PACE: &str = "--pause=25ms";
+
+type Outcome = Result<(), String>;
+
+/// Fails the check with a message built like `format!` unless the condition holds.
+macro_rules! ensure {
+    ($condition:expr, $($message:tt)+) => {
+        let holds: bool = $condition;
+        if !holds {
+            return Err(format!($($message)+));
+        }
+    };
+}
+
+// ------------------------------------------------------------------------------------------------
+// The cluster, kubectl, helm and the pods
+
+struct Suite {
+    cluster: Cluster,
+    passed: Vec<String>,
+    failed: Vec<String>,
+}
+
+impl Suite {
+    fn check(&mut self, name: &str, outcome: Outcome) -> bool {
+        match outcome {
+            Ok(()) => {
+                eprintln!("pods_e2e: ok: {name}");
+                self.passed.push(name.to_string());
+                true
+            }
+            Err(problem) => {
+                eprintln!("pods_e2e: FAILED: {name}: {problem}");
+                self.failed.push(format!("{name}: {problem}"));
+                false
+            }
+        }
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Result<String, String> {
+        self.cluster.kubectl(args).map_err(|err| err.to_string())
+    }
+
+    fn json(&self, args: &[&str]) -> Result<Value, String> {
+        let mut args = args.to_vec();
+        args.extend(["-o", "json"]);
+        let text = self.kubectl(&args)?;
+        serde_json::from_str(&text).map_err(|err| format!("kubectl {}: {err}", args.join(" ")))
+    }
+
+    fn apply(&self, manifest: &str) -> Outcome {
+        let output = self
+            .cluster
+            .kubectl_with_input(&["apply", "-f", "-"], manifest)
+            .map_err(|err| err.to_string())?;
+        ensure!(
+            output.status.success(),
+            "kubectl apply: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Ok(())
+    }
+
+    /// Runs helm; its stdout and stderr, or why it failed.
+    fn helm(&self, args: &[&str]) -> Result<(String, String), String> {
+        let output = self
+            .cluster
+            .helm_command()
+            .args(args)
+            .output()
+            .map_err(|err| format!("running helm {}: {err}", args.join(" ")))?;
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        ensure!(
+            output.status.success(),
+            "helm {} failed: {stderr}",
+            args.join(" ")
+        );
+        Ok((String::from_utf8_lossy(&output.stdout).into_owned(), stderr))
+    }
+
+    /// Running pods (not terminating) of `namespace` matching `selector`.
+    fn pods(&self, namespace: &str, selector: &str) -> Result<Vec<Pod>, String> {
+        let list = self.json(&["get", "pods", "-n", namespace, "-l", selector])?;
+        Ok(list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|pod| pod["metadata"]["deletionTimestamp"].is_null())
+            .filter(|pod| pod["status"]["phase"] == "Running")
+            .map(|pod| Pod { json: pod.clone() })
+            .collect())
+    }
+
+    fn only_pod(&self, namespace: &str, selector: &str) -> Result<Pod, String> {
+        let mut pods = self.pods(namespace, selector)?;
+        ensure!(
+            pods.len() == 1,
+            "expected one running pod {selector} in {namespace}, found {}",
+            pods.len()
+        );
+        Ok(pods.remove(0))
+    }
+
+    fn rollout(&self, namespace: &str, deployment: &str) -> Outcome {
+        self.kubectl(&[
+            "rollout",
+            "status",
+            "-n",
+            namespace,
+            &format!("deployment/{deployment}"),
+            &format!("--timeout={}s", PATIENCE.as_secs()),
+        ])
+        .map(drop)
+        .map_err(|err| {
+            let pods = self
+                .kubectl(&["get", "pods", "-n", namespace, "-o", "wide"])
+                .unwrap_or_default();
+            format!("{err}\n{pods}")
+        })
+    }
+
+    /// The test app's `http` role, run in the client's pod: its JSON summary.
+    fn client_calls(&self, args: &[&str]) -> Result<Calls, String> {
+        let mut command = vec![
+            "exec",
+            "-n",
+            SHOP,
+            "deploy/client",
+            "-c",
+            "app",
+            "--",
+            APP,
+            "http",
+        ];
+        command.extend(args);
+        let text = self.kubectl(&command)?;
+        let summary: Value = serde_json::from_str(&text)
+            .map_err(|err| format!("the client printed {text:?}: {err}"))?;
+        Ok(Calls(summary))
+    }
+
+    /// Starts the client calling reviews steadily until [`Load::finish`].
+    fn start_load(&self) -> Result<Load, String> {
+        let child = self
+            .cluster
+            .kubectl_command()
+            .args([
+                "exec",
+                "-i",
+                "-n",
+                SHOP,
+                "deploy/client",
+                "-c",
+                "app",
+                "--",
+                APP,
+                "http",
+                "--url",
+                REVIEWS_URL,
+                "--until-stdin-closes",
+                "--concurrency=2",
+                PACE,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|err| format!("starting the client's load: {err}"))?;
+        Ok(Load { child })
+    }
+
+    /// The client pod's proxy's admin endpoint.
+    fn client_proxy(&self) -> Result<SocketAddr, String> {
+        Ok(self.only_pod(SHOP, "app=client")?.addr(4191))
+    }
+
+    /// What the client pod's proxy shows at `path` on loopback only (`/config`, `/endpoints`),
+    /// asked from inside the pod.
+    fn client_proxy_dump(&self, path: &str) -> Result<String, String> {
+        let url = format!("http://127.0.0.1:4191{path}");
+        self.kubectl(&[
+            "exec",
+            "-n",
+            SHOP,
+            "deploy/client",
+            "-c",
+            "app",
+            "--",
+            APP,
+            "get",
+            &url,
+        ])
+    }
+}
+
+struct Pod {
+    json: Value,
+}
+
+impl Pod {
+    fn name(&self) -> &str {
+        self.json["metadata"]["name"].as_str().unwrap_or_default()
+    }
+
+    fn addr(&self, port: u16) -> SocketAddr {
+        let ip = self.json["status"]["podIP"].as_str().unwrap_or("0.0.0.0");
+        SocketAddr::new(ip.parse().unwrap_or([0, 0, 0, 0].into()), port)
+    }
+
+    fn init_containers(&self) -> Vec<&Value> {
+        self.json["spec"]["initContainers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
+/// What the client's `http` role printed.
+struct Calls(Value);
+
+impl Calls {
+    fn count(&self, field: &str, key: &str) -> u64 {
+        self.0[field][key].as_u64().unwrap_or(0)
+    }
+
+    fn calls(&self) -> u64 {
+        self.0["calls"].as_u64().unwrap_or(0)
+    }
+
+    /// Every call answered 200, none failed.
+    fn all_ok(&self) -> Outcome {
+        ensure!(
+            self.calls() > 0 && self.count("statuses", "200") == self.calls(),
+            "not every call answered 200: {}",
+            self.0
+        );
+        Ok(())
+    }
+
+    /// Calls answered by pods whose names start with `prefix`.
+    fn answered_by(&self, prefix: &str) -> u64 {
+        self.0["bodies"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(body, _)| body.starts_with(prefix))
+            .map(|(_, count)| count.as_u64().unwrap_or(0))
+            .sum()
+    }
+}
+
+/// The client calling reviews from its pod for as long as a step needs.
+struct Load {
+    child: Child,
+}
+
+impl Load {
+    /// Stops the calls (closing the client's stdin) and returns what they got.
+    fn finish(mut self) -> Result<Calls, String> {
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + PATIENCE;
+        while self
+            .child
+            .try_wait()
+            .map_err(|err| err.to_string())?
+            .is_none()
+        {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return Err("the client's load did not stop when its stdin closed".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let output = self
+            .child
+            .wait_with_output()
+            .map_err(|err| err.to_string())?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        serde_json::from_str(&text).map(Calls).map_err(|err| {
+            format!(
+                "the client's load printed {text:?} ({err}); stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+    }
+}
+
+/// Polls `check` every half second until it holds, fails, or `timeout` passes; the last reason
+/// it gave for not holding is in the error.
+fn eventually(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<bool, String>,
+) -> Outcome {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(problem) => last = problem,
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "timed out after {timeout:?} waiting until {what}; {last}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// One HTTP/1.1 exchange with `addr` from this machine (pods are on its bridge): status and body.
+fn http(method: &str, addr: SocketAddr, path: &str, body: &str) -> Result<(u16, String), String> {
+    let exchange = || -> std::io::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer)?;
+        Ok(String::from_utf8_lossy(&answer).into_owned())
+    };
+    let answer = exchange().map_err(|err| format!("{method} http://{addr}{path}: {err}"))?;
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{method} http://{addr}{path}: no response head in {answer:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("{method} http://{addr}{path}: bad status line in {head:?}"))?;
+    let chunked = head
+        .lines()
+        .any(|line| line.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    Ok((
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    ))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn metrics(admin: SocketAddr) -> Result<String, String> {
+    match http("GET", admin, "/metrics", "")? {
+        (200, body) => Ok(body),
+        (status, body) => Err(format!("GET http://{admin}/metrics: {status} {body}")),
+    }
+}
+
+/// The sum of `sample`'s series with `labels`; an error when there is none.
+fn metric(exposition: &str, sample: &str, labels: &str) -> Result<f64, String> {
+    series_sum(exposition, sample, labels)
+        .ok_or_else(|| format!("no {sample}{{{labels}}} series in the proxy's metrics"))
+}
+
+/// Steers the backend in `pod` (`answer`, `status 500`, `fail-percent 50`, ...).
+fn steer(pod: &Pod, behaviour: &str) -> Outcome {
+    match http("PUT", pod.addr(9081), "/behaviour", behaviour)? {
+        (200, _) => Ok(()),
+        (status, body) => Err(format!(
+            "steering {} to {behaviour}: {status} {body}",
+            pod.name()
+        )),
+    }
+}
+
+/// What the backend in `pod` has received: `hits`, `errors`.
+fn backend_stats(pod: &Pod) -> Result<Value, String> {
+    let (status, body) = http("GET", pod.addr(9081), "/stats", "")?;
+    ensure!(status == 200, "stats of {}: {status} {body}", pod.name());
+    serde_json::from_str(&body).map_err(|err| format!("stats of {}: {err}: {body}", pod.name()))
+}
+
+fn workspace_file(path: &str) -> PathBuf {
+    outrigger_tests::workspace().join(path)
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs_f64()
+}
+
+/// The image archives, checked to be there and newer than the release binaries they hold.
+fn image_archives() -> Vec<PathBuf> {
+    let exe = std::env::current_exe().expect("the test's path");
+    // <target>/debug/deps/pods_e2e-<hash>
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .expect("the test runs from <target>/<profile>/deps");
+    let modified = |path: &Path| {
+        std::fs::metadata(path)
+            .and_then(|metadata| metadata.modified())
+            .ok()
+    };
+    IMAGE_ARCHIVES
+        .iter()
+        .map(|(name, binary)| {
+            let archive = target.join("images").join(format!("{name}.tar"));
+            let built = modified(&archive).unwrap_or_else(|| {
+                panic!(
+                    "{} is missing: `cargo xtask images` builds the images this suite runs \
+                     (`cargo xtask ci` does it before the tests)",
+                    archive.display()
+                )
+            });
+            if let Some(binary_built) = modified(&target.join("release").join(binary)) {
+                assert!(
+                    binary_built <= built,
+                    "{} is older than the release {binary} it should hold: run `cargo xtask images`",
+                    archive.display()
+                );
+            }
+            archive
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------------------
+// The steps
+
+/// 1. `helm install`, as the README says.
+fn install_the_chart(suite: &mut Suite) -> bool {
+    let chart = workspace_file("charts/outrigger");
+    let installed = suite.helm(&[
+        "install",
+        "outrigger",
+        &chart.to_string_lossy(),
+        "-n",
+        SYSTEM,
+        "--create-namespace",
+        "--wait",
+        &format!("--timeout={}s", PATIENCE.as_secs()),
+    ]);
+    let warnings = match installed {
+        Ok((_, stderr)) => stderr,
+        Err(problem) => {
+            suite.check("helm install the chart", Err(problem));
+            return false;
+        }
+    };
+    suite.check("helm install the chart", Ok(()));
+    suite.check("helm install prints no warnings", {
+        let stderr = warnings;
+        if stderr.trim().is_empty() {
+            Ok(())
+        } else {
+            Err(format!("helm said: {}", stderr.trim()))
+        }
+    });
+    suite.check(
+        "the controller runs as a pod with its ServiceAccount, in-cluster, and takes its Lease",
+        (|| {
+            suite.json(&["get", "crd", "destinationpolicies.outrigger.dev"])?;
+            let controller = suite.only_pod(SYSTEM, "app.kubernetes.io/component=controller")?;
+            let spec = &controller.json["spec"];
+            ensure!(
+                spec["serviceAccountName"] == "outrigger-controller",
+                "its ServiceAccount is {}",
+                spec["serviceAccountName"]
+            );
+            let args = spec["containers"][0]["args"].to_string();
+            ensure!(
+                !args.contains("kubeconfig") && !args.contains("manifests"),
+                "it is not configured in-cluster: {args}"
+            );
+            eventually("the controller holds its Lease", PATIENCE, || {
+                let holder = suite.kubectl(&[
+                    "get",
+                    "lease",
+                    "outrigger-controller",
+                    "-n",
+                    SYSTEM,
+                    "-o",
+                    "jsonpath={.spec.holderIdentity}",
+                ])?;
+                Ok(holder == controller.name())
+            })
+        })(),
+    );
+    suite.check(
+        "the controller's logs carry no terminal colour codes",
+        (|| {
+            let logs = suite.kubectl(&["logs", "-n", SYSTEM, "deploy/outrigger-controller"])?;
+            ensure!(
+                !logs.contains('\u{1b}'),
+                "kubectl logs shows ANSI escapes: {:?}",
+                logs.lines().next().unwrap_or_default()
+            );
+            Ok(())
+        })(),
+    );
+    true
+}
+
+/// 2. Label the namespace, deploy the shop; what was injected, and the order things started in.
+fn deploy_the_shop(suite: &mut Suite) -> bool {
+    let deployed = (|| {
+        let shop = std::fs::read_to_string(workspace_file("tests/manifests/shop.yaml"))
+            .map_err(|err| format!("reading tests/manifests/shop.yaml: {err}"))?;
+        let reviews = std::fs::read_to_string(workspace_file("tests/manifests/reviews.yaml"))
+            .map_err(|err| format!("reading tests/manifests/reviews.yaml: {err}"))?;
+        // The namespace first, labelled as the README says, then what runs in it.
+        let (namespace, rest) = shop
+            .split_once("\n---\n")
+            .ok_or("shop.yaml starts with the namespace")?;
+        suite.apply(namespace)?;
+        suite.kubectl(&["label", "namespace", SHOP, "outrigger.dev/inject=enabled"])?;
+        suite.apply(rest)?;
+        for (version, replicas) in [("v1", "3"), ("v2", "1")] {
+            suite.apply(
+                &reviews
+                    .replace("VERSION", version)
+                    .replace("REPLICAS", replicas),
+            )?;
+        }
+        for deployment in ["reviews-v1", "reviews-v2", "client", "echo"] {
+            suite.rollout(SHOP, deployment)?;
+        }
+        suite
+            .kubectl(&[
+                "wait",
+                "-n",
+                "outside",
+                "--for=condition=Ready",
+                "pod/bystander",
+                &format!("--timeout={}s", PATIENCE.as_secs()),
+            ])
+            .map(drop)
+    })();
+    if !suite.check("the shop's pods come up", deployed) {
+        return false;
+    }
+    suite.check(
+        "every shop pod has outrigger-init and the native sidecar outrigger-proxy",
+        (|| {
+            let pods = suite.pods(SHOP, "app")?;
+            ensure!(pods.len() == 6, "expected 6 shop pods, found {}", pods.len());
+            for pod in &pods {
+                let init = pod.init_containers();
+                let names: Vec<&str> = init.iter().filter_map(|c| c["name"].as_str()).collect();
+                ensure!(
+                    names == ["outrigger-init", "outrigger-proxy"],
+                    "{}: init containers {names:?}",
+                    pod.name()
+                );
+                ensure!(
+                    init[1]["restartPolicy"] == "Always",
+                    "{}: the proxy is not a native sidecar",
+                    pod.name()
+                );
+                let statuses = pod.json["status"]["initContainerStatuses"].to_string();
+                ensure!(
+                    pod.json["status"]["initContainerStatuses"][0]["state"]["terminated"]
+                        ["exitCode"]
+                        == 0,
+                    "{}: outrigger-init did not succeed: {statuses}",
+                    pod.name()
+                );
+            }
+            let bystander = suite.json(&["get", "pod", "bystander", "-n", "outside"])?;
+            ensure!(
+                bystander["spec"]["initContainers"].is_null(),
+                "a pod outside labelled namespaces is left alone"
+            );
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "every app starts after its proxy is ready",
+        (|| {
+            for pod in suite.pods(SHOP, "app")? {
+                let logs = suite.kubectl(&["logs", "-n", SHOP, pod.name(), "-c", "app"])?;
+                let first = logs.lines().next().unwrap_or_default();
+                ensure!(
+                    first == "proxy ready at app start: 200",
+                    "{}: {first:?} (the sidecar has no startup probe, so the kubelet starts the \
+                     app as soon as the proxy's process runs)",
+                    pod.name()
+                );
+            }
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "the apps' probes work through the redirection (and reach the app through the proxy)",
+        (|| {
+            // Ready already (their readiness probes pass); alive for a while with no restart.
+            std::thread::sleep(Duration::from_secs(11));
+            for pod in suite.pods(SHOP, "app=reviews")? {
+                let restarts = &pod.json["status"]["containerStatuses"][0]["restartCount"];
+                ensure!(*restarts == 0, "{}: the app restarted", pod.name());
+                let inbound = metric(
+                    &metrics(pod.addr(4191))?,
+                    "outrigger_requests_total",
+                    r#"direction="inbound""#,
+                )?;
+                ensure!(
+                    inbound >= 1.0,
+                    "{}: the probes did not go through the proxy",
+                    pod.name()
+                );
+            }
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "the proxies' logs carry no terminal colour codes",
+        (|| {
+            let logs =
+                suite.kubectl(&["logs", "-n", SHOP, "deploy/client", "-c", "outrigger-proxy"])?;
+            ensure!(
+                !logs.contains('\u{1b}'),
+                "kubectl logs shows ANSI escapes: {:?}",
+                logs.lines().next().unwrap_or_default()
+            );
+            Ok(())
+        })(),
+    );
+    true
+}
+
+/// 3. The canary policy, the split, the testers' route, and `kubectl get dp`.
+fn canary(suite: &mut Suite) {
+    suite.check(
+        "kubectl apply -f examples/reviews-canary.yaml",
+        (|| {
+            let policy = std::fs::read_to_string(workspace_file("examples/reviews-canary.yaml"))
+                .map_err(|err| format!("reading the example: {err}"))?;
+            suite.apply(&policy)
+        })(),
+    );
+    suite.check(
+        "calls through CoreDNS, the ClusterIP and the pod's iptables split about 90/10",
+        (|| {
+            // The policy reaches the client's proxy when it first calls reviews.
+            eventually("the canary split applies", PATIENCE, || {
+                let calls = suite.client_calls(&["--url", REVIEWS_URL, "--requests=20", PACE])?;
+                Ok(calls.answered_by("reviews-v2-") > 0 || calls.count("statuses", "200") == 20)
+            })?;
+            let n = 500;
+            let calls = suite.client_calls(&[
+                "--url",
+                REVIEWS_URL,
+                &format!("--requests={n}"),
+                "--concurrency=2",
+                PACE,
+            ])?;
+            calls.all_ok()?;
+            let (v1, v2) = (
+                calls.answered_by("reviews-v1-"),
+                calls.answered_by("reviews-v2-"),
+            );
+            ensure!(v1 + v2 == n, "answers from elsewhere: {}", calls.0);
+            // Six standard deviations of a binomial(n, 0.1): false alarms one in 10^9 runs.
+            let expected = n as f64 * 0.1;
+            let tolerance = 6.0 * (n as f64 * 0.1 * 0.9).sqrt();
+            ensure!(
+                (v2 as f64 - expected).abs() <= tolerance,
+                "v2 got {v2} of {n}, expected {expected} ± {tolerance:.0}"
+            );
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "the default balancer spreads the calls over equal v1 pods",
+        (|| {
+            let n = 300;
+            let calls =
+                suite.client_calls(&["--url", REVIEWS_URL, &format!("--requests={n}"), PACE])?;
+            let v1_pods = suite.pods(SHOP, "app=reviews,version=v1")?;
+            let stable = calls.answered_by("reviews-v1-");
+            for pod in &v1_pods {
+                let share = calls.answered_by(pod.name());
+                // A third each is even; under a tenth is what an uneven balancer does.
+                ensure!(
+                    share * 10 >= stable,
+                    "{} got {share} of the {stable} calls to v1: {}",
+                    pod.name(),
+                    calls.0["bodies"]
+                );
+            }
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "x-canary: true always reaches v2",
+        (|| {
+            let calls = suite.client_calls(&[
+                "--url",
+                REVIEWS_URL,
+                "--header=x-canary: true",
+                "--requests=50",
+                PACE,
+            ])?;
+            calls.all_ok()?;
+            ensure!(
+                calls.answered_by("reviews-v2-") == 50,
+                "not all went to v2: {}",
+                calls.0["bodies"]
+            );
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "kubectl get dp -n shop shows the proxy as acknowledged",
+        eventually(
+            "the client's proxy is counted as acknowledged",
+            PATIENCE,
+            || {
+                let status = suite.json(&["get", "dp", "reviews", "-n", SHOP])?["status"].clone();
+                let proxies = &status["proxies"];
+                let table = suite.kubectl(&["get", "dp", "-n", SHOP])?;
+                Ok(proxies["connected"] == 1
+                    && proxies["acknowledged"] == 1
+                    && proxies["rejected"] == 0
+                    && table
+                        .lines()
+                        .nth(1)
+                        .is_some_and(|row| row.contains(" 1/1 ")))
+            },
+        ),
+    );
+}
+
+/// 4. Failures the mesh hides, and outlier ejection with its probes.
+fn failures(suite: &mut Suite) {
+    suite.check(
+        "v2 failing half its requests: retries hide it",
+        (|| {
+            let v2 = suite.only_pod(SHOP, "app=reviews,version=v2")?;
+            let proxy = suite.client_proxy()?;
+            let retries = |exposition: &str| {
+                series_sum(
+                    exposition,
+                    "outrigger_retries_total",
+                    r#"dst_service="reviews""#,
+                )
+                .unwrap_or(0.0)
+            };
+            let retries_before = retries(&metrics(proxy)?);
+            let errors_before = backend_stats(&v2)?["errors"].as_u64().unwrap_or(0);
+            steer(&v2, "fail-percent 50")?;
+            let calls = suite.client_calls(&[
+                "--url",
+                REVIEWS_URL,
+                "--requests=400",
+                "--concurrency=2",
+                PACE,
+            ]);
+            steer(&v2, "answer")?;
+            let calls = calls?;
+            let errors = backend_stats(&v2)?["errors"].as_u64().unwrap_or(0) - errors_before;
+            ensure!(
+                errors > 0,
+                "v2 failed nothing: the test did not test anything"
+            );
+            calls.all_ok()?;
+            ensure!(
+                retries(&metrics(proxy)?) > retries_before,
+                "the client's proxy counted no retry"
+            );
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "a v1 pod answering only 5xx is ejected, with exactly one probe per ejection",
+        (|| {
+            // Short ejections, so that several happen during the load.
+            suite.kubectl(&[
+                "patch",
+                "dp",
+                "reviews",
+                "-n",
+                SHOP,
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"outlierDetection":{"baseEjectionTime":"1s","maxEjectionTime":"3s"}}}"#,
+            ])?;
+            let proxy = suite.client_proxy()?;
+            eventually(
+                "the client's proxy applies the short ejections",
+                PATIENCE,
+                || {
+                    let config = suite.client_proxy_dump("/config")?;
+                    Ok(config.contains(r#""base_ejection_time": "1000ms""#))
+                },
+            )?;
+            // Policies, pods and addresses are for the pod itself, not for whoever reaches it.
+            for dump in ["/config", "/endpoints"] {
+                let (status, _) = http("GET", proxy, dump, "")?;
+                ensure!(
+                    status == 403,
+                    "the client's proxy served {dump} off the pod: {status}"
+                );
+            }
+            let bad = suite
+                .pods(SHOP, "app=reviews,version=v1")?
+                .into_iter()
+                .next()
+                .ok_or("no v1 pod")?;
+            let ejections = |exposition: &str| {
+                series_sum(
+                    exposition,
+                    "outrigger_outlier_ejections_total",
+                    r#"dst_service="reviews""#,
+                )
+                .unwrap_or(0.0)
+            };
+            let ejections_before = ejections(&metrics(proxy)?);
+            let hits_before = backend_stats(&bad)?["hits"].as_u64().unwrap_or(0);
+            steer(&bad, "status 500")?;
+            // One call at a time: the fifth 5xx in a row ejects it before another call is sent.
+            let calls =
+                suite.client_calls(&["--url", REVIEWS_URL, "--requests=600", "--pause=20ms"]);
+            let endpoints = suite.client_proxy_dump("/endpoints");
+            let exposition = metrics(proxy);
+            let hits = backend_stats(&bad)?["hits"].as_u64().unwrap_or(0) - hits_before;
+            steer(&bad, "answer")?;
+            calls?.all_ok()?;
+
+            let endpoints = endpoints?;
+            let endpoints: Value = serde_json::from_str(&endpoints)
+                .map_err(|err| format!("/endpoints: {err}: {endpoints}"))?;
+            let state = endpoints
+                .as_object()
+                .into_iter()
+                .flatten()
+                .flat_map(|(_, list)| list.as_array().into_iter().flatten())
+                .find(|endpoint| endpoint["pod"] == bad.name())
+                .map(|endpoint| endpoint["state"].clone())
+                .ok_or_else(|| format!("{} is not in /endpoints: {endpoints}", bad.name()))?;
+            ensure!(
+                state == "ejected" || state == "probation",
+                "/endpoints says {} is {state}",
+                bad.name()
+            );
+            let exposition = exposition?;
+            let ejected = ejections(&exposition) - ejections_before;
+            ensure!(
+                ejected >= 2.0,
+                "{ejected} ejections: too few to count probes"
+            );
+            let out = metric(&exposition, "outrigger_endpoints", r#"state="ejected""#)?
+                + metric(&exposition, "outrigger_endpoints", r#"state="probation""#)?;
+            ensure!(
+                out >= 1.0,
+                "outrigger_endpoints shows no endpoint out of rotation"
+            );
+            // Five 5xx in a row eject it; then each probe fails and ejects it again.
+            ensure!(
+                hits as f64 == 5.0 + (ejected - 1.0),
+                "{} got {hits} requests for {ejected} ejections (5 + one probe per later ejection \
+                 expected)",
+                bad.name()
+            );
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "the example policy is restored",
+        (|| {
+            let policy = std::fs::read_to_string(workspace_file("examples/reviews-canary.yaml"))
+                .map_err(|err| format!("reading the example: {err}"))?;
+            suite.apply(&policy)
+        })(),
+    );
+}
+
+/// 5. Pods and the controller come and go under load.
+fn restarts(suite: &mut Suite) {
+    suite.check(
+        "a rolling restart of reviews v1 under steady load loses no request",
+        (|| {
+            let before: Vec<String> = suite
+                .pods(SHOP, "app=reviews,version=v1")?
+                .iter()
+                .map(|pod| pod.name().to_string())
+                .collect();
+            let load = suite.start_load()?;
+            let restarted = suite
+                .kubectl(&["rollout", "restart", "-n", SHOP, "deployment/reviews-v1"])
+                .and_then(|_| suite.rollout(SHOP, "reviews-v1"))
+                .and_then(|()| {
+                    eventually("the old v1 pods are gone", PATIENCE, || {
+                        let all = suite.json(&["get", "pods", "-n", SHOP, "-l", "version=v1"])?;
+                        Ok(all["items"].as_array().map_or(0, Vec::len) == 3)
+                    })
+                });
+            let calls = load.finish()?;
+            restarted?;
+            calls.all_ok()?;
+            let new_pods = suite.pods(SHOP, "app=reviews,version=v1")?;
+            ensure!(
+                new_pods
+                    .iter()
+                    .all(|pod| !before.iter().any(|old| old == pod.name())),
+                "the pods were not replaced"
+            );
+            ensure!(
+                new_pods.iter().any(|pod| calls.answered_by(pod.name()) > 0),
+                "the new pods got no call during the load: {}",
+                calls.0
+            );
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "deleting the controller's pod loses no request, and its replacement resyncs every proxy",
+        (|| {
+            let old = suite.only_pod(SYSTEM, "app.kubernetes.io/component=controller")?;
+            let meshed = suite.pods(SHOP, "app")?.len();
+            let load = suite.start_load()?;
+            let mut overcounted = std::collections::BTreeSet::new();
+            let resynced = suite
+                .kubectl(&["delete", "pod", "-n", SYSTEM, old.name(), "--wait=false"])
+                .and_then(|_| {
+                    eventually("a new controller pod is Ready", PATIENCE, || {
+                        let pods = suite.pods(SYSTEM, "app.kubernetes.io/component=controller")?;
+                        Ok(pods.iter().any(|pod| {
+                            pod.name() != old.name()
+                                && pod.json["status"]["conditions"]
+                                    .as_array()
+                                    .into_iter()
+                                    .flatten()
+                                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                        }))
+                    })
+                })
+                .and_then(|()| {
+                    eventually(
+                        "every proxy is connected to the new controller",
+                        PATIENCE,
+                        || {
+                            let new =
+                                suite.only_pod(SYSTEM, "app.kubernetes.io/component=controller")?;
+                            let connected = metric(
+                                &metrics(new.addr(9990))?,
+                                "outrigger_controller_proxies_connected",
+                                "",
+                            )?;
+                            let proxies =
+                            suite.json(&["get", "dp", "reviews", "-n", SHOP])?["status"]["proxies"]
+                                .clone();
+                            if proxies["connected"].as_u64().unwrap_or(0) > 1 {
+                                overcounted.insert(proxies.to_string());
+                            }
+                            Ok(connected as usize == meshed
+                                && proxies["connected"] == 1
+                                && proxies["acknowledged"] == 1)
+                        },
+                    )
+                });
+            let calls = load.finish()?;
+            resynced?;
+            calls.all_ok()?;
+            ensure!(
+                overcounted.is_empty(),
+                "kubectl get dp counted the client's one proxy more than once after the restart: \
+                 {overcounted:?}"
+            );
+            Ok(())
+        })(),
+    );
+}
+
+/// 6. What is not the mesh's business passes through unchanged.
+fn pass_through(suite: &mut Suite) {
+    suite.check(
+        "TCP that is not HTTP (the echo Service) passes through unchanged",
+        (|| {
+            let text = suite.kubectl(&[
+                "exec",
+                "-n",
+                SHOP,
+                "deploy/client",
+                "-c",
+                "app",
+                "--",
+                APP,
+                "tcp",
+                "--addr=echo.shop.svc.cluster.local:7000",
+                "--message=hello, this is not HTTP\n",
+                "--count=5",
+            ])?;
+            let summary: Value =
+                serde_json::from_str(&text).map_err(|err| format!("{err}: {text}"))?;
+            ensure!(summary["echoed"] == 5, "{summary}");
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "HTTP to an address no Service owns passes through unchanged",
+        (|| {
+            let bystander = suite.json(&["get", "pod", "bystander", "-n", "outside"])?;
+            let ip = bystander["status"]["podIP"]
+                .as_str()
+                .ok_or("no bystander IP")?;
+            let calls = suite.client_calls(&[
+                "--url",
+                &format!("http://{ip}:9080/plain/path"),
+                "--requests=3",
+            ])?;
+            calls.all_ok()?;
+            let last = &calls.0["last"];
+            ensure!(last["body"] == "bystander", "{last}");
+            let seen = &last["headers"];
+            ensure!(
+                seen["x-seen-host"] == format!("{ip}:9080").as_str()
+                    && seen["x-seen-path"] == "/plain/path"
+                    && seen["x-seen-version"] == "HTTP/1.1",
+                "the request arrived changed: {seen}"
+            );
+            Ok(())
+        })(),
+    );
+}
+
+/// A Service `ratings` on the reviews pods whose policy every proxy rejects (a header regex the
+/// API server and the controller let through), for the dashboards' rejected-configuration panel.
+const REJECTED_POLICY: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: shop}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080, targetPort: http}]
+---
+apiVersion: outrigger.dev/v1alpha1
+kind: DestinationPolicy
+metadata: {name: ratings, namespace: shop}
+spec:
+  host: ratings
+  routes:
+  - name: broken
+    match: {headers: {x-user: {regex: "(unclosed"}}}
+"#;
+
+/// 7. Prometheus finds the meshed pods through the API server; every dashboard query has data.
+fn dashboards(suite: &mut Suite) {
+    let outcome = (|| {
+        let certs = suite.cluster.certificates();
+        let config = format!(
+            r#"- job_name: outrigger
+  kubernetes_sd_configs:
+  - role: pod
+    api_server: {server}
+    tls_config: {{ca_file: {ca}, cert_file: {cert}, key_file: {key}}}
+    namespaces: {{names: [{SHOP}, {SYSTEM}]}}
+  relabel_configs:
+  # The proxies' admin port and the controller's, by the names the injector and the chart give.
+  - source_labels: [__meta_kubernetes_pod_container_port_name]
+    regex: outrigger-admin|admin-http
+    action: keep
+  - source_labels: [__meta_kubernetes_namespace]
+    target_label: namespace
+  - source_labels: [__meta_kubernetes_pod_name]
+    target_label: pod
+"#,
+            server = suite.cluster.server_url(),
+            ca = certs.ca_cert.display(),
+            cert = certs.admin_cert.display(),
+            key = certs.admin_key.display(),
+        );
+        let runtime = tokio::runtime::Runtime::new().map_err(|err| err.to_string())?;
+        // Built with the cluster: Debian's has no Kubernetes service discovery.
+        let binary = suite.cluster.binaries().program("prometheus");
+        let mut prometheus = Prometheus::start(&binary, &config);
+        runtime.block_on(prometheus.ready());
+        let expected_targets = suite.pods(SHOP, "app")?.len() + 1;
+        eventually(
+            "Prometheus discovers every meshed pod and the controller through the API server",
+            PATIENCE,
+            || Ok(runtime.block_on(prometheus.targets_up()) >= expected_targets),
+        )
+        .map_err(|err| format!("{err}\n{}", prometheus.log()))?;
+
+        let load_start = unix_now();
+        let load = suite.start_load()?;
+        let provoked = provoke_what_the_dashboards_show(suite);
+        // A few more healthy scrapes, then the load stops.
+        std::thread::sleep(Duration::from_secs(3));
+        let load_end = unix_now();
+        let calls = load.finish()?;
+        provoked?;
+        ensure!(calls.calls() > 0, "the steady load made no call");
+        eventually(
+            "Prometheus scrapes past the end of the load",
+            PATIENCE,
+            || Ok(runtime.block_on(prometheus.last_scraped()) > load_end + 1.0),
+        )?;
+        let dashboards = load_dashboards();
+        let problems = runtime
+            .block_on(query_every_panel(
+                &dashboards,
+                &prometheus,
+                SHOP,
+                "reviews",
+                load_start,
+                load_end,
+            ))
+            .problems;
+        ensure!(
+            problems.is_empty(),
+            "{} dashboard problem(s):\n{}",
+            problems.len(),
+            problems.join("\n")
+        );
+        Ok(())
+    })();
+    suite.check(
+        "Prometheus discovers the meshed pods and every dashboard query has data for shop",
+        outcome,
+    );
+}
+
+/// What only changes and failures make: a policy change pushed to the proxies, retries, timeouts,
+/// an exhausted retry budget, requests over the rate limit, a configuration the proxies reject.
+fn provoke_what_the_dashboards_show(suite: &Suite) -> Outcome {
+    // The canary is rolled out further: a change the controller pushes and the proxy acknowledges.
+    let controller = suite.only_pod(SYSTEM, "app.kubernetes.io/component=controller")?;
+    let pushes = || {
+        metrics(controller.addr(9990)).map(|exposition| {
+            series_sum(&exposition, "outrigger_controller_push_seconds_count", "").unwrap_or(0.0)
+        })
+    };
+    let pushed_before = pushes()?;
+    suite.kubectl(&[
+        "patch",
+        "dp",
+        "reviews",
+        "-n",
+        SHOP,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"trafficSplit":[{"subset":"stable","weight":50},{"subset":"canary","weight":50}]}}"#,
+    ])?;
+    eventually(
+        "the client's proxy acknowledges the 50/50 canary",
+        PATIENCE,
+        || Ok(pushes()? > pushed_before),
+    )?;
+    let reviews = suite.pods(SHOP, "app=reviews")?;
+    let v2 = suite.only_pod(SHOP, "app=reviews,version=v2")?;
+    // Slower than the testers' route's 2 s timeout and the per-try timeout.
+    steer(&v2, "delay 2500ms")?;
+    let slow = suite.client_calls(&[
+        "--url",
+        REVIEWS_URL,
+        "--header=x-canary: true",
+        "--requests=3",
+    ]);
+    steer(&v2, "answer")?;
+    slow?;
+    // Everything fails: retries would double the load; the budget stops them.
+    for pod in &reviews {
+        steer(pod, "status 503")?;
+    }
+    let failing = suite.client_calls(&[
+        "--url",
+        REVIEWS_URL,
+        "--requests=200",
+        "--concurrency=4",
+        PACE,
+    ]);
+    for pod in &reviews {
+        steer(pod, "answer")?;
+    }
+    failing?;
+    // A burst over the rate limit (100/s, burst 200).
+    let burst =
+        suite.client_calls(&["--url", REVIEWS_URL, "--requests=600", "--concurrency=32"])?;
+    ensure!(
+        burst.count("statuses", "429") > 0 || burst.0.to_string().contains("429"),
+        "the burst was not rate limited: {}",
+        burst.0["statuses"]
+    );
+    suite.apply(REJECTED_POLICY)?;
+    let proxy = suite.client_proxy()?;
+    eventually(
+        "the client's proxy rejects the ratings policy",
+        PATIENCE,
+        || {
+            let _ = suite.client_calls(&["--url", "http://ratings.shop.svc.cluster.local:9080/"]);
+            Ok(series_sum(
+                &metrics(proxy)?,
+                "outrigger_config_updates_total",
+                r#"result="rejected""#,
+            )
+            .is_some_and(|rejected| rejected >= 1.0))
+        },
+    )
+}
+
+/// 8. A pod that cannot be meshed, stopping order, and what `helm uninstall` leaves.
+fn bad_input_and_uninstall(suite: &mut Suite) {
+    let chart = workspace_file("charts/outrigger");
+    let chart = chart.to_string_lossy().into_owned();
+    let upgrade = |suite: &Suite, extra: &[&str]| {
+        let mut args = vec![
+            "upgrade",
+            "outrigger",
+            &chart,
+            "-n",
+            SYSTEM,
+            "--reuse-values",
+            "--wait",
+        ];
+        args.extend(extra);
+        suite.helm(&args).map(drop)
+    };
+    suite.check(
+        "helm upgrade without changes keeps the controller running",
+        (|| {
+            let before = suite.only_pod(SYSTEM, "app.kubernetes.io/component=controller")?;
+            upgrade(suite, &[])?;
+            let after = suite.pods(SYSTEM, "app.kubernetes.io/component=controller")?;
+            ensure!(
+                after.len() == 1 && after[0].name() == before.name(),
+                "the controller was replaced: {} -> {:?}",
+                before.name(),
+                after.iter().map(Pod::name).collect::<Vec<_>>()
+            );
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "a pod that cannot be meshed says why in its events and logs",
+        (|| {
+            // A CIDR the chart's schema lets through and the init step refuses.
+            upgrade(suite, &["--set", "proxy.skipOutboundCIDRs={10.0.0.0/99}"])?;
+            suite.apply(
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: unmeshable\n  labels: \
+                 {outrigger.dev/inject: enabled}\n---\napiVersion: v1\nkind: Pod\nmetadata: \
+                 {name: victim, namespace: unmeshable}\nspec:\n  containers:\n  - name: app\n    \
+                 image: localhost/outrigger-test/app:dev\n    imagePullPolicy: Never\n    args: \
+                 [idle]\n",
+            )?;
+            let failure = eventually("the init step fails", PATIENCE, || {
+                let pod = suite.json(&["get", "pod", "victim", "-n", "unmeshable"])?;
+                let init = &pod["status"]["initContainerStatuses"][0];
+                Ok(init["name"] == "outrigger-init"
+                    && (init["lastState"]["terminated"]["exitCode"]
+                        .as_i64()
+                        .unwrap_or(0)
+                        != 0
+                        || init["state"]["terminated"]["exitCode"]
+                            .as_i64()
+                            .unwrap_or(0)
+                            != 0))
+            });
+            let restored = upgrade(suite, &["--set-json", "proxy.skipOutboundCIDRs=[]"]);
+            failure?;
+            restored?;
+            let logs =
+                suite.kubectl(&["logs", "victim", "-n", "unmeshable", "-c", "outrigger-init"]);
+            let logs = match logs {
+                Ok(logs) => logs,
+                // Between restarts the current container may not have run yet.
+                Err(_) => suite.kubectl(&[
+                    "logs",
+                    "victim",
+                    "-n",
+                    "unmeshable",
+                    "-c",
+                    "outrigger-init",
+                    "--previous",
+                ])?,
+            };
+            ensure!(
+                logs.contains("10.0.0.0/99"),
+                "its log does not say what is wrong: {logs:?}"
+            );
+            eventually("its events say the init step fails", PATIENCE, || {
+                let events = suite.kubectl(&[
+                    "get",
+                    "events",
+                    "-n",
+                    "unmeshable",
+                    "--field-selector=involvedObject.name=victim",
+                ])?;
+                Ok(events.contains("outrigger-init")
+                    && (events.contains("BackOff") || events.contains("Failed")))
+            })?;
+            suite.kubectl(&["delete", "namespace", "unmeshable", "--wait=false"])?;
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "the proxy stops after the app: the app's last call works",
+        (|| {
+            let client = suite.only_pod(SHOP, "app=client")?;
+            let mut logs = suite
+                .cluster
+                .kubectl_command()
+                .args(["logs", "-f", "-n", SHOP, client.name(), "-c", "app"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|err| format!("kubectl logs -f: {err}"))?;
+            let mut stdout = logs.stdout.take().ok_or("kubectl's stdout")?;
+            suite.kubectl(&["delete", "pod", "-n", SHOP, client.name(), "--wait=false"])?;
+            // The stream ends when the app's container exits.
+            let reader = std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = stdout.read_to_string(&mut text);
+                text
+            });
+            let deadline = Instant::now() + PATIENCE;
+            while !reader.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let _ = logs.kill();
+            let _ = logs.wait();
+            let text = reader.join().map_err(|_| "reading the logs panicked")?;
+            ensure!(
+                text.lines()
+                    .any(|line| line.starts_with("on stop:") && line.ends_with("answered 200")),
+                "the app's call while stopping did not get through: {text:?}"
+            );
+            suite.rollout(SHOP, "client")
+        })(),
+    );
+    let uninstalled = suite.helm(&["uninstall", "outrigger", "-n", SYSTEM, "--wait"]);
+    if !suite.check("helm uninstall", uninstalled.map(drop)) {
+        return;
+    }
+    suite.check(
+        "after helm uninstall, pods are created and run in the labelled namespace",
+        (|| {
+            let webhooks = suite.kubectl(&["get", "mutatingwebhookconfigurations", "-o", "name"])?;
+            ensure!(
+                !webhooks.contains("outrigger"),
+                "a webhook is left: {webhooks}"
+            );
+            suite.apply(
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: after-uninstall, namespace: shop}\n\
+                 spec:\n  containers:\n  - name: app\n    image: localhost/outrigger-test/app:dev\n    \
+                 imagePullPolicy: Never\n    args: [idle]\n",
+            )?;
+            let pod = Pod {
+                json: suite.json(&["get", "pod", "after-uninstall", "-n", SHOP])?,
+            };
+            ensure!(
+                pod.init_containers().is_empty(),
+                "a pod created after uninstalling was injected"
+            );
+            suite
+                .kubectl(&[
+                    "wait",
+                    "-n",
+                    SHOP,
+                    "--for=condition=Ready",
+                    "pod/after-uninstall",
+                    &format!("--timeout={}s", PATIENCE.as_secs()),
+                ])
+                .map(drop)
+        })(),
+    );
+    suite.check(
+        "after helm uninstall, a meshed pod reaches a Service it never called",
+        (|| {
+            suite.apply(
+                "apiVersion: v1\nkind: Service\nmetadata: {name: details, namespace: shop}\n\
+                 spec:\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080, \
+                 targetPort: http}]\n",
+            )?;
+            let calls = suite.client_calls(&[
+                "--url",
+                "http://details.shop.svc.cluster.local:9080/",
+                "--requests=3",
+                "--timeout=10s",
+            ])?;
+            calls.all_ok()
+        })(),
+    );
+    // The rest of the README's uninstall procedure.
+    suite.check(
+        "unlabelled and restarted, a pod runs without the proxy and still calls meshed pods",
+        (|| {
+            suite.kubectl(&["label", "namespace", SHOP, "outrigger.dev/inject-"])?;
+            suite.kubectl(&["rollout", "restart", "-n", SHOP, "deployment/client"])?;
+            suite.rollout(SHOP, "client")?;
+            let client = suite.only_pod(SHOP, "app=client")?;
+            ensure!(
+                client.init_containers().is_empty(),
+                "the restarted client still has {:?}",
+                client.init_containers()
+            );
+            suite
+                .client_calls(&["--url", REVIEWS_URL, "--requests=5"])?
+                .all_ok()
+        })(),
+    );
+    suite.check(
+        "deleting the CRDs and the namespace leaves nothing of the mesh",
+        (|| {
+            let crds = workspace_file("crds");
+            suite.kubectl(&["delete", "-f", &crds.to_string_lossy(), "--wait"])?;
+            suite.kubectl(&["delete", "namespace", SYSTEM, "--wait"])?;
+            let crds = suite.kubectl(&["get", "crds", "-o", "name"])?;
+            ensure!(!crds.contains("outrigger.dev"), "CRDs left: {crds}");
+            let left = suite.kubectl(&["get", "namespace", SYSTEM, "--ignore-not-found"])?;
+            ensure!(left.trim().is_empty(), "{SYSTEM} is left: {left}");
+            let leases = suite.kubectl(&["get", "leases", "-A", "-o", "name"])?;
+            ensure!(!leases.contains("outrigger"), "a Lease is left: {leases}");
+            Ok(())
+        })(),
+    );
+}
+
+#[test]
+fn the_readmes_flow_in_meshed_pods() {
+    let started = Instant::now();
+    let cluster = Cluster::builder()
+        .node(true)
+        .images(image_archives())
+        .start()
+        .expect("starting the test cluster with its node");
+    let mut suite = Suite {
+        cluster,
+        passed: Vec::new(),
+        failed: Vec::new(),
+    };
+    if install_the_chart(&mut suite) && deploy_the_shop(&mut suite) {
+        canary(&mut suite);
+        failures(&mut suite);
+        restarts(&mut suite);
+        pass_through(&mut suite);
+        dashboards(&mut suite);
+        bad_input_and_uninstall(&mut suite);
+    }
+    eprintln!(
+        "pods_e2e: {} checks passed, {} failed, in {:?}",
+        suite.passed.len(),
+        suite.failed.len(),
+        started.elapsed()
+    );
+    let failed = std::mem::take(&mut suite.failed);
+    let logs = suite.cluster.state_dir().join("logs");
+    drop(suite);
+    assert!(
+        failed.is_empty(),
+        "{} check(s) failed (the node's logs were in {}):\n{}",
+        failed.len(),
+        logs.display(),
+        failed.join("\n\n")
+    );
+}
