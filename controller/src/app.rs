@@ -110,7 +110,9 @@ impl Controller {
         // Dropping the set on return stops the index, the Kubernetes watches, status and the
         // admin server; the manifests thread then finds its channel closed.
         let mut tasks = JoinSet::new();
-        let mut election = None;
+        // What hands things over when the controller stops: the leader Lease and this replica's
+        // heartbeat.
+        let mut leaving = JoinSet::new();
         match self.source {
             Source::Manifests(manifests) => manifests.spawn(changes)?,
             Source::Kubernetes { clients, leader } => {
@@ -122,15 +124,25 @@ impl Controller {
                 let (leading, leading_changes) = watch::channel(false);
                 let elector = Elector::new(&clients.call, &leader, self.metrics.clone());
                 let identity = elector.identity().to_string();
-                election = Some(tokio::spawn(elector.run(leading, shutdown.clone())));
-                let (replicas, replicas_changes) = watch::channel(status::Replicas::new());
-                tasks.spawn(status::watch_replicas(clients.watch, replicas));
+                let heartbeat = status::Heartbeat::new(
+                    &clients.call,
+                    &leader.namespace(&clients.call),
+                    &identity,
+                    leader.lease_duration,
+                    self.metrics.clone(),
+                );
+                let (liveness, liveness_changes) = watch::channel(status::Liveness::default());
+                leaving.spawn(heartbeat.run(liveness, leading_changes.clone(), shutdown.clone()));
+                leaving.spawn(elector.run(leading, shutdown.clone()));
+                let (observed, observed_changes) = watch::channel(status::Observed::default());
+                tasks.spawn(status::watch_statuses(clients.watch, observed));
                 let inputs = status::Inputs {
                     reports: index.policy_reports(),
                     subscribers: discovery.subscribers(),
                     leading: leading_changes,
                     synced: ready.clone(),
-                    replicas: replicas_changes,
+                    observed: observed_changes,
+                    liveness: liveness_changes,
                     identity,
                     lease_duration: leader.lease_duration,
                 };
@@ -144,10 +156,9 @@ impl Controller {
         }
         tracing::info!(grpc = %self.grpc.local_addr()?, "controller serving");
         serve_grpc(self.grpc, discovery, shutdown).await;
-        if let Some(election) = election {
-            // Hands the Lease back, so that another replica writes status at once.
-            let _ = tokio::time::timeout(RELEASE_TIMEOUT, election).await;
-        }
+        // Hands the Lease back, so that another replica writes status at once, and removes the
+        // heartbeat, so that the leader stops counting this replica's proxies at once.
+        let _ = tokio::time::timeout(RELEASE_TIMEOUT, leaving.join_all()).await;
         Ok(())
     }
 }

@@ -162,6 +162,107 @@ pub(crate) mod fake {
             }),
         )
     }
+
+    /// How long the fake takes to answer an update.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) enum Delay {
+        Now,
+        After(std::time::Duration),
+        Never,
+    }
+
+    /// Leases of one namespace as the API server keeps them: a resourceVersion per write, and
+    /// an update that names an older one refused as a conflict.
+    pub(crate) struct Leases {
+        namespace: String,
+        /// The last resourceVersion, and each Lease by name.
+        stored: std::sync::Mutex<(u64, std::collections::HashMap<String, serde_json::Value>)>,
+        updates: std::sync::Mutex<Updates>,
+    }
+
+    /// Says, for each update in turn (by Lease name), how long it takes.
+    type Updates = Box<dyn FnMut(&str) -> Delay + Send>;
+
+    impl Leases {
+        /// A Lease as stored.
+        pub(crate) fn get(&self, name: &str) -> Option<serde_json::Value> {
+            self.stored.lock().unwrap().1.get(name).cloned()
+        }
+
+        /// Stores a Lease as another writer would; returns it as stored.
+        pub(crate) fn put(&self, name: &str, mut lease: serde_json::Value) -> serde_json::Value {
+            let mut stored = self.stored.lock().unwrap();
+            stored.0 += 1;
+            lease["metadata"]["name"] = serde_json::json!(name);
+            lease["metadata"]["resourceVersion"] = serde_json::json!(stored.0.to_string());
+            stored.1.insert(name.to_string(), lease.clone());
+            lease
+        }
+
+        fn answer(&self, call: &Call) -> (Delay, http::Response<Full<Bytes>>) {
+            let prefix = format!(
+                "/apis/coordination.k8s.io/v1/namespaces/{}/leases",
+                self.namespace
+            );
+            let path = call.path.split('?').next().unwrap_or_default();
+            let Some(rest) = path.strip_prefix(&prefix) else {
+                panic!("unexpected call {} {}", call.method, call.path)
+            };
+            let name = rest.trim_start_matches('/');
+            let body = || serde_json::from_slice::<serde_json::Value>(&call.body).unwrap();
+            match call.method.as_str() {
+                "GET" => match self.get(name) {
+                    Some(lease) => (Delay::Now, json(200, &lease)),
+                    None => (Delay::Now, status(404, "NotFound")),
+                },
+                "POST" => {
+                    let lease = body();
+                    let name = lease["metadata"]["name"].as_str().unwrap().to_string();
+                    if self.get(&name).is_some() {
+                        return (Delay::Now, status(409, "AlreadyExists"));
+                    }
+                    (Delay::Now, json(201, &self.put(&name, lease)))
+                }
+                "PUT" => {
+                    let delay = (self.updates.lock().unwrap())(name);
+                    let lease = body();
+                    let current = self
+                        .get(name)
+                        .map(|l| l["metadata"]["resourceVersion"].clone());
+                    if current.as_ref() != Some(&lease["metadata"]["resourceVersion"]) {
+                        return (delay, status(409, "Conflict"));
+                    }
+                    (delay, json(200, &self.put(name, lease)))
+                }
+                other => panic!("unexpected {other} {}", call.path),
+            }
+        }
+    }
+
+    /// A client of the Leases of `namespace`, each update taking what `updates` says.
+    pub(crate) fn leases(
+        namespace: &str,
+        updates: impl FnMut(&str) -> Delay + Send + 'static,
+    ) -> (Client, Arc<Leases>) {
+        let leases = Arc::new(Leases {
+            namespace: namespace.to_string(),
+            stored: Default::default(),
+            updates: std::sync::Mutex::new(Box::new(updates)),
+        });
+        let served = leases.clone();
+        let client = client(move |call| {
+            let (delay, answer) = served.answer(&call);
+            Box::pin(async move {
+                match delay {
+                    Delay::Now => {}
+                    Delay::After(delay) => tokio::time::sleep(delay).await,
+                    Delay::Never => std::future::pending::<()>().await,
+                }
+                answer
+            })
+        });
+        (client, leases)
+    }
 }
 
 #[cfg(test)]

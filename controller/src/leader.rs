@@ -50,6 +50,15 @@ impl Default for LeaderSettings {
     }
 }
 
+impl LeaderSettings {
+    /// Where the leader Lease (and the replicas' heartbeats) live.
+    pub fn namespace(&self, client: &Client) -> String {
+        self.leader_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string())
+    }
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration = outrigger_api::duration::parse(text).map_err(|e| e.to_string())?;
     if duration < Duration::from_secs(3) {
@@ -72,12 +81,8 @@ pub struct Elector {
 
 impl Elector {
     pub fn new(client: &Client, settings: &LeaderSettings, metrics: Metrics) -> Self {
-        let namespace = settings
-            .leader_namespace
-            .clone()
-            .unwrap_or_else(|| client.default_namespace().to_string());
         Self {
-            api: Api::namespaced(client.clone(), &namespace),
+            api: Api::namespaced(client.clone(), &settings.namespace(client)),
             identity: identity(),
             duration: settings.lease_duration,
             metrics,
@@ -296,80 +301,21 @@ fn identity() -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use serde_json::{Value, json};
-
     use super::*;
     use crate::kube_api::fake;
 
-    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/system/leases";
-
-    /// How the fake API server answers a Lease update.
-    #[derive(Clone, Copy)]
-    enum Updates {
-        Answer,
-        /// After this long, the first one; every one after never.
-        AnswerLateThenHang(Duration),
-    }
-
-    /// The Lease as the fake API server stores it, with a resourceVersion per write; reads are
-    /// answered at once, updates as the test says.
-    struct FakeLeases {
-        lease: Option<Value>,
-        version: u64,
-        updates: Updates,
-        updated: usize,
-    }
-
-    fn client(updates: Updates) -> Client {
-        let state = Arc::new(Mutex::new(FakeLeases {
-            lease: None,
-            version: 0,
-            updates,
-            updated: 0,
-        }));
-        fake::client(move |call| {
-            let state = state.clone();
-            Box::pin(async move {
-                let name = format!("{LEASES}/{LEASE_NAME}");
-                let (delay, answer) = {
-                    let mut state = state.lock().unwrap();
-                    let write = |state: &mut FakeLeases, body: &[u8]| {
-                        let mut lease: Value = serde_json::from_slice(body).unwrap();
-                        state.version += 1;
-                        lease["metadata"]["resourceVersion"] = json!(state.version.to_string());
-                        state.lease = Some(lease.clone());
-                        fake::json(200, &lease)
-                    };
-                    match (call.method.as_str(), call.path.split('?').next().unwrap()) {
-                        ("GET", path) if path == name => match &state.lease {
-                            Some(lease) => (None, fake::json(200, lease)),
-                            None => (None, fake::status(404, "NotFound")),
-                        },
-                        ("POST", LEASES) => (None, write(&mut state, &call.body)),
-                        ("PUT", path) if path == name => {
-                            state.updated += 1;
-                            let delay = match state.updates {
-                                Updates::Answer => Some(Duration::ZERO),
-                                Updates::AnswerLateThenHang(late) if state.updated == 1 => {
-                                    Some(late)
-                                }
-                                Updates::AnswerLateThenHang(_) => None,
-                            };
-                            (Some(delay), write(&mut state, &call.body))
-                        }
-                        other => panic!("unexpected call {other:?}"),
-                    }
-                };
-                match delay {
-                    None | Some(Some(Duration::ZERO)) => {}
-                    Some(Some(late)) => tokio::time::sleep(late).await,
-                    Some(None) => std::future::pending::<()>().await,
-                }
-                answer
-            })
-        })
+    /// A fake API server whose first Lease update takes `first`, and every later one forever.
+    fn client(first: Option<Duration>) -> Client {
+        let mut updates = 0;
+        let (client, _) = fake::leases("system", move |_| {
+            updates += 1;
+            match (first, updates) {
+                (None, _) => fake::Delay::Now,
+                (Some(late), 1) => fake::Delay::After(late),
+                (Some(_), _) => fake::Delay::Never,
+            }
+        });
+        client
     }
 
     /// An elector running on `client`; its `leading` channel.
@@ -397,7 +343,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_leader_whose_renewal_hangs_steps_down_by_the_renew_deadline() {
-        let client = client(Updates::AnswerLateThenHang(Duration::ZERO));
+        let client = client(Some(Duration::ZERO));
         let (mut leading, _stop) = elect(&client);
         until(&mut leading, true).await;
         let acquired = Instant::now();
@@ -409,7 +355,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_renew_deadline_counts_from_when_the_renewal_was_sent() {
         // The renewal sent at 5 s is answered at 9 s; the next, sent at 14 s, never.
-        let client = client(Updates::AnswerLateThenHang(Duration::from_secs(4)));
+        let client = client(Some(Duration::from_secs(4)));
         let (mut leading, _stop) = elect(&client);
         until(&mut leading, true).await;
         let acquired = Instant::now();
@@ -420,7 +366,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_leader_that_renews_keeps_leading() {
-        let client = client(Updates::Answer);
+        let client = client(None);
         let (mut leading, _stop) = elect(&client);
         until(&mut leading, true).await;
         tokio::time::sleep(Duration::from_secs(600)).await;

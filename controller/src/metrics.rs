@@ -13,6 +13,7 @@ pub struct Metrics {
     pub proxies_connected: Gauge,
     pub push_seconds: Histogram,
     pub reconcile_errors: Counter,
+    pub status_writes: Counter,
 }
 
 impl Default for Metrics {
@@ -37,11 +38,18 @@ impl Default for Metrics {
             "Failed attempts to turn cluster state into configuration or status",
             reconcile_errors.clone(),
         );
+        let status_writes = Counter::default();
+        registry.register(
+            "status_writes",
+            "Requests this replica sent to write DestinationPolicy status",
+            status_writes.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             proxies_connected,
             push_seconds,
             reconcile_errors,
+            status_writes,
         }
     }
 }

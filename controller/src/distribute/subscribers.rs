@@ -2,6 +2,7 @@
 //! of it, kept by the configuration streams and read by status.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use outrigger_api::proto;
 use tokio::sync::watch;
@@ -45,8 +46,10 @@ pub struct Holding {
 
 /// Per destination key, every connected proxy subscribed to it and what it holds. Kept by the
 /// configuration streams, read by status; a watch channel, so a burst of acknowledgements wakes
-/// its reader once.
-pub type Subscribers = HashMap<String, HashMap<ProxyId, Holding>>;
+/// its reader once. Each key's proxies are shared, so that status takes a snapshot of the whole
+/// table for the cost of one reference per key, and computes from it without holding the lock the
+/// streams write under; a key written while a snapshot holds it is copied then.
+pub type Subscribers = HashMap<String, Arc<HashMap<ProxyId, Holding>>>;
 
 /// The table of [`Subscribers`], written by the streams.
 #[derive(Clone)]
@@ -71,28 +74,24 @@ impl SubscriberTable {
         }
         self.0.send_modify(|subscribers| {
             for (key, holding) in holdings {
-                subscribers
-                    .entry(key)
-                    .or_default()
-                    .insert(proxy.clone(), holding);
+                Arc::make_mut(subscribers.entry(key).or_default()).insert(proxy.clone(), holding);
             }
         });
     }
 
     /// Updates what `proxy` holds of `key`, when it is subscribed to it.
     pub(super) fn hold(&self, proxy: &ProxyId, key: &str, update: impl FnOnce(&mut Holding)) {
-        self.0.send_if_modified(|subscribers| {
-            match subscribers
-                .get_mut(key)
-                .and_then(|proxies| proxies.get_mut(proxy))
-            {
-                Some(holding) => {
+        self.0
+            .send_if_modified(|subscribers| match subscribers.get_mut(key) {
+                Some(proxies) if proxies.contains_key(proxy) => {
+                    let holding = Arc::make_mut(proxies)
+                        .get_mut(proxy)
+                        .expect("checked above");
                     update(holding);
                     true
                 }
-                None => false,
-            }
-        });
+                _ => false,
+            });
     }
 
     /// `proxy` let go of `keys`.
@@ -103,12 +102,59 @@ impl SubscriberTable {
         self.0.send_modify(|subscribers| {
             for key in keys {
                 if let Some(proxies) = subscribers.get_mut(key) {
-                    proxies.remove(proxy);
+                    Arc::make_mut(proxies).remove(proxy);
                     if proxies.is_empty() {
                         subscribers.remove(key);
                     }
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxy(workload: &str) -> ProxyId {
+        ProxyId {
+            namespace: "shop".into(),
+            workload: workload.into(),
+            stream: 0,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_shares_the_keys_and_keeps_its_view_while_the_table_changes() {
+        let table = SubscriberTable::default();
+        let keys = ["a:80", "b:80"].map(String::from);
+        table.subscribe_all(
+            &proxy("one"),
+            keys.iter()
+                .map(|key| (key.clone(), Holding::default()))
+                .collect(),
+        );
+        let snapshot = table.watch().borrow().clone();
+
+        table.hold(&proxy("one"), "a:80", |holding| {
+            holding.rejected = Some((
+                PolicyVersion {
+                    policy: "shop/a".into(),
+                    generation: 2,
+                },
+                "no".into(),
+            ));
+        });
+        table.forget(&proxy("one"), &["b:80".to_string()]);
+
+        assert_eq!(snapshot["a:80"][&proxy("one")], Holding::default());
+        assert!(snapshot.contains_key("b:80"));
+        let current = table.watch().borrow().clone();
+        assert!(current["a:80"][&proxy("one")].rejected.is_some());
+        assert!(!current.contains_key("b:80"));
+        // Untouched keys are not copied.
+        table.subscribe_all(&proxy("two"), vec![("c:80".into(), Holding::default())]);
+        let later = table.watch().borrow().clone();
+        assert!(Arc::ptr_eq(&current["a:80"], &later["a:80"]));
     }
 }

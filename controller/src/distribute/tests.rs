@@ -146,7 +146,7 @@ async fn until_held(subscribers: &mut watch::Receiver<Subscribers>, expected: &[
         subscribers
             .get(KEY)
             .into_iter()
-            .flatten()
+            .flat_map(|proxies| proxies.iter())
             .map(|(proxy, holding)| (proxy.workload.clone(), holding.clone()))
             .collect()
     };

@@ -142,7 +142,11 @@ fn count_proxies(
 ) -> (ProxyCounts, Option<String>) {
     // Per proxy: whether it applied `current` under every key, and its rejection of it.
     let mut proxies: HashMap<&ProxyId, (bool, Option<&str>)> = HashMap::new();
-    for (proxy, holding) in keys.iter().filter_map(|key| subscribers.get(key)).flatten() {
+    let holdings = keys
+        .iter()
+        .filter_map(|key| subscribers.get(key))
+        .flat_map(|proxies| proxies.iter());
+    for (proxy, holding) in holdings {
         let (applied, rejection) = proxies.entry(proxy).or_insert((true, None));
         *applied &= holding.applied.as_ref() == Some(current);
         if let Some((rejected, reason)) = &holding.rejected
@@ -220,7 +224,7 @@ fn count(n: usize) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use k8s_openapi::jiff::Timestamp;
 
     use super::*;
@@ -228,11 +232,11 @@ mod tests {
 
     const KEY: &str = "reviews.shop.svc.cluster.local:9080";
 
-    fn at(second: i64) -> Time {
+    pub(in crate::status) fn at(second: i64) -> Time {
         Time(Timestamp::from_second(second).unwrap())
     }
 
-    fn report() -> PolicyReport {
+    pub(in crate::status) fn report() -> PolicyReport {
         PolicyReport {
             uid: Some("u".into()),
             generation: 3,
@@ -244,7 +248,7 @@ mod tests {
         }
     }
 
-    fn policy() -> ObjectKey {
+    pub(in crate::status) fn policy() -> ObjectKey {
         ObjectKey::new("shop", "reviews")
     }
 
@@ -263,12 +267,12 @@ mod tests {
         }
     }
 
-    fn subscribers(holdings: Vec<(&str, Holding)>) -> Subscribers {
+    pub(in crate::status) fn subscribers(holdings: Vec<(&str, Holding)>) -> Subscribers {
         let proxies = holdings.into_iter().map(|(w, h)| (proxy(w), h)).collect();
-        Subscribers::from([(KEY.to_string(), proxies)])
+        Subscribers::from([(KEY.to_string(), std::sync::Arc::new(proxies))])
     }
 
-    fn applied(generation: i64) -> Holding {
+    pub(in crate::status) fn applied(generation: i64) -> Holding {
         Holding {
             applied: Some(version(generation)),
             rejected: None,
@@ -286,7 +290,11 @@ mod tests {
         desired_status(report, &[&entry], previous, now)
     }
 
-    fn entry(name: &str, generation: i64, counts: (u32, u32, u32)) -> ReplicaStatus {
+    pub(in crate::status) fn entry(
+        name: &str,
+        generation: i64,
+        counts: (u32, u32, u32),
+    ) -> ReplicaStatus {
         ReplicaStatus {
             name: name.into(),
             observed_generation: generation,
@@ -301,7 +309,7 @@ mod tests {
     }
 
     /// (status, reason, message) of a condition.
-    fn condition<'a>(
+    pub(in crate::status) fn condition<'a>(
         status: &'a DestinationPolicyStatus,
         type_: &str,
     ) -> (&'a str, &'a str, &'a str) {
