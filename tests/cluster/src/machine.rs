@@ -45,9 +45,11 @@ const RESTORED_SYSCTLS: [&str; 13] = [
 ];
 
 /// Fixed paths the node's parts create whatever they are configured with: the CNI library's
-/// result cache, the kubelet's container-log symlinks, containerd's shim socket directory, and
-/// the iptables lock.
-const FIXED_PATHS: [&str; 7] = [
+/// result cache, the kubelet's container-log symlinks and device-plugin directory (under
+/// `/var/lib/kubelet` whatever its root directory), containerd's shim socket directory, the
+/// iptables lock, and libmount's table of mounts (`/run/mount`, made by the first mount(8)). A
+/// machine that never ran a kubelet has none of them.
+const FIXED_PATHS: [&str; 9] = [
     "/var/lib/cni",
     "/var/log/containers",
     "/var/log/pods",
@@ -55,6 +57,8 @@ const FIXED_PATHS: [&str; 7] = [
     "/run/xtables.lock",
     "/opt/containerd",
     "/run/netns",
+    "/var/lib/kubelet",
+    "/run/mount",
 ];
 
 /// The machine as a node found it, saved before it changes anything.
