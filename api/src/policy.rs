@@ -547,11 +547,13 @@ pub struct ReplicaStatus {
     pub observed_generation: i64,
     #[serde(flatten)]
     pub proxies: ProxyCounts,
-    /// `namespace/workload: reason` of one proxy that rejected that generation.
+    /// `namespace/workload: reason` of one proxy that rejected that generation. The controller cuts
+    /// the reason to 1 KiB; the names are bounded too, so this is too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
     pub rejection: Option<String>,
-    /// When the replica last wrote this entry: it refreshes it every few lease durations, and the
-    /// leader removes entries of replicas that stopped doing so.
+    /// When the replica last wrote this entry (it writes it when its counts change). The leader
+    /// removes the entries of replicas that are no longer alive.
     pub last_update_time: Time,
 }
 
@@ -757,6 +759,14 @@ fn known_integer_formats(schema: &mut Value) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_rejection_in_status_is_bounded() {
+        let schema = schema();
+        let rejection = &schema["properties"]["status"]["properties"]["replicas"]["items"]["properties"]
+            ["rejection"];
+        assert_eq!(rejection["maxLength"], 2048, "{rejection}");
+    }
 
     #[test]
     fn integer_formats_are_ones_the_api_server_knows() {
