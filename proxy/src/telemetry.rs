@@ -9,11 +9,11 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Frame, SizeHint};
+use http_body::Frame;
 use tokio::time::Instant;
 
 use crate::ctx::Labels;
-use crate::http::body::{Body, BoxError, boxed};
+use crate::http::body::{Body, BoxError, FrameWatcher, watched};
 use crate::metrics::{Classification, Metrics, RequestLabels, ResponseLabels};
 
 #[derive(Clone)]
@@ -91,12 +91,7 @@ where
                 grpc_ok: grpc_status,
                 body_failed: false,
             };
-            Ok(response.map(|body| {
-                boxed(RecordedBody {
-                    inner: body,
-                    recorder,
-                })
-            }))
+            Ok(response.map(|body| watched(body, recorder)))
         })
     }
 }
@@ -136,41 +131,15 @@ impl Drop for Recorder {
     }
 }
 
-pin_project_lite::pin_project! {
-    struct RecordedBody {
-        #[pin]
-        inner: Body,
-        recorder: Recorder,
-    }
-}
-
-impl http_body::Body for RecordedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let frame = this.inner.poll_frame(cx);
-        match &frame {
-            Poll::Ready(Some(Ok(frame))) => {
+impl FrameWatcher for Recorder {
+    fn frame(&mut self, frame: &Result<Frame<Bytes>, BoxError>) {
+        match frame {
+            Ok(frame) => {
                 if let Some(status) = frame.trailers_ref().and_then(|t| t.get("grpc-status")) {
-                    this.recorder.grpc_ok = Some(status.as_bytes() == b"0");
+                    self.grpc_ok = Some(status.as_bytes() == b"0");
                 }
             }
-            Poll::Ready(Some(Err(_))) => this.recorder.body_failed = true,
-            _ => {}
+            Err(_) => self.body_failed = true,
         }
-        frame
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 
 use outrigger_api::proto;
 use outrigger_proxy::Proxy;
@@ -222,13 +223,16 @@ impl Drop for Hosts {
     }
 }
 
-/// The proxy binary where the unprivileged proxy user can run it.
+/// The proxy binary where the unprivileged proxy user can run it: a hard link, as a copy is a file
+/// open for writing, which a child forked meanwhile by another test keeps open, and running it
+/// then fails with "Text file busy".
 fn proxy_binary(dir: &std::path::Path) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).unwrap();
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let binary = dir.join("outrigger-proxy");
-    std::fs::copy(env!("CARGO_BIN_EXE_outrigger-proxy"), &binary).unwrap();
+    std::fs::hard_link(env!("CARGO_BIN_EXE_outrigger-proxy"), &binary)
+        .expect("the test's directory and the build are on one file system");
     binary
 }
 
@@ -257,7 +261,7 @@ async fn inbound_ok() -> f64 {
 }
 
 /// An echo server on `listener` for one connection; resolves to the peer it saw.
-fn echo_once(listener: TcpListener) -> tokio::task::JoinHandle<SocketAddr> {
+fn echo_once(listener: Arc<TcpListener>) -> tokio::task::JoinHandle<SocketAddr> {
     tokio::spawn(async move {
         let (mut stream, peer) = listener.accept().await.unwrap();
         let (mut read, mut write) = stream.split();
@@ -340,7 +344,7 @@ fn redirected_connections_reach_their_original_destination_through_the_proxy() {
             &echo_addr.to_string(),
             destination("shop", "db", echo_addr.port(), &[(v1.addr, &[])]),
         );
-        let echoed = echo_once(echo);
+        let echoed = echo_once(Arc::new(echo));
         let client = TcpStream::connect(echo_addr).await.unwrap();
         assert_eq!(
             exchange(client, b"\x16\x03\x01 hello").await,
@@ -394,7 +398,7 @@ fn inbound_connections_reach_the_app_through_the_proxy() {
         );
 
         // Not HTTP (a database's port, say): forwarded as it is to the app.
-        let echoed = echo_once(TcpListener::bind("0.0.0.0:5432").await.unwrap());
+        let echoed = echo_once(Arc::new(TcpListener::bind("0.0.0.0:5432").await.unwrap()));
         let client = hosts
             .connect_from_neighbour(&format!("{POD}:5432"))
             .await
@@ -569,6 +573,27 @@ fn a_pod_is_no_relay_to_what_it_can_reach() {
     });
 }
 
+/// `Proxy::bind`, again while a port is still taken: a child another test forks keeps the
+/// listeners of the attempt before open until it runs its program.
+async fn bind(settings: outrigger_proxy::Settings) -> anyhow::Result<Proxy> {
+    let in_use = |error: &anyhow::Error| {
+        error.chain().any(|cause| {
+            cause
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+        })
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Proxy::bind(settings.clone()).await {
+            Err(error) if in_use(&error) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            bound => return bound,
+        }
+    }
+}
+
 #[test]
 fn settings_that_would_make_the_proxy_a_relay_are_refused() {
     let netns = Netns::create(&format!("or-s-{}", std::process::id()));
@@ -596,7 +621,7 @@ fn settings_that_would_make_the_proxy_a_relay_are_refused() {
                         ("127.0.0.1:4140", "192.0.2.1:8080", "--app-addr"),
                         ("0.0.0.0:4140", "127.0.0.1:8080", "--outbound-addr"),
                     ] {
-                        match Proxy::bind(pod(outbound, app)).await {
+                        match bind(pod(outbound, app)).await {
                             Ok(_) => panic!("outbound {outbound}, app {app}: bound"),
                             Err(error) => {
                                 let error = format!("{error:#}");
@@ -604,8 +629,10 @@ fn settings_that_would_make_the_proxy_a_relay_are_refused() {
                             }
                         }
                     }
-                    let proxy = Proxy::bind(pod("127.0.0.1:4140", "127.0.0.1:8080")).await;
-                    assert!(proxy.is_ok(), "the injected settings");
+                    let proxy = bind(pod("127.0.0.1:4140", "127.0.0.1:8080")).await;
+                    if let Err(error) = proxy {
+                        panic!("the injected settings: {error:#}");
+                    }
                 });
             })
             .join()
@@ -728,12 +755,14 @@ fn ipv6_goes_through_the_mesh_too() {
             "the connection went around the proxy"
         );
 
-        // The last skipped port, in both families: reached directly, not through the proxy.
+        // The last skipped port, in both families: reached directly, not through the proxy. One
+        // listener for both: binding the port again could find the first still closing.
+        let skipped = Arc::new(TcpListener::bind("[::]:9119").await.unwrap());
         for (target, neighbour) in [
             (format!("{POD}:9119"), NEIGHBOUR),
             (format!("[{POD_V6}]:9119"), NEIGHBOUR_V6),
         ] {
-            let echoed = echo_once(TcpListener::bind("[::]:9119").await.unwrap());
+            let echoed = echo_once(skipped.clone());
             let stream = hosts.connect_from_neighbour(&target).await.unwrap();
             assert_eq!(exchange(stream, b"\x00skip").await, b"\x00skip");
             let peer = echoed.await.unwrap().ip().to_canonical();

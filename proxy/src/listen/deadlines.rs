@@ -18,6 +18,8 @@ use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::http::body::FrameWatcher;
+
 /// Requests started and finished on one connection: the service side counts them, the connection
 /// side reads them to know whether it is idle.
 #[derive(Default)]
@@ -31,6 +33,9 @@ pub struct Activity {
 
 /// A request in flight on its connection, until dropped (with the response body).
 pub struct InFlight(Arc<Activity>);
+
+/// Held by the response body: the request is in flight until the body is done.
+impl FrameWatcher for InFlight {}
 
 impl Activity {
     pub fn begin(self: &Arc<Self>) -> InFlight {

@@ -13,11 +13,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,10 +23,10 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::http::body::{Body, BoxError, boxed};
+use crate::http::body::{Body, BoxError, watched};
 use crate::metrics::{ConnectionGuard, Direction, Metrics};
 use crate::shutdown::stopped;
-use deadlines::{Activity, InFlight, Timed, Timeouts};
+use deadlines::{Activity, Timed, Timeouts};
 use detect::{DETECT_TIMEOUT, Protocol, detect};
 use io::Prefixed;
 
@@ -277,40 +274,7 @@ where
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
-            Ok(response.map(|body| {
-                boxed(UntilDone {
-                    inner: body,
-                    _in_flight: in_flight,
-                })
-            }))
+            Ok(response.map(|body| watched(body, in_flight)))
         })
-    }
-}
-
-pin_project_lite::pin_project! {
-    struct UntilDone {
-        #[pin]
-        inner: Body,
-        _in_flight: InFlight,
-    }
-}
-
-impl http_body::Body for UntilDone {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }

@@ -6,17 +6,15 @@ pub mod outlier;
 mod picker;
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::Request;
-use http_body::{Frame, SizeHint};
+use http_body::Frame;
 
 use crate::client::{Endpoint, Outcome};
 use crate::ctx::Tried;
-use crate::http::body::{Body, BoxError, boxed};
+use crate::http::body::{Body, BoxError, FrameWatcher, watched};
 use crate::http::error::ProxyError;
 use crate::outbound::stack::{Leaf, ResponseFuture};
 use outlier::OutlierDetector;
@@ -113,12 +111,7 @@ impl Leaf for Balance {
                 None => Outcome::of_status(response.status()),
             };
             // gRPC says how a call went in its trailers: the report waits for the body's end.
-            Ok(response.map(|body| {
-                boxed(Reported {
-                    inner: body,
-                    report,
-                })
-            }))
+            Ok(response.map(|body| watched(body, report)))
         })
     }
 }
@@ -142,39 +135,13 @@ impl Drop for Report {
     }
 }
 
-pin_project_lite::pin_project! {
-    // A response body that reports its request's outcome when it ends, from the gRPC status in
-    // its trailers if it has one.
-    struct Reported {
-        #[pin]
-        inner: Body,
-        report: Report,
-    }
-}
-
-impl http_body::Body for Reported {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let frame = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &frame
+/// The gRPC status in a response's trailers, if it has one, decides the report.
+impl FrameWatcher for Report {
+    fn frame(&mut self, frame: &Result<Frame<Bytes>, BoxError>) {
+        if let Ok(frame) = frame
             && let Some(code) = frame.trailers_ref().and_then(|t| t.get(GRPC_STATUS))
         {
-            this.report.outcome = Outcome::of_grpc_status(code.as_bytes());
+            self.outcome = Outcome::of_grpc_status(code.as_bytes());
         }
-        frame
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
