@@ -260,9 +260,13 @@ impl Session {
                         break;
                     }
                 },
-                Some((key, Some(snapshot))) = self.watches.next() => {
-                    self.changed(key, &snapshot).into_iter().collect()
-                }
+                // A key not published yet (before the index is synced) yields nothing to send,
+                // but must not disable this branch: a pattern that fails to match would leave
+                // its publication unseen until the proxy next sent something.
+                Some((key, slot)) = self.watches.next() => match slot {
+                    Some(snapshot) => self.changed(key, &snapshot).into_iter().collect(),
+                    None => Vec::new(),
+                },
                 _ = tx.closed() => break,
             };
             for reply in replies {

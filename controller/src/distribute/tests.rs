@@ -185,8 +185,14 @@ struct Served {
 
 impl Served {
     async fn start() -> Self {
+        let served = Self::before_sync().await;
+        served.snapshots.mark_synced();
+        served
+    }
+
+    /// Before the index has its first full view: keys not published yet wait.
+    async fn before_sync() -> Self {
         let snapshots = Snapshots::default();
-        snapshots.mark_synced();
         let service = DiscoveryService::new(snapshots.clone(), Metrics::default(), "test".into());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -199,6 +205,24 @@ impl Served {
             _stop,
         }
     }
+}
+
+#[tokio::test]
+async fn a_key_subscribed_before_the_index_is_synced_is_sent_when_published() {
+    let Served {
+        snapshots,
+        service,
+        addr,
+        _stop,
+    } = Served::before_sync().await;
+    let mut subscribers = service.subscribers();
+    let mut proxy = Stream::open(addr, "a", "").await;
+    // Subscribed while nothing is published; the proxy sends nothing more: the publication alone
+    // must reach it.
+    until_held(&mut subscribers, &[("a", Holding::default())]).await;
+    let version = publish(&snapshots, 1);
+    let update = tokio::time::timeout(std::time::Duration::from_secs(30), proxy.update());
+    assert_eq!(update.await.expect("the update is sent"), version);
 }
 
 #[tokio::test]
