@@ -455,7 +455,8 @@ pub struct ConsistentHash {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionPool {
-    /// Connections per endpoint. Absent: unlimited.
+    /// Connections from each calling proxy to the destination, all its endpoints together (as an
+    /// Envoy circuit breaker counts them). Absent: unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_connections: Option<u32>,
