@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use outrigger_tests::{ControlPlane, ProxyEvent, destination};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -209,4 +211,43 @@ async fn content_length_never_travels_with_transfer_encoding() {
         assert!(!answer.contains("content-length"), "{answer}");
         assert_eq!(body, "hello", "{answer}");
     }
+}
+
+#[tokio::test]
+async fn a_flood_of_connections_holds_at_most_the_cap() {
+    let mut backend = RawBackend::start(OK).await;
+    let cp = ControlPlane::start().await;
+    cp.publish(
+        WEB,
+        destination("default", "web", 80, &[(backend.addr, &[])]),
+    );
+    let mut settings = settings(&cp.url(), backend.addr);
+    settings.max_connections = 2;
+    let proxy = RunningProxy::start(settings).await.ready().await;
+    // Two clients that connect and say nothing take the outbound listener's two places.
+    let silent = [
+        TcpStream::connect(proxy.outbound).await.unwrap(),
+        TcpStream::connect(proxy.outbound).await.unwrap(),
+    ];
+    let open = r#"outrigger_connections_open{direction="outbound"}"#;
+    eventually("both are served", || async {
+        metric_if_present(proxy.admin, open).await == Some(2.0)
+    })
+    .await;
+    // A third waits in the kernel's queue: it is not answered while they stay.
+    let mut third = TcpStream::connect(proxy.outbound).await.unwrap();
+    third
+        .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let mut byte = [0; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), third.read(&mut byte)).await;
+    assert!(early.is_err(), "answered past the cap: {early:?}");
+    assert_eq!(metric(proxy.admin, open).await, 2.0);
+    // They leave: the third is served.
+    drop(silent);
+    let (answer, body) = read_message(&mut third).await;
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert_eq!(body, "ok");
+    backend.next_request().await;
 }

@@ -30,6 +30,7 @@ impl RunningProxy {
             inbound_addr: any,
             app_addr: any,
             admin_addr: any,
+            max_connections: 10_000,
             max_header_bytes: 16 * 1024,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(3600),

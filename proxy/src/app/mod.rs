@@ -144,6 +144,7 @@ struct Servers<'a> {
 impl Servers<'_> {
     fn limits(&self) -> ServerLimits {
         ServerLimits {
+            max_connections: self.settings.max_connections as usize,
             max_header_bytes: self.settings.max_header_bytes,
             header_read_timeout: self.settings.header_read_timeout,
             idle_timeout: self.settings.idle_timeout,

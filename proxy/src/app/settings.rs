@@ -43,6 +43,10 @@ pub struct Settings {
     /// Largest request head accepted; larger gets 431.
     #[arg(long, env = "OUTRIGGER_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     pub max_header_bytes: usize,
+    /// Connections each listener serves at once; more wait in the kernel's accept queue until one
+    /// closes, so a flood of connections costs the proxy no more than this many.
+    #[arg(long, env = "OUTRIGGER_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
     /// A client must send a request head within this time of starting it.
     #[arg(long, env = "OUTRIGGER_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,

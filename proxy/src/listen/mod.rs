@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::http::body::{Body, BoxError, watched};
 use crate::metrics::{ConnectionGuard, Direction, Metrics};
@@ -33,6 +33,8 @@ use io::Prefixed;
 /// Limits applied to every downstream connection.
 #[derive(Clone, Debug)]
 pub struct ServerLimits {
+    /// Connections served at once; the next is accepted when one closes.
+    pub max_connections: usize,
     /// Largest request head (request line plus headers) accepted; larger gets 431.
     pub max_header_bytes: usize,
     /// A client must send a complete request head within this time of starting it, or the
@@ -113,7 +115,14 @@ pub async fn serve<S, F, H>(
         .expect("bound listener has an address");
     let servers = Arc::new(Servers::new(&limits));
     let graceful = GracefulShutdown::new();
+    let capacity = Arc::new(Semaphore::new(limits.max_connections));
     loop {
+        // Waiting here leaves further connections in the kernel's queue: a flood of them (or of
+        // clients that never say what they speak) holds at most the cap.
+        let permit = tokio::select! {
+            permit = capacity.clone().acquire_owned() => permit.expect("the semaphore stays open"),
+            _ = stopped(&mut shutdown) => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -137,6 +146,7 @@ pub async fn serve<S, F, H>(
         let guard = direction.map(|d| ConnectionGuard::open(&metrics, d));
         tokio::spawn(async move {
             let _guard = guard;
+            let _permit = permit;
             servers.connection(stream, info, handling, watcher).await;
         });
     }
