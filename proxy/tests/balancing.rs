@@ -106,8 +106,10 @@ async fn load_aware_algorithms_send_less_to_a_slow_endpoint() {
 
 #[tokio::test]
 async fn the_default_balancer_spreads_over_equal_endpoints_and_shuns_a_dead_one() {
-    // No policy: PeakEwma. Two equal endpoints and one whose port refuses connections.
-    let backends = [Backend::start("a").await, Backend::start("b").await];
+    // No policy: PeakEwma. Three equal endpoints and one whose port refuses connections. Under
+    // light load a strict order by latency would give the one that looked fastest two thirds and
+    // the one that looked slowest next to nothing.
+    let backends = three_backends().await;
     let dead = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap()
@@ -116,6 +118,7 @@ async fn the_default_balancer_spreads_over_equal_endpoints_and_shuns_a_dead_one(
     let endpoints = [
         (backends[0].addr, &[][..]),
         (backends[1].addr, &[]),
+        (backends[2].addr, &[]),
         (dead, &[]),
     ];
     cp.publish(WEB, destination("default", "web", 80, &endpoints));
@@ -124,7 +127,7 @@ async fn the_default_balancer_spreads_over_equal_endpoints_and_shuns_a_dead_one(
         .ready()
         .await;
     let mut conn = Conn::http1(proxy.outbound).await;
-    for _ in 0..200 {
+    for _ in 0..300 {
         // A refused connection is retried once elsewhere: the app sees no failure.
         assert_eq!(conn.get("web", "/").await.status, 200);
     }
@@ -141,14 +144,9 @@ async fn the_default_balancer_spreads_over_equal_endpoints_and_shuns_a_dead_one(
         retried <= 5.0,
         "{retried} first attempts went to the dead endpoint"
     );
-    for backend in &backends {
-        assert!(
-            backend.hits() >= 40,
-            "{} got {} of 200",
-            backend.name(),
-            backend.hits()
-        );
-    }
+    // A third each is even; under a tenth is what a strict order does.
+    let hits: Vec<u64> = backends.iter().map(Backend::hits).collect();
+    assert!(hits.iter().all(|&h| h >= 30), "of 300: {hits:?}");
 }
 
 #[tokio::test]

@@ -1440,6 +1440,18 @@ fn bad_input_and_uninstall(suite: &mut Suite) {
                  spec:\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080, \
                  targetPort: http}]\n",
             )?;
+            // A new Service is refused (kube-proxy's REJECT) until its endpoints are programmed:
+            // the node, whose traffic kube-proxy routes too, waits for that, not the client.
+            let service = suite.json(&["get", "service", "details", "-n", SHOP])?;
+            let cluster_ip = service["spec"]["clusterIP"]
+                .as_str()
+                .ok_or("details has no ClusterIP")?;
+            let service_addr: SocketAddr = format!("{cluster_ip}:9080")
+                .parse()
+                .map_err(|err| format!("{cluster_ip}: {err}"))?;
+            eventually("kube-proxy serves details", PATIENCE, || {
+                Ok(TcpStream::connect_timeout(&service_addr, Duration::from_secs(5)).is_ok())
+            })?;
             let calls = suite.client_calls(&[
                 "--url",
                 "http://details.shop.svc.cluster.local:9080/",
@@ -1477,8 +1489,12 @@ fn bad_input_and_uninstall(suite: &mut Suite) {
             ensure!(!crds.contains("outrigger.dev"), "CRDs left: {crds}");
             let left = suite.kubectl(&["get", "namespace", SYSTEM, "--ignore-not-found"])?;
             ensure!(left.trim().is_empty(), "{SYSTEM} is left: {left}");
+            // The node's own heartbeat (kube-node-lease/outrigger-node) is the cluster's.
             let leases = suite.kubectl(&["get", "leases", "-A", "-o", "name"])?;
-            ensure!(!leases.contains("outrigger"), "a Lease is left: {leases}");
+            ensure!(
+                !leases.contains("outrigger-controller"),
+                "a Lease is left: {leases}"
+            );
             Ok(())
         })(),
     );

@@ -24,6 +24,14 @@ pub struct Load {
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// What a failure counts as.
 const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+/// How much cheaper one endpoint must be to win: costs closer than this are a tie, which the
+/// balancer breaks at random. Equal pods differ by noise (a loaded node, one slow response), and a
+/// strict order would send two thirds of light traffic to whichever looked fastest; one request
+/// queued (twice the cost) or a slower pod still loses.
+const CLEARLY_CHEAPER: f64 = 1.5;
+/// Added to both costs before they are compared: below a millisecond, differences between pods
+/// are scheduling noise, not load.
+const NOISE_FLOOR: Duration = Duration::from_millis(1);
 /// How fast old latency observations fade.
 const DECAY: Duration = Duration::from_secs(10);
 
@@ -50,8 +58,8 @@ impl Load {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// PeakEwma: whether this endpoint is expected to answer sooner than `other`, its latency
-    /// scaled by the work already queued on it.
+    /// PeakEwma: whether this endpoint is expected to answer clearly sooner than `other`, its
+    /// latency scaled by the work already queued on it.
     pub fn is_cheaper_than(&self, other: &Load) -> bool {
         let (mine, theirs) = match (self.cost(), other.cost()) {
             (Some(mine), Some(theirs)) => (mine, theirs),
@@ -59,7 +67,8 @@ impl Load {
             (Some(mine), None) => (mine, other.assumed_cost().min(mine)),
             (None, None) => (self.assumed_cost(), other.assumed_cost()),
         };
-        mine < theirs
+        let floor = NOISE_FLOOR.as_nanos() as f64;
+        (mine + floor) * CLEARLY_CHEAPER < theirs + floor
     }
 
     fn cost(&self) -> Option<f64> {
@@ -139,6 +148,16 @@ mod tests {
         assert!(!new.is_cheaper_than(&fast) && !fast.is_cheaper_than(&new));
         assert!(new.is_cheaper_than(&slow) && !slow.is_cheaper_than(&new));
         assert!(fast.is_cheaper_than(&slow));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn equal_endpoints_tie_whatever_their_noise_and_queued_work_decides() {
+        let one = observed(Duration::from_millis(10));
+        let other = observed(Duration::from_millis(12));
+        assert!(!one.is_cheaper_than(&other) && !other.is_cheaper_than(&one));
+        // A request queued on one doubles its cost: the other wins.
+        let _queued = one.start();
+        assert!(other.is_cheaper_than(&one));
     }
 
     #[tokio::test(start_paused = true)]
