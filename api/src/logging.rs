@@ -11,6 +11,21 @@ pub enum LogFormat {
     Json,
 }
 
+/// The logging flag both binaries take (flattened into their command lines, for every
+/// subcommand too).
+#[derive(Clone, Debug, clap::Args)]
+pub struct LogArgs {
+    /// `text` (colour only on a terminal) or `json` (one object a line, for log collectors).
+    #[arg(
+        long,
+        env = "OUTRIGGER_LOG_FORMAT",
+        value_enum,
+        default_value_t,
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
 /// Installs the process's logger, writing to standard output.
 pub fn init(format: LogFormat) {
     let filter =

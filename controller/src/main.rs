@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use outrigger_api::logging::LogFormat;
+use outrigger_api::logging::LogArgs;
 use outrigger_controller::{Controller, Settings, crds};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -20,15 +20,8 @@ use tokio::signal::unix::{SignalKind, signal};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// `text` (colour only on a terminal) or `json` (one object a line, for log collectors).
-    #[arg(
-        long,
-        env = "OUTRIGGER_LOG_FORMAT",
-        value_enum,
-        default_value_t,
-        global = true
-    )]
-    log_format: LogFormat,
+    #[command(flatten)]
+    logging: LogArgs,
     #[command(flatten)]
     settings: Settings,
 }
@@ -49,7 +42,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    outrigger_api::logging::init(cli.log_format);
+    outrigger_api::logging::init(cli.logging.log_format);
     match cli.command {
         Some(Command::Crds { dir, check: true }) => crds::check(&dir),
         Some(Command::Crds { dir, check: false }) => crds::write(&dir),

@@ -1,7 +1,7 @@
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
-use outrigger_api::logging::LogFormat;
+use outrigger_api::logging::LogArgs;
 use outrigger_proxy::{Proxy, Settings};
 use outrigger_proxy::{RedirectSettings, install_redirect};
 use tokio::signal::unix::{SignalKind, signal};
@@ -17,15 +17,8 @@ use tokio::sync::watch;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// `text` (colour only on a terminal) or `json` (one object a line, for log collectors).
-    #[arg(
-        long,
-        env = "OUTRIGGER_LOG_FORMAT",
-        value_enum,
-        default_value_t,
-        global = true
-    )]
-    log_format: LogFormat,
+    #[command(flatten)]
+    logging: LogArgs,
     /// Threads serving traffic. A sidecar's share of a node is small: one thread per core of a
     /// 64-core node would be 64 per pod.
     #[arg(long, env = "OUTRIGGER_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
@@ -42,7 +35,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    outrigger_api::logging::init(cli.log_format);
+    outrigger_api::logging::init(cli.logging.log_format);
     if let Some(Command::Init(settings)) = cli.command {
         return install_redirect(&settings);
     }
