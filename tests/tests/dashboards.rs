@@ -21,7 +21,6 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -30,6 +29,7 @@ use outrigger_tests::dashboards::{
     load_dashboards, metric_names, on_path, query_every_panel, series_sum, static_scrape_configs,
     variable_references,
 };
+use outrigger_tests::live::{self, LiveProxy};
 use outrigger_tests::{Backend, Behaviour, ControlPlane, destination};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -288,64 +288,22 @@ fn unix_now() -> f64 {
 // ------------------------------------------------------------------------------------------------
 // The mesh: a controller fed by a manifests directory, proxies, backends
 
-#[derive(Parser)]
-struct ControllerFlags {
-    #[command(flatten)]
-    settings: outrigger_controller::Settings,
-}
-
-#[derive(Parser)]
-struct ProxyFlags {
-    #[command(flatten)]
-    settings: outrigger_proxy::Settings,
-}
-
-struct RunningProxy {
-    outbound: SocketAddr,
-    admin: SocketAddr,
-    _stop: watch::Sender<bool>,
-}
-
-/// A proxy of pod `workload` in namespace shop, started the way the binary starts it (flags), on
-/// loopback ports of its own; returns once `/ready`.
-async fn start_proxy(control_plane: &str, workload: &str, app: SocketAddr) -> RunningProxy {
-    let any = "127.0.0.1:0";
-    let flags = ProxyFlags::parse_from([
-        "outrigger-proxy",
-        "--control-plane",
-        control_plane,
+/// A proxy of pod `workload` in namespace shop; returns once `/ready`.
+async fn start_proxy(control_plane: &str, workload: &str, app: SocketAddr) -> LiveProxy {
+    let identity = [
         "--namespace",
         NAMESPACE,
         "--workload",
         workload,
         "--service-account",
         "productpage",
-        "--outbound-addr",
-        any,
-        "--inbound-addr",
-        any,
-        "--admin-addr",
-        any,
-        "--app-addr",
-        &app.to_string(),
-        // The backends listen on loopback too.
-        "--allow-loopback-endpoints",
-    ]);
-    let proxy = outrigger_proxy::Proxy::bind(flags.settings)
-        .await
-        .expect("bind proxy");
-    let (outbound, admin) = (proxy.outbound_addr(), proxy.admin_addr());
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(proxy.run(stopped));
+    ];
+    let proxy = live::start_proxy(control_plane, app, &identity).await;
     let deadline = Deadline::new("a proxy to be ready");
-    while !matches!(http_get(admin, "admin", "/ready").await, Ok((200, _))) {
+    while !matches!(http_get(proxy.admin, "admin", "/ready").await, Ok((200, _))) {
         deadline.tick().await;
     }
-    RunningProxy {
-        outbound,
-        admin,
-        _stop: stop,
-    }
+    proxy
 }
 
 /// The reviews Service, one EndpointSlice and Pod per backend (on loopback, each on its own
@@ -440,22 +398,8 @@ async fn every_panel_has_data_from_live_binaries() {
         &service_manifest(&[(&stable_0, "v1"), (&stable_1, "v1"), (&canary_0, "v2")]),
     );
     write_manifest("reviews-policy.yaml", &policy_manifest(10));
-    let flags = ControllerFlags::parse_from([
-        "outrigger-controller",
-        "--manifests",
-        manifests.path().to_str().unwrap(),
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-    ]);
-    let controller = outrigger_controller::Controller::bind(flags.settings)
-        .await
-        .expect("bind controller");
-    let controller_url = format!("http://{}", controller.grpc_addr());
-    let controller_admin = controller.admin_addr();
-    let (_stop_controller, controller_stopped) = watch::channel(false);
-    tokio::spawn(controller.run(controller_stopped));
+    let controller = live::start_controller(manifests.path()).await;
+    let (controller_url, controller_admin) = (controller.url.clone(), controller.admin);
 
     // Two application pods calling reviews through their proxies.
     let productpage = [

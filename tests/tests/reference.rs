@@ -22,14 +22,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
-use clap::Parser;
 use outrigger_tests::Backend;
 use outrigger_tests::dashboards::http_get;
+use outrigger_tests::live;
 use outrigger_tests::process::free_port;
 use outrigger_tests::workspace;
 use regex::Regex;
 use serde_json::Value;
-use tokio::sync::watch;
 
 // ------------------------------------------------------------------------------------------------
 // Reading the reference
@@ -392,18 +391,6 @@ fn every_flag_and_environment_variable_is_documented() {
 // ------------------------------------------------------------------------------------------------
 // (c) Metrics and admin endpoints
 
-#[derive(Parser)]
-struct ControllerFlags {
-    #[command(flatten)]
-    settings: outrigger_controller::Settings,
-}
-
-#[derive(Parser)]
-struct ProxyFlags {
-    #[command(flatten)]
-    settings: outrigger_proxy::Settings,
-}
-
 /// One metric family as exposed: its type and the labels its series carry.
 #[derive(Debug, Default)]
 struct Family {
@@ -570,23 +557,8 @@ async fn every_metric_and_admin_endpoint_is_documented() {
         manifests(backend.addr, dead),
     )
     .unwrap();
-    let any = "127.0.0.1:0";
-    let flags = ControllerFlags::parse_from([
-        "outrigger-controller",
-        "--manifests",
-        dir.path().to_str().unwrap(),
-        "--grpc-addr",
-        any,
-        "--admin-addr",
-        any,
-    ]);
-    let controller = outrigger_controller::Controller::bind(flags.settings)
-        .await
-        .expect("bind controller");
-    let control_plane = format!("http://{}", controller.grpc_addr());
-    let controller_admin = controller.admin_addr();
-    let (_stop_controller, stopped) = watch::channel(false);
-    tokio::spawn(controller.run(stopped));
+    let controller = live::start_controller(dir.path()).await;
+    let controller_admin = controller.admin;
     // The proxy starts once the controller has read the whole directory, as in a cluster.
     let until = Instant::now() + PATIENCE;
     while !matches!(
@@ -600,31 +572,9 @@ async fn every_metric_and_admin_endpoint_is_documented() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let flags = ProxyFlags::parse_from([
-        "outrigger-proxy",
-        "--control-plane",
-        &control_plane,
-        "--namespace",
-        "shop",
-        "--workload",
-        "productpage-0",
-        "--outbound-addr",
-        any,
-        "--inbound-addr",
-        any,
-        "--admin-addr",
-        any,
-        "--app-addr",
-        &backend.addr.to_string(),
-        // The endpoints are on loopback.
-        "--allow-loopback-endpoints",
-    ]);
-    let proxy = outrigger_proxy::Proxy::bind(flags.settings)
-        .await
-        .expect("bind proxy");
-    let (outbound, proxy_admin) = (proxy.outbound_addr(), proxy.admin_addr());
-    let (_stop_proxy, stopped) = watch::channel(false);
-    tokio::spawn(proxy.run(stopped));
+    let identity = ["--namespace", "shop", "--workload", "productpage-0"];
+    let proxy = live::start_proxy(&controller.url, backend.addr, &identity).await;
+    let (outbound, proxy_admin) = (proxy.outbound, proxy.admin);
 
     // Requests until one was retried on the live pod after the dead one refused it, and the
     // dead one was ejected for it.
