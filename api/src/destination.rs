@@ -8,6 +8,11 @@ use std::str::FromStr;
 /// The DNS suffix of cluster Services.
 pub const CLUSTER_DOMAIN: &str = "svc.cluster.local";
 
+/// The destinations one proxy may follow at once: the controller accepts no more keys on one
+/// stream, and the proxy holds no more state. A proxy forgets those it has not used for a minute,
+/// so this is what one pod calls within a minute.
+pub const MAX_DESTINATIONS_PER_PROXY: usize = 1024;
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DestinationKey {
     /// A Service port, by name.

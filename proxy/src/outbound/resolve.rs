@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use outrigger_api::destination::MAX_DESTINATIONS_PER_PROXY;
 use outrigger_api::proto;
 use tokio::sync::{mpsc, watch};
 
@@ -97,12 +98,25 @@ impl Resolver {
         )
     }
 
-    /// The lookup of `key`, subscribing to it if this is the first time it is needed.
+    /// The lookup of `key`, subscribing to it if this is the first time it is needed. Past
+    /// [`MAX_DESTINATIONS_PER_PROXY`] a new key is not followed: it resolves as unknown, so a
+    /// redirected connection goes where it was going and a request by name is refused with why.
     pub fn lookup(&self, key: &str) -> Arc<Lookup> {
         let mut lookups = self.inner.lookups.lock().expect("resolver lock");
         if let Some(lookup) = lookups.get(key) {
             lookup.used.store(true, Ordering::Relaxed);
             return lookup.clone();
+        }
+        if lookups.len() >= MAX_DESTINATIONS_PER_PROXY {
+            tracing::debug!(key, "destination not followed: too many destinations");
+            let reason = format!(
+                "this proxy follows {MAX_DESTINATIONS_PER_PROXY} destinations, the most it may; \
+                 those unused for a minute are forgotten"
+            );
+            return Arc::new(Lookup {
+                state: watch::Sender::new(Resolution::Unknown(reason.into())),
+                used: AtomicBool::new(false),
+            });
         }
         let lookup = Arc::new(Lookup {
             state: watch::Sender::new(Resolution::Pending),
@@ -250,6 +264,41 @@ mod tests {
             subscriptions.try_recv().unwrap(),
             "idle.default.svc.cluster.local:80"
         );
+    }
+
+    #[test]
+    fn past_the_most_destinations_a_new_one_is_not_followed_until_some_are_forgotten() {
+        let (resolver, mut subscriptions) = Resolver::new(Metrics::new());
+        let key = |i: usize| format!("10.0.{}.{}:80", i / 256, i % 256);
+        for i in 0..MAX_DESTINATIONS_PER_PROXY {
+            resolver.lookup(&key(i));
+        }
+        let mut subscribed = 0;
+        while subscriptions.try_recv().is_ok() {
+            subscribed += 1;
+        }
+        assert_eq!(subscribed, MAX_DESTINATIONS_PER_PROXY);
+
+        let over = key(MAX_DESTINATIONS_PER_PROXY);
+        let Resolution::Unknown(reason) = resolver.lookup(&over).current() else {
+            panic!("a destination past the bound resolves as unknown")
+        };
+        assert!(reason.contains("the most it may"), "{reason}");
+        assert!(!resolver.is_subscribed(&over));
+        assert!(subscriptions.try_recv().is_err(), "nothing more subscribed");
+        // Those already followed still are.
+        assert!(matches!(
+            resolver.lookup(&key(0)).current(),
+            Resolution::Pending
+        ));
+
+        // Once the unused ones are forgotten, there is room again.
+        resolver.sweep();
+        resolver.lookup(&key(0));
+        assert_eq!(resolver.sweep().len(), MAX_DESTINATIONS_PER_PROXY - 1);
+        resolver.lookup(&over);
+        assert!(resolver.is_subscribed(&over));
+        assert_eq!(subscriptions.try_recv().unwrap(), over);
     }
 
     fn web(version: &str) -> DestinationConfig {
