@@ -1,11 +1,13 @@
 //! Types shared by the Outrigger controller and proxy.
 
+pub mod defaults;
 pub mod destination;
 pub mod duration;
 #[cfg(feature = "logging")]
 pub mod logging;
 #[cfg(feature = "crd")]
 pub mod policy;
+pub mod rules;
 
 /// The configuration stream protocol (see `proto/outrigger/v1/discovery.proto`).
 // Generated code: a message oneof is as large as its largest variant, by prost's design.

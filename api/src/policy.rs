@@ -6,8 +6,8 @@
 //! pattern, and CEL rules for what spans fields. The controller repeats the checks when it
 //! translates a policy (a manifests directory has no API server in front of it).
 //!
-//! Defaults: a field left out of a block that is present takes the value SPEC.md gives it here, in
-//! the types, so serde (manifests mode) and the API server (from the schema's `default`) fill in
+//! Defaults: a field left out of a block that is present takes the value SPEC.md gives it
+//! ([`crate::defaults`]), in the types, so serde (manifests mode) and the API server (from the schema's `default`) fill in
 //! the same values. Only `rateLimit.burst`, whose default is another field, is left to the
 //! controller.
 
@@ -28,8 +28,7 @@ pub const MAX_SUBSETS: usize = 16;
 pub const MAX_ROUTES: usize = 32;
 pub const MAX_HEADER_MATCHES: usize = 16;
 pub const MAX_STATUS_CODES: usize = 32;
-/// Retries after the first try; the retry budget bounds the load they add whatever this is.
-pub const MAX_ATTEMPTS: u32 = 10;
+pub use crate::rules::MAX_ATTEMPTS;
 
 /// A DNS label (RFC 1123), as Kubernetes names subsets and routes.
 const DNS_LABEL: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
@@ -327,6 +326,28 @@ pub enum RetryOn {
     RetriableStatusCodes,
 }
 
+impl RetryOn {
+    pub const ALL: [RetryOn; 5] = [
+        RetryOn::ServerError,
+        RetryOn::GatewayError,
+        RetryOn::ConnectFailure,
+        RetryOn::Reset,
+        RetryOn::RetriableStatusCodes,
+    ];
+}
+
+impl From<RetryOn> for crate::proto::RetryOn {
+    fn from(condition: RetryOn) -> Self {
+        match condition {
+            RetryOn::ServerError => Self::ServerError,
+            RetryOn::GatewayError => Self::GatewayError,
+            RetryOn::ConnectFailure => Self::ConnectFailure,
+            RetryOn::Reset => Self::Reset,
+            RetryOn::RetriableStatusCodes => Self::RetriableStatusCodes,
+        }
+    }
+}
+
 impl fmt::Display for RetryOn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let value = serde_json::to_value(self).expect("a unit variant serializes");
@@ -584,6 +605,19 @@ impl Duration {
     }
 }
 
+/// Written as a user would write it: whole seconds as `10s`, anything else in milliseconds.
+impl From<std::time::Duration> for Duration {
+    fn from(value: std::time::Duration) -> Self {
+        let ms = value.as_millis();
+        let text = if ms.is_multiple_of(1000) {
+            format!("{}s", ms / 1000)
+        } else {
+            format!("{ms}ms")
+        };
+        Self { text, value }
+    }
+}
+
 impl TryFrom<String> for Duration {
     type Error = duration::DurationError;
 
@@ -648,50 +682,46 @@ impl JsonSchema for Duration {
 /// The defaults SPEC.md gives to fields left out of a block that is present.
 mod defaults {
     use super::{Duration, RetryOn};
-
-    fn duration(text: &str) -> Duration {
-        text.parse().expect("default durations are valid")
-    }
+    use crate::defaults::*;
 
     pub fn attempts() -> u32 {
-        2
+        RETRY_ATTEMPTS
     }
     pub fn retry_on() -> Vec<RetryOn> {
-        vec![
-            RetryOn::ServerError,
-            RetryOn::ConnectFailure,
-            RetryOn::Reset,
-        ]
+        RetryOn::ALL
+            .into_iter()
+            .filter(|condition| RETRY_ON.contains(&(*condition).into()))
+            .collect()
     }
     pub fn backoff_base() -> Duration {
-        duration("25ms")
+        BACKOFF_BASE.into()
     }
     pub fn backoff_max() -> Duration {
-        duration("250ms")
+        BACKOFF_MAX.into()
     }
     pub fn budget_percent() -> u32 {
-        20
+        BUDGET_PERCENT
     }
     pub fn budget_min_per_second() -> u32 {
-        10
+        BUDGET_MIN_RETRIES_PER_SECOND
     }
     pub fn consecutive_5xx() -> u32 {
-        5
+        CONSECUTIVE_5XX
     }
     pub fn outlier_interval() -> Duration {
-        duration("10s")
+        OUTLIER_INTERVAL.into()
     }
     pub fn base_ejection_time() -> Duration {
-        duration("30s")
+        BASE_EJECTION_TIME.into()
     }
     pub fn max_ejection_time() -> Duration {
-        duration("300s")
+        MAX_EJECTION_TIME.into()
     }
     pub fn max_ejection_percent() -> u32 {
-        50
+        MAX_EJECTION_PERCENT
     }
     pub fn connect_timeout() -> Duration {
-        duration("1s")
+        CONNECT_TIMEOUT.into()
     }
 }
 

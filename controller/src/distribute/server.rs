@@ -66,7 +66,8 @@ pub struct DiscoveryService {
 /// most about 150 bytes) fits with room to spare.
 const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// The destinations one stream may subscribe to at once.
-pub(super) const MAX_KEYS_PER_STREAM: usize = outrigger_api::destination::MAX_DESTINATIONS_PER_PROXY;
+pub(super) const MAX_KEYS_PER_STREAM: usize =
+    outrigger_api::destination::MAX_DESTINATIONS_PER_PROXY;
 /// How long a stream may take to say Hello.
 pub(super) const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest rejection reason kept (for status); longer ones are cut on a character boundary.

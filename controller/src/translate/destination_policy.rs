@@ -4,8 +4,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use outrigger_api::policy::{self, DestinationPolicySpec};
 use outrigger_api::proto;
+use outrigger_api::rules::{self, invalid};
 
-use super::{PolicyError, check_percent, invalid, millis};
+use super::{PolicyError, millis};
 
 /// A policy ready to be put into the destinations of its Service.
 #[derive(Clone, Debug, PartialEq)]
@@ -17,34 +18,34 @@ pub struct Translated {
 }
 
 pub fn translate(spec: &DestinationPolicySpec) -> Result<Translated, PolicyError> {
-    let mut names = HashSet::new();
-    for (i, subset) in spec.subsets.iter().enumerate() {
-        if !names.insert(subset.name.as_str()) {
-            return Err(invalid(
-                format!("subsets[{i}].name"),
-                format!("duplicate subset `{}`", subset.name),
-            ));
-        }
-    }
+    translate_spec(spec).map_err(|error| error.within("spec"))
+}
+
+/// [`translate`], with fields named from the spec.
+fn translate_spec(spec: &DestinationPolicySpec) -> Result<Translated, PolicyError> {
+    let names: HashSet<&str> = spec.subsets.iter().map(|s| s.name.as_str()).collect();
+    rules::unique_names(
+        "subsets",
+        "subset",
+        spec.subsets.iter().map(|s| s.name.as_str()),
+    )?;
+    rules::unique_names(
+        "routes",
+        "route",
+        spec.routes.iter().map(|r| r.name.as_str()),
+    )?;
     let split = |field: &str, split: &Option<policy::TrafficSplit>| {
         split
             .as_ref()
             .map(|s| traffic_split(field, s, &names))
             .transpose()
     };
-    let mut route_names = HashSet::new();
     let routes = spec
         .routes
         .iter()
         .enumerate()
         .map(|(i, route)| {
             let field = format!("routes[{i}]");
-            if !route_names.insert(route.name.as_str()) {
-                return Err(invalid(
-                    format!("{field}.name"),
-                    format!("duplicate route `{}`", route.name),
-                ));
-            }
             // What the route's requests get: its own timeout and retries, or the spec's.
             let timeout = route.timeout.as_ref().or(spec.timeout.as_ref());
             let retries = route.retries.as_ref().or(spec.retries.as_ref());
@@ -77,7 +78,11 @@ pub fn translate(spec: &DestinationPolicySpec) -> Result<Translated, PolicyError
             .map(outlier_detection)
             .transpose()?,
         load_balancer: spec.load_balancer.as_ref().map(load_balancer).transpose()?,
-        connection_pool: spec.connection_pool.as_ref().map(connection_pool),
+        connection_pool: spec
+            .connection_pool
+            .as_ref()
+            .map(connection_pool)
+            .transpose()?,
         rate_limit: spec.rate_limit.as_ref().map(rate_limit).transpose()?,
         fault_injection: spec
             .fault_injection
@@ -101,24 +106,11 @@ fn traffic_split(
     split: &policy::TrafficSplit,
     subsets: &HashSet<&str>,
 ) -> Result<proto::TrafficSplit, PolicyError> {
-    let mut seen = HashSet::new();
-    for (i, weighted) in split.0.iter().enumerate() {
-        if !subsets.contains(weighted.subset.as_str()) {
-            return Err(invalid(
-                format!("{field}[{i}].subset"),
-                format!("subset `{}` is not declared in subsets", weighted.subset),
-            ));
-        }
-        if !seen.insert(weighted.subset.as_str()) {
-            return Err(invalid(
-                format!("{field}[{i}].subset"),
-                format!("subset `{}` is listed twice", weighted.subset),
-            ));
-        }
-    }
-    if split.0.iter().all(|w| w.weight == 0) {
-        return Err(invalid(field, "at least one weight must be above 0"));
-    }
+    rules::traffic_split(
+        field,
+        split.0.iter().map(|w| (w.subset.as_str(), w.weight)),
+        |subset| subsets.contains(subset),
+    )?;
     Ok(proto::TrafficSplit {
         weights: split
             .0
@@ -136,28 +128,23 @@ fn check_per_try_timeout(
     retries: Option<&policy::Retries>,
     timeout: Option<&policy::Duration>,
 ) -> Result<(), PolicyError> {
-    let per_try = retries.and_then(|r| r.per_try_timeout.as_ref());
-    match (per_try, timeout) {
-        (Some(per_try), Some(timeout)) if per_try.get() > timeout.get() => Err(invalid(
-            format!("{field}.perTryTimeout"),
-            format!(
-                "{} exceeds the timeout {}",
-                per_try.as_str(),
-                timeout.as_str()
-            ),
-        )),
-        _ => Ok(()),
-    }
+    let text_and_value = |d: &policy::Duration| (d.as_str().to_string(), d.get());
+    rules::per_try_timeout(
+        &format!("{field}.perTryTimeout"),
+        retries
+            .and_then(|r| r.per_try_timeout.as_ref())
+            .map(text_and_value),
+        timeout.map(text_and_value),
+    )
 }
 
 fn retry_policy(field: &str, retries: &policy::Retries) -> Result<proto::RetryPolicy, PolicyError> {
     use policy::RetryOn;
-    if retries.attempts > policy::MAX_ATTEMPTS {
-        return Err(invalid(
-            format!("{field}.attempts"),
-            format!("{} is above {}", retries.attempts, policy::MAX_ATTEMPTS),
-        ));
-    }
+    rules::at_most(
+        &format!("{field}.attempts"),
+        retries.attempts,
+        rules::MAX_ATTEMPTS,
+    )?;
     if retries.retry_on.is_empty() {
         return Err(invalid(format!("{field}.retryOn"), "must not be empty"));
     }
@@ -169,39 +156,26 @@ fn retry_policy(field: &str, retries: &policy::Retries) -> Result<proto::RetryPo
             "retryOn retriable-status-codes needs retriableStatusCodes",
         ));
     }
-    if let Some((i, code)) = retries
-        .retriable_status_codes
-        .iter()
-        .enumerate()
-        .find(|(_, code)| !(100..=599).contains(*code))
-    {
-        return Err(invalid(
-            format!("{field}.retriableStatusCodes[{i}]"),
-            format!("{code} is not an HTTP status (100 to 599)"),
-        ));
+    for (i, code) in retries.retriable_status_codes.iter().enumerate() {
+        rules::status_code(
+            &format!("{field}.retriableStatusCodes[{i}]"),
+            (*code).into(),
+            rules::ANY_STATUS,
+        )?;
     }
-    if retries.backoff.base_interval.get() > retries.backoff.max_interval.get() {
-        return Err(invalid(
-            format!("{field}.backoff"),
-            "baseInterval must not exceed maxInterval",
-        ));
-    }
-    check_percent(&format!("{field}.budget.percent"), retries.budget.percent)?;
+    rules::in_order(
+        &format!("{field}.backoff"),
+        ("baseInterval", retries.backoff.base_interval.get()),
+        ("maxInterval", retries.backoff.max_interval.get()),
+    )?;
+    rules::percent(&format!("{field}.budget.percent"), retries.budget.percent)?;
     Ok(proto::RetryPolicy {
         attempts: retries.attempts,
         per_try_timeout_ms: retries.per_try_timeout.as_ref().map(millis),
         retry_on: retries
             .retry_on
             .iter()
-            .map(|condition| {
-                (match condition {
-                    RetryOn::ServerError => proto::RetryOn::ServerError,
-                    RetryOn::GatewayError => proto::RetryOn::GatewayError,
-                    RetryOn::ConnectFailure => proto::RetryOn::ConnectFailure,
-                    RetryOn::Reset => proto::RetryOn::Reset,
-                    RetryOn::RetriableStatusCodes => proto::RetryOn::RetriableStatusCodes,
-                }) as i32
-            })
+            .map(|&condition| proto::RetryOn::from(condition) as i32)
             .collect(),
         retriable_status_codes: retries
             .retriable_status_codes
@@ -252,13 +226,12 @@ fn route_match(
 fn outlier_detection(
     outlier: &policy::OutlierDetection,
 ) -> Result<proto::OutlierDetection, PolicyError> {
-    if outlier.base_ejection_time.get() > outlier.max_ejection_time.get() {
-        return Err(invalid(
-            "outlierDetection.baseEjectionTime",
-            "baseEjectionTime must not exceed maxEjectionTime",
-        ));
-    }
-    check_percent(
+    rules::in_order(
+        "outlierDetection.baseEjectionTime",
+        ("baseEjectionTime", outlier.base_ejection_time.get()),
+        ("maxEjectionTime", outlier.max_ejection_time.get()),
+    )?;
+    rules::percent(
         "outlierDetection.maxEjectionPercent",
         outlier.max_ejection_percent,
     )?;
@@ -303,18 +276,19 @@ fn load_balancer(lb: &policy::LoadBalancer) -> Result<proto::LoadBalancer, Polic
     })
 }
 
-fn connection_pool(pool: &policy::ConnectionPool) -> proto::ConnectionPool {
-    proto::ConnectionPool {
+fn connection_pool(pool: &policy::ConnectionPool) -> Result<proto::ConnectionPool, PolicyError> {
+    if let Some(max) = pool.max_connections {
+        rules::at_least_one("connectionPool.maxConnections", max)?;
+    }
+    Ok(proto::ConnectionPool {
         max_connections: pool.max_connections,
         max_pending_requests: pool.max_pending_requests,
         connect_timeout_ms: millis(&pool.connect_timeout),
-    }
+    })
 }
 
 fn rate_limit(limit: &policy::RateLimit) -> Result<proto::RateLimit, PolicyError> {
-    if limit.requests_per_second == 0 {
-        return Err(invalid("rateLimit.requestsPerSecond", "must be at least 1"));
-    }
+    rules::at_least_one("rateLimit.requestsPerSecond", limit.requests_per_second)?;
     Ok(proto::RateLimit {
         requests_per_second: limit.requests_per_second,
         // The controller's one default: a bucket holding one second's worth.
@@ -323,13 +297,7 @@ fn rate_limit(limit: &policy::RateLimit) -> Result<proto::RateLimit, PolicyError
 }
 
 fn fault_injection(faults: &policy::FaultInjection) -> Result<proto::FaultInjection, PolicyError> {
-    let check = |field: &str, percent: f64| {
-        if (0.0..=100.0).contains(&percent) {
-            Ok(percent)
-        } else {
-            Err(invalid(field, format!("{percent} is not within 0 to 100")))
-        }
-    };
+    let check = rules::fraction_percent;
     let delay = faults
         .delay
         .as_ref()
@@ -344,15 +312,14 @@ fn fault_injection(faults: &policy::FaultInjection) -> Result<proto::FaultInject
         .abort
         .as_ref()
         .map(|abort| {
-            if !(200..=599).contains(&abort.http_status) {
-                return Err(invalid(
-                    "faultInjection.abort.httpStatus",
-                    format!("{} is not within 200 to 599", abort.http_status),
-                ));
-            }
             Ok(proto::FaultAbort {
                 percent: check("faultInjection.abort.percent", abort.percent)?,
-                http_status: abort.http_status.into(),
+                http_status: rules::status_code(
+                    "faultInjection.abort.httpStatus",
+                    abort.http_status.into(),
+                    rules::FINAL_STATUS,
+                )?
+                .into(),
             })
         })
         .transpose()?;
@@ -656,6 +623,10 @@ mod tests {
             (
                 json!({"rateLimit": {"requestsPerSecond": 0}}),
                 "spec.rateLimit.requestsPerSecond",
+            ),
+            (
+                json!({"connectionPool": {"maxConnections": 0}}),
+                "spec.connectionPool.maxConnections",
             ),
             (
                 json!({"faultInjection": {"delay": {"percent": 100.5, "fixedDelay": "1s"}}}),

@@ -11,23 +11,12 @@ mod destination_policy;
 use std::time::Duration;
 
 use outrigger_api::policy;
+use outrigger_api::rules::FieldError;
 
 pub use self::destination_policy::{Translated, translate};
 
-/// A field of a spec that cannot be used, named as `kubectl` would name it.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("spec.{field}: {problem}")]
-pub struct PolicyError {
-    pub field: String,
-    pub problem: String,
-}
-
-fn invalid(field: impl Into<String>, problem: impl Into<String>) -> PolicyError {
-    PolicyError {
-        field: field.into(),
-        problem: problem.into(),
-    }
-}
+/// A field of a spec that cannot be used, named as `kubectl` would name it (`spec.…`).
+pub type PolicyError = FieldError;
 
 fn millis(duration: &policy::Duration) -> u64 {
     duration_ms(duration.get())
@@ -35,11 +24,4 @@ fn millis(duration: &policy::Duration) -> u64 {
 
 fn duration_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn check_percent(field: &str, percent: u32) -> Result<(), PolicyError> {
-    if percent > 100 {
-        return Err(invalid(field, format!("{percent} is above 100")));
-    }
-    Ok(())
 }

@@ -16,7 +16,9 @@ use tokio::sync::Semaphore;
 use crate::http::body::{Body, boxed};
 use crate::http::error::ProxyError;
 use crate::http::headers::{is_upgrade, strip_hop_by_hop};
-use crate::policy::{DEFAULT_CONNECT_TIMEOUT, EndpointConfig};
+use outrigger_api::defaults;
+
+use crate::policy::EndpointConfig;
 use connect::Connector;
 pub use health::{Claim, Health, Outcome, Recorded, Thresholds};
 pub use load::Load;
@@ -32,7 +34,7 @@ pub struct Dial {
 impl Default for Dial {
     fn default() -> Self {
         Self {
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            connect_timeout: defaults::CONNECT_TIMEOUT,
             slots: None,
         }
     }

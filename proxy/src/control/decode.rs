@@ -1,32 +1,23 @@
 //! What the control plane sends, decoded into `policy` types: everything the proxy cannot apply is
 //! refused here, with the field named, before anything changes.
 
-use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use http::HeaderName;
-use outrigger_api::proto;
+use outrigger_api::rules::{self, FieldError};
+use outrigger_api::{defaults, proto};
 
 use crate::policy::{
-    Algorithm, DEFAULT_CONNECT_TIMEOUT, DestinationConfig, EndpointConfig, FaultConfig,
-    HeaderMatch, HeaderValueMatch, OutlierConfig, PoolLimits, RateLimitConfig, RetryOn,
-    RetryPolicy, RouteConfig, RouteMatch, TrafficPolicy, WeightedSubset, defaults,
+    Algorithm, DestinationConfig, EndpointConfig, FaultConfig, HeaderMatch, HeaderValueMatch,
+    OutlierConfig, PoolLimits, RateLimitConfig, RetryOn, RetryPolicy, RouteConfig, RouteMatch,
+    TrafficPolicy, WeightedSubset,
 };
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{field}: {problem}")]
-pub struct ConfigError {
-    pub field: String,
-    pub problem: String,
-}
+pub use outrigger_api::rules::invalid;
 
-pub fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.into(),
-        problem: problem.into(),
-    }
-}
+/// A field of a version that cannot be applied, named by its path in the version.
+pub type ConfigError = FieldError;
 
 /// Whether endpoints may be loopback addresses: only where the controller, the endpoints and the
 /// proxy share one host (tests, the demo). In a pod, loopback is the caller's own pod.
@@ -48,6 +39,7 @@ pub fn destination(
         .filter(|p| *p != 0)
         .ok_or_else(|| invalid("port", format!("{} is not a TCP port", destination.port)))?;
     let subsets = destination.subsets;
+    rules::unique_names("subsets", "subset", subsets.iter().map(String::as_str))?;
     let endpoints = endpoint_configs(endpoints, &subsets, loopback)?;
     let policy = destination.policy_spec.unwrap_or_default();
     let traffic = TrafficPolicy {
@@ -72,7 +64,7 @@ pub fn destination(
         connect_timeout: connect_timeout(policy.connection_pool.as_ref()),
         traffic,
         routes,
-        outlier_detection: policy.outlier_detection.map(outlier_config),
+        outlier_detection: policy.outlier_detection.map(outlier_config).transpose()?,
         connection_pool: connection_pool(policy.connection_pool)?,
         rate_limit: policy.rate_limit.map(rate_limit).transpose()?,
         fault_injection: policy.fault_injection.map(fault_config).transpose()?,
@@ -103,7 +95,7 @@ fn endpoint_configs(
             if let Some(unknown) = endpoint.subsets.iter().find(|s| !subsets.contains(s)) {
                 return Err(invalid(
                     format!("endpoints[{i}].subsets"),
-                    format!("subset `{unknown}` is not declared"),
+                    format!("subset `{unknown}` is not declared in subsets"),
                 ));
             }
             Ok(EndpointConfig {
@@ -147,18 +139,12 @@ fn routes(
     traffic: &TrafficPolicy,
     subsets: &[String],
 ) -> Result<Vec<RouteConfig>, ConfigError> {
-    let mut names = HashSet::new();
+    rules::unique_names("routes", "route", routes.iter().map(|r| r.name.as_str()))?;
     routes
         .into_iter()
         .enumerate()
         .map(|(i, route)| {
             let field = format!("routes[{i}]");
-            if !names.insert(route.name.clone()) {
-                return Err(invalid(
-                    format!("{field}.name"),
-                    format!("`{}` is used twice", route.name),
-                ));
-            }
             Ok(RouteConfig {
                 matcher: route_match(&field, route.r#match.unwrap_or_default())?,
                 traffic: TrafficPolicy {
@@ -184,9 +170,18 @@ fn routes(
 }
 
 fn connect_timeout(pool: Option<&proto::ConnectionPool>) -> Duration {
-    match pool {
-        Some(pool) if pool.connect_timeout_ms > 0 => Duration::from_millis(pool.connect_timeout_ms),
-        _ => DEFAULT_CONNECT_TIMEOUT,
+    ms_or(
+        pool.map_or(0, |pool| pool.connect_timeout_ms),
+        defaults::CONNECT_TIMEOUT,
+    )
+}
+
+/// A duration on the wire, where 0 means "left out": then the default.
+fn ms_or(ms: u64, default: Duration) -> Duration {
+    if ms == 0 {
+        default
+    } else {
+        Duration::from_millis(ms)
     }
 }
 
@@ -197,22 +192,17 @@ fn connection_pool(pool: Option<proto::ConnectionPool>) -> Result<PoolLimits, Co
             max_pending_requests: pool.max_pending_requests,
         })
         .unwrap_or_default();
-    if limits.max_connections == Some(0) {
-        return Err(invalid(
-            "policy.connectionPool.maxConnections",
-            "must be at least 1",
-        ));
+    if let Some(max) = limits.max_connections {
+        rules::at_least_one("policy.connectionPool.maxConnections", max)?;
     }
     Ok(limits)
 }
 
 fn rate_limit(limit: proto::RateLimit) -> Result<RateLimitConfig, ConfigError> {
-    if limit.requests_per_second == 0 {
-        return Err(invalid(
-            "policy.rateLimit.requestsPerSecond",
-            "must be at least 1",
-        ));
-    }
+    rules::at_least_one(
+        "policy.rateLimit.requestsPerSecond",
+        limit.requests_per_second,
+    )?;
     Ok(RateLimitConfig {
         requests_per_second: limit.requests_per_second,
         burst: limit.burst.max(1),
@@ -225,32 +215,36 @@ fn split(
     subsets: &[String],
 ) -> Result<Option<Vec<WeightedSubset>>, ConfigError> {
     let Some(split) = split else { return Ok(None) };
-    let weights: Vec<WeightedSubset> = split
-        .weights
-        .into_iter()
-        .enumerate()
-        .map(|(i, w)| {
-            if !subsets.contains(&w.subset) {
-                return Err(invalid(
-                    format!("{field}[{i}].subset"),
-                    format!("subset `{}` is not declared", w.subset),
-                ));
-            }
-            Ok(WeightedSubset {
+    rules::traffic_split(
+        field,
+        split.weights.iter().map(|w| (w.subset.as_str(), w.weight)),
+        |subset| subsets.iter().any(|s| s == subset),
+    )?;
+    Ok(Some(
+        split
+            .weights
+            .into_iter()
+            .map(|w| WeightedSubset {
                 subset: w.subset,
                 weight: w.weight,
             })
-        })
-        .collect::<Result<_, _>>()?;
-    if weights.iter().all(|w| w.weight == 0) {
-        return Err(invalid(field, "at least one weight must be above 0"));
-    }
-    Ok(Some(weights))
+            .collect(),
+    ))
 }
 
 fn retry_policy(field: &str, retries: proto::RetryPolicy) -> Result<RetryPolicy, ConfigError> {
+    rules::at_most(
+        &format!("{field}.attempts"),
+        retries.attempts,
+        rules::MAX_ATTEMPTS,
+    )?;
+    let conditions: Vec<i32> = if retries.retry_on.is_empty() {
+        defaults::RETRY_ON.iter().map(|&c| c as i32).collect()
+    } else {
+        retries.retry_on
+    };
     let mut retry_on = RetryOn::default();
-    for (i, condition) in retries.retry_on.iter().enumerate() {
+    for (i, condition) in conditions.iter().enumerate() {
         match proto::RetryOn::try_from(*condition) {
             Ok(proto::RetryOn::ServerError) => retry_on.server_error = true,
             Ok(proto::RetryOn::GatewayError) => retry_on.gateway_error = true,
@@ -265,52 +259,33 @@ fn retry_policy(field: &str, retries: proto::RetryPolicy) -> Result<RetryPolicy,
             }
         }
     }
-    if retries.retry_on.is_empty() {
-        retry_on = RetryOn {
-            server_error: true,
-            connect_failure: true,
-            reset: true,
-            ..RetryOn::default()
-        };
-    }
     let retriable_status_codes = retries
         .retriable_status_codes
         .iter()
         .enumerate()
-        .map(|(i, code)| {
-            u16::try_from(*code)
-                .ok()
-                .filter(|c| (100..600).contains(c))
-                .ok_or_else(|| {
-                    invalid(
-                        format!("{field}.retriableStatusCodes[{i}]"),
-                        format!("{code} is not an HTTP status"),
-                    )
-                })
+        .map(|(i, &code)| {
+            rules::status_code(
+                &format!("{field}.retriableStatusCodes[{i}]"),
+                code,
+                rules::ANY_STATUS,
+            )
         })
         .collect::<Result<_, _>>()?;
-    let or_default = |ms: u64, default: Duration| {
-        if ms == 0 {
-            default
-        } else {
-            Duration::from_millis(ms)
-        }
-    };
-    let backoff_base = or_default(retries.backoff_base_ms, defaults::BACKOFF_BASE);
-    let backoff_max = or_default(
+    let backoff_base = ms_or(retries.backoff_base_ms, defaults::BACKOFF_BASE);
+    let backoff_max = ms_or(
         retries.backoff_max_ms,
         defaults::BACKOFF_MAX.max(backoff_base),
     );
-    if backoff_max < backoff_base {
-        return Err(invalid(
-            format!("{field}.backoff"),
-            "maxInterval is below baseInterval",
-        ));
-    }
+    rules::in_order(
+        &format!("{field}.backoff"),
+        ("baseInterval", backoff_base),
+        ("maxInterval", backoff_max),
+    )?;
     let budget = retries.budget.unwrap_or(proto::RetryBudget {
         percent: defaults::BUDGET_PERCENT,
-        min_retries_per_second: defaults::BUDGET_MIN_PER_SECOND,
+        min_retries_per_second: defaults::BUDGET_MIN_RETRIES_PER_SECOND,
     });
+    rules::percent(&format!("{field}.budget.percent"), budget.percent)?;
     Ok(RetryPolicy {
         attempts: retries.attempts,
         per_try_timeout: retries.per_try_timeout_ms.map(Duration::from_millis),
@@ -370,53 +345,49 @@ fn route_match(field: &str, matcher: proto::RouteMatch) -> Result<RouteMatch, Co
     })
 }
 
-fn outlier_config(outlier: proto::OutlierDetection) -> OutlierConfig {
-    let ms_or = |ms: u64, default: Duration| {
-        if ms == 0 {
-            default
-        } else {
-            Duration::from_millis(ms)
-        }
-    };
+fn outlier_config(outlier: proto::OutlierDetection) -> Result<OutlierConfig, ConfigError> {
+    let field = "policy.outlierDetection";
     let base_ejection_time = ms_or(outlier.base_ejection_time_ms, defaults::BASE_EJECTION_TIME);
-    OutlierConfig {
+    let max_ejection_time = ms_or(outlier.max_ejection_time_ms, defaults::MAX_EJECTION_TIME);
+    rules::in_order(
+        &format!("{field}.baseEjectionTime"),
+        ("baseEjectionTime", base_ejection_time),
+        ("maxEjectionTime", max_ejection_time),
+    )?;
+    rules::percent(
+        &format!("{field}.maxEjectionPercent"),
+        outlier.max_ejection_percent,
+    )?;
+    Ok(OutlierConfig {
         consecutive_5xx: outlier.consecutive_5xx_errors,
         consecutive_gateway_errors: outlier.consecutive_gateway_errors,
-        interval: ms_or(outlier.interval_ms, defaults::INTERVAL),
+        interval: ms_or(outlier.interval_ms, defaults::OUTLIER_INTERVAL),
         base_ejection_time,
-        max_ejection_time: ms_or(outlier.max_ejection_time_ms, defaults::MAX_EJECTION_TIME)
-            .max(base_ejection_time),
-        max_ejection_percent: outlier.max_ejection_percent.min(100),
-    }
+        max_ejection_time,
+        max_ejection_percent: outlier.max_ejection_percent,
+    })
 }
 
 fn fault_config(faults: proto::FaultInjection) -> Result<FaultConfig, ConfigError> {
     let delay = faults.delay.unwrap_or_default();
     let abort = faults.abort.unwrap_or_default();
-    for (field, percent) in [
-        ("policy.faultInjection.delay.percent", delay.percent),
-        ("policy.faultInjection.abort.percent", abort.percent),
-    ] {
-        if !(0.0..=100.0).contains(&percent) {
-            return Err(invalid(field, format!("{percent} is not a percentage")));
-        }
-    }
-    let abort_status = u16::try_from(abort.http_status)
-        .ok()
-        .filter(|s| (200..600).contains(s));
-    let abort_status = match (abort.percent > 0.0, abort_status) {
-        (true, None) => {
-            return Err(invalid(
-                "policy.faultInjection.abort.httpStatus",
-                format!("{} is not an HTTP status", abort.http_status),
-            ));
-        }
-        (_, status) => status.unwrap_or(503),
+    let field = "policy.faultInjection";
+    let delay_percent = rules::fraction_percent(&format!("{field}.delay.percent"), delay.percent)?;
+    let abort_percent = rules::fraction_percent(&format!("{field}.abort.percent"), abort.percent)?;
+    // Without an abort, its status is never used.
+    let abort_status = if abort_percent > 0.0 {
+        rules::status_code(
+            &format!("{field}.abort.httpStatus"),
+            abort.http_status,
+            rules::FINAL_STATUS,
+        )?
+    } else {
+        503
     };
     Ok(FaultConfig {
-        delay_percent: delay.percent,
+        delay_percent,
         delay: Duration::from_millis(delay.fixed_delay_ms),
-        abort_percent: abort.percent,
+        abort_percent,
         abort_status,
     })
 }
@@ -489,7 +460,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.load_balancer, Algorithm::PeakEwma);
-        assert_eq!(config.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(config.connect_timeout, defaults::CONNECT_TIMEOUT);
         assert_eq!(
             config.endpoints[0].address,
             "10.0.0.1:9080".parse().unwrap()
@@ -530,7 +501,7 @@ mod tests {
         );
         assert_eq!(
             rejected(|_, e| e[0].subsets = vec!["v9".into()]),
-            "endpoints[0].subsets: subset `v9` is not declared"
+            "endpoints[0].subsets: subset `v9` is not declared in subsets"
         );
         assert_eq!(
             rejected(|d, _| d.port = 70000),
@@ -559,6 +530,98 @@ mod tests {
                 })
             })
             .starts_with("policy.loadBalancer.hashHeader")
+        );
+    }
+
+    /// The rules the controller checks too (`outrigger_api::rules`): a version that breaks one is
+    /// refused in the controller's words, field named from the version.
+    #[test]
+    fn the_rules_the_controller_checks_are_checked_here_too() {
+        let with_policy =
+            |policy: proto::Policy| rejected(move |d, _| d.policy_spec = Some(policy));
+        let weights = |pairs: &[(&str, u32)]| proto::TrafficSplit {
+            weights: pairs
+                .iter()
+                .map(|&(subset, weight)| proto::WeightedSubset {
+                    subset: subset.into(),
+                    weight,
+                })
+                .collect(),
+        };
+        assert_eq!(
+            rejected(|d, _| d.subsets.push("v1".into())),
+            "subsets[1].name: duplicate subset `v1`"
+        );
+        assert_eq!(
+            rejected(|d, _| {
+                d.routes = vec![
+                    proto::Route {
+                        name: "a".into(),
+                        ..Default::default()
+                    };
+                    2
+                ]
+            }),
+            "routes[1].name: duplicate route `a`"
+        );
+        assert_eq!(
+            with_policy(proto::Policy {
+                traffic_split: Some(weights(&[("v1", 1), ("v1", 1)])),
+                ..Default::default()
+            }),
+            "policy.trafficSplit[1].subset: subset `v1` is listed twice"
+        );
+        assert_eq!(
+            with_policy(proto::Policy {
+                traffic_split: Some(weights(&[("v1", 0)])),
+                ..Default::default()
+            }),
+            "policy.trafficSplit: at least one weight must be above 0"
+        );
+        assert_eq!(
+            with_policy(proto::Policy {
+                retries: Some(proto::RetryPolicy {
+                    attempts: 11,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            "policy.retries.attempts: 11 is above 10"
+        );
+        assert_eq!(
+            with_policy(proto::Policy {
+                retries: Some(proto::RetryPolicy {
+                    budget: Some(proto::RetryBudget {
+                        percent: 101,
+                        min_retries_per_second: 1,
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            "policy.retries.budget.percent: 101 is above 100"
+        );
+        assert_eq!(
+            with_policy(proto::Policy {
+                outlier_detection: Some(proto::OutlierDetection {
+                    base_ejection_time_ms: 60_000,
+                    max_ejection_time_ms: 1_000,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            "policy.outlierDetection.baseEjectionTime: baseEjectionTime must not exceed \
+             maxEjectionTime"
+        );
+        assert_eq!(
+            with_policy(proto::Policy {
+                outlier_detection: Some(proto::OutlierDetection {
+                    max_ejection_percent: 150,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            "policy.outlierDetection.maxEjectionPercent: 150 is above 100"
         );
     }
 }

@@ -172,22 +172,6 @@ pub struct FaultConfig {
     pub abort_status: u16,
 }
 
-/// SPEC.md defaults, for fields the policy leaves out (zero on the wire).
-pub mod defaults {
-    use std::time::Duration;
-
-    pub const BACKOFF_BASE: Duration = Duration::from_millis(25);
-    pub const BACKOFF_MAX: Duration = Duration::from_millis(250);
-    pub const BUDGET_PERCENT: u32 = 20;
-    pub const BUDGET_MIN_PER_SECOND: u32 = 10;
-    pub const INTERVAL: Duration = Duration::from_secs(10);
-    pub const BASE_EJECTION_TIME: Duration = Duration::from_secs(30);
-    pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
-}
-
-/// Without a policy saying otherwise (SPEC.md).
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
 pub fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{}ms", d.as_millis()))
 }
