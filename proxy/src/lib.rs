@@ -12,8 +12,8 @@
 //!   (`destination`): its layers (`layers`), `route`, `split` and `balance`.
 //! - `telemetry`: the layer that records every request's metrics.
 //! - `client`: one upstream address: connections, HTTP/1 and HTTP/2 clients, load.
-//! - `ctx`, `http`, `policy`, `metrics`, `shutdown`: per-request values, bodies and errors, the
-//!   validated configuration types, the metrics registry.
+//! - `ctx`, `http`, `io`, `policy`, `metrics`, `shutdown`: per-request values, bodies and errors,
+//!   connections that write through, the validated configuration types, the metrics registry.
 
 #![forbid(unsafe_code)]
 
@@ -25,6 +25,7 @@ mod ctx;
 mod http;
 mod inbound;
 mod init;
+mod io;
 mod listen;
 mod metrics;
 mod outbound;
