@@ -556,17 +556,21 @@ fn install_the_chart(suite: &mut Suite) -> bool {
     );
     suite.check(
         "the controller's logs carry no terminal colour codes",
-        (|| {
-            let logs = suite.kubectl(&["logs", "-n", SYSTEM, "deploy/outrigger-controller"])?;
-            ensure!(
-                !logs.contains('\u{1b}'),
-                "kubectl logs shows ANSI escapes: {:?}",
-                logs.lines().next().unwrap_or_default()
-            );
-            Ok(())
-        })(),
+        plain_logs(suite, &["-n", SYSTEM, "deploy/outrigger-controller"]),
     );
     true
+}
+
+/// `kubectl logs <args>` shows no terminal colour codes (the binaries' default format off a
+/// terminal).
+fn plain_logs(suite: &Suite, args: &[&str]) -> Outcome {
+    let logs = suite.kubectl(&[&["logs"], args].concat())?;
+    ensure!(
+        !logs.contains('\u{1b}'),
+        "kubectl logs shows ANSI escapes: {:?}",
+        logs.lines().next().unwrap_or_default()
+    );
+    Ok(())
 }
 
 /// 2. Label the namespace, deploy the shop; what was injected, and the order things started in.
@@ -682,16 +686,7 @@ fn deploy_the_shop(suite: &mut Suite) -> bool {
     );
     suite.check(
         "the proxies' logs carry no terminal colour codes",
-        (|| {
-            let logs =
-                suite.kubectl(&["logs", "-n", SHOP, "deploy/client", "-c", "outrigger-proxy"])?;
-            ensure!(
-                !logs.contains('\u{1b}'),
-                "kubectl logs shows ANSI escapes: {:?}",
-                logs.lines().next().unwrap_or_default()
-            );
-            Ok(())
-        })(),
+        plain_logs(suite, &["-n", SHOP, "deploy/client", "-c", "outrigger-proxy"]),
     );
     true
 }
