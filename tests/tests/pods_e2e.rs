@@ -427,6 +427,12 @@ fn metric(exposition: &str, sample: &str, labels: &str) -> Result<f64, String> {
         .ok_or_else(|| format!("no {sample}{{{labels}}} series in the proxy's metrics"))
 }
 
+/// A counter of calls to reviews, 0 while nothing has happened that it counts (its series appears
+/// with the first).
+fn reviews_count(exposition: &str, counter: &str) -> f64 {
+    series_sum(exposition, counter, r#"dst_service="reviews""#).unwrap_or(0.0)
+}
+
 /// Steers the backend in `pod` (`answer`, `status 500`, `fail-percent 50`, ...).
 fn steer(pod: &Pod, behaviour: &str) -> Outcome {
     match http("PUT", pod.addr(9081), "/behaviour", behaviour)? {
@@ -686,7 +692,10 @@ fn deploy_the_shop(suite: &mut Suite) -> bool {
     );
     suite.check(
         "the proxies' logs carry no terminal colour codes",
-        plain_logs(suite, &["-n", SHOP, "deploy/client", "-c", "outrigger-proxy"]),
+        plain_logs(
+            suite,
+            &["-n", SHOP, "deploy/client", "-c", "outrigger-proxy"],
+        ),
     );
     true
 }
@@ -801,14 +810,7 @@ fn failures(suite: &mut Suite) {
         (|| {
             let v2 = suite.only_pod(SHOP, "app=reviews,version=v2")?;
             let proxy = suite.client_proxy()?;
-            let retries = |exposition: &str| {
-                series_sum(
-                    exposition,
-                    "outrigger_retries_total",
-                    r#"dst_service="reviews""#,
-                )
-                .unwrap_or(0.0)
-            };
+            let retries = |exposition: &str| reviews_count(exposition, "outrigger_retries_total");
             let retries_before = retries(&metrics(proxy)?);
             let errors_before = backend_stats(&v2)?["errors"].as_u64().unwrap_or(0);
             steer(&v2, "fail-percent 50")?;
@@ -870,14 +872,8 @@ fn failures(suite: &mut Suite) {
                 .into_iter()
                 .next()
                 .ok_or("no v1 pod")?;
-            let ejections = |exposition: &str| {
-                series_sum(
-                    exposition,
-                    "outrigger_outlier_ejections_total",
-                    r#"dst_service="reviews""#,
-                )
-                .unwrap_or(0.0)
-            };
+            let ejections =
+                |exposition: &str| reviews_count(exposition, "outrigger_outlier_ejections_total");
             let ejections_before = ejections(&metrics(proxy)?);
             let hits_before = backend_stats(&bad)?["hits"].as_u64().unwrap_or(0);
             steer(&bad, "status 500")?;
