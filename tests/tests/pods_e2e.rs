@@ -46,6 +46,8 @@ const IMAGE_ARCHIVES: [(&str, &str); 4] = [
     ("app", "outrigger-test-app"),
 ];
 const APP: &str = "/outrigger-test-app";
+/// `kubectl` arguments that run the test app in the client pod's app container.
+const IN_CLIENT: [&str; 8] = ["exec", "-n", SHOP, "deploy/client", "-c", "app", "--", APP];
 /// How long any one awaited effect (a rollout, an ejection, a scrape) may take on a loaded
 /// 2-core machine before a check gives up.
 const PATIENCE: Duration = Duration::from_secs(180);
@@ -173,18 +175,7 @@ impl Suite {
 
     /// The test app's `http` role, run in the client's pod: its JSON summary.
     fn client_calls(&self, args: &[&str]) -> Result<Calls, String> {
-        let mut command = vec![
-            "exec",
-            "-n",
-            SHOP,
-            "deploy/client",
-            "-c",
-            "app",
-            "--",
-            APP,
-            "http",
-        ];
-        command.extend(args);
+        let command = [&IN_CLIENT[..], &["http"], args].concat();
         let text = self.kubectl(&command)?;
         let summary: Value = serde_json::from_str(&text)
             .map_err(|err| format!("the client printed {text:?}: {err}"))?;
@@ -196,16 +187,9 @@ impl Suite {
         let child = self
             .cluster
             .kubectl_command()
+            .args(["exec", "-i"])
+            .args(&IN_CLIENT[1..])
             .args([
-                "exec",
-                "-i",
-                "-n",
-                SHOP,
-                "deploy/client",
-                "-c",
-                "app",
-                "--",
-                APP,
                 "http",
                 "--url",
                 REVIEWS_URL,
@@ -230,18 +214,7 @@ impl Suite {
     /// asked from inside the pod.
     fn client_proxy_dump(&self, path: &str) -> Result<String, String> {
         let url = format!("http://127.0.0.1:4191{path}");
-        self.kubectl(&[
-            "exec",
-            "-n",
-            SHOP,
-            "deploy/client",
-            "-c",
-            "app",
-            "--",
-            APP,
-            "get",
-            &url,
-        ])
+        self.kubectl(&[&IN_CLIENT[..], &["get", &url]].concat())
     }
 }
 
@@ -1036,20 +1009,13 @@ fn pass_through(suite: &mut Suite) {
     suite.check(
         "TCP that is not HTTP (the echo Service) passes through unchanged",
         (|| {
-            let text = suite.kubectl(&[
-                "exec",
-                "-n",
-                SHOP,
-                "deploy/client",
-                "-c",
-                "app",
-                "--",
-                APP,
+            let tcp = [
                 "tcp",
                 "--addr=echo.shop.svc.cluster.local:7000",
                 "--message=hello, this is not HTTP\n",
                 "--count=5",
-            ])?;
+            ];
+            let text = suite.kubectl(&[&IN_CLIENT[..], &tcp].concat())?;
             let summary: Value =
                 serde_json::from_str(&text).map_err(|err| format!("{err}: {text}"))?;
             ensure!(summary["echoed"] == 5, "{summary}");
