@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::distribute::{DiscoveryService, Snapshots, serve_grpc};
+use crate::distribute::{DRAIN_BOUND, DiscoveryService, Snapshots, serve_grpc};
 use crate::index::Index;
 use crate::inject::webhook;
 use crate::leader::{Elector, LeaderSettings};
@@ -55,8 +55,17 @@ enum Source {
     },
 }
 
-/// How long a stopping leader may take to hand its Lease back.
+/// How long a stopping replica may still take, once its streams are drained, to hand its Lease
+/// back and remove its heartbeat (begun at the signal).
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest a stop takes, from the signal to the exit: the streams' drain, then the Lease.
+/// Under the 30 s the chart gives a pod to stop (`terminationGracePeriodSeconds`, Kubernetes'
+/// default), after which it would be killed, its Lease held to the end of its term.
+pub const STOP_BOUND: Duration = match DRAIN_BOUND.checked_add(RELEASE_TIMEOUT) {
+    Some(bound) => bound,
+    None => panic!("the bound overflows a Duration"),
+};
+const _: () = assert!(STOP_BOUND.as_secs() < 30);
 
 /// A controller with its listeners bound and its source opened.
 pub struct Controller {
@@ -99,7 +108,8 @@ impl Controller {
         self.admin.local_addr().expect("bound")
     }
 
-    /// Serves until `shutdown` turns true.
+    /// Serves until `shutdown` turns true, then fails `/ready`, drains the configuration streams
+    /// and hands over what it holds, returning within [`STOP_BOUND`].
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let snapshots = Snapshots::default();
         let index = Index::new(snapshots.clone(), self.metrics.clone());
@@ -150,7 +160,12 @@ impl Controller {
             }
         }
         tasks.spawn(index.run(received));
-        tasks.spawn(admin::serve(self.admin, self.metrics, ready));
+        tasks.spawn(admin::serve(
+            self.admin,
+            self.metrics,
+            ready,
+            shutdown.clone(),
+        ));
         if let Some(webhook) = self.webhook {
             tasks.spawn(webhook.serve());
         }

@@ -20,7 +20,7 @@ mod source;
 mod status;
 mod translate;
 
-pub use app::{Controller, Settings};
+pub use app::{Controller, STOP_BOUND, Settings};
 pub use distribute::{DiscoveryService, ProxyEvent, Snapshot, Snapshots, serve_grpc};
 pub use index::Index;
 pub use inject::patch::InjectorConfig;

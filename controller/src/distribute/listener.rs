@@ -2,6 +2,10 @@
 //! streams it may open, its header size and its silence, and closed once it has had no request in
 //! flight for [`IDLE_TIMEOUT`] (a proxy keeps its configuration stream open for as long as it is
 //! connected, so only connections that do nothing are closed).
+//!
+//! On shutdown every connection is closed the same way, GOAWAY and then its configuration stream
+//! ended with UNAVAILABLE (see [`Closing`]), each at its own moment of [`DRAIN_WINDOW`]: a proxy
+//! reconnects when its stream ends, and they must not all come back in the same instant.
 
 use std::future::Future;
 use std::pin::{Pin, pin};
@@ -12,10 +16,11 @@ use std::time::Duration;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::server::DiscoveryService;
+use super::server::{Closing, DiscoveryService};
 use crate::listen;
 
 /// Proxies that vanish without closing their connection are noticed within about this long.
@@ -30,31 +35,66 @@ pub(super) const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a connection being closed has to finish what it has in flight.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// On shutdown, connections are closed one after another over this long: the proxies add a
+/// spread of their own (up to 3 s) before reconnecting, so that a replica's proxies come back to
+/// the others over some 8 s rather than in the same 100 ms.
+pub(super) const DRAIN_WINDOW: Duration = Duration::from_secs(5);
+/// The longest [`serve_grpc`] takes to return once shutdown begins: the last connection's turn,
+/// then its grace.
+pub const DRAIN_BOUND: Duration = match DRAIN_WINDOW.checked_add(CLOSE_GRACE) {
+    Some(bound) => bound,
+    None => panic!("the bound overflows a Duration"),
+};
 /// Connections open at once; the next waits in the kernel's backlog until one closes.
 pub(crate) const MAX_CONNECTIONS: usize = 20_000;
 
-/// Serves the configuration streams until `shutdown`. Streams have no natural end to drain to,
-/// so stopping drops them all at once and the proxies reconnect, to another replica or to this
-/// one restarted, keeping their configuration meanwhile.
+/// Serves the configuration streams until `shutdown`, then closes the connections over
+/// [`DRAIN_WINDOW`] and returns within [`DRAIN_BOUND`]. New connections are refused from the
+/// start; the proxies reconnect, to another replica or to this one restarted, keeping their
+/// configuration meanwhile.
 pub async fn serve_grpc(
     listener: TcpListener,
     discovery: DiscoveryService,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let server = discovery.into_server();
-    let stop = async move {
-        let _ = shutdown.wait_for(|stop| *stop).await;
-    };
+    let mut stopping = shutdown.clone();
+    let stop = async move { stopped(&mut stopping).await };
+    let mut accepted = 0u64;
     let connections = listen::serve(listener, "gRPC", MAX_CONNECTIONS, stop, |stream, _| {
-        serve_connection(stream, server.clone())
+        // A reply's frames go out as separate small writes: without this, Nagle holds the later
+        // ones until the proxy's delayed ACK, some 40 ms.
+        let _ = stream.set_nodelay(true);
+        let turn = drain_turn(accepted);
+        accepted += 1;
+        serve_connection(stream, server.clone(), turn, shutdown.clone())
     })
     .await;
-    drop(connections);
+    let _ = tokio::time::timeout(DRAIN_BOUND, connections.join_all()).await;
 }
 
-/// One proxy's connection.
-async fn serve_connection<S>(stream: TcpStream, service: S)
-where
+/// When, after shutdown begins, the `number`th connection accepted is closed: the fractional
+/// parts of multiples of the golden ratio, which spread any run of consecutive numbers evenly
+/// over the window, without counting the connections open.
+pub(super) fn drain_turn(number: u64) -> Duration {
+    const GOLDEN_RATIO_FRACTION: f64 = 0.618_033_988_749_895;
+    let spread = (number as f64 * GOLDEN_RATIO_FRACTION).fract();
+    DRAIN_WINDOW.mul_f64(spread)
+}
+
+/// Returns once `shutdown` is true or its sender is gone.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// One proxy's connection, closed when idle, or `turn` after shutdown begins.
+pub(super) async fn serve_connection<I, S>(
+    io: I,
+    service: S,
+    turn: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<
             http::Request<hyper::body::Incoming>,
             Response = http::Response<tonic::body::Body>,
@@ -64,13 +104,12 @@ where
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
-    // A reply's frames go out as separate small writes: without this, Nagle holds the later ones
-    // until the proxy's delayed ACK, some 40 ms.
-    let _ = stream.set_nodelay(true);
     let in_flight = Arc::new(watch::Sender::new(0usize));
+    let (closing, closed) = watch::channel(false);
     let service = TowerToHyperService::new(Counted {
         inner: service,
         in_flight: in_flight.clone(),
+        closing: Closing::new(closed),
     });
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
@@ -79,15 +118,22 @@ where
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .max_header_list_size(MAX_HEADER_LIST_BYTES);
-    let mut connection = pin!(builder.serve_connection(TokioIo::new(stream), service));
+    let mut connection = pin!(builder.serve_connection(TokioIo::new(io), service));
     let mut idle = in_flight.subscribe();
+    let its_turn = async {
+        stopped(&mut shutdown).await;
+        tokio::time::sleep(turn).await;
+    };
     tokio::select! {
         _ = connection.as_mut() => return,
         () = idle_for(&mut idle, IDLE_TIMEOUT) => {}
+        () = its_turn => {}
     }
-    // GOAWAY, then whatever is left finishes; a connection still opening (it never sent the
-    // HTTP/2 preface) is dropped after the same grace.
+    // GOAWAY, so that the proxy opens no new stream here, then the configuration stream ends and
+    // whatever else is in flight finishes; a connection still opening (it never sent the HTTP/2
+    // preface) is dropped after the same grace.
     connection.as_mut().graceful_shutdown();
+    closing.send_replace(true);
     let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
 }
 
@@ -107,11 +153,13 @@ async fn idle_for(in_flight: &mut watch::Receiver<usize>, period: Duration) {
 }
 
 /// A service that counts its requests in flight, each until its response body is done with (a
-/// configuration stream is one request for its whole life).
+/// configuration stream is one request for its whole life), and hands each the connection's
+/// [`Closing`].
 #[derive(Clone)]
 struct Counted<S> {
     inner: S,
     in_flight: Arc<watch::Sender<usize>>,
+    closing: Closing,
 }
 
 /// One request in flight, until dropped.
@@ -143,7 +191,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<hyper::body::Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<hyper::body::Incoming>) -> Self::Future {
+        request.extensions_mut().insert(self.closing.clone());
         let in_flight = InFlight::new(&self.in_flight);
         let response = self.inner.call(request);
         Box::pin(async move {

@@ -15,7 +15,7 @@ mod subscribers;
 #[cfg(test)]
 mod tests;
 
-pub use self::listener::serve_grpc;
+pub use self::listener::{DRAIN_BOUND, serve_grpc};
 pub use self::server::{DiscoveryService, ProxyEvent};
 pub use self::snapshot::{Snapshot, Snapshots};
 #[cfg(test)]

@@ -105,6 +105,31 @@ impl DiscoveryService {
 
 type MessageStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
 
+/// Turns true when a stream's connection is being closed (GOAWAY sent): its configuration stream
+/// then ends with UNAVAILABLE, which a proxy answers by reconnecting, to this replica's
+/// successor or another. The listener hands it to each request in its extensions.
+#[derive(Clone)]
+pub(super) struct Closing(watch::Receiver<bool>);
+
+impl Closing {
+    pub(super) fn new(closing: watch::Receiver<bool>) -> Self {
+        Self(closing)
+    }
+
+    /// For a request served by other means than the listener: its connection is not ours to
+    /// close.
+    fn never() -> Self {
+        Self(watch::channel(false).1)
+    }
+
+    /// Returns once the connection is being closed; never if it is not.
+    async fn closed(&mut self) {
+        if self.0.wait_for(|closing| *closing).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 type Outgoing = mpsc::Sender<Result<ControllerMessage, Status>>;
 
 #[tonic::async_trait]
@@ -115,6 +140,11 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<ProxyMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        let closing = request
+            .extensions()
+            .get::<Closing>()
+            .cloned()
+            .unwrap_or_else(Closing::never);
         let mut incoming = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, incoming.message())
             .await
@@ -143,7 +173,7 @@ impl Discovery for DiscoveryService {
         tx.send(Ok(welcome))
             .await
             .map_err(|_| Status::cancelled("proxy went away"))?;
-        tokio::spawn(Session::new(self.clone(), proxy).run(incoming, tx));
+        tokio::spawn(Session::new(self.clone(), proxy).run(incoming, tx, closing));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -242,8 +272,14 @@ impl Session {
         }
     }
 
-    /// Answers the proxy and sends what changes until either side goes away.
-    async fn run(mut self, mut incoming: Streaming<ProxyMessage>, tx: Outgoing) {
+    /// Answers the proxy and sends what changes until either side goes away, or its connection
+    /// is being closed.
+    async fn run(
+        mut self,
+        mut incoming: Streaming<ProxyMessage>,
+        tx: Outgoing,
+        mut closing: Closing,
+    ) {
         let _ = self
             .service
             .events
@@ -268,6 +304,11 @@ impl Session {
                     None => Vec::new(),
                 },
                 _ = tx.closed() => break,
+                () = closing.closed() => {
+                    let status = Status::unavailable("the controller is shutting down; reconnect");
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
             };
             for reply in replies {
                 if tx.send(Ok(reply)).await.is_err() {

@@ -13,7 +13,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
-use super::listener::{IDLE_TIMEOUT, MAX_HEADER_LIST_BYTES, MAX_STREAMS_PER_CONNECTION};
+use super::listener::{
+    DRAIN_BOUND, DRAIN_WINDOW, IDLE_TIMEOUT, MAX_HEADER_LIST_BYTES, MAX_STREAMS_PER_CONNECTION,
+    drain_turn, serve_connection,
+};
 use super::server::{MAX_KEYS_PER_STREAM, MAX_REASON_BYTES, bounded_reason};
 use super::*;
 use crate::metrics::Metrics;
@@ -81,9 +84,17 @@ impl Stream {
         addr: std::net::SocketAddr,
         messages: Vec<proxy_message::Message>,
     ) -> Result<Self, tonic::Status> {
-        let mut client = DiscoveryClient::connect(format!("http://{addr}"))
+        let client = DiscoveryClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
+        Self::open_on(client, messages).await
+    }
+
+    /// The same, over a connection of the test's own.
+    async fn open_on(
+        mut client: DiscoveryClient<tonic::transport::Channel>,
+        messages: Vec<proxy_message::Message>,
+    ) -> Result<Self, tonic::Status> {
         let (send, outgoing) = mpsc::channel(8);
         for message in messages {
             send.send(ProxyMessage {
@@ -627,4 +638,124 @@ async fn a_connection_with_no_stream_open_is_closed() {
     }))
     .await;
     assert_eq!(unknowns(&mut open, 1).await[0].0, other);
+}
+
+/// A proxy's connection over memory rather than a socket, served as the listener serves the
+/// `number`th connection it accepts: paused time then moves only when every task waits on it.
+async fn connect_in_memory(
+    service: &DiscoveryService,
+    number: u64,
+    shutdown: &watch::Receiver<bool>,
+) -> (
+    DiscoveryClient<tonic::transport::Channel>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+    let served = tokio::spawn(serve_connection(
+        server_io,
+        service.clone().into_server(),
+        drain_turn(number),
+        shutdown.clone(),
+    ));
+    let mut client_io = Some(client_io);
+    let channel = tonic::transport::Endpoint::from_static("http://in-memory")
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let io = client_io.take().map(hyper_util::rt::TokioIo::new);
+            async move { io.ok_or_else(|| std::io::Error::other("one connection only")) }
+        }))
+        .await
+        .unwrap();
+    (DiscoveryClient::new(channel), served)
+}
+
+/// How a stream ended: the status the controller sent, or a transport error.
+async fn end_of(stream: &mut Stream) -> tonic::Status {
+    loop {
+        match stream.received.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => return tonic::Status::ok("ended without a status"),
+            Err(status) => return status,
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_shutdown_streams_end_with_unavailable_one_connection_after_another_over_the_window() {
+    const CONNECTIONS: u64 = 16;
+    let snapshots = Snapshots::default();
+    snapshots.mark_synced();
+    let service = DiscoveryService::new(snapshots, Metrics::default(), "test".into());
+    let (stop, shutdown) = watch::channel(false);
+    let mut ends = tokio::task::JoinSet::new();
+    let mut connections = Vec::new();
+    for number in 0..CONNECTIONS {
+        let (client, served) = connect_in_memory(&service, number, &shutdown).await;
+        let subscribe = proxy_message::Message::Subscribe(Subscribe {
+            destinations: vec![Subscription {
+                key: KEY.into(),
+                ..Default::default()
+            }],
+        });
+        let mut stream = Stream::open_on(client, vec![hello("shop", "a"), subscribe])
+            .await
+            .unwrap();
+        assert_eq!(unknowns(&mut stream, 1).await[0].0, KEY);
+        ends.spawn(async move {
+            let status = end_of(&mut stream).await;
+            (number, tokio::time::Instant::now(), status)
+        });
+        connections.push(served);
+    }
+    tokio::time::sleep(IDLE_TIMEOUT * 2).await;
+    assert!(
+        ends.try_join_next().is_none(),
+        "streams go on until shutdown"
+    );
+
+    let began = tokio::time::Instant::now();
+    stop.send_replace(true);
+    let mut quarters = [0; 4];
+    let ended = tokio::time::timeout(DRAIN_BOUND * 2, ends.join_all())
+        .await
+        .expect("every stream ends");
+    for (number, ended, status) in ended {
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+        assert!(status.message().contains("shutting down"), "{status}");
+        // At its turn, to the timer's millisecond.
+        let after = ended - began;
+        let turn = drain_turn(number);
+        assert!(
+            after >= turn && after <= turn + Duration::from_millis(1),
+            "stream {number} ended {after:?} after shutdown began, its turn {turn:?}"
+        );
+        quarters[(after.as_secs_f64() / DRAIN_WINDOW.as_secs_f64() * 4.0) as usize] += 1;
+    }
+    // Not all at once: every quarter of the window closes some, none most.
+    assert!(
+        quarters.iter().all(|count| (3..=5).contains(count)),
+        "streams ended per quarter of the window: {quarters:?}"
+    );
+    // GOAWAY, and the connection is done with once its stream is: none is left to be dropped.
+    for served in connections {
+        tokio::time::timeout(Duration::from_secs(1), served)
+            .await
+            .expect("the connection closes after its stream")
+            .unwrap();
+    }
+}
+
+#[test]
+fn drain_turns_spread_any_run_of_connections_evenly_over_the_window() {
+    for first in [0, 12_345, 1 << 40] {
+        let mut tenths = [0; 10];
+        for number in first..first + 1000 {
+            let turn = drain_turn(number);
+            assert!(turn < DRAIN_WINDOW, "{turn:?}");
+            tenths[(turn.as_secs_f64() / DRAIN_WINDOW.as_secs_f64() * 10.0) as usize] += 1;
+        }
+        assert!(
+            tenths.iter().all(|count| (97..=103).contains(count)),
+            "connections {first}.. closed per tenth of the window: {tenths:?}"
+        );
+    }
 }

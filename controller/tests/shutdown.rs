@@ -1,0 +1,186 @@
+//! The controller binary stopped as Kubernetes stops it (SIGTERM): `/ready` fails, every
+//! configuration stream ends with UNAVAILABLE (which proxies answer by reconnecting) rather than
+//! a reset connection, and the process exits, cleanly, within the pod's termination grace. How the
+//! ends are spread over the drain window is the unit tests' business (on paused time); here every
+//! wait is a bounded poll.
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use outrigger_api::proto::{
+    ControllerMessage, Hello, ProxyMessage, Subscribe, Subscription,
+    discovery_client::DiscoveryClient, proxy_message,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Kubernetes' default `terminationGracePeriodSeconds`, which the chart keeps: past it the
+/// controller would be killed.
+const TERMINATION_GRACE: Duration = Duration::from_secs(30);
+/// For starting up on a loaded machine.
+const DEADLINE: Duration = Duration::from_secs(60);
+const STREAMS: usize = 3;
+
+/// The controller binary on an empty manifests directory; killed when dropped.
+struct Controller {
+    child: Child,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+    _manifests: tempfile::TempDir,
+}
+
+impl Controller {
+    async fn start() -> Self {
+        let manifests = tempfile::tempdir().unwrap();
+        let (grpc, admin) = (free_port(), free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_outrigger-controller"))
+            .arg("--manifests")
+            .arg(manifests.path())
+            .args(["--grpc-addr", &grpc.to_string()])
+            .args(["--admin-addr", &admin.to_string()])
+            .spawn()
+            .unwrap();
+        let controller = Self {
+            child,
+            grpc,
+            admin,
+            _manifests: manifests,
+        };
+        let deadline = Instant::now() + DEADLINE;
+        while get(admin, "/ready")
+            .await
+            .is_none_or(|(code, _)| code != 200)
+        {
+            assert!(Instant::now() < deadline, "the controller is never ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        controller
+    }
+
+    fn terminate(&self) {
+        let pid = self.child.id().to_string();
+        let signalled = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(signalled.success());
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A configuration stream on a connection of its own, subscribed to one key and answered.
+async fn open_stream(
+    grpc: SocketAddr,
+) -> (
+    tonic::Streaming<ControllerMessage>,
+    mpsc::Sender<ProxyMessage>,
+) {
+    let mut client = DiscoveryClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let (send, outgoing) = mpsc::channel(8);
+    let hello = proxy_message::Message::Hello(Hello {
+        namespace: "shop".into(),
+        workload: "caller".into(),
+        ..Default::default()
+    });
+    let subscribe = proxy_message::Message::Subscribe(Subscribe {
+        destinations: vec![Subscription {
+            key: "reviews.shop.svc.cluster.local:9080".into(),
+            known_version: String::new(),
+        }],
+    });
+    for message in [hello, subscribe] {
+        send.send(ProxyMessage {
+            message: Some(message),
+        })
+        .await
+        .unwrap();
+    }
+    let mut received = client
+        .stream(ReceiverStream::new(outgoing))
+        .await
+        .unwrap()
+        .into_inner();
+    // Welcome, then the key is unknown: the stream is up.
+    for _ in 0..2 {
+        received
+            .message()
+            .await
+            .unwrap()
+            .expect("the stream is open");
+    }
+    (received, send)
+}
+
+#[tokio::test]
+async fn sigterm_fails_ready_ends_every_stream_with_unavailable_and_exits_within_the_grace() {
+    let mut controller = Controller::start().await;
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        streams.push(open_stream(controller.grpc).await);
+    }
+
+    controller.terminate();
+    let signalled = Instant::now();
+    // The admin server answers throughout the drain, saying the replica is going.
+    loop {
+        match get(controller.admin, "/ready").await {
+            Some((503, body)) => {
+                assert_eq!(body, "shutting down\n");
+                break;
+            }
+            other => assert!(
+                signalled.elapsed() < TERMINATION_GRACE,
+                "/ready still answers {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (mut received, _send) in streams {
+        let status = loop {
+            match received.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    }
+    let exit = loop {
+        if let Some(exit) = controller.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            signalled.elapsed() < TERMINATION_GRACE,
+            "still running {TERMINATION_GRACE:?} after SIGTERM; its bound is {:?}",
+            outrigger_controller::STOP_BOUND
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "{exit}");
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .unwrap()
+}
+
+/// Status code and body of `GET http://{addr}{path}`; None when nothing answers.
+async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let code = response.split(' ').nth(1)?.parse().ok()?;
+    let (_, body) = response.split_once("\r\n\r\n")?;
+    Some((code, body.to_string()))
+}
