@@ -17,7 +17,7 @@ mod tests;
 
 pub use self::listener::{DRAIN_BOUND, serve_grpc};
 pub use self::server::{DiscoveryService, ProxyEvent};
-pub use self::snapshot::{Snapshot, Snapshots};
+pub use self::snapshot::{EndpointSet, Snapshot, Snapshots};
 #[cfg(test)]
 pub use self::subscribers::Holding;
 pub use self::subscribers::{PolicyVersion, ProxyId, Subscribers};

@@ -17,8 +17,9 @@ pub enum Snapshot {
         destination: Box<proto::Destination>,
         /// `destination`, encoded once for every stream that sends it.
         encoded: bytes::Bytes,
-        /// The endpoints, in groups (one per EndpointSlice).
-        endpoints: Vec<EndpointSet>,
+        /// The endpoints, in groups (one per EndpointSlice), each shared with the snapshots of
+        /// the Service's other keys and with the next version while its slice is unchanged.
+        endpoints: Vec<Arc<EndpointSet>>,
         /// When the index saw the change that produced this version (for push latency).
         changed_at: Instant,
     },
@@ -38,11 +39,22 @@ pub struct EndpointSet {
 }
 
 impl EndpointSet {
+    /// The group `name`, encoded, under a version derived from its content.
+    pub fn new(name: String, endpoints: Vec<proto::Endpoint>) -> Self {
+        use prost::Message as _;
+        let encoded = bytes::Bytes::from(proto::Endpoints { endpoints }.encode_to_vec());
+        Self {
+            version: content_version(&[&encoded]),
+            name,
+            encoded,
+        }
+    }
+
     /// The endpoints, decoded (only the encoding is kept).
     pub fn decode(&self) -> Vec<proto::Endpoint> {
         use prost::Message as _;
         proto::Endpoints::decode(self.encoded.clone())
-            .expect("encoded by Snapshot::known")
+            .expect("encoded by EndpointSet::new")
             .endpoints
     }
 }
@@ -172,22 +184,25 @@ impl Snapshot {
     /// replica, gives the same version to the same configuration, so proxies that reconnect are
     /// not sent what they already have, and never miss a change behind a reused number.
     pub fn known(
-        mut destination: proto::Destination,
+        destination: proto::Destination,
         groups: Vec<(String, Vec<proto::Endpoint>)>,
         changed_at: Instant,
     ) -> Self {
-        use prost::Message as _;
-        let endpoints: Vec<EndpointSet> = groups
+        let groups = groups
             .into_iter()
-            .map(|(name, endpoints)| {
-                let encoded = bytes::Bytes::from(proto::Endpoints { endpoints }.encode_to_vec());
-                EndpointSet {
-                    version: content_version(&[&encoded]),
-                    name,
-                    encoded,
-                }
-            })
+            .map(|(name, endpoints)| Arc::new(EndpointSet::new(name, endpoints)))
             .collect();
+        Self::of_groups(destination, groups, changed_at)
+    }
+
+    /// The same, of groups built already (the index keeps a Service's groups while their slices
+    /// are unchanged).
+    pub fn of_groups(
+        mut destination: proto::Destination,
+        endpoints: Vec<Arc<EndpointSet>>,
+        changed_at: Instant,
+    ) -> Self {
+        use prost::Message as _;
         destination.endpoint_groups = endpoints
             .iter()
             .map(|set| proto::EndpointGroup {

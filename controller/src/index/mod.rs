@@ -9,11 +9,13 @@
 //! changed, so streams are not woken for nothing.
 //!
 //! One file per kind of state: `service`, `slice`, `pod`, `policy`, each keeping what destinations
-//! need of its objects and saying which Services a change affects; `report` turns that state into
-//! what status needs of each policy. A new kind (a route, an authorization policy) gets a file of
+//! need of its objects and saying which Services a change affects; `groups` keeps each Service's
+//! endpoint groups, so that a change rebuilds only the groups it touched; `report` turns that
+//! state into what status needs of each policy. A new kind (a route, an authorization policy) gets a file of
 //! its own here, an arm in [`Index::insert`] and [`Index::remove`], and its part of
 //! [`Index::destinations`].
 
+mod groups;
 mod pod;
 mod policy;
 mod report;
@@ -22,7 +24,7 @@ mod slice;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,11 +33,12 @@ use outrigger_api::destination::DestinationKey;
 use outrigger_api::proto;
 use tokio::sync::{mpsc, watch};
 
+use self::groups::{Groups, Inputs};
 use self::pod::Pods;
 use self::policy::Policies;
 pub use self::report::{PolicyReport, PolicyReports, Problem};
 use self::service::Services;
-use self::slice::{SliceState, Slices};
+use self::slice::{Slices, Touched};
 use crate::distribute::{Snapshot, Snapshots};
 use crate::metrics::Metrics;
 use crate::source::{Change, Kind, Object, ObjectKey, ObjectRef};
@@ -47,6 +50,7 @@ pub struct Index {
     slices: Slices,
     pods: Pods,
     policies: Policies,
+    groups: Groups,
     /// Per Service, the keys published for it and their versions.
     published: HashMap<ObjectKey, HashMap<String, String>>,
     synced: watch::Sender<bool>,
@@ -62,6 +66,7 @@ impl Index {
             slices: Slices::default(),
             pods: Pods::default(),
             policies: Policies::default(),
+            groups: Groups::default(),
             published: HashMap::new(),
             synced: watch::Sender::new(false),
             reports: watch::Sender::new(PolicyReports::new()),
@@ -141,8 +146,14 @@ impl Index {
                 .then(|| key.clone())
                 .into_iter()
                 .collect(),
-            Kind::EndpointSlice => self.slices.remove(key).into_iter().collect(),
-            Kind::Pod if self.pods.remove(key) => self.slices.services_on_pod(key),
+            Kind::EndpointSlice => {
+                let touched = self.slices.remove(key);
+                touched
+                    .map(|touched| self.forget(touched))
+                    .into_iter()
+                    .collect()
+            }
+            Kind::Pod if self.pods.remove(key) => self.pod_changed(key),
             Kind::Pod => BTreeSet::new(),
             Kind::DestinationPolicy => self.policies.remove(key).into_iter().collect(),
         }
@@ -155,9 +166,15 @@ impl Index {
                 self.services.insert(key.clone(), &service);
                 BTreeSet::from([key])
             }
-            Object::EndpointSlice(slice) => self.slices.insert(key, &slice).into_iter().collect(),
+            Object::EndpointSlice(slice) => {
+                let touched = self.slices.insert(key, &slice);
+                touched
+                    .map(|touched| self.forget(touched))
+                    .into_iter()
+                    .collect()
+            }
             Object::Pod(pod) => {
-                let services = self.slices.services_on_pod(&key);
+                let services = self.pod_changed(&key);
                 self.pods.insert(key, *pod);
                 services
             }
@@ -167,6 +184,23 @@ impl Index {
                 .into_iter()
                 .collect(),
         }
+    }
+
+    /// Drops the groups a slice change touched; returns their Service.
+    fn forget(&mut self, touched: Touched) -> ObjectKey {
+        self.groups.forget(&touched.service, &touched.slices);
+        touched.service
+    }
+
+    /// Drops the groups of the slices with an endpoint on `pod`, whose labels change; returns
+    /// their Services.
+    fn pod_changed(&mut self, pod: &ObjectKey) -> BTreeSet<ObjectKey> {
+        let mut services = BTreeSet::new();
+        for (slice, service) in self.slices.on_pod(pod) {
+            self.groups.forget(service, [slice]);
+            services.insert(service.clone());
+        }
+        services
     }
 
     /// Publishes what changed for a Service, and withdraws the keys it no longer has.
@@ -199,53 +233,24 @@ impl Index {
     /// grouped by EndpointSlice so that a pod coming or going changes one group; none when the
     /// Service is unknown.
     fn destinations(
-        &self,
+        &mut self,
         service: &ObjectKey,
         changed_at: Instant,
     ) -> BTreeMap<String, Arc<Snapshot>> {
         let Some(state) = self.services.get(service) else {
+            self.groups.remove(service);
             return BTreeMap::new();
         };
         let policy = self.policies.in_force(service);
-        let slices: Vec<(&str, &SliceState)> = self
-            .slices
-            .of_service(service)
-            .map(|(key, slice)| (key.name.as_str(), slice))
-            .collect();
+        let groups = self.groups.of_service(&Inputs {
+            service,
+            state,
+            slices: &self.slices,
+            pods: &self.pods,
+            policy: policy.map(|(.., translated)| translated),
+        });
         let mut destinations = BTreeMap::new();
-        for port in &state.ports {
-            // Endpoints by the EndpointSlice they come from, in the order of its name.
-            let mut groups = Vec::new();
-            let mut seen = HashSet::new();
-            for (name, slice) in &slices {
-                let Some(&target_port) = slice.ports.get(&port.name) else {
-                    continue;
-                };
-                let endpoints: Vec<proto::Endpoint> = slice
-                    .endpoints
-                    .iter()
-                    .map(|endpoint| (endpoint, SocketAddr::new(endpoint.ip, target_port)))
-                    // The same endpoint may sit in two slices while they are rebalanced.
-                    .filter(|(_, address)| seen.insert(*address))
-                    .map(|(endpoint, address)| proto::Endpoint {
-                        address: address.to_string(),
-                        subsets: policy
-                            .map(|(.., translated)| {
-                                self.pods.subsets_of(
-                                    &service.namespace,
-                                    endpoint.pod.as_deref(),
-                                    translated,
-                                )
-                            })
-                            .unwrap_or_default(),
-                        pod: endpoint.pod.clone().unwrap_or_default(),
-                        h2c: port.h2c,
-                    })
-                    .collect();
-                if !endpoints.is_empty() {
-                    groups.push((name.to_string(), endpoints));
-                }
-            }
+        for (port, groups) in state.ports.iter().zip(groups) {
             let destination = proto::Destination {
                 namespace: service.namespace.clone(),
                 service: service.name.clone(),
@@ -277,7 +282,7 @@ impl Index {
                 .cluster_ips
                 .iter()
                 .map(|&ip| DestinationKey::Address(SocketAddr::new(ip, port.port)));
-            let snapshot = Arc::new(Snapshot::known(destination, groups, changed_at));
+            let snapshot = Arc::new(Snapshot::of_groups(destination, groups, changed_at));
             for key in std::iter::once(by_name).chain(by_address) {
                 destinations.insert(key.to_string(), snapshot.clone());
             }

@@ -1,4 +1,6 @@
-//! EndpointSlices: the ready endpoints of a Service, and which pods they sit on.
+//! EndpointSlices: the ready endpoints of a Service, which pods they sit on, and which slices
+//! share an address (as they do while they are rebalanced), so that a change to one slice says
+//! exactly which endpoint groups it changes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -25,14 +27,31 @@ pub(super) struct SliceEndpoint {
     pub(super) pod: Option<String>,
 }
 
-/// Every EndpointSlice that names a Service, with the Services each pod has endpoints of.
+/// Every EndpointSlice that names a Service, by Service and by the pods they have endpoints on.
 #[derive(Default)]
 pub(super) struct Slices {
     slices: HashMap<ObjectKey, SliceState>,
-    by_service: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
-    /// Per pod, the Services with a ready endpoint on it (and how many), so that a label change
-    /// recomputes only those.
-    pod_services: HashMap<ObjectKey, HashMap<ObjectKey, usize>>,
+    by_service: HashMap<ObjectKey, ServiceSlices>,
+    /// Per pod, the slices with a ready endpoint on it, so that a label change rebuilds only
+    /// their groups.
+    by_pod: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+}
+
+/// The slices of one Service.
+#[derive(Default)]
+struct ServiceSlices {
+    /// By name, the order of the Service's endpoint groups.
+    names: BTreeSet<ObjectKey>,
+    /// Per endpoint IP, the slices listing it: an address in two slices belongs to the group of
+    /// the first.
+    by_ip: HashMap<IpAddr, BTreeSet<ObjectKey>>,
+}
+
+/// What a change to a slice affects: its Service, and the slices of that Service whose groups it
+/// changes (its own, and those of the slices that share an address with it before or after).
+pub(super) struct Touched {
+    pub(super) service: ObjectKey,
+    pub(super) slices: BTreeSet<ObjectKey>,
 }
 
 impl Slices {
@@ -45,56 +64,104 @@ impl Slices {
         self.by_service
             .get(service)
             .into_iter()
-            .flatten()
+            .flat_map(|slices| &slices.names)
             .filter_map(|key| Some((key, self.slices.get(key)?)))
     }
 
-    /// The Services with a ready endpoint on `pod`.
-    pub(super) fn services_on_pod(&self, pod: &ObjectKey) -> BTreeSet<ObjectKey> {
-        self.pod_services
+    /// The slices with a ready endpoint on `pod`, with their Service.
+    pub(super) fn on_pod<'a>(
+        &'a self,
+        pod: &ObjectKey,
+    ) -> impl Iterator<Item = (&'a ObjectKey, &'a ObjectKey)> + 'a {
+        self.by_pod
             .get(pod)
-            .map(|services| services.keys().cloned().collect())
-            .unwrap_or_default()
+            .into_iter()
+            .flatten()
+            .filter_map(|key| Some((key, &self.slices.get(key)?.service)))
     }
 
-    /// Records a slice; returns the Service it affects (none when it names none).
-    pub(super) fn insert(&mut self, key: ObjectKey, slice: &EndpointSlice) -> Option<ObjectKey> {
+    /// Whether a slice of `service` named before `slice` has `ip` listening on `target_port` for
+    /// the Service port `port`: the address is in that slice's group, not in this one's.
+    pub(super) fn listed_before(
+        &self,
+        service: &ObjectKey,
+        slice: &ObjectKey,
+        ip: IpAddr,
+        port: &str,
+        target_port: u16,
+    ) -> bool {
+        self.by_service
+            .get(service)
+            .and_then(|slices| slices.by_ip.get(&ip))
+            .into_iter()
+            .flat_map(|listing| listing.range(..slice))
+            .filter_map(|earlier| self.slices.get(earlier))
+            .any(|earlier| earlier.ports.get(port) == Some(&target_port))
+    }
+
+    /// Records a slice (none when it names no Service).
+    pub(super) fn insert(&mut self, key: ObjectKey, slice: &EndpointSlice) -> Option<Touched> {
         let slice = SliceState::new(&key.namespace, slice)?;
         for pod in slice.pods(&key.namespace) {
-            *self
-                .pod_services
-                .entry(pod)
-                .or_default()
-                .entry(slice.service.clone())
-                .or_default() += 1;
+            self.by_pod.entry(pod).or_default().insert(key.clone());
         }
-        self.by_service
-            .entry(slice.service.clone())
-            .or_default()
-            .insert(key.clone());
-        let service = slice.service.clone();
+        let slices = self.by_service.entry(slice.service.clone()).or_default();
+        slices.names.insert(key.clone());
+        for endpoint in &slice.endpoints {
+            slices
+                .by_ip
+                .entry(endpoint.ip)
+                .or_default()
+                .insert(key.clone());
+        }
+        let touched = slices.touched_by(&key, &slice, slice.service.clone());
         self.slices.insert(key, slice);
-        Some(service)
+        Some(touched)
     }
 
-    /// Forgets a slice; returns the Service it affected.
-    pub(super) fn remove(&mut self, key: &ObjectKey) -> Option<ObjectKey> {
+    /// Forgets a slice.
+    pub(super) fn remove(&mut self, key: &ObjectKey) -> Option<Touched> {
         let slice = self.slices.remove(key)?;
-        super::remove_from(&mut self.by_service, &slice.service, key);
         for pod in slice.pods(&key.namespace) {
-            if let Some(services) = self.pod_services.get_mut(&pod) {
-                if let Some(count) = services.get_mut(&slice.service) {
-                    *count -= 1;
-                    if *count == 0 {
-                        services.remove(&slice.service);
-                    }
-                }
-                if services.is_empty() {
-                    self.pod_services.remove(&pod);
+            if let Some(slices) = self.by_pod.get_mut(&pod) {
+                slices.remove(key);
+                if slices.is_empty() {
+                    self.by_pod.remove(&pod);
                 }
             }
         }
-        Some(slice.service)
+        let slices = self.by_service.get_mut(&slice.service)?;
+        let touched = slices.touched_by(key, &slice, slice.service.clone());
+        slices.names.remove(key);
+        for endpoint in &slice.endpoints {
+            if let Some(listing) = slices.by_ip.get_mut(&endpoint.ip) {
+                listing.remove(key);
+                if listing.is_empty() {
+                    slices.by_ip.remove(&endpoint.ip);
+                }
+            }
+        }
+        if slices.names.is_empty() {
+            self.by_service.remove(&slice.service);
+        }
+        Some(touched)
+    }
+}
+
+impl ServiceSlices {
+    /// `key` itself and the slices that share an address with `slice` (its content before or
+    /// after the change).
+    fn touched_by(&self, key: &ObjectKey, slice: &SliceState, service: ObjectKey) -> Touched {
+        let sharing = slice
+            .endpoints
+            .iter()
+            .filter_map(|endpoint| self.by_ip.get(&endpoint.ip))
+            .flatten()
+            .cloned();
+        Touched {
+            service,
+            slices: std::iter::once(key.clone()).chain(sharing).collect(),
+        }
     }
 }
 

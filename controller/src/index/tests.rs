@@ -562,3 +562,146 @@ async fn run_applies_what_sources_send() {
         Published::Known(..)
     ));
 }
+
+/// The endpoint groups published for `key`, as shared.
+fn group_sets(snapshots: &Snapshots, key: &str) -> Vec<Arc<crate::distribute::EndpointSet>> {
+    match snapshots.current(key).as_deref() {
+        Some(Snapshot::Known { endpoints, .. }) => endpoints.clone(),
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+/// A slice of `reviews` with the endpoints 10.{number}.0.{1..=endpoints}.
+fn numbered_slice(number: usize, endpoints: usize) -> Change {
+    let addresses: Vec<(String, String)> = (1..=endpoints)
+        .map(|i| (format!("10.{number}.0.{i}"), format!("reviews-{number}-{i}")))
+        .collect();
+    let endpoints: Vec<(&str, &str, bool)> = addresses
+        .iter()
+        .map(|(ip, pod)| (ip.as_str(), pod.as_str(), true))
+        .collect();
+    slice(&format!("reviews-{number:02}"), 8080, &endpoints)
+}
+
+#[test]
+fn a_change_to_one_slice_rebuilds_that_slices_group_alone() {
+    const SLICES: usize = 40;
+    let (mut index, snapshots) = index();
+    index.apply(reviews());
+    index.apply(policy("reviews", "2026-01-01T00:00:00Z", canary_policy()));
+    for slice in 0..SLICES {
+        index.apply(numbered_slice(slice, 10));
+    }
+    let before = group_sets(&snapshots, BY_NAME);
+    assert_eq!(before.len(), SLICES);
+    let built = index.groups.slices_built;
+
+    index.apply(numbered_slice(17, 11));
+    let after = group_sets(&snapshots, BY_NAME);
+    assert_eq!(index.groups.slices_built - built, 1, "one slice translated");
+    for (i, (old, new)) in before.iter().zip(&after).enumerate() {
+        if i == 17 {
+            assert_ne!(old.version, new.version);
+            assert_eq!(new.decode().len(), 11);
+        } else {
+            assert!(Arc::ptr_eq(old, new), "group {} was rebuilt", old.name);
+        }
+    }
+    // Every key of the port shares the same groups.
+    let by_ip = group_sets(&snapshots, BY_IP);
+    assert!(after.iter().zip(&by_ip).all(|(a, b)| Arc::ptr_eq(a, b)));
+
+    // A slice going away, a pod's labels, a policy edit that leaves the subsets alone: nothing
+    // else is translated again.
+    let built = index.groups.slices_built;
+    index.apply(deleted(Kind::EndpointSlice, "reviews-03"));
+    index.apply(pod("reviews-5-1", "v2"));
+    let mut faster = canary_policy();
+    faster["timeout"] = json!("2s");
+    index.apply(policy("reviews", "2026-01-01T00:00:00Z", faster));
+    assert_eq!(
+        index.groups.slices_built - built,
+        1,
+        "only the slice on the relabelled pod"
+    );
+    let later = group_sets(&snapshots, BY_NAME);
+    assert_eq!(later.len(), SLICES - 1);
+    let rebuilt: Vec<&str> = later
+        .iter()
+        .filter(|group| !after.iter().any(|kept| Arc::ptr_eq(kept, group)))
+        .map(|group| group.name.as_str())
+        .collect();
+    assert_eq!(rebuilt, ["reviews-05"]);
+
+    // New subsets change every endpoint: all are built anew.
+    let built = index.groups.slices_built;
+    index.apply(policy(
+        "reviews",
+        "2026-01-01T00:00:00Z",
+        json!({"host": "reviews"}),
+    ));
+    assert_eq!(index.groups.slices_built - built, SLICES - 1);
+}
+
+#[test]
+fn a_slice_change_rebuilds_the_slices_it_shares_an_address_with() {
+    let (mut index, snapshots) = index();
+    index.apply(reviews());
+    index.apply(slice(
+        "reviews-a",
+        8080,
+        &[
+            ("10.0.0.1", "reviews-1", true),
+            ("10.0.0.2", "reviews-2", true),
+        ],
+    ));
+    index.apply(slice(
+        "reviews-b",
+        8080,
+        &[
+            ("10.0.0.2", "reviews-2", true),
+            ("10.0.0.3", "reviews-3", true),
+        ],
+    ));
+    let layout = |snapshots: &Snapshots| -> Vec<(String, Vec<String>)> {
+        groups(snapshots, BY_NAME)
+            .into_iter()
+            .map(|(name, _, addresses)| (name, addresses))
+            .collect()
+    };
+    let addresses =
+        |ips: &[&str]| -> Vec<String> { ips.iter().map(|ip| format!("{ip}:8080")).collect() };
+    assert_eq!(
+        layout(&snapshots),
+        [
+            ("reviews-a".into(), addresses(&["10.0.0.1", "10.0.0.2"])),
+            ("reviews-b".into(), addresses(&["10.0.0.3"])),
+        ]
+    );
+
+    // Moved out of the first slice, the shared address is served from the second.
+    let built = index.groups.slices_built;
+    index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+    assert_eq!(index.groups.slices_built - built, 2);
+    assert_eq!(
+        layout(&snapshots),
+        [
+            ("reviews-a".into(), addresses(&["10.0.0.1"])),
+            ("reviews-b".into(), addresses(&["10.0.0.2", "10.0.0.3"])),
+        ]
+    );
+
+    // A change that shares nothing with the second slice leaves it alone.
+    let kept = group_sets(&snapshots, BY_NAME)[1].clone();
+    let built = index.groups.slices_built;
+    index.apply(slice(
+        "reviews-a",
+        8080,
+        &[
+            ("10.0.0.1", "reviews-1", true),
+            ("10.0.0.9", "reviews-9", true),
+        ],
+    ));
+    assert_eq!(index.groups.slices_built - built, 1);
+    assert!(Arc::ptr_eq(&kept, &group_sets(&snapshots, BY_NAME)[1]));
+}
