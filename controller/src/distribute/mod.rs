@@ -20,4 +20,4 @@ pub use self::server::{DiscoveryService, ProxyEvent};
 pub use self::snapshot::{EndpointSet, Snapshot, Snapshots};
 #[cfg(test)]
 pub use self::subscribers::Holding;
-pub use self::subscribers::{PolicyVersion, ProxyId, Subscribers};
+pub use self::subscribers::{Holders, PolicyVersion, ProxyId, Subscribers};

@@ -44,12 +44,15 @@ pub struct Holding {
     pub rejected: Option<(PolicyVersion, String)>,
 }
 
+/// The proxies subscribed to one destination key, with what each holds of it.
+pub type Holders = HashMap<ProxyId, Holding>;
+
 /// Per destination key, every connected proxy subscribed to it and what it holds. Kept by the
 /// configuration streams, read by status; a watch channel, so a burst of acknowledgements wakes
-/// its reader once. Each key's proxies are shared, so that status takes a snapshot of the whole
-/// table for the cost of one reference per key, and computes from it without holding the lock the
-/// streams write under; a key written while a snapshot holds it is copied then.
-pub type Subscribers = HashMap<String, Arc<HashMap<ProxyId, Holding>>>;
+/// its reader once. Each key's proxies are shared, so that status takes the keys it counts for
+/// the cost of one reference each, and computes from them without holding the lock the streams
+/// write under; a key written while status holds it is copied then.
+pub type Subscribers = HashMap<String, Arc<Holders>>;
 
 /// The table of [`Subscribers`], written by the streams.
 #[derive(Clone)]

@@ -574,7 +574,12 @@ fn group_sets(snapshots: &Snapshots, key: &str) -> Vec<Arc<crate::distribute::En
 /// A slice of `reviews` with the endpoints 10.{number}.0.{1..=endpoints}.
 fn numbered_slice(number: usize, endpoints: usize) -> Change {
     let addresses: Vec<(String, String)> = (1..=endpoints)
-        .map(|i| (format!("10.{number}.0.{i}"), format!("reviews-{number}-{i}")))
+        .map(|i| {
+            (
+                format!("10.{number}.0.{i}"),
+                format!("reviews-{number}-{i}"),
+            )
+        })
         .collect();
     let endpoints: Vec<(&str, &str, bool)> = addresses
         .iter()

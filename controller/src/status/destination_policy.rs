@@ -2,12 +2,13 @@
 //! conditions and sums over every replica's entries.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use outrigger_api::policy::{DestinationPolicyStatus, ProxyCounts, ReplicaStatus};
 
-use crate::distribute::{PolicyVersion, ProxyId, Subscribers};
-use crate::index::{PolicyReport, Problem};
+use crate::distribute::{Holders, PolicyVersion, ProxyId, Subscribers};
+use crate::index::{PolicyReport, PolicyReports, Problem};
 use crate::source::ObjectKey;
 
 /// A condition's value, before it is dated.
@@ -42,25 +43,45 @@ impl Verdict {
     }
 }
 
+/// What this replica's proxies hold of each policy's destinations: per policy, the holders of
+/// each of its keys, shared with the subscriber table. Taken under the table's lock for the cost
+/// of one reference per key that a policy names, and counted after it is released, so that the
+/// streams' subscribes and acknowledgements never wait on a count.
+#[derive(Default)]
+pub(super) struct Held(HashMap<ObjectKey, Vec<Arc<Holders>>>);
+
+impl Held {
+    pub(super) fn take(reports: &PolicyReports, subscribers: &Subscribers) -> Self {
+        let by_policy = reports
+            .iter()
+            .filter_map(|(policy, report)| {
+                let keys = report.destination_keys.as_ref().ok()?;
+                let holders = keys.iter().filter_map(|key| subscribers.get(key));
+                Some((policy.clone(), holders.cloned().collect()))
+            })
+            .collect();
+        Self(by_policy)
+    }
+
+    fn of(&self, policy: &ObjectKey) -> &[Arc<Holders>] {
+        self.0.get(policy).map_or(&[], Vec::as_slice)
+    }
+}
+
 /// This replica's entry: its proxies subscribed to the policy's Service, by what they hold of its
 /// current generation.
 pub(super) fn replica_status(
     key: &ObjectKey,
     report: &PolicyReport,
-    subscribers: &Subscribers,
+    held: &Held,
     name: &str,
     now: &Time,
 ) -> ReplicaStatus {
-    let (proxies, rejection) = match &report.destination_keys {
-        Err(_) => (ProxyCounts::default(), None),
-        Ok(keys) => {
-            let current = PolicyVersion {
-                policy: key.to_string(),
-                generation: report.generation,
-            };
-            count_proxies(&current, keys, subscribers)
-        }
+    let current = PolicyVersion {
+        policy: key.to_string(),
+        generation: report.generation,
     };
+    let (proxies, rejection) = count_proxies(&current, held.of(key));
     ReplicaStatus {
         name: name.to_string(),
         observed_generation: report.generation,
@@ -133,19 +154,15 @@ pub(super) fn desired_status(
     }
 }
 
-/// Counts the proxies subscribed to any of `keys` by what they hold of `current`, with
-/// `namespace/workload: reason` of one that rejected it.
+/// Counts the proxies among `holders` (those of each key of the policy) by what they hold of
+/// `current`, with `namespace/workload: reason` of one that rejected it.
 fn count_proxies(
     current: &PolicyVersion,
-    keys: &[String],
-    subscribers: &Subscribers,
+    holders: &[Arc<Holders>],
 ) -> (ProxyCounts, Option<String>) {
     // Per proxy: whether it applied `current` under every key, and its rejection of it.
     let mut proxies: HashMap<&ProxyId, (bool, Option<&str>)> = HashMap::new();
-    let holdings = keys
-        .iter()
-        .filter_map(|key| subscribers.get(key))
-        .flat_map(|proxies| proxies.iter());
+    let holdings = holders.iter().flat_map(|proxies| proxies.iter());
     for (proxy, holding) in holdings {
         let (applied, rejection) = proxies.entry(proxy).or_insert((true, None));
         *applied &= holding.applied.as_ref() == Some(current);
@@ -267,9 +284,14 @@ pub(super) mod tests {
         }
     }
 
-    pub(in crate::status) fn subscribers(holdings: Vec<(&str, Holding)>) -> Subscribers {
+    fn subscribers(holdings: Vec<(&str, Holding)>) -> Subscribers {
         let proxies = holdings.into_iter().map(|(w, h)| (proxy(w), h)).collect();
-        Subscribers::from([(KEY.to_string(), std::sync::Arc::new(proxies))])
+        Subscribers::from([(KEY.to_string(), Arc::new(proxies))])
+    }
+
+    /// What the proxies of `report()` hold, by workload.
+    pub(in crate::status) fn held(holdings: Vec<(&str, Holding)>) -> Held {
+        Held::take(&[(policy(), report())].into(), &subscribers(holdings))
     }
 
     pub(in crate::status) fn applied(generation: i64) -> Holding {
@@ -279,14 +301,14 @@ pub(super) mod tests {
         }
     }
 
-    /// The status with one replica, serving `subscribers`.
+    /// The status with one replica, whose proxies hold `held`.
     fn status_of(
         report: &PolicyReport,
-        subscribers: &Subscribers,
+        held: &Held,
         previous: Option<&DestinationPolicyStatus>,
         now: &Time,
     ) -> DestinationPolicyStatus {
-        let entry = replica_status(&policy(), report, subscribers, "replica-a", now);
+        let entry = replica_status(&policy(), report, held, "replica-a", now);
         desired_status(report, &[&entry], previous, now)
     }
 
@@ -318,8 +340,23 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn what_is_held_is_taken_for_the_keys_policies_name_only_shared_with_the_table() {
+        let mut table = subscribers(vec![("a", applied(3))]);
+        let other = "ratings.shop.svc.cluster.local:9080";
+        table.insert(other.into(), table[KEY].clone());
+        let held = Held::take(&[(policy(), report())].into(), &table);
+        let of_policy = held.of(&policy());
+        assert_eq!(of_policy.len(), 1, "only the policy's key");
+        assert!(
+            Arc::ptr_eq(&of_policy[0], &table[KEY]),
+            "shared, not copied"
+        );
+        assert!(held.of(&ObjectKey::new("shop", "ratings")).is_empty());
+    }
+
+    #[test]
     fn programmed_once_every_subscribed_proxy_applied_the_current_generation() {
-        let none = status_of(&report(), &Subscribers::new(), None, &at(0));
+        let none = status_of(&report(), &Held::default(), None, &at(0));
         assert_eq!(
             condition(&none, "Programmed"),
             (
@@ -337,7 +374,7 @@ pub(super) mod tests {
                 .all(|c| c.observed_generation == Some(3))
         );
 
-        let pending = subscribers(vec![
+        let pending = held(vec![
             ("a", applied(3)),
             ("b", applied(2)),
             ("c", Holding::default()),
@@ -357,7 +394,7 @@ pub(super) mod tests {
         );
         assert_eq!(status.proxies_summary.as_deref(), Some("1/3"));
 
-        let done = subscribers(vec![("a", applied(3)), ("b", applied(3))]);
+        let done = held(vec![("a", applied(3)), ("b", applied(3))]);
         let status = status_of(&report(), &done, None, &at(0));
         assert_eq!(
             condition(&status, "Programmed"),
@@ -376,7 +413,7 @@ pub(super) mod tests {
             applied: Some(version(3)),
             rejected: Some((version(2), "old".into())),
         };
-        let holdings = subscribers(vec![("a", applied(3)), ("b", rejecting), ("c", outdated)]);
+        let holdings = held(vec![("a", applied(3)), ("b", rejecting), ("c", outdated)]);
         let status = status_of(&report(), &holdings, None, &at(0));
         assert_eq!(
             condition(&status, "Programmed"),
@@ -411,7 +448,7 @@ pub(super) mod tests {
             }),
             ..report()
         };
-        let status = status_of(&report, &Subscribers::new(), None, &at(0));
+        let status = status_of(&report, &Held::default(), None, &at(0));
         let message = "spec.retries.perTryTimeout: 20s exceeds the timeout 10s";
         assert_eq!(
             condition(&status, "Accepted"),
@@ -434,10 +471,10 @@ pub(super) mod tests {
 
     #[test]
     fn transition_times_change_only_with_the_condition_status() {
-        let holdings = subscribers(vec![("a", applied(2))]);
+        let holdings = held(vec![("a", applied(2))]);
         let first = status_of(&report(), &holdings, None, &at(100));
         // Later, the proxy applies generation 3: only Programmed turns.
-        let holdings = subscribers(vec![("a", applied(3))]);
+        let holdings = held(vec![("a", applied(3))]);
         let second = status_of(&report(), &holdings, Some(&first), &at(200));
         let times = |status: &DestinationPolicyStatus| -> Vec<i64> {
             status
@@ -459,7 +496,7 @@ pub(super) mod tests {
             applied: Some(version(2)),
             rejected: Some((version(3), "bad address".into())),
         };
-        let holdings = subscribers(vec![
+        let holdings = held(vec![
             ("a", applied(3)),
             ("c", rejecting.clone()),
             ("b", rejecting),

@@ -37,6 +37,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use self::destination_policy::Held;
 pub use self::heartbeat::{Heartbeat, Liveness};
 pub use self::observed::{Observed, watch_statuses};
 use self::plan::{Planner, View};
@@ -108,9 +109,10 @@ pub async fn run(client: Client, mut inputs: Inputs, metrics: Metrics) {
 impl Inputs {
     /// Everything a pass reads, taken at once so that no lock is held while it computes.
     fn view(&mut self) -> View {
+        let reports = self.reports.borrow_and_update().clone();
         View {
-            reports: self.reports.borrow_and_update().clone(),
-            subscribers: self.subscribers.borrow_and_update().clone(),
+            held: Held::take(&reports, &self.subscribers.borrow_and_update()),
+            reports,
             observed: self.observed.borrow_and_update().clone(),
             liveness: self.liveness.borrow_and_update().clone(),
             leading: *self.leading.borrow_and_update(),

@@ -15,11 +15,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use outrigger_api::policy::{DestinationPolicyStatus, ReplicaStatus};
 use tokio::time::Instant;
 
-use super::destination_policy::{desired_status, replica_status};
+use super::destination_policy::{Held, desired_status, replica_status};
 use super::heartbeat::Liveness;
 use super::observed::Observed;
 use super::write::{Job, Outcome, Write};
-use crate::distribute::Subscribers;
 use crate::index::{PolicyReport, PolicyReports};
 use crate::kube_api::explain;
 use crate::metrics::Metrics;
@@ -31,7 +30,8 @@ pub(super) const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Everything a pass reads, taken at once (the streams and the index go on meanwhile).
 pub(super) struct View {
     pub(super) reports: PolicyReports,
-    pub(super) subscribers: Subscribers,
+    /// What this replica's proxies hold of each policy's keys.
+    pub(super) held: Held,
     pub(super) observed: Observed,
     pub(super) liveness: Liveness,
     pub(super) leading: bool,
@@ -123,7 +123,7 @@ impl Planner {
         view: &View,
         writes: &mut Vec<Write>,
     ) -> Option<ReplicaStatus> {
-        let counted = replica_status(key, report, &view.subscribers, &self.identity, &view.now);
+        let counted = replica_status(key, report, &view.held, &self.identity, &view.now);
         let wanted = (counted.proxies.connected > 0).then_some(counted);
         let written = match self.own.get(key) {
             Some((uid, entry)) if *uid == report.uid => entry.clone(),
@@ -248,7 +248,7 @@ fn same_counts(a: &ReplicaStatus, b: &ReplicaStatus) -> bool {
 #[cfg(test)]
 mod tests {
     use super::super::destination_policy::tests::{
-        applied, at, condition, entry, policy, report, subscribers,
+        applied, at, condition, entry, held, policy, report,
     };
     use super::*;
 
@@ -270,7 +270,7 @@ mod tests {
             .collect();
         View {
             reports: [(policy(), report())].into(),
-            subscribers: subscribers(vec![("a", applied(3))]),
+            held: held(vec![("a", applied(3))]),
             observed: Observed {
                 policies: [(policy(), (report().uid, listed))].into(),
                 entry_seen,
@@ -384,7 +384,7 @@ mod tests {
         view.leading = false;
         assert!(planner.plan(&view).is_empty());
         // A changed count is written, by this replica only.
-        view.subscribers = subscribers(vec![("a", applied(3)), ("b", applied(2))]);
+        view.held = held(vec![("a", applied(3)), ("b", applied(2))]);
         let jobs = planner.plan(&view);
         assert_eq!(jobs.len(), 1);
         assert!(
