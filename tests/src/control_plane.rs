@@ -41,8 +41,8 @@ impl ControlPlane {
             .expect("bind control plane");
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = watch::channel(false);
-        // The controller's own serving: stopping drops every stream, as a crashed controller
-        // would.
+        // The controller's own serving: stopping ends every stream as a stopping controller does
+        // (GOAWAY, then UNAVAILABLE, the connections spread over the drain window).
         let server = tokio::spawn(outrigger_controller::serve_grpc(listener, service, stopped));
         Self {
             addr,

@@ -29,8 +29,8 @@ pub struct ControlPlaneArgs {
     /// Endpoint changes to time (default: the bench's).
     #[arg(long)]
     endpoint_changes: Option<String>,
-    /// Markdown file whose `## Control plane` section receives the results, relative to the
-    /// workspace root.
+    /// Markdown file whose `## Control plane, <proxies> proxies` section receives the results,
+    /// relative to the workspace root.
     #[arg(long, default_value = "docs/benchmarks.md")]
     write: PathBuf,
     /// Only print the results.

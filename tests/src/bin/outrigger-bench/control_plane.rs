@@ -48,7 +48,8 @@ pub struct ControlPlaneArgs {
     /// Endpoint changes (one endpoint of one EndpointSlice) to time.
     #[arg(long, default_value_t = 5)]
     endpoint_changes: usize,
-    /// Replace the `## Control plane` section of this Markdown file with the results.
+    /// Replace the `## Control plane, <proxies> proxies` section of this Markdown file with the
+    /// results (one section per fleet size, so that runs of different sizes stand side by side).
     #[arg(long)]
     write: Option<PathBuf>,
     /// How to reproduce this run, as recorded in the results (default: this command line).
@@ -428,7 +429,7 @@ impl Measured {
             .clone()
             .unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
         let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0));
-        let mut out = String::from("## Control plane\n\n");
+        let mut out = format!("## Control plane, {} proxies\n\n", args.proxies);
         let _ = writeln!(
             out,
             "How fast a DestinationPolicy edit and an endpoint change reach every proxy, and what the \
