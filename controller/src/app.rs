@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::distribute::{DRAIN_BOUND, DiscoveryService, Snapshots, serve_grpc};
+use crate::identity::{Authority, IdentityService, IdentitySettings, Reviewer};
 use crate::index::Index;
 use crate::inject::webhook;
 use crate::leader::{Elector, LeaderSettings};
@@ -42,6 +43,8 @@ pub struct Settings {
     pub admin_addr: SocketAddr,
     #[command(flatten)]
     pub webhook: webhook::WebhookSettings,
+    #[command(flatten)]
+    pub identity: IdentitySettings,
 }
 
 /// Where cluster state comes from.
@@ -74,6 +77,8 @@ pub struct Controller {
     grpc: TcpListener,
     admin: TcpListener,
     webhook: Option<webhook::Webhook>,
+    /// The certificate authority, when `--identity-dir` is given.
+    identity: Option<IdentityService>,
 }
 
 impl Controller {
@@ -86,6 +91,16 @@ impl Controller {
                 leader: settings.leader,
             },
         };
+        let identity = match (&settings.identity.identity_dir, &source) {
+            (Some(dir), Source::Kubernetes { clients, .. }) => Some(IdentityService::new(
+                Reviewer::new(clients.call.clone()),
+                Authority::load(dir).with_context(|| {
+                    format!("loading the identity issuer from {}", dir.display())
+                })?,
+                settings.identity.trust_domain.clone(),
+            )),
+            _ => None,
+        };
         let bind = |addr: SocketAddr, what: &'static str| async move {
             TcpListener::bind(addr)
                 .await
@@ -97,6 +112,7 @@ impl Controller {
             admin: bind(settings.admin_addr, "admin").await?,
             webhook: webhook::Webhook::bind(&settings.webhook).await?,
             metrics,
+            identity,
         })
     }
 
@@ -170,7 +186,7 @@ impl Controller {
             tasks.spawn(webhook.serve());
         }
         tracing::info!(grpc = %self.grpc.local_addr()?, "controller serving");
-        serve_grpc(self.grpc, discovery, shutdown).await;
+        serve_grpc(self.grpc, discovery, self.identity, shutdown).await;
         // Hands the Lease back, so that another replica writes status at once, and removes the
         // heartbeat, so that the leader stops counting this replica's proxies at once.
         let _ = tokio::time::timeout(RELEASE_TIMEOUT, leaving.join_all()).await;

@@ -10,6 +10,7 @@ mod admin;
 mod app;
 pub mod crds;
 mod distribute;
+mod identity;
 mod index;
 mod inject;
 mod kube_api;

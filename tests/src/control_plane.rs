@@ -43,7 +43,9 @@ impl ControlPlane {
         let (stop, stopped) = watch::channel(false);
         // The controller's own serving: stopping ends every stream as a stopping controller does
         // (GOAWAY, then UNAVAILABLE, the connections spread over the drain window).
-        let server = tokio::spawn(outrigger_controller::serve_grpc(listener, service, stopped));
+        let server = tokio::spawn(outrigger_controller::serve_grpc(
+            listener, service, None, stopped,
+        ));
         Self {
             addr,
             snapshots,

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::server::{Closing, DiscoveryService};
+use crate::identity::IdentityService;
 use crate::listen;
 
 /// Proxies that vanish without closing their connection are noticed within about this long.
@@ -48,16 +49,20 @@ pub const DRAIN_BOUND: Duration = match DRAIN_WINDOW.checked_add(CLOSE_GRACE) {
 /// Connections open at once; the next waits in the kernel's backlog until one closes.
 pub(crate) const MAX_CONNECTIONS: usize = 20_000;
 
-/// Serves the configuration streams until `shutdown`, then closes the connections over
+/// Serves the configuration streams, and certificates when `identity` is given, until `shutdown`, then closes the connections over
 /// [`DRAIN_WINDOW`] and returns within [`DRAIN_BOUND`]. New connections are refused from the
 /// start; the proxies reconnect, to another replica or to this one restarted, keeping their
 /// configuration meanwhile.
 pub async fn serve_grpc(
     listener: TcpListener,
     discovery: DiscoveryService,
+    identity: Option<IdentityService>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let server = discovery.into_server();
+    let mut server = tonic::service::Routes::new(discovery.into_server());
+    if let Some(identity) = identity {
+        server = server.add_service(identity.into_server());
+    }
     let mut stopping = shutdown.clone();
     let stop = async move { stopped(&mut stopping).await };
     let mut accepted = 0u64;

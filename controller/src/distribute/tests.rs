@@ -208,7 +208,7 @@ impl Served {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_stop, shutdown) = watch::channel(false);
-        tokio::spawn(serve_grpc(listener, service.clone(), shutdown));
+        tokio::spawn(serve_grpc(listener, service.clone(), None, shutdown));
         Self {
             snapshots,
             service,

@@ -1,0 +1,31 @@
+//! Workload identity: the controller as the mesh's certificate authority. A proxy sends a
+//! projected ServiceAccount token and a certificate signing request; the token is checked with the
+//! API server (`review`), the request must ask for exactly the SPIFFE ID of that ServiceAccount,
+//! and the authority (`authority`) signs a leaf certificate for it. Served on the gRPC listener
+//! beside discovery (`service`).
+
+mod authority;
+mod review;
+mod service;
+
+use std::path::PathBuf;
+
+pub use authority::Authority;
+pub use review::Reviewer;
+pub use service::IdentityService;
+
+/// Flags of the certificate authority; without `--identity-dir` it is off.
+#[derive(clap::Args, Clone, Debug)]
+pub struct IdentitySettings {
+    /// Serve certificates to proxies, signed by the issuer in this directory (the identity
+    /// Secret, mounted: `ca.crt` the trust anchors, `tls.crt` the issuer's certificate, `tls.key`
+    /// its key). Needs the Kubernetes API, which checks the proxies' tokens.
+    #[arg(long, env = "OUTRIGGER_IDENTITY_DIR", conflicts_with = "manifests")]
+    pub identity_dir: Option<PathBuf>,
+    /// The trust domain of the SPIFFE IDs certified: `spiffe://<trust domain>/ns/<ns>/sa/<sa>`.
+    #[arg(long, env = "OUTRIGGER_TRUST_DOMAIN", default_value = outrigger_api::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,414 @@
+//! The authority's leaves and refusals, and the service with the API server's TokenReview faked.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use outrigger_api::identity::SpiffeId;
+use outrigger_api::proto::CertifyRequest;
+use outrigger_api::proto::identity_server::Identity as _;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use tokio_rustls::rustls;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+
+use super::authority::{
+    Authority, CsrError, ISSUER_CERTIFICATE_FILE, ISSUER_KEY_FILE, LEAF_VALIDITY,
+    TRUST_ANCHORS_FILE,
+};
+use super::review::{Reviewer, TOKEN_AUDIENCE};
+use super::service::IdentityService;
+use crate::kube_api::fake;
+
+fn reviews() -> SpiffeId {
+    SpiffeId {
+        trust_domain: "cluster.local".into(),
+        namespace: "shop".into(),
+        service_account: "reviews".into(),
+    }
+}
+
+fn ca_params(name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params
+}
+
+/// A self-signed CA, anchor and issuer at once, as the chart generates it.
+fn write_self_signed(dir: &Path) -> CertificateDer<'static> {
+    let key = KeyPair::generate().unwrap();
+    let ca = ca_params("outrigger test root").self_signed(&key).unwrap();
+    std::fs::write(dir.join(TRUST_ANCHORS_FILE), ca.pem()).unwrap();
+    std::fs::write(dir.join(ISSUER_CERTIFICATE_FILE), ca.pem()).unwrap();
+    std::fs::write(dir.join(ISSUER_KEY_FILE), key.serialize_pem()).unwrap();
+    ca.der().clone()
+}
+
+/// A root (the anchor) and an intermediate issuer signed by it, as cert-manager would write them.
+fn write_intermediate(dir: &Path) -> (CertificateDer<'static>, CertificateDer<'static>) {
+    let root_key = KeyPair::generate().unwrap();
+    let root_params = ca_params("outrigger test root");
+    let root = root_params.self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::new(root_params, root_key);
+    let key = KeyPair::generate().unwrap();
+    let intermediate = ca_params("outrigger test issuer")
+        .signed_by(&key, &root_issuer)
+        .unwrap();
+    std::fs::write(dir.join(TRUST_ANCHORS_FILE), root.pem()).unwrap();
+    std::fs::write(dir.join(ISSUER_CERTIFICATE_FILE), intermediate.pem()).unwrap();
+    std::fs::write(dir.join(ISSUER_KEY_FILE), key.serialize_pem()).unwrap();
+    (root.der().clone(), intermediate.der().clone())
+}
+
+/// A CSR, as a proxy sends it, for `names`.
+fn csr(names: Vec<SanType>) -> Vec<u8> {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = names;
+    params.serialize_request(&key).unwrap().der().to_vec()
+}
+
+fn uri(id: &str) -> SanType {
+    SanType::URI(id.try_into().unwrap())
+}
+
+/// Checks the chain as a peer would (webpki, through rustls): it leads to `anchor`, and the leaf
+/// may authenticate a client.
+fn assert_chains_to(chain: &[CertificateDer<'static>], anchor: &CertificateDer<'static>) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(anchor.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .unwrap();
+    verifier
+        .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+        .expect("the chain leads to the trust anchor");
+}
+
+#[test]
+fn a_leaf_names_exactly_the_identity_for_a_day_and_chains_to_the_anchor() {
+    let dir = tempfile::tempdir().unwrap();
+    let anchor = write_self_signed(dir.path());
+    let authority = Authority::load(dir.path()).unwrap();
+    let now = SystemTime::now();
+    let certified = authority
+        .certify(&csr(vec![uri(&reviews().to_string())]), &reviews(), now)
+        .unwrap();
+    // The anchor is the issuer: it is not repeated in the chain.
+    assert_eq!(certified.chain.len(), 1);
+    assert_eq!(certified.trust_anchors, std::slice::from_ref(&anchor));
+    assert_chains_to(&certified.chain, &anchor);
+
+    let (_, leaf) = x509_parser::parse_x509_certificate(&certified.chain[0]).unwrap();
+    let validity = leaf.validity();
+    assert_eq!(
+        validity.not_after.timestamp() - validity.not_before.timestamp(),
+        LEAF_VALIDITY.as_secs() as i64
+    );
+    assert!(validity.not_before.timestamp() <= unix(now));
+    assert_eq!(validity.not_after.timestamp(), unix(certified.valid_until));
+    assert!(!leaf.is_ca());
+    let mut names = Vec::new();
+    let mut extended = None;
+    let mut usage = None;
+    for extension in leaf.extensions() {
+        match extension.parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                names.extend(san.general_names.iter().map(|name| match name {
+                    GeneralName::URI(uri) => uri.to_string(),
+                    other => format!("{other:?}"),
+                }))
+            }
+            ParsedExtension::ExtendedKeyUsage(eku) => {
+                extended = Some((eku.server_auth, eku.client_auth, eku.other.len()))
+            }
+            ParsedExtension::KeyUsage(ku) => usage = Some(ku.flags),
+            _ => {}
+        }
+    }
+    assert_eq!(names, ["spiffe://cluster.local/ns/shop/sa/reviews"]);
+    assert_eq!(extended, Some((true, true, 0)));
+    // digitalSignature alone (bit 0).
+    assert_eq!(usage, Some(1));
+}
+
+fn unix(time: SystemTime) -> i64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[test]
+fn a_leaf_of_an_intermediate_issuer_carries_it_and_chains_to_the_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, intermediate) = write_intermediate(dir.path());
+    let authority = Authority::load(dir.path()).unwrap();
+    let certified = authority
+        .certify(
+            &csr(vec![uri(&reviews().to_string())]),
+            &reviews(),
+            SystemTime::now(),
+        )
+        .unwrap();
+    assert_eq!(certified.chain[1..], [intermediate]);
+    assert_eq!(certified.trust_anchors, std::slice::from_ref(&root));
+    assert_chains_to(&certified.chain, &root);
+}
+
+#[test]
+fn an_rsa_issuer_in_pkcs1_as_helm_writes_it_signs_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = include_str!("testdata/rsa-pkcs1.crt");
+    std::fs::write(dir.path().join(TRUST_ANCHORS_FILE), pem).unwrap();
+    std::fs::write(dir.path().join(ISSUER_CERTIFICATE_FILE), pem).unwrap();
+    std::fs::write(
+        dir.path().join(ISSUER_KEY_FILE),
+        include_str!("testdata/rsa-pkcs1.key"),
+    )
+    .unwrap();
+    let authority = Authority::load(dir.path()).unwrap();
+    let certified = authority
+        .certify(
+            &csr(vec![uri(&reviews().to_string())]),
+            &reviews(),
+            SystemTime::now(),
+        )
+        .unwrap();
+    assert_chains_to(&certified.chain, &certified.trust_anchors[0]);
+}
+
+#[test]
+fn a_csr_for_any_other_identity_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_self_signed(dir.path());
+    let authority = Authority::load(dir.path()).unwrap();
+    let others = [
+        vec![uri("spiffe://cluster.local/ns/shop/sa/ratings")],
+        vec![uri("spiffe://cluster.local/ns/other/sa/reviews")],
+        vec![uri("spiffe://evil.example/ns/shop/sa/reviews")],
+        vec![SanType::DnsName("reviews.shop".try_into().unwrap())],
+        vec![
+            uri("spiffe://cluster.local/ns/shop/sa/reviews"),
+            uri("spiffe://cluster.local/ns/shop/sa/ratings"),
+        ],
+        vec![],
+    ];
+    for names in others {
+        let refused = authority.certify(&csr(names.clone()), &reviews(), SystemTime::now());
+        assert!(
+            matches!(refused, Err(CsrError::OtherIdentity { .. })),
+            "{names:?}: {refused:?}"
+        );
+    }
+}
+
+#[test]
+fn a_csr_whose_signature_is_wrong_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_self_signed(dir.path());
+    let authority = Authority::load(dir.path()).unwrap();
+    let mut request = csr(vec![uri(&reviews().to_string())]);
+    // The last byte is the signature's.
+    *request.last_mut().unwrap() ^= 1;
+    let refused = authority.certify(&request, &reviews(), SystemTime::now());
+    assert!(matches!(refused, Err(CsrError::Invalid(_))), "{refused:?}");
+    let refused = authority.certify(b"not a CSR", &reviews(), SystemTime::now());
+    assert!(matches!(refused, Err(CsrError::Invalid(_))), "{refused:?}");
+}
+
+#[test]
+fn an_issuer_that_does_not_lead_to_an_anchor_is_not_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    write_intermediate(dir.path());
+    // Another root as the anchor.
+    let other = ca_params("another root")
+        .self_signed(&KeyPair::generate().unwrap())
+        .unwrap();
+    std::fs::write(dir.path().join(TRUST_ANCHORS_FILE), other.pem()).unwrap();
+    let error = Authority::load(dir.path()).err().unwrap();
+    assert!(
+        format!("{error:#}").contains("not signed by a trust anchor"),
+        "{error:#}"
+    );
+
+    // A key that is not the issuer's.
+    write_self_signed(dir.path());
+    std::fs::write(
+        dir.path().join(ISSUER_KEY_FILE),
+        KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    let error = Authority::load(dir.path()).err().unwrap();
+    assert!(format!("{error:#}").contains("is not the key"), "{error:#}");
+
+    // A leaf as the issuer.
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["leaf".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    for file in [TRUST_ANCHORS_FILE, ISSUER_CERTIFICATE_FILE] {
+        std::fs::write(dir.path().join(file), leaf.pem()).unwrap();
+    }
+    std::fs::write(dir.path().join(ISSUER_KEY_FILE), key.serialize_pem()).unwrap();
+    let error = Authority::load(dir.path()).err().unwrap();
+    assert!(format!("{error:#}").contains("not a CA"), "{error:#}");
+
+    std::fs::remove_file(dir.path().join(ISSUER_KEY_FILE)).unwrap();
+    let error = Authority::load(dir.path()).err().unwrap();
+    assert!(format!("{error:#}").contains("tls.key"), "{error:#}");
+}
+
+/// An API server whose TokenReview knows three tokens: one of `shop/reviews` for our audience,
+/// one of it for another audience, and one of a user. It checks that every review asks for our
+/// audience.
+fn token_reviews() -> kube::Client {
+    fake::client(|call| {
+        assert_eq!(call.method, http::Method::POST);
+        assert!(
+            call.path
+                .starts_with("/apis/authentication.k8s.io/v1/tokenreviews"),
+            "{}",
+            call.path
+        );
+        let review: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+        assert_eq!(
+            review["spec"]["audiences"],
+            serde_json::json!([TOKEN_AUDIENCE])
+        );
+        let status = match review["spec"]["token"].as_str().unwrap() {
+            "reviews-token" => serde_json::json!({
+                "authenticated": true,
+                "audiences": [TOKEN_AUDIENCE],
+                "user": {"username": "system:serviceaccount:shop:reviews"},
+            }),
+            "user-token" => serde_json::json!({
+                "authenticated": true,
+                "audiences": [TOKEN_AUDIENCE],
+                "user": {"username": "alice"},
+            }),
+            _ => serde_json::json!({
+                "authenticated": false,
+                "error": "[invalid bearer token, token audiences [\"api\"] is invalid for the target audiences [\"outrigger\"]]",
+            }),
+        };
+        let mut answer = review;
+        answer["status"] = status;
+        Box::pin(std::future::ready(fake::json(201, &answer)))
+    })
+}
+
+fn service(client: kube::Client) -> (IdentityService, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    write_self_signed(dir.path());
+    let authority = Authority::load(dir.path()).unwrap();
+    let service = IdentityService::new(Reviewer::new(client), authority, "cluster.local".into());
+    (service, dir)
+}
+
+async fn certify(
+    service: &IdentityService,
+    token: &str,
+    names: Vec<SanType>,
+) -> Result<outrigger_api::proto::CertifyResponse, tonic::Status> {
+    service
+        .certify(tonic::Request::new(CertifyRequest {
+            token: token.into(),
+            csr_der: csr(names),
+        }))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn a_token_of_a_service_account_gets_a_certificate_for_exactly_its_identity() {
+    let (service, _dir) = service(token_reviews());
+    let id = "spiffe://cluster.local/ns/shop/sa/reviews";
+    let certified = certify(&service, "reviews-token", vec![uri(id)])
+        .await
+        .unwrap();
+    assert_eq!(certified.chain_der.len(), 1);
+    assert_eq!(certified.trust_anchors_der.len(), 1);
+    let chain: Vec<_> = certified
+        .chain_der
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    assert_chains_to(
+        &chain,
+        &CertificateDer::from(certified.trust_anchors_der[0].clone()),
+    );
+    let now = unix(SystemTime::now());
+    let day = LEAF_VALIDITY.as_secs() as i64;
+    assert!((now + day - 120..=now + day).contains(&certified.valid_until_unix_seconds));
+
+    let refused = certify(
+        &service,
+        "reviews-token",
+        vec![uri("spiffe://cluster.local/ns/shop/sa/ratings")],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains(id), "{}", refused.message());
+}
+
+#[tokio::test]
+async fn a_token_for_another_audience_or_of_a_user_is_refused() {
+    let (service, _dir) = service(token_reviews());
+    let id = "spiffe://cluster.local/ns/shop/sa/reviews";
+    for token in ["api-audience-token", "user-token", ""] {
+        let refused = certify(&service, token, vec![uri(id)]).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::Unauthenticated,
+            "{token}: {refused:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_authenticated_review_without_our_audience_is_refused() {
+    // An API server that authenticates the token but does not say it is for our audience.
+    let client = fake::client(|call| {
+        let mut review: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+        review["status"] = serde_json::json!({
+            "authenticated": true,
+            "audiences": ["api"],
+            "user": {"username": "system:serviceaccount:shop:reviews"},
+        });
+        Box::pin(std::future::ready(fake::json(201, &review)))
+    });
+    let (service, _dir) = service(client);
+    let refused = certify(
+        &service,
+        "reviews-token",
+        vec![uri("spiffe://cluster.local/ns/shop/sa/reviews")],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_review_the_api_server_does_not_answer_fails_unavailable_after_its_deadline() {
+    let client = fake::client(|_| Box::pin(std::future::pending()));
+    let (service, _dir) = service(client);
+    let started = tokio::time::Instant::now();
+    let refused = certify(
+        &service,
+        "reviews-token",
+        vec![uri("spiffe://cluster.local/ns/shop/sa/reviews")],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(started.elapsed() >= Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
