@@ -23,6 +23,7 @@ mod translate;
 
 pub use app::{Controller, STOP_BOUND, Settings};
 pub use distribute::{DiscoveryService, ProxyEvent, Snapshot, Snapshots, serve_grpc};
+pub use identity::IdentitySettings;
 pub use index::Index;
 pub use inject::patch::InjectorConfig;
 pub use inject::webhook::{INJECT_NAMESPACED_PATH, INJECT_POD_PATH, Webhook, WebhookSettings};

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::http::body::{Body, full};
+use crate::identity::Held;
 use crate::metrics::Metrics;
 use crate::outbound::resolve::{Resolution, Resolver};
 
@@ -18,6 +19,8 @@ pub struct Admin {
     pub metrics: Metrics,
     pub resolver: Resolver,
     pub ready: watch::Receiver<bool>,
+    /// The workload's identity, when the proxy is to have one: not ready until it does.
+    pub identity: Option<Held>,
 }
 
 impl Admin {
@@ -37,21 +40,29 @@ impl Admin {
                 self.metrics.encode(),
             ),
             (&http::Method::GET, "/live") => text(StatusCode::OK, "live\n"),
-            (&http::Method::GET, "/ready") => {
-                if *self.ready.borrow() {
-                    text(StatusCode::OK, "ready\n")
-                } else {
-                    text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "waiting for the control plane\n",
-                    )
-                }
-            }
+            (&http::Method::GET, "/ready") => match self.readiness() {
+                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Err(waiting) => text(StatusCode::SERVICE_UNAVAILABLE, waiting),
+            },
             (&http::Method::GET, "/config") => json_response(self.config()),
             (&http::Method::GET, "/endpoints") => json_response(self.endpoints()),
             (&http::Method::GET, _) => text(StatusCode::NOT_FOUND, "not found\n"),
             _ => text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n"),
         }
+    }
+
+    /// Ready once a first configuration is applied and, when the proxy is to have an identity,
+    /// it has one; else what it waits for.
+    fn readiness(&self) -> Result<(), &'static str> {
+        if !*self.ready.borrow() {
+            return Err("waiting for the control plane\n");
+        }
+        if let Some(identity) = &self.identity
+            && identity.borrow().is_none()
+        {
+            return Err("waiting for a certificate from the control plane\n");
+        }
+        Ok(())
     }
 
     /// Every destination with the configuration applied to it and its version.
@@ -132,4 +143,37 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 fn json_response(value: Value) -> Response<Body> {
     let body = serde_json::to_string_pretty(&value).expect("JSON values serialize");
     respond(StatusCode::OK, "application/json", body)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::identity::tests::certified;
+
+    #[tokio::test]
+    async fn ready_waits_for_an_identity_when_the_proxy_is_to_have_one() {
+        let metrics = Metrics::new();
+        let (resolver, _subscriptions) = Resolver::new(metrics.clone());
+        let (configured, ready) = watch::channel(false);
+        let (held, identity) = watch::channel(None);
+        let admin = Admin {
+            metrics,
+            resolver,
+            ready,
+            identity: Some(identity),
+        };
+        assert!(admin.readiness().unwrap_err().contains("control plane"));
+        configured.send_replace(true);
+        assert!(admin.readiness().unwrap_err().contains("certificate"));
+        held.send_replace(Some(Arc::new(certified().await)));
+        assert_eq!(admin.readiness(), Ok(()));
+
+        let without_identity = Admin {
+            identity: None,
+            ..admin
+        };
+        assert_eq!(without_identity.readiness(), Ok(()));
+    }
 }

@@ -4,6 +4,7 @@
 //!
 //! - `app`: the process: settings, binding, one task per server.
 //! - `admin`, `init`: the admin server; the iptables redirection `outrigger-proxy init` installs.
+//! - `identity`: the workload's certificate for its SPIFFE ID, from the controller, renewed.
 //! - `control`: the configuration stream to the controller, and decoding what it sends into
 //!   `policy` types.
 //! - `listen`: accepting connections, their limits, protocol detection, opaque forwarding.
@@ -23,6 +24,7 @@ mod client;
 mod control;
 mod ctx;
 mod http;
+mod identity;
 mod inbound;
 mod init;
 mod io;
@@ -34,4 +36,5 @@ mod shutdown;
 mod telemetry;
 
 pub use app::{Proxy, Settings, parse_duration};
+pub use identity::CertifiedIdentity;
 pub use init::{RedirectSettings, install as install_redirect};

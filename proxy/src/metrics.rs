@@ -146,6 +146,18 @@ pub struct UpdateLabels {
     pub result: UpdateResult,
 }
 
+label_values! {
+    RenewalResult {
+        Success => "success",
+        Failure => "failure",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RenewalLabels {
+    pub result: RenewalResult,
+}
+
 #[derive(Clone)]
 pub struct LatencyBuckets;
 
@@ -256,6 +268,9 @@ pub struct Metrics {
     pub connections_open: Family<DirectionLabels, Gauge>,
     pub config_updates: Family<UpdateLabels, Counter>,
     pub control_plane_connected: Gauge,
+    /// 0 while the proxy holds no certificate.
+    pub identity_cert_expiry: Gauge,
+    pub identity_renewals: Family<RenewalLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -325,6 +340,22 @@ impl Metrics {
             "1 while the configuration stream to the control plane is up",
             control_plane_connected.clone(),
         );
+        let identity_cert_expiry = Gauge::default();
+        registry.register(
+            "identity_cert_expiry_timestamp_seconds",
+            "When the workload certificate expires (Unix seconds); 0 while there is none",
+            identity_cert_expiry.clone(),
+        );
+        let identity_renewals = Family::<RenewalLabels, Counter>::default();
+        // Both series from the start, so that a failure rate reads 0 rather than nothing.
+        for result in [RenewalResult::Success, RenewalResult::Failure] {
+            let _ = identity_renewals.get_or_create(&RenewalLabels { result });
+        }
+        registry.register(
+            "identity_renewals",
+            "Workload certificates asked for (the first included), by result",
+            identity_renewals.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             requests: ServiceFamily::new(requests),
@@ -338,7 +369,15 @@ impl Metrics {
             connections_open,
             config_updates,
             control_plane_connected,
+            identity_cert_expiry,
+            identity_renewals,
         }
+    }
+
+    pub fn renewed(&self, result: RenewalResult) {
+        self.identity_renewals
+            .get_or_create(&RenewalLabels { result })
+            .inc();
     }
 
     /// Removes every series about `service`, which the proxy no longer calls.

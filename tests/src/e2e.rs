@@ -39,6 +39,8 @@ impl RunningProxy {
             discovery_idle_timeout: Duration::from_secs(60),
             // The backends listen on loopback too.
             allow_loopback_endpoints: true,
+            identity_token_file: None,
+            trust_domain: outrigger_api::identity::DEFAULT_TRUST_DOMAIN.into(),
         })
         .await
         .expect("proxy binds");

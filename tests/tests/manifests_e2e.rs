@@ -125,6 +125,7 @@ impl RunningController {
             grpc_addr: grpc,
             admin_addr: "127.0.0.1:0".parse().unwrap(),
             webhook: Default::default(),
+            identity: Default::default(),
         })
         .await
         .expect("controller binds");

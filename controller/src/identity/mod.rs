@@ -27,5 +27,14 @@ pub struct IdentitySettings {
     pub trust_domain: String,
 }
 
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self {
+            identity_dir: None,
+            trust_domain: outrigger_api::identity::DEFAULT_TRUST_DOMAIN.into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

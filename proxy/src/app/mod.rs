@@ -13,12 +13,14 @@ use anyhow::bail;
 use futures_util::future::join_all;
 use hyper::body::Incoming;
 use hyper_util::service::TowerToHyperService;
+use outrigger_api::identity::SpiffeId;
 use tokio::sync::watch;
 use tower::{Layer, ServiceExt};
 
 use crate::admin::Admin;
 use crate::control::{self, ControlPlane, Identity, LoopbackEndpoints};
 use crate::http::body::{Body, boxed};
+use crate::identity::{self, ControlPlaneAuthority, IdentitySettings};
 use crate::inbound::{Inbound, InboundService, is_local};
 use crate::listen::{ConnectionInfo, Handling, ServerLimits, serve};
 use crate::metrics::{Direction, Metrics, RequestLabels};
@@ -34,6 +36,8 @@ pub struct Proxy {
     outbound: Listeners,
     inbound: Listeners,
     admin: Listeners,
+    /// With `--identity-token-file`: how the proxy gets its certificate.
+    identity: Option<(IdentitySettings, ControlPlaneAuthority)>,
 }
 
 impl Proxy {
@@ -45,7 +49,22 @@ impl Proxy {
                  call any Service as this pod"
             );
         }
+        let identity = match &settings.identity_token_file {
+            Some(token_file) => Some((
+                IdentitySettings {
+                    id: SpiffeId {
+                        trust_domain: settings.trust_domain.clone(),
+                        namespace: settings.namespace.clone(),
+                        service_account: settings.service_account.clone(),
+                    },
+                    token_file: token_file.clone(),
+                },
+                ControlPlaneAuthority::new(&settings.control_plane)?,
+            )),
+            None => None,
+        };
         let proxy = Self {
+            identity,
             outbound: Listeners::bind(settings.outbound_addr, "outbound")?,
             inbound: Listeners::bind(settings.inbound_addr, "inbound")?,
             admin: Listeners::bind(settings.admin_addr, "admin")?,
@@ -91,8 +110,21 @@ impl Proxy {
             outbound,
             inbound,
             admin,
+            identity,
         } = self;
         let metrics = Metrics::new();
+        // Not ready without an identity, when it has one to get.
+        let identity = identity.map(|(identity_settings, authority)| {
+            let (held, identity) = watch::channel(None);
+            tokio::spawn(identity::run(
+                identity_settings,
+                authority,
+                metrics.clone(),
+                held,
+                shutdown.clone(),
+            ));
+            identity
+        });
         let (resolver, subscriptions) = Resolver::new(metrics.clone());
         let (ready_tx, ready) = watch::channel(false);
         let control = tokio::spawn(control::run(
@@ -111,7 +143,7 @@ impl Proxy {
         tokio::join!(
             servers.outbound(outbound, resolver.clone()),
             servers.inbound(inbound, own_ports),
-            servers.admin(admin, resolver, ready),
+            servers.admin(admin, resolver, ready, identity),
         );
         let _ = control.await;
     }
@@ -222,11 +254,18 @@ impl Servers<'_> {
         .await
     }
 
-    async fn admin(&self, listeners: Listeners, resolver: Resolver, ready: watch::Receiver<bool>) {
+    async fn admin(
+        &self,
+        listeners: Listeners,
+        resolver: Resolver,
+        ready: watch::Receiver<bool>,
+        identity: Option<identity::Held>,
+    ) {
         let admin = Admin {
             metrics: self.metrics.clone(),
             resolver,
             ready,
+            identity,
         };
         self.serve(listeners, None, move |connection| {
             let admin = admin.clone();

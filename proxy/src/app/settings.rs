@@ -1,6 +1,7 @@
 //! The proxy's flags; each can also come from `OUTRIGGER_<FLAG>` (the injector sets them).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Settings of a proxy; each flag can also come from `OUTRIGGER_<FLAG>` (the injector sets them).
@@ -69,6 +70,15 @@ pub struct Settings {
     /// such endpoints are refused by default.
     #[arg(long, env = "OUTRIGGER_ALLOW_LOOPBACK_ENDPOINTS")]
     pub allow_loopback_endpoints: bool,
+    /// The projected ServiceAccount token (audience `outrigger`) that proves who this workload
+    /// is: with it, the proxy gets a certificate for its SPIFFE ID from the control plane, renews
+    /// it, and is not ready until it has one. Without it, the proxy has no identity.
+    #[arg(long, env = "OUTRIGGER_IDENTITY_TOKEN_FILE")]
+    pub identity_token_file: Option<PathBuf>,
+    /// The trust domain of this workload's SPIFFE ID,
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    #[arg(long, env = "OUTRIGGER_TRUST_DOMAIN", default_value = outrigger_api::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
 }
 
 /// Durations in the Gateway API form used everywhere in Outrigger: `250ms`, `10s`, `1m`, `1h`.

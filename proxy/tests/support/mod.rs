@@ -32,6 +32,8 @@ pub fn settings(control_plane: &str, app_addr: SocketAddr) -> Settings {
         discovery_idle_timeout: Duration::from_secs(60),
         // The test backends listen on loopback, as the proxy does.
         allow_loopback_endpoints: true,
+        identity_token_file: None,
+        trust_domain: outrigger_api::identity::DEFAULT_TRUST_DOMAIN.into(),
     }
 }
 
