@@ -11,7 +11,7 @@ mod service;
 use std::path::PathBuf;
 
 pub use authority::Authority;
-pub use review::Reviewer;
+pub use review::{Reviewer, TOKEN_AUDIENCE};
 pub use service::IdentityService;
 
 /// Flags of the certificate authority; without `--identity-dir` it is off.

@@ -2,7 +2,8 @@
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, Pod, Probe, ResourceRequirements, SecurityContext,
+    ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
@@ -35,7 +36,26 @@ pub struct InjectorConfig {
     pub skip_outbound_ports: Vec<u16>,
     #[serde(default)]
     pub skip_outbound_cidrs: Vec<String>,
+    /// With it, the proxy gets a token to prove its identity to the controller, and a
+    /// certificate for it; without it, no identity.
+    #[serde(default)]
+    pub identity: Option<InjectedIdentity>,
 }
+
+/// What the proxy needs to get its certificate.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InjectedIdentity {
+    pub trust_domain: String,
+}
+
+/// The projected ServiceAccount token the proxy proves its identity with: for the controller
+/// alone (its own audience, so it is worth nothing to the API server or anyone else), and short
+/// lived (the kubelet renews it at 80% of its life).
+const TOKEN_VOLUME: &str = "outrigger-identity-token";
+const TOKEN_DIR: &str = "/var/run/secrets/outrigger.dev/identity";
+const TOKEN_FILE: &str = "token";
+const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 
 fn default_pull_policy() -> String {
     "IfNotPresent".into()
@@ -98,9 +118,17 @@ pub fn patch(pod: &Pod, opt_in: OptIn, config: &InjectorConfig) -> Result<Value,
     if spec.and_then(|s| s.host_network) == Some(true) {
         return Err(Skip::HostNetwork);
     }
+    let mut operations = Vec::new();
+    if config.identity.is_some() {
+        let volume = serde_json::to_value(token_volume()).expect("volumes serialize");
+        if spec.is_some_and(|s| s.volumes.as_ref().is_some_and(|v| !v.is_empty())) {
+            operations.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
+        } else {
+            operations.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]}));
+        }
+    }
     let init = serde_json::to_value(init_container(config)).expect("containers serialize");
     let proxy = serde_json::to_value(proxy_container(config)).expect("containers serialize");
-    let mut operations = Vec::new();
     if spec
         .and_then(|s| s.init_containers.as_ref())
         .is_some_and(|c| !c.is_empty())
@@ -121,6 +149,24 @@ pub fn patch(pod: &Pod, opt_in: OptIn, config: &InjectorConfig) -> Result<Value,
         "value": "true",
     }));
     Ok(Value::Array(operations))
+}
+
+fn token_volume() -> Volume {
+    Volume {
+        name: TOKEN_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(crate::identity::TOKEN_AUDIENCE.into()),
+                    expiration_seconds: Some(TOKEN_EXPIRATION_SECONDS),
+                    path: TOKEN_FILE.into(),
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 fn init_container(config: &InjectorConfig) -> Container {
@@ -178,7 +224,7 @@ fn proxy_container(config: &InjectorConfig) -> Container {
         }),
         ..Default::default()
     };
-    let env = vec![
+    let mut env = vec![
         EnvVar {
             name: "OUTRIGGER_CONTROL_PLANE".into(),
             value: Some(config.control_plane.clone()),
@@ -211,6 +257,28 @@ fn proxy_container(config: &InjectorConfig) -> Container {
             ..Default::default()
         },
     ];
+    let mut volume_mounts = None;
+    if let Some(identity) = &config.identity {
+        let value = |name: &str, value: String| EnvVar {
+            name: name.into(),
+            value: Some(value),
+            ..Default::default()
+        };
+        env.push(value(
+            "OUTRIGGER_IDENTITY_TOKEN_FILE",
+            format!("{TOKEN_DIR}/{TOKEN_FILE}"),
+        ));
+        env.push(value(
+            "OUTRIGGER_TRUST_DOMAIN",
+            identity.trust_domain.clone(),
+        ));
+        volume_mounts = Some(vec![VolumeMount {
+            name: TOKEN_VOLUME.into(),
+            mount_path: TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]);
+    }
     let probe = |path: &str| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -232,6 +300,7 @@ fn proxy_container(config: &InjectorConfig) -> Container {
             container_port: i32::from(ADMIN_PORT),
             ..Default::default()
         }]),
+        volume_mounts,
         readiness_probe: Some(probe("/ready")),
         liveness_probe: Some(probe("/live")),
         resources: config.resources.clone(),
@@ -351,6 +420,68 @@ mod tests {
             annotations.get(INJECTED_ANNOTATION).map(String::as_str),
             Some("true")
         );
+    }
+
+    fn with_identity() -> InjectorConfig {
+        InjectorConfig {
+            identity: Some(InjectedIdentity {
+                trust_domain: "example.org".into(),
+            }),
+            ..config()
+        }
+    }
+
+    #[test]
+    fn with_identity_the_proxy_gets_a_token_for_the_controller_alone() {
+        for app in [
+            APP,
+            "metadata: {name: web-0}\n\
+             spec:\n  volumes: [{name: data, emptyDir: {}}]\n  containers: [{name: web, image: web}]\n",
+        ] {
+            let app = pod(app);
+            let meshed = apply(
+                &app,
+                patch(&app, OptIn::Namespace, &with_identity()).unwrap(),
+            );
+            let spec = meshed.spec.unwrap();
+            let volumes = spec.volumes.unwrap();
+            let volume = volumes.iter().find(|v| v.name == TOKEN_VOLUME).unwrap();
+            let token = volume.projected.as_ref().unwrap().sources.as_ref().unwrap()[0]
+                .service_account_token
+                .clone()
+                .unwrap();
+            assert_eq!(token.audience.as_deref(), Some("outrigger"));
+            assert_eq!(token.expiration_seconds, Some(3600));
+            let proxy = &spec.init_containers.unwrap()[1];
+            let mount = &proxy.volume_mounts.as_ref().unwrap()[0];
+            assert_eq!(mount.name, TOKEN_VOLUME);
+            assert_eq!(mount.read_only, Some(true));
+            let env = |name: &str| {
+                proxy
+                    .env
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e.name == name)
+                    .and_then(|e| e.value.clone())
+            };
+            assert_eq!(
+                env("OUTRIGGER_IDENTITY_TOKEN_FILE"),
+                Some(format!("{}/token", mount.mount_path))
+            );
+            assert_eq!(
+                env("OUTRIGGER_TRUST_DOMAIN").as_deref(),
+                Some("example.org")
+            );
+            assert!(
+                spec.containers[0].volume_mounts.is_none(),
+                "the app does not see it"
+            );
+        }
+        // Without identity, no token.
+        let app = pod(APP);
+        let meshed = apply(&app, patch(&app, OptIn::Namespace, &config()).unwrap());
+        assert!(meshed.spec.unwrap().volumes.is_none());
     }
 
     #[test]
