@@ -23,9 +23,9 @@ mod translate;
 
 pub use app::{Controller, STOP_BOUND, Settings};
 pub use distribute::{DiscoveryService, ProxyEvent, Snapshot, Snapshots, serve_grpc};
-pub use identity::IdentitySettings;
+pub use identity::{Authority as IdentityAuthority, IdentitySettings};
 pub use index::Index;
-pub use inject::patch::InjectorConfig;
+pub use inject::patch::{InjectedIdentity, InjectorConfig};
 pub use inject::webhook::{INJECT_NAMESPACED_PATH, INJECT_POD_PATH, Webhook, WebhookSettings};
 pub use leader::LEASE_NAME;
 pub use metrics::Metrics;

@@ -49,6 +49,105 @@ fn find<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
     docs.iter().filter(|d| d["kind"] == kind).collect()
 }
 
+fn secret<'a>(docs: &'a [Value], name: &str) -> &'a Value {
+    find(docs, "Secret")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no Secret {name}"))
+}
+
+/// The mounted files of a rendered Secret, base64 as Kubernetes decodes it.
+fn write_secret(secret: &Value, dir: &std::path::Path) {
+    for (file, value) in secret["data"].as_object().unwrap() {
+        let output = Command::new("base64")
+            .args(["-d"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(value.as_str().unwrap().as_bytes())?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        assert!(output.status.success(), "decoding {file}");
+        std::fs::write(dir.join(file), output.stdout).unwrap();
+    }
+}
+
+#[test]
+fn the_generated_certificate_authority_is_one_the_controller_loads_and_mounts() {
+    let docs = render(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(secret(&docs, "outrigger-controller-identity"), dir.path());
+    outrigger_controller::IdentityAuthority::load(dir.path())
+        .expect("the controller loads the chart's certificate authority");
+    let deployment = find(&docs, "Deployment")[0];
+    let pod = &deployment["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "identity")
+        .unwrap();
+    assert_eq!(
+        volume["secret"]["secretName"],
+        "outrigger-controller-identity"
+    );
+    let args = pod["containers"][0]["args"].as_array().unwrap();
+    assert!(args.contains(&Value::from("--identity-dir=/etc/outrigger/identity")));
+    assert!(args.contains(&Value::from("--trust-domain=cluster.local")));
+    let injector = find(&docs, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "outrigger-controller-injector")
+        .unwrap();
+    let injector: outrigger_controller::InjectorConfig =
+        serde_norway::from_str(injector["data"]["injector.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        injector
+            .identity
+            .map(|identity| identity.trust_domain)
+            .as_deref(),
+        Some("cluster.local")
+    );
+
+    // The user's own Secret instead: nothing generated, that one mounted.
+    let docs = render(&[
+        "identity.issuerSecret=mesh-issuer",
+        "identity.trustDomain=example.org",
+    ]);
+    assert_eq!(find(&docs, "Secret").len(), 1, "the webhook's alone");
+    let pod = &find(&docs, "Deployment")[0]["spec"]["template"]["spec"];
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "mesh-issuer")
+    );
+    assert!(
+        pod["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("--trust-domain=example.org"))
+    );
+
+    // Identity off: no Secret, no flag, no permission to review tokens.
+    let docs = render(&["identity.enabled=false"]);
+    assert_eq!(find(&docs, "Secret").len(), 1);
+    let args = &find(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(!args.to_string().contains("identity"));
+    assert!(
+        !find(&docs, "ClusterRole")[0]["rules"]
+            .to_string()
+            .contains("tokenreviews")
+    );
+}
+
 #[test]
 fn lint_is_clean() {
     let chart = chart();
@@ -80,6 +179,10 @@ fn bad_values_are_refused_naming_the_value() {
             "/proxy/skipOutboundCIDRs/0",
         ),
         ("controller.replica=2", "replica"),
+        (
+            "identity.trustDomain=Cluster_Local",
+            "/identity/trustDomain",
+        ),
     ] {
         let output = helm(&[
             "template",
@@ -105,11 +208,12 @@ fn it_installs_the_crds_the_controller_and_the_webhook() {
         "RoleBinding",
         "Service",
         "Deployment",
-        "Secret",
         "MutatingWebhookConfiguration",
     ] {
         assert_eq!(find(&docs, kind).len(), 1, "{kind}");
     }
+    // The webhook's certificate, and the mesh's certificate authority.
+    assert_eq!(find(&docs, "Secret").len(), 2);
     let dashboards = find(&docs, "ConfigMap")
         .into_iter()
         .filter(|c| c["metadata"]["labels"]["grafana_dashboard"] == "1")
@@ -180,6 +284,11 @@ fn the_controller_gets_least_privilege() {
         vec![
             ("".into(), "pods".into(), read()),
             ("".into(), "services".into(), read()),
+            (
+                "authentication.k8s.io".into(),
+                "tokenreviews".into(),
+                vec!["create".into()]
+            ),
             ("discovery.k8s.io".into(), "endpointslices".into(), read()),
             ("outrigger.dev".into(), "destinationpolicies".into(), read()),
             (
@@ -234,7 +343,7 @@ fn the_deployment_passes_flags_the_controller_accepts() {
 #[tokio::test]
 async fn the_webhook_certificate_is_for_the_controller_service_and_trusted_by_the_webhook() {
     let docs = render(&[]);
-    let secret = find(&docs, "Secret")[0];
+    let secret = secret(&docs, "outrigger-controller-webhook-tls");
     let webhooks = find(&docs, "MutatingWebhookConfiguration")[0]["webhooks"]
         .as_array()
         .unwrap()

@@ -28,3 +28,8 @@ app.kubernetes.io/component: controller
 {{- define "outrigger.controlPlane" -}}
 {{ printf "http://%s.%s.svc:%d" (include "outrigger.controller" .) .Release.Namespace (int .Values.controller.grpcPort) }}
 {{- end }}
+
+{{/* The Secret of the mesh's trust anchor and issuer: the user's, or the one the chart makes. */}}
+{{- define "outrigger.identitySecret" -}}
+{{ .Values.identity.issuerSecret | default (printf "%s-identity" (include "outrigger.controller" .)) }}
+{{- end }}
