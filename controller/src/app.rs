@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::distribute::{DRAIN_BOUND, DiscoveryService, Snapshots, serve_grpc};
-use crate::identity::{Authority, IdentityService, IdentitySettings, Reviewer};
+use crate::identity::{IdentityService, IdentitySettings, ReloadingAuthority, Reviewer};
 use crate::index::Index;
 use crate::inject::webhook;
 use crate::leader::{Elector, LeaderSettings};
@@ -94,7 +94,7 @@ impl Controller {
         let identity = match (&settings.identity.identity_dir, &source) {
             (Some(dir), Source::Kubernetes { clients, .. }) => Some(IdentityService::new(
                 Reviewer::new(clients.call.clone()),
-                Authority::load(dir).with_context(|| {
+                ReloadingAuthority::load(dir).with_context(|| {
                     format!("loading the identity issuer from {}", dir.display())
                 })?,
                 settings.identity.trust_domain.clone(),

@@ -1,7 +1,8 @@
 //! The certificate authority: the trust anchors and the issuer (certificate and key) read from
 //! the mounted Secret, and the leaf certificates it signs for certificate signing requests.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, bail};
@@ -64,23 +65,23 @@ impl Authority {
     /// Reads the Secret mounted at `dir`; fails, saying which file, when it does not make an
     /// issuer that chains to one of the trust anchors.
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
-        let read = |name: &str| {
-            let path = dir.join(name);
-            std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
-        };
-        let certificates = |name: &str| -> anyhow::Result<Vec<CertificateDer<'static>>> {
-            let pem = read(name)?;
-            let certificates = CertificateDer::pem_slice_iter(&pem)
-                .collect::<Result<Vec<_>, _>>()
-                .with_context(|| format!("reading the certificates of {name}"))?;
-            if certificates.is_empty() {
-                bail!("{name} holds no certificate");
-            }
-            Ok(certificates)
-        };
-        let trust_anchors = certificates(TRUST_ANCHORS_FILE)?;
-        let issuer_chain = certificates(ISSUER_CERTIFICATE_FILE)?;
-        let key = PrivateKeyDer::from_pem_slice(&read(ISSUER_KEY_FILE)?)
+        Self::from_files(&SecretFiles::read(dir)?)
+    }
+
+    fn from_files(files: &SecretFiles) -> anyhow::Result<Self> {
+        let certificates =
+            |pem: &[u8], name: &str| -> anyhow::Result<Vec<CertificateDer<'static>>> {
+                let certificates = CertificateDer::pem_slice_iter(pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .with_context(|| format!("reading the certificates of {name}"))?;
+                if certificates.is_empty() {
+                    bail!("{name} holds no certificate");
+                }
+                Ok(certificates)
+            };
+        let trust_anchors = certificates(&files.trust_anchors, TRUST_ANCHORS_FILE)?;
+        let issuer_chain = certificates(&files.issuer_certificate, ISSUER_CERTIFICATE_FILE)?;
+        let key = PrivateKeyDer::from_pem_slice(&files.issuer_key)
             .with_context(|| format!("reading the key of {ISSUER_KEY_FILE}"))?;
         let key = IssuerKey::new(&key).with_context(|| format!("loading {ISSUER_KEY_FILE}"))?;
         let issuer = Issuer::from_ca_cert_der(&issuer_chain[0], key).with_context(|| {
@@ -170,6 +171,65 @@ impl Authority {
         // Positive, as a DER INTEGER must be.
         serial[0] &= 0x7f;
         Ok(SerialNumber::from_slice(&serial))
+    }
+}
+
+/// The files of the identity Secret, as last read.
+#[derive(PartialEq, Eq)]
+struct SecretFiles {
+    trust_anchors: Vec<u8>,
+    issuer_certificate: Vec<u8>,
+    issuer_key: Vec<u8>,
+}
+
+impl SecretFiles {
+    fn read(dir: &Path) -> anyhow::Result<Self> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+        };
+        Ok(Self {
+            trust_anchors: read(TRUST_ANCHORS_FILE)?,
+            issuer_certificate: read(ISSUER_CERTIFICATE_FILE)?,
+            issuer_key: read(ISSUER_KEY_FILE)?,
+        })
+    }
+}
+
+/// The authority of the mounted Secret, read again for each certification and taken when it
+/// changed: the kubelet updates a mounted Secret in place, so an issuer cert-manager renewed (or
+/// a rotation's new anchors) needs no restart. Files that do not make an authority leave the last
+/// good one signing.
+pub struct ReloadingAuthority {
+    dir: PathBuf,
+    current: Mutex<(SecretFiles, Arc<Authority>)>,
+}
+
+impl ReloadingAuthority {
+    /// Fails as [`Authority::load`] does: a controller does not start without an authority.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let files = SecretFiles::read(dir)?;
+        let authority = Arc::new(Authority::from_files(&files)?);
+        Ok(Self {
+            dir: dir.to_owned(),
+            current: Mutex::new((files, authority)),
+        })
+    }
+
+    pub fn current(&self) -> Arc<Authority> {
+        let mut current = self.current.lock().expect("not poisoned");
+        let reloaded = SecretFiles::read(&self.dir).and_then(|files| {
+            if files != current.0 {
+                let authority = Authority::from_files(&files)?;
+                *current = (files, Arc::new(authority));
+                tracing::info!(dir = %self.dir.display(), "identity issuer reloaded");
+            }
+            Ok(())
+        });
+        if let Err(error) = reloaded {
+            tracing::warn!(error = format!("{error:#}"), "keeping the identity issuer");
+        }
+        current.1.clone()
     }
 }
 

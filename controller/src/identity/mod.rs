@@ -10,7 +10,7 @@ mod service;
 
 use std::path::PathBuf;
 
-pub use authority::Authority;
+pub use authority::{Authority, ReloadingAuthority};
 pub use review::{Reviewer, TOKEN_AUDIENCE};
 pub use service::IdentityService;
 

@@ -1,7 +1,6 @@
 //! The `Identity` gRPC service: a token and a certificate signing request in, a certificate for
 //! the token's ServiceAccount out.
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use outrigger_api::identity::SpiffeId;
@@ -9,24 +8,23 @@ use outrigger_api::proto::identity_server::{Identity, IdentityServer};
 use outrigger_api::proto::{CertifyRequest, CertifyResponse};
 use tonic::{Request, Response, Status};
 
-use super::authority::{Authority, CsrError};
+use super::authority::{CsrError, ReloadingAuthority};
 use super::review::{MAX_TOKEN_BYTES, ReviewError, Reviewer};
 
 /// A token and a CSR for a P-256 or RSA key, with room to spare.
 const MAX_MESSAGE_BYTES: usize = MAX_TOKEN_BYTES + 16 * 1024;
 
-#[derive(Clone)]
 pub struct IdentityService {
     reviewer: Reviewer,
-    authority: Arc<Authority>,
+    authority: ReloadingAuthority,
     trust_domain: String,
 }
 
 impl IdentityService {
-    pub fn new(reviewer: Reviewer, authority: Authority, trust_domain: String) -> Self {
+    pub fn new(reviewer: Reviewer, authority: ReloadingAuthority, trust_domain: String) -> Self {
         Self {
             reviewer,
-            authority: Arc::new(authority),
+            authority,
             trust_domain,
         }
     }
@@ -59,6 +57,7 @@ impl Identity for IdentityService {
         // Certificates are dated by the wall clock, as their peers read them.
         let certified = self
             .authority
+            .current()
             .certify(&request.csr_der, &identity, SystemTime::now())
             .map_err(|error| {
                 tracing::info!(%identity, %error, "certificate signing request refused");

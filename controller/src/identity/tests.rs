@@ -16,7 +16,7 @@ use x509_parser::extensions::{GeneralName, ParsedExtension};
 
 use super::authority::{
     Authority, CsrError, ISSUER_CERTIFICATE_FILE, ISSUER_KEY_FILE, LEAF_VALIDITY,
-    TRUST_ANCHORS_FILE,
+    ReloadingAuthority, TRUST_ANCHORS_FILE,
 };
 use super::review::{Reviewer, TOKEN_AUDIENCE};
 use super::service::IdentityService;
@@ -307,7 +307,7 @@ fn token_reviews() -> kube::Client {
 fn service(client: kube::Client) -> (IdentityService, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     write_self_signed(dir.path());
-    let authority = Authority::load(dir.path()).unwrap();
+    let authority = ReloadingAuthority::load(dir.path()).unwrap();
     let service = IdentityService::new(Reviewer::new(client), authority, "cluster.local".into());
     (service, dir)
 }
@@ -411,4 +411,30 @@ async fn a_review_the_api_server_does_not_answer_fails_unavailable_after_its_dea
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(started.elapsed() >= Duration::from_secs(5));
     assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+#[tokio::test]
+async fn a_renewed_issuer_signs_without_a_restart_and_a_broken_one_is_not_taken() {
+    let (service, dir) = service(token_reviews());
+    let id = "spiffe://cluster.local/ns/shop/sa/reviews";
+    let before = certify(&service, "reviews-token", vec![uri(id)])
+        .await
+        .unwrap();
+    // The kubelet updates the mounted Secret: a new CA.
+    let anchor = write_self_signed(dir.path());
+    let after = certify(&service, "reviews-token", vec![uri(id)])
+        .await
+        .unwrap();
+    assert_ne!(before.trust_anchors_der, after.trust_anchors_der);
+    assert_eq!(after.trust_anchors_der, [anchor.to_vec()]);
+    // A key that does not go with the certificate: the last good issuer goes on signing.
+    std::fs::write(
+        dir.path().join(ISSUER_KEY_FILE),
+        KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    let kept = certify(&service, "reviews-token", vec![uri(id)])
+        .await
+        .unwrap();
+    assert_eq!(kept.trust_anchors_der, [anchor.to_vec()]);
 }
