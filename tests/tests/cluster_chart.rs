@@ -96,6 +96,21 @@ fn the_chart_installs_upgrades_and_uninstalls_keeping_the_crds() {
         ],
     )["data"]["ca.crt"]
         .clone();
+    let identity = || {
+        json(
+            &cluster,
+            &[
+                "get",
+                "secret",
+                "outrigger-controller-identity",
+                "-n",
+                "outrigger-system",
+            ],
+        )["data"]
+            .clone()
+    };
+    let anchor = identity();
+    assert!(anchor["tls.key"].is_string(), "{anchor}");
 
     helm(
         &cluster,
@@ -142,6 +157,11 @@ fn the_chart_installs_upgrades_and_uninstalls_keeping_the_crds() {
     )["data"]["ca.crt"]
         .clone();
     assert_eq!(kept, ca, "an upgrade keeps the webhook certificate");
+    assert_eq!(
+        identity(),
+        anchor,
+        "an upgrade keeps the trust anchor and issuer: workload certificates stay trusted"
+    );
 
     helm(
         &cluster,
