@@ -89,7 +89,9 @@ pub async fn run<A: CertificateAuthority>(
                 tracing::info!(id = %identity.id, expires_in = ?remaining, "certified");
                 held.send_replace(Some(Arc::new(identity)));
                 backoff = BACKOFF_MIN;
-                remaining.mul_f64(RENEW_AT)
+                // Never at once: a controller whose clock is far behind ours would otherwise
+                // be asked again and again.
+                remaining.mul_f64(RENEW_AT).max(BACKOFF_MIN)
             }
             Err(error) => {
                 metrics.renewed(RenewalResult::Failure);
