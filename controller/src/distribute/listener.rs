@@ -49,10 +49,10 @@ pub const DRAIN_BOUND: Duration = match DRAIN_WINDOW.checked_add(CLOSE_GRACE) {
 /// Connections open at once; the next waits in the kernel's backlog until one closes.
 pub(crate) const MAX_CONNECTIONS: usize = 20_000;
 
-/// Serves the configuration streams, and certificates when `identity` is given, until `shutdown`, then closes the connections over
-/// [`DRAIN_WINDOW`] and returns within [`DRAIN_BOUND`]. New connections are refused from the
-/// start; the proxies reconnect, to another replica or to this one restarted, keeping their
-/// configuration meanwhile.
+/// Serves the configuration streams (and certificates, when `identity` is given) until
+/// `shutdown`, then closes the connections over [`DRAIN_WINDOW`] and returns within
+/// [`DRAIN_BOUND`]. New connections are refused from the start; the proxies reconnect, to another
+/// replica or to this one restarted, keeping their configuration meanwhile.
 pub async fn serve_grpc(
     listener: TcpListener,
     discovery: DiscoveryService,
