@@ -1,10 +1,12 @@
 //! Who a token proves the caller is, as the API server says (TokenReview).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::PostParams;
 use kube::{Api, Client};
+use tokio::sync::Semaphore;
 
 use crate::kube_api;
 
@@ -13,6 +15,9 @@ use crate::kube_api;
 pub const TOKEN_AUDIENCE: &str = "outrigger";
 /// A TokenReview answers at once; a proxy retries one that did not.
 const REVIEW_DEADLINE: Duration = Duration::from_secs(5);
+/// Reviews in flight at once: pods started by the thousand (a node drained, a rollout) are not
+/// let to flood the API server; the rest wait, within the same deadline, and their proxies retry.
+pub(super) const MAX_REVIEWS_IN_FLIGHT: usize = 64;
 /// A projected ServiceAccount token is about a kilobyte; anything much larger is not one.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
@@ -37,12 +42,14 @@ pub enum ReviewError {
 #[derive(Clone)]
 pub struct Reviewer {
     reviews: Api<TokenReview>,
+    in_flight: Arc<Semaphore>,
 }
 
 impl Reviewer {
     pub fn new(client: Client) -> Self {
         Self {
             reviews: Api::all(client),
+            in_flight: Arc::new(Semaphore::new(MAX_REVIEWS_IN_FLIGHT)),
         }
     }
 
@@ -59,11 +66,12 @@ impl Reviewer {
             },
             ..Default::default()
         };
-        let reviewed = kube_api::within(
-            REVIEW_DEADLINE,
-            self.reviews.create(&PostParams::default(), &review),
-        )
+        let reviewed = tokio::time::timeout(REVIEW_DEADLINE, async {
+            let _turn = self.in_flight.acquire().await.expect("never closed");
+            self.reviews.create(&PostParams::default(), &review).await
+        })
         .await
+        .map_err(|_| ReviewError::Unavailable(format!("no answer within {REVIEW_DEADLINE:?}")))?
         .map_err(|e| ReviewError::Unavailable(kube_api::explain(&e)))?;
         let status = reviewed.status.unwrap_or_default();
         if status.authenticated != Some(true) {

@@ -18,7 +18,7 @@ use super::authority::{
     Authority, CsrError, ISSUER_CERTIFICATE_FILE, ISSUER_KEY_FILE, LEAF_VALIDITY,
     ReloadingAuthority, TRUST_ANCHORS_FILE,
 };
-use super::review::{Reviewer, TOKEN_AUDIENCE};
+use super::review::{MAX_REVIEWS_IN_FLIGHT, Reviewer, TOKEN_AUDIENCE};
 use super::service::IdentityService;
 use crate::kube_api::fake;
 
@@ -437,4 +437,40 @@ async fn a_renewed_issuer_signs_without_a_restart_and_a_broken_one_is_not_taken(
         .await
         .unwrap();
     assert_eq!(kept.trust_anchors_der, [anchor.to_vec()]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_most_so_many_reviews_are_in_flight_at_once() {
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (counting, highest) = (in_flight.clone(), most.clone());
+    // An API server that takes a second to answer each review.
+    let client = fake::client(move |call| {
+        let (counting, highest) = (counting.clone(), highest.clone());
+        Box::pin(async move {
+            let now = counting.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            highest.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            counting.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            let mut review: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+            review["status"] = serde_json::json!({"authenticated": false});
+            fake::json(201, &review)
+        })
+    });
+    let reviewer = Reviewer::new(client);
+    let reviews = (0..MAX_REVIEWS_IN_FLIGHT * 2).map(|_| {
+        let reviewer = reviewer.clone();
+        tokio::spawn(async move { reviewer.review("a-token").await })
+    });
+    for review in futures_util::future::join_all(reviews).await {
+        // Every one answered, the second half after the first.
+        assert!(matches!(
+            review.unwrap(),
+            Err(super::review::ReviewError::Unauthenticated(_))
+        ));
+    }
+    assert_eq!(
+        most.load(std::sync::atomic::Ordering::SeqCst),
+        MAX_REVIEWS_IN_FLIGHT
+    );
 }
