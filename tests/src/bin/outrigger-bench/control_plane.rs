@@ -141,7 +141,10 @@ async fn measure(args: &ControlPlaneArgs, manifests: &Path) -> Result<Measured> 
             stopped.clone(),
         ));
     }
-    let first = wait_all(&received, |_| true, Duration::from_secs(120)).await?;
+    let first = match wait_all(&received, |_| true, Duration::from_secs(120)).await {
+        Ok(first) => first,
+        Err(error) => return Err(with_stream_failure(error, &mut streams)),
+    };
     let connect_time = started.elapsed();
     let rss_connected = memory(controller.pid())?.rss;
     let per_proxy = |bytes: u64| bytes / args.proxies as u64;
@@ -177,6 +180,19 @@ async fn measure(args: &ControlPlaneArgs, manifests: &Path) -> Result<Measured> 
         connect_time,
         push_seconds,
     })
+}
+
+/// `error`, with why the first simulated proxy that gave up did, if one did.
+fn with_stream_failure(
+    error: anyhow::Error,
+    streams: &mut tokio::task::JoinSet<Result<()>>,
+) -> anyhow::Error {
+    while let Some(ended) = streams.try_join_next() {
+        if let Ok(Err(failure)) = ended {
+            return error.context(format!("a simulated proxy failed: {failure:#}"));
+        }
+    }
+    error
 }
 
 /// Makes `count` changes one after the other, each timed from when it is made to when each proxy
