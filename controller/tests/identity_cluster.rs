@@ -6,7 +6,9 @@
 //!
 //! Needs the cluster binaries (`cargo xtask cluster build`, or built on first use).
 
-use std::net::{SocketAddr, TcpListener};
+mod common;
+
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -23,6 +25,8 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose,
 use tokio::time::Instant;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 
+use common::free_port;
+
 const NAMESPACE: &str = "identity";
 const ACCOUNT: &str = "reviews";
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -35,12 +39,6 @@ impl Drop for Controller {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .unwrap()
 }
 
 /// A self-signed CA as the identity Secret holds it; returns the anchor's DER.

@@ -4,7 +4,9 @@
 //! ends are spread over the drain window is the unit tests' business (on paused time); here every
 //! wait is a bounded poll.
 
-use std::net::{SocketAddr, TcpListener};
+mod common;
+
+use std::net::SocketAddr;
 use std::process::{Child, Command};
 use std::time::Duration;
 
@@ -12,10 +14,11 @@ use outrigger_api::proto::{
     ControllerMessage, Hello, ProxyMessage, Subscribe, Subscription,
     discovery_client::DiscoveryClient, proxy_message,
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+
+use common::{free_port, get, sigterm};
 
 /// Kubernetes' default `terminationGracePeriodSeconds`, which the chart keeps: past it the
 /// controller would be killed.
@@ -61,9 +64,7 @@ impl Controller {
     }
 
     fn terminate(&self) {
-        let pid = self.child.id().to_string();
-        let signalled = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(signalled.success());
+        sigterm(&self.child);
     }
 }
 
@@ -165,22 +166,4 @@ async fn sigterm_fails_ready_ends_every_stream_with_unavailable_and_exits_within
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(exit.success(), "{exit}");
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .unwrap()
-}
-
-/// Status code and body of `GET http://{addr}{path}`; None when nothing answers.
-async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let code = response.split(' ').nth(1)?.parse().ok()?;
-    let (_, body) = response.split_once("\r\n\r\n")?;
-    Some((code, body.to_string()))
 }

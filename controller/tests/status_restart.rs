@@ -7,7 +7,9 @@
 //!
 //! Needs the cluster binaries (`cargo xtask cluster build`, or built on first use).
 
-use std::net::{SocketAddr, TcpListener};
+mod common;
+
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -18,10 +20,11 @@ use outrigger_api::proto::{
 };
 use outrigger_cluster::Cluster;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+
+use common::{free_port, get, sigterm};
 
 const NAMESPACE: &str = "restart";
 const KEY: &str = "reviews.restart.svc.cluster.local:9080";
@@ -92,9 +95,7 @@ impl Replica {
 
     /// Stops it as Kubernetes does (SIGTERM), and waits for it to exit.
     async fn terminate(mut self) {
-        let pid = self.child.id().to_string();
-        let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(killed.success());
+        sigterm(&self.child);
         let deadline = Instant::now() + DEADLINE;
         while self.child.try_wait().unwrap().is_none() {
             self.check(deadline, "stopped");
@@ -175,24 +176,6 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .unwrap()
-}
-
-/// Status code and body of `GET http://{addr}{path}`; None when nothing answers.
-async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let code = response.split(' ').nth(1)?.parse().ok()?;
-    let (_, body) = response.split_once("\r\n\r\n")?;
-    Some((code, body.to_string()))
 }
 
 fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
