@@ -267,6 +267,27 @@ async fn wait_all(
 }
 
 /// One proxy's configuration stream: Hello, Subscribe, and an Ack for every version.
+/// Connects as a proxy does, trying again after a failure: when a whole fleet connects at once,
+/// some connections find the listen queue full.
+async fn connect(url: String) -> Result<DiscoveryClient<tonic::transport::Channel>> {
+    const ATTEMPTS: u32 = 20;
+    let mut attempt = 1;
+    loop {
+        match DiscoveryClient::connect(url.clone()).await {
+            Ok(client) => return Ok(client),
+            Err(error) if attempt == ATTEMPTS => {
+                return Err(error)
+                    .context(format!("connecting to the controller, {ATTEMPTS} times"));
+            }
+            Err(_) => {
+                let pause = Duration::from_millis(100) * attempt.min(10);
+                tokio::time::sleep(pause).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
 async fn simulate_proxy(
     url: String,
     id: usize,
@@ -274,9 +295,8 @@ async fn simulate_proxy(
     fetched: Fetched,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<()> {
-    let mut client = DiscoveryClient::connect(url)
-        .await
-        .context("connecting to the controller")?
+    let mut client = connect(url)
+        .await?
         .max_decoding_message_size(64 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(16);
     let send = |message| ProxyMessage {
