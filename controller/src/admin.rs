@@ -40,7 +40,8 @@ pub async fn serve(
                 let response = respond(&metrics, readiness, request.uri().path());
                 std::future::ready(Ok::<_, Infallible>(response))
             });
-        listen::serve_http1(stream, service)
+        // Probes and scrapes are answered until the process exits.
+        listen::serve_http1(stream, service, std::future::pending())
     };
     listen::serve(
         listener,

@@ -183,7 +183,7 @@ impl Controller {
             shutdown.clone(),
         ));
         if let Some(webhook) = self.webhook {
-            tasks.spawn(webhook.serve());
+            tasks.spawn(webhook.serve(shutdown.clone()));
         }
         tracing::info!(grpc = %self.grpc.local_addr()?, "controller serving");
         serve_grpc(self.grpc, discovery, self.identity, shutdown).await;

@@ -85,8 +85,10 @@ where
 }
 
 /// Serves HTTP/1 on one connection (what probes, Prometheus and the API server's webhook calls
-/// speak), dropping a client that sends no request head within [`HEADER_READ_TIMEOUT`].
-pub(crate) async fn serve_http1<I, S>(io: I, service: S)
+/// speak), dropping a client that sends no request head within [`HEADER_READ_TIMEOUT`]. Once
+/// `stop` completes, the connection closes as soon as no request is in flight, so that a client
+/// keeping it alive makes its next request on a new one.
+pub(crate) async fn serve_http1<I, S>(io: I, service: S, stop: impl Future<Output = ()>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::HttpService<hyper::body::Incoming>,
@@ -94,11 +96,22 @@ where
     S::ResBody: 'static,
     <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let _ = hyper::server::conn::http1::Builder::new()
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(io), service)
-        .await;
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let mut connection = std::pin::pin!(builder.serve_connection(TokioIo::new(io), service));
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        () = stop => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    let _ = connection.await;
+}
+
+/// Completes once `shutdown` is true (or its sender is gone).
+pub(crate) async fn stopping(mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// A free slot, then a connection to fill it.

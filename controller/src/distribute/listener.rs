@@ -63,8 +63,7 @@ pub async fn serve_grpc(
     if let Some(identity) = identity {
         server = server.add_service(identity.into_server());
     }
-    let mut stopping = shutdown.clone();
-    let stop = async move { stopped(&mut stopping).await };
+    let stop = listen::stopping(shutdown.clone());
     let mut accepted = 0u64;
     let connections = listen::serve(listener, "gRPC", MAX_CONNECTIONS, stop, |stream, _| {
         // A reply's frames go out as separate small writes: without this, Nagle holds the later
@@ -87,17 +86,12 @@ pub(super) fn drain_turn(number: u64) -> Duration {
     DRAIN_WINDOW.mul_f64(spread)
 }
 
-/// Returns once `shutdown` is true or its sender is gone.
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
 /// One proxy's connection, closed when idle, or `turn` after shutdown begins.
 pub(super) async fn serve_connection<I, S>(
     io: I,
     service: S,
     turn: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<
@@ -126,7 +120,7 @@ pub(super) async fn serve_connection<I, S>(
     let mut connection = pin!(builder.serve_connection(TokioIo::new(io), service));
     let mut idle = in_flight.subscribe();
     let its_turn = async {
-        stopped(&mut shutdown).await;
+        listen::stopping(shutdown).await;
         tokio::time::sleep(turn).await;
     };
     tokio::select! {

@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -168,16 +169,24 @@ impl Webhook {
         self.listener.local_addr().expect("bound")
     }
 
-    pub async fn serve(self) {
+    /// Serves reviews until `shutdown`; then takes no new connection and closes each open one once
+    /// its review is answered. The API server keeps webhook connections alive: left open, they
+    /// would bring this stopping replica (and the injector settings it started with) every review
+    /// while its configuration streams drain, instead of the Service's other replicas.
+    pub async fn serve(self, shutdown: watch::Receiver<bool>) {
         let (tls, injector) = (self.tls, self.injector);
-        listen::serve(
+        let connections = listen::serve(
             self.listener,
             "webhook",
             MAX_CONNECTIONS,
-            std::future::pending(),
-            |stream, peer| serve_connection(stream, peer, tls.acceptor(), injector.clone()),
+            listen::stopping(shutdown.clone()),
+            |stream, peer| {
+                let stop = listen::stopping(shutdown.clone());
+                serve_connection(stream, peer, tls.acceptor(), injector.clone(), stop)
+            },
         )
         .await;
+        connections.join_all().await;
     }
 }
 
@@ -187,6 +196,7 @@ async fn serve_connection<I>(
     peer: SocketAddr,
     tls: TlsAcceptor,
     injector: Arc<InjectorConfig>,
+    stop: impl Future<Output = ()>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -205,7 +215,7 @@ async fn serve_connection<I>(
         let injector = injector.clone();
         async move { Ok::<_, Infallible>(review(&injector, request).await) }
     });
-    listen::serve_http1(stream, service).await;
+    listen::serve_http1(stream, service, stop).await;
 }
 
 async fn review<B>(
@@ -372,6 +382,50 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_stopping_webhook_closes_kept_alive_connections_so_reviews_go_elsewhere() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let dir = tempfile::tempdir().unwrap();
+        let client = certificate(dir.path());
+        let serving =
+            ServingCertificate::load(&dir.path().join("tls.crt"), &dir.path().join("tls.key"))
+                .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let webhook = Webhook {
+            listener,
+            tls: Arc::new(serving),
+            injector: injector(),
+        };
+        let (shutdown, stopping) = watch::channel(false);
+        let served = tokio::spawn(webhook.serve(stopping));
+
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut tls = client.connect(name, tcp).await.unwrap();
+        let request = "GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n";
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut response = [0u8; 12];
+        tls.read_exact(&mut response).await.unwrap();
+        assert!(response.starts_with(b"HTTP/1.1"), "{response:?}");
+
+        shutdown.send_replace(true);
+        // The connection is closed by the webhook; without that, this would wait for ever.
+        let patience = Duration::from_secs(60);
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(patience, tls.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the kept-alive connection stays open");
+        tokio::time::timeout(patience, served)
+            .await
+            .expect("the webhook stops serving")
+            .unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "no new connection is taken"
+        );
+    }
+
     fn injector() -> Arc<InjectorConfig> {
         Arc::new(serde_norway::from_str("proxyImage: p\ninitImage: i\ncontrolPlane: c\n").unwrap())
     }
@@ -388,6 +442,7 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 1], 1)),
             TlsAcceptor::from(Arc::new(config)),
             injector(),
+            std::future::pending(),
         );
         tokio::time::timeout(Duration::from_secs(3600), served)
             .await
