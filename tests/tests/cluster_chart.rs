@@ -288,7 +288,9 @@ async fn only_pods_that_opt_in_are_sent_to_the_injector_and_stored_meshed() {
         .unwrap()
         .unwrap();
     let port = webhook.local_addr().port();
-    tokio::spawn(webhook.serve());
+    // Serving until the test ends: the sender lives as long as the test.
+    let (_serving, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(webhook.serve(shutdown));
 
     for namespace in ["meshed", "plain"] {
         cluster
