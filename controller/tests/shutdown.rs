@@ -10,13 +10,9 @@ use std::net::SocketAddr;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use outrigger_api::proto::{
-    ControllerMessage, Hello, ProxyMessage, Subscribe, Subscription,
-    discovery_client::DiscoveryClient, proxy_message,
-};
+use outrigger_api::proto::{ControllerMessage, ProxyMessage};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 
 use common::{free_port, get, sigterm};
 
@@ -82,33 +78,13 @@ async fn open_stream(
     tonic::Streaming<ControllerMessage>,
     mpsc::Sender<ProxyMessage>,
 ) {
-    let mut client = DiscoveryClient::connect(format!("http://{grpc}"))
-        .await
-        .unwrap();
-    let (send, outgoing) = mpsc::channel(8);
-    let hello = proxy_message::Message::Hello(Hello {
-        namespace: "shop".into(),
-        workload: "caller".into(),
-        ..Default::default()
-    });
-    let subscribe = proxy_message::Message::Subscribe(Subscribe {
-        destinations: vec![Subscription {
-            key: "reviews.shop.svc.cluster.local:9080".into(),
-            known_version: String::new(),
-        }],
-    });
-    for message in [hello, subscribe] {
-        send.send(ProxyMessage {
-            message: Some(message),
-        })
-        .await
-        .unwrap();
-    }
-    let mut received = client
-        .stream(ReceiverStream::new(outgoing))
-        .await
-        .unwrap()
-        .into_inner();
+    let (mut received, send) = common::open_stream(
+        grpc,
+        "shop",
+        "caller",
+        "reviews.shop.svc.cluster.local:9080",
+    )
+    .await;
     // Welcome, then the key is unknown: the stream is up.
     for _ in 0..2 {
         received

@@ -14,15 +14,10 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use outrigger_api::proto::{
-    Ack, Hello, ProxyMessage, Subscribe, Subscription, controller_message,
-    discovery_client::DiscoveryClient, proxy_message,
-};
+use outrigger_api::proto::{Ack, ProxyMessage, controller_message, proxy_message};
 use outrigger_cluster::Cluster;
 use serde_json::Value;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 
 use common::{free_port, get, sigterm};
 
@@ -125,33 +120,8 @@ struct Proxy(tokio::task::JoinHandle<()>);
 
 impl Proxy {
     async fn connect(replica: &Replica, workload: &str) -> Self {
-        let mut client = DiscoveryClient::connect(format!("http://{}", replica.grpc))
-            .await
-            .unwrap();
-        let (send, outgoing) = mpsc::channel(16);
-        let hello = proxy_message::Message::Hello(Hello {
-            namespace: NAMESPACE.into(),
-            workload: workload.into(),
-            ..Default::default()
-        });
-        let subscribe = proxy_message::Message::Subscribe(Subscribe {
-            destinations: vec![Subscription {
-                key: KEY.into(),
-                known_version: String::new(),
-            }],
-        });
-        for message in [hello, subscribe] {
-            send.send(ProxyMessage {
-                message: Some(message),
-            })
-            .await
-            .unwrap();
-        }
-        let mut received = client
-            .stream(ReceiverStream::new(outgoing))
-            .await
-            .unwrap()
-            .into_inner();
+        let (mut received, send) =
+            common::open_stream(replica.grpc, NAMESPACE, workload, KEY).await;
         Self(tokio::spawn(async move {
             while let Ok(Some(message)) = received.message().await {
                 if let Some(controller_message::Message::Update(update)) = message.message {
