@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let descriptors = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
+        .codec_path("crate::codec::SmallBufferCodec")
         // Shared, not copied: one encoding of a destination goes to every proxy.
         .bytes(".outrigger.v1.DestinationUpdate.destination")
         .bytes(".outrigger.v1.EndpointGroupContent.endpoints")

@@ -1,5 +1,6 @@
 //! Types shared by the Outrigger controller and proxy.
 
+pub mod codec;
 pub mod defaults;
 pub mod destination;
 pub mod duration;

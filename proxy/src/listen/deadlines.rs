@@ -14,21 +14,37 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::http::body::FrameWatcher;
 
 /// Requests started and finished on one connection: the service side counts them, the connection
-/// side reads them to know whether it is idle.
-#[derive(Default)]
+/// side reads them to know whether it is idle, and since when.
+///
+/// A finishing request does not wake the connection's reader: it is dropped on the connection's
+/// own task, and a task that wakes itself is queued behind the others and wakes a sibling worker
+/// to steal it, a futex call and a thread switch per request (a fifth more CPU per request at
+/// 2,000 req/s). A reader waiting while requests are in flight looks again every idle timeout
+/// instead (hyper does not always read again once a response is done), and counts the idle time
+/// from the last finish.
 pub struct Activity {
     started: AtomicU64,
     finished: AtomicU64,
-    /// The connection's reader, waiting while requests are in flight: the last one to finish
-    /// wakes it to start the idle deadline.
-    reader: AtomicWaker,
+    /// When the last request finished, as nanoseconds since `epoch`.
+    last_finished: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            started: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            last_finished: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
 }
 
 /// A request in flight on its connection, until dropped (with the response body).
@@ -42,12 +58,20 @@ impl Activity {
         self.started.fetch_add(1, Ordering::AcqRel);
         InFlight(Arc::clone(self))
     }
+
+    fn last_finished(&self) -> Instant {
+        self.epoch + Duration::from_nanos(self.last_finished.load(Ordering::Acquire))
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        let since_epoch = self.0.epoch.elapsed().as_nanos();
+        self.0.last_finished.fetch_max(
+            u64::try_from(since_epoch).unwrap_or(u64::MAX),
+            Ordering::AcqRel,
+        );
         self.0.finished.fetch_add(1, Ordering::AcqRel);
-        self.0.reader.wake();
     }
 }
 
@@ -61,7 +85,7 @@ pub struct Timeouts {
 enum Phase {
     /// Reading a request head: the header-read deadline runs.
     Head,
-    /// Requests in flight: no deadline here (policies bound requests).
+    /// Requests in flight: the deadline is only when to look again (policies bound requests).
     Busy,
     /// Nothing in flight: the idle deadline runs.
     Idle,
@@ -98,12 +122,35 @@ impl<T> Timed<T> {
             // A head was read whole (the service got its request).
             self.seen_started = started;
             self.phase = Phase::Busy;
+            self.look_again();
         }
         if self.phase == Phase::Busy && started == finished {
             self.phase = Phase::Idle;
-            let idle_until = Instant::now() + self.timeouts.idle;
+            let idle_until = self.activity.last_finished() + self.timeouts.idle;
             self.deadline.as_mut().reset(idle_until);
         }
+    }
+
+    /// Whether the deadline of the phase has passed; while busy, it only sets when to look again.
+    fn deadline_passed(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.deadline.as_mut().poll(cx).is_ready() {
+            if self.phase != Phase::Busy {
+                return true;
+            }
+            self.observe();
+            if self.phase == Phase::Busy {
+                self.look_again();
+            }
+        }
+        false
+    }
+
+    /// While busy, the reader looks again within the idle timeout: if the requests have finished
+    /// by then, the idle deadline counted from the last finish has not passed yet, so an idle
+    /// connection still closes on time.
+    fn look_again(&mut self) {
+        let look_again = Instant::now() + self.timeouts.idle;
+        self.deadline.as_mut().reset(look_again);
     }
 }
 
@@ -114,7 +161,6 @@ impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        this.activity.reader.register(cx.waker());
         this.observe();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
@@ -124,9 +170,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
                 let head_until = Instant::now() + this.timeouts.header_read;
                 this.deadline.as_mut().reset(head_until);
             }
-            Poll::Pending
-                if this.phase != Phase::Busy && this.deadline.as_mut().poll(cx).is_ready() =>
-            {
+            Poll::Pending if this.deadline_passed(cx) => {
                 return Poll::Ready(match this.phase {
                     // Read as the end of the stream: an idle connection closes quietly.
                     Phase::Idle => Ok(()),
@@ -208,6 +252,69 @@ mod tests {
         let (read, closed) = reader.await.unwrap();
         assert_eq!(read.unwrap(), 0, "closed as the end of the stream");
         assert_eq!(closed - finished, TIMEOUTS.idle);
+        drop(client);
+    }
+
+    /// Counts the wake-ups of the task it stands for.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_finishing_request_does_not_wake_the_connection_s_reader() {
+        let activity = Arc::new(Activity::default());
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut timed = Timed::new(server, activity.clone(), TIMEOUTS);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        read_some(&mut timed).await.unwrap();
+        let request = activity.begin();
+
+        let wakes = Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut buf = [0u8; 64];
+        let mut buf = ReadBuf::new(&mut buf);
+        let polled = Pin::new(&mut timed).poll_read(&mut Context::from_waker(&waker), &mut buf);
+        assert!(
+            polled.is_pending(),
+            "nothing to read while the request is in flight"
+        );
+        drop(request);
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            0,
+            "the request is dropped on the reader's own task, which must not wake itself"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_timeout_shorter_than_the_header_read_one_still_counts_from_the_last_finish() {
+        let timeouts = Timeouts {
+            header_read: Duration::from_secs(60),
+            idle: Duration::from_secs(1),
+        };
+        let activity = Arc::new(Activity::default());
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut timed = Timed::new(server, activity.clone(), timeouts);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        read_some(&mut timed).await.unwrap();
+        let request = activity.begin();
+
+        // The reader waits from before the response is done and is not polled again.
+        let reader = tokio::spawn(async move {
+            let read = read_some(&mut timed).await;
+            (read, Instant::now())
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let finished = Instant::now();
+        drop(request);
+        let (read, closed) = reader.await.unwrap();
+        assert_eq!(read.unwrap(), 0, "closed as the end of the stream");
+        assert_eq!(closed - finished, timeouts.idle);
         drop(client);
     }
 }
