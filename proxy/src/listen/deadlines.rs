@@ -231,28 +231,66 @@ mod tests {
         assert_eq!(cut.kind(), std::io::ErrorKind::TimedOut);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_connection_with_nothing_in_flight_closes_after_the_idle_timeout() {
+    /// A connection whose first request was read whole and is being answered.
+    struct Answering {
+        client: tokio::io::DuplexStream,
+        timed: Timed<tokio::io::DuplexStream>,
+        request: InFlight,
+    }
+
+    async fn answering(timeouts: Timeouts) -> Answering {
         let activity = Arc::new(Activity::default());
         let (mut client, server) = tokio::io::duplex(64);
-        let mut timed = Timed::new(server, activity.clone(), TIMEOUTS);
+        let mut timed = Timed::new(server, activity.clone(), timeouts);
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         read_some(&mut timed).await.unwrap();
         let request = activity.begin();
+        Answering {
+            client,
+            timed,
+            request,
+        }
+    }
 
-        // A long response: nothing to read meanwhile, and no deadline.
+    /// How long after the request finishes, `busy_for` from now, the connection closes, its
+    /// reader waiting from before the response is done and not polled again.
+    async fn closed_after_finishing(connection: Answering, busy_for: Duration) -> Duration {
+        let Answering {
+            client,
+            mut timed,
+            request,
+        } = connection;
         let reader = tokio::spawn(async move {
             let read = read_some(&mut timed).await;
             (read, Instant::now())
         });
-        tokio::time::sleep(TIMEOUTS.idle * 2).await;
+        tokio::time::sleep(busy_for).await;
         assert!(!reader.is_finished(), "a busy connection was timed out");
         let finished = Instant::now();
         drop(request);
         let (read, closed) = reader.await.unwrap();
         assert_eq!(read.unwrap(), 0, "closed as the end of the stream");
-        assert_eq!(closed - finished, TIMEOUTS.idle);
         drop(client);
+        closed - finished
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_with_nothing_in_flight_closes_after_the_idle_timeout() {
+        // A long response: no deadline meanwhile.
+        let connection = answering(TIMEOUTS).await;
+        let closed_after = closed_after_finishing(connection, TIMEOUTS.idle * 2).await;
+        assert_eq!(closed_after, TIMEOUTS.idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_timeout_shorter_than_the_header_read_one_still_counts_from_the_last_finish() {
+        let timeouts = Timeouts {
+            header_read: Duration::from_secs(60),
+            idle: Duration::from_secs(1),
+        };
+        let connection = answering(timeouts).await;
+        let closed_after = closed_after_finishing(connection, Duration::from_millis(500)).await;
+        assert_eq!(closed_after, timeouts.idle);
     }
 
     /// Counts the wake-ups of the task it stands for.
@@ -267,13 +305,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_finishing_request_does_not_wake_the_connection_s_reader() {
-        let activity = Arc::new(Activity::default());
-        let (mut client, server) = tokio::io::duplex(64);
-        let mut timed = Timed::new(server, activity.clone(), TIMEOUTS);
-        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        read_some(&mut timed).await.unwrap();
-        let request = activity.begin();
-
+        let Answering {
+            client: _client,
+            mut timed,
+            request,
+        } = answering(TIMEOUTS).await;
         let wakes = Arc::new(Wakes::default());
         let waker = std::task::Waker::from(wakes.clone());
         let mut buf = [0u8; 64];
@@ -289,32 +325,5 @@ mod tests {
             0,
             "the request is dropped on the reader's own task, which must not wake itself"
         );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_idle_timeout_shorter_than_the_header_read_one_still_counts_from_the_last_finish() {
-        let timeouts = Timeouts {
-            header_read: Duration::from_secs(60),
-            idle: Duration::from_secs(1),
-        };
-        let activity = Arc::new(Activity::default());
-        let (mut client, server) = tokio::io::duplex(64);
-        let mut timed = Timed::new(server, activity.clone(), timeouts);
-        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        read_some(&mut timed).await.unwrap();
-        let request = activity.begin();
-
-        // The reader waits from before the response is done and is not polled again.
-        let reader = tokio::spawn(async move {
-            let read = read_some(&mut timed).await;
-            (read, Instant::now())
-        });
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let finished = Instant::now();
-        drop(request);
-        let (read, closed) = reader.await.unwrap();
-        assert_eq!(read.unwrap(), 0, "closed as the end of the stream");
-        assert_eq!(closed - finished, timeouts.idle);
-        drop(client);
     }
 }
