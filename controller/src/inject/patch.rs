@@ -2,8 +2,8 @@
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    ObjectFieldSelector, Pod, PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements,
+    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
@@ -19,7 +19,7 @@ pub const INJECTED_ANNOTATION: &str = "outrigger.dev/injected";
 /// lacks it and is called in plaintext. Editing it cannot make a caller trust another pod: the
 /// caller checks the certificate, which only the ServiceAccount's token gets.
 pub const IDENTITY_ANNOTATION: &str = "outrigger.dev/identity";
-/// `strict` on a pod or its namespace (the pod's wins): its proxy refuses inbound plaintext.
+/// `strict` on a pod: its proxy refuses inbound plaintext, but for the kubelet's HTTP probes.
 pub const MTLS_ANNOTATION: &str = "outrigger.dev/mtls";
 pub const PROXY_CONTAINER: &str = "outrigger-proxy";
 pub const INIT_CONTAINER: &str = "outrigger-init";
@@ -140,8 +140,8 @@ pub fn patch(pod: &Pod, opt_in: OptIn, config: &InjectorConfig) -> Result<Value,
         .and_then(|a| a.get(MTLS_ANNOTATION))
         .map(String::as_str)
         == Some("strict");
-    let proxy =
-        serde_json::to_value(proxy_container(config, strict)).expect("containers serialize");
+    let proxy = serde_json::to_value(proxy_container(config, strict.then(|| http_probes(spec))))
+        .expect("containers serialize");
     if spec
         .and_then(|s| s.init_containers.as_ref())
         .is_some_and(|c| !c.is_empty())
@@ -239,8 +239,46 @@ fn init_container(config: &InjectorConfig) -> Container {
     }
 }
 
-/// `strict`: the pod refuses inbound plaintext (`outrigger.dev/mtls: strict`).
-fn proxy_container(config: &InjectorConfig, strict: bool) -> Container {
+/// The HTTP probes of the app's containers, as `port:path`: the kubelet is not meshed, so a
+/// strict proxy serves exactly these in plaintext. HTTPS probes are left out (their path cannot
+/// be read), and so is a path with a comma, which the list could not hold.
+fn http_probes(spec: Option<&PodSpec>) -> Vec<String> {
+    let mut probes = Vec::new();
+    for container in spec.into_iter().flat_map(|s| &s.containers) {
+        let declared = [
+            &container.readiness_probe,
+            &container.liveness_probe,
+            &container.startup_probe,
+        ];
+        for get in declared
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.http_get.as_ref())
+        {
+            let port = match &get.port {
+                IntOrString::Int(port) => Some(*port),
+                IntOrString::String(name) => container
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|port| port.name.as_deref() == Some(name))
+                    .map(|port| port.container_port),
+            };
+            let path = get.path.as_deref().unwrap_or("/");
+            let http = get.scheme.as_deref().is_none_or(|s| s == "HTTP");
+            if let Some(port) = port.filter(|_| http && !path.contains(','))
+                && !probes.contains(&format!("{port}:{path}"))
+            {
+                probes.push(format!("{port}:{path}"));
+            }
+        }
+    }
+    probes
+}
+
+/// `strict_probes`: for a strict pod (`outrigger.dev/mtls: strict`), the probes its proxy serves
+/// in plaintext.
+fn proxy_container(config: &InjectorConfig, strict_probes: Option<Vec<String>>) -> Container {
     let field = |path: &str| EnvVarSource {
         field_ref: Some(ObjectFieldSelector {
             field_path: path.into(),
@@ -281,12 +319,19 @@ fn proxy_container(config: &InjectorConfig, strict: bool) -> Container {
             ..Default::default()
         },
     ];
-    if strict {
+    if let Some(probes) = strict_probes {
         env.push(EnvVar {
             name: "OUTRIGGER_INBOUND_MTLS".into(),
             value: Some("strict".into()),
             ..Default::default()
         });
+        if !probes.is_empty() {
+            env.push(EnvVar {
+                name: "OUTRIGGER_INBOUND_PROBES".into(),
+                value: Some(probes.join(",")),
+                ..Default::default()
+            });
+        }
     }
     let mut volume_mounts = None;
     if let Some(identity) = &config.identity {
@@ -548,8 +593,8 @@ mod tests {
     }
 
     #[test]
-    fn a_strict_pod_gets_a_proxy_that_refuses_inbound_plaintext() {
-        let mode = |yaml: &str| {
+    fn a_strict_pod_gets_a_proxy_that_refuses_inbound_plaintext_but_its_http_probes() {
+        let env = |yaml: &str, name: &str| {
             let app = pod(yaml);
             let meshed = apply(
                 &app,
@@ -562,18 +607,30 @@ mod tests {
                 .as_ref()
                 .unwrap()
                 .iter()
-                .find(|e| e.name == "OUTRIGGER_INBOUND_MTLS")
+                .find(|e| e.name == name)
                 .and_then(|e| e.value.clone())
         };
+        let strict = "metadata: {name: a, annotations: {outrigger.dev/mtls: strict}}\n\
+             spec:\n  containers:\n  - name: web\n    image: web\n    ports: [{name: http, containerPort: 8080}]\n\
+             \x20   readinessProbe: {httpGet: {port: http, path: /ready}}\n\
+             \x20   livenessProbe: {httpGet: {port: 8081}}\n\
+             \x20   startupProbe: {httpGet: {port: 8443, path: /up, scheme: HTTPS}}\n\
+             \x20 - name: sidecar\n    image: s\n    readinessProbe: {httpGet: {port: 8080, path: /ready}}\n";
         assert_eq!(
-            mode(
-                "metadata: {name: a, annotations: {outrigger.dev/mtls: strict}}\n\
-                  spec: {containers: []}\n"
-            )
-            .as_deref(),
+            env(strict, "OUTRIGGER_INBOUND_MTLS").as_deref(),
             Some("strict")
         );
-        assert_eq!(mode(APP), None, "permissive, the proxy's default");
+        assert_eq!(
+            env(strict, "OUTRIGGER_INBOUND_PROBES").as_deref(),
+            Some("8080:/ready,8081:/"),
+            "HTTP probes by number, once each; HTTPS ones cannot be told apart"
+        );
+        assert_eq!(
+            env(APP, "OUTRIGGER_INBOUND_MTLS"),
+            None,
+            "permissive, the proxy's default"
+        );
+        assert_eq!(env(APP, "OUTRIGGER_INBOUND_PROBES"), None);
     }
 
     #[test]

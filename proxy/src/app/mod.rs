@@ -143,6 +143,7 @@ impl Proxy {
         let inbound_tls = InboundTls {
             identity: identity.clone(),
             mode: settings.inbound_mtls,
+            probes: settings.inbound_probes.clone().into(),
         };
         // Not ready without an identity, when it has one to get.
         let awaited = getting_identity.then_some(identity);

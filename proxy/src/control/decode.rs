@@ -484,6 +484,30 @@ mod tests {
     }
 
     #[test]
+    fn a_meshed_endpoint_keeps_its_identity_and_an_unmeshed_one_has_none() {
+        let mut meshed = endpoints();
+        meshed.push(proto::Endpoint {
+            address: "10.0.0.2:9080".into(),
+            identity: "spiffe://cluster.local/ns/shop/sa/reviews".into(),
+            ..Default::default()
+        });
+        let config =
+            destination("1".into(), reviews(), meshed, LoopbackEndpoints::Refused).unwrap();
+        let identities: Vec<Option<String>> = config
+            .endpoints
+            .iter()
+            .map(|e| e.identity.as_ref().map(ToString::to_string))
+            .collect();
+        assert_eq!(
+            identities,
+            [
+                None,
+                Some("spiffe://cluster.local/ns/shop/sa/reviews".into())
+            ]
+        );
+    }
+
+    #[test]
     fn loopback_endpoints_are_refused_unless_allowed() {
         let mut loopback = endpoints();
         loopback[0].address = "127.0.0.1:9080".into();

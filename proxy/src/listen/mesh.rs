@@ -5,6 +5,7 @@
 //! for the app, whose server name is the app's) gets back what was read of it, to be served as
 //! without mTLS, or refused in strict mode.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
@@ -33,6 +34,48 @@ pub enum InboundMtls {
 pub struct InboundTls {
     pub identity: Held,
     pub mode: InboundMtls,
+    /// In strict mode, the plaintext requests still served: the kubelet's HTTP probes.
+    pub probes: Arc<[InboundProbe]>,
+}
+
+/// An HTTP probe of the app: `GET` of exactly `path` on `port` (the port the kubelet probes,
+/// which the connection was addressed to).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboundProbe {
+    pub port: u16,
+    pub path: String,
+}
+
+impl std::str::FromStr for InboundProbe {
+    type Err = String;
+
+    /// `port:path`, as the injector writes it.
+    fn from_str(probe: &str) -> Result<Self, String> {
+        let (port, path) = probe
+            .split_once(':')
+            .filter(|(_, path)| path.starts_with('/'))
+            .ok_or_else(|| format!("`{probe}` is not port:/path"))?;
+        let port = port
+            .parse()
+            .map_err(|_| format!("`{port}` in `{probe}` is not a port"))?;
+        Ok(Self {
+            port,
+            path: path.into(),
+        })
+    }
+}
+
+impl InboundTls {
+    /// The probe paths of `port`, if it has any.
+    pub fn probes_of(&self, port: u16) -> Option<Arc<[String]>> {
+        let paths: Arc<[String]> = self
+            .probes
+            .iter()
+            .filter(|probe| probe.port == port)
+            .map(|probe| probe.path.clone())
+            .collect();
+        (!paths.is_empty()).then_some(paths)
+    }
 }
 
 /// A caller has this long to say hello and finish the handshake, as it would for a request head.
@@ -125,8 +168,6 @@ async fn client_hello<T: AsyncRead + Unpin>(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use bytes::Bytes;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
     use tokio::io::AsyncWriteExt;
@@ -278,6 +319,20 @@ mod tests {
             format!("{error:#}").contains("the TLS handshake"),
             "{error:#}"
         );
+    }
+
+    #[test]
+    fn a_probe_reads_as_the_injector_writes_it() {
+        assert_eq!(
+            "8080:/ready?full=1".parse(),
+            Ok(InboundProbe {
+                port: 8080,
+                path: "/ready?full=1".into()
+            })
+        );
+        for wrong in ["8080", "8080:ready", "http:/ready", "70000:/"] {
+            assert!(wrong.parse::<InboundProbe>().is_err(), "{wrong}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

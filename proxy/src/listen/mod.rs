@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -27,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use crate::ctx::ClientId;
-use crate::http::body::{Body, BoxError, watched};
+use crate::http::body::{Body, BoxError, proxy_error, watched};
 use crate::metrics::{ConnectionGuard, Direction, InboundResult, Metrics, Tls};
 use crate::shutdown::stopped;
 use crate::tls;
@@ -35,7 +36,7 @@ use deadlines::{Activity, Timed, Timeouts};
 use detect::{DETECT_TIMEOUT, Protocol, detect};
 use io::Prefixed;
 use mesh::Accepted;
-pub use mesh::{InboundMtls, InboundTls};
+pub use mesh::{InboundMtls, InboundProbe, InboundTls};
 
 /// Limits applied to every downstream connection.
 #[derive(Clone, Debug)]
@@ -230,7 +231,7 @@ impl Servers {
         };
         let Some(inbound) = &self.tls else {
             return self
-                .serve(protocol, stream, info, handling, watcher, None)
+                .serve(protocol, stream, info, handling, watcher, Only::Any)
                 .await;
         };
         if protocol == Protocol::Closed {
@@ -247,8 +248,8 @@ impl Servers {
                 let Ok((protocol, stream)) = detect(stream, wait).await else {
                     return;
                 };
-                let client = ClientId(tls::label(&peer));
-                self.serve(protocol, stream, info, handling, watcher, Some(client))
+                let client = Only::Client(ClientId(tls::label(&peer)));
+                self.serve(protocol, stream, info, handling, watcher, client)
                     .await
             }
             Accepted::Failed(error) => {
@@ -256,22 +257,37 @@ impl Servers {
                     .inbound_connection(Tls::True, InboundResult::Failed);
                 tracing::debug!(error = format!("{error:#}"), peer = %info.peer, "mutual TLS failed");
             }
-            Accepted::Other(_) if inbound.mode == InboundMtls::Strict => {
-                self.metrics
-                    .inbound_connection(Tls::False, InboundResult::Refused);
-                tracing::debug!(peer = %info.peer, "not mutual TLS, refused (strict)");
+            Accepted::Other(stream) if inbound.mode == InboundMtls::Strict => {
+                // The kubelet is not meshed: its probes of this port, and nothing else, are served.
+                let port = info.original_dst.unwrap_or(info.local).port();
+                match inbound
+                    .probes_of(port)
+                    .filter(|_| protocol == Protocol::Http1)
+                {
+                    Some(probes) => {
+                        self.metrics
+                            .inbound_connection(Tls::False, InboundResult::Accepted);
+                        let only = Only::Probes(probes);
+                        self.serve(protocol, stream, info, handling, watcher, only)
+                            .await
+                    }
+                    None => {
+                        self.metrics
+                            .inbound_connection(Tls::False, InboundResult::Refused);
+                        tracing::debug!(peer = %info.peer, "not mutual TLS, refused (strict)");
+                    }
+                }
             }
             Accepted::Other(stream) => {
                 self.metrics
                     .inbound_connection(Tls::False, InboundResult::Accepted);
-                self.serve(protocol, stream, info, handling, watcher, None)
+                self.serve(protocol, stream, info, handling, watcher, Only::Any)
                     .await
             }
         }
     }
 
-    /// Serves a connection whose protocol is known; `client` is the caller's identity over mutual
-    /// TLS.
+    /// Serves a connection whose protocol is known, the requests `only` says.
     async fn serve<IO, S, H>(
         &self,
         protocol: Protocol,
@@ -279,7 +295,7 @@ impl Servers {
         info: ConnectionInfo,
         handling: H,
         watcher: Watcher,
-        client: Option<ClientId>,
+        only: Only,
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         H: Future<Output = Handling<S>>,
@@ -298,9 +314,9 @@ impl Servers {
             (protocol, _) => protocol,
         };
         let service = match handling.await {
-            Handling::Serve(service) => WithClient {
+            Handling::Serve(service) => PerConnection {
                 inner: service,
-                client,
+                only,
             },
             Handling::Forward(to) => return forward::forward(stream, to).await,
         };
@@ -369,24 +385,48 @@ where
     }
 }
 
-/// Puts the caller's identity, when mutual TLS told it, on each request of its connection.
-struct WithClient<S> {
-    inner: S,
-    client: Option<ClientId>,
+/// Which requests of a connection are served, and what they carry.
+enum Only {
+    Any,
+    /// Any, from this caller over mutual TLS: its identity goes on each request.
+    Client(ClientId),
+    /// Plaintext refused (strict) but for the kubelet's probes: `GET` of these paths.
+    Probes(Arc<[String]>),
 }
 
-impl<S> Service<http::Request<Incoming>> for WithClient<S>
+struct PerConnection<S> {
+    inner: S,
+    only: Only,
+}
+
+impl<S> Service<http::Request<Incoming>> for PerConnection<S>
 where
-    S: Service<http::Request<Incoming>>,
+    S: Service<http::Request<Incoming>, Response = http::Response<Body>, Error = Infallible>,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Either<S::Future, std::future::Ready<Result<http::Response<Body>, Infallible>>>;
 
     fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
-        if let Some(client) = &self.client {
-            request.extensions_mut().insert(client.clone());
+        match &self.only {
+            Only::Any => {}
+            Only::Client(client) => {
+                request.extensions_mut().insert(client.clone());
+            }
+            Only::Probes(paths) => {
+                let probe = request.method() == http::Method::GET
+                    && request
+                        .uri()
+                        .path_and_query()
+                        .is_some_and(|path| paths.iter().any(|p| p == path.as_str()));
+                if !probe {
+                    return Either::Right(std::future::ready(Ok(proxy_error(
+                        http::StatusCode::FORBIDDEN,
+                        "plaintext is refused here (strict mutual TLS): only the pod's probes are served",
+                    ))));
+                }
+            }
         }
-        self.inner.call(request)
+        Either::Left(self.inner.call(request))
     }
 }
