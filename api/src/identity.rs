@@ -2,6 +2,7 @@
 //! and the controller certifies.
 
 use std::fmt;
+use std::str::FromStr;
 
 /// The trust domain when none is configured.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -24,9 +25,73 @@ impl fmt::Display for SpiffeId {
     }
 }
 
+/// Why a URI is not the SPIFFE ID of a ServiceAccount.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not spiffe://<trust domain>/ns/<namespace>/sa/<service account>")]
+pub struct NotAWorkloadId(String);
+
+impl FromStr for SpiffeId {
+    type Err = NotAWorkloadId;
+
+    fn from_str(uri: &str) -> Result<Self, NotAWorkloadId> {
+        let invalid = || NotAWorkloadId(uri.to_string());
+        let rest = uri.strip_prefix("spiffe://").ok_or_else(invalid)?;
+        let mut parts = rest.split('/');
+        let (Some(trust_domain), Some("ns"), Some(namespace), Some("sa"), Some(account), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(invalid());
+        };
+        // The characters SPIFFE allows in a trust domain and in path segments.
+        let trust_domain_char = |c: char| matches!(c, 'a'..='z' | '0'..='9' | '.' | '-' | '_');
+        let segment_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+        let well_formed = !trust_domain.is_empty()
+            && trust_domain.chars().all(trust_domain_char)
+            && [namespace, account]
+                .iter()
+                .all(|s| !s.is_empty() && s.chars().all(segment_char));
+        if !well_formed {
+            return Err(invalid());
+        }
+        Ok(Self {
+            trust_domain: trust_domain.into(),
+            namespace: namespace.into(),
+            service_account: account.into(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_reads_back_as_written_and_nothing_else_reads() {
+        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/reviews.v1"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            id.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/reviews.v1"
+        );
+        for wrong in [
+            "",
+            "https://cluster.local/ns/shop/sa/reviews",
+            "spiffe://cluster.local/ns/shop/sa/",
+            "spiffe://cluster.local/ns/shop/sa/reviews/extra",
+            "spiffe://cluster.local/sa/reviews/ns/shop",
+            "spiffe:///ns/shop/sa/reviews",
+            "spiffe://Cluster.Local/ns/shop/sa/reviews",
+            "spiffe://cluster.local/ns/shop/sa/re%2Fviews",
+        ] {
+            assert!(wrong.parse::<SpiffeId>().is_err(), "{wrong}");
+        }
+    }
 
     #[test]
     fn a_service_account_is_named_by_namespace_and_name_under_the_trust_domain() {

@@ -79,6 +79,8 @@ pub struct Controller {
     webhook: Option<webhook::Webhook>,
     /// The certificate authority, when `--identity-dir` is given.
     identity: Option<IdentityService>,
+    /// Of the identities meshed endpoints present.
+    trust_domain: String,
 }
 
 impl Controller {
@@ -113,6 +115,7 @@ impl Controller {
             webhook: webhook::Webhook::bind(&settings.webhook).await?,
             metrics,
             identity,
+            trust_domain: settings.identity.trust_domain,
         })
     }
 
@@ -128,7 +131,11 @@ impl Controller {
     /// and hands over what it holds, returning within [`STOP_BOUND`].
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let snapshots = Snapshots::default();
-        let index = Index::new(snapshots.clone(), self.metrics.clone());
+        let index = Index::new(
+            snapshots.clone(),
+            self.metrics.clone(),
+            self.trust_domain.clone(),
+        );
         let ready = index.synced();
         let name = std::env::var("HOSTNAME").unwrap_or_else(|_| "outrigger-controller".into());
         let discovery = DiscoveryService::new(snapshots, self.metrics.clone(), name);

@@ -22,7 +22,11 @@ fn the_demo_serves_reviews_split_90_10_between_its_two_versions() {
     let metrics = Metrics::default();
     let mut manifests = Manifests::new(examples().join("demo"), metrics.clone()).unwrap();
     let snapshots = Snapshots::default();
-    let mut index = Index::new(snapshots.clone(), metrics.clone());
+    let mut index = Index::new(
+        snapshots.clone(),
+        metrics.clone(),
+        outrigger_api::identity::DEFAULT_TRUST_DOMAIN.into(),
+    );
     for change in manifests.scan() {
         index.apply(change);
     }

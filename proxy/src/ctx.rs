@@ -6,6 +6,8 @@
 //! | [`Tried`]        | each attempt      | `retry` (one per request)           | `balance` (avoids, then adds)  |
 //! | [`ChosenSubset`] | response          | `split`                             | the route table (labels)       |
 //! | [`Labels`]       | response          | the route table; `outbound` for responses made before a route was chosen | `telemetry` |
+//! | [`ClientId`]     | inbound request   | `listen`, on a mutual TLS connection | `telemetry` |
+//! | [`ServerId`]     | outbound response | `client`, from a mutual TLS connection (hyper copies it from the connection) | `telemetry` |
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -33,3 +35,11 @@ pub struct ChosenSubset(pub Name);
 /// Whom a response was for, for its metrics.
 #[derive(Clone, Debug)]
 pub struct Labels(pub RequestLabels);
+
+/// The caller's identity on a mutual TLS connection, as its label reads (`tls::label`).
+#[derive(Clone, Debug)]
+pub struct ClientId(pub Name);
+
+/// The identity of the server that answered over mutual TLS, as its label reads.
+#[derive(Clone, Debug)]
+pub struct ServerId(pub Name);

@@ -13,6 +13,8 @@
 //!   (`destination`): its layers (`layers`), `route`, `split` and `balance`.
 //! - `telemetry`: the layer that records every request's metrics.
 //! - `client`: one upstream address: connections, HTTP/1 and HTTP/2 clients, load.
+//! - `tls`: mutual TLS between meshed proxies: the rustls configurations of the identity held,
+//!   the check of a server's identity, the server names and peer identities.
 //! - `ctx`, `http`, `io`, `policy`, `metrics`, `shutdown`: per-request values, bodies and errors,
 //!   connections that write through, the validated configuration types, the metrics registry.
 
@@ -34,7 +36,9 @@ mod outbound;
 mod policy;
 mod shutdown;
 mod telemetry;
+mod tls;
 
 pub use app::{Proxy, Settings, parse_duration};
 pub use identity::CertifiedIdentity;
 pub use init::{RedirectSettings, install as install_redirect};
+pub use listen::InboundMtls;

@@ -64,10 +64,49 @@ label_values! {
     }
 }
 
+label_values! {
+    /// Whether a connection is the mesh's mutual TLS (an app's own TLS is not).
+    Tls {
+        True => "true",
+        False => "false",
+    }
+}
+
+/// Who was at the other end of a request's connection, as mutual TLS tells: `client_id` on
+/// inbound requests, `server_id` on outbound ones (see `tls::label`); empty in plaintext and for
+/// the other direction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub tls: Tls,
+    pub client_id: Name,
+    pub server_id: Name,
+}
+
+impl PeerLabels {
+    pub fn plaintext() -> Self {
+        Self {
+            tls: Tls::False,
+            client_id: Name::default(),
+            server_id: Name::default(),
+        }
+    }
+}
+
+/// The labels of a request's duration.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DurationLabels {
+    #[prometheus(flatten)]
+    pub dst: RequestLabels,
+    #[prometheus(flatten)]
+    pub peer: PeerLabels,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResponseLabels {
     #[prometheus(flatten)]
     pub dst: RequestLabels,
+    #[prometheus(flatten)]
+    pub peer: PeerLabels,
     pub status_code: u16,
     pub classification: Classification,
 }
@@ -158,6 +197,25 @@ pub struct RenewalLabels {
     pub result: RenewalResult,
 }
 
+label_values! {
+    /// What became of an inbound connection.
+    InboundResult {
+        /// Served (forwarded to the app, or answered).
+        Accepted => "accepted",
+        /// Plaintext, or TLS not meant for this proxy, while `--inbound-mtls strict`.
+        Refused => "refused",
+        /// Mutual TLS that failed: an untrusted or missing client certificate, a handshake cut
+        /// short or too slow.
+        Failed => "failed",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InboundLabels {
+    pub tls: Tls,
+    pub result: InboundResult,
+}
+
 #[derive(Clone)]
 pub struct LatencyBuckets;
 
@@ -198,7 +256,13 @@ macro_rules! of_service_through_dst {
     };
 }
 
-of_service_through_dst!(ResponseLabels, RetryLabels, TimeoutLabels, EndpointLabels);
+of_service_through_dst!(
+    ResponseLabels,
+    DurationLabels,
+    RetryLabels,
+    TimeoutLabels,
+    EndpointLabels
+);
 
 /// A family of per-Service series that remembers which label sets it made for each Service, so
 /// that they can be removed together (prometheus-client's `Family` cannot list them).
@@ -258,7 +322,7 @@ where
 pub struct Metrics {
     registry: Arc<Registry>,
     pub requests: ServiceFamily<ResponseLabels, Counter>,
-    pub request_duration: ServiceFamily<RequestLabels, Histogram, LatencyBuckets>,
+    pub request_duration: ServiceFamily<DurationLabels, Histogram, LatencyBuckets>,
     pub retries: ServiceFamily<RetryLabels, Counter>,
     pub retry_budget_exhausted: ServiceFamily<RequestLabels, Counter>,
     pub timeouts: ServiceFamily<TimeoutLabels, Counter>,
@@ -266,6 +330,7 @@ pub struct Metrics {
     pub endpoints: ServiceFamily<EndpointLabels, Gauge>,
     pub rate_limited: ServiceFamily<RequestLabels, Counter>,
     pub connections_open: Family<DirectionLabels, Gauge>,
+    pub inbound_connections: Family<InboundLabels, Counter>,
     pub config_updates: Family<UpdateLabels, Counter>,
     pub control_plane_connected: Gauge,
     /// 0 while the proxy holds no certificate.
@@ -328,6 +393,22 @@ impl Metrics {
             "Downstream connections open",
             connections_open.clone(),
         );
+        let inbound_connections = Family::<InboundLabels, Counter>::default();
+        // Every outcome that can happen from the start, so that a share of TLS reads 0 rather
+        // than nothing.
+        for (tls, result) in [
+            (Tls::True, InboundResult::Accepted),
+            (Tls::True, InboundResult::Failed),
+            (Tls::False, InboundResult::Accepted),
+            (Tls::False, InboundResult::Refused),
+        ] {
+            let _ = inbound_connections.get_or_create(&InboundLabels { tls, result });
+        }
+        registry.register(
+            "inbound_connections",
+            "Inbound connections by whether they were mutual TLS, and what became of them",
+            inbound_connections.clone(),
+        );
         let config_updates = Family::default();
         registry.register(
             "config_updates",
@@ -367,11 +448,18 @@ impl Metrics {
             endpoints: ServiceFamily::new(endpoints),
             rate_limited: ServiceFamily::new(rate_limited),
             connections_open,
+            inbound_connections,
             config_updates,
             control_plane_connected,
             identity_cert_expiry,
             identity_renewals,
         }
+    }
+
+    pub fn inbound_connection(&self, tls: Tls, result: InboundResult) {
+        self.inbound_connections
+            .get_or_create(&InboundLabels { tls, result })
+            .inc();
     }
 
     pub fn renewed(&self, result: RenewalResult) {

@@ -1,6 +1,8 @@
 //! The metrics layer: counts every request and its duration as the app saw it, including the
 //! responses the proxy made itself. Inner layers say whom a request was for by putting `ctx::Labels` in
-//! the response's extensions; the duration runs until the response body is done.
+//! the response's extensions; the duration runs until the response body is done. Who was at the
+//! other end of mutual TLS comes with the request (`ctx::ClientId`) or the response
+//! (`ctx::ServerId`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,9 +14,11 @@ use http::{Request, Response};
 use http_body::Frame;
 use tokio::time::Instant;
 
-use crate::ctx::Labels;
+use crate::ctx::{ClientId, Labels, ServerId};
 use crate::http::body::{Body, BoxError, FrameWatcher, watched};
-use crate::metrics::{Classification, Metrics, RequestLabels, ResponseLabels};
+use crate::metrics::{
+    Classification, DurationLabels, Metrics, PeerLabels, RequestLabels, ResponseLabels, Tls,
+};
 
 #[derive(Clone)]
 pub struct TelemetryLayer {
@@ -67,6 +71,10 @@ where
             .headers()
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let client_id = request
+            .extensions()
+            .get::<ClientId>()
+            .map(|id| id.0.clone());
         // Boxed here, where `S::Future: Send` is known: inside the async block rustc cannot prove
         // it for the projection (rust-lang/rust#64552).
         let response: ResponseFuture = Box::pin(self.inner.call(request));
@@ -78,13 +86,25 @@ where
                 .get::<Labels>()
                 .map(|Labels(labels)| labels.clone())
                 .unwrap_or(layer.fallback);
+            let server_id = response
+                .extensions()
+                .get::<ServerId>()
+                .map(|id| id.0.clone());
+            let peer = match (client_id, server_id) {
+                (None, None) => PeerLabels::plaintext(),
+                (client_id, server_id) => PeerLabels {
+                    tls: Tls::True,
+                    client_id: client_id.unwrap_or_default(),
+                    server_id: server_id.unwrap_or_default(),
+                },
+            };
             let grpc_status = response
                 .headers()
                 .get("grpc-status")
                 .map(|v| v.as_bytes() == b"0");
             let recorder = Recorder {
                 metrics: layer.metrics,
-                labels,
+                labels: DurationLabels { dst: labels, peer },
                 status: response.status().as_u16(),
                 started,
                 grpc,
@@ -98,7 +118,7 @@ where
 
 struct Recorder {
     metrics: Metrics,
-    labels: RequestLabels,
+    labels: DurationLabels,
     status: u16,
     started: Instant,
     grpc: bool,
@@ -123,7 +143,8 @@ impl Drop for Recorder {
             metric.observe(self.started.elapsed().as_secs_f64())
         });
         let labels = ResponseLabels {
-            dst: self.labels.clone(),
+            dst: self.labels.dst.clone(),
+            peer: self.labels.peer.clone(),
             status_code: self.status,
             classification,
         };

@@ -119,11 +119,11 @@ async fn inbound_reaches_the_local_app_and_both_directions_are_counted() {
     let reply = Conn::http2(proxy.inbound).await.get("anything", "/").await;
     assert_eq!(reply.header("x-seen-version"), "HTTP/2.0");
     assert_eq!(get(proxy.outbound, "web", "/").await.status, 200);
-    let inbound = r#"outrigger_requests_total{direction="inbound",dst_namespace="default",dst_service="",dst_subset="",route="",status_code="200",classification="success"}"#;
-    let outbound = r#"outrigger_requests_total{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route="",status_code="200",classification="success"}"#;
+    let inbound = r#"outrigger_requests_total{direction="inbound",dst_namespace="default",dst_service="",dst_subset="",route="",tls="false",client_id="",server_id="",status_code="200",classification="success"}"#;
+    let outbound = r#"outrigger_requests_total{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route="",tls="false",client_id="",server_id="",status_code="200",classification="success"}"#;
     assert_eq!(metric(proxy.admin, inbound).await, 2.0);
     assert_eq!(metric(proxy.admin, outbound).await, 1.0);
-    let histogram = r#"outrigger_request_duration_seconds_count{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route=""}"#;
+    let histogram = r#"outrigger_request_duration_seconds_count{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route="",tls="false",client_id="",server_id=""}"#;
     assert_eq!(metric(proxy.admin, histogram).await, 1.0);
 }
 
@@ -144,7 +144,7 @@ async fn unknown_destinations_get_503_naming_them() {
             .header("outrigger-proxy-error")
             .contains("unknown destination")
     );
-    let failures = r#"outrigger_requests_total{direction="outbound",dst_namespace="",dst_service="",dst_subset="",route="",status_code="503",classification="failure"}"#;
+    let failures = r#"outrigger_requests_total{direction="outbound",dst_namespace="",dst_service="",dst_subset="",route="",tls="false",client_id="",server_id="",status_code="503",classification="failure"}"#;
     assert_eq!(metric(proxy.admin, failures).await, 2.0);
 }
 

@@ -256,7 +256,7 @@ async fn destination_state(key: &str) -> serde_json::Value {
 
 /// The number of inbound requests the proxy answered 200.
 async fn inbound_ok() -> f64 {
-    let series = r#"outrigger_requests_total{direction="inbound",dst_namespace="shop",dst_service="",dst_subset="",route="",status_code="200",classification="success"}"#;
+    let series = r#"outrigger_requests_total{direction="inbound",dst_namespace="shop",dst_service="",dst_subset="",route="",tls="false",client_id="",server_id="",status_code="200",classification="success"}"#;
     metric(addr(ADMIN), series).await
 }
 

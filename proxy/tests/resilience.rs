@@ -126,7 +126,7 @@ async fn split_shares_match_the_weights_and_zero_gets_nothing() {
         / 10_000.0;
     assert!((canary - 0.10).abs() <= 0.015, "canary share {canary}");
     assert_eq!(hits(&m.backends, "dark"), 0);
-    let canary_series = r#"outrigger_requests_total{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="canary",route="",status_code="200",classification="success"}"#;
+    let canary_series = r#"outrigger_requests_total{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="canary",route="",tls="false",client_id="",server_id="",status_code="200",classification="success"}"#;
     assert_eq!(
         metric(m.proxy.admin, canary_series).await as u64,
         hits(&m.backends, "canary")
@@ -235,7 +235,7 @@ async fn routes_match_headers_path_and_method_and_override_the_split() {
             "{description}"
         );
     }
-    let routed = r#"outrigger_requests_total{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="canary",route="canary-testers",status_code="200",classification="success"}"#;
+    let routed = r#"outrigger_requests_total{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="canary",route="canary-testers",tls="false",client_id="",server_id="",status_code="200",classification="success"}"#;
     assert_eq!(metric(m.proxy.admin, routed).await, 1.0);
 }
 
@@ -872,6 +872,6 @@ async fn grpc_is_retried_on_unavailable_and_classified_by_grpc_status() {
     let reply = conn.send(grpc_call()).await.unwrap();
     assert_eq!(reply.header("grpc-status"), "13");
     assert_eq!(m.backends[0].hits() + m.backends[1].hits() - before, 1);
-    let failed = r#"outrigger_requests_total{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route="",status_code="200",classification="failure"}"#;
+    let failed = r#"outrigger_requests_total{direction="outbound",dst_namespace="default",dst_service="web",dst_subset="",route="",tls="false",client_id="",server_id="",status_code="200",classification="failure"}"#;
     assert_eq!(metric(m.proxy.admin, failed).await, 1.0);
 }

@@ -251,3 +251,46 @@ async fn a_flood_of_connections_holds_at_most_the_cap() {
     assert_eq!(body, "ok");
     backend.next_request().await;
 }
+
+/// Whatever a plaintext request to `addr` gets back before the connection closes.
+async fn raw_exchange(addr: std::net::SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /ready HTTP/1.1\r\nhost: app\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_strict_proxy_refuses_plaintext_but_for_the_probes_it_was_given() {
+    let app = outrigger_tests::Backend::start("app").await;
+    let cp = ControlPlane::start().await;
+    let permissive = RunningProxy::start(settings(&cp.url(), app.addr)).await;
+    assert_eq!(get(permissive.inbound, "app", "/ready").await.status, 200);
+
+    let mut strict = settings(&cp.url(), app.addr);
+    strict.inbound_mtls = outrigger_proxy::InboundMtls::Strict;
+    let refused = RunningProxy::start(strict.clone()).await;
+    assert_eq!(raw_exchange(refused.inbound).await, "", "closed unanswered");
+    let counted = r#"outrigger_inbound_connections_total{tls="false",result="refused"}"#;
+    assert_eq!(metric(refused.admin, counted).await, 1.0);
+
+    // The probes are of the port the kubelet calls, which is the one the connection was made to.
+    strict.inbound_addr = outrigger_tests::process::free_port().unwrap();
+    let port = strict.inbound_addr.port();
+    strict.inbound_probes = vec![format!("{port}:/ready").parse().unwrap()];
+    let probed = RunningProxy::start(strict).await;
+    let mut kubelet = Conn::http1(probed.inbound).await;
+    assert_eq!(kubelet.get("app", "/ready").await.status, 200);
+    let other = kubelet.get("app", "/admin").await;
+    assert_eq!(other.status, 403, "{}", other.body);
+    assert!(
+        other.body.contains("only the pod's probes"),
+        "{}",
+        other.body
+    );
+    assert_eq!(app.hits(), 2, "the refused request never reached the app");
+}

@@ -161,6 +161,7 @@ pub fn destination(
                 subsets: subsets.iter().map(|s| s.to_string()).collect(),
                 pod: format!("pod-{}", addr.port()),
                 h2c: false,
+                identity: String::new(),
             })
             .collect(),
     }

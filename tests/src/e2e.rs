@@ -41,6 +41,8 @@ impl RunningProxy {
             allow_loopback_endpoints: true,
             identity_token_file: None,
             trust_domain: outrigger_api::identity::DEFAULT_TRUST_DOMAIN.into(),
+            inbound_mtls: outrigger_proxy::InboundMtls::Permissive,
+            inbound_probes: Vec::new(),
         })
         .await
         .expect("proxy binds");

@@ -5,6 +5,7 @@ pub mod backend;
 pub mod control_plane;
 pub mod dashboards;
 pub mod e2e;
+pub mod identity;
 pub mod live;
 pub mod process;
 

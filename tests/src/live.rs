@@ -32,15 +32,20 @@ pub struct LiveController {
 
 /// A controller fed by the manifests directory `manifests`.
 pub async fn start_controller(manifests: &Path) -> LiveController {
-    let flags = ControllerFlags::parse_from([
+    start_controller_with(&["--manifests", manifests.to_str().expect("a UTF-8 path")]).await
+}
+
+/// A controller started with `flags`, its listeners on loopback ports of their own.
+pub async fn start_controller_with(flags: &[&str]) -> LiveController {
+    let mut args = vec![
         "outrigger-controller",
-        "--manifests",
-        manifests.to_str().expect("a UTF-8 path"),
         "--grpc-addr",
         ANY,
         "--admin-addr",
         ANY,
-    ]);
+    ];
+    args.extend(flags);
+    let flags = ControllerFlags::parse_from(args);
     let controller = outrigger_controller::Controller::bind(flags.settings)
         .await
         .expect("bind controller");
@@ -58,37 +63,43 @@ pub async fn start_controller(manifests: &Path) -> LiveController {
 /// A running proxy; it stops when dropped.
 pub struct LiveProxy {
     pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
     pub admin: SocketAddr,
     _stop: watch::Sender<bool>,
 }
 
-/// A proxy of `control_plane` for the app at `app`, with `identity` (`--namespace`, `--workload`
-/// and the like) and endpoints allowed on loopback, where the tests' backends listen.
-pub async fn start_proxy(control_plane: &str, app: SocketAddr, identity: &[&str]) -> LiveProxy {
+/// A proxy of `control_plane` for the app at `app`, with `flags` (`--namespace`, `--workload`
+/// and the like) and endpoints allowed on loopback, where the tests' backends listen. Its
+/// listeners are on loopback ports of their own unless `flags` say where.
+pub async fn start_proxy(control_plane: &str, app: SocketAddr, flags: &[&str]) -> LiveProxy {
     let app = app.to_string();
     let mut args = vec![
         "outrigger-proxy",
         "--control-plane",
         control_plane,
-        "--outbound-addr",
-        ANY,
-        "--inbound-addr",
-        ANY,
-        "--admin-addr",
-        ANY,
         "--app-addr",
         &app,
         "--allow-loopback-endpoints",
     ];
-    args.extend(identity);
+    for listener in ["--outbound-addr", "--inbound-addr", "--admin-addr"] {
+        if !flags.contains(&listener) {
+            args.extend([listener, ANY]);
+        }
+    }
+    args.extend(flags);
     let proxy = outrigger_proxy::Proxy::bind(ProxyFlags::parse_from(args).settings)
         .await
         .expect("bind proxy");
-    let (outbound, admin) = (proxy.outbound_addr(), proxy.admin_addr());
+    let (outbound, inbound, admin) = (
+        proxy.outbound_addr(),
+        proxy.inbound_addr(),
+        proxy.admin_addr(),
+    );
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(proxy.run(stopped));
     LiveProxy {
         outbound,
+        inbound,
         admin,
         _stop: stop,
     }

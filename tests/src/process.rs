@@ -1,10 +1,12 @@
 //! The project's binaries as child processes, for the demo and the benchmarks: output goes to a
-//! log file (quoted when something fails), and a dropped process is stopped and reaped.
+//! log file (quoted when something fails), and a dropped process is stopped and reaped. Also the
+//! machine's ports and address as tests use them.
 
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -156,4 +158,43 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf> {
         bail!("{} is not built (expected at {})", name, binary.display());
     }
     Ok(binary)
+}
+
+/// This machine's first IPv4 address outside the loopback and link-local ranges, for what an
+/// EndpointSlice names (they refuse loopback addresses).
+pub fn host_address() -> IpAddr {
+    static ADDRESS: OnceLock<IpAddr> = OnceLock::new();
+    *ADDRESS.get_or_init(|| {
+        let mut interfaces: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: getifaddrs fills a list that freeifaddrs releases; it is only read in between.
+        assert_eq!(
+            unsafe { libc::getifaddrs(&mut interfaces) },
+            0,
+            "getifaddrs failed"
+        );
+        let mut found = None;
+        let mut cursor = interfaces;
+        // SAFETY (each dereference): the list's pointers are null or valid until freeifaddrs.
+        while let Some(interface) = unsafe { cursor.as_ref() } {
+            cursor = interface.ifa_next;
+            let Some(address) = (unsafe { interface.ifa_addr.as_ref() }) else {
+                continue;
+            };
+            if i32::from(address.sa_family) != libc::AF_INET {
+                continue;
+            }
+            // SAFETY: an AF_INET address is a sockaddr_in.
+            let address = unsafe { &*(interface.ifa_addr as *const libc::sockaddr_in) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(address.sin_addr.s_addr));
+            if !ip.is_loopback() && !ip.is_link_local() {
+                found = Some(IpAddr::V4(ip));
+                break;
+            }
+        }
+        unsafe { libc::freeifaddrs(interfaces) };
+        found.expect(
+            "the cluster tests need an IPv4 address outside 127.0.0.0/8: \
+             EndpointSlices refuse loopback ones",
+        )
+    })
 }

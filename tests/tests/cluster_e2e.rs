@@ -10,7 +10,7 @@
 //! Needs the controller binary built next to the tests (`cargo test --workspace` builds it; alone:
 //! `cargo build -p outrigger-controller && cargo test -p outrigger-tests --test cluster_e2e`).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -19,7 +19,7 @@ use std::time::Duration;
 use outrigger_cluster::Cluster;
 use outrigger_tests::Backend;
 use outrigger_tests::e2e::{RunningProxy, eventually, eventually_within, get};
-use outrigger_tests::process::{ChildProcess, free_port, sibling_binary};
+use outrigger_tests::process::{ChildProcess, free_port, host_address, sibling_binary};
 use serde_json::Value;
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -330,44 +330,6 @@ impl Reviews {
         }
         documents.join("---\n")
     }
-}
-
-/// This machine's first IPv4 address outside the loopback and link-local ranges.
-fn host_address() -> IpAddr {
-    static ADDRESS: OnceLock<IpAddr> = OnceLock::new();
-    *ADDRESS.get_or_init(|| {
-        let mut interfaces: *mut libc::ifaddrs = std::ptr::null_mut();
-        // SAFETY: getifaddrs fills a list that freeifaddrs releases; it is only read in between.
-        assert_eq!(
-            unsafe { libc::getifaddrs(&mut interfaces) },
-            0,
-            "getifaddrs failed"
-        );
-        let mut found = None;
-        let mut cursor = interfaces;
-        // SAFETY (each dereference): the list's pointers are null or valid until freeifaddrs.
-        while let Some(interface) = unsafe { cursor.as_ref() } {
-            cursor = interface.ifa_next;
-            let Some(address) = (unsafe { interface.ifa_addr.as_ref() }) else {
-                continue;
-            };
-            if i32::from(address.sa_family) != libc::AF_INET {
-                continue;
-            }
-            // SAFETY: an AF_INET address is a sockaddr_in.
-            let address = unsafe { &*(interface.ifa_addr as *const libc::sockaddr_in) };
-            let ip = std::net::Ipv4Addr::from(u32::from_be(address.sin_addr.s_addr));
-            if !ip.is_loopback() && !ip.is_link_local() {
-                found = Some(IpAddr::V4(ip));
-                break;
-            }
-        }
-        unsafe { libc::freeifaddrs(interfaces) };
-        found.expect(
-            "the cluster tests need an IPv4 address outside 127.0.0.0/8: \
-             EndpointSlices refuse loopback ones",
-        )
-    })
 }
 
 /// Polls the policy until `check` holds, within [`STATUS_DEADLINE`]; fails showing its status.

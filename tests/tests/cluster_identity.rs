@@ -8,52 +8,16 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use clap::Parser;
 use outrigger_cluster::Cluster;
 use outrigger_tests::dashboards::http_get;
+use outrigger_tests::identity::write_authority;
 use outrigger_tests::live;
-use tokio::sync::watch;
 
 const NAMESPACE: &str = "shop";
 const ACCOUNT: &str = "reviews";
 const PATIENCE: Duration = Duration::from_secs(60);
-
-#[derive(Parser)]
-struct ControllerFlags {
-    #[command(flatten)]
-    settings: outrigger_controller::Settings,
-}
-
-/// A P-256 CA, anchor and issuer at once, as `openssl` writes it (the key in PKCS#8).
-fn write_authority(dir: &Path) {
-    let output = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "2", "-subj", "/CN=outrigger test anchor"])
-        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
-        .args(["-addext", "keyUsage=critical,keyCertSign"])
-        .arg("-keyout")
-        .arg(dir.join("tls.key"))
-        .arg("-out")
-        .arg(dir.join("tls.crt"))
-        .output()
-        .expect("run openssl");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    std::fs::copy(dir.join("tls.crt"), dir.join("ca.crt")).unwrap();
-}
 
 fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
     cluster
@@ -124,25 +88,16 @@ async fn a_proxy_is_ready_once_certified_for_its_service_account_and_not_with_an
     let secret = dir.path().join("identity");
     std::fs::create_dir(&secret).unwrap();
     write_authority(&secret);
-    let flags = ControllerFlags::parse_from([
-        "outrigger-controller",
+    let controller = live::start_controller_with(&[
         "--kubeconfig",
         cluster.kubeconfig().to_str().unwrap(),
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
         "--leader-namespace",
         "default",
         "--identity-dir",
         secret.to_str().unwrap(),
-    ]);
-    let controller = outrigger_controller::Controller::bind(flags.settings)
-        .await
-        .expect("bind the controller");
-    let url = format!("http://{}", controller.grpc_addr());
-    let (_stop, stopped) = watch::channel(false);
-    tokio::spawn(controller.run(stopped));
+    ])
+    .await;
+    let url = controller.url.clone();
 
     let certified = proxy(&cluster, &url, dir.path(), "outrigger").await;
     let refused = proxy(&cluster, &url, dir.path(), "someone-else").await;

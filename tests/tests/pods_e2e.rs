@@ -10,7 +10,8 @@
 //! 3. Apply `examples/reviews-canary.yaml`: the client's calls to
 //!    `http://reviews.shop.svc.cluster.local:9080`, through CoreDNS, the ClusterIP and the iptables
 //!    of its own pod, split about 90/10; `x-canary: true` always reaches v2; `kubectl get dp`
-//!    shows the proxy as acknowledged.
+//!    shows the proxy as acknowledged; the calls go over mutual TLS, and both proxies' metrics
+//!    name the other side.
 //! 4. v2 failing half its requests: retries hide it. A v1 pod answering only 5xx is ejected (the
 //!    client's proxy's `/endpoints` and metrics say so) and gets exactly one probe per ejection.
 //! 5. A rolling restart of reviews v1 under steady load loses no request; neither does deleting
@@ -712,6 +713,29 @@ fn canary(suite: &mut Suite) {
                 (v2 as f64 - expected).abs() <= tolerance,
                 "v2 got {v2} of {n}, expected {expected} ± {tolerance:.0}"
             );
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "meshed pods call each other over mutual TLS, each side's proxy naming the other",
+        (|| {
+            // Both run as the shop's default ServiceAccount.
+            let client = metrics(suite.client_proxy()?)?;
+            let outbound = metric(
+                &client,
+                "outrigger_requests_total",
+                r#"tls="true",client_id="",server_id="shop/default""#,
+            )?;
+            ensure!(outbound > 0.0, "no call over mutual TLS");
+            for pod in suite.pods(SHOP, "app=reviews")? {
+                let inbound = metric(
+                    &metrics(pod.addr(4191))?,
+                    "outrigger_requests_total",
+                    r#"tls="true",client_id="shop/default",server_id="""#,
+                )
+                .map_err(|err| format!("{}: {err}", pod.name()))?;
+                ensure!(inbound > 0.0, "{}: no call over mutual TLS", pod.name());
+            }
             Ok(())
         })(),
     );

@@ -56,6 +56,8 @@ pub(super) struct Inputs<'a> {
     pub(super) slices: &'a Slices,
     pub(super) pods: &'a Pods,
     pub(super) policy: Option<&'a Translated>,
+    /// Of the identities meshed endpoints present.
+    pub(super) trust_domain: &'a str,
 }
 
 impl Groups {
@@ -156,6 +158,11 @@ fn build(
                         .unwrap_or_default(),
                     pod: endpoint.pod.clone().unwrap_or_default(),
                     h2c: port.h2c,
+                    identity: inputs
+                        .pods
+                        .identity_of(namespace, endpoint.pod.as_deref(), inputs.trust_domain)
+                        .map(|id| id.to_string())
+                        .unwrap_or_default(),
                 })
                 .collect();
             (!endpoints.is_empty()).then(|| Arc::new(EndpointSet::new(key.name.clone(), endpoints)))

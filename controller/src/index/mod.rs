@@ -2,7 +2,7 @@
 //! Service port.
 //!
 //! Sources (a manifests directory; the Kubernetes API) feed it [`Change`]s. It keeps only what
-//! destinations are made of (Service ports and ClusterIPs, ready endpoints, pod labels, translated
+//! destinations are made of (Service ports and ClusterIPs, ready endpoints, pod labels and identities, translated
 //! policies), and on each change recomputes only the Services that change can affect. A destination
 //! is published under the Service port's name (`reviews.shop.svc.cluster.local:9080`) and under
 //! each ClusterIP:port (what a redirected connection was addressed to), and only when its content
@@ -55,13 +55,16 @@ pub struct Index {
     published: HashMap<ObjectKey, HashMap<String, String>>,
     synced: watch::Sender<bool>,
     reports: watch::Sender<PolicyReports>,
+    /// Of the identities meshed endpoints present: the controller's, which it certifies.
+    trust_domain: String,
 }
 
 impl Index {
-    pub fn new(snapshots: Snapshots, metrics: Metrics) -> Self {
+    pub fn new(snapshots: Snapshots, metrics: Metrics, trust_domain: String) -> Self {
         Self {
             snapshots,
             metrics,
+            trust_domain,
             services: Services::default(),
             slices: Slices::default(),
             pods: Pods::default(),
@@ -192,8 +195,8 @@ impl Index {
         touched.service
     }
 
-    /// Drops the groups of the slices with an endpoint on `pod`, whose labels change; returns
-    /// their Services.
+    /// Drops the groups of the slices with an endpoint on `pod`, whose labels or identity
+    /// change; returns their Services.
     fn pod_changed(&mut self, pod: &ObjectKey) -> BTreeSet<ObjectKey> {
         let mut services = BTreeSet::new();
         for (slice, service) in self.slices.on_pod(pod) {
@@ -248,6 +251,7 @@ impl Index {
             slices: &self.slices,
             pods: &self.pods,
             policy: policy.map(|(.., translated)| translated),
+            trust_domain: &self.trust_domain,
         });
         let mut destinations = BTreeMap::new();
         for (port, groups) in state.ports.iter().zip(groups) {

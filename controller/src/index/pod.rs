@@ -1,30 +1,70 @@
-//! Pods, by their labels only: they put endpoints into a policy's subsets.
+//! Pods, by what endpoints need of them: their labels (which put endpoints into a policy's
+//! subsets) and, for a meshed pod, the identity its proxy presents.
 
 use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::core::v1::Pod;
+use outrigger_api::identity::SpiffeId;
 
+use crate::inject::patch::IDENTITY_ANNOTATION;
 use crate::source::ObjectKey;
 use crate::translate::Translated;
 
-/// Every pod's labels, by namespaced name.
+#[derive(Debug, PartialEq)]
+struct PodState {
+    labels: BTreeMap<String, String>,
+    /// The ServiceAccount of a meshed pod.
+    service_account: Option<String>,
+}
+
+impl PodState {
+    fn of(pod: &Pod) -> Self {
+        Self {
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            service_account: pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(IDENTITY_ANNOTATION))
+                .filter(|account| !account.is_empty())
+                .cloned(),
+        }
+    }
+}
+
+/// Every pod, by namespaced name.
 #[derive(Default)]
-pub(super) struct Pods(HashMap<ObjectKey, BTreeMap<String, String>>);
+pub(super) struct Pods(HashMap<ObjectKey, PodState>);
 
 impl Pods {
-    /// Whether the pod is known with these labels already: pods change often (status) and matter
-    /// only by their labels.
+    /// Whether the pod is known as it is already: pods change often (status) and matter only by
+    /// their labels and identity.
     pub(super) fn unchanged(&self, key: &ObjectKey, pod: &Pod) -> bool {
-        self.0.get(key) == Some(pod.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
+        self.0.get(key) == Some(&PodState::of(pod))
     }
 
     pub(super) fn insert(&mut self, key: ObjectKey, pod: Pod) {
-        self.0.insert(key, pod.metadata.labels.unwrap_or_default());
+        self.0.insert(key, PodState::of(&pod));
     }
 
     /// Whether there was one.
     pub(super) fn remove(&mut self, key: &ObjectKey) -> bool {
         self.0.remove(key).is_some()
+    }
+
+    /// The identity of a meshed pod, in `trust_domain`; none for a pod not meshed or not seen yet.
+    pub(super) fn identity_of(
+        &self,
+        namespace: &str,
+        pod: Option<&str>,
+        trust_domain: &str,
+    ) -> Option<SpiffeId> {
+        let state = self.0.get(&ObjectKey::new(namespace, pod?))?;
+        Some(SpiffeId {
+            trust_domain: trust_domain.into(),
+            namespace: namespace.into(),
+            service_account: state.service_account.clone()?,
+        })
     }
 
     /// The policy's subsets whose labels the pod carries; a pod not seen yet carries none.
@@ -37,7 +77,7 @@ impl Pods {
         let no_labels = BTreeMap::new();
         let labels = pod
             .and_then(|pod| self.0.get(&ObjectKey::new(namespace, pod)))
-            .unwrap_or(&no_labels);
+            .map_or(&no_labels, |state| &state.labels);
         translated
             .subsets
             .iter()

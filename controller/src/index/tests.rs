@@ -83,7 +83,14 @@ fn deleted(kind: Kind, name: &str) -> Change {
 
 fn index() -> (Index, Snapshots) {
     let snapshots = Snapshots::default();
-    (Index::new(snapshots.clone(), Metrics::default()), snapshots)
+    (
+        Index::new(
+            snapshots.clone(),
+            Metrics::default(),
+            outrigger_api::identity::DEFAULT_TRUST_DOMAIN.into(),
+        ),
+        snapshots,
+    )
 }
 
 #[derive(Debug, PartialEq)]
@@ -153,6 +160,7 @@ fn a_service_port_is_published_by_name_and_by_cluster_ip() {
             subsets: vec![],
             pod: "reviews-1".into(),
             h2c: false,
+            identity: String::new(),
         }]
     );
     assert_eq!(destination.policy, "");
@@ -252,6 +260,83 @@ fn endpoints_are_grouped_by_slice_so_churn_changes_one_group() {
     assert_eq!(
         layout(&after[1..]),
         [("reviews-b".to_string(), vec!["10.0.0.3:8080".to_string()])]
+    );
+}
+
+/// A pod the injector meshed with identity, for `account`.
+fn meshed_pod(name: &str, account: &str) -> Change {
+    Change::Applied(Object::Pod(Box::new(object(json!({
+        "metadata": {
+            "namespace": "shop", "name": name, "labels": {"version": "v1"},
+            "annotations": {"outrigger.dev/injected": "true", "outrigger.dev/identity": account},
+        },
+    })))))
+}
+
+/// (address, identity) of every endpoint.
+fn identities(snapshots: &Snapshots) -> Vec<(String, String)> {
+    endpoint_list(snapshots, BY_NAME)
+        .into_iter()
+        .map(|e| (e.address, e.identity))
+        .collect()
+}
+
+#[test]
+fn meshed_endpoints_name_the_identity_their_proxy_presents() {
+    let (mut index, snapshots) = index();
+    index.apply(meshed_pod("reviews-1", "reviews"));
+    // Injected without identity (or by an older injector): plaintext.
+    index.apply(pod("reviews-2", "v1"));
+    index.apply(slice(
+        "reviews-a",
+        8080,
+        &[
+            ("10.0.0.1", "reviews-1", true),
+            ("10.0.0.2", "reviews-2", true),
+            ("10.0.0.3", "reviews-3", true),
+        ],
+    ));
+    index.apply(reviews());
+    let id = "spiffe://cluster.local/ns/shop/sa/reviews".to_string();
+    assert_eq!(
+        identities(&snapshots),
+        [
+            ("10.0.0.1:8080".into(), id.clone()),
+            ("10.0.0.2:8080".into(), String::new()),
+            // Not seen yet: not known to be meshed.
+            ("10.0.0.3:8080".into(), String::new()),
+        ]
+    );
+
+    // A pod meshed since, and one whose annotation went: the groups follow.
+    index.apply(meshed_pod("reviews-2", "reviews-v2"));
+    index.apply(pod("reviews-1", "v1"));
+    assert_eq!(
+        identities(&snapshots),
+        [
+            ("10.0.0.1:8080".into(), String::new()),
+            (
+                "10.0.0.2:8080".into(),
+                "spiffe://cluster.local/ns/shop/sa/reviews-v2".into()
+            ),
+            ("10.0.0.3:8080".into(), String::new()),
+        ]
+    );
+}
+
+#[test]
+fn identities_are_in_the_controllers_trust_domain() {
+    let snapshots = Snapshots::default();
+    let mut index = Index::new(snapshots.clone(), Metrics::default(), "example.org".into());
+    index.apply(meshed_pod("reviews-1", "reviews"));
+    index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+    index.apply(reviews());
+    assert_eq!(
+        identities(&snapshots),
+        [(
+            "10.0.0.1:8080".into(),
+            "spiffe://example.org/ns/shop/sa/reviews".into()
+        )]
     );
 }
 

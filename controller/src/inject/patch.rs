@@ -2,8 +2,8 @@
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    ObjectFieldSelector, Pod, PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements,
+    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
@@ -13,6 +13,14 @@ use serde_json::{Value, json};
 /// out too.
 pub const INJECT_KEY: &str = "outrigger.dev/inject";
 pub const INJECTED_ANNOTATION: &str = "outrigger.dev/injected";
+/// Set on a pod injected with identity, to its ServiceAccount: its proxy serves mutual TLS as
+/// `spiffe://<trust domain>/ns/<namespace>/sa/<this>`, which the index tells its callers to
+/// expect. A pod injected without identity, or by an injector whose proxies did not speak mTLS,
+/// lacks it and is called in plaintext. Editing it cannot make a caller trust another pod: the
+/// caller checks the certificate, which only the ServiceAccount's token gets.
+pub const IDENTITY_ANNOTATION: &str = "outrigger.dev/identity";
+/// `strict` on a pod: its proxy refuses inbound plaintext, but for the kubelet's HTTP probes.
+pub const MTLS_ANNOTATION: &str = "outrigger.dev/mtls";
 pub const PROXY_CONTAINER: &str = "outrigger-proxy";
 pub const INIT_CONTAINER: &str = "outrigger-init";
 
@@ -128,7 +136,12 @@ pub fn patch(pod: &Pod, opt_in: OptIn, config: &InjectorConfig) -> Result<Value,
         }
     }
     let init = serde_json::to_value(init_container(config)).expect("containers serialize");
-    let proxy = serde_json::to_value(proxy_container(config)).expect("containers serialize");
+    let strict = annotations
+        .and_then(|a| a.get(MTLS_ANNOTATION))
+        .map(String::as_str)
+        == Some("strict");
+    let proxy = serde_json::to_value(proxy_container(config, strict.then(|| http_probes(spec))))
+        .expect("containers serialize");
     if spec
         .and_then(|s| s.init_containers.as_ref())
         .is_some_and(|c| !c.is_empty())
@@ -143,11 +156,21 @@ pub fn patch(pod: &Pod, opt_in: OptIn, config: &InjectorConfig) -> Result<Value,
     if annotations.is_none() {
         operations.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
     }
-    operations.push(json!({
-        "op": "add",
-        "path": format!("/metadata/annotations/{}", INJECTED_ANNOTATION.replace('/', "~1")),
-        "value": "true",
-    }));
+    let mut annotate = |key: &str, value: &str| {
+        operations.push(json!({
+            "op": "add",
+            "path": format!("/metadata/annotations/{}", key.replace('/', "~1")),
+            "value": value,
+        }));
+    };
+    annotate(INJECTED_ANNOTATION, "true");
+    if config.identity.is_some() {
+        // As the proxy's certificate will name it: the API server has set the default by now.
+        let account = spec
+            .and_then(|s| s.service_account_name.as_deref())
+            .unwrap_or("default");
+        annotate(IDENTITY_ANNOTATION, account);
+    }
     Ok(Value::Array(operations))
 }
 
@@ -216,7 +239,46 @@ fn init_container(config: &InjectorConfig) -> Container {
     }
 }
 
-fn proxy_container(config: &InjectorConfig) -> Container {
+/// The HTTP probes of the app's containers, as `port:path`: the kubelet is not meshed, so a
+/// strict proxy serves exactly these in plaintext. HTTPS probes are left out (their path cannot
+/// be read), and so is a path with a comma, which the list could not hold.
+fn http_probes(spec: Option<&PodSpec>) -> Vec<String> {
+    let mut probes = Vec::new();
+    for container in spec.into_iter().flat_map(|s| &s.containers) {
+        let declared = [
+            &container.readiness_probe,
+            &container.liveness_probe,
+            &container.startup_probe,
+        ];
+        for get in declared
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.http_get.as_ref())
+        {
+            let port = match &get.port {
+                IntOrString::Int(port) => Some(*port),
+                IntOrString::String(name) => container
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|port| port.name.as_deref() == Some(name))
+                    .map(|port| port.container_port),
+            };
+            let path = get.path.as_deref().unwrap_or("/");
+            let http = get.scheme.as_deref().is_none_or(|s| s == "HTTP");
+            if let Some(port) = port.filter(|_| http && !path.contains(','))
+                && !probes.contains(&format!("{port}:{path}"))
+            {
+                probes.push(format!("{port}:{path}"));
+            }
+        }
+    }
+    probes
+}
+
+/// `strict_probes`: for a strict pod (`outrigger.dev/mtls: strict`), the probes its proxy serves
+/// in plaintext.
+fn proxy_container(config: &InjectorConfig, strict_probes: Option<Vec<String>>) -> Container {
     let field = |path: &str| EnvVarSource {
         field_ref: Some(ObjectFieldSelector {
             field_path: path.into(),
@@ -257,6 +319,20 @@ fn proxy_container(config: &InjectorConfig) -> Container {
             ..Default::default()
         },
     ];
+    if let Some(probes) = strict_probes {
+        env.push(EnvVar {
+            name: "OUTRIGGER_INBOUND_MTLS".into(),
+            value: Some("strict".into()),
+            ..Default::default()
+        });
+        if !probes.is_empty() {
+            env.push(EnvVar {
+                name: "OUTRIGGER_INBOUND_PROBES".into(),
+                value: Some(probes.join(",")),
+                ..Default::default()
+            });
+        }
+    }
     let mut volume_mounts = None;
     if let Some(identity) = &config.identity {
         let value = |name: &str, value: String| EnvVar {
@@ -477,11 +553,84 @@ mod tests {
                 spec.containers[0].volume_mounts.is_none(),
                 "the app does not see it"
             );
+            // Callers are told to expect the default ServiceAccount's identity.
+            assert_eq!(
+                meshed
+                    .metadata
+                    .annotations
+                    .unwrap()
+                    .get(IDENTITY_ANNOTATION)
+                    .map(String::as_str),
+                Some("default")
+            );
         }
-        // Without identity, no token.
+        let app = pod("metadata: {name: web-0}\n\
+             spec:\n  serviceAccountName: web\n  containers: [{name: web, image: web}]\n");
+        let meshed = apply(
+            &app,
+            patch(&app, OptIn::Namespace, &with_identity()).unwrap(),
+        );
+        assert_eq!(
+            meshed
+                .metadata
+                .annotations
+                .unwrap()
+                .get(IDENTITY_ANNOTATION)
+                .map(String::as_str),
+            Some("web")
+        );
+        // Without identity, no token, and callers call it in plaintext.
         let app = pod(APP);
         let meshed = apply(&app, patch(&app, OptIn::Namespace, &config()).unwrap());
         assert!(meshed.spec.unwrap().volumes.is_none());
+        assert!(
+            !meshed
+                .metadata
+                .annotations
+                .unwrap()
+                .contains_key(IDENTITY_ANNOTATION)
+        );
+    }
+
+    #[test]
+    fn a_strict_pod_gets_a_proxy_that_refuses_inbound_plaintext_but_its_http_probes() {
+        let env = |yaml: &str, name: &str| {
+            let app = pod(yaml);
+            let meshed = apply(
+                &app,
+                patch(&app, OptIn::Namespace, &with_identity()).unwrap(),
+            );
+            let spec = meshed.spec.unwrap();
+            let proxy = &spec.init_containers.unwrap()[1];
+            proxy
+                .env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        let strict = "metadata: {name: a, annotations: {outrigger.dev/mtls: strict}}\n\
+             spec:\n  containers:\n  - name: web\n    image: web\n    ports: [{name: http, containerPort: 8080}]\n\
+             \x20   readinessProbe: {httpGet: {port: http, path: /ready}}\n\
+             \x20   livenessProbe: {httpGet: {port: 8081}}\n\
+             \x20   startupProbe: {httpGet: {port: 8443, path: /up, scheme: HTTPS}}\n\
+             \x20 - name: sidecar\n    image: s\n    readinessProbe: {httpGet: {port: 8080, path: /ready}}\n";
+        assert_eq!(
+            env(strict, "OUTRIGGER_INBOUND_MTLS").as_deref(),
+            Some("strict")
+        );
+        assert_eq!(
+            env(strict, "OUTRIGGER_INBOUND_PROBES").as_deref(),
+            Some("8080:/ready,8081:/"),
+            "HTTP probes by number, once each; HTTPS ones cannot be told apart"
+        );
+        assert_eq!(
+            env(APP, "OUTRIGGER_INBOUND_MTLS"),
+            None,
+            "permissive, the proxy's default"
+        );
+        assert_eq!(env(APP, "OUTRIGGER_INBOUND_PROBES"), None);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! checked, and watched on the Kubernetes API. A new kind is a variant here, and nothing else in
 //! `source` changes.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::pin::Pin;
 
@@ -18,6 +19,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{ObjectKey, ObjectRef};
+use crate::inject::patch::IDENTITY_ANNOTATION;
 use crate::translate::translate;
 
 /// Ordered as a source best removes objects (a Service first, withdrawing its keys at once);
@@ -116,7 +118,7 @@ impl Kind {
             Self::EndpointSlice => watch_api(Api::<EndpointSlice>::all(client), |o| {
                 Object::EndpointSlice(Box::new(o))
             }),
-            // Metadata only: the index needs their labels.
+            // Metadata only: the index needs their labels and identity annotation.
             Self::Pod => watch_api(Api::<PartialObjectMeta<Pod>>::all(client), pod_labels),
             Self::DestinationPolicy => watch_api(Api::<DestinationPolicy>::all(client), |o| {
                 Object::DestinationPolicy(Box::new(o))
@@ -198,11 +200,16 @@ fn map_event<K>(event: Event<K>, into: fn(K) -> Object) -> Event<Object> {
 
 /// Only what the index reads of a Pod.
 fn pod_labels(pod: PartialObjectMeta<Pod>) -> Object {
+    let annotations = pod.metadata.annotations.and_then(|mut annotations| {
+        let identity = annotations.remove_entry(IDENTITY_ANNOTATION)?;
+        Some(BTreeMap::from([identity]))
+    });
     Object::Pod(Box::new(Pod {
         metadata: ObjectMeta {
             name: pod.metadata.name,
             namespace: pod.metadata.namespace,
             labels: pod.metadata.labels,
+            annotations,
             ..Default::default()
         },
         ..Default::default()
@@ -221,7 +228,8 @@ mod tests {
             "kind": "PartialObjectMetadata",
             "metadata": {
                 "namespace": "shop", "name": "reviews-1", "labels": {"version": "v1"},
-                "annotations": {"big": "x".repeat(1000)}, "uid": "u",
+                "annotations": {"big": "x".repeat(1000), "outrigger.dev/identity": "reviews"},
+                "uid": "u",
             },
         }))
         .unwrap();
@@ -230,7 +238,10 @@ mod tests {
         };
         assert_eq!(
             serde_json::to_value(&pod.metadata).unwrap(),
-            json!({"namespace": "shop", "name": "reviews-1", "labels": {"version": "v1"}})
+            json!({
+                "namespace": "shop", "name": "reviews-1", "labels": {"version": "v1"},
+                "annotations": {"outrigger.dev/identity": "reviews"},
+            })
         );
         assert!(pod.spec.is_none() && pod.status.is_none());
     }

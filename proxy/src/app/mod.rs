@@ -22,7 +22,7 @@ use crate::control::{self, ControlPlane, Identity, LoopbackEndpoints};
 use crate::http::body::{Body, boxed};
 use crate::identity::{self, ControlPlaneAuthority, IdentitySettings};
 use crate::inbound::{Inbound, InboundService, is_local};
-use crate::listen::{ConnectionInfo, Handling, ServerLimits, serve};
+use crate::listen::{ConnectionInfo, Handling, InboundTls, ServerLimits, serve};
 use crate::metrics::{Direction, Metrics, RequestLabels};
 use crate::outbound::resolve::Resolver;
 use crate::outbound::{Outbound, OutboundService};
@@ -110,12 +110,13 @@ impl Proxy {
             outbound,
             inbound,
             admin,
-            identity,
+            identity: identity_task,
         } = self;
         let metrics = Metrics::new();
-        // Not ready without an identity, when it has one to get.
-        let identity = identity.map(|(identity_settings, authority)| {
-            let (held, identity) = watch::channel(None);
+        // Without an identity to get, it stays None: plaintext both ways.
+        let (held, identity) = watch::channel(None);
+        let getting_identity = identity_task.is_some();
+        if let Some((identity_settings, authority)) = identity_task {
             tokio::spawn(identity::run(
                 identity_settings,
                 authority,
@@ -123,9 +124,8 @@ impl Proxy {
                 held,
                 shutdown.clone(),
             ));
-            identity
-        });
-        let (resolver, subscriptions) = Resolver::new(metrics.clone());
+        }
+        let (resolver, subscriptions) = Resolver::new(metrics.clone(), identity.clone());
         let (ready_tx, ready) = watch::channel(false);
         let control = tokio::spawn(control::run(
             control_plane(&settings),
@@ -140,10 +140,17 @@ impl Proxy {
             metrics: &metrics,
             shutdown: &shutdown,
         };
+        let inbound_tls = InboundTls {
+            identity: identity.clone(),
+            mode: settings.inbound_mtls,
+            probes: settings.inbound_probes.clone().into(),
+        };
+        // Not ready without an identity, when it has one to get.
+        let awaited = getting_identity.then_some(identity);
         tokio::join!(
             servers.outbound(outbound, resolver.clone()),
-            servers.inbound(inbound, own_ports),
-            servers.admin(admin, resolver, ready, identity),
+            servers.inbound(inbound, own_ports, inbound_tls),
+            servers.admin(admin, resolver, ready, awaited),
         );
         let _ = control.await;
     }
@@ -184,8 +191,13 @@ impl Servers<'_> {
     }
 
     /// Serves each of `listeners` alike, until shutdown and drained.
-    async fn serve<S, F, H>(&self, listeners: Listeners, direction: Option<Direction>, handle: F)
-    where
+    async fn serve<S, F, H>(
+        &self,
+        listeners: Listeners,
+        direction: Option<Direction>,
+        tls: Option<InboundTls>,
+        handle: F,
+    ) where
         F: Fn(ConnectionInfo) -> Option<H> + Clone,
         H: Future<Output = Handling<S>> + Send + 'static,
         S: hyper::service::Service<
@@ -201,6 +213,7 @@ impl Servers<'_> {
                 listener,
                 direction,
                 self.limits(),
+                tls.clone(),
                 self.metrics.clone(),
                 self.shutdown.clone(),
                 self.settings.drain_timeout,
@@ -218,39 +231,49 @@ impl Servers<'_> {
             discovery_wait: self.settings.discovery_timeout,
         });
         let telemetry = TelemetryLayer::new(self.metrics.clone(), unlabelled(Direction::Outbound));
-        self.serve(listeners, Some(Direction::Outbound), move |connection| {
-            let outbound = outbound.clone();
-            let service = telemetry
-                .layer(OutboundService::new(outbound.clone(), connection))
-                .map_request(|r: http::Request<Incoming>| r.map(boxed));
-            Some(async move {
-                match connection.original_dst {
-                    // Outside the mesh: as if there were no proxy.
-                    Some(original_dst) if outbound.is_outside_mesh(original_dst).await => {
-                        Handling::Forward(original_dst)
+        self.serve(
+            listeners,
+            Some(Direction::Outbound),
+            None,
+            move |connection| {
+                let outbound = outbound.clone();
+                let service = telemetry
+                    .layer(OutboundService::new(outbound.clone(), connection))
+                    .map_request(|r: http::Request<Incoming>| r.map(boxed));
+                Some(async move {
+                    match connection.original_dst {
+                        // Outside the mesh: as if there were no proxy.
+                        Some(original_dst) if outbound.is_outside_mesh(original_dst).await => {
+                            Handling::Forward(original_dst)
+                        }
+                        _ => Handling::Serve(TowerToHyperService::new(service)),
                     }
-                    _ => Handling::Serve(TowerToHyperService::new(service)),
-                }
-            })
-        })
+                })
+            },
+        )
         .await
     }
 
-    /// Other pods' requests to the local app.
-    async fn inbound(&self, listeners: Listeners, own_ports: Vec<u16>) {
+    /// Other pods' requests to the local app, over mutual TLS from meshed ones.
+    async fn inbound(&self, listeners: Listeners, own_ports: Vec<u16>, tls: InboundTls) {
         let mut labels = unlabelled(Direction::Inbound);
         labels.dst_namespace = Arc::new(self.settings.namespace.clone());
         let inbound = Arc::new(Inbound::new(self.settings.app_addr, own_ports));
         let telemetry = TelemetryLayer::new(self.metrics.clone(), labels);
-        self.serve(listeners, Some(Direction::Inbound), move |connection| {
-            let endpoint = inbound.endpoint(inbound.target(&connection)?);
-            let service = telemetry
-                .layer(InboundService::new(endpoint))
-                .map_request(|r: http::Request<Incoming>| r.map(boxed));
-            Some(std::future::ready(Handling::Serve(
-                TowerToHyperService::new(service),
-            )))
-        })
+        self.serve(
+            listeners,
+            Some(Direction::Inbound),
+            Some(tls),
+            move |connection| {
+                let endpoint = inbound.endpoint(inbound.target(&connection)?);
+                let service = telemetry
+                    .layer(InboundService::new(endpoint))
+                    .map_request(|r: http::Request<Incoming>| r.map(boxed));
+                Some(std::future::ready(Handling::Serve(
+                    TowerToHyperService::new(service),
+                )))
+            },
+        )
         .await
     }
 
@@ -267,7 +290,7 @@ impl Servers<'_> {
             ready,
             identity,
         };
-        self.serve(listeners, None, move |connection| {
+        self.serve(listeners, None, None, move |connection| {
             let admin = admin.clone();
             Some(std::future::ready(Handling::Serve(
                 hyper::service::service_fn(move |request| {

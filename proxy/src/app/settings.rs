@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::listen::{InboundMtls, InboundProbe};
+
 /// Settings of a proxy; each flag can also come from `OUTRIGGER_<FLAG>` (the injector sets them).
 #[derive(clap::Args, Clone, Debug)]
 pub struct Settings {
@@ -79,6 +81,16 @@ pub struct Settings {
     /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
     #[arg(long, env = "OUTRIGGER_TRUST_DOMAIN", default_value = outrigger_api::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// Inbound connections that are not the mesh's mutual TLS: `permissive` serves them (callers
+    /// outside the mesh), `strict` closes them unread. Mutual TLS needs an identity
+    /// (`--identity-token-file`).
+    #[arg(long, env = "OUTRIGGER_INBOUND_MTLS", value_enum, default_value_t = InboundMtls::Permissive)]
+    pub inbound_mtls: InboundMtls,
+    /// With `--inbound-mtls strict`, the plaintext requests still served: the app's HTTP probes,
+    /// `port:path` (comma-separated), each `GET` of exactly that path to that port (the kubelet
+    /// is not meshed). The injector lists the pod's.
+    #[arg(long, env = "OUTRIGGER_INBOUND_PROBES", value_delimiter = ',')]
+    pub inbound_probes: Vec<InboundProbe>,
 }
 
 /// Durations in the Gateway API form used everywhere in Outrigger: `250ms`, `10s`, `1m`, `1h`.

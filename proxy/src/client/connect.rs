@@ -1,4 +1,5 @@
-//! Opening connections to one endpoint, within the destination's `maxConnections`.
+//! Opening connections to one endpoint, within the destination's `maxConnections`: mutual TLS to
+//! a meshed endpoint while this proxy holds a certificate, else plaintext.
 //!
 //! Connections notice a peer that vanished (a dead node, a partition) without a request timeout:
 //! TCP keepalive probes idle ones, and `TCP_USER_TIMEOUT` fails one whose sent data goes
@@ -13,18 +14,67 @@ use std::time::Duration;
 
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
+use outrigger_api::identity::SpiffeId;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::ctx::ServerId;
+use crate::tls::{self, Held};
 
 /// Opens connections to one address, whatever the request URI says, so the URI can keep the
 /// authority the app used (`Host`, `:authority`).
 #[derive(Clone)]
 pub struct Connector {
     pub addr: SocketAddr,
+    /// For the connection to open, the TLS handshake included.
     pub timeout: Duration,
     /// `maxConnections` of the destination, shared by its endpoints.
     pub slots: Option<Arc<Semaphore>>,
+    /// For a meshed endpoint.
+    pub tls: Option<MeshServer>,
+}
+
+/// A meshed endpoint: who it must be, and the identity this proxy calls it with.
+#[derive(Clone)]
+pub struct MeshServer {
+    pub expected: SpiffeId,
+    pub identity: Held,
+}
+
+impl MeshServer {
+    /// Mutual TLS over `stream`, with the certificate held now; plaintext without one.
+    async fn secure(&self, stream: TcpStream) -> std::io::Result<Transport> {
+        let held = self.identity.borrow().clone();
+        let Some(held) = held else {
+            return Ok(Transport::Plain(stream));
+        };
+        let refused = |error: std::io::Error| {
+            std::io::Error::new(
+                error.kind(),
+                format!("mutual TLS with {}: {error}", self.expected),
+            )
+        };
+        if held.id.trust_domain != self.expected.trust_domain {
+            return Err(refused(std::io::Error::other(format!(
+                "this proxy's trust domain is {}",
+                held.id.trust_domain
+            ))));
+        }
+        let server_name = tls::server_name(&self.expected)
+            .map_err(|e| refused(std::io::Error::other(format!("{e:#}"))))?;
+        let connector = TlsConnector::from(held.client.clone());
+        let stream = connector
+            .connect(server_name, stream)
+            .await
+            .map_err(refused)?;
+        Ok(Transport::Tls(
+            Box::new(stream),
+            ServerId(tls::label(&self.expected)),
+        ))
+    }
 }
 
 impl tower::Service<http::Uri> for Connector {
@@ -41,6 +91,7 @@ impl tower::Service<http::Uri> for Connector {
             addr,
             timeout,
             slots,
+            tls,
         } = self.clone();
         Box::pin(async move {
             // Waiting here is queueing for a connection; the pool's request limit bounds it.
@@ -48,15 +99,20 @@ impl tower::Service<http::Uri> for Connector {
                 Some(slots) => Some(slots.acquire_owned().await.map_err(std::io::Error::other)?),
                 None => None,
             };
-            let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("connect timed out after {timeout:?}"),
-                    )
-                })??;
-            configure(&stream)?;
+            let open = async {
+                let stream = TcpStream::connect(addr).await?;
+                configure(&stream)?;
+                match &tls {
+                    Some(server) => server.secure(stream).await,
+                    None => Ok(Transport::Plain(stream)),
+                }
+            };
+            let stream = tokio::time::timeout(timeout, open).await.map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect timed out after {timeout:?}"),
+                )
+            })??;
             Ok(TokioIo::new(PooledStream::new(stream, slot)))
         })
     }
@@ -82,14 +138,87 @@ fn configure(stream: &TcpStream) -> std::io::Result<()> {
     socket.set_tcp_user_timeout(Some(USER_TIMEOUT))
 }
 
+/// An upstream connection: plaintext, or mutual TLS with the server's identity.
+pub enum Transport {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>, ServerId),
+}
+
+impl Transport {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Plain(stream) => stream,
+            Self::Tls(stream, _) => stream.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Self::Tls(stream, _) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Self::Tls(stream, _) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Self::Tls(stream, _) => Pin::new(stream).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(stream) => stream.is_write_vectored(),
+            Self::Tls(stream, _) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Self::Tls(stream, _) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Self::Tls(stream, _) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}
+
 /// A connection that gives its pool slot back when it closes.
 pub struct PooledStream {
-    stream: TcpStream,
+    stream: Transport,
     _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl PooledStream {
-    pub fn new(stream: TcpStream, slot: Option<OwnedSemaphorePermit>) -> Self {
+    pub fn new(stream: Transport, slot: Option<OwnedSemaphorePermit>) -> Self {
         Self {
             stream,
             _slot: slot,
@@ -98,8 +227,13 @@ impl PooledStream {
 }
 
 impl Connection for PooledStream {
+    /// Over mutual TLS, the server's identity, which hyper puts on each response it brings.
     fn connected(&self) -> Connected {
-        self.stream.connected()
+        let connected = self.stream.tcp().connected();
+        match &self.stream {
+            Transport::Plain(_) => connected,
+            Transport::Tls(_, server) => connected.extra(server.clone()),
+        }
     }
 }
 
@@ -127,17 +261,18 @@ mod tests {
             addr: listener.local_addr().unwrap(),
             timeout: Duration::from_secs(1),
             slots: None,
+            tls: None,
         };
         let connected = connector
             .call(http::Uri::from_static("http://web"))
             .await
             .unwrap();
-        let socket = socket2::SockRef::from(&connected.inner().stream);
+        let socket = socket2::SockRef::from(connected.inner().stream.tcp());
         assert!(socket.keepalive().unwrap());
         assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
         assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
         assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
         assert_eq!(socket.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
-        assert!(connected.inner().stream.nodelay().unwrap());
+        assert!(connected.inner().stream.tcp().nodelay().unwrap());
     }
 }

@@ -19,7 +19,8 @@ use crate::http::headers::{is_upgrade, strip_hop_by_hop};
 use outrigger_api::defaults;
 
 use crate::policy::EndpointConfig;
-use connect::Connector;
+use crate::tls::Held;
+use connect::{Connector, MeshServer};
 pub use health::{Claim, Health, Outcome, Recorded, Thresholds};
 pub use load::Load;
 
@@ -29,13 +30,17 @@ pub struct Dial {
     pub connect_timeout: Duration,
     /// `maxConnections` of the destination, shared by its endpoints.
     pub slots: Option<Arc<Semaphore>>,
+    /// This proxy's identity, for mutual TLS to meshed endpoints.
+    pub identity: Held,
 }
 
-impl Default for Dial {
-    fn default() -> Self {
+impl Dial {
+    /// With the destination's defaults.
+    pub fn new(identity: Held) -> Self {
         Self {
             connect_timeout: defaults::CONNECT_TIMEOUT,
             slots: None,
+            identity,
         }
     }
 }
@@ -47,6 +52,8 @@ pub struct Endpoint {
     pub subsets: Vec<String>,
     /// The endpoint accepts HTTP/2 without TLS, so HTTP/1 requests may be multiplexed to it.
     pub h2c: bool,
+    /// A meshed endpoint's identity.
+    pub identity: Option<outrigger_api::identity::SpiffeId>,
     pub load: Load,
     pub health: Health,
     http1: Client<Connector, Body>,
@@ -73,6 +80,10 @@ impl Endpoint {
             addr: config.address,
             timeout: dial.connect_timeout,
             slots: dial.slots.clone(),
+            tls: config.identity.clone().map(|expected| MeshServer {
+                expected,
+                identity: dial.identity.clone(),
+            }),
         };
         let mut builder = Client::builder(TokioExecutor::new());
         builder
@@ -90,6 +101,7 @@ impl Endpoint {
             pod: config.pod.clone(),
             subsets: config.subsets.clone(),
             h2c: config.h2c,
+            identity: config.identity.clone(),
             load: Load::default(),
             health: Health::default(),
             http1,
@@ -103,6 +115,7 @@ impl Endpoint {
             && self.pod == config.pod
             && self.subsets == config.subsets
             && self.h2c == config.h2c
+            && self.identity == config.identity
     }
 
     /// Sends `request` to this endpoint, over HTTP/2 when the app spoke it or the endpoint prefers
@@ -206,5 +219,8 @@ pub fn test_endpoint(port: u16, subsets: &[&str]) -> Arc<Endpoint> {
         subsets: subsets.iter().map(|s| s.to_string()).collect(),
         ..EndpointConfig::at(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
     };
-    Arc::new(Endpoint::new(&config, &Dial::default()))
+    Arc::new(Endpoint::new(
+        &config,
+        &Dial::new(crate::tls::no_identity()),
+    ))
 }

@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use http::HeaderName;
+use outrigger_api::identity::{NotAWorkloadId, SpiffeId};
 use outrigger_api::rules::{self, FieldError};
 use outrigger_api::{defaults, proto};
 
@@ -13,6 +14,7 @@ use crate::policy::{
     OutlierConfig, PoolLimits, RateLimitConfig, RetryOn, RetryPolicy, RouteConfig, RouteMatch,
     TrafficPolicy, WeightedSubset,
 };
+use crate::tls;
 
 pub use outrigger_api::rules::invalid;
 
@@ -98,11 +100,25 @@ fn endpoint_configs(
                     format!("subset `{unknown}` is not declared in subsets"),
                 ));
             }
+            let identity = Some(endpoint.identity)
+                .filter(|id| !id.is_empty())
+                .map(|id| {
+                    let id: SpiffeId = id.parse().map_err(|e: NotAWorkloadId| {
+                        invalid(format!("endpoints[{i}].identity"), e.to_string())
+                    })?;
+                    // Checked here so that a connection never finds it unusable.
+                    tls::server_name(&id).map_err(|e| {
+                        invalid(format!("endpoints[{i}].identity"), format!("{e:#}"))
+                    })?;
+                    Ok::<_, ConfigError>(id)
+                })
+                .transpose()?;
             Ok(EndpointConfig {
                 address,
                 pod: endpoint.pod,
                 subsets: endpoint.subsets,
                 h2c: endpoint.h2c,
+                identity,
             })
         })
         .collect()
@@ -468,6 +484,30 @@ mod tests {
     }
 
     #[test]
+    fn a_meshed_endpoint_keeps_its_identity_and_an_unmeshed_one_has_none() {
+        let mut meshed = endpoints();
+        meshed.push(proto::Endpoint {
+            address: "10.0.0.2:9080".into(),
+            identity: "spiffe://cluster.local/ns/shop/sa/reviews".into(),
+            ..Default::default()
+        });
+        let config =
+            destination("1".into(), reviews(), meshed, LoopbackEndpoints::Refused).unwrap();
+        let identities: Vec<Option<String>> = config
+            .endpoints
+            .iter()
+            .map(|e| e.identity.as_ref().map(ToString::to_string))
+            .collect();
+        assert_eq!(
+            identities,
+            [
+                None,
+                Some("spiffe://cluster.local/ns/shop/sa/reviews".into())
+            ]
+        );
+    }
+
+    #[test]
     fn loopback_endpoints_are_refused_unless_allowed() {
         let mut loopback = endpoints();
         loopback[0].address = "127.0.0.1:9080".into();
@@ -493,6 +533,19 @@ mod tests {
         assert_eq!(
             rejected(|_, e| e[0].address = "nowhere".into()),
             "endpoints[0].address: `nowhere` is not ip:port"
+        );
+        assert_eq!(
+            rejected(|_, e| e[0].identity = "spiffe://cluster.local/sa/reviews".into()),
+            "endpoints[0].identity: `spiffe://cluster.local/sa/reviews` is not \
+             spiffe://<trust domain>/ns/<namespace>/sa/<service account>"
+        );
+        let long = "a".repeat(250);
+        assert_eq!(
+            rejected(|_, e| e[0].identity = format!("spiffe://cluster.local/ns/shop/sa/{long}")),
+            format!(
+                "endpoints[0].identity: spiffe://cluster.local/ns/shop/sa/{long} makes no TLS \
+                 server name"
+            )
         );
         assert_eq!(
             rejected(|_, e| e[0].address = "169.254.169.254:80".into()),

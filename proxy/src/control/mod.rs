@@ -576,7 +576,7 @@ mod tests {
 
     #[test]
     fn updates_apply_with_the_endpoint_groups_held_at_the_versions_they_name() {
-        let (resolver, _subscriptions) = Resolver::new(Metrics::new());
+        let (resolver, _subscriptions) = Resolver::new(Metrics::new(), crate::tls::no_identity());
         resolver.lookup(KEY);
         let mut held = HeldEndpoints::default();
         let addr = |s: &str| -> std::net::SocketAddr { s.parse().unwrap() };

@@ -3,8 +3,8 @@
 //! generates a key that never leaves its memory (a new one each time), and sends a certificate
 //! signing request for `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`. What comes
 //! back is checked (the chain is for this key and leads to the trust anchors) and published on a
-//! watch channel, in the form rustls takes; it is renewed at about 70% of its life, and retried
-//! with backoff when that fails.
+//! watch channel with the rustls configurations of mutual TLS made of it (`tls`); it is renewed
+//! at about 70% of its life, and retried with backoff when that fails.
 
 mod authority;
 #[cfg(test)]
@@ -27,6 +27,7 @@ use tokio::sync::watch;
 
 use crate::metrics::{Metrics, RenewalResult};
 use crate::shutdown::stopped;
+pub use crate::tls::{CertifiedIdentity, Held};
 pub use authority::{CertificateAuthority, ControlPlaneAuthority};
 
 /// A certificate is renewed when this share of its remaining life has passed.
@@ -34,30 +35,6 @@ const RENEW_AT: f64 = 0.7;
 /// A failed certification is retried after this long at first, doubling up to `BACKOFF_MAX`.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
-
-/// The identity the proxy holds: its certificate chain with its key, and the trust anchors a
-/// peer's chain must lead to; what a rustls server or client configuration is built from.
-pub struct CertifiedIdentity {
-    pub id: SpiffeId,
-    /// The chain (leaf first) and the key, as a rustls certificate resolver presents them.
-    pub certified_key: Arc<CertifiedKey>,
-    pub trust_anchors: Arc<RootCertStore>,
-    /// When the leaf expires, in seconds since the Unix epoch.
-    pub valid_until: u64,
-}
-
-impl std::fmt::Debug for CertifiedIdentity {
-    // The key stays out of logs.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertifiedIdentity")
-            .field("id", &self.id)
-            .field("valid_until", &self.valid_until)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The identity held, if any; `None` until the first certificate.
-pub type Held = watch::Receiver<Option<Arc<CertifiedIdentity>>>;
 
 /// How this proxy gets its identity.
 #[derive(Clone, Debug)]
@@ -169,7 +146,7 @@ fn accept(
             .context("reading a trust anchor")?;
     }
     let trust_anchors = Arc::new(trust_anchors);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::tls::provider();
     let certified_key = certified_key(chain, key, &provider)?;
     // The leaf must do for the peers that will check it: within its validity, leading to the
     // anchors, for client authentication (the authority gives server authentication with it).
@@ -184,12 +161,7 @@ fn accept(
         .context("the chain does not lead to the trust anchors")?;
     let valid_until =
         u64::try_from(response.valid_until_unix_seconds).context("the expiry is before 1970")?;
-    Ok(CertifiedIdentity {
-        id,
-        certified_key: Arc::new(certified_key),
-        trust_anchors,
-        valid_until,
-    })
+    CertifiedIdentity::new(id, Arc::new(certified_key), trust_anchors, valid_until)
 }
 
 fn certified_key(

@@ -256,31 +256,17 @@ async fn the_csr_asks_for_the_spiffe_id_alone() {
 
 /// An identity signed by a fresh test authority.
 pub(crate) async fn certified() -> CertifiedIdentity {
+    certified_by(&TestAuthority::new(&[]), reviews()).await
+}
+
+/// `id`, signed by `authority`.
+pub(crate) async fn certified_by(
+    authority: &Arc<TestAuthority>,
+    id: SpiffeId,
+) -> CertifiedIdentity {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "the-token").unwrap();
-    let settings = IdentitySettings {
-        id: reviews(),
-        token_file,
-    };
-    certify(&settings, &TestAuthority::new(&[])).await.unwrap()
-}
-
-#[tokio::test]
-async fn a_rustls_server_that_authenticates_clients_is_built_from_the_identity() {
-    let identity = certified().await;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let clients = WebPkiClientVerifier::builder_with_provider(
-        identity.trust_anchors.clone(),
-        provider.clone(),
-    )
-    .build()
-    .unwrap();
-    rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_client_cert_verifier(clients)
-        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
-            identity.certified_key.clone(),
-        )));
+    let settings = IdentitySettings { id, token_file };
+    certify(&settings, authority).await.unwrap()
 }

@@ -14,6 +14,7 @@ use crate::client::{Dial, Endpoint};
 use crate::http::body::Body;
 use crate::listen::ConnectionInfo;
 use crate::policy::EndpointConfig;
+use crate::tls;
 
 /// The local app, one endpoint per port it is reached on.
 pub struct Inbound {
@@ -65,7 +66,10 @@ impl Inbound {
             .lock()
             .expect("inbound lock")
             .entry(addr)
-            .or_insert_with(|| Arc::new(Endpoint::new(&EndpointConfig::at(addr), &Dial::default())))
+            .or_insert_with(|| {
+                let dial = Dial::new(tls::no_identity());
+                Arc::new(Endpoint::new(&EndpointConfig::at(addr), &dial))
+            })
             .clone()
     }
 }

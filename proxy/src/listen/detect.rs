@@ -1,5 +1,6 @@
-//! Telling a connection's protocol by its first bytes: HTTP/1, HTTP/2 (its preface), or anything
-//! else (TLS, database protocols), which a redirected connection forwards as it is.
+//! Telling a connection's protocol by its first bytes: HTTP/1, HTTP/2 (its preface), TLS (a
+//! handshake record, which may be the mesh's mutual TLS inbound), or anything else (database
+//! protocols), which a redirected connection forwards as it is.
 //!
 //! The bytes are read, not peeked: waiting for more of them waits on the socket, and they are
 //! handed back in front of the connection (`io::Prefixed`).
@@ -21,10 +22,15 @@ const MAX_METHOD: usize = 20;
 
 const HTTP2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 
+/// A TLS record of content type handshake (22), with a major version of 3.
+const TLS_HANDSHAKE_START: &[u8] = &[0x16, 0x03];
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
     Http1,
     Http2,
+    /// A TLS handshake: the mesh's, or the app's own.
+    Tls,
     /// Not HTTP, or nothing sent in time.
     Opaque,
     /// Closed before a byte.
@@ -57,9 +63,16 @@ pub async fn detect<T: AsyncRead + Unpin>(
     Ok((protocol, Prefixed::new(Bytes::from(prefix), io)))
 }
 
-/// An HTTP/1 request starts with a method token and a space, and the HTTP/2 preface with
-/// `PRI * HTTP/2.0`; None when the prefix is too short to say.
+/// An HTTP/1 request starts with a method token and a space, the HTTP/2 preface with
+/// `PRI * HTTP/2.0` and TLS with a handshake record; None when the prefix is too short to say.
 fn classify(prefix: &[u8]) -> Option<Protocol> {
+    if prefix.first() == TLS_HANDSHAKE_START.first() {
+        return match prefix.get(1) {
+            None => None,
+            Some(&version) if version == TLS_HANDSHAKE_START[1] => Some(Protocol::Tls),
+            Some(_) => Some(Protocol::Opaque),
+        };
+    }
     let shared = prefix.len().min(HTTP2_PREFACE_START.len());
     if prefix[..shared] == HTTP2_PREFACE_START[..shared] {
         return (shared == HTTP2_PREFACE_START.len()).then_some(Protocol::Http2);
@@ -90,8 +103,10 @@ mod tests {
             assert_eq!(classify(http1), Some(Protocol::Http1), "{http1:?}");
         }
         assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM"), Some(Protocol::Http2));
+        // A ClientHello, in a TLS 1.0 record as TLS 1.3 sends it.
+        assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Some(Protocol::Tls));
         for opaque in [
-            &b"\x16\x03\x01\x02\x00"[..],        // TLS ClientHello
+            &b"\x16\x01"[..],
             b"\x00\x00\x00\x08\x04\xd2\x16\x2f", // PostgreSQL SSLRequest
             b"*1\r\n$4\r\nPING\r\n",             // Redis
             b"PING\r\n",
@@ -101,7 +116,7 @@ mod tests {
         ] {
             assert_eq!(classify(opaque), Some(Protocol::Opaque), "{opaque:?}");
         }
-        for short in [&b"GE"[..], b"", b"PRI * HTT", b"PR"] {
+        for short in [&b"GE"[..], b"", b"PRI * HTT", b"PR", b"\x16"] {
             assert_eq!(classify(short), None, "{short:?}");
         }
     }

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::listen::io::Prefixed;
@@ -15,7 +15,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Copies bytes both ways between the client and `to` until both sides are done, starting with
 /// what was read of the client already.
-pub async fn forward(client: Prefixed<TcpStream>, to: SocketAddr) {
+pub async fn forward<T: AsyncRead + AsyncWrite + Unpin>(client: Prefixed<T>, to: SocketAddr) {
     let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to)).await;
     let mut upstream = match upstream {
         Ok(Ok(upstream)) => upstream,

@@ -1,12 +1,14 @@
 //! Accepting connections and serving HTTP/1.1 and h2c on them, with the limits that keep a bad
 //! client from costing more than a 4xx or a closed connection, and graceful draining. Each
 //! connection's protocol is told by its first bytes (`detect`); redirected connections that are
-//! not HTTP are forwarded as they are (`forward`).
+//! not HTTP are forwarded as they are (`forward`). Inbound, the mesh's mutual TLS is terminated
+//! first (`mesh`), and what it carries is told and served the same way.
 
 mod deadlines;
 mod detect;
 mod forward;
 mod io;
+mod mesh;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,20 +17,26 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
-use crate::http::body::{Body, BoxError, watched};
-use crate::metrics::{ConnectionGuard, Direction, Metrics};
+use crate::ctx::ClientId;
+use crate::http::body::{Body, BoxError, proxy_error, watched};
+use crate::metrics::{ConnectionGuard, Direction, InboundResult, Metrics, Tls};
 use crate::shutdown::stopped;
+use crate::tls;
 use deadlines::{Activity, Timed, Timeouts};
 use detect::{DETECT_TIMEOUT, Protocol, detect};
 use io::Prefixed;
+use mesh::Accepted;
+pub use mesh::{InboundMtls, InboundProbe, InboundTls};
 
 /// Limits applied to every downstream connection.
 #[derive(Clone, Debug)]
@@ -93,11 +101,16 @@ fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
 /// Serves connections from `listener` (counted in `connections_open` under `direction`) until
 /// `shutdown` turns true, then stops accepting and waits up to `drain` for in-flight requests to
 /// finish. `handle` says what becomes of each HTTP connection, or None to close it before a byte
-/// is read or forwarded.
+/// is read or forwarded. With `tls` (inbound), the mesh's mutual TLS is terminated first.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each listener's own; named at the one caller"
+)]
 pub async fn serve<S, F, H>(
     listener: TcpListener,
     direction: Option<Direction>,
     limits: ServerLimits,
+    tls: Option<InboundTls>,
     metrics: Metrics,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
@@ -113,7 +126,7 @@ pub async fn serve<S, F, H>(
     let listen_addr = listener
         .local_addr()
         .expect("bound listener has an address");
-    let servers = Arc::new(Servers::new(&limits));
+    let servers = Arc::new(Servers::new(&limits, tls, metrics.clone()));
     let graceful = GracefulShutdown::new();
     let capacity = Arc::new(Semaphore::new(limits.max_connections));
     loop {
@@ -164,10 +177,12 @@ struct Servers {
     http1: auto::Builder<TokioExecutor>,
     http2: auto::Builder<TokioExecutor>,
     timeouts: Timeouts,
+    tls: Option<InboundTls>,
+    metrics: Metrics,
 }
 
 impl Servers {
-    fn new(limits: &ServerLimits) -> Self {
+    fn new(limits: &ServerLimits, tls: Option<InboundTls>, metrics: Metrics) -> Self {
         let mut http1 = auto::Builder::new(TokioExecutor::new()).http1_only();
         http1
             .http1()
@@ -188,6 +203,8 @@ impl Servers {
                 header_read: limits.header_read_timeout,
                 idle: limits.idle_timeout,
             },
+            tls,
+            metrics,
         }
     }
 
@@ -212,17 +229,95 @@ impl Servers {
         let Ok((protocol, stream)) = detect(stream, wait).await else {
             return;
         };
+        let Some(inbound) = &self.tls else {
+            return self
+                .serve(protocol, stream, info, handling, watcher, Only::Any)
+                .await;
+        };
+        if protocol == Protocol::Closed {
+            return;
+        }
+        let accepted = match protocol {
+            Protocol::Tls => mesh::accept(stream, &inbound.identity).await,
+            _ => Accepted::Other(stream),
+        };
+        match accepted {
+            Accepted::Mesh(stream, peer) => {
+                self.metrics
+                    .inbound_connection(Tls::True, InboundResult::Accepted);
+                let Ok((protocol, stream)) = detect(stream, wait).await else {
+                    return;
+                };
+                let client = Only::Client(ClientId(tls::label(&peer)));
+                self.serve(protocol, stream, info, handling, watcher, client)
+                    .await
+            }
+            Accepted::Failed(error) => {
+                self.metrics
+                    .inbound_connection(Tls::True, InboundResult::Failed);
+                tracing::debug!(error = format!("{error:#}"), peer = %info.peer, "mutual TLS failed");
+            }
+            Accepted::Other(stream) if inbound.mode == InboundMtls::Strict => {
+                // The kubelet is not meshed: its probes of this port, and nothing else, are served.
+                let port = info.original_dst.unwrap_or(info.local).port();
+                match inbound
+                    .probes_of(port)
+                    .filter(|_| protocol == Protocol::Http1)
+                {
+                    Some(probes) => {
+                        self.metrics
+                            .inbound_connection(Tls::False, InboundResult::Accepted);
+                        let only = Only::Probes(probes);
+                        self.serve(protocol, stream, info, handling, watcher, only)
+                            .await
+                    }
+                    None => {
+                        self.metrics
+                            .inbound_connection(Tls::False, InboundResult::Refused);
+                        tracing::debug!(peer = %info.peer, "not mutual TLS, refused (strict)");
+                    }
+                }
+            }
+            Accepted::Other(stream) => {
+                self.metrics
+                    .inbound_connection(Tls::False, InboundResult::Accepted);
+                self.serve(protocol, stream, info, handling, watcher, Only::Any)
+                    .await
+            }
+        }
+    }
+
+    /// Serves a connection whose protocol is known, the requests `only` says.
+    async fn serve<IO, S, H>(
+        &self,
+        protocol: Protocol,
+        stream: Prefixed<IO>,
+        info: ConnectionInfo,
+        handling: H,
+        watcher: Watcher,
+        only: Only,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        H: Future<Output = Handling<S>>,
+        S: Service<http::Request<Incoming>, Response = http::Response<Body>, Error = Infallible>
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
         let protocol = match (protocol, info.original_dst) {
             (Protocol::Closed, _) => return,
-            (Protocol::Opaque, Some(original_dst)) => {
+            (Protocol::Opaque | Protocol::Tls, Some(original_dst)) => {
                 return forward::forward(stream, original_dst).await;
             }
             // Not HTTP, sent to the proxy itself: HTTP/1 serving answers 400.
-            (Protocol::Opaque, None) => Protocol::Http1,
+            (Protocol::Opaque | Protocol::Tls, None) => Protocol::Http1,
             (protocol, _) => protocol,
         };
         let service = match handling.await {
-            Handling::Serve(service) => service,
+            Handling::Serve(service) => PerConnection {
+                inner: service,
+                only,
+            },
             Handling::Forward(to) => return forward::forward(stream, to).await,
         };
         let served = match protocol {
@@ -237,13 +332,14 @@ impl Servers {
         }
     }
 
-    async fn http1_connection<S>(
+    async fn http1_connection<IO, S>(
         &self,
-        stream: Prefixed<TcpStream>,
+        stream: Prefixed<IO>,
         service: S,
         watcher: Watcher,
     ) -> Result<(), BoxError>
     where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: Service<http::Request<Incoming>, Response = http::Response<Body>, Error = Infallible>
             + Send
             + 'static,
@@ -286,5 +382,51 @@ where
             let response = response.await?;
             Ok(response.map(|body| watched(body, in_flight)))
         })
+    }
+}
+
+/// Which requests of a connection are served, and what they carry.
+enum Only {
+    Any,
+    /// Any, from this caller over mutual TLS: its identity goes on each request.
+    Client(ClientId),
+    /// Plaintext refused (strict) but for the kubelet's probes: `GET` of these paths.
+    Probes(Arc<[String]>),
+}
+
+struct PerConnection<S> {
+    inner: S,
+    only: Only,
+}
+
+impl<S> Service<http::Request<Incoming>> for PerConnection<S>
+where
+    S: Service<http::Request<Incoming>, Response = http::Response<Body>, Error = Infallible>,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Either<S::Future, std::future::Ready<Result<http::Response<Body>, Infallible>>>;
+
+    fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
+        match &self.only {
+            Only::Any => {}
+            Only::Client(client) => {
+                request.extensions_mut().insert(client.clone());
+            }
+            Only::Probes(paths) => {
+                let probe = request.method() == http::Method::GET
+                    && request
+                        .uri()
+                        .path_and_query()
+                        .is_some_and(|path| paths.iter().any(|p| p == path.as_str()));
+                if !probe {
+                    return Either::Right(std::future::ready(Ok(proxy_error(
+                        http::StatusCode::FORBIDDEN,
+                        "plaintext is refused here (strict mutual TLS): only the pod's probes are served",
+                    ))));
+                }
+            }
+        }
+        Either::Left(self.inner.call(request))
     }
 }

@@ -35,6 +35,7 @@ use crate::outbound::route::{Route, RouteTable};
 use crate::outbound::split::{Split, WeightedBalance};
 use crate::outbound::stack::{Built, Layers, Stack};
 use crate::policy::{DestinationConfig, RetryPolicy, TrafficPolicy};
+use crate::tls::Held;
 
 pub struct Destination {
     pub config: Arc<DestinationConfig>,
@@ -59,6 +60,7 @@ impl Destination {
         config: DestinationConfig,
         previous: Option<&Destination>,
         metrics: &Metrics,
+        identity: &Held,
     ) -> Self {
         // Endpoints dial with the pool's settings: a change there needs new ones.
         let same_pool = previous.filter(|p| {
@@ -71,6 +73,7 @@ impl Destination {
         let dial = Dial {
             connect_timeout: config.connect_timeout,
             slots: pool.connections.clone(),
+            identity: identity.clone(),
         };
         let endpoints = endpoints(&config, same_pool, &dial);
         let service_labels = ServiceLabels {
@@ -367,6 +370,7 @@ mod tests {
         Algorithm, EndpointConfig, FaultConfig, OutlierConfig, PoolLimits, RateLimitConfig,
         RetryOn, RouteConfig, RouteMatch, WeightedSubset,
     };
+    use crate::tls::no_identity;
 
     fn retries(per_try_timeout: Option<Duration>) -> RetryPolicy {
         RetryPolicy {
@@ -451,7 +455,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_stack_runs_destination_then_route_then_attempt_levels() {
-        let destination = Destination::build(everything(), None, &Metrics::new());
+        let destination = Destination::build(everything(), None, &Metrics::new(), &no_identity());
         let attempt = ["per-try timeout", "pool limit", "split"];
         assert_eq!(
             destination.layers(),
@@ -485,7 +489,7 @@ mod tests {
             fault_injection: None,
             ..everything()
         };
-        let bare = Destination::build(bare, None, &Metrics::new());
+        let bare = Destination::build(bare, None, &Metrics::new(), &no_identity());
         assert_eq!(
             bare.layers(),
             [
@@ -504,7 +508,7 @@ mod tests {
     #[tokio::test]
     async fn endpoints_survive_a_new_version_unless_they_or_their_dialling_change() {
         let metrics = Metrics::new();
-        let first = Destination::build(everything(), None, &metrics);
+        let first = Destination::build(everything(), None, &metrics, &no_identity());
         let same = |a: &Destination, b: &Destination, i: usize| {
             Arc::ptr_eq(&a.endpoints[i], &b.endpoints[i])
         };
@@ -515,13 +519,13 @@ mod tests {
             load_balancer: Algorithm::Random,
             ..everything()
         };
-        let second = Destination::build(edited, Some(&first), &metrics);
+        let second = Destination::build(edited, Some(&first), &metrics, &no_identity());
         assert!((0..3).all(|i| same(&first, &second, i)));
 
         // One endpoint's pod changed (a new pod on a reused IP): only it is new.
         let mut moved = everything();
         moved.endpoints[1].pod = "pod-2-replaced".into();
-        let third = Destination::build(moved, Some(&second), &metrics);
+        let third = Destination::build(moved, Some(&second), &metrics, &no_identity());
         assert!(same(&second, &third, 0) && !same(&second, &third, 1) && same(&second, &third, 2));
 
         // Another connect timeout: every endpoint dials anew.
@@ -529,7 +533,7 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             ..everything()
         };
-        let fourth = Destination::build(dialling, Some(&third), &metrics);
+        let fourth = Destination::build(dialling, Some(&third), &metrics, &no_identity());
         assert!((0..3).all(|i| !same(&third, &fourth, i)));
     }
 
@@ -560,7 +564,7 @@ mod tests {
             }),
             ..everything()
         };
-        let first = Destination::build(limited.clone(), None, &metrics);
+        let first = Destination::build(limited.clone(), None, &metrics, &no_identity());
         for _ in 0..3 {
             assert_eq!(status(&first).await, 503);
         }
@@ -569,7 +573,7 @@ mod tests {
         // An endpoint-only change, as in a rollout: the spent burst stays spent.
         let mut rollout = limited.clone();
         rollout.endpoints.push(endpoint(4, "canary"));
-        let second = Destination::build(rollout.clone(), Some(&first), &metrics);
+        let second = Destination::build(rollout.clone(), Some(&first), &metrics, &no_identity());
         assert_eq!(status(&second).await, 429);
         assert!(Arc::ptr_eq(&first.budgets[""], &second.budgets[""]));
 
@@ -583,7 +587,7 @@ mod tests {
             budget_percent: 50,
             ..retries(None)
         });
-        let third = Destination::build(changed, Some(&second), &metrics);
+        let third = Destination::build(changed, Some(&second), &metrics, &no_identity());
         assert_eq!(status(&third).await, 503);
         assert!(!Arc::ptr_eq(&second.budgets[""], &third.budgets[""]));
     }
@@ -597,7 +601,7 @@ mod tests {
             },
             ..everything()
         };
-        let first = Destination::build(hashed.clone(), None, &metrics);
+        let first = Destination::build(hashed.clone(), None, &metrics, &no_identity());
         let kept = |a: &Destination, b: &Destination, subset: &str| {
             let of = |d: &Destination| match subset {
                 "" => d.balancers.all.balancer().clone(),
@@ -614,13 +618,13 @@ mod tests {
             },
             ..hashed.clone()
         };
-        let second = Destination::build(edited, Some(&first), &metrics);
+        let second = Destination::build(edited, Some(&first), &metrics, &no_identity());
         assert!(kept(&first, &second, "") && kept(&first, &second, "stable"));
 
         // A canary pod added: the canary subset and the whole set change, stable stays.
         let mut grown = hashed.clone();
         grown.endpoints.push(endpoint(4, "canary"));
-        let third = Destination::build(grown.clone(), Some(&second), &metrics);
+        let third = Destination::build(grown.clone(), Some(&second), &metrics, &no_identity());
         assert!(!kept(&second, &third, "") && !kept(&second, &third, "canary"));
         assert!(kept(&second, &third, "stable"));
 
@@ -629,7 +633,7 @@ mod tests {
             load_balancer: Algorithm::Random,
             ..grown
         };
-        let fourth = Destination::build(other, Some(&third), &metrics);
+        let fourth = Destination::build(other, Some(&third), &metrics, &no_identity());
         assert!(!kept(&third, &fourth, "stable"));
     }
 }

@@ -193,7 +193,7 @@ mod tests {
     use crate::metrics::Metrics;
 
     fn new_outbound() -> Outbound {
-        let (resolver, _subscriptions) = Resolver::new(Metrics::new());
+        let (resolver, _subscriptions) = Resolver::new(Metrics::new(), crate::tls::no_identity());
         Outbound {
             resolver,
             namespace: "default".into(),

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 use crate::metrics::{Metrics, OfService, ServiceLabels};
 use crate::outbound::destination::Destination;
 use crate::policy::DestinationConfig;
+use crate::tls::Held;
 
 #[derive(Clone)]
 pub enum Resolution {
@@ -79,16 +80,19 @@ struct Inner {
     /// New keys for the control-plane client to subscribe to.
     subscribe: mpsc::UnboundedSender<String>,
     metrics: Metrics,
+    /// This proxy's identity, which endpoints call meshed endpoints with.
+    identity: Held,
 }
 
 impl Resolver {
-    pub fn new(metrics: Metrics) -> (Self, mpsc::UnboundedReceiver<String>) {
+    pub fn new(metrics: Metrics, identity: Held) -> (Self, mpsc::UnboundedReceiver<String>) {
         let (subscribe, subscriptions) = mpsc::unbounded_channel();
         let inner = Inner {
             lookups: Mutex::default(),
             control_plane: watch::Sender::new(ControlPlaneState::Connecting),
             subscribe,
             metrics,
+            identity,
         };
         (
             Self {
@@ -198,7 +202,12 @@ impl Resolver {
             Resolution::Ready(previous) => Some(previous),
             _ => None,
         };
-        let next = Destination::build(config, previous.as_deref(), &self.inner.metrics);
+        let next = Destination::build(
+            config,
+            previous.as_deref(),
+            &self.inner.metrics,
+            &self.inner.identity,
+        );
         lookup.state.send_replace(Resolution::Ready(Arc::new(next)));
     }
 
@@ -239,10 +248,12 @@ impl Resolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::{DurationLabels, PeerLabels};
 
     #[test]
     fn a_sweep_forgets_what_was_neither_used_since_the_last_nor_held() {
-        let (resolver, mut subscriptions) = Resolver::new(Metrics::new());
+        let (resolver, mut subscriptions) =
+            Resolver::new(Metrics::new(), crate::tls::no_identity());
         let held = resolver.lookup("held.default.svc.cluster.local:80");
         resolver.lookup("idle.default.svc.cluster.local:80");
         resolver.lookup("used.default.svc.cluster.local:80");
@@ -268,7 +279,8 @@ mod tests {
 
     #[test]
     fn past_the_most_destinations_a_new_one_is_not_followed_until_some_are_forgotten() {
-        let (resolver, mut subscriptions) = Resolver::new(Metrics::new());
+        let (resolver, mut subscriptions) =
+            Resolver::new(Metrics::new(), crate::tls::no_identity());
         let key = |i: usize| format!("10.0.{}.{}:80", i / 256, i % 256);
         for i in 0..MAX_DESTINATIONS_PER_PROXY {
             resolver.lookup(&key(i));
@@ -329,7 +341,7 @@ mod tests {
     #[test]
     fn the_series_of_a_service_go_once_no_destination_of_it_is_left() {
         let metrics = Metrics::new();
-        let (resolver, _subscriptions) = Resolver::new(metrics.clone());
+        let (resolver, _subscriptions) = Resolver::new(metrics.clone(), crate::tls::no_identity());
         let (by_name, by_address) = ("web.default.svc.cluster.local:80", "10.96.0.5:80");
         for key in [by_name, by_address] {
             resolver.lookup(key);
@@ -338,9 +350,13 @@ mod tests {
         let Resolution::Ready(destination) = resolver.lookup(by_name).current() else {
             panic!("applied")
         };
+        let labels = DurationLabels {
+            dst: destination.labels.clone(),
+            peer: PeerLabels::plaintext(),
+        };
         metrics
             .request_duration
-            .with(&destination.labels, |histogram| histogram.observe(0.01));
+            .with(&labels, |histogram| histogram.observe(0.01));
         let web_series = |metrics: &Metrics| metrics.encode().contains(r#"dst_service="web""#);
         assert!(web_series(&metrics));
 

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::HeaderName;
+use outrigger_api::identity::SpiffeId;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -13,6 +14,9 @@ pub struct EndpointConfig {
     pub pod: String,
     pub subsets: Vec<String>,
     pub h2c: bool,
+    /// A meshed endpoint's identity, which it must present over mutual TLS; None: plaintext.
+    #[serde(serialize_with = "serialize_identity")]
+    pub identity: Option<SpiffeId>,
 }
 
 impl EndpointConfig {
@@ -23,6 +27,7 @@ impl EndpointConfig {
             pod: String::new(),
             subsets: Vec::new(),
             h2c: false,
+            identity: None,
         }
     }
 }
@@ -170,6 +175,16 @@ pub struct FaultConfig {
     pub delay: Duration,
     pub abort_percent: f64,
     pub abort_status: u16,
+}
+
+fn serialize_identity<S: serde::Serializer>(
+    id: &Option<SpiffeId>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match id {
+        Some(id) => s.serialize_str(&id.to_string()),
+        None => s.serialize_none(),
+    }
 }
 
 pub fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

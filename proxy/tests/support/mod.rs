@@ -34,6 +34,8 @@ pub fn settings(control_plane: &str, app_addr: SocketAddr) -> Settings {
         allow_loopback_endpoints: true,
         identity_token_file: None,
         trust_domain: outrigger_api::identity::DEFAULT_TRUST_DOMAIN.into(),
+        inbound_mtls: outrigger_proxy::InboundMtls::Permissive,
+        inbound_probes: Vec::new(),
     }
 }
 

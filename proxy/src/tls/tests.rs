@@ -1,0 +1,170 @@
+//! Handshakes between identities of test authorities, over loopback sockets.
+
+use std::sync::Arc;
+
+use outrigger_api::identity::SpiffeId;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::*;
+use crate::identity::tests::{TestAuthority, certified_by, reviews};
+
+fn productpage() -> SpiffeId {
+    SpiffeId {
+        service_account: "productpage".into(),
+        ..reviews()
+    }
+}
+
+/// The identity the server presented, as its client saw it, and the client's as the server did.
+struct Handshake {
+    client: Result<(), String>,
+    server: Result<Option<SpiffeId>, String>,
+}
+
+/// `client` calls `server`, expecting the server to be `expected`; one byte each way.
+async fn handshake(
+    client: &CertifiedIdentity,
+    server: &CertifiedIdentity,
+    expected: &SpiffeId,
+) -> Handshake {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = TlsAcceptor::from(server.server.clone());
+    let served = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut stream = acceptor.accept(stream).await.map_err(|e| e.to_string())?;
+        let peer = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(peer_id);
+        let mut byte = [0];
+        stream
+            .read_exact(&mut byte)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.write_all(&byte).await.map_err(|e| e.to_string())?;
+        stream.shutdown().await.map_err(|e| e.to_string())?;
+        Ok(peer)
+    });
+    let connector = TlsConnector::from(client.client.clone());
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let called = async {
+        let mut stream = connector
+            .connect(server_name(expected).unwrap(), tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.write_all(b"x").await.map_err(|e| e.to_string())?;
+        let mut byte = [0];
+        stream
+            .read_exact(&mut byte)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    };
+    let client = called.await;
+    Handshake {
+        client,
+        server: served.await.unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn proxies_of_one_mesh_authenticate_each_other() {
+    let authority = TestAuthority::new(&[]);
+    let client = certified_by(&authority, productpage()).await;
+    let server = certified_by(&authority, reviews()).await;
+    let done = handshake(&client, &server, &reviews()).await;
+    assert_eq!(done.client, Ok(()));
+    assert_eq!(
+        done.server,
+        Ok(Some(productpage())),
+        "the server knows its caller"
+    );
+}
+
+#[tokio::test]
+async fn a_server_with_another_identity_is_refused() {
+    let authority = TestAuthority::new(&[]);
+    let client = certified_by(&authority, productpage()).await;
+    let server = certified_by(&authority, reviews()).await;
+    let ratings = SpiffeId {
+        service_account: "ratings".into(),
+        ..reviews()
+    };
+    let done = handshake(&client, &server, &ratings).await;
+    let error = done.client.unwrap_err();
+    assert!(
+        error.contains(
+            "the server is spiffe://cluster.local/ns/shop/sa/reviews, not \
+             spiffe://cluster.local/ns/shop/sa/ratings"
+        ),
+        "{error}"
+    );
+    assert!(done.server.is_err(), "the client gave up in the handshake");
+}
+
+#[tokio::test]
+async fn a_chain_to_other_anchors_is_refused_either_way() {
+    let ours = TestAuthority::new(&[]);
+    let theirs = TestAuthority::new(&[]);
+    let client = certified_by(&ours, productpage()).await;
+    let stranger = certified_by(&theirs, reviews()).await;
+    // The test authorities share a name: the chain finds the other anchor and fails on its
+    // signature.
+    let done = handshake(&client, &stranger, &reviews()).await;
+    let error = done.client.unwrap_err();
+    assert!(error.contains("invalid peer certificate"), "{error}");
+
+    // A caller of the other mesh that trusts ours, so that the server is the one to refuse.
+    let server = certified_by(&ours, reviews()).await;
+    let mut stranger = certified_by(&theirs, productpage()).await;
+    let trusting = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verify::MeshServerVerifier::new(
+            server.trust_anchors.clone(),
+            "cluster.local".into(),
+            provider(),
+        )))
+        .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(
+            stranger.certified_key.clone(),
+        )));
+    stranger.client = Arc::new(trusting);
+    let done = handshake(&stranger, &server, &reviews()).await;
+    let error = done.server.unwrap_err();
+    assert!(error.contains("invalid peer certificate"), "{error}");
+}
+
+#[test]
+fn a_server_name_reads_back_as_the_identity_it_was_made_from() {
+    let id = SpiffeId {
+        service_account: "reviews.v1".into(),
+        ..reviews()
+    };
+    let name = server_name(&id).unwrap().to_str().into_owned();
+    assert_eq!(name, "reviews.v1.shop.serviceaccount.outrigger.internal");
+    assert_eq!(named(&name, "cluster.local"), Some(id));
+    assert_eq!(
+        named("reviews.shop.svc.cluster.local", "cluster.local"),
+        None
+    );
+    let label_too_long = SpiffeId {
+        service_account: "a".repeat(64),
+        ..reviews()
+    };
+    assert!(server_name(&label_too_long).is_err());
+}
+
+#[tokio::test]
+async fn a_certificate_is_known_by_its_spiffe_id_and_labelled_by_namespace_and_account() {
+    let identity = certified_by(&TestAuthority::new(&[]), reviews()).await;
+    let id = peer_id(&identity.certified_key.cert[0]).unwrap();
+    assert_eq!(id, reviews());
+    assert_eq!(*label(&id), "shop/reviews");
+    assert_eq!(peer_id(&CertificateDer::from(vec![0x30, 0x00])), None);
+}

@@ -1,0 +1,248 @@
+//! Mutual TLS between proxies end to end: a real controller, the certificate authority, against a
+//! real API server (etcd and kube-apiserver on loopback), and real proxies certified with
+//! ServiceAccount tokens. `productpage`'s proxy calls `reviews` pods through their proxies: the
+//! controller says which identity each endpoint has (from the pod's `outrigger.dev/identity`
+//! annotation), the client proxy checks it, the server proxy records the caller, and a strict
+//! server proxy refuses a plaintext caller that a permissive one serves.
+//!
+//! EndpointSlices refuse loopback addresses, so the server proxies and the app listen on this
+//! machine's own address. Needs the cluster binaries (built on first use) and `openssl`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use outrigger_cluster::Cluster;
+use outrigger_tests::Backend;
+use outrigger_tests::dashboards::{http_get, series_sum};
+use outrigger_tests::e2e::{eventually_within, get};
+use outrigger_tests::identity::write_authority;
+use outrigger_tests::live::{self, LiveProxy};
+use outrigger_tests::process::host_address;
+
+const NAMESPACE: &str = "shop";
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
+    cluster
+        .kubectl(args)
+        .unwrap_or_else(|error| panic!("kubectl {args:?}: {error}"))
+}
+
+/// A proxy certified as `account` (its token in a file of `dir`), in front of `app`, with `flags`.
+async fn proxy(
+    cluster: &Cluster,
+    control_plane: &str,
+    dir: &Path,
+    account: &str,
+    app: SocketAddr,
+    flags: &[&str],
+) -> LiveProxy {
+    let token = kubectl(
+        cluster,
+        &[
+            "create",
+            "token",
+            account,
+            "-n",
+            NAMESPACE,
+            "--audience",
+            "outrigger",
+        ],
+    );
+    let file = dir.join(format!("token-{account}"));
+    std::fs::write(&file, token).unwrap();
+    let file = file.to_str().unwrap().to_string();
+    let mut all = vec![
+        "--namespace",
+        NAMESPACE,
+        "--service-account",
+        account,
+        "--identity-token-file",
+        &file,
+    ];
+    all.extend(flags);
+    let proxy = live::start_proxy(control_plane, app, &all).await;
+    eventually_within(
+        PATIENCE,
+        &format!("the {account} proxy is ready"),
+        || async { matches!(http_get(proxy.admin, "admin", "/ready").await, Ok((200, _))) },
+    )
+    .await;
+    proxy
+}
+
+/// A Service of one pod, whose endpoint is `endpoint` and whose pod says its proxy is `identity`.
+fn service(name: &str, endpoint: SocketAddr, identity: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\n\
+         spec: {{ports: [{{name: http, port: 9080}}]}}\n\
+         ---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}-0, namespace: {NAMESPACE}, \
+         annotations: {{outrigger.dev/injected: \"true\", outrigger.dev/identity: {identity}}}}}\n\
+         spec: {{serviceAccountName: {identity}, containers: [{{name: app, image: app}}]}}\n\
+         ---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}-0, namespace: {NAMESPACE}, \
+         labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {port}, protocol: TCP}}]\n\
+         endpoints: [{{addresses: [\"{ip}\"], conditions: {{ready: true}}, \
+         targetRef: {{kind: Pod, name: {name}-0, namespace: {NAMESPACE}}}}}]\n",
+        ip = endpoint.ip(),
+        port = endpoint.port(),
+    )
+}
+
+async fn metrics(proxy: &LiveProxy) -> String {
+    http_get(proxy.admin, "admin", "/metrics").await.unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshed_proxies_speak_mutual_tls_and_strict_ones_refuse_plaintext() {
+    let cluster = Cluster::start().expect("starting the test cluster");
+    kubectl(&cluster, &["create", "namespace", NAMESPACE]);
+    for account in ["productpage", "reviews", "ratings"] {
+        kubectl(
+            &cluster,
+            &["create", "serviceaccount", account, "-n", NAMESPACE],
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("identity");
+    std::fs::create_dir(&secret).unwrap();
+    write_authority(&secret);
+    let crds = outrigger_tests::workspace().join("crds");
+    kubectl(&cluster, &["apply", "-f", crds.to_str().unwrap()]);
+    let controller = live::start_controller_with(&[
+        "--kubeconfig",
+        cluster.kubeconfig().to_str().unwrap(),
+        "--leader-namespace",
+        "default",
+        "--identity-dir",
+        secret.to_str().unwrap(),
+    ])
+    .await;
+
+    let host = host_address();
+    let app = Backend::start_on(SocketAddr::new(host, 0), "reviews-app").await;
+    let inbound = format!("{host}:0");
+    let permissive = proxy(
+        &cluster,
+        &controller.url,
+        dir.path(),
+        "reviews",
+        app.addr,
+        &["--inbound-addr", &inbound],
+    )
+    .await;
+    let strict = proxy(
+        &cluster,
+        &controller.url,
+        dir.path(),
+        "reviews",
+        app.addr,
+        &["--inbound-addr", &inbound, "--inbound-mtls", "strict"],
+    )
+    .await;
+    let unused: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let client = proxy(
+        &cluster,
+        &controller.url,
+        dir.path(),
+        "productpage",
+        unused,
+        &[],
+    )
+    .await;
+
+    // `impostor`'s pod claims to be `ratings`, but the proxy at its address is `reviews`.
+    let manifests = [
+        service("reviews", permissive.inbound, "reviews"),
+        service("details", strict.inbound, "reviews"),
+        service("impostor", permissive.inbound, "ratings"),
+    ]
+    .join("---\n");
+    let file = dir.path().join("services.yaml");
+    std::fs::write(&file, manifests).unwrap();
+    kubectl(&cluster, &["apply", "-f", file.to_str().unwrap()]);
+
+    // Meshed to meshed: mutual TLS, each side naming the other.
+    eventually_within(PATIENCE, "reviews answers productpage", || async {
+        get(client.outbound, "reviews.shop:9080", "/")
+            .await
+            .map(|(s, _)| s)
+            == Some(200)
+    })
+    .await;
+    let inbound_mtls = series_sum(
+        &metrics(&permissive).await,
+        "outrigger_requests_total",
+        r#"direction="inbound",dst_namespace="shop",dst_service="",dst_subset="",route="",tls="true",client_id="shop/productpage",server_id="""#,
+    );
+    assert!(inbound_mtls >= Some(1.0), "{}", metrics(&permissive).await);
+    let outbound_mtls = series_sum(
+        &metrics(&client).await,
+        "outrigger_requests_total",
+        r#"dst_service="reviews",dst_subset="",route="",tls="true",client_id="",server_id="shop/reviews",status_code="200""#,
+    );
+    assert!(outbound_mtls >= Some(1.0), "{}", metrics(&client).await);
+    let accepted = series_sum(
+        &metrics(&permissive).await,
+        "outrigger_inbound_connections_total",
+        r#"tls="true",result="accepted""#,
+    );
+    assert!(accepted >= Some(1.0));
+
+    // A strict server serves its meshed callers.
+    let (status, body) = get(client.outbound, "details.shop:9080", "/")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    // A server that is not who its endpoint says: the connection fails, and so the request.
+    let (status, body) = get(client.outbound, "impostor.shop:9080", "/")
+        .await
+        .unwrap();
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains(
+            "the server is spiffe://cluster.local/ns/shop/sa/reviews, not \
+             spiffe://cluster.local/ns/shop/sa/ratings"
+        ),
+        "{body}"
+    );
+    // The server saw the handshake its caller gave up.
+    let failed = series_sum(
+        &metrics(&permissive).await,
+        "outrigger_inbound_connections_total",
+        r#"tls="true",result="failed""#,
+    );
+    assert!(failed >= Some(1.0), "{}", metrics(&permissive).await);
+
+    // A caller outside the mesh: served in plaintext by the permissive proxy, refused by the
+    // strict one.
+    let (status, body) = get(permissive.inbound, "reviews", "/").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "reviews-app"));
+    let plaintext = series_sum(
+        &metrics(&permissive).await,
+        "outrigger_requests_total",
+        r#"direction="inbound",dst_namespace="shop",dst_service="",dst_subset="",route="",tls="false",client_id="",server_id="""#,
+    );
+    assert!(plaintext >= Some(1.0), "{}", metrics(&permissive).await);
+    assert_eq!(get(strict.inbound, "details", "/").await, None, "refused");
+    let refused = series_sum(
+        &metrics(&strict).await,
+        "outrigger_inbound_connections_total",
+        r#"tls="false",result="refused""#,
+    );
+    assert!(refused >= Some(1.0), "{}", metrics(&strict).await);
+    let served_plain = series_sum(
+        &metrics(&strict).await,
+        "outrigger_requests_total",
+        r#"tls="false""#,
+    );
+    assert_eq!(
+        served_plain, None,
+        "the strict proxy served no plaintext request"
+    );
+}
