@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 
 use crate::ctx::ServerId;
 use crate::tls::{self, Held};
@@ -49,7 +50,7 @@ impl MeshServer {
     async fn secure(&self, stream: TcpStream) -> std::io::Result<Transport> {
         let held = self.identity.borrow().clone();
         let Some(held) = held else {
-            return Ok(Transport::Plain(stream));
+            return Ok(Transport::plain(stream));
         };
         let refused = |error: std::io::Error| {
             std::io::Error::new(
@@ -70,10 +71,10 @@ impl MeshServer {
             .connect(server_name, stream)
             .await
             .map_err(refused)?;
-        Ok(Transport::Tls(
-            Box::new(stream),
-            ServerId(tls::label(&self.expected)),
-        ))
+        Ok(Transport {
+            io: Either::Right(Box::new(stream)),
+            server: Some(ServerId(tls::label(&self.expected))),
+        })
     }
 }
 
@@ -104,7 +105,7 @@ impl tower::Service<http::Uri> for Connector {
                 configure(&stream)?;
                 match &tls {
                     Some(server) => server.secure(stream).await,
-                    None => Ok(Transport::Plain(stream)),
+                    None => Ok(Transport::plain(stream)),
                 }
             };
             let stream = tokio::time::timeout(timeout, open).await.map_err(|_| {
@@ -139,77 +140,38 @@ fn configure(stream: &TcpStream) -> std::io::Result<()> {
 }
 
 /// An upstream connection: plaintext, or mutual TLS with the server's identity.
-pub enum Transport {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>, ServerId),
+pub struct Transport {
+    io: Either<TcpStream, Box<TlsStream<TcpStream>>>,
+    server: Option<ServerId>,
 }
 
 impl Transport {
+    fn plain(stream: TcpStream) -> Self {
+        Self {
+            io: Either::Left(stream),
+            server: None,
+        }
+    }
+
     fn tcp(&self) -> &TcpStream {
-        match self {
-            Self::Plain(stream) => stream,
-            Self::Tls(stream, _) => stream.get_ref().0,
+        match &self.io {
+            Either::Left(stream) => stream,
+            Either::Right(stream) => stream.get_ref().0,
         }
     }
 }
 
 impl AsyncRead for Transport {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
-            Self::Tls(stream, _) => Pin::new(stream).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
-impl tokio::io::AsyncWrite for Transport {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
-            Self::Tls(stream, _) => Pin::new(stream).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-            Self::Tls(stream, _) => Pin::new(stream).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Plain(stream) => stream.is_write_vectored(),
-            Self::Tls(stream, _) => stream.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(stream) => Pin::new(stream).poll_flush(cx),
-            Self::Tls(stream, _) => Pin::new(stream).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
-            Self::Tls(stream, _) => Pin::new(stream).poll_shutdown(cx),
-        }
-    }
-}
+crate::io::write_through!(Transport, io);
 
 /// A connection that gives its pool slot back when it closes.
 pub struct PooledStream {
@@ -230,9 +192,9 @@ impl Connection for PooledStream {
     /// Over mutual TLS, the server's identity, which hyper puts on each response it brings.
     fn connected(&self) -> Connected {
         let connected = self.stream.tcp().connected();
-        match &self.stream {
-            Transport::Plain(_) => connected,
-            Transport::Tls(_, server) => connected.extra(server.clone()),
+        match &self.stream.server {
+            None => connected,
+            Some(server) => connected.extra(server.clone()),
         }
     }
 }
