@@ -25,6 +25,30 @@ impl fmt::Display for SpiffeId {
     }
 }
 
+impl SpiffeId {
+    /// The SPIFFE ID of a workload certificate (DER): its one URI subject alternative name.
+    /// Whether the certificate is to be trusted is the TLS handshake's to check.
+    #[cfg(feature = "x509")]
+    pub fn of_certificate(certificate: &[u8]) -> Option<Self> {
+        use x509_parser::extensions::GeneralName;
+
+        let (_, parsed) = x509_parser::parse_x509_certificate(certificate).ok()?;
+        let names = parsed.subject_alternative_name().ok()??;
+        let mut uris = names
+            .value
+            .general_names
+            .iter()
+            .filter_map(|name| match name {
+                GeneralName::URI(uri) => Some(*uri),
+                _ => None,
+            });
+        match (uris.next(), uris.next()) {
+            (Some(uri), None) => uri.parse().ok(),
+            _ => None,
+        }
+    }
+}
+
 /// Why a URI is not the SPIFFE ID of a ServiceAccount.
 #[derive(Debug, thiserror::Error)]
 #[error("`{0}` is not spiffe://<trust domain>/ns/<namespace>/sa/<service account>")]

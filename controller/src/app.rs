@@ -3,15 +3,19 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use outrigger_api::identity::SpiffeId;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::distribute::{DRAIN_BOUND, DiscoveryService, Snapshots, serve_grpc};
-use crate::identity::{IdentityService, IdentitySettings, ReloadingAuthority, Reviewer};
+use crate::distribute::{Authenticated, DRAIN_BOUND, DiscoveryService, Snapshots, serve_grpc};
+use crate::identity::{
+    IdentityService, IdentitySettings, ReloadingAuthority, Reviewer, ServingTls,
+};
 use crate::index::Index;
 use crate::inject::webhook;
 use crate::leader::{Elector, LeaderSettings};
@@ -77,8 +81,8 @@ pub struct Controller {
     grpc: TcpListener,
     admin: TcpListener,
     webhook: Option<webhook::Webhook>,
-    /// The certificate authority, when `--identity-dir` is given.
-    identity: Option<IdentityService>,
+    /// The certificate authority and the gRPC listener's TLS, when `--identity-dir` is given.
+    identity: Option<Authenticated>,
     /// Of the identities meshed endpoints present.
     trust_domain: String,
 }
@@ -94,15 +98,33 @@ impl Controller {
             },
         };
         let identity = match (&settings.identity.identity_dir, &source) {
-            (Some(dir), Source::Kubernetes { clients, .. }) => Some(IdentityService::new(
-                Reviewer::new(clients.call.clone()),
-                ReloadingAuthority::load(dir).with_context(|| {
+            (Some(dir), Source::Kubernetes { clients, leader }) => {
+                let authority = Arc::new(ReloadingAuthority::load(dir).with_context(|| {
                     format!("loading the identity issuer from {}", dir.display())
-                })?,
-                settings.identity.trust_domain.clone(),
-            )),
+                })?);
+                let own = SpiffeId {
+                    trust_domain: settings.identity.trust_domain.clone(),
+                    namespace: leader.namespace(&clients.call),
+                    service_account: settings.identity.service_account.clone(),
+                };
+                let tls = ServingTls::new(own, authority.clone())
+                    .context("certifying the controller's own identity")?;
+                Some(Authenticated {
+                    identity: IdentityService::new(
+                        Reviewer::new(clients.call.clone()),
+                        authority,
+                        settings.identity.trust_domain.clone(),
+                    ),
+                    tls: Arc::new(tls),
+                })
+            }
             _ => None,
         };
+        let webhook = webhook::Webhook::bind(
+            &settings.webhook,
+            identity.as_ref().map(|identity| identity.tls.clone()),
+        )
+        .await?;
         let bind = |addr: SocketAddr, what: &'static str| async move {
             TcpListener::bind(addr)
                 .await
@@ -112,7 +134,7 @@ impl Controller {
             source,
             grpc: bind(settings.grpc_addr, "gRPC").await?,
             admin: bind(settings.admin_addr, "admin").await?,
-            webhook: webhook::Webhook::bind(&settings.webhook).await?,
+            webhook,
             metrics,
             identity,
             trust_domain: settings.identity.trust_domain,
@@ -138,7 +160,10 @@ impl Controller {
         );
         let ready = index.synced();
         let name = std::env::var("HOSTNAME").unwrap_or_else(|_| "outrigger-controller".into());
-        let discovery = DiscoveryService::new(snapshots, self.metrics.clone(), name);
+        let mut discovery = DiscoveryService::new(snapshots, self.metrics.clone(), name);
+        if self.identity.is_some() {
+            discovery = discovery.requiring_identity(self.trust_domain.clone());
+        }
         let (changes, received) = mpsc::channel(1024);
         // Dropping the set on return stops the index, the Kubernetes watches, status and the
         // admin server; the manifests thread then finds its channel closed.

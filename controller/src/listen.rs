@@ -109,6 +109,33 @@ where
     let _ = connection.await;
 }
 
+/// How long a TLS client may take to complete its handshake: it sends its hello at once.
+pub(crate) const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The TLS side of a connection, once its handshake is done within [`TLS_HANDSHAKE_TIMEOUT`];
+/// `None` (the failure logged) when it fails or takes longer.
+pub(crate) async fn handshake<I>(
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: I,
+    what: &'static str,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<I>>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "{what} TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "{what} TLS handshake timed out");
+            None
+        }
+    }
+}
+
 /// Completes once `shutdown` is true (or its sender is gone).
 pub(crate) async fn stopping(mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;

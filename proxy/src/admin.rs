@@ -52,15 +52,16 @@ impl Admin {
     }
 
     /// Ready once a first configuration is applied and, when the proxy is to have an identity,
-    /// it has one; else what it waits for.
+    /// it has one; else what it waits for (with an identity to get, the configuration stream
+    /// waits for it first).
     fn readiness(&self) -> Result<(), &'static str> {
-        if !*self.ready.borrow() {
-            return Err("waiting for the control plane\n");
-        }
         if let Some(identity) = &self.identity
             && identity.borrow().is_none()
         {
             return Err("waiting for a certificate from the control plane\n");
+        }
+        if !*self.ready.borrow() {
+            return Err("waiting for the control plane\n");
         }
         Ok(())
     }

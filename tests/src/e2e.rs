@@ -40,6 +40,8 @@ impl RunningProxy {
             // The backends listen on loopback too.
             allow_loopback_endpoints: true,
             identity_token_file: None,
+            control_plane_identity: None,
+            trust_anchors: None,
             trust_domain: outrigger_api::identity::DEFAULT_TRUST_DOMAIN.into(),
             inbound_mtls: outrigger_proxy::InboundMtls::Permissive,
             inbound_probes: Vec::new(),

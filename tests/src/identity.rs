@@ -31,3 +31,16 @@ pub fn write_authority(dir: &Path) {
     );
     std::fs::copy(dir.join("tls.crt"), dir.join("ca.crt")).unwrap();
 }
+
+/// The flags that make a proxy trust the controller: its identity (the default ServiceAccount of
+/// a controller, in `namespace`, where the test runs it) and the trust anchors of the authority
+/// `write_authority` wrote in `dir`.
+pub fn control_plane_trust(dir: &Path, namespace: &str) -> [String; 4] {
+    let anchors = std::fs::read_to_string(dir.join("ca.crt")).expect("the trust anchors");
+    [
+        "--control-plane-identity".into(),
+        format!("spiffe://cluster.local/ns/{namespace}/sa/outrigger-controller"),
+        "--trust-anchors".into(),
+        anchors,
+    ]
+}

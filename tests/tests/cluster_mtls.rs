@@ -16,7 +16,7 @@ use outrigger_cluster::Cluster;
 use outrigger_tests::Backend;
 use outrigger_tests::dashboards::{http_get, series_sum};
 use outrigger_tests::e2e::{eventually_within, get};
-use outrigger_tests::identity::write_authority;
+use outrigger_tests::identity::{control_plane_trust, write_authority};
 use outrigger_tests::live::{self, LiveProxy};
 use outrigger_tests::process::host_address;
 
@@ -53,6 +53,7 @@ async fn proxy(
     let file = dir.join(format!("token-{account}"));
     std::fs::write(&file, token).unwrap();
     let file = file.to_str().unwrap().to_string();
+    let trust = control_plane_trust(&dir.join("identity"), "default");
     let mut all = vec![
         "--namespace",
         NAMESPACE,
@@ -61,6 +62,7 @@ async fn proxy(
         "--identity-token-file",
         &file,
     ];
+    all.extend(trust.iter().map(String::as_str));
     all.extend(flags);
     let proxy = live::start_proxy(control_plane, app, &all).await;
     eventually_within(

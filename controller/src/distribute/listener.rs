@@ -1,7 +1,9 @@
-//! The connections proxies open to the discovery service: HTTP/2 without TLS, each bounded in the
-//! streams it may open, its header size and its silence, and closed once it has had no request in
-//! flight for [`IDLE_TIMEOUT`] (a proxy keeps its configuration stream open for as long as it is
-//! connected, so only connections that do nothing are closed).
+//! The connections proxies open to the discovery service: HTTP/2, over TLS when the controller
+//! has an identity (the client's certificate, if any, proving who calls: see [`PeerIdentity`]),
+//! each bounded in the time to its handshake, the streams it may open, its header size and its
+//! silence, and closed once it has had no request in flight for [`IDLE_TIMEOUT`] (a proxy keeps
+//! its configuration stream open for as long as it is connected, so only connections that do
+//! nothing are closed).
 //!
 //! On shutdown every connection is closed the same way, GOAWAY and then its configuration stream
 //! ended with UNAVAILABLE (see [`Closing`]), each at its own moment of [`DRAIN_WINDOW`]: a proxy
@@ -20,8 +22,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::server::{Closing, DiscoveryService};
-use crate::identity::IdentityService;
+use super::server::{Closing, DiscoveryService, PeerIdentity};
+use crate::identity::{IdentityService, ServingTls, peer_identity};
 use crate::listen;
 
 /// Proxies that vanish without closing their connection are noticed within about this long.
@@ -49,29 +51,47 @@ pub const DRAIN_BOUND: Duration = match DRAIN_WINDOW.checked_add(CLOSE_GRACE) {
 /// Connections open at once; the next waits in the kernel's backlog until one closes.
 pub(crate) const MAX_CONNECTIONS: usize = 20_000;
 
-/// Serves the configuration streams (and certificates, when `identity` is given) until
-/// `shutdown`, then closes the connections over [`DRAIN_WINDOW`] and returns within
+/// The certificate authority and the TLS the gRPC listener serves with.
+pub struct Authenticated {
+    pub identity: IdentityService,
+    pub tls: Arc<ServingTls>,
+}
+
+/// Serves the configuration streams (and, when `authenticated`, certificates, all over TLS)
+/// until `shutdown`, then closes the connections over [`DRAIN_WINDOW`] and returns within
 /// [`DRAIN_BOUND`]. New connections are refused from the start; the proxies reconnect, to another
 /// replica or to this one restarted, keeping their configuration meanwhile.
 pub async fn serve_grpc(
     listener: TcpListener,
     discovery: DiscoveryService,
-    identity: Option<IdentityService>,
+    authenticated: Option<Authenticated>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut server = tonic::service::Routes::new(discovery.into_server());
-    if let Some(identity) = identity {
-        server = server.add_service(identity.into_server());
+    let mut tls = None;
+    if let Some(authenticated) = authenticated {
+        server = server.add_service(authenticated.identity.into_server());
+        tls = Some(authenticated.tls);
     }
     let stop = listen::stopping(shutdown.clone());
     let mut accepted = 0u64;
-    let connections = listen::serve(listener, "gRPC", MAX_CONNECTIONS, stop, |stream, _| {
+    let connections = listen::serve(listener, "gRPC", MAX_CONNECTIONS, stop, |stream, peer| {
         // A reply's frames go out as separate small writes: without this, Nagle holds the later
         // ones until the proxy's delayed ACK, some 40 ms.
         let _ = stream.set_nodelay(true);
         let turn = drain_turn(accepted);
         accepted += 1;
-        serve_connection(stream, server.clone(), turn, shutdown.clone())
+        let (server, shutdown, tls) = (server.clone(), shutdown.clone(), tls.clone());
+        async move {
+            let Some(tls) = tls else {
+                return serve_connection(stream, None, server, turn, shutdown).await;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+            if let Some(stream) = listen::handshake(acceptor, stream, "gRPC", peer).await {
+                let identity = peer_identity(stream.get_ref().1).map(PeerIdentity);
+                serve_connection(stream, identity, server, turn, shutdown).await;
+            }
+        }
     })
     .await;
     let _ = tokio::time::timeout(DRAIN_BOUND, connections.join_all()).await;
@@ -86,9 +106,11 @@ pub(super) fn drain_turn(number: u64) -> Duration {
     DRAIN_WINDOW.mul_f64(spread)
 }
 
-/// One proxy's connection, closed when idle, or `turn` after shutdown begins.
+/// One proxy's connection, closed when idle, or `turn` after shutdown begins. Its requests carry
+/// `peer`, when the client proved an identity.
 pub(super) async fn serve_connection<I, S>(
     io: I,
+    peer: Option<PeerIdentity>,
     service: S,
     turn: Duration,
     shutdown: watch::Receiver<bool>,
@@ -109,6 +131,7 @@ pub(super) async fn serve_connection<I, S>(
         inner: service,
         in_flight: in_flight.clone(),
         closing: Closing::new(closed),
+        peer,
     });
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
@@ -153,12 +176,13 @@ async fn idle_for(in_flight: &mut watch::Receiver<usize>, period: Duration) {
 
 /// A service that counts its requests in flight, each until its response body is done with (a
 /// configuration stream is one request for its whole life), and hands each the connection's
-/// [`Closing`].
+/// [`Closing`] and [`PeerIdentity`].
 #[derive(Clone)]
 struct Counted<S> {
     inner: S,
     in_flight: Arc<watch::Sender<usize>>,
     closing: Closing,
+    peer: Option<PeerIdentity>,
 }
 
 /// One request in flight, until dropped.
@@ -192,6 +216,9 @@ where
 
     fn call(&mut self, mut request: http::Request<hyper::body::Incoming>) -> Self::Future {
         request.extensions_mut().insert(self.closing.clone());
+        if let Some(peer) = &self.peer {
+            request.extensions_mut().insert(peer.clone());
+        }
         let in_flight = InFlight::new(&self.in_flight);
         let response = self.inner.call(request);
         Box::pin(async move {

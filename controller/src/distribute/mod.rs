@@ -15,7 +15,7 @@ mod subscribers;
 #[cfg(test)]
 mod tests;
 
-pub use self::listener::{DRAIN_BOUND, serve_grpc};
+pub use self::listener::{Authenticated, DRAIN_BOUND, serve_grpc};
 pub use self::server::{DiscoveryService, ProxyEvent};
 pub use self::snapshot::{EndpointSet, Snapshot, Snapshots};
 #[cfg(test)]

@@ -6,6 +6,11 @@
 //! subscribes to (`MAX_KEYS_PER_STREAM`, each a valid destination key), the length of a rejection
 //! reason kept for status, connections, streams per connection, and connections with no stream
 //! open.
+//!
+//! With identity, a proxy is who its client certificate proves, not what it says: a call without
+//! one is refused, and Hello must name the certificate's namespace and ServiceAccount. A stream
+//! reports (ACK, NACK) only on the versions it was sent of what it subscribed to, so a proxy
+//! speaks for itself alone.
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -14,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::Stream;
 use outrigger_api::destination::DestinationKey;
+use outrigger_api::identity::SpiffeId;
 use outrigger_api::proto::{
     self, ControllerMessage, DestinationUnknown, DestinationUpdate, EndpointGroupContent,
     EndpointsReply, EndpointsRequest, ProxyMessage, Welcome, controller_message,
@@ -60,7 +66,15 @@ pub struct DiscoveryService {
     metrics: Metrics,
     controller: String,
     next_stream: Arc<std::sync::atomic::AtomicU64>,
+    /// The trust domain callers must prove an identity in; without one (no identity: the
+    /// manifests source, the demo) a proxy is taken at its word.
+    required_trust_domain: Option<String>,
 }
+
+/// The identity the client certificate of a request's connection proves; the listener hands it
+/// to each request in its extensions.
+#[derive(Clone, Debug)]
+pub struct PeerIdentity(pub SpiffeId);
 
 /// The largest message a proxy may send: a resubscription of [`MAX_KEYS_PER_STREAM`] keys (each at
 /// most about 150 bytes) fits with room to spare.
@@ -86,6 +100,30 @@ impl DiscoveryService {
             metrics,
             controller,
             next_stream: Default::default(),
+            required_trust_domain: None,
+        }
+    }
+
+    /// Refuses calls that prove no identity in `trust_domain`.
+    pub fn requiring_identity(mut self, trust_domain: String) -> Self {
+        self.required_trust_domain = Some(trust_domain);
+        self
+    }
+
+    /// Who calls, when identities are required: refused when the call proves none.
+    fn proven(&self, extensions: &http::Extensions) -> Result<Option<SpiffeId>, Status> {
+        let Some(trust_domain) = &self.required_trust_domain else {
+            return Ok(None);
+        };
+        match extensions.get::<PeerIdentity>() {
+            Some(PeerIdentity(id)) if id.trust_domain == *trust_domain => Ok(Some(id.clone())),
+            Some(PeerIdentity(id)) => Err(Status::permission_denied(format!(
+                "{id} is not of the trust domain {trust_domain}"
+            ))),
+            None => Err(Status::unauthenticated(
+                "the configuration is served to meshed proxies alone: present the proxy's \
+                 certificate",
+            )),
         }
     }
 
@@ -140,6 +178,7 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<ProxyMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        let proven = self.proven(request.extensions())?;
         let closing = request
             .extensions()
             .get::<Closing>()
@@ -159,6 +198,14 @@ impl Discovery for DiscoveryService {
         };
         check_name("namespace", &hello.namespace, MAX_NAMESPACE_BYTES)?;
         check_name("workload", &hello.workload, MAX_WORKLOAD_BYTES)?;
+        if let Some(id) = proven
+            && (hello.namespace != id.namespace || hello.service_account != id.service_account)
+        {
+            return Err(Status::permission_denied(format!(
+                "Hello names namespace `{}` and ServiceAccount `{}`; the certificate proves {id}",
+                hello.namespace, hello.service_account
+            )));
+        }
         let proxy = ProxyId {
             namespace: hello.namespace,
             workload: hello.workload,
@@ -181,6 +228,7 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<EndpointsRequest>,
     ) -> Result<Response<EndpointsReply>, Status> {
+        self.proven(request.extensions())?;
         let EndpointsRequest { key, groups } = request.into_inner();
         let wanted: HashSet<String> = groups.into_iter().collect();
         match self.snapshots.current(&key).as_deref() {

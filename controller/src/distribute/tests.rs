@@ -17,7 +17,7 @@ use super::listener::{
     DRAIN_BOUND, DRAIN_WINDOW, IDLE_TIMEOUT, MAX_HEADER_LIST_BYTES, MAX_STREAMS_PER_CONNECTION,
     drain_turn, serve_connection,
 };
-use super::server::{MAX_KEYS_PER_STREAM, MAX_REASON_BYTES, bounded_reason};
+use super::server::{MAX_KEYS_PER_STREAM, MAX_REASON_BYTES, PeerIdentity, bounded_reason};
 use super::*;
 use crate::metrics::Metrics;
 
@@ -650,9 +650,23 @@ async fn connect_in_memory(
     DiscoveryClient<tonic::transport::Channel>,
     tokio::task::JoinHandle<()>,
 ) {
+    connect_in_memory_as(service, number, shutdown, None).await
+}
+
+/// The same, for a client whose certificate proved `peer`.
+async fn connect_in_memory_as(
+    service: &DiscoveryService,
+    number: u64,
+    shutdown: &watch::Receiver<bool>,
+    peer: Option<PeerIdentity>,
+) -> (
+    DiscoveryClient<tonic::transport::Channel>,
+    tokio::task::JoinHandle<()>,
+) {
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
     let served = tokio::spawn(serve_connection(
         server_io,
+        peer,
         service.clone().into_server(),
         drain_turn(number),
         shutdown.clone(),
@@ -758,4 +772,70 @@ fn drain_turns_spread_any_run_of_connections_evenly_over_the_window() {
             "connections {first}.. closed per tenth of the window: {tenths:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn with_identities_required_a_proxy_is_who_its_certificate_proves_and_nothing_else() {
+    let snapshots = Snapshots::default();
+    snapshots.mark_synced();
+    publish(&snapshots, 1);
+    let service = DiscoveryService::new(snapshots, Metrics::default(), "test".into())
+        .requiring_identity("cluster.local".into());
+    let (_stop, shutdown) = watch::channel(false);
+    let greeting = |namespace: &str, service_account: &str| {
+        vec![
+            proxy_message::Message::Hello(Hello {
+                namespace: namespace.into(),
+                workload: "reviews-0".into(),
+                service_account: service_account.into(),
+                ..Default::default()
+            }),
+            proxy_message::Message::Subscribe(Subscribe {
+                destinations: vec![Subscription {
+                    key: KEY.into(),
+                    ..Default::default()
+                }],
+            }),
+        ]
+    };
+    let endpoints = || EndpointsRequest {
+        key: KEY.into(),
+        groups: Vec::new(),
+    };
+    let proven = |id: &str| Some(PeerIdentity(id.parse().unwrap()));
+
+    // Without a certificate, neither the stream nor endpoints.
+    let (mut client, _) = connect_in_memory_as(&service, 0, &shutdown, None).await;
+    let refused = Stream::open_on(client.clone(), greeting("shop", "reviews")).await;
+    assert_eq!(
+        refused.err().map(|status| status.code()),
+        Some(tonic::Code::Unauthenticated)
+    );
+    let refused = client.endpoints(endpoints()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+
+    // A Hello for anyone but the certificate's namespace and ServiceAccount is refused.
+    let reviews = "spiffe://cluster.local/ns/shop/sa/reviews";
+    for (namespace, account) in [("billing", "reviews"), ("shop", "productpage")] {
+        let (client, _) = connect_in_memory_as(&service, 1, &shutdown, proven(reviews)).await;
+        let refused = Stream::open_on(client, greeting(namespace, account))
+            .await
+            .err()
+            .expect("a forged Hello is refused");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(refused.message().contains(reviews), "{}", refused.message());
+    }
+    // So is a certificate of another trust domain.
+    let stranger = proven("spiffe://elsewhere.example/ns/shop/sa/reviews");
+    let (mut client, _) = connect_in_memory_as(&service, 2, &shutdown, stranger).await;
+    let refused = client.endpoints(endpoints()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+
+    // Its own identity is served.
+    let (mut client, _) = connect_in_memory_as(&service, 3, &shutdown, proven(reviews)).await;
+    let mut stream = Stream::open_on(client.clone(), greeting("shop", "reviews"))
+        .await
+        .unwrap();
+    assert!(!stream.update().await.is_empty());
+    client.endpoints(endpoints()).await.unwrap();
 }

@@ -58,6 +58,8 @@ pub struct Authority {
     /// The issuer's certificates that go into every chain.
     intermediates: Vec<CertificateDer<'static>>,
     trust_anchors: Vec<CertificateDer<'static>>,
+    /// The trust anchors as the Secret holds them, for proxies to start with.
+    trust_anchors_pem: String,
     random: SystemRandom,
 }
 
@@ -96,6 +98,7 @@ impl Authority {
             issuer,
             intermediates,
             trust_anchors,
+            trust_anchors_pem: String::from_utf8_lossy(&files.trust_anchors).into_owned(),
             random: SystemRandom::new(),
         })
     }
@@ -132,11 +135,24 @@ impl Authority {
             });
         }
         // Nothing else of the request is taken: what a leaf may do is the authority's choice.
+        self.sign(&request.public_key, identity, now)
+    }
+
+    /// A leaf certificate for `identity` and the key of `public_key`, valid [`LEAF_VALIDITY`]
+    /// from about `now`: what a proxy asks for, and the controller's own.
+    pub fn sign(
+        &self,
+        public_key: &impl PublicKeyData,
+        identity: &SpiffeId,
+        now: SystemTime,
+    ) -> Result<Certified, CsrError> {
         let not_before = now - BACKDATE;
         let valid_until = not_before + LEAF_VALIDITY;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = request.params.subject_alt_names;
+        params.subject_alt_names = vec![SanType::URI(
+            identity.to_string().try_into().map_err(CsrError::Signing)?,
+        )];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -147,12 +163,9 @@ impl Authority {
         params.not_after = valid_until.into();
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(self.serial_number()?);
-        let leaf = CertificateSigningRequestParams {
-            params,
-            public_key: request.public_key,
-        }
-        .signed_by(&self.issuer)
-        .map_err(CsrError::Signing)?;
+        let leaf = params
+            .signed_by(public_key, &self.issuer)
+            .map_err(CsrError::Signing)?;
         let mut chain = vec![leaf.der().clone()];
         chain.extend(self.intermediates.iter().cloned());
         Ok(Certified {
@@ -160,6 +173,11 @@ impl Authority {
             trust_anchors: self.trust_anchors.clone(),
             valid_until,
         })
+    }
+
+    /// The trust anchors, PEM, as `ca.crt` holds them.
+    pub fn trust_anchors_pem(&self) -> &str {
+        &self.trust_anchors_pem
     }
 
     /// A random serial number: a renewal must not repeat one.

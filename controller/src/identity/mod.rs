@@ -2,17 +2,19 @@
 //! projected ServiceAccount token and a certificate signing request; the token is checked with the
 //! API server (`review`), the request must ask for exactly the SPIFFE ID of that ServiceAccount,
 //! and the authority (`authority`) signs a leaf certificate for it. Served on the gRPC listener
-//! beside discovery (`service`).
+//! beside discovery (`service`), over TLS with the controller's own certificate (`serving`).
 
 mod authority;
 mod review;
 mod service;
+mod serving;
 
 use std::path::PathBuf;
 
 pub use authority::{Authority, ReloadingAuthority};
 pub use review::{Reviewer, TOKEN_AUDIENCE};
 pub use service::IdentityService;
+pub use serving::{ServingTls, peer_identity};
 
 /// Flags of the certificate authority; without `--identity-dir` it is off.
 #[derive(clap::Args, Clone, Debug)]
@@ -25,6 +27,15 @@ pub struct IdentitySettings {
     /// The trust domain of the SPIFFE IDs certified: `spiffe://<trust domain>/ns/<ns>/sa/<sa>`.
     #[arg(long, env = "OUTRIGGER_TRUST_DOMAIN", default_value = outrigger_api::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// The controller's own ServiceAccount (in the namespace of its Lease): with
+    /// `--identity-dir`, the gRPC listener serves TLS with a certificate for
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<this>`, the identity proxies check.
+    #[arg(
+        long,
+        env = "OUTRIGGER_SERVICE_ACCOUNT",
+        default_value = "outrigger-controller"
+    )]
+    pub service_account: String,
 }
 
 impl Default for IdentitySettings {
@@ -32,6 +43,7 @@ impl Default for IdentitySettings {
         Self {
             identity_dir: None,
             trust_domain: outrigger_api::identity::DEFAULT_TRUST_DOMAIN.into(),
+            service_account: "outrigger-controller".into(),
         }
     }
 }

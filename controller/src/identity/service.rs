@@ -1,6 +1,7 @@
 //! The `Identity` gRPC service: a token and a certificate signing request in, a certificate for
 //! the token's ServiceAccount out.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use outrigger_api::identity::SpiffeId;
@@ -16,12 +17,16 @@ const MAX_MESSAGE_BYTES: usize = MAX_TOKEN_BYTES + 16 * 1024;
 
 pub struct IdentityService {
     reviewer: Reviewer,
-    authority: ReloadingAuthority,
+    authority: Arc<ReloadingAuthority>,
     trust_domain: String,
 }
 
 impl IdentityService {
-    pub fn new(reviewer: Reviewer, authority: ReloadingAuthority, trust_domain: String) -> Self {
+    pub fn new(
+        reviewer: Reviewer,
+        authority: Arc<ReloadingAuthority>,
+        trust_domain: String,
+    ) -> Self {
         Self {
             reviewer,
             authority,

@@ -307,7 +307,7 @@ fn token_reviews() -> kube::Client {
 fn service(client: kube::Client) -> (IdentityService, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     write_self_signed(dir.path());
-    let authority = ReloadingAuthority::load(dir.path()).unwrap();
+    let authority = Arc::new(ReloadingAuthority::load(dir.path()).unwrap());
     let service = IdentityService::new(Reviewer::new(client), authority, "cluster.local".into());
     (service, dir)
 }
@@ -473,4 +473,142 @@ async fn at_most_so_many_reviews_are_in_flight_at_once() {
         most.load(std::sync::atomic::Ordering::SeqCst),
         MAX_REVIEWS_IN_FLIGHT
     );
+}
+
+/// Accepts any server certificate, keeping it: the test checks it as a proxy would, by its chain
+/// and its SPIFFE ID (which webpki's server check, for DNS names, does not read).
+#[derive(Debug, Default)]
+struct KeepServerCertificate(std::sync::Mutex<Vec<CertificateDer<'static>>>);
+
+impl rustls::client::danger::ServerCertVerifier for KeepServerCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let mut kept = self.0.lock().unwrap();
+        kept.push(end_entity.clone().into_owned());
+        kept.extend(intermediates.iter().map(|c| c.clone().into_owned()));
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// What a handshake with `serving` tells each side: the server's chain as the client got it,
+/// and the client's identity as the server proved it (or the handshake's failure).
+async fn handshake(
+    serving: &super::ServingTls,
+    client_key: Option<(Vec<CertificateDer<'static>>, KeyPair)>,
+) -> (
+    Vec<CertificateDer<'static>>,
+    Result<Option<SpiffeId>, String>,
+) {
+    let kept = Arc::new(KeepServerCertificate::default());
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(kept.clone());
+    let client = match client_key {
+        Some((chain, key)) => {
+            let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+    let acceptor = tokio_rustls::TlsAcceptor::from(serving.config());
+    let server = tokio::spawn(async move {
+        let stream = acceptor
+            .accept(server_io)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(super::peer_identity(stream.get_ref().1))
+    });
+    let name = rustls_pki_types::ServerName::try_from("controller.invalid").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    // TLS 1.3: the client is done before the server has checked its certificate; the server's
+    // side says whether it took it. The client's end stays open until the server is done.
+    let _client = connector.connect(name, client_io).await;
+    let proven = server.await.unwrap();
+    let chain = kept.0.lock().unwrap().clone();
+    (chain, proven)
+}
+
+#[tokio::test]
+async fn the_controller_serves_a_certificate_for_its_own_identity_and_reads_its_callers() {
+    let dir = tempfile::tempdir().unwrap();
+    let anchor = write_self_signed(dir.path());
+    let authority = Arc::new(ReloadingAuthority::load(dir.path()).unwrap());
+    let controller = SpiffeId {
+        trust_domain: "cluster.local".into(),
+        namespace: "outrigger".into(),
+        service_account: "outrigger-controller".into(),
+    };
+    let serving = super::ServingTls::new(controller.clone(), authority.clone()).unwrap();
+    assert!(serving.trust_anchors_pem().contains("BEGIN CERTIFICATE"));
+
+    // A proxy without a certificate yet gets through the handshake (to ask for one), proving
+    // no one; the controller's certificate is for its own identity and leads to the anchor.
+    let (chain, proven) = handshake(&serving, None).await;
+    assert_eq!(proven, Ok(None));
+    assert_chains_to(&chain, &anchor);
+    assert_eq!(
+        SpiffeId::of_certificate(&chain[0]),
+        Some(controller.clone())
+    );
+
+    // A proxy with its certificate is known by it.
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let leaf = authority
+        .current()
+        .sign(&key, &reviews(), SystemTime::now())
+        .unwrap();
+    let (_, proven) = handshake(&serving, Some((leaf.chain, key))).await;
+    assert_eq!(proven, Ok(Some(reviews())));
+
+    // A certificate of another authority is refused.
+    let elsewhere = tempfile::tempdir().unwrap();
+    write_self_signed(elsewhere.path());
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let forged = Authority::load(elsewhere.path())
+        .unwrap()
+        .sign(&key, &reviews(), SystemTime::now())
+        .unwrap();
+    let (_, proven) = handshake(&serving, Some((forged.chain, key))).await;
+    assert!(proven.is_err(), "{proven:?}");
+
+    // New trust anchors and issuer (a rotation's last step): the next handshake serves a
+    // certificate from them, without a restart.
+    let anchor = write_self_signed(dir.path());
+    let (chain, _) = handshake(&serving, None).await;
+    assert_chains_to(&chain, &anchor);
 }

@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::{
     SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use outrigger_api::identity::SpiffeId;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -93,8 +94,24 @@ pub enum Skip {
     HostNetwork,
 }
 
-/// The JSON patch that meshes `pod`, or why it is left alone.
-pub fn patch(pod: &Pod, opt_in: OptIn, config: &InjectorConfig) -> Result<Value, Skip> {
+/// What a proxy needs to trust the controller before it has a certificate of its own (and so
+/// anchors from the controller): the controller's identity and the trust anchors, as they are
+/// when the pod is created.
+#[derive(Clone, Debug)]
+pub struct ControlPlaneTrust {
+    pub identity: SpiffeId,
+    pub trust_anchors_pem: String,
+}
+
+/// The JSON patch that meshes `pod`, or why it is left alone. With identity in `config`, `trust`
+/// is what its proxy trusts the controller by.
+pub fn patch(
+    pod: &Pod,
+    opt_in: OptIn,
+    config: &InjectorConfig,
+    trust: Option<&ControlPlaneTrust>,
+) -> Result<Value, Skip> {
+    let identity = config.identity.as_ref().zip(trust);
     let annotations = pod.metadata.annotations.as_ref();
     let annotation = annotations
         .and_then(|a| a.get(INJECT_KEY))
@@ -127,7 +144,7 @@ pub fn patch(pod: &Pod, opt_in: OptIn, config: &InjectorConfig) -> Result<Value,
         return Err(Skip::HostNetwork);
     }
     let mut operations = Vec::new();
-    if config.identity.is_some() {
+    if identity.is_some() {
         let volume = serde_json::to_value(token_volume()).expect("volumes serialize");
         if spec.is_some_and(|s| s.volumes.as_ref().is_some_and(|v| !v.is_empty())) {
             operations.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
@@ -140,8 +157,12 @@ pub fn patch(pod: &Pod, opt_in: OptIn, config: &InjectorConfig) -> Result<Value,
         .and_then(|a| a.get(MTLS_ANNOTATION))
         .map(String::as_str)
         == Some("strict");
-    let proxy = serde_json::to_value(proxy_container(config, strict.then(|| http_probes(spec))))
-        .expect("containers serialize");
+    let proxy = serde_json::to_value(proxy_container(
+        config,
+        identity,
+        strict.then(|| http_probes(spec)),
+    ))
+    .expect("containers serialize");
     if spec
         .and_then(|s| s.init_containers.as_ref())
         .is_some_and(|c| !c.is_empty())
@@ -164,7 +185,7 @@ pub fn patch(pod: &Pod, opt_in: OptIn, config: &InjectorConfig) -> Result<Value,
         }));
     };
     annotate(INJECTED_ANNOTATION, "true");
-    if config.identity.is_some() {
+    if identity.is_some() {
         // As the proxy's certificate will name it: the API server has set the default by now.
         let account = spec
             .and_then(|s| s.service_account_name.as_deref())
@@ -278,7 +299,11 @@ fn http_probes(spec: Option<&PodSpec>) -> Vec<String> {
 
 /// `strict_probes`: for a strict pod (`outrigger.dev/mtls: strict`), the probes its proxy serves
 /// in plaintext.
-fn proxy_container(config: &InjectorConfig, strict_probes: Option<Vec<String>>) -> Container {
+fn proxy_container(
+    config: &InjectorConfig,
+    identity: Option<(&InjectedIdentity, &ControlPlaneTrust)>,
+    strict_probes: Option<Vec<String>>,
+) -> Container {
     let field = |path: &str| EnvVarSource {
         field_ref: Some(ObjectFieldSelector {
             field_path: path.into(),
@@ -334,7 +359,7 @@ fn proxy_container(config: &InjectorConfig, strict_probes: Option<Vec<String>>) 
         }
     }
     let mut volume_mounts = None;
-    if let Some(identity) = &config.identity {
+    if let Some((identity, trust)) = identity {
         let value = |name: &str, value: String| EnvVar {
             name: name.into(),
             value: Some(value),
@@ -347,6 +372,14 @@ fn proxy_container(config: &InjectorConfig, strict_probes: Option<Vec<String>>) 
         env.push(value(
             "OUTRIGGER_TRUST_DOMAIN",
             identity.trust_domain.clone(),
+        ));
+        env.push(value(
+            "OUTRIGGER_CONTROL_PLANE_IDENTITY",
+            trust.identity.to_string(),
+        ));
+        env.push(value(
+            "OUTRIGGER_TRUST_ANCHORS",
+            trust.trust_anchors_pem.clone(),
         ));
         volume_mounts = Some(vec![VolumeMount {
             name: TOKEN_VOLUME.into(),
@@ -427,7 +460,10 @@ mod tests {
     #[test]
     fn a_pod_in_an_enabled_namespace_gets_the_init_step_and_the_native_sidecar() {
         let app = pod(APP);
-        let meshed = apply(&app, patch(&app, OptIn::Namespace, &config()).unwrap());
+        let meshed = apply(
+            &app,
+            patch(&app, OptIn::Namespace, &config(), None).unwrap(),
+        );
         let spec = meshed.spec.unwrap();
         let init = spec.init_containers.unwrap();
         assert_eq!(
@@ -498,6 +534,15 @@ mod tests {
         );
     }
 
+    fn trust() -> ControlPlaneTrust {
+        ControlPlaneTrust {
+            identity: "spiffe://example.org/ns/outrigger/sa/outrigger-controller"
+                .parse()
+                .unwrap(),
+            trust_anchors_pem: "-----BEGIN CERTIFICATE-----\n...".into(),
+        }
+    }
+
     fn with_identity() -> InjectorConfig {
         InjectorConfig {
             identity: Some(InjectedIdentity {
@@ -517,7 +562,7 @@ mod tests {
             let app = pod(app);
             let meshed = apply(
                 &app,
-                patch(&app, OptIn::Namespace, &with_identity()).unwrap(),
+                patch(&app, OptIn::Namespace, &with_identity(), Some(&trust())).unwrap(),
             );
             let spec = meshed.spec.unwrap();
             let volumes = spec.volumes.unwrap();
@@ -549,6 +594,15 @@ mod tests {
                 env("OUTRIGGER_TRUST_DOMAIN").as_deref(),
                 Some("example.org")
             );
+            // It checks the controller is the controller before sending its token.
+            assert_eq!(
+                env("OUTRIGGER_CONTROL_PLANE_IDENTITY").as_deref(),
+                Some("spiffe://example.org/ns/outrigger/sa/outrigger-controller")
+            );
+            assert_eq!(
+                env("OUTRIGGER_TRUST_ANCHORS"),
+                Some(trust().trust_anchors_pem)
+            );
             assert!(
                 spec.containers[0].volume_mounts.is_none(),
                 "the app does not see it"
@@ -568,7 +622,7 @@ mod tests {
              spec:\n  serviceAccountName: web\n  containers: [{name: web, image: web}]\n");
         let meshed = apply(
             &app,
-            patch(&app, OptIn::Namespace, &with_identity()).unwrap(),
+            patch(&app, OptIn::Namespace, &with_identity(), Some(&trust())).unwrap(),
         );
         assert_eq!(
             meshed
@@ -581,7 +635,10 @@ mod tests {
         );
         // Without identity, no token, and callers call it in plaintext.
         let app = pod(APP);
-        let meshed = apply(&app, patch(&app, OptIn::Namespace, &config()).unwrap());
+        let meshed = apply(
+            &app,
+            patch(&app, OptIn::Namespace, &config(), None).unwrap(),
+        );
         assert!(meshed.spec.unwrap().volumes.is_none());
         assert!(
             !meshed
@@ -598,7 +655,7 @@ mod tests {
             let app = pod(yaml);
             let meshed = apply(
                 &app,
-                patch(&app, OptIn::Namespace, &with_identity()).unwrap(),
+                patch(&app, OptIn::Namespace, &with_identity(), Some(&trust())).unwrap(),
             );
             let spec = meshed.spec.unwrap();
             let proxy = &spec.init_containers.unwrap()[1];
@@ -637,7 +694,10 @@ mod tests {
     fn the_mesh_goes_first_among_existing_init_containers() {
         let app = pod("metadata: {name: web-0, annotations: {team: a}}\n\
              spec:\n  initContainers: [{name: migrate, image: m}]\n  containers: [{name: web, image: web}]\n");
-        let meshed = apply(&app, patch(&app, OptIn::Namespace, &config()).unwrap());
+        let meshed = apply(
+            &app,
+            patch(&app, OptIn::Namespace, &config(), None).unwrap(),
+        );
         let names: Vec<_> = meshed
             .spec
             .unwrap()
@@ -658,9 +718,12 @@ mod tests {
     #[test]
     fn injecting_twice_changes_nothing() {
         let app = pod(APP);
-        let meshed = apply(&app, patch(&app, OptIn::Namespace, &config()).unwrap());
+        let meshed = apply(
+            &app,
+            patch(&app, OptIn::Namespace, &config(), None).unwrap(),
+        );
         assert_eq!(
-            patch(&meshed, OptIn::Namespace, &config()),
+            patch(&meshed, OptIn::Namespace, &config(), None),
             Err(Skip::AlreadyInjected)
         );
     }
@@ -674,29 +737,32 @@ mod tests {
         ] {
             for opt_in in [OptIn::Namespace, OptIn::Pod] {
                 assert_eq!(
-                    patch(&pod(opted_out), opt_in, &config()),
+                    patch(&pod(opted_out), opt_in, &config(), None),
                     Err(Skip::OptedOut),
                     "{opted_out}"
                 );
             }
         }
         let plain = pod(APP);
-        assert_eq!(patch(&plain, OptIn::Pod, &config()), Err(Skip::NotOptedIn));
+        assert_eq!(
+            patch(&plain, OptIn::Pod, &config(), None),
+            Err(Skip::NotOptedIn)
+        );
         // An annotation cannot be selected: the per-pod webhook is never sent such a pod.
         let annotated = pod(
             "metadata: {name: a, annotations: {outrigger.dev/inject: enabled}}\nspec: {containers: []}\n",
         );
         assert_eq!(
-            patch(&annotated, OptIn::Pod, &config()),
+            patch(&annotated, OptIn::Pod, &config(), None),
             Err(Skip::NotOptedIn)
         );
         let opted_in = pod(
             "metadata: {name: a, labels: {outrigger.dev/inject: enabled}}\nspec: {containers: []}\n",
         );
-        assert!(patch(&opted_in, OptIn::Pod, &config()).is_ok());
+        assert!(patch(&opted_in, OptIn::Pod, &config(), None).is_ok());
         let host = pod("metadata: {name: a}\nspec: {hostNetwork: true, containers: []}\n");
         assert_eq!(
-            patch(&host, OptIn::Namespace, &config()),
+            patch(&host, OptIn::Namespace, &config(), None),
             Err(Skip::HostNetwork)
         );
     }

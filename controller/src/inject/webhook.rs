@@ -21,7 +21,8 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::inject::patch::{InjectorConfig, OptIn, patch};
+use crate::identity::ServingTls;
+use crate::inject::patch::{ControlPlaneTrust, InjectorConfig, OptIn, patch};
 use crate::listen;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -61,15 +62,29 @@ pub const INJECT_POD_PATH: &str = "/inject-pod";
 const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 /// The API server calls with a few connections at a time; more is someone else.
 const MAX_CONNECTIONS: usize = 256;
-/// A TLS client sends its hello at once.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The API server sends a review whole; it gives up on the webhook after at most 30 s anyway.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Webhook {
     listener: TcpListener,
     tls: Arc<ServingCertificate>,
-    injector: Arc<InjectorConfig>,
+    injector: Arc<Injector>,
+}
+
+/// What the webhook injects: the configured containers and, with identity, the controller's
+/// trust (read for each pod: the trust anchors change in a rotation).
+struct Injector {
+    config: InjectorConfig,
+    control_plane: Option<Arc<ServingTls>>,
+}
+
+impl Injector {
+    fn trust(&self) -> Option<ControlPlaneTrust> {
+        self.control_plane.as_ref().map(|tls| ControlPlaneTrust {
+            identity: tls.id().clone(),
+            trust_anchors_pem: tls.trust_anchors_pem(),
+        })
+    }
 }
 
 /// The webhook's certificate and key, read again for each connection and taken when they changed:
@@ -139,8 +154,12 @@ fn acceptor((cert, key): &(Vec<u8>, Vec<u8>)) -> anyhow::Result<TlsAcceptor> {
 }
 
 impl Webhook {
-    /// Binds the webhook when the settings enable it.
-    pub async fn bind(settings: &WebhookSettings) -> anyhow::Result<Option<Self>> {
+    /// Binds the webhook when the settings enable it. Proxies injected with identity trust
+    /// `control_plane`, which identity in the injector config needs.
+    pub async fn bind(
+        settings: &WebhookSettings,
+        control_plane: Option<Arc<ServingTls>>,
+    ) -> anyhow::Result<Option<Self>> {
         let (Some(cert), Some(key), Some(config)) = (
             &settings.webhook_cert,
             &settings.webhook_key,
@@ -153,6 +172,12 @@ impl Webhook {
             .with_context(|| format!("reading {}", config.display()))?;
         let injector: InjectorConfig = serde_norway::from_str(&injector)
             .with_context(|| format!("reading the injector config {}", config.display()))?;
+        if injector.identity.is_some() && control_plane.is_none() {
+            anyhow::bail!(
+                "the injector config gives proxies identity, which needs the controller's \
+                 (--identity-dir)"
+            );
+        }
         let listener = TcpListener::bind(settings.webhook_addr)
             .await
             .with_context(|| {
@@ -161,7 +186,10 @@ impl Webhook {
         Ok(Some(Self {
             listener,
             tls: Arc::new(tls),
-            injector: Arc::new(injector),
+            injector: Arc::new(Injector {
+                config: injector,
+                control_plane,
+            }),
         }))
     }
 
@@ -195,21 +223,13 @@ async fn serve_connection<I>(
     stream: I,
     peer: SocketAddr,
     tls: TlsAcceptor,
-    injector: Arc<InjectorConfig>,
+    injector: Arc<Injector>,
     stop: impl Future<Output = ()>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => {
-            tracing::debug!(%peer, %error, "webhook TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "webhook TLS handshake timed out");
-            return;
-        }
+    let Some(stream) = listen::handshake(tls, stream, "webhook", peer).await else {
+        return;
     };
     let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
         let injector = injector.clone();
@@ -218,10 +238,7 @@ async fn serve_connection<I>(
     listen::serve_http1(stream, service, stop).await;
 }
 
-async fn review<B>(
-    injector: &InjectorConfig,
-    request: http::Request<B>,
-) -> http::Response<Full<Bytes>>
+async fn review<B>(injector: &Injector, request: http::Request<B>) -> http::Response<Full<Bytes>>
 where
     B: Body,
     B::Error: std::error::Error + Send + Sync + 'static,
@@ -266,7 +283,7 @@ where
 
 /// Admits every pod: the webhook only ever adds the mesh, it never refuses a pod.
 fn decide(
-    injector: &InjectorConfig,
+    injector: &Injector,
     opt_in: OptIn,
     request: &AdmissionRequest<Pod>,
 ) -> AdmissionResponse {
@@ -274,7 +291,7 @@ fn decide(
     let Some(pod) = &request.object else {
         return response;
     };
-    match patch(pod, opt_in, injector) {
+    match patch(pod, opt_in, &injector.config, injector.trust().as_ref()) {
         Ok(operations) => {
             let operations =
                 serde_json::from_value(operations).expect("inject writes valid JSON patches");
@@ -426,8 +443,12 @@ mod tests {
         );
     }
 
-    fn injector() -> Arc<InjectorConfig> {
-        Arc::new(serde_norway::from_str("proxyImage: p\ninitImage: i\ncontrolPlane: c\n").unwrap())
+    fn injector() -> Arc<Injector> {
+        Arc::new(Injector {
+            config: serde_norway::from_str("proxyImage: p\ninitImage: i\ncontrolPlane: c\n")
+                .unwrap(),
+            control_plane: None,
+        })
     }
 
     #[tokio::test(start_paused = true)]
@@ -447,7 +468,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(3600), served)
             .await
             .expect("the connection is given up");
-        assert_eq!(started.elapsed(), TLS_HANDSHAKE_TIMEOUT);
+        assert_eq!(started.elapsed(), listen::TLS_HANDSHAKE_TIMEOUT);
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use futures_util::future::join_all;
 use hyper::body::Incoming;
 use hyper_util::service::TowerToHyperService;
@@ -27,6 +27,7 @@ use crate::metrics::{Direction, Metrics, RequestLabels};
 use crate::outbound::resolve::Resolver;
 use crate::outbound::{Outbound, OutboundService};
 use crate::telemetry::TelemetryLayer;
+use crate::tls::{ControlPlaneTls, Held};
 use listeners::Listeners;
 pub use settings::{Settings, parse_duration};
 
@@ -36,9 +37,15 @@ pub struct Proxy {
     outbound: Listeners,
     inbound: Listeners,
     admin: Listeners,
-    /// With `--identity-token-file`: how the proxy gets its certificate.
-    identity: Option<(IdentitySettings, ControlPlaneAuthority)>,
+    /// With `--identity-token-file`: how the proxy gets its certificate, and where it goes.
+    identity: Option<(IdentitySettings, ControlPlaneAuthority, HeldSender)>,
+    /// The identity held; None for ever without one to get (plaintext both ways).
+    held: Held,
+    /// With identity, the controller is called over TLS.
+    control_plane_tls: Option<ControlPlaneTls>,
 }
+
+type HeldSender = watch::Sender<Option<Arc<identity::CertifiedIdentity>>>;
 
 impl Proxy {
     pub async fn bind(settings: Settings) -> anyhow::Result<Self> {
@@ -49,22 +56,30 @@ impl Proxy {
                  call any Service as this pod"
             );
         }
-        let identity = match &settings.identity_token_file {
-            Some(token_file) => Some((
-                IdentitySettings {
-                    id: SpiffeId {
-                        trust_domain: settings.trust_domain.clone(),
-                        namespace: settings.namespace.clone(),
-                        service_account: settings.service_account.clone(),
-                    },
-                    token_file: token_file.clone(),
-                },
-                ControlPlaneAuthority::new(&settings.control_plane)?,
-            )),
-            None => None,
-        };
+        let (sender, held) = watch::channel(None);
+        let mut identity = None;
+        let mut control_plane_tls = None;
+        if let (Some(token_file), Some(controller), Some(anchors)) = (
+            &settings.identity_token_file,
+            &settings.control_plane_identity,
+            &settings.trust_anchors,
+        ) {
+            let tls = ControlPlaneTls::new(controller.clone(), anchors, held.clone())
+                .context("--control-plane-identity and --trust-anchors")?;
+            let authority = ControlPlaneAuthority::new(&settings.control_plane, &tls)?;
+            let id = SpiffeId {
+                trust_domain: settings.trust_domain.clone(),
+                namespace: settings.namespace.clone(),
+                service_account: settings.service_account.clone(),
+            };
+            let token_file = token_file.clone();
+            identity = Some((IdentitySettings { id, token_file }, authority, sender));
+            control_plane_tls = Some(tls);
+        }
         let proxy = Self {
             identity,
+            held,
+            control_plane_tls,
             outbound: Listeners::bind(settings.outbound_addr, "outbound")?,
             inbound: Listeners::bind(settings.inbound_addr, "inbound")?,
             admin: Listeners::bind(settings.admin_addr, "admin")?,
@@ -111,12 +126,12 @@ impl Proxy {
             inbound,
             admin,
             identity: identity_task,
+            held: identity,
+            control_plane_tls,
         } = self;
         let metrics = Metrics::new();
-        // Without an identity to get, it stays None: plaintext both ways.
-        let (held, identity) = watch::channel(None);
         let getting_identity = identity_task.is_some();
-        if let Some((identity_settings, authority)) = identity_task {
+        if let Some((identity_settings, authority, held)) = identity_task {
             tokio::spawn(identity::run(
                 identity_settings,
                 authority,
@@ -128,7 +143,7 @@ impl Proxy {
         let (resolver, subscriptions) = Resolver::new(metrics.clone(), identity.clone());
         let (ready_tx, ready) = watch::channel(false);
         let control = tokio::spawn(control::run(
-            control_plane(&settings),
+            control_plane(&settings, control_plane_tls),
             resolver.clone(),
             subscriptions,
             metrics.clone(),
@@ -156,9 +171,10 @@ impl Proxy {
     }
 }
 
-fn control_plane(settings: &Settings) -> ControlPlane {
+fn control_plane(settings: &Settings, tls: Option<ControlPlaneTls>) -> ControlPlane {
     ControlPlane {
         url: settings.control_plane.clone(),
+        tls,
         identity: Identity {
             namespace: settings.namespace.clone(),
             workload: settings.workload.clone(),

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use outrigger_api::identity::SpiffeId;
+
 use crate::listen::{InboundMtls, InboundProbe};
 
 /// Settings of a proxy; each flag can also come from `OUTRIGGER_<FLAG>` (the injector sets them).
@@ -75,8 +77,32 @@ pub struct Settings {
     /// The projected ServiceAccount token (audience `outrigger`) that proves who this workload
     /// is: with it, the proxy gets a certificate for its SPIFFE ID from the control plane, renews
     /// it, and is not ready until it has one. Without it, the proxy has no identity.
-    #[arg(long, env = "OUTRIGGER_IDENTITY_TOKEN_FILE")]
+    #[arg(
+        long,
+        env = "OUTRIGGER_IDENTITY_TOKEN_FILE",
+        requires_all = ["control_plane_identity", "trust_anchors"]
+    )]
     pub identity_token_file: Option<PathBuf>,
+    /// With identity, the controller is called over TLS and must prove this identity,
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>` (the injector sets the
+    /// controller's): anyone else answering at the control plane's address is refused.
+    #[arg(
+        long,
+        env = "OUTRIGGER_CONTROL_PLANE_IDENTITY",
+        requires = "identity_token_file"
+    )]
+    pub control_plane_identity: Option<SpiffeId>,
+    /// The trust anchors (PEM) the controller's certificate must lead to until the proxy holds
+    /// its own certificate, whose anchors it uses from then on (the injector sets those of the
+    /// moment).
+    #[arg(
+        long,
+        env = "OUTRIGGER_TRUST_ANCHORS",
+        requires = "identity_token_file",
+        // PEM begins with dashes.
+        allow_hyphen_values = true
+    )]
+    pub trust_anchors: Option<String>,
     /// The trust domain of this workload's SPIFFE ID,
     /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
     #[arg(long, env = "OUTRIGGER_TRUST_DOMAIN", default_value = outrigger_api::identity::DEFAULT_TRUST_DOMAIN)]

@@ -21,6 +21,7 @@ use tonic::transport::Channel;
 use crate::metrics::{Metrics, UpdateLabels, UpdateResult};
 use crate::outbound::resolve::{ControlPlaneState, Resolver};
 use crate::shutdown::stopped;
+use crate::tls::{ControlPlaneTls, Present};
 pub use decode::LoopbackEndpoints;
 use decode::{ConfigError, invalid};
 use held::HeldEndpoints;
@@ -33,9 +34,11 @@ pub struct Identity {
 }
 
 /// The control plane, and how this proxy uses it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ControlPlane {
     pub url: String,
+    /// With identity: TLS, and the proxy's certificate presented.
+    pub tls: Option<ControlPlaneTls>,
     pub identity: Identity,
     /// Destinations unused this long are unsubscribed from.
     pub idle_timeout: Duration,
@@ -126,7 +129,7 @@ async fn session(
     ready: &watch::Sender<bool>,
 ) -> Result<(), SessionError> {
     let fail = |welcomed, error: anyhow::Error| SessionError { welcomed, error };
-    let channel = connect(&control_plane.url)
+    let channel = connect(control_plane)
         .await
         .map_err(|error| fail(false, error))?;
     let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -168,8 +171,8 @@ async fn session(
     }
 }
 
-async fn connect(url: &str) -> anyhow::Result<Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+async fn connect(control_plane: &ControlPlane) -> anyhow::Result<Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(control_plane.url.clone())
         .map_err(|e| anyhow::Error::new(e).context("reading the control plane URL"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
@@ -177,11 +180,18 @@ async fn connect(url: &str) -> anyhow::Result<Channel> {
         // is noticed by missing pings, not after the kernel gives up.
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .connect()
-        .await
-        .map_err(|e| anyhow::Error::new(e).context("connecting"))?;
-    Ok(channel)
+        .keep_alive_while_idle(true);
+    let channel = match &control_plane.tls {
+        None => endpoint.connect().await,
+        Some(tls) => {
+            // Who this proxy is, the controller takes from its certificate alone.
+            tls.certified().await;
+            endpoint
+                .connect_with_connector(tls.connector(Present::Certificate))
+                .await
+        }
+    };
+    channel.map_err(|e| anyhow::Error::new(e).context("connecting"))
 }
 
 /// Who this proxy is, then everything subscribed so far with what is applied, so that only

@@ -8,6 +8,8 @@ use outrigger_api::proto::identity_client::IdentityClient;
 use outrigger_api::proto::{CertifyRequest, CertifyResponse};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::tls::{ControlPlaneTls, Present};
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The controller checks the token with the API server before it signs: a second or so.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -29,12 +31,13 @@ pub struct ControlPlaneAuthority {
 }
 
 impl ControlPlaneAuthority {
-    pub fn new(url: &str) -> anyhow::Result<Self> {
+    /// Over TLS, checking the controller by `tls`, presenting no certificate.
+    pub fn new(url: &str, tls: &ControlPlaneTls) -> anyhow::Result<Self> {
         let channel = Endpoint::from_shared(url.to_string())
             .context("reading the control plane URL")?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(CALL_TIMEOUT)
-            .connect_lazy();
+            .connect_with_connector_lazy(tls.connector(Present::Nothing));
         Ok(Self {
             client: IdentityClient::new(channel),
         })

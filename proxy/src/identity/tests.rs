@@ -40,6 +40,8 @@ pub(crate) enum Answer {
 pub(crate) struct TestAuthority {
     issuer: Issuer<'static, KeyPair>,
     anchor: CertificateDer<'static>,
+    /// The anchor, as the injector hands it to a proxy.
+    pub(crate) anchor_pem: String,
     answers: Mutex<Vec<Answer>>,
     /// When each request came, and its token.
     pub(crate) requests: Mutex<Vec<(Instant, String)>>,
@@ -52,12 +54,14 @@ impl TestAuthority {
         let mut params = CertificateParams::default();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-        let anchor = params.self_signed(&key).unwrap().der().clone();
+        let anchor = params.self_signed(&key).unwrap();
+        let (anchor_pem, anchor) = (anchor.pem(), anchor.der().clone());
         let mut answers = answers.to_vec();
         answers.reverse();
         Arc::new(Self {
             issuer: Issuer::new(params, key),
             anchor,
+            anchor_pem,
             answers: Mutex::new(answers),
             requests: Mutex::default(),
         })

@@ -125,7 +125,7 @@ pub async fn accept<T: AsyncRead + AsyncWrite + Unpin>(
         .1
         .peer_certificates()
         .and_then(|chain| chain.first())
-        .and_then(tls::peer_id)
+        .and_then(|leaf| SpiffeId::of_certificate(leaf))
         .filter(|peer| peer.trust_domain == held.id.trust_domain)
         .context("the client certificate names no SPIFFE ID of this trust domain");
     match peer {

@@ -5,8 +5,12 @@
 //! is made from that identity (`server_name`), under a domain of the mesh's own, so that the
 //! server's proxy tells the mesh's TLS from the app's own by the ClientHello alone. The server's proxy requires a client
 //! certificate leading to the same trust anchors and takes the caller's identity from it
-//! (`peer_id`). Both configurations are built once per certificate, when it is certified.
+//! (`SpiffeId::of_certificate`). Both configurations are built once per certificate, when it is certified.
+//!
+//! The controller is called the same way, as the proxy of the controller's identity would be
+//! (`control_plane`).
 
+mod control_plane;
 #[cfg(test)]
 mod tests;
 mod verify;
@@ -16,14 +20,14 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use outrigger_api::identity::SpiffeId;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::sync::watch;
-use x509_parser::extensions::GeneralName;
 
 use crate::metrics::Name;
+pub use control_plane::{ControlPlaneTls, Present};
 use verify::MeshServerVerifier;
 
 /// Under this domain, `<service account>.<namespace>.` names a proxy serving mutual TLS: no
@@ -77,15 +81,7 @@ impl CertifiedIdentity {
     ) -> anyhow::Result<Self> {
         let provider = provider();
         let resolver = Arc::new(SingleCertAndKey::from(certified_key.clone()));
-        let client = ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .context("TLS 1.3 with the ring provider")?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(MeshServerVerifier::new(
-                trust_anchors.clone(),
-                id.trust_domain.clone(),
-                provider.clone(),
-            )))
+        let client = mesh_client(trust_anchors.clone(), id.trust_domain.clone())?
             .with_client_cert_resolver(resolver.clone());
         // Every caller must present a certificate leading to the anchors; its identity is read
         // from it once the handshake is done.
@@ -107,6 +103,24 @@ impl CertifiedIdentity {
             server: Arc::new(server),
         })
     }
+}
+
+/// A client configuration, but for its own certificate, that accepts a server of exactly the
+/// identity its server name stands for in `trust_domain`, leading to `trust_anchors`.
+fn mesh_client(
+    trust_anchors: Arc<RootCertStore>,
+    trust_domain: String,
+) -> anyhow::Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>> {
+    let provider = provider();
+    Ok(ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 with the ring provider")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(MeshServerVerifier::new(
+            trust_anchors,
+            trust_domain,
+            provider,
+        ))))
 }
 
 /// The server name a client sends to the proxy of `id`: `<service account>.<namespace>` under
@@ -137,24 +151,6 @@ fn named(server_name: &str, trust_domain: &str) -> Option<SpiffeId> {
         namespace: namespace.into(),
         service_account: service_account.into(),
     })
-}
-
-/// The SPIFFE ID of a workload certificate: its one URI subject alternative name.
-pub fn peer_id(certificate: &CertificateDer<'_>) -> Option<SpiffeId> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(certificate).ok()?;
-    let names = parsed.subject_alternative_name().ok()??;
-    let mut uris = names
-        .value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            GeneralName::URI(uri) => Some(*uri),
-            _ => None,
-        });
-    match (uris.next(), uris.next()) {
-        (Some(uri), None) => uri.parse().ok(),
-        _ => None,
-    }
 }
 
 /// How a peer's identity appears in metric labels (`client_id`, `server_id`): its namespaced

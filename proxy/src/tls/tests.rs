@@ -40,7 +40,7 @@ async fn handshake(
             .1
             .peer_certificates()
             .and_then(|chain| chain.first())
-            .and_then(peer_id);
+            .and_then(|leaf| SpiffeId::of_certificate(leaf));
         let mut byte = [0];
         stream
             .read_exact(&mut byte)
@@ -163,8 +163,122 @@ fn a_server_name_reads_back_as_the_identity_it_was_made_from() {
 #[tokio::test]
 async fn a_certificate_is_known_by_its_spiffe_id_and_labelled_by_namespace_and_account() {
     let identity = certified_by(&TestAuthority::new(&[]), reviews()).await;
-    let id = peer_id(&identity.certified_key.cert[0]).unwrap();
+    let id = SpiffeId::of_certificate(&identity.certified_key.cert[0]).unwrap();
     assert_eq!(id, reviews());
     assert_eq!(*label(&id), "shop/reviews");
-    assert_eq!(peer_id(&CertificateDer::from(vec![0x30, 0x00])), None);
+    assert_eq!(SpiffeId::of_certificate(&[0x30, 0x00]), None);
+}
+
+fn controller() -> SpiffeId {
+    SpiffeId {
+        trust_domain: "cluster.local".into(),
+        namespace: "outrigger".into(),
+        service_account: "outrigger-controller".into(),
+    }
+}
+
+/// A controller's listener: TLS with `identity`'s certificate, a client certificate optional;
+/// each handshake's outcome on the server's side (the client's identity, if it gave one) comes
+/// back on the channel.
+async fn controller_listening(
+    identity: &CertifiedIdentity,
+) -> (
+    http::Uri,
+    tokio::sync::mpsc::UnboundedReceiver<Result<Option<SpiffeId>, String>>,
+) {
+    let provider = provider();
+    let clients = WebPkiClientVerifier::builder_with_provider(
+        identity.trust_anchors.clone(),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .unwrap();
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(clients)
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(
+            identity.certified_key.clone(),
+        )));
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let uri = format!("http://{}", listener.local_addr().unwrap())
+        .parse()
+        .unwrap();
+    let (outcomes, received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let outcome = match acceptor.accept(stream).await {
+                Ok(mut stream) => {
+                    let peer = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .and_then(|leaf| SpiffeId::of_certificate(leaf));
+                    let _ = stream.write_all(b"x").await;
+                    Ok(peer)
+                }
+                Err(error) => Err(error.to_string()),
+            };
+            let _ = outcomes.send(outcome);
+        }
+    });
+    (uri, received)
+}
+
+/// Connects with `tls`, presenting `present`, and reads the controller's first byte.
+async fn call(tls: &ControlPlaneTls, present: Present, uri: &http::Uri) -> Result<(), String> {
+    use tower::ServiceExt as _;
+    let io = tls
+        .connector(present)
+        .oneshot(uri.clone())
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let mut stream = io.into_inner();
+    let mut byte = [0];
+    stream
+        .read_exact(&mut byte)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_controller_is_called_only_if_it_proves_the_controller_s_identity() {
+    let authority = TestAuthority::new(&[]);
+    let (held_tx, held) = tokio::sync::watch::channel(None);
+    let tls = ControlPlaneTls::new(controller(), &authority.anchor_pem, held).unwrap();
+
+    // Before the proxy has a certificate, it asks for one presenting none, trusting the
+    // anchors it was started with; the stream, which needs one, is not opened.
+    let (uri, mut outcomes) =
+        controller_listening(&certified_by(&authority, controller()).await).await;
+    assert_eq!(call(&tls, Present::Nothing, &uri).await, Ok(()));
+    assert_eq!(outcomes.recv().await.unwrap(), Ok(None));
+    let error = call(&tls, Present::Certificate, &uri).await.unwrap_err();
+    assert!(error.contains("no certificate yet"), "{error}");
+
+    // Whoever else answers at the controller's address is refused, though the mesh's CA
+    // certified it.
+    let (impostor, _) = controller_listening(&certified_by(&authority, reviews()).await).await;
+    let error = call(&tls, Present::Nothing, &impostor).await.unwrap_err();
+    assert!(
+        error.contains("not spiffe://cluster.local/ns/outrigger/sa/outrigger-controller"),
+        "{error}"
+    );
+
+    // Certified, the proxy presents its certificate on the stream, and checks the controller by
+    // the anchors that came with it: after a rotation to new anchors, the controller's new
+    // certificate is taken, which the anchors it started with would refuse.
+    let rotated = TestAuthority::new(&[]);
+    held_tx.send_replace(Some(Arc::new(certified_by(&rotated, reviews()).await)));
+    let (uri, mut outcomes) =
+        controller_listening(&certified_by(&rotated, controller()).await).await;
+    assert_eq!(call(&tls, Present::Certificate, &uri).await, Ok(()));
+    assert_eq!(outcomes.recv().await.unwrap(), Ok(Some(reviews())));
+    assert_eq!(call(&tls, Present::Nothing, &uri).await, Ok(()));
+    assert_eq!(outcomes.recv().await.unwrap(), Ok(None));
 }

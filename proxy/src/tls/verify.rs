@@ -13,7 +13,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{CertificateError, DigitallySignedStruct, Error, RootCertStore, SignatureScheme};
 
-use super::{named, peer_id};
+use super::named;
 
 #[derive(Debug)]
 pub struct MeshServerVerifier {
@@ -66,7 +66,7 @@ impl ServerCertVerifier for MeshServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        match peer_id(end_entity) {
+        match SpiffeId::of_certificate(end_entity) {
             Some(presented) if presented == expected => Ok(ServerCertVerified::assertion()),
             Some(presented) => Err(Error::General(format!(
                 "the server is {presented}, not {expected}"

@@ -33,6 +33,8 @@ pub fn settings(control_plane: &str, app_addr: SocketAddr) -> Settings {
         // The test backends listen on loopback, as the proxy does.
         allow_loopback_endpoints: true,
         identity_token_file: None,
+        control_plane_identity: None,
+        trust_anchors: None,
         trust_domain: outrigger_api::identity::DEFAULT_TRUST_DOMAIN.into(),
         inbound_mtls: outrigger_proxy::InboundMtls::Permissive,
         inbound_probes: Vec::new(),
