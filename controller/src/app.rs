@@ -120,9 +120,14 @@ impl Controller {
             }
             _ => None,
         };
+        let client = match &source {
+            Source::Kubernetes { clients, .. } => Some(clients.call.clone()),
+            Source::Manifests(_) => None,
+        };
         let webhook = webhook::Webhook::bind(
             &settings.webhook,
             identity.as_ref().map(|identity| identity.tls.clone()),
+            client,
         )
         .await?;
         let bind = |addr: SocketAddr, what: &'static str| async move {

@@ -26,7 +26,7 @@ pub use distribute::{DiscoveryService, ProxyEvent, Snapshot, Snapshots, serve_gr
 pub use identity::{Authority as IdentityAuthority, IdentitySettings};
 pub use index::Index;
 pub use inject::patch::{InjectedIdentity, InjectorConfig};
-pub use inject::webhook::{INJECT_NAMESPACED_PATH, INJECT_POD_PATH, Webhook, WebhookSettings};
+pub use inject::webhook::{INJECT_NAMESPACED_PATH, INJECT_POD_PATH, WebhookSettings};
 pub use leader::LEASE_NAME;
 pub use metrics::Metrics;
 pub use source::Change;

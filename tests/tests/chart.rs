@@ -282,6 +282,8 @@ fn the_controller_gets_least_privilege() {
     assert_eq!(
         rules("ClusterRole"),
         vec![
+            // The injector reads a pod's namespace for its mTLS setting.
+            ("".into(), "namespaces".into(), vec!["get".to_string()]),
             ("".into(), "pods".into(), read()),
             ("".into(), "services".into(), read()),
             (

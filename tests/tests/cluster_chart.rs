@@ -277,22 +277,26 @@ async fn only_pods_that_opt_in_are_sent_to_the_injector_and_stored_meshed() {
          controlPlane: http://outrigger-controller.outrigger-system.svc:8090\n",
     )
     .unwrap();
-    let settings = outrigger_controller::WebhookSettings {
-        webhook_addr: "127.0.0.1:0".parse().unwrap(),
-        webhook_cert: Some(cert),
-        webhook_key: Some(key),
-        injector_config: Some(injector),
-    };
-    let webhook = outrigger_controller::Webhook::bind(&settings)
-        .await
-        .unwrap()
-        .unwrap();
-    let port = webhook.local_addr().port();
-    // Serving until the test ends: the sender lives as long as the test.
-    let (_serving, shutdown) = tokio::sync::watch::channel(false);
-    tokio::spawn(webhook.serve(shutdown));
+    // The controller serves the webhook (reading namespaces with the API), until the test ends.
+    let webhook = outrigger_tests::process::free_port().unwrap();
+    let _controller = outrigger_tests::live::start_controller_with(&[
+        "--kubeconfig",
+        cluster.kubeconfig().to_str().unwrap(),
+        "--leader-namespace",
+        "default",
+        "--webhook-addr",
+        &webhook.to_string(),
+        "--webhook-cert",
+        cert.to_str().unwrap(),
+        "--webhook-key",
+        key.to_str().unwrap(),
+        "--injector-config",
+        injector.to_str().unwrap(),
+    ])
+    .await;
+    let port = webhook.port();
 
-    for namespace in ["meshed", "plain"] {
+    for namespace in ["meshed", "plain", "strict"] {
         cluster
             .kubectl(&["create", "namespace", namespace])
             .unwrap();
@@ -301,12 +305,22 @@ async fn only_pods_that_opt_in_are_sent_to_the_injector_and_stored_meshed() {
             .kubectl(&["create", "serviceaccount", "default", "-n", namespace])
             .unwrap();
     }
+    for namespace in ["meshed", "strict"] {
+        cluster
+            .kubectl(&[
+                "label",
+                "namespace",
+                namespace,
+                "outrigger.dev/inject=enabled",
+            ])
+            .unwrap();
+    }
     cluster
         .kubectl(&[
-            "label",
+            "annotate",
             "namespace",
-            "meshed",
-            "outrigger.dev/inject=enabled",
+            "strict",
+            "outrigger.dev/mtls=strict",
         ])
         .unwrap();
     let pod = |namespace: &str, name: &str, metadata: &str| {
@@ -371,6 +385,24 @@ async fn only_pods_that_opt_in_are_sent_to_the_injector_and_stored_meshed() {
         init_container_names(&pod("plain", "opted-in", &label("enabled"))),
         ["outrigger-init", "outrigger-proxy", "migrate"]
     );
+
+    // A strict namespace's pods get a proxy that refuses plaintext, but for a pod that says
+    // otherwise; a namespace that says nothing leaves its pods permissive.
+    let inbound_mtls = |pod: &Value| {
+        pod["spec"]["initContainers"][1]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|env| env["name"] == "OUTRIGGER_INBOUND_MTLS")
+            .map(|env| env["value"].as_str().unwrap().to_string())
+    };
+    assert_eq!(
+        inbound_mtls(&pod("strict", "web", "")).as_deref(),
+        Some("strict")
+    );
+    let permissive = r#", "annotations": {"outrigger.dev/mtls": "permissive"}"#;
+    assert_eq!(inbound_mtls(&pod("strict", "permissive", permissive)), None);
+    assert_eq!(inbound_mtls(&meshed), None);
 
     // A pod that already carries the proxy (a copy of an injected spec) gets it once.
     let mut copy = meshed.clone();

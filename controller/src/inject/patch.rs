@@ -104,12 +104,14 @@ pub struct ControlPlaneTrust {
 }
 
 /// The JSON patch that meshes `pod`, or why it is left alone. With identity in `config`, `trust`
-/// is what its proxy trusts the controller by.
+/// is what its proxy trusts the controller by. `namespace_mtls` is the `outrigger.dev/mtls`
+/// annotation of the pod's namespace, which the pod's own overrides.
 pub fn patch(
     pod: &Pod,
     opt_in: OptIn,
     config: &InjectorConfig,
     trust: Option<&ControlPlaneTrust>,
+    namespace_mtls: Option<&str>,
 ) -> Result<Value, Skip> {
     let identity = config.identity.as_ref().zip(trust);
     let annotations = pod.metadata.annotations.as_ref();
@@ -156,6 +158,7 @@ pub fn patch(
     let strict = annotations
         .and_then(|a| a.get(MTLS_ANNOTATION))
         .map(String::as_str)
+        .or(namespace_mtls)
         == Some("strict");
     let proxy = serde_json::to_value(proxy_container(
         config,
@@ -462,7 +465,7 @@ mod tests {
         let app = pod(APP);
         let meshed = apply(
             &app,
-            patch(&app, OptIn::Namespace, &config(), None).unwrap(),
+            patch(&app, OptIn::Namespace, &config(), None, None).unwrap(),
         );
         let spec = meshed.spec.unwrap();
         let init = spec.init_containers.unwrap();
@@ -562,7 +565,14 @@ mod tests {
             let app = pod(app);
             let meshed = apply(
                 &app,
-                patch(&app, OptIn::Namespace, &with_identity(), Some(&trust())).unwrap(),
+                patch(
+                    &app,
+                    OptIn::Namespace,
+                    &with_identity(),
+                    Some(&trust()),
+                    None,
+                )
+                .unwrap(),
             );
             let spec = meshed.spec.unwrap();
             let volumes = spec.volumes.unwrap();
@@ -622,7 +632,14 @@ mod tests {
              spec:\n  serviceAccountName: web\n  containers: [{name: web, image: web}]\n");
         let meshed = apply(
             &app,
-            patch(&app, OptIn::Namespace, &with_identity(), Some(&trust())).unwrap(),
+            patch(
+                &app,
+                OptIn::Namespace,
+                &with_identity(),
+                Some(&trust()),
+                None,
+            )
+            .unwrap(),
         );
         assert_eq!(
             meshed
@@ -637,7 +654,7 @@ mod tests {
         let app = pod(APP);
         let meshed = apply(
             &app,
-            patch(&app, OptIn::Namespace, &config(), None).unwrap(),
+            patch(&app, OptIn::Namespace, &config(), None, None).unwrap(),
         );
         assert!(meshed.spec.unwrap().volumes.is_none());
         assert!(
@@ -651,11 +668,18 @@ mod tests {
 
     #[test]
     fn a_strict_pod_gets_a_proxy_that_refuses_inbound_plaintext_but_its_http_probes() {
-        let env = |yaml: &str, name: &str| {
+        let env_in = |yaml: &str, namespace_mtls: Option<&str>, name: &str| {
             let app = pod(yaml);
             let meshed = apply(
                 &app,
-                patch(&app, OptIn::Namespace, &with_identity(), Some(&trust())).unwrap(),
+                patch(
+                    &app,
+                    OptIn::Namespace,
+                    &with_identity(),
+                    Some(&trust()),
+                    namespace_mtls,
+                )
+                .unwrap(),
             );
             let spec = meshed.spec.unwrap();
             let proxy = &spec.init_containers.unwrap()[1];
@@ -667,6 +691,7 @@ mod tests {
                 .find(|e| e.name == name)
                 .and_then(|e| e.value.clone())
         };
+        let env = |yaml: &str, name: &str| env_in(yaml, None, name);
         let strict = "metadata: {name: a, annotations: {outrigger.dev/mtls: strict}}\n\
              spec:\n  containers:\n  - name: web\n    image: web\n    ports: [{name: http, containerPort: 8080}]\n\
              \x20   readinessProbe: {httpGet: {port: http, path: /ready}}\n\
@@ -688,6 +713,22 @@ mod tests {
             "permissive, the proxy's default"
         );
         assert_eq!(env(APP, "OUTRIGGER_INBOUND_PROBES"), None);
+
+        // A strict namespace makes its pods strict, but for a pod that says otherwise.
+        assert_eq!(
+            env_in(APP, Some("strict"), "OUTRIGGER_INBOUND_MTLS").as_deref(),
+            Some("strict")
+        );
+        let permissive = "metadata: {name: a, annotations: {outrigger.dev/mtls: permissive}}\n\
+             spec:\n  containers: [{name: web, image: web}]\n";
+        assert_eq!(
+            env_in(permissive, Some("strict"), "OUTRIGGER_INBOUND_MTLS"),
+            None
+        );
+        assert_eq!(
+            env_in(strict, Some("permissive"), "OUTRIGGER_INBOUND_MTLS").as_deref(),
+            Some("strict")
+        );
     }
 
     #[test]
@@ -696,7 +737,7 @@ mod tests {
              spec:\n  initContainers: [{name: migrate, image: m}]\n  containers: [{name: web, image: web}]\n");
         let meshed = apply(
             &app,
-            patch(&app, OptIn::Namespace, &config(), None).unwrap(),
+            patch(&app, OptIn::Namespace, &config(), None, None).unwrap(),
         );
         let names: Vec<_> = meshed
             .spec
@@ -720,10 +761,10 @@ mod tests {
         let app = pod(APP);
         let meshed = apply(
             &app,
-            patch(&app, OptIn::Namespace, &config(), None).unwrap(),
+            patch(&app, OptIn::Namespace, &config(), None, None).unwrap(),
         );
         assert_eq!(
-            patch(&meshed, OptIn::Namespace, &config(), None),
+            patch(&meshed, OptIn::Namespace, &config(), None, None),
             Err(Skip::AlreadyInjected)
         );
     }
@@ -737,7 +778,7 @@ mod tests {
         ] {
             for opt_in in [OptIn::Namespace, OptIn::Pod] {
                 assert_eq!(
-                    patch(&pod(opted_out), opt_in, &config(), None),
+                    patch(&pod(opted_out), opt_in, &config(), None, None),
                     Err(Skip::OptedOut),
                     "{opted_out}"
                 );
@@ -745,7 +786,7 @@ mod tests {
         }
         let plain = pod(APP);
         assert_eq!(
-            patch(&plain, OptIn::Pod, &config(), None),
+            patch(&plain, OptIn::Pod, &config(), None, None),
             Err(Skip::NotOptedIn)
         );
         // An annotation cannot be selected: the per-pod webhook is never sent such a pod.
@@ -753,16 +794,16 @@ mod tests {
             "metadata: {name: a, annotations: {outrigger.dev/inject: enabled}}\nspec: {containers: []}\n",
         );
         assert_eq!(
-            patch(&annotated, OptIn::Pod, &config(), None),
+            patch(&annotated, OptIn::Pod, &config(), None, None),
             Err(Skip::NotOptedIn)
         );
         let opted_in = pod(
             "metadata: {name: a, labels: {outrigger.dev/inject: enabled}}\nspec: {containers: []}\n",
         );
-        assert!(patch(&opted_in, OptIn::Pod, &config(), None).is_ok());
+        assert!(patch(&opted_in, OptIn::Pod, &config(), None, None).is_ok());
         let host = pod("metadata: {name: a}\nspec: {hostNetwork: true, containers: []}\n");
         assert_eq!(
-            patch(&host, OptIn::Namespace, &config(), None),
+            patch(&host, OptIn::Namespace, &config(), None, None),
             Err(Skip::HostNetwork)
         );
     }

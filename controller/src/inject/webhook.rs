@@ -11,7 +11,8 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Incoming};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::Api;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -22,7 +23,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::identity::ServingTls;
-use crate::inject::patch::{ControlPlaneTrust, InjectorConfig, OptIn, patch};
+use crate::inject::patch::{ControlPlaneTrust, InjectorConfig, MTLS_ANNOTATION, OptIn, patch};
 use crate::listen;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -64,6 +65,8 @@ const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 const MAX_CONNECTIONS: usize = 256;
 /// The API server sends a review whole; it gives up on the webhook after at most 30 s anyway.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The API server answers a read of one namespace at once.
+const NAMESPACE_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Webhook {
     listener: TcpListener,
@@ -76,9 +79,46 @@ pub struct Webhook {
 struct Injector {
     config: InjectorConfig,
     control_plane: Option<Arc<ServingTls>>,
+    /// Where a pod's namespace says whether its pods are strict; without the Kubernetes API
+    /// (the manifests source), only pods do.
+    namespaces: Option<Api<Namespace>>,
 }
 
 impl Injector {
+    /// The `outrigger.dev/mtls` annotation of the pod's namespace, when the pod has none of its
+    /// own; an error when the namespace cannot be read, for the pod is not admitted without the
+    /// setting it may be under.
+    async fn namespace_mtls(
+        &self,
+        request: &AdmissionRequest<Pod>,
+    ) -> Result<Option<String>, String> {
+        let own = request
+            .object
+            .as_ref()
+            .and_then(|pod| pod.metadata.annotations.as_ref())
+            .is_some_and(|annotations| annotations.contains_key(MTLS_ANNOTATION));
+        let (Some(namespaces), Some(namespace), false) =
+            (&self.namespaces, request.namespace.as_deref(), own)
+        else {
+            return Ok(None);
+        };
+        let read = tokio::time::timeout(NAMESPACE_READ_TIMEOUT, namespaces.get_metadata(namespace));
+        match read.await {
+            Ok(Ok(meta)) => Ok(meta
+                .metadata
+                .annotations
+                .and_then(|mut annotations| annotations.remove(MTLS_ANNOTATION))),
+            Ok(Err(error)) => Err(format!(
+                "reading namespace {namespace} for its {MTLS_ANNOTATION} annotation: {}",
+                crate::kube_api::explain(&error)
+            )),
+            Err(_) => Err(format!(
+                "reading namespace {namespace} for its {MTLS_ANNOTATION} annotation took over \
+                 {NAMESPACE_READ_TIMEOUT:?}"
+            )),
+        }
+    }
+
     fn trust(&self) -> Option<ControlPlaneTrust> {
         self.control_plane.as_ref().map(|tls| ControlPlaneTrust {
             identity: tls.id().clone(),
@@ -155,10 +195,12 @@ fn acceptor((cert, key): &(Vec<u8>, Vec<u8>)) -> anyhow::Result<TlsAcceptor> {
 
 impl Webhook {
     /// Binds the webhook when the settings enable it. Proxies injected with identity trust
-    /// `control_plane`, which identity in the injector config needs.
+    /// `control_plane`, which identity in the injector config needs; `client`, when given, reads
+    /// namespaces' settings.
     pub async fn bind(
         settings: &WebhookSettings,
         control_plane: Option<Arc<ServingTls>>,
+        client: Option<kube::Client>,
     ) -> anyhow::Result<Option<Self>> {
         let (Some(cert), Some(key), Some(config)) = (
             &settings.webhook_cert,
@@ -189,6 +231,7 @@ impl Webhook {
             injector: Arc::new(Injector {
                 config: injector,
                 control_plane,
+                namespaces: client.map(Api::all),
             }),
         }))
     }
@@ -274,24 +317,38 @@ where
     };
     let request: Result<AdmissionRequest<Pod>, _> = review.try_into();
     let response = match request {
-        Ok(request) => decide(injector, opt_in, &request),
+        Ok(request) => match injector.namespace_mtls(&request).await {
+            Ok(namespace_mtls) => decide(injector, opt_in, &request, namespace_mtls.as_deref()),
+            Err(error) => {
+                tracing::warn!(%error, "refusing a pod");
+                AdmissionResponse::from(&request).deny(error)
+            }
+        },
         Err(error) => AdmissionResponse::invalid(error.to_string()),
     };
     let body = serde_json::to_vec(&response.into_review()).expect("reviews serialize");
     respond(200, Bytes::from(body))
 }
 
-/// Admits every pod: the webhook only ever adds the mesh, it never refuses a pod.
+/// Admits every pod whose namespace could be read: the webhook only ever adds the mesh.
 fn decide(
     injector: &Injector,
     opt_in: OptIn,
     request: &AdmissionRequest<Pod>,
+    namespace_mtls: Option<&str>,
 ) -> AdmissionResponse {
     let response = AdmissionResponse::from(request);
     let Some(pod) = &request.object else {
         return response;
     };
-    match patch(pod, opt_in, &injector.config, injector.trust().as_ref()) {
+    let trust = injector.trust();
+    match patch(
+        pod,
+        opt_in,
+        &injector.config,
+        trust.as_ref(),
+        namespace_mtls,
+    ) {
         Ok(operations) => {
             let operations =
                 serde_json::from_value(operations).expect("inject writes valid JSON patches");
@@ -448,6 +505,7 @@ mod tests {
             config: serde_norway::from_str("proxyImage: p\ninitImage: i\ncontrolPlane: c\n")
                 .unwrap(),
             control_plane: None,
+            namespaces: None,
         })
     }
 
@@ -469,6 +527,57 @@ mod tests {
             .await
             .expect("the connection is given up");
         assert_eq!(started.elapsed(), listen::TLS_HANDSHAKE_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_whose_namespace_cannot_be_read_is_refused_saying_why() {
+        let injector = Injector {
+            namespaces: Some(Api::all(crate::kube_api::fake::client(|_| {
+                Box::pin(std::future::ready(crate::kube_api::fake::status(
+                    503,
+                    "the API server is overloaded",
+                )))
+            }))),
+            ..Arc::into_inner(injector()).unwrap()
+        };
+        let review = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "7",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "operation": "CREATE",
+                "namespace": "shop",
+                "userInfo": {},
+                "object": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": "web"},
+                    "spec": {"containers": [{"name": "web", "image": "web"}]},
+                },
+            },
+        });
+        let request = http::Request::post(INJECT_NAMESPACED_PATH)
+            .body(Full::new(Bytes::from(review.to_string())))
+            .unwrap();
+        let response = review_of(&injector, request).await;
+        assert_eq!(response["response"]["allowed"], false, "{response}");
+        let reason = response["response"]["status"]["message"].as_str().unwrap();
+        assert!(
+            reason.contains("reading namespace shop") && reason.contains("overloaded"),
+            "{reason}"
+        );
+    }
+
+    async fn review_of(
+        injector: &Injector,
+        request: http::Request<Full<Bytes>>,
+    ) -> serde_json::Value {
+        let response = review(injector, request).await;
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&body).unwrap()
     }
 
     #[tokio::test(start_paused = true)]
