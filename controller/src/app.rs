@@ -99,9 +99,11 @@ impl Controller {
         };
         let identity = match (&settings.identity.identity_dir, &source) {
             (Some(dir), Source::Kubernetes { clients, leader }) => {
-                let authority = Arc::new(ReloadingAuthority::load(dir).with_context(|| {
-                    format!("loading the identity issuer from {}", dir.display())
-                })?);
+                let lifetime = settings.identity.certificate_lifetime;
+                let authority =
+                    Arc::new(ReloadingAuthority::load(dir, lifetime).with_context(|| {
+                        format!("loading the identity issuer from {}", dir.display())
+                    })?);
                 let own = SpiffeId {
                     trust_domain: settings.identity.trust_domain.clone(),
                     namespace: leader.namespace(&clients.call),

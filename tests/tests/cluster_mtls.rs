@@ -3,7 +3,9 @@
 //! ServiceAccount tokens. `productpage`'s proxy calls `reviews` pods through their proxies: the
 //! controller says which identity each endpoint has (from the pod's `outrigger.dev/identity`
 //! annotation), the client proxy checks it, the server proxy records the caller, and a strict
-//! server proxy refuses a plaintext caller that a permissive one serves.
+//! server proxy refuses a plaintext caller that a permissive one serves. The trust anchor
+//! rotates, in the documented three steps, under load and with a new handshake every request for
+//! one caller, without a failed request (switching all at once leaves proxies unable to renew).
 //!
 //! EndpointSlices refuse loopback addresses, so the server proxies and the app listen on this
 //! machine's own address. Needs the cluster binaries (built on first use) and `openssl`.
@@ -246,5 +248,212 @@ async fn meshed_proxies_speak_mutual_tls_and_strict_ones_refuse_plaintext() {
     assert_eq!(
         served_plain, None,
         "the strict proxy served no plaintext request"
+    );
+}
+
+/// Successful renewals of `proxy`'s certificate so far.
+async fn renewals(proxy: &LiveProxy) -> f64 {
+    series_sum(
+        &metrics(proxy).await,
+        "outrigger_identity_renewals_total",
+        r#"result="success""#,
+    )
+    .expect("the renewals are counted")
+}
+
+/// Requests to reviews through `client` until `stop`, `pause` apart; what failed, with why.
+fn load(
+    client: SocketAddr,
+    pause: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<(u32, Vec<String>)> {
+    tokio::spawn(async move {
+        let (mut served, mut failed) = (0, Vec::new());
+        while !*stop.borrow() {
+            match get(client, "reviews.shop:9080", "/").await {
+                Some((200, _)) => served += 1,
+                other => failed.push(format!("{other:?}")),
+            }
+            tokio::time::sleep(pause).await;
+        }
+        (served, failed)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trust_anchor_rotates_in_three_steps_without_a_failed_request() {
+    let cluster = Cluster::start().expect("starting the test cluster");
+    kubectl(&cluster, &["create", "namespace", NAMESPACE]);
+    for account in ["productpage", "reviews"] {
+        kubectl(
+            &cluster,
+            &["create", "serviceaccount", account, "-n", NAMESPACE],
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("identity");
+    let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+    for authority in [&secret, &old, &new] {
+        std::fs::create_dir(authority).unwrap();
+    }
+    write_authority(&old);
+    write_authority(&new);
+    for file in ["ca.crt", "tls.crt", "tls.key"] {
+        std::fs::copy(old.join(file), secret.join(file)).unwrap();
+    }
+    let crds = outrigger_tests::workspace().join("crds");
+    kubectl(&cluster, &["apply", "-f", crds.to_str().unwrap()]);
+    // Short-lived certificates, so that every proxy renews within seconds of each step.
+    let controller = live::start_controller_with(&[
+        "--kubeconfig",
+        cluster.kubeconfig().to_str().unwrap(),
+        "--leader-namespace",
+        "default",
+        "--identity-dir",
+        secret.to_str().unwrap(),
+        "--certificate-lifetime",
+        "12s",
+    ])
+    .await;
+
+    let host = host_address();
+    let app = Backend::start_on(SocketAddr::new(host, 0), "reviews-app").await;
+    let inbound = format!("{host}:0");
+    // Connections idle for a second are closed by the server, so that the caller that pauses
+    // longer makes a new handshake for each request.
+    let server = proxy(
+        &cluster,
+        &controller.url,
+        dir.path(),
+        "reviews",
+        app.addr,
+        &["--inbound-addr", &inbound, "--idle-timeout", "1s"],
+    )
+    .await;
+    let unused: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let steady = proxy(
+        &cluster,
+        &controller.url,
+        dir.path(),
+        "productpage",
+        unused,
+        &[],
+    )
+    .await;
+    let handshaking = proxy(
+        &cluster,
+        &controller.url,
+        dir.path(),
+        "productpage",
+        unused,
+        &[],
+    )
+    .await;
+    let file = dir.path().join("services.yaml");
+    std::fs::write(&file, service("reviews", server.inbound, "reviews")).unwrap();
+    kubectl(&cluster, &["apply", "-f", file.to_str().unwrap()]);
+    eventually_within(PATIENCE, "reviews answers productpage", || async {
+        get(steady.outbound, "reviews.shop:9080", "/")
+            .await
+            .map(|(s, _)| s)
+            == Some(200)
+            && get(handshaking.outbound, "reviews.shop:9080", "/")
+                .await
+                .map(|(s, _)| s)
+                == Some(200)
+    })
+    .await;
+    let handshakes_before = series_sum(
+        &metrics(&server).await,
+        "outrigger_inbound_connections_total",
+        r#"tls="true",result="accepted""#,
+    )
+    .unwrap();
+
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let steady_load = load(steady.outbound, Duration::from_millis(20), stopping.clone());
+    let handshake_load = load(handshaking.outbound, Duration::from_millis(1500), stopping);
+
+    let pem = |dir: &Path| std::fs::read_to_string(dir.join("ca.crt")).unwrap();
+    let both = format!("{}{}", pem(&old), pem(&new));
+    let steps: [(&str, &[(&str, &str)]); 3] = [
+        ("the new anchor beside the old", &[("ca.crt", &both)]),
+        (
+            "the issuer under the new anchor",
+            &[
+                (
+                    "tls.crt",
+                    &std::fs::read_to_string(new.join("tls.crt")).unwrap(),
+                ),
+                (
+                    "tls.key",
+                    &std::fs::read_to_string(new.join("tls.key")).unwrap(),
+                ),
+            ],
+        ),
+        ("the new anchor alone", &[("ca.crt", &pem(&new))]),
+    ];
+    let mut started = Vec::new();
+    for (step, files) in steps {
+        let proxies = [&server, &steady, &handshaking];
+        let mut before = Vec::new();
+        for proxy in proxies {
+            before.push(renewals(proxy).await);
+        }
+        for (name, content) in files {
+            std::fs::write(secret.join(name), content).unwrap();
+        }
+        // The renewal in flight as the files changed may have been signed before; the next one
+        // was not.
+        for (proxy, before) in proxies.into_iter().zip(before) {
+            eventually_within(PATIENCE, &format!("{step}: every proxy renews"), || async {
+                renewals(proxy).await >= before + 2.0
+            })
+            .await;
+        }
+        // A pod started now, with the anchors the injector would give it, calls the server.
+        let fresh = proxy(
+            &cluster,
+            &controller.url,
+            dir.path(),
+            "productpage",
+            unused,
+            &[],
+        )
+        .await;
+        eventually_within(
+            PATIENCE,
+            &format!("{step}: a new pod calls reviews"),
+            || async {
+                get(fresh.outbound, "reviews.shop:9080", "/")
+                    .await
+                    .map(|(s, _)| s)
+                    == Some(200)
+            },
+        )
+        .await;
+        started.push(fresh);
+    }
+
+    stop.send_replace(true);
+    let (steady_served, steady_failed) = steady_load.await.unwrap();
+    let (handshake_served, handshake_failed) = handshake_load.await.unwrap();
+    assert_eq!(steady_failed, Vec::<String>::new(), "steady load");
+    assert_eq!(
+        handshake_failed,
+        Vec::<String>::new(),
+        "a handshake per request"
+    );
+    assert!(steady_served > 0 && handshake_served > 0);
+    let handshakes = series_sum(
+        &metrics(&server).await,
+        "outrigger_inbound_connections_total",
+        r#"tls="true",result="accepted""#,
+    )
+    .unwrap()
+        - handshakes_before;
+    assert!(
+        handshakes >= f64::from(handshake_served),
+        "{handshakes} handshakes for {handshake_served} requests paused past the idle timeout"
     );
 }

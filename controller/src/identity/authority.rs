@@ -24,8 +24,8 @@ pub const TRUST_ANCHORS_FILE: &str = "ca.crt";
 pub const ISSUER_CERTIFICATE_FILE: &str = "tls.crt";
 pub const ISSUER_KEY_FILE: &str = "tls.key";
 
-/// How long a leaf certificate is valid.
-pub const LEAF_VALIDITY: Duration = Duration::from_secs(24 * 60 * 60);
+/// How long a leaf certificate is valid, unless `--certificate-lifetime` says otherwise.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 /// A leaf is valid from this long before it is signed, so that a peer whose clock is a little
 /// behind accepts it at once.
 const BACKDATE: Duration = Duration::from_secs(60);
@@ -60,6 +60,8 @@ pub struct Authority {
     trust_anchors: Vec<CertificateDer<'static>>,
     /// The trust anchors as the Secret holds them, for proxies to start with.
     trust_anchors_pem: String,
+    /// How long the leaves it signs are valid.
+    lifetime: Duration,
     random: SystemRandom,
 }
 
@@ -67,10 +69,10 @@ impl Authority {
     /// Reads the Secret mounted at `dir`; fails, saying which file, when it does not make an
     /// issuer that chains to one of the trust anchors.
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
-        Self::from_files(&SecretFiles::read(dir)?)
+        Self::from_files(&SecretFiles::read(dir)?, DEFAULT_LIFETIME)
     }
 
-    fn from_files(files: &SecretFiles) -> anyhow::Result<Self> {
+    fn from_files(files: &SecretFiles, lifetime: Duration) -> anyhow::Result<Self> {
         let certificates =
             |pem: &[u8], name: &str| -> anyhow::Result<Vec<CertificateDer<'static>>> {
                 let certificates = CertificateDer::pem_slice_iter(pem)
@@ -99,11 +101,12 @@ impl Authority {
             intermediates,
             trust_anchors,
             trust_anchors_pem: String::from_utf8_lossy(&files.trust_anchors).into_owned(),
+            lifetime,
             random: SystemRandom::new(),
         })
     }
 
-    /// A leaf certificate for `identity`, valid [`LEAF_VALIDITY`] from about `now`, for the key
+    /// A leaf certificate for `identity`, valid for the authority's lifetime from `now`, for the key
     /// of `csr` if the request asks for exactly `identity` and is signed by that key.
     pub fn certify(
         &self,
@@ -138,8 +141,8 @@ impl Authority {
         self.sign(&request.public_key, identity, now)
     }
 
-    /// A leaf certificate for `identity` and the key of `public_key`, valid [`LEAF_VALIDITY`]
-    /// from about `now`: what a proxy asks for, and the controller's own.
+    /// A leaf certificate for `identity` and the key of `public_key`, valid for the authority's
+    /// lifetime from `now` (and a little before): what a proxy asks for, and the controller's own.
     pub fn sign(
         &self,
         public_key: &impl PublicKeyData,
@@ -147,7 +150,7 @@ impl Authority {
         now: SystemTime,
     ) -> Result<Certified, CsrError> {
         let not_before = now - BACKDATE;
-        let valid_until = not_before + LEAF_VALIDITY;
+        let valid_until = now + self.lifetime;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(
@@ -220,16 +223,19 @@ impl SecretFiles {
 /// good one signing.
 pub struct ReloadingAuthority {
     dir: PathBuf,
+    lifetime: Duration,
     current: Mutex<(SecretFiles, Arc<Authority>)>,
 }
 
 impl ReloadingAuthority {
     /// Fails as [`Authority::load`] does: a controller does not start without an authority.
-    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+    /// Its leaves are valid for `lifetime`.
+    pub fn load(dir: &Path, lifetime: Duration) -> anyhow::Result<Self> {
         let files = SecretFiles::read(dir)?;
-        let authority = Arc::new(Authority::from_files(&files)?);
+        let authority = Arc::new(Authority::from_files(&files, lifetime)?);
         Ok(Self {
             dir: dir.to_owned(),
+            lifetime,
             current: Mutex::new((files, authority)),
         })
     }
@@ -238,7 +244,7 @@ impl ReloadingAuthority {
         let mut current = self.current.lock().expect("not poisoned");
         let reloaded = SecretFiles::read(&self.dir).and_then(|files| {
             if files != current.0 {
-                let authority = Authority::from_files(&files)?;
+                let authority = Authority::from_files(&files, self.lifetime)?;
                 *current = (files, Arc::new(authority));
                 tracing::info!(dir = %self.dir.display(), "identity issuer reloaded");
             }

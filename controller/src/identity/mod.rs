@@ -10,8 +10,9 @@ mod service;
 mod serving;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-pub use authority::{Authority, ReloadingAuthority};
+pub use authority::{Authority, DEFAULT_LIFETIME, ReloadingAuthority};
 pub use review::{Reviewer, TOKEN_AUDIENCE};
 pub use service::IdentityService;
 pub use serving::{ServingTls, peer_identity};
@@ -36,6 +37,18 @@ pub struct IdentitySettings {
         default_value = "outrigger-controller"
     )]
     pub service_account: String,
+    /// How long the certificates signed are valid (proxies renew theirs at about 70% of it):
+    /// shorter is less time for a stolen key, at one TokenReview per renewal. At least 10s.
+    #[arg(long, env = "OUTRIGGER_CERTIFICATE_LIFETIME", default_value = "24h", value_parser = parse_lifetime)]
+    pub certificate_lifetime: Duration,
+}
+
+fn parse_lifetime(text: &str) -> Result<Duration, String> {
+    let lifetime = outrigger_api::duration::parse(text).map_err(|e| e.to_string())?;
+    if lifetime < Duration::from_secs(10) {
+        return Err("a certificate must last at least 10s".into());
+    }
+    Ok(lifetime)
 }
 
 impl Default for IdentitySettings {
@@ -44,6 +57,7 @@ impl Default for IdentitySettings {
             identity_dir: None,
             trust_domain: outrigger_api::identity::DEFAULT_TRUST_DOMAIN.into(),
             service_account: "outrigger-controller".into(),
+            certificate_lifetime: DEFAULT_LIFETIME,
         }
     }
 }

@@ -15,7 +15,7 @@ use tokio_rustls::rustls;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 
 use super::authority::{
-    Authority, CsrError, ISSUER_CERTIFICATE_FILE, ISSUER_KEY_FILE, LEAF_VALIDITY,
+    Authority, CsrError, DEFAULT_LIFETIME, ISSUER_CERTIFICATE_FILE, ISSUER_KEY_FILE,
     ReloadingAuthority, TRUST_ANCHORS_FILE,
 };
 use super::review::{MAX_REVIEWS_IN_FLIGHT, Reviewer, TOKEN_AUDIENCE};
@@ -108,8 +108,8 @@ fn a_leaf_names_exactly_the_identity_for_a_day_and_chains_to_the_anchor() {
     let (_, leaf) = x509_parser::parse_x509_certificate(&certified.chain[0]).unwrap();
     let validity = leaf.validity();
     assert_eq!(
-        validity.not_after.timestamp() - validity.not_before.timestamp(),
-        LEAF_VALIDITY.as_secs() as i64
+        validity.not_after.timestamp(),
+        unix(now) + DEFAULT_LIFETIME.as_secs() as i64
     );
     assert!(validity.not_before.timestamp() <= unix(now));
     assert_eq!(validity.not_after.timestamp(), unix(certified.valid_until));
@@ -307,7 +307,7 @@ fn token_reviews() -> kube::Client {
 fn service(client: kube::Client) -> (IdentityService, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     write_self_signed(dir.path());
-    let authority = Arc::new(ReloadingAuthority::load(dir.path()).unwrap());
+    let authority = Arc::new(ReloadingAuthority::load(dir.path(), DEFAULT_LIFETIME).unwrap());
     let service = IdentityService::new(Reviewer::new(client), authority, "cluster.local".into());
     (service, dir)
 }
@@ -345,7 +345,7 @@ async fn a_token_of_a_service_account_gets_a_certificate_for_exactly_its_identit
         &CertificateDer::from(certified.trust_anchors_der[0].clone()),
     );
     let now = unix(SystemTime::now());
-    let day = LEAF_VALIDITY.as_secs() as i64;
+    let day = DEFAULT_LIFETIME.as_secs() as i64;
     assert!((now + day - 120..=now + day).contains(&certified.valid_until_unix_seconds));
 
     let refused = certify(
@@ -567,7 +567,7 @@ async fn handshake(
 async fn the_controller_serves_a_certificate_for_its_own_identity_and_reads_its_callers() {
     let dir = tempfile::tempdir().unwrap();
     let anchor = write_self_signed(dir.path());
-    let authority = Arc::new(ReloadingAuthority::load(dir.path()).unwrap());
+    let authority = Arc::new(ReloadingAuthority::load(dir.path(), DEFAULT_LIFETIME).unwrap());
     let controller = SpiffeId {
         trust_domain: "cluster.local".into(),
         namespace: "outrigger".into(),

@@ -236,10 +236,6 @@ impl Webhook {
         }))
     }
 
-    pub fn local_addr(&self) -> std::net::SocketAddr {
-        self.listener.local_addr().expect("bound")
-    }
-
     /// Serves reviews until `shutdown`; then takes no new connection and closes each open one once
     /// its review is answered. The API server keeps webhook connections alive: left open, they
     /// would bring this stopping replica (and the injector settings it started with) every review

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use outrigger_api::proto::identity_client::IdentityClient;
 use outrigger_api::proto::{CertifyRequest, CertifyResponse};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::tls::{ControlPlaneTls, Present};
 
@@ -22,32 +22,40 @@ pub trait CertificateAuthority: Send + Sync + 'static {
     ) -> impl Future<Output = Result<CertifyResponse, tonic::Status>> + Send;
 }
 
-/// The controller's `Identity` service, over a connection of its own made when first needed
-/// (a renewal comes once in hours; the controller closes an idle connection, and tonic makes a
-/// new one).
+/// The controller's `Identity` service, over a new connection for each certification: one comes
+/// once in hours, long after the controller closed the last connection as idle, and each
+/// handshake checks the controller against the anchors the proxy holds at that moment.
 #[derive(Clone)]
 pub struct ControlPlaneAuthority {
-    client: IdentityClient<Channel>,
+    endpoint: Endpoint,
+    tls: ControlPlaneTls,
 }
 
 impl ControlPlaneAuthority {
     /// Over TLS, checking the controller by `tls`, presenting no certificate.
     pub fn new(url: &str, tls: &ControlPlaneTls) -> anyhow::Result<Self> {
-        let channel = Endpoint::from_shared(url.to_string())
+        let endpoint = Endpoint::from_shared(url.to_string())
             .context("reading the control plane URL")?
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
-            .connect_with_connector_lazy(tls.connector(Present::Nothing));
+            .timeout(CALL_TIMEOUT);
         Ok(Self {
-            client: IdentityClient::new(channel),
+            endpoint,
+            tls: tls.clone(),
         })
     }
 }
 
 impl CertificateAuthority for ControlPlaneAuthority {
     async fn certify(&self, request: CertifyRequest) -> Result<CertifyResponse, tonic::Status> {
-        let mut client = self.client.clone();
-        client
+        let channel = self
+            .endpoint
+            .connect_with_connector(self.tls.connector(Present::Nothing))
+            .await
+            .map_err(|error| {
+                let error = anyhow::Error::new(error);
+                tonic::Status::unavailable(format!("connecting to the control plane: {error:#}"))
+            })?;
+        IdentityClient::new(channel)
             .certify(request)
             .await
             .map(tonic::Response::into_inner)
