@@ -97,6 +97,44 @@ fn service(name: &str, endpoint: SocketAddr, identity: &str) -> String {
     )
 }
 
+/// A TCP relay on `host` to `target` that keeps every byte it carries, both ways: what a capture
+/// of the wire between the two would show.
+async fn recording_relay(
+    host: std::net::IpAddr,
+    target: SocketAddr,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(host, 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let wire = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = wire.clone();
+    tokio::spawn(async move {
+        while let Ok((caller, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                continue;
+            };
+            let (caller_read, caller_write) = caller.into_split();
+            let (server_read, server_write) = server.into_split();
+            for (mut from, mut to) in [(caller_read, server_write), (server_read, caller_write)] {
+                let wire = recorded.clone();
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 16 * 1024];
+                    while let Ok(read @ 1..) = from.read(&mut buffer).await {
+                        wire.lock().unwrap().extend_from_slice(&buffer[..read]);
+                        if to.write_all(&buffer[..read]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown().await;
+                });
+            }
+        }
+    });
+    (addr, wire)
+}
+
 async fn metrics(proxy: &LiveProxy) -> String {
     http_get(proxy.admin, "admin", "/metrics").await.unwrap().1
 }
@@ -160,8 +198,10 @@ async fn meshed_proxies_speak_mutual_tls_and_strict_ones_refuse_plaintext() {
     .await;
 
     // `impostor`'s pod claims to be `ratings`, but the proxy at its address is `reviews`.
+    // `reviews` is reached through a relay that records the wire.
+    let (relay, wire) = recording_relay(host, permissive.inbound).await;
     let manifests = [
-        service("reviews", permissive.inbound, "reviews"),
+        service("reviews", relay, "reviews"),
         service("details", strict.inbound, "reviews"),
         service("impostor", permissive.inbound, "ratings"),
     ]
@@ -196,6 +236,19 @@ async fn meshed_proxies_speak_mutual_tls_and_strict_ones_refuse_plaintext() {
         r#"tls="true",result="accepted""#,
     );
     assert!(accepted >= Some(1.0));
+    // On the wire, TLS records (a handshake first), and nothing of the HTTP inside: the request
+    // line, its Host, the response. (The server name, `reviews.shop.serviceaccount...`, is in the
+    // clear, as SNI is.)
+    let wire = wire.lock().unwrap().clone();
+    assert!(
+        wire.starts_with(&[0x16, 0x03]),
+        "not a TLS handshake: {:?}",
+        &wire[..wire.len().min(16)]
+    );
+    let text = String::from_utf8_lossy(&wire);
+    for clear in ["GET /", "HTTP/1.1", "reviews-app", "reviews.shop:9080"] {
+        assert!(!text.contains(clear), "`{clear}` in clear on the wire");
+    }
 
     // A strict server serves its meshed callers.
     let (status, body) = get(client.outbound, "details.shop:9080", "/")
