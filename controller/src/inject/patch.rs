@@ -65,6 +65,9 @@ const TOKEN_VOLUME: &str = "outrigger-identity-token";
 const TOKEN_DIR: &str = "/var/run/secrets/outrigger.dev/identity";
 const TOKEN_FILE: &str = "token";
 const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
+/// How long the proxy may take to be ready (certified and configured) before the kubelet
+/// restarts it: the app waits meanwhile.
+const STARTUP_SECONDS: i32 = 120;
 
 fn default_pull_policy() -> String {
     "IfNotPresent".into()
@@ -415,6 +418,14 @@ fn proxy_container(
         volume_mounts,
         readiness_probe: Some(probe("/ready")),
         liveness_probe: Some(probe("/live")),
+        // The app starts once the proxy is ready (a native sidecar's startup gates the next
+        // container): before, its calls would wait for configuration, and those to meshed pods
+        // would go in plaintext, on connections kept for as long as they are used.
+        startup_probe: Some(Probe {
+            period_seconds: Some(1),
+            failure_threshold: Some(STARTUP_SECONDS),
+            ..probe("/ready")
+        }),
         resources: config.resources.clone(),
         security_context: Some(SecurityContext {
             run_as_user: Some(config.proxy_uid),
@@ -501,6 +512,13 @@ mod tests {
             Some("Always"),
             "a native sidecar"
         );
+        // The app starts once the proxy is ready.
+        let startup = proxy.startup_probe.as_ref().unwrap();
+        assert_eq!(
+            startup.http_get.as_ref().unwrap().path.as_deref(),
+            Some("/ready")
+        );
+        assert_eq!(startup.failure_threshold, Some(STARTUP_SECONDS));
         let env = proxy.env.as_ref().unwrap();
         let namespace = env
             .iter()
