@@ -4,7 +4,8 @@
 //! audience `outrigger` gets its certificate and only then is ready; one whose token is for
 //! another audience stays unready, its failures counted and retried. The controller serves TLS
 //! alone, proving its own identity, and takes a client for who its certificate proves: no
-//! configuration without one, a Hello for anyone else refused, a CSR for another identity too.
+//! configuration without one, a Hello for anyone else refused, a CSR for another identity or with
+//! a token for another audience too; the certificate it signs names exactly the token's identity.
 //!
 //! Needs the cluster binaries (`cargo xtask cluster build`, or built on first use) and `openssl`.
 
@@ -15,7 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use outrigger_api::identity::SpiffeId;
 use outrigger_api::proto;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_stream::wrappers::ReceiverStream;
 
 use outrigger_cluster::Cluster;
@@ -365,6 +367,46 @@ async fn the_controller_speaks_only_tls_and_takes_a_proxy_for_who_its_certificat
         .into_iter()
         .map(CertificateDer::from)
         .collect();
+    // For exactly the token's identity, leading to the trust anchor.
+    assert_eq!(
+        SpiffeId::of_certificate(&chain[0]).map(|id| id.to_string()),
+        Some(reviews.clone())
+    );
+    let anchor = std::fs::read(secret.join("ca.crt")).unwrap();
+    let mut anchors = tokio_rustls::rustls::RootCertStore::empty();
+    anchors
+        .add(CertificateDer::from_pem_slice(&anchor).unwrap())
+        .unwrap();
+    tokio_rustls::rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(anchors),
+        Arc::new(tokio_rustls::rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap()
+    .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+    .expect("the leaf leads to the trust anchor");
+    // A token for another audience proves nothing here.
+    let elsewhere = kubectl(
+        &cluster,
+        &[
+            "create",
+            "token",
+            ACCOUNT,
+            "-n",
+            NAMESPACE,
+            "--audience",
+            "someone-else",
+        ],
+    );
+    let (_, csr_der) = csr(&reviews);
+    let refused = identity
+        .certify(proto::CertifyRequest {
+            token: elsewhere.trim().into(),
+            csr_der,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
 
     // With its certificate, a proxy is who it proves: a Hello for another ServiceAccount is
     // refused, its own welcomed.
