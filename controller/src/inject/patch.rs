@@ -140,7 +140,7 @@ pub fn patch(pod: &Pod, opt_in: OptIn, config: &InjectorConfig) -> Result<Value,
         .and_then(|a| a.get(MTLS_ANNOTATION))
         .map(String::as_str)
         == Some("strict");
-    let proxy = serde_json::to_value(proxy_container(config, strict.then(|| http_probes(spec))))
+    let proxy = serde_json::to_value(proxy_container(config, strict, http_probes(spec)))
         .expect("containers serialize");
     if spec
         .and_then(|s| s.init_containers.as_ref())
@@ -240,7 +240,8 @@ fn init_container(config: &InjectorConfig) -> Container {
 }
 
 /// The HTTP probes of the app's containers, as `port:path`: the kubelet is not meshed, so a
-/// strict proxy serves exactly these in plaintext. HTTPS probes are left out (their path cannot
+/// strict proxy serves exactly these in plaintext, and no AuthorizationPolicy refuses them (the
+/// pod would never be ready). HTTPS probes are left out (their path cannot
 /// be read), and so is a path with a comma, which the list could not hold.
 fn http_probes(spec: Option<&PodSpec>) -> Vec<String> {
     let mut probes = Vec::new();
@@ -276,9 +277,8 @@ fn http_probes(spec: Option<&PodSpec>) -> Vec<String> {
     probes
 }
 
-/// `strict_probes`: for a strict pod (`outrigger.dev/mtls: strict`), the probes its proxy serves
-/// in plaintext.
-fn proxy_container(config: &InjectorConfig, strict_probes: Option<Vec<String>>) -> Container {
+/// `strict`: for a pod annotated `outrigger.dev/mtls: strict`; `probes`: the app's HTTP probes.
+fn proxy_container(config: &InjectorConfig, strict: bool, probes: Vec<String>) -> Container {
     let field = |path: &str| EnvVarSource {
         field_ref: Some(ObjectFieldSelector {
             field_path: path.into(),
@@ -319,19 +319,19 @@ fn proxy_container(config: &InjectorConfig, strict_probes: Option<Vec<String>>) 
             ..Default::default()
         },
     ];
-    if let Some(probes) = strict_probes {
+    if strict {
         env.push(EnvVar {
             name: "OUTRIGGER_INBOUND_MTLS".into(),
             value: Some("strict".into()),
             ..Default::default()
         });
-        if !probes.is_empty() {
-            env.push(EnvVar {
-                name: "OUTRIGGER_INBOUND_PROBES".into(),
-                value: Some(probes.join(",")),
-                ..Default::default()
-            });
-        }
+    }
+    if !probes.is_empty() {
+        env.push(EnvVar {
+            name: "OUTRIGGER_INBOUND_PROBES".into(),
+            value: Some(probes.join(",")),
+            ..Default::default()
+        });
     }
     let mut volume_mounts = None;
     if let Some(identity) = &config.identity {
@@ -630,7 +630,14 @@ mod tests {
             None,
             "permissive, the proxy's default"
         );
-        assert_eq!(env(APP, "OUTRIGGER_INBOUND_PROBES"), None);
+        assert_eq!(env(APP, "OUTRIGGER_INBOUND_PROBES"), None, "no probes");
+        let permissive = strict.replace("annotations: {outrigger.dev/mtls: strict}", "labels: {}");
+        assert_eq!(env(&permissive, "OUTRIGGER_INBOUND_MTLS"), None);
+        assert_eq!(
+            env(&permissive, "OUTRIGGER_INBOUND_PROBES").as_deref(),
+            Some("8080:/ready,8081:/"),
+            "listed for every pod: no AuthorizationPolicy refuses them"
+        );
     }
 
     #[test]
