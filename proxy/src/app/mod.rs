@@ -273,15 +273,15 @@ impl Servers<'_> {
             Some(Direction::Inbound),
             Some(tls),
             move |connection| {
-                let target = inbound.target(&connection)?;
-                let endpoint = inbound.endpoint(target);
-                // Probes are named by the port the kubelet called; policies by the app's port.
-                let probed = connection.original_dst.unwrap_or(connection.local).port();
+                let endpoint = inbound.endpoint(inbound.target(&connection)?);
+                // Policies and probes name the pod port the caller addressed (the Service's
+                // targetPort): where a redirected connection was going, else this listener's.
+                let port = connection.original_dst.unwrap_or(connection.local).port();
                 let authorized = Authorize::new(
                     InboundService::new(endpoint),
                     authorizer.clone(),
-                    target.port(),
-                    probes.probes_of(probed),
+                    port,
+                    probes.probes_of(port),
                 );
                 let service = telemetry
                     .layer(authorized)
