@@ -1,7 +1,7 @@
 //! The inbound side enforces what the controller sends under the pod's own key: before anything
 //! arrives every caller is allowed; an ALLOW policy refuses a caller it does not list with 403
 //! naming the policy, before the app sees the request; Audit mode only counts; a version the
-//! proxy cannot apply is refused and the last good one stays.
+//! proxy cannot apply is refused and the last good one stays; a key withdrawn allows everyone.
 
 mod support;
 
@@ -99,4 +99,14 @@ async fn a_pods_policies_refuse_the_callers_they_do_not_allow_and_audit_only_cou
     assert!(reason.contains("inbound.ports[0].port"), "{reason}");
     assert_eq!(get(proxy.inbound, "reviews", "/").await.status, 200);
     assert_eq!(app.hits(), 3);
+
+    // Enforced again, then withdrawn (no policy reaches the pod any more): every caller again.
+    let enforced = cp.publish(KEY, readers(port, false));
+    applied(&mut cp, &enforced).await;
+    assert_eq!(get(proxy.inbound, "reviews", "/").await.status, 403);
+    cp.withdraw(KEY);
+    eventually("the withdrawn policy to stop denying", || async {
+        get(proxy.inbound, "reviews", "/").await.status == 200
+    })
+    .await;
 }

@@ -72,6 +72,12 @@ impl ControlPlane {
         version
     }
 
+    /// Withdraws `key`, as the controller does when what it named is gone: subscribers are told
+    /// it is unknown.
+    pub fn withdraw(&self, key: &str) {
+        self.snapshots.remove(key);
+    }
+
     /// Waits for the next event matching `pick`.
     pub async fn next_event<T>(&mut self, mut pick: impl FnMut(ProxyEvent) -> Option<T>) -> T {
         let wait = async {

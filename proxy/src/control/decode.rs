@@ -805,4 +805,79 @@ mod tests {
             "policy.outlierDetection.maxEjectionPercent: 150 is above 100"
         );
     }
+
+    fn inbound_rejected(change: impl FnOnce(&mut proto::InboundPort)) -> String {
+        let mut port = proto::InboundPort {
+            port: 9080,
+            authorizations: vec![proto::Authorization {
+                policy: "shop/readers".into(),
+                rules: vec![proto::AuthorizationRule {
+                    sources: Vec::new(),
+                    targets: vec![proto::AuthorizationTarget {
+                        paths: vec![proto::PathMatch {
+                            kind: Some(proto::path_match::Kind::Prefix("/api/".into())),
+                        }],
+                        methods: vec!["GET".into()],
+                    }],
+                }],
+                ..Default::default()
+            }],
+        };
+        let good = proto::Destination {
+            inbound: Some(proto::Inbound {
+                ports: vec![port.clone()],
+            }),
+            ..Default::default()
+        };
+        let decoded = inbound("1".into(), good).unwrap();
+        let policies = decoded.policies(9080).unwrap();
+        assert!(matches!(
+            &policies[0].rules[0].targets[0].paths[0],
+            PathMatch::Prefix(prefix) if prefix == "/api"
+        ));
+        change(&mut port);
+        let destination = proto::Destination {
+            inbound: Some(proto::Inbound {
+                ports: vec![port.clone(), port],
+            }),
+            ..Default::default()
+        };
+        inbound("2".into(), destination).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_inbound_version_the_proxy_cannot_apply_is_refused_naming_the_field() {
+        assert_eq!(
+            inbound("1".into(), reviews()).unwrap_err().to_string(),
+            "inbound: is missing under an inbound key"
+        );
+        assert_eq!(
+            inbound_rejected(|_| {}),
+            "inbound.ports[1].port: port 9080 is listed twice"
+        );
+        assert_eq!(
+            inbound_rejected(|port| port.port = 70_000),
+            "inbound.ports[0].port: 70000 is not a TCP port"
+        );
+        assert_eq!(
+            inbound_rejected(|port| port.authorizations[0].action = 7),
+            "inbound.ports[0].authorizations[0].action: 7 is not an action"
+        );
+        assert_eq!(
+            inbound_rejected(|port| port.authorizations[0].policy.clear()),
+            "inbound.ports[0].authorizations[0].policy: names no policy"
+        );
+        assert_eq!(
+            inbound_rejected(
+                |port| port.authorizations[0].rules[0].targets[0].methods[0] = "G ET".into()
+            ),
+            "inbound.ports[0].authorizations[0].rules[0].targets[0].methods[0]: `G ET` is not a method"
+        );
+        assert_eq!(
+            inbound_rejected(
+                |port| port.authorizations[0].rules[0].targets[0].paths[0].kind = None
+            ),
+            "inbound.ports[0].authorizations[0].rules[0].targets[0].paths[0]: needs exact or prefix"
+        );
+    }
 }

@@ -137,3 +137,140 @@ where
         Either::Left(self.inner.call(request))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tower::{Service as _, ServiceExt as _};
+
+    use super::*;
+    use crate::http::body::full;
+    use crate::metrics::AuthzLabels;
+    use crate::policy::{Action, AuthorizationPolicy, AuthorizationRule, CallMatch, CallerMatch};
+
+    const PORT: u16 = 9080;
+
+    /// Port 9080 lets only shop/productpage make GET requests.
+    fn authorizer() -> (Authorizer, Metrics) {
+        let rule = AuthorizationRule {
+            sources: vec![CallerMatch {
+                service_accounts: vec!["shop/productpage".into()],
+                namespaces: Vec::new(),
+            }],
+            targets: vec![CallMatch {
+                paths: Vec::new(),
+                methods: vec![http::Method::GET],
+            }],
+        };
+        let policy = AuthorizationPolicy {
+            name: Arc::new("shop/readers".into()),
+            action: Action::Allow,
+            audit: false,
+            rules: vec![rule],
+        };
+        let applied = InboundAuthorization {
+            version: "1".into(),
+            ports: [(PORT, vec![policy])].into(),
+        };
+        let metrics = Metrics::new();
+        let (_, applied) = watch::channel(Arc::new(applied));
+        (Authorizer::new(applied, metrics.clone()), metrics)
+    }
+
+    fn count(metrics: &Metrics, decision: AuthzDecision) -> u64 {
+        metrics
+            .authz_decisions
+            .get_or_create(&AuthzLabels {
+                policy: Arc::new("shop/readers".into()),
+                decision,
+            })
+            .get()
+    }
+
+    fn app() -> impl tower::Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone {
+        tower::service_fn(|_| std::future::ready(Ok::<_, Infallible>(Response::new(full("app")))))
+    }
+
+    async fn status(
+        service: &mut Authorize<
+            impl tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+        >,
+        request: Request<Body>,
+    ) -> StatusCode {
+        service
+            .ready()
+            .await
+            .unwrap()
+            .call(request)
+            .await
+            .unwrap()
+            .status()
+    }
+
+    fn get(path: &str, caller: Option<&str>) -> Request<Body> {
+        let mut request = Request::get(path).body(full("")).unwrap();
+        if let Some(caller) = caller {
+            request
+                .extensions_mut()
+                .insert(ClientId(Arc::new(caller.into())));
+        }
+        request
+    }
+
+    #[tokio::test]
+    async fn requests_are_denied_with_403_but_the_kubelets_probes() {
+        let (authorizer, metrics) = authorizer();
+        let probes: Arc<[String]> = vec!["/ready".to_string()].into();
+        let mut service = Authorize::new(app(), authorizer, PORT, Some(probes));
+        assert_eq!(
+            status(&mut service, get("/", Some("shop/productpage"))).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            status(&mut service, get("/", Some("shop/ratings"))).await,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            status(&mut service, get("/", None)).await,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            (
+                count(&metrics, AuthzDecision::Allow),
+                count(&metrics, AuthzDecision::Deny)
+            ),
+            (1, 2)
+        );
+        // The kubelet: plaintext GET of exactly a probe path.
+        assert_eq!(
+            status(&mut service, get("/ready", None)).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            status(&mut service, get("/ready?x", None)).await,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            status(&mut service, get("/ready", Some("shop/ratings"))).await,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            count(&metrics, AuthzDecision::Deny),
+            4,
+            "probes are not counted"
+        );
+    }
+
+    #[test]
+    fn connections_that_are_not_http_match_no_rule_with_methods_and_ports_without_policies_allow_all()
+     {
+        let (authorizer, _) = authorizer();
+        let productpage = ClientId(Arc::new("shop/productpage".into()));
+        assert!(!authorizer.allows_connection(PORT, Some(&productpage)));
+        assert!(authorizer.allows_connection(PORT + 1, None));
+    }
+}
