@@ -880,3 +880,59 @@ fn an_invalid_authorization_policy_is_not_in_force() {
     ));
     assert_eq!(inbound(&snapshots, "reviews-1"), None);
 }
+
+#[test]
+fn a_pod_port_two_services_reach_gets_the_policies_of_both_and_follows_their_ports() {
+    let (mut index, snapshots) = index();
+    // reviews reaches reviews-1 on 8080 (the slice's port for the Service port `http`).
+    index.apply(reviews());
+    index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+    // And so does reviews-admin, by its port 9999.
+    index.apply(Change::Applied(Object::Service(Box::new(object(json!({
+        "metadata": {"namespace": "shop", "name": "reviews-admin"},
+        "spec": {"ports": [{"name": "admin", "port": 9999}]},
+    }))))));
+    index.apply(Change::Applied(Object::EndpointSlice(Box::new(object(
+        json!({
+            "metadata": {
+                "namespace": "shop", "name": "reviews-admin-a",
+                "labels": {"kubernetes.io/service-name": "reviews-admin"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "admin", "port": 8080}],
+            "endpoints": [{
+                "addresses": ["10.0.0.1"], "conditions": {"ready": true},
+                "targetRef": {"kind": "Pod", "name": "reviews-1", "namespace": "shop"},
+            }],
+        }),
+    )))));
+    index.apply(authorization_policy("readers", readers()));
+    index.apply(authorization_policy(
+        "admins",
+        json!({
+            "targetRefs": [{"kind": "Service", "name": "reviews-admin"}],
+            "action": "DENY",
+            "rules": [{"from": [{"namespaces": ["frontend"]}]}],
+        }),
+    ));
+    let published = inbound(&snapshots, "reviews-1").unwrap();
+    let policies: Vec<(&str, usize)> = published.ports[0]
+        .authorizations
+        .iter()
+        .map(|a| (a.policy.as_str(), a.rules.len()))
+        .collect();
+    assert_eq!(published.ports[0].port, 8080);
+    assert_eq!(policies, [("shop/admins", 1), ("shop/readers", 1)]);
+
+    // reviews moves to port 9999 itself: readers' rule for 9999 is the one that applies now.
+    index.apply(service(json!([{"name": "http", "port": 9999}])));
+    let published = inbound(&snapshots, "reviews-1").unwrap();
+    let readers = &published.ports[0].authorizations[1];
+    assert_eq!(readers.policy, "shop/readers");
+    assert_eq!(readers.rules[0].sources[0].namespaces, ["frontend"]);
+
+    // The pod's Services go; so does its key.
+    index.apply(deleted(Kind::Service, "reviews"));
+    index.apply(deleted(Kind::Service, "reviews-admin"));
+    assert_eq!(inbound(&snapshots, "reviews-1"), None);
+}
