@@ -18,7 +18,7 @@
 //!    the controller's pod, and its replacement resyncs every proxy.
 //! 6. TCP that is not HTTP, and HTTP to an address no Service owns, pass through unchanged. An
 //!    AuthorizationPolicy on reviews lets the client's ServiceAccount through and answers another
-//!    meshed client 403, the reviews pods staying ready (their probes are not refused).
+//!    meshed client 403, the reviews pods staying ready.
 //! 7. Prometheus discovers the meshed pods through the API server (pod service discovery) and
 //!    every dashboard query returns data for namespace `shop`.
 //! 8. A pod that cannot be meshed says why in its events and logs; the proxy stops after the app;
@@ -1129,8 +1129,8 @@ fn second_client_calls(suite: &Suite) -> Result<Calls, String> {
 }
 
 /// 6b. An AuthorizationPolicy on reviews: the client's ServiceAccount gets through, another
-/// meshed client's gets 403 from the reviews pods' proxies (the kubelet's probes still pass);
-/// deleted, everyone gets through again.
+/// meshed client's gets 403 from the reviews pods' proxies, and the pods stay ready; deleted,
+/// everyone gets through again.
 fn authorization(suite: &mut Suite) {
     let deployed = suite
         .apply(SECOND_CLIENT)
@@ -1179,7 +1179,7 @@ fn authorization(suite: &mut Suite) {
         })(),
     );
     suite.check(
-        "the reviews pods stay ready under the policy (the kubelet's probes are not refused)",
+        "the reviews pods stay ready under the policy",
         (|| {
             std::thread::sleep(Duration::from_secs(5));
             for pod in suite.pods(SHOP, "app=reviews")? {
