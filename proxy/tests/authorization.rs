@@ -5,40 +5,16 @@
 
 mod support;
 
-use outrigger_api::proto;
-use outrigger_tests::{Configuration, ControlPlane, ProxyEvent};
+use outrigger_tests::{Configuration, ControlPlane, ProxyEvent, allowing};
 use support::*;
 
 const KEY: &str = "inbound:shop/reviews-0";
 
-/// What the controller would send for a pod whose `port` is guarded by the ALLOW policy
-/// shop/readers, which lets only shop/productpage call.
+/// The ALLOW policy shop/readers on `port`, which lets only shop/productpage call.
 fn readers(port: u16, audit: bool) -> Configuration {
-    let authorization = proto::Authorization {
-        policy: "shop/readers".into(),
-        action: proto::AuthorizationAction::Allow.into(),
-        audit,
-        rules: vec![proto::AuthorizationRule {
-            sources: vec![proto::AuthorizationSource {
-                service_accounts: vec!["shop/productpage".into()],
-                namespaces: Vec::new(),
-            }],
-            targets: Vec::new(),
-        }],
-    };
-    Configuration {
-        destination: proto::Destination {
-            namespace: "shop".into(),
-            inbound: Some(proto::Inbound {
-                ports: vec![proto::InboundPort {
-                    port: port.into(),
-                    authorizations: vec![authorization],
-                }],
-            }),
-            ..Default::default()
-        },
-        endpoints: Vec::new(),
-    }
+    let mut readers = allowing("shop/readers", &["shop/productpage"], &[port]);
+    readers.destination.inbound.as_mut().unwrap().ports[0].authorizations[0].audit = audit;
+    readers
 }
 
 async fn applied(cp: &mut ControlPlane, version: &str) {
