@@ -13,6 +13,9 @@ pub const CLUSTER_DOMAIN: &str = "svc.cluster.local";
 /// so this is what one pod calls within a minute.
 pub const MAX_DESTINATIONS_PER_PROXY: usize = 1024;
 
+/// How the key of a pod's inbound side begins.
+pub const INBOUND_PREFIX: &str = "inbound:";
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DestinationKey {
     /// A Service port, by name.
@@ -24,6 +27,9 @@ pub enum DestinationKey {
     /// An original destination address (a ClusterIP or a pod IP), as seen on a redirected
     /// connection.
     Address(SocketAddr),
+    /// A pod's own inbound side (`inbound:<namespace>/<pod>`): what its proxy enforces on calls
+    /// to it.
+    Inbound { namespace: String, pod: String },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -34,6 +40,8 @@ pub enum KeyError {
     NotAServiceName(String),
     #[error("`{0}` has an invalid port")]
     InvalidPort(String),
+    #[error("`{0}` does not name a pod (expected {INBOUND_PREFIX}<namespace>/<pod>)")]
+    NotAPodName(String),
 }
 
 impl DestinationKey {
@@ -93,7 +101,8 @@ fn split_port(authority: &str) -> Result<(&str, Option<u16>), KeyError> {
     }
 }
 
-fn is_dns_label(label: &str) -> bool {
+/// A DNS label (RFC 1123), as Kubernetes names namespaces and Services.
+pub fn is_dns_label(label: &str) -> bool {
     !label.is_empty()
         && label.len() <= 63
         && label
@@ -112,6 +121,7 @@ impl fmt::Display for DestinationKey {
                 port,
             } => write!(f, "{name}.{namespace}.{CLUSTER_DOMAIN}:{port}"),
             Self::Address(addr) => write!(f, "{addr}"),
+            Self::Inbound { namespace, pod } => write!(f, "{INBOUND_PREFIX}{namespace}/{pod}"),
         }
     }
 }
@@ -123,6 +133,21 @@ impl FromStr for DestinationKey {
     fn from_str(key: &str) -> Result<Self, KeyError> {
         if let Ok(addr) = key.parse() {
             return Ok(Self::Address(addr));
+        }
+        if let Some(pod) = key.strip_prefix(INBOUND_PREFIX) {
+            return match pod.split_once('/') {
+                Some((namespace, pod))
+                    if is_dns_label(namespace)
+                        && pod.len() <= 253
+                        && pod.split('.').all(is_dns_label) =>
+                {
+                    Ok(Self::Inbound {
+                        namespace: namespace.to_string(),
+                        pod: pod.to_string(),
+                    })
+                }
+                _ => Err(KeyError::NotAPodName(key.to_string())),
+            };
         }
         let (host, port) = split_port(key)?;
         let port = port.ok_or_else(|| KeyError::InvalidPort(key.to_string()))?;
@@ -210,5 +235,27 @@ mod tests {
             "reviews.shop.svc.cluster.local:9080"
         );
         assert!("reviews:80".parse::<DestinationKey>().is_err());
+    }
+
+    #[test]
+    fn a_pods_inbound_key_reads_back() {
+        let key = DestinationKey::Inbound {
+            namespace: "shop".into(),
+            pod: "reviews-7d4b9.x".into(),
+        };
+        assert_eq!(key.to_string(), "inbound:shop/reviews-7d4b9.x");
+        assert_eq!(key.to_string().parse::<DestinationKey>(), Ok(key));
+        for bad in [
+            "inbound:shop",
+            "inbound:/pod",
+            "inbound:shop/-pod",
+            "inbound:a/b/c",
+        ] {
+            assert_eq!(
+                bad.parse::<DestinationKey>(),
+                Err(KeyError::NotAPodName(bad.into())),
+                "{bad}"
+            );
+        }
     }
 }

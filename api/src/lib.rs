@@ -1,5 +1,7 @@
 //! Types shared by the Outrigger controller and proxy.
 
+#[cfg(feature = "crd")]
+pub mod authz;
 pub mod codec;
 pub mod defaults;
 pub mod destination;

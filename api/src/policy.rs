@@ -728,7 +728,12 @@ mod defaults {
 /// The CustomResourceDefinition, as `crds/` holds it.
 pub fn crd() -> CustomResourceDefinition {
     use kube::CustomResourceExt as _;
-    let mut crd = DestinationPolicy::crd();
+    as_installed(DestinationPolicy::crd())
+}
+
+/// A CRD as schemars generated it, made what the API server takes without warnings and as CEL
+/// rules expect (see [`drop_nullable`] and [`known_integer_formats`]).
+pub(crate) fn as_installed(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
     for version in &mut crd.spec.versions {
         if let Some(schema) = version
             .schema

@@ -211,6 +211,13 @@ impl Controller {
                     identity,
                     lease_duration: leader.lease_duration,
                 };
+                tasks.spawn(status::authorization_policy::run(
+                    clients.call.clone(),
+                    index.authorization_reports(),
+                    inputs.leading.clone(),
+                    ready.clone(),
+                    self.metrics.clone(),
+                ));
                 tasks.spawn(status::run(clients.call, inputs, self.metrics.clone()));
             }
         }

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 
-const HEADER: &str = "# Generated from api/src/policy.rs by `cargo xtask crds`. Do not edit.\n";
+/// Each file's first line, naming the source file it is generated from.
+fn header(source: &str) -> String {
+    format!("# Generated from api/src/{source} by `cargo xtask crds`. Do not edit.\n")
+}
 
 pub struct CrdFile {
     /// `<plural>.<group>.yaml`, as the CRD's own name.
@@ -15,17 +18,25 @@ pub struct CrdFile {
 }
 
 pub fn files() -> anyhow::Result<Vec<CrdFile>> {
-    let crd = outrigger_api::policy::crd();
-    let name = crd
-        .metadata
-        .name
-        .clone()
-        .context("the generated CRD has no name")?;
-    let yaml = serde_norway::to_string(&crd).context("writing the CRD as YAML")?;
-    Ok(vec![CrdFile {
-        name: format!("{name}.yaml"),
-        yaml: format!("{HEADER}{yaml}"),
-    }])
+    [
+        ("policy.rs", outrigger_api::policy::crd()),
+        ("authz.rs", outrigger_api::authz::crd()),
+    ]
+    .into_iter()
+    .map(|(source, crd)| {
+        let name = crd
+            .metadata
+            .name
+            .clone()
+            .context("a generated CRD has no name")?;
+        let yaml = serde_norway::to_string(&crd)
+            .with_context(|| format!("writing the CRD {name} as YAML"))?;
+        Ok(CrdFile {
+            name: format!("{name}.yaml"),
+            yaml: format!("{}{yaml}", header(source)),
+        })
+    })
+    .collect()
 }
 
 pub fn write(dir: &Path) -> anyhow::Result<()> {
@@ -89,10 +100,12 @@ mod tests {
     fn check_names_stale_missing_and_extra_files() {
         let dir = tempfile::tempdir().unwrap();
         let error = check(dir.path()).unwrap_err().to_string();
-        assert!(
-            error.contains("destinationpolicies.outrigger.dev.yaml"),
-            "missing: {error}"
-        );
+        for missing in [
+            "destinationpolicies.outrigger.dev.yaml",
+            "authorizationpolicies.outrigger.dev.yaml",
+        ] {
+            assert!(error.contains(missing), "missing: {error}");
+        }
         write(dir.path()).unwrap();
         check(dir.path()).unwrap();
 

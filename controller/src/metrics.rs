@@ -41,7 +41,7 @@ impl Default for Metrics {
         let status_writes = Counter::default();
         registry.register(
             "status_writes",
-            "Requests this replica sent to write DestinationPolicy status",
+            "Requests this replica sent to write DestinationPolicy and AuthorizationPolicy status",
             status_writes.clone(),
         );
         Self {

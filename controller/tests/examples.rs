@@ -18,6 +18,13 @@ fn the_canary_example_is_a_valid_policy() {
 }
 
 #[test]
+fn the_authorization_example_is_a_valid_policy() {
+    let path = examples().join("reviews-readers.yaml");
+    let objects = parse(&path, &std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(objects.len(), 1);
+}
+
+#[test]
 fn the_demo_serves_reviews_split_90_10_between_its_two_versions() {
     let metrics = Metrics::default();
     let mut manifests = Manifests::new(examples().join("demo"), metrics.clone()).unwrap();

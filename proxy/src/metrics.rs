@@ -216,6 +216,25 @@ pub struct InboundLabels {
     pub result: InboundResult,
 }
 
+label_values! {
+    /// What an AuthorizationPolicy made of a call to the app.
+    AuthzDecision {
+        /// Let through by the ALLOW policy that matched it.
+        Allow => "allow",
+        /// Denied by this policy: 403, or the connection closed.
+        Deny => "deny",
+        /// This Audit policy would have denied it; it went on.
+        AuditDeny => "audit_deny",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// `namespace/name` of the AuthorizationPolicy.
+    pub policy: Name,
+    pub decision: AuthzDecision,
+}
+
 #[derive(Clone)]
 pub struct LatencyBuckets;
 
@@ -336,6 +355,7 @@ pub struct Metrics {
     /// 0 while the proxy holds no certificate.
     pub identity_cert_expiry: Gauge,
     pub identity_renewals: Family<RenewalLabels, Counter>,
+    pub authz_decisions: Family<AuthzLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -437,6 +457,12 @@ impl Metrics {
             "Workload certificates asked for (the first included), by result",
             identity_renewals.clone(),
         );
+        let authz_decisions = Family::default();
+        registry.register(
+            "authz_decisions",
+            "Calls to the app an AuthorizationPolicy decided, by policy and decision",
+            authz_decisions.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             requests: ServiceFamily::new(requests),
@@ -453,7 +479,17 @@ impl Metrics {
             control_plane_connected,
             identity_cert_expiry,
             identity_renewals,
+            authz_decisions,
         }
+    }
+
+    pub fn authz_decided(&self, policy: &Name, decision: AuthzDecision) {
+        self.authz_decisions
+            .get_or_create(&AuthzLabels {
+                policy: policy.clone(),
+                decision,
+            })
+            .inc();
     }
 
     pub fn inbound_connection(&self, tls: Tls, result: InboundResult) {

@@ -15,10 +15,11 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
 use outrigger_api::proto;
 use outrigger_proxy::Proxy;
-use outrigger_tests::{Backend, ControlPlane, destination};
+use outrigger_tests::{Backend, ControlPlane, allowing, destination};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -409,6 +410,51 @@ fn inbound_connections_reach_the_app_through_the_proxy() {
             echoed.await.unwrap().ip().to_string(),
             POD,
             "the app was reached from the proxy, on the pod's own address"
+        );
+    });
+}
+
+#[test]
+fn an_authorization_policy_refuses_redirected_requests_and_closes_connections_that_are_not_http() {
+    let hosts = Hosts::create("z");
+    hosts.init(&[]);
+    hosts.run(|| async {
+        let mut cp = ControlPlane::start().await;
+        let app = Backend::start_on(addr("0.0.0.0:8080"), "app").await;
+        let _proxy = hosts.start_proxy(&cp.url(), "127.0.0.1:8080");
+        proxy_ready().await;
+        // The pod ports redirected connections were addressed to name the policies.
+        let version = cp.publish(
+            "inbound:shop/app-0",
+            allowing("shop/readers", &["shop/productpage"], &[8080, 5432]),
+        );
+        cp.next_event(|event| match event {
+            outrigger_tests::ProxyEvent::Acked { version: v, .. } if v == version => Some(()),
+            _ => None,
+        })
+        .await;
+
+        // The neighbour is not meshed: no identity, no rule matches it.
+        let reply = hosts
+            .neighbour_get(&format!("{POD}:8080"), "app.shop", "/")
+            .await
+            .expect("an answer");
+        assert_eq!(reply.status, 403, "{}", reply.body);
+        assert!(reply.body.contains("shop/readers"), "{}", reply.body);
+        assert_eq!(app.hits(), 0);
+
+        // Something listens there, which never answers: forwarded, the exchange would hang.
+        let _listener = TcpListener::bind("0.0.0.0:5432").await.unwrap();
+        let client = hosts
+            .connect_from_neighbour(&format!("{POD}:5432"))
+            .await
+            .unwrap();
+        let postgres = b"\x00\x00\x00\x08\x04\xd2\x16\x2f";
+        let answer = tokio::time::timeout(Duration::from_secs(5), exchange(client, postgres));
+        assert_eq!(
+            answer.await.ok(),
+            Some(Vec::new()),
+            "closed at once, nothing forwarded"
         );
     });
 }

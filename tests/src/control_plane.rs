@@ -72,6 +72,12 @@ impl ControlPlane {
         version
     }
 
+    /// Withdraws `key`, as the controller does when what it named is gone: subscribers are told
+    /// it is unknown.
+    pub fn withdraw(&self, key: &str) {
+        self.snapshots.remove(key);
+    }
+
     /// Waits for the next event matching `pick`.
     pub async fn next_event<T>(&mut self, mut pick: impl FnMut(ProxyEvent) -> Option<T>) -> T {
         let wait = async {
@@ -164,5 +170,36 @@ pub fn destination(
                 identity: String::new(),
             })
             .collect(),
+    }
+}
+
+/// What the controller sends under a pod's inbound key when the ALLOW policy `policy` guards each
+/// of `ports`, letting only the ServiceAccounts `accounts` (`namespace/name`) call.
+pub fn allowing(policy: &str, accounts: &[&str], ports: &[u16]) -> Configuration {
+    let authorization = proto::Authorization {
+        policy: policy.into(),
+        action: proto::AuthorizationAction::Allow.into(),
+        audit: false,
+        rules: vec![proto::AuthorizationRule {
+            sources: vec![proto::AuthorizationSource {
+                service_accounts: accounts.iter().map(|a| a.to_string()).collect(),
+                namespaces: Vec::new(),
+            }],
+            targets: Vec::new(),
+        }],
+    };
+    let ports = ports
+        .iter()
+        .map(|&port| proto::InboundPort {
+            port: port.into(),
+            authorizations: vec![authorization.clone()],
+        })
+        .collect();
+    Configuration {
+        destination: proto::Destination {
+            inbound: Some(proto::Inbound { ports }),
+            ..Default::default()
+        },
+        endpoints: Vec::new(),
     }
 }

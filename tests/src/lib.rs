@@ -10,7 +10,7 @@ pub mod live;
 pub mod process;
 
 pub use backend::{Backend, Behaviour};
-pub use control_plane::{Configuration, ControlPlane, destination};
+pub use control_plane::{Configuration, ControlPlane, allowing, destination};
 pub use outrigger_controller::ProxyEvent;
 
 /// The workspace root, as cargo says when it runs a test (a test binary cached from another

@@ -292,6 +292,16 @@ fn the_controller_gets_least_privilege() {
                 vec!["create".into()]
             ),
             ("discovery.k8s.io".into(), "endpointslices".into(), read()),
+            (
+                "outrigger.dev".into(),
+                "authorizationpolicies".into(),
+                read()
+            ),
+            (
+                "outrigger.dev".into(),
+                "authorizationpolicies/status".into(),
+                vec!["patch".into()]
+            ),
             ("outrigger.dev".into(), "destinationpolicies".into(), read()),
             (
                 "outrigger.dev".into(),

@@ -4,8 +4,9 @@
 //!   and real proxies run in process on loopback, with load that makes every failure the
 //!   dashboards show happen: a canary rollout, an endpoint failing until it is ejected, a slow
 //!   canary (per-try and request timeouts), a total outage (retry budget exhausted), a burst over
-//!   the rate limit, a broken manifest (reconcile error) and a configuration a proxy rejects. A
-//!   real Prometheus (Debian's package) scrapes them all every second. Then every panel's query,
+//!   the rate limit, callers an AuthorizationPolicy denies, a broken manifest (reconcile error)
+//!   and a configuration a proxy rejects. A real Prometheus (Debian's package) scrapes them all
+//!   every second. Then every panel's query,
 //!   its template variables filled in as Grafana would, is run through Prometheus' HTTP API over
 //!   the load's time range and must return a series with a value, and every metric name it uses
 //!   must be one the binaries expose; each template variable's own query must offer the value
@@ -328,6 +329,24 @@ fn service_manifest(backends: &[(&Backend, &str)]) -> String {
     manifest
 }
 
+/// The productpage Service, whose pod productpage-0 is reached on `port` (its proxy's inbound
+/// listener), and an AuthorizationPolicy that lets only reviews call it: the tests' plaintext
+/// calls to that proxy's inbound side are denied.
+fn productpage_manifest(port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: productpage, namespace: {NAMESPACE}}}\n\
+         spec:\n  ports: [{{name: http, port: 9080}}]\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: productpage\n  namespace: {NAMESPACE}\n  labels: {{kubernetes.io/service-name: productpage}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {port}}}]\n\
+         endpoints:\n- addresses: [\"127.0.0.1\"]\n  conditions: {{ready: true}}\n  targetRef: {{kind: Pod, name: productpage-0, namespace: {NAMESPACE}}}\n\
+         ---\napiVersion: outrigger.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: productpage-callers, namespace: {NAMESPACE}}}\n\
+         spec:\n  targetRefs: [{{kind: Service, name: productpage}}]\n\
+         \x20 rules: [{{from: [{{serviceAccounts: [{NAMESPACE}/reviews]}}]}}]\n"
+    )
+}
+
 /// The canary policy at `canary_weight` percent: retries within a small budget, outlier
 /// detection, a rate limit, and routes that send testers (header x-canary) to the canary, with a
 /// tight timeout on /reports.
@@ -398,6 +417,10 @@ async fn every_panel_has_data_from_live_binaries() {
         &service_manifest(&[(&stable_0, "v1"), (&stable_1, "v1"), (&canary_0, "v2")]),
     );
     write_manifest("reviews-policy.yaml", &policy_manifest(10));
+    write_manifest(
+        "productpage.yaml",
+        &productpage_manifest(stable_0.addr.port()),
+    );
     let controller = live::start_controller(manifests.path()).await;
     let (controller_url, controller_admin) = (controller.url.clone(), controller.admin);
 
@@ -418,6 +441,10 @@ async fn every_panel_has_data_from_live_binaries() {
         "the misconfigured proxy's first configuration works"
     );
 
+    write_manifest(
+        "productpage.yaml",
+        &productpage_manifest(productpage[0].inbound.port()),
+    );
     for proxy in &productpage {
         assert_eq!(burst(proxy.outbound, 1, "/", false).await, [200]);
     }
@@ -529,6 +556,17 @@ async fn every_panel_has_data_from_live_binaries() {
         "",
     ) < 1.0
     {
+        deadline.tick().await;
+    }
+
+    // Callers productpage's AuthorizationPolicy does not allow: 403 from its inbound side.
+    let deadline = Deadline::new("productpage-0 to deny callers its policy does not allow");
+    while caller_metric("outrigger_authz_decisions_total", r#"decision="deny""#).await < 20.0 {
+        let statuses = burst(productpage[0].inbound, 5, "/", false).await;
+        assert!(
+            statuses.iter().all(|status| [0, 200, 403].contains(status)),
+            "{statuses:?}"
+        );
         deadline.tick().await;
     }
 

@@ -16,7 +16,9 @@
 //!    client's proxy's `/endpoints` and metrics say so) and gets exactly one probe per ejection.
 //! 5. A rolling restart of reviews v1 under steady load loses no request; neither does deleting
 //!    the controller's pod, and its replacement resyncs every proxy.
-//! 6. TCP that is not HTTP, and HTTP to an address no Service owns, pass through unchanged.
+//! 6. TCP that is not HTTP, and HTTP to an address no Service owns, pass through unchanged. An
+//!    AuthorizationPolicy on reviews lets the client's ServiceAccount through and answers another
+//!    meshed client 403, the reviews pods staying ready.
 //! 7. Prometheus discovers the meshed pods through the API server (pod service discovery) and
 //!    every dashboard query returns data for namespace `shop`.
 //! 8. A pod that cannot be meshed says why in its events and logs; the proxy stops after the app;
@@ -1073,6 +1075,141 @@ fn pass_through(suite: &mut Suite) {
     );
 }
 
+/// A second meshed client of reviews, under a ServiceAccount of its own, and the policy that lets
+/// only the first client's (`default`) call reviews.
+const SECOND_CLIENT: &str = r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {name: ratings, namespace: shop}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: ratings, namespace: shop}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: ratings}}
+  template:
+    metadata: {labels: {app: ratings}}
+    spec:
+      serviceAccountName: ratings
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: app
+        image: localhost/outrigger-test/app:dev
+        imagePullPolicy: Never
+        args: [idle]
+"#;
+const READERS_POLICY: &str = r#"apiVersion: outrigger.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: reviews-readers, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, name: reviews}]
+  rules: [{from: [{serviceAccounts: [shop/default]}]}]
+"#;
+
+/// `--requests=3` calls to reviews from the second client's pod.
+fn second_client_calls(suite: &Suite) -> Result<Calls, String> {
+    let command = [
+        "exec",
+        "-n",
+        SHOP,
+        "deploy/ratings",
+        "-c",
+        "app",
+        "--",
+        APP,
+        "http",
+        "--url",
+        REVIEWS_URL,
+        "--requests=3",
+    ];
+    let text = suite.kubectl(&command)?;
+    serde_json::from_str(&text)
+        .map(Calls)
+        .map_err(|err| format!("the second client printed {text:?}: {err}"))
+}
+
+/// 6b. An AuthorizationPolicy on reviews: the client's ServiceAccount gets through, another
+/// meshed client's gets 403 from the reviews pods' proxies, and the pods stay ready; deleted,
+/// everyone gets through again.
+fn authorization(suite: &mut Suite) {
+    let deployed = suite
+        .apply(SECOND_CLIENT)
+        .and_then(|()| suite.rollout(SHOP, "ratings"));
+    if !suite.check(
+        "a second meshed client, ServiceAccount ratings, comes up",
+        deployed,
+    ) {
+        return;
+    }
+    suite.check(
+        "an AuthorizationPolicy lets the client's ServiceAccount through and refuses another's",
+        (|| {
+            suite.apply(READERS_POLICY)?;
+            eventually("the second client is refused", PATIENCE, || {
+                let calls = second_client_calls(suite)?;
+                Ok(calls.count("statuses", "403") == calls.calls())
+            })?;
+            suite
+                .client_calls(&["--url", REVIEWS_URL, "--requests=5"])?
+                .all_ok()?;
+            let mut decisions = [0.0, 0.0];
+            for pod in suite.pods(SHOP, "app=reviews")? {
+                let exposition = metrics(pod.addr(4191))?;
+                for (decision, sum) in ["allow", "deny"].iter().zip(&mut decisions) {
+                    let labels = format!(r#"policy="shop/reviews-readers",decision="{decision}""#);
+                    *sum += series_sum(&exposition, "outrigger_authz_decisions_total", &labels)
+                        .unwrap_or(0.0);
+                }
+            }
+            ensure!(
+                decisions[0] >= 5.0 && decisions[1] >= 3.0,
+                "allowed and denied by the reviews proxies: {decisions:?}"
+            );
+            let accepted = suite.kubectl(&[
+                "get",
+                "azp",
+                "reviews-readers",
+                "-n",
+                SHOP,
+                "-o",
+                r#"jsonpath={.status.conditions[?(@.type=="Accepted")].status}"#,
+            ])?;
+            ensure!(accepted == "True", "Accepted: {accepted:?}");
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "the reviews pods stay ready under the policy",
+        (|| {
+            std::thread::sleep(Duration::from_secs(5));
+            for pod in suite.pods(SHOP, "app=reviews")? {
+                let ready = &pod.json["status"]["containerStatuses"][0]["ready"];
+                ensure!(*ready == true, "{}: not ready", pod.name());
+            }
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "without the policy, every caller gets through again",
+        (|| {
+            suite.kubectl(&["delete", "azp", "reviews-readers", "-n", SHOP])?;
+            eventually("the second client gets through", PATIENCE, || {
+                Ok(second_client_calls(suite)?.all_ok().is_ok())
+            })?;
+            suite
+                .kubectl(&[
+                    "delete",
+                    "deploy/ratings",
+                    "-n",
+                    SHOP,
+                    "--cascade=foreground",
+                    "--wait",
+                ])
+                .map(drop)
+        })(),
+    );
+}
+
 /// A Service `ratings` on the reviews pods whose policy every proxy rejects (a header regex the
 /// API server and the controller let through), for the dashboards' rejected-configuration panel.
 const REJECTED_POLICY: &str = r#"apiVersion: v1
@@ -1499,6 +1636,7 @@ fn the_readmes_flow_in_meshed_pods() {
         failures(&mut suite);
         restarts(&mut suite);
         pass_through(&mut suite);
+        authorization(&mut suite);
         dashboards(&mut suite);
         bad_input_and_uninstall(&mut suite);
     }

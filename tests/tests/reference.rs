@@ -545,6 +545,25 @@ spec:
     manifest
 }
 
+/// The proxy's own pod, reached at `inbound`, behind a Service an AuthorizationPolicy guards, so
+/// that a plaintext call to its inbound side is denied and counted.
+fn guarded_pod(inbound: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: productpage, namespace: shop}}\n\
+         spec:\n  ports: [{{name: http, port: 9080}}]\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: productpage\n  namespace: shop\n  labels: {{kubernetes.io/service-name: productpage}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {port}}}]\n\
+         endpoints:\n- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n  targetRef: {{kind: Pod, name: productpage-0, namespace: shop}}\n\
+         ---\napiVersion: outrigger.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: productpage-callers, namespace: shop}}\n\
+         spec:\n  targetRefs: [{{kind: Service, name: productpage}}]\n\
+         \x20 rules: [{{from: [{{serviceAccounts: [shop/reviews]}}]}}]\n",
+        port = inbound.port(),
+        ip = inbound.ip(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_and_admin_endpoint_is_documented() {
     let reference = reference();
@@ -599,6 +618,23 @@ async fn every_metric_and_admin_endpoint_is_documented() {
                 "no retry and ejection within {PATIENCE:?}; statuses {statuses:?}; the proxy's \
                  /config: {config:?}; the controller's /ready: {ready:?}:\n{exposition}"
             );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A plaintext caller of the proxy's own pod, which its AuthorizationPolicy does not allow.
+    std::fs::write(
+        dir.path().join("productpage.yaml"),
+        guarded_pod(proxy.inbound),
+    )
+    .unwrap();
+    let until = Instant::now() + PATIENCE;
+    loop {
+        match http_get(proxy.inbound, "productpage.shop:9080", "/").await {
+            Ok((403, _)) => break,
+            other => assert!(
+                Instant::now() < until,
+                "no 403 from the inbound side within {PATIENCE:?}: {other:?}"
+            ),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

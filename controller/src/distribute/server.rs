@@ -439,10 +439,24 @@ impl Session {
             {
                 continue;
             }
-            if let Err(error) = subscription.key.parse::<DestinationKey>() {
+            let key = subscription.key.parse::<DestinationKey>();
+            if let Err(error) = key {
                 refused.push(unknown(
                     subscription.key,
                     format!("not a destination key: {error}"),
+                ));
+            } else if let Ok(DestinationKey::Inbound { namespace, .. }) = key
+                && namespace != self.proxy.namespace
+            {
+                // Which callers a pod lets in is its own namespace's business (with identity,
+                // the namespace is the certificate's).
+                refused.push(unknown(
+                    subscription.key,
+                    format!(
+                        "a proxy of namespace {} follows the inbound side of its namespace's pods \
+                         alone",
+                        self.proxy.namespace
+                    ),
                 ));
             } else if self.subscribed.len() + accepted.len() >= MAX_KEYS_PER_STREAM {
                 refused.push(unknown(

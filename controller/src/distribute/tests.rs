@@ -838,4 +838,17 @@ async fn with_identities_required_a_proxy_is_who_its_certificate_proves_and_noth
         .unwrap();
     assert!(!stream.update().await.is_empty());
     client.endpoints(endpoints()).await.unwrap();
+
+    // It follows the inbound side of its own namespace's pods, not another's.
+    stream
+        .answer(proxy_message::Message::Subscribe(Subscribe {
+            destinations: vec![Subscription {
+                key: "inbound:billing/ledger-0".into(),
+                ..Default::default()
+            }],
+        }))
+        .await;
+    let refused = unknowns(&mut stream, 1).await;
+    assert_eq!(refused[0].0, "inbound:billing/ledger-0");
+    assert!(refused[0].1.contains("namespace shop"), "{}", refused[0].1);
 }

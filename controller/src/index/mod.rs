@@ -8,14 +8,17 @@
 //! each ClusterIP:port (what a redirected connection was addressed to), and only when its content
 //! changed, so streams are not woken for nothing.
 //!
-//! One file per kind of state: `service`, `slice`, `pod`, `policy`, each keeping what destinations
-//! need of its objects and saying which Services a change affects; `groups` keeps each Service's
-//! endpoint groups, so that a change rebuilds only the groups it touched; `report` turns that
-//! state into what status needs of each policy. A new kind (a route, an authorization policy) gets a file of
-//! its own here, an arm in [`Index::insert`] and [`Index::remove`], and its part of
-//! [`Index::destinations`].
+//! One file per kind of state: `service`, `slice`, `pod`, `policy`, `authorization`, each keeping
+//! what destinations need of its objects and saying which Services a change affects; `groups`
+//! keeps each Service's endpoint groups, so that a change rebuilds only the groups it touched;
+//! `report` turns that state into what status needs of each policy. `inbound` publishes, for each
+//! pod a Service with an AuthorizationPolicy reaches, what its proxy enforces on calls to it. A
+//! new kind (a route) gets a file of its own here, an arm in [`Index::insert`] and
+//! [`Index::remove`], and its part of [`Index::destinations`].
 
+mod authorization;
 mod groups;
+mod inbound;
 mod pod;
 mod policy;
 mod report;
@@ -33,6 +36,8 @@ use outrigger_api::destination::DestinationKey;
 use outrigger_api::proto;
 use tokio::sync::{mpsc, watch};
 
+use self::authorization::Authorizations;
+pub use self::authorization::{AuthorizationReport, AuthorizationReports};
 use self::groups::{Groups, Inputs};
 use self::pod::Pods;
 use self::policy::Policies;
@@ -50,11 +55,14 @@ pub struct Index {
     slices: Slices,
     pods: Pods,
     policies: Policies,
+    authorizations: Authorizations,
     groups: Groups,
+    inbound: inbound::Published,
     /// Per Service, the keys published for it and their versions.
     published: HashMap<ObjectKey, HashMap<String, String>>,
     synced: watch::Sender<bool>,
     reports: watch::Sender<PolicyReports>,
+    authorization_reports: watch::Sender<AuthorizationReports>,
     /// Of the identities meshed endpoints present: the controller's, which it certifies.
     trust_domain: String,
 }
@@ -69,10 +77,13 @@ impl Index {
             slices: Slices::default(),
             pods: Pods::default(),
             policies: Policies::default(),
+            authorizations: Authorizations::default(),
             groups: Groups::default(),
+            inbound: inbound::Published::default(),
             published: HashMap::new(),
             synced: watch::Sender::new(false),
             reports: watch::Sender::new(PolicyReports::new()),
+            authorization_reports: watch::Sender::new(AuthorizationReports::new()),
         }
     }
 
@@ -85,6 +96,11 @@ impl Index {
     /// date as changes are applied.
     pub fn policy_reports(&self) -> watch::Receiver<PolicyReports> {
         self.reports.subscribe()
+    }
+
+    /// What status needs of every AuthorizationPolicy, kept up to date as changes are applied.
+    pub fn authorization_reports(&self) -> watch::Receiver<AuthorizationReports> {
+        self.authorization_reports.subscribe()
     }
 
     /// Applies changes until every sender is gone.
@@ -102,7 +118,11 @@ impl Index {
             Change::Synced => None,
         };
         let changed_policy = changed
+            .clone()
             .filter(|reference| reference.kind == Kind::DestinationPolicy)
+            .map(|reference| reference.key);
+        let changed_authorization = changed
+            .filter(|reference| reference.kind == Kind::AuthorizationPolicy)
             .map(|reference| reference.key);
         let affected: BTreeSet<ObjectKey> = match change {
             Change::Applied(object) => {
@@ -130,6 +150,7 @@ impl Index {
         for service in &affected {
             self.recompute(service, changed_at);
         }
+        self.recompute_inbound(&affected, changed_at);
         let policies = affected
             .iter()
             .flat_map(|service| self.policies.of_service(service))
@@ -137,6 +158,13 @@ impl Index {
             .chain(changed_policy)
             .collect();
         self.report(policies);
+        let authorizations = affected
+            .iter()
+            .flat_map(|service| self.authorizations.of_service(service))
+            .cloned()
+            .chain(changed_authorization)
+            .collect();
+        self.report_authorizations(authorizations);
     }
 
     /// Forgets an object; returns the Services it affected.
@@ -159,6 +187,7 @@ impl Index {
             Kind::Pod if self.pods.remove(key) => self.pod_changed(key),
             Kind::Pod => BTreeSet::new(),
             Kind::DestinationPolicy => self.policies.remove(key).into_iter().collect(),
+            Kind::AuthorizationPolicy => self.authorizations.remove(key),
         }
     }
 
@@ -186,6 +215,9 @@ impl Index {
                 .insert(key, &policy, &self.metrics)
                 .into_iter()
                 .collect(),
+            Object::AuthorizationPolicy(policy) => {
+                self.authorizations.insert(key, &policy, &self.metrics)
+            }
         }
     }
 
@@ -276,6 +308,7 @@ impl Index {
                     .unwrap_or_default(),
                 // Named by `Snapshot::known`, from the groups.
                 endpoint_groups: Vec::new(),
+                inbound: None,
             };
             let by_name = DestinationKey::Service {
                 namespace: service.namespace.clone(),

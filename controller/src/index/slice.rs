@@ -68,6 +68,19 @@ impl Slices {
             .filter_map(|key| Some((key, self.slices.get(key)?)))
     }
 
+    pub(super) fn get(&self, key: &ObjectKey) -> Option<&SliceState> {
+        self.slices.get(key)
+    }
+
+    /// The pods with a ready endpoint of `service`.
+    pub(super) fn pods_of_service<'a>(
+        &'a self,
+        service: &'a ObjectKey,
+    ) -> impl Iterator<Item = ObjectKey> + 'a {
+        self.of_service(service)
+            .flat_map(move |(_, slice)| slice.pods(&service.namespace))
+    }
+
     /// The slices with a ready endpoint on `pod`, with their Service.
     pub(super) fn on_pod<'a>(
         &'a self,

@@ -795,3 +795,144 @@ fn a_slice_change_rebuilds_the_slices_it_shares_an_address_with() {
     assert_eq!(index.groups.slices_built - built, 1);
     assert!(Arc::ptr_eq(&kept, &group_sets(&snapshots, BY_NAME)[1]));
 }
+
+fn authorization_policy(name: &str, spec: Value) -> Change {
+    Change::Applied(Object::AuthorizationPolicy(Box::new(object(json!({
+        "apiVersion": "outrigger.dev/v1alpha1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"namespace": "shop", "name": name, "generation": 2},
+        "spec": spec,
+    })))))
+}
+
+fn readers() -> Value {
+    json!({
+        "targetRefs": [{"kind": "Service", "name": "reviews"}],
+        "rules": [
+            {"from": [{"serviceAccounts": ["shop/productpage"]}], "to": [{"ports": [9080]}]},
+            {"from": [{"namespaces": ["frontend"]}], "to": [{"ports": [9999]}]},
+        ],
+    })
+}
+
+fn inbound(snapshots: &Snapshots, pod: &str) -> Option<proto::Inbound> {
+    match published(snapshots, &format!("inbound:shop/{pod}")) {
+        Published::Known(destination, _) => Some(destination.inbound.expect("an inbound key")),
+        Published::Nothing | Published::Unknown => None,
+    }
+}
+
+#[test]
+fn each_pod_of_a_targeted_service_gets_its_policies_on_the_target_port() {
+    let (mut index, snapshots) = index();
+    index.apply(reviews());
+    index.apply(slice(
+        "reviews-a",
+        8080,
+        &[
+            ("10.0.0.1", "reviews-1", true),
+            ("10.0.0.2", "reviews-2", false),
+        ],
+    ));
+    assert_eq!(inbound(&snapshots, "reviews-1"), None, "no policy, no key");
+
+    index.apply(authorization_policy("readers", readers()));
+    let published = inbound(&snapshots, "reviews-1").expect("a policy targets reviews");
+    assert_eq!(published.ports.len(), 1);
+    let port = &published.ports[0];
+    assert_eq!(
+        port.port, 8080,
+        "the Service's targetPort, as the slice resolves it"
+    );
+    assert_eq!(port.authorizations.len(), 1);
+    let authorization = &port.authorizations[0];
+    assert_eq!(authorization.policy, "shop/readers");
+    assert_eq!(authorization.action(), proto::AuthorizationAction::Allow);
+    // The rule for Service port 9999 is not this port's.
+    assert_eq!(authorization.rules.len(), 1);
+    assert_eq!(
+        authorization.rules[0].sources[0].service_accounts,
+        ["shop/productpage"]
+    );
+    assert_eq!(
+        inbound(&snapshots, "reviews-2"),
+        None,
+        "not ready, not an endpoint"
+    );
+
+    // The pod leaves the Service: its key goes.
+    index.apply(slice("reviews-a", 8080, &[("10.0.0.2", "reviews-2", true)]));
+    assert_eq!(inbound(&snapshots, "reviews-1"), None);
+    assert!(inbound(&snapshots, "reviews-2").is_some());
+
+    index.apply(deleted(Kind::AuthorizationPolicy, "readers"));
+    assert_eq!(inbound(&snapshots, "reviews-2"), None);
+}
+
+#[test]
+fn an_invalid_authorization_policy_is_not_in_force() {
+    let (mut index, snapshots) = index();
+    index.apply(reviews());
+    index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+    index.apply(authorization_policy(
+        "broken",
+        json!({"targetRefs": [{"kind": "Service", "name": "reviews"}], "rules": [{"from": [{}]}]}),
+    ));
+    assert_eq!(inbound(&snapshots, "reviews-1"), None);
+}
+
+#[test]
+fn a_pod_port_two_services_reach_gets_the_policies_of_both_and_follows_their_ports() {
+    let (mut index, snapshots) = index();
+    // reviews reaches reviews-1 on 8080 (the slice's port for the Service port `http`).
+    index.apply(reviews());
+    index.apply(slice("reviews-a", 8080, &[("10.0.0.1", "reviews-1", true)]));
+    // And so does reviews-admin, by its port 9999.
+    index.apply(Change::Applied(Object::Service(Box::new(object(json!({
+        "metadata": {"namespace": "shop", "name": "reviews-admin"},
+        "spec": {"ports": [{"name": "admin", "port": 9999}]},
+    }))))));
+    index.apply(Change::Applied(Object::EndpointSlice(Box::new(object(
+        json!({
+            "metadata": {
+                "namespace": "shop", "name": "reviews-admin-a",
+                "labels": {"kubernetes.io/service-name": "reviews-admin"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "admin", "port": 8080}],
+            "endpoints": [{
+                "addresses": ["10.0.0.1"], "conditions": {"ready": true},
+                "targetRef": {"kind": "Pod", "name": "reviews-1", "namespace": "shop"},
+            }],
+        }),
+    )))));
+    index.apply(authorization_policy("readers", readers()));
+    index.apply(authorization_policy(
+        "admins",
+        json!({
+            "targetRefs": [{"kind": "Service", "name": "reviews-admin"}],
+            "action": "DENY",
+            "rules": [{"from": [{"namespaces": ["frontend"]}]}],
+        }),
+    ));
+    let published = inbound(&snapshots, "reviews-1").unwrap();
+    let policies: Vec<(&str, usize)> = published.ports[0]
+        .authorizations
+        .iter()
+        .map(|a| (a.policy.as_str(), a.rules.len()))
+        .collect();
+    assert_eq!(published.ports[0].port, 8080);
+    assert_eq!(policies, [("shop/admins", 1), ("shop/readers", 1)]);
+
+    // reviews moves to port 9999 itself: readers' rule for 9999 is the one that applies now.
+    index.apply(service(json!([{"name": "http", "port": 9999}])));
+    let published = inbound(&snapshots, "reviews-1").unwrap();
+    let readers = &published.ports[0].authorizations[1];
+    assert_eq!(readers.policy, "shop/readers");
+    assert_eq!(readers.rules[0].sources[0].namespaces, ["frontend"]);
+
+    // The pod's Services go; so does its key.
+    index.apply(deleted(Kind::Service, "reviews"));
+    index.apply(deleted(Kind::Service, "reviews-admin"));
+    assert_eq!(inbound(&snapshots, "reviews-1"), None);
+}

@@ -163,12 +163,8 @@ pub fn patch(
         .map(String::as_str)
         .or(namespace_mtls)
         == Some("strict");
-    let proxy = serde_json::to_value(proxy_container(
-        config,
-        identity,
-        strict.then(|| http_probes(spec)),
-    ))
-    .expect("containers serialize");
+    let proxy = serde_json::to_value(proxy_container(config, identity, strict, http_probes(spec)))
+        .expect("containers serialize");
     if spec
         .and_then(|s| s.init_containers.as_ref())
         .is_some_and(|c| !c.is_empty())
@@ -267,7 +263,8 @@ fn init_container(config: &InjectorConfig) -> Container {
 }
 
 /// The HTTP probes of the app's containers, as `port:path`: the kubelet is not meshed, so a
-/// strict proxy serves exactly these in plaintext. HTTPS probes are left out (their path cannot
+/// strict proxy serves exactly these in plaintext, and no AuthorizationPolicy refuses them (the
+/// pod would never be ready). HTTPS probes are left out (their path cannot
 /// be read), and so is a path with a comma, which the list could not hold.
 fn http_probes(spec: Option<&PodSpec>) -> Vec<String> {
     let mut probes = Vec::new();
@@ -303,12 +300,13 @@ fn http_probes(spec: Option<&PodSpec>) -> Vec<String> {
     probes
 }
 
-/// `strict_probes`: for a strict pod (`outrigger.dev/mtls: strict`), the probes its proxy serves
-/// in plaintext.
+/// `strict`: for a pod (or namespace) annotated `outrigger.dev/mtls: strict`; `probes`: the
+/// app's HTTP probes.
 fn proxy_container(
     config: &InjectorConfig,
     identity: Option<(&InjectedIdentity, &ControlPlaneTrust)>,
-    strict_probes: Option<Vec<String>>,
+    strict: bool,
+    probes: Vec<String>,
 ) -> Container {
     let field = |path: &str| EnvVarSource {
         field_ref: Some(ObjectFieldSelector {
@@ -350,19 +348,19 @@ fn proxy_container(
             ..Default::default()
         },
     ];
-    if let Some(probes) = strict_probes {
+    if strict {
         env.push(EnvVar {
             name: "OUTRIGGER_INBOUND_MTLS".into(),
             value: Some("strict".into()),
             ..Default::default()
         });
-        if !probes.is_empty() {
-            env.push(EnvVar {
-                name: "OUTRIGGER_INBOUND_PROBES".into(),
-                value: Some(probes.join(",")),
-                ..Default::default()
-            });
-        }
+    }
+    if !probes.is_empty() {
+        env.push(EnvVar {
+            name: "OUTRIGGER_INBOUND_PROBES".into(),
+            value: Some(probes.join(",")),
+            ..Default::default()
+        });
     }
     let mut volume_mounts = None;
     if let Some((identity, trust)) = identity {
@@ -730,7 +728,14 @@ mod tests {
             None,
             "permissive, the proxy's default"
         );
-        assert_eq!(env(APP, "OUTRIGGER_INBOUND_PROBES"), None);
+        assert_eq!(env(APP, "OUTRIGGER_INBOUND_PROBES"), None, "no probes");
+        let unannotated = strict.replace("annotations: {outrigger.dev/mtls: strict}", "labels: {}");
+        assert_eq!(env(&unannotated, "OUTRIGGER_INBOUND_MTLS"), None);
+        assert_eq!(
+            env(&unannotated, "OUTRIGGER_INBOUND_PROBES").as_deref(),
+            Some("8080:/ready,8081:/"),
+            "listed for every pod: no AuthorizationPolicy refuses them"
+        );
 
         // A strict namespace makes its pods strict, but for a pod that says otherwise.
         assert_eq!(

@@ -14,13 +14,14 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, Resource};
+use outrigger_api::authz::AuthorizationPolicy;
 use outrigger_api::policy::DestinationPolicy;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{ObjectKey, ObjectRef};
 use crate::inject::patch::IDENTITY_ANNOTATION;
-use crate::translate::translate;
+use crate::translate::{translate, translate_authorization};
 
 /// Ordered as a source best removes objects (a Service first, withdrawing its keys at once);
 /// additions go best in the reverse order (a Service last, computed once with everything in
@@ -31,6 +32,7 @@ pub enum Kind {
     EndpointSlice,
     Pod,
     DestinationPolicy,
+    AuthorizationPolicy,
 }
 
 /// An object of a kind the index reads.
@@ -40,14 +42,16 @@ pub enum Object {
     EndpointSlice(Box<EndpointSlice>),
     Pod(Box<Pod>),
     DestinationPolicy(Box<DestinationPolicy>),
+    AuthorizationPolicy(Box<AuthorizationPolicy>),
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
         Kind::DestinationPolicy,
+        Kind::AuthorizationPolicy,
     ];
 
     /// The kind's name in messages: `Services`.
@@ -57,6 +61,7 @@ impl Kind {
             Self::EndpointSlice => "EndpointSlices",
             Self::Pod => "Pods",
             Self::DestinationPolicy => "DestinationPolicies",
+            Self::AuthorizationPolicy => "AuthorizationPolicies",
         }
     }
 
@@ -67,6 +72,7 @@ impl Kind {
             Self::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSlice"),
             Self::Pod => ("v1", "Pod"),
             Self::DestinationPolicy => ("outrigger.dev/v1alpha1", "DestinationPolicy"),
+            Self::AuthorizationPolicy => ("outrigger.dev/v1alpha1", "AuthorizationPolicy"),
         }
     }
 
@@ -83,13 +89,13 @@ impl Kind {
 
     /// Whether the kind is one of Outrigger's own, which exists only once its CRD is installed.
     pub fn is_custom(self) -> bool {
-        matches!(self, Self::DestinationPolicy)
+        matches!(self, Self::DestinationPolicy | Self::AuthorizationPolicy)
     }
 
     /// Whether the controller writes the status of objects of this kind: changes that leave their
     /// generation alone are its own writes (or metadata) and need no recompute.
     pub fn status_is_ours(self) -> bool {
-        matches!(self, Self::DestinationPolicy)
+        matches!(self, Self::DestinationPolicy | Self::AuthorizationPolicy)
     }
 
     /// Reads one manifest document of this kind.
@@ -105,6 +111,9 @@ impl Kind {
             Self::Pod => Object::Pod(Box::new(Pod::deserialize(document)?)),
             Self::DestinationPolicy => {
                 Object::DestinationPolicy(Box::new(DestinationPolicy::deserialize(document)?))
+            }
+            Self::AuthorizationPolicy => {
+                Object::AuthorizationPolicy(Box::new(AuthorizationPolicy::deserialize(document)?))
             }
         })
     }
@@ -123,6 +132,9 @@ impl Kind {
             Self::DestinationPolicy => watch_api(Api::<DestinationPolicy>::all(client), |o| {
                 Object::DestinationPolicy(Box::new(o))
             }),
+            Self::AuthorizationPolicy => watch_api(Api::<AuthorizationPolicy>::all(client), |o| {
+                Object::AuthorizationPolicy(Box::new(o))
+            }),
         }
     }
 }
@@ -134,6 +146,7 @@ impl Object {
             Self::EndpointSlice(o) => &o.metadata,
             Self::Pod(o) => &o.metadata,
             Self::DestinationPolicy(o) => &o.metadata,
+            Self::AuthorizationPolicy(o) => &o.metadata,
         }
     }
 
@@ -143,6 +156,7 @@ impl Object {
             Self::EndpointSlice(o) => &mut o.metadata,
             Self::Pod(o) => &mut o.metadata,
             Self::DestinationPolicy(o) => &mut o.metadata,
+            Self::AuthorizationPolicy(o) => &mut o.metadata,
         }
     }
 
@@ -152,6 +166,7 @@ impl Object {
             Self::EndpointSlice(_) => Kind::EndpointSlice,
             Self::Pod(_) => Kind::Pod,
             Self::DestinationPolicy(_) => Kind::DestinationPolicy,
+            Self::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 
@@ -168,6 +183,9 @@ impl Object {
     pub fn check(&self) -> Result<(), String> {
         match self {
             Self::DestinationPolicy(policy) => translate(&policy.spec)
+                .map(drop)
+                .map_err(|problem| problem.to_string()),
+            Self::AuthorizationPolicy(policy) => translate_authorization(&policy.spec)
                 .map(drop)
                 .map_err(|problem| problem.to_string()),
             Self::Service(_) | Self::EndpointSlice(_) | Self::Pod(_) => Ok(()),

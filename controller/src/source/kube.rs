@@ -273,6 +273,9 @@ mod tests {
                 .apply(Kind::EndpointSlice, Event::InitDone)
                 .is_empty()
         );
+        for event in [Event::Init, Event::InitDone] {
+            assert!(mirror.apply(Kind::AuthorizationPolicy, event).is_empty());
+        }
         assert!(
             mirror
                 .apply(Kind::DestinationPolicy, Event::Init)

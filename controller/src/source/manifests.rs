@@ -1,8 +1,8 @@
 //! `--manifests DIR`: cluster state from YAML files, as `kubectl apply -f DIR` would take them.
 //!
 //! Every `.yaml`, `.yml` and `.json` file directly in DIR is read; each of its documents may hold
-//! a Service, an EndpointSlice, a Pod or a DestinationPolicy (other kinds are skipped). The
-//! directory is watched (inotify on Linux) and read again whenever a file in it may have changed,
+//! a Service, an EndpointSlice, a Pod, a DestinationPolicy or an AuthorizationPolicy (other kinds
+//! are skipped). The directory is watched (inotify on Linux) and read again whenever a file in it may have changed,
 //! so an edit applies within milliseconds, and every few seconds all the same. Files are compared
 //! by content, so editors that replace files and ConfigMap volumes that swap symlinks are seen
 //! alike, and events that change nothing cost one read. A file that cannot be read back into

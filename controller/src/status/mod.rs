@@ -20,8 +20,11 @@
 //! the Kubernetes source ignores changes that do, so writing never causes work of its own.
 //!
 //! `destination_policy` computes a policy's entry and summary; `observed` watches the statuses on
-//! the API server. A new kind with a status gets a file of its own beside `destination_policy`.
+//! the API server. A new kind with a status gets a file of its own beside `destination_policy`:
+//! `authorization_policy`, whose status has nothing per replica, is written by the leader alone,
+//! in a loop of its own.
 
+pub mod authorization_policy;
 mod destination_policy;
 mod heartbeat;
 mod observed;

@@ -1,11 +1,12 @@
 //! Policy resources -> the protocol's policy, checked on the way: one file per resource kind
-//! (today `destination_policy`; a route or an authorization policy gets a file of its own).
+//! (`destination_policy`, `authorization_policy`; a route gets a file of its own).
 //!
 //! The API server enforces the CRD's schema and CEL rules, but a manifests directory has no API
 //! server in front of it, and a cluster may run an older CRD; so every rule the proxies rely on is
 //! checked again here, with the field named as `kubectl` would name it. Values arrive complete:
 //! the policy types carry SPEC.md's defaults, so the proxies get explicit numbers.
 
+mod authorization_policy;
 mod destination_policy;
 
 use std::time::Duration;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use outrigger_api::policy;
 use outrigger_api::rules::FieldError;
 
+pub use self::authorization_policy::{Authorization, translate_authorization};
 pub use self::destination_policy::{Translated, translate};
 
 /// A field of a spec that cannot be used, named as `kubectl` would name it (`spec.…`).

@@ -18,10 +18,10 @@ use tokio::sync::watch;
 use tower::{Layer, ServiceExt};
 
 use crate::admin::Admin;
-use crate::control::{self, ControlPlane, Identity, LoopbackEndpoints};
+use crate::control::{self, ControlPlane, Identity, InboundKey, LoopbackEndpoints};
 use crate::http::body::{Body, boxed};
 use crate::identity::{self, ControlPlaneAuthority, IdentitySettings};
-use crate::inbound::{Inbound, InboundService, is_local};
+use crate::inbound::{Authorize, Authorizer, Inbound, InboundService, is_local};
 use crate::listen::{ConnectionInfo, Handling, InboundTls, ServerLimits, serve};
 use crate::metrics::{Direction, Metrics, RequestLabels};
 use crate::outbound::resolve::Resolver;
@@ -142,9 +142,14 @@ impl Proxy {
         }
         let (resolver, subscriptions) = Resolver::new(metrics.clone(), identity.clone());
         let (ready_tx, ready) = watch::channel(false);
+        let control_plane = control_plane(&settings, control_plane_tls);
+        // Until the controller says otherwise, no policy: every caller is allowed, as before.
+        let (authorization_tx, authorization) = watch::channel(Arc::default());
+        let inbound_key = InboundKey::new(&control_plane.identity, authorization_tx);
         let control = tokio::spawn(control::run(
-            control_plane(&settings, control_plane_tls),
+            control_plane,
             resolver.clone(),
+            inbound_key,
             subscriptions,
             metrics.clone(),
             ready_tx,
@@ -159,6 +164,7 @@ impl Proxy {
             identity: identity.clone(),
             mode: settings.inbound_mtls,
             probes: settings.inbound_probes.clone().into(),
+            authorizer: Authorizer::new(authorization, metrics.clone()),
         };
         // Not ready without an identity, when it has one to get.
         let awaited = getting_identity.then_some(identity);
@@ -276,14 +282,25 @@ impl Servers<'_> {
         labels.dst_namespace = Arc::new(self.settings.namespace.clone());
         let inbound = Arc::new(Inbound::new(self.settings.app_addr, own_ports));
         let telemetry = TelemetryLayer::new(self.metrics.clone(), labels);
+        let authorizer = tls.authorizer.clone();
+        let probes = tls.clone();
         self.serve(
             listeners,
             Some(Direction::Inbound),
             Some(tls),
             move |connection| {
                 let endpoint = inbound.endpoint(inbound.target(&connection)?);
+                // Policies and probes name the pod port the caller addressed (the Service's
+                // targetPort): where a redirected connection was going, else this listener's.
+                let port = connection.original_dst.unwrap_or(connection.local).port();
+                let authorized = Authorize::new(
+                    InboundService::new(endpoint),
+                    authorizer.clone(),
+                    port,
+                    probes.probes_of(port),
+                );
                 let service = telemetry
-                    .layer(InboundService::new(endpoint))
+                    .layer(authorized)
                     .map_request(|r: http::Request<Incoming>| r.map(boxed));
                 Some(std::future::ready(Handling::Serve(
                     TowerToHyperService::new(service),

@@ -112,9 +112,10 @@ pub struct Settings {
     /// (`--identity-token-file`).
     #[arg(long, env = "OUTRIGGER_INBOUND_MTLS", value_enum, default_value_t = InboundMtls::Permissive)]
     pub inbound_mtls: InboundMtls,
-    /// With `--inbound-mtls strict`, the plaintext requests still served: the app's HTTP probes,
-    /// `port:path` (comma-separated), each `GET` of exactly that path to that port (the kubelet
-    /// is not meshed). The injector lists the pod's.
+    /// The app's HTTP probes, `port:path` (comma-separated), each `GET` of exactly that path to
+    /// that port (the kubelet is not meshed): with `--inbound-mtls strict` the only plaintext
+    /// requests served, and never refused by an AuthorizationPolicy. The injector lists the
+    /// pod's.
     #[arg(long, env = "OUTRIGGER_INBOUND_PROBES", value_delimiter = ',')]
     pub inbound_probes: Vec<InboundProbe>,
 }

@@ -1,7 +1,9 @@
 //! What the control plane sends, decoded into `policy` types: everything the proxy cannot apply is
 //! refused here, with the field named, before anything changes.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
@@ -10,9 +12,10 @@ use outrigger_api::rules::{self, FieldError};
 use outrigger_api::{defaults, proto};
 
 use crate::policy::{
-    Algorithm, DestinationConfig, EndpointConfig, FaultConfig, HeaderMatch, HeaderValueMatch,
-    OutlierConfig, PoolLimits, RateLimitConfig, RetryOn, RetryPolicy, RouteConfig, RouteMatch,
-    TrafficPolicy, WeightedSubset,
+    Action, Algorithm, AuthorizationPolicy, AuthorizationRule, CallMatch, CallerMatch,
+    DestinationConfig, EndpointConfig, FaultConfig, HeaderMatch, HeaderValueMatch,
+    InboundAuthorization, OutlierConfig, PathMatch, PoolLimits, RateLimitConfig, RetryOn,
+    RetryPolicy, RouteConfig, RouteMatch, TrafficPolicy, WeightedSubset,
 };
 use crate::tls;
 
@@ -436,6 +439,131 @@ fn load_balancer(lb: proto::LoadBalancer) -> Result<Algorithm, ConfigError> {
     })
 }
 
+/// Decodes one version of the pod's inbound side (the `inbound` of a `Destination` under its
+/// inbound key).
+pub fn inbound(
+    version: String,
+    destination: proto::Destination,
+) -> Result<InboundAuthorization, ConfigError> {
+    let inbound = destination
+        .inbound
+        .ok_or_else(|| invalid("inbound", "is missing under an inbound key"))?;
+    let mut ports = HashMap::new();
+    for (i, port) in inbound.ports.into_iter().enumerate() {
+        let field = format!("inbound.ports[{i}]");
+        let number = u16::try_from(port.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                invalid(
+                    format!("{field}.port"),
+                    format!("{} is not a TCP port", port.port),
+                )
+            })?;
+        let policies = port
+            .authorizations
+            .into_iter()
+            .enumerate()
+            .map(|(j, policy)| authorization(&format!("{field}.authorizations[{j}]"), policy))
+            .collect::<Result<_, _>>()?;
+        if ports.insert(number, policies).is_some() {
+            return Err(invalid(
+                format!("{field}.port"),
+                format!("port {number} is listed twice"),
+            ));
+        }
+    }
+    Ok(InboundAuthorization { version, ports })
+}
+
+fn authorization(
+    field: &str,
+    policy: proto::Authorization,
+) -> Result<AuthorizationPolicy, ConfigError> {
+    if policy.policy.is_empty() {
+        return Err(invalid(format!("{field}.policy"), "names no policy"));
+    }
+    let action = match proto::AuthorizationAction::try_from(policy.action) {
+        Ok(proto::AuthorizationAction::Allow) => Action::Allow,
+        Ok(proto::AuthorizationAction::Deny) => Action::Deny,
+        Err(_) => {
+            return Err(invalid(
+                format!("{field}.action"),
+                format!("{} is not an action", policy.action),
+            ));
+        }
+    };
+    let rules = policy
+        .rules
+        .into_iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            let field = format!("{field}.rules[{i}]");
+            let sources = rule
+                .sources
+                .into_iter()
+                .map(|source| CallerMatch {
+                    service_accounts: source.service_accounts,
+                    namespaces: source.namespaces,
+                })
+                .collect();
+            let targets = rule
+                .targets
+                .into_iter()
+                .enumerate()
+                .map(|(j, target)| call_match(&format!("{field}.targets[{j}]"), target))
+                .collect::<Result<_, _>>()?;
+            Ok(AuthorizationRule { sources, targets })
+        })
+        .collect::<Result<_, ConfigError>>()?;
+    Ok(AuthorizationPolicy {
+        name: Arc::new(policy.policy),
+        action,
+        audit: policy.audit,
+        rules,
+    })
+}
+
+fn call_match(field: &str, target: proto::AuthorizationTarget) -> Result<CallMatch, ConfigError> {
+    use proto::path_match::Kind;
+    let paths = target
+        .paths
+        .into_iter()
+        .enumerate()
+        .map(|(i, path)| {
+            let field = format!("{field}.paths[{i}]");
+            let path = match path.kind {
+                Some(Kind::Exact(exact)) => PathMatch::Exact(exact),
+                // `/api/` matches as `/api` does: by whole segments.
+                Some(Kind::Prefix(prefix)) if prefix.len() > 1 => {
+                    PathMatch::Prefix(prefix.trim_end_matches('/').to_string())
+                }
+                Some(Kind::Prefix(prefix)) => PathMatch::Prefix(prefix),
+                None => return Err(invalid(field, "needs exact or prefix")),
+            };
+            let (PathMatch::Exact(value) | PathMatch::Prefix(value)) = &path;
+            if !value.starts_with('/') {
+                return Err(invalid(field, format!("`{value}` does not start with /")));
+            }
+            Ok(path)
+        })
+        .collect::<Result<_, _>>()?;
+    let methods = target
+        .methods
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            http::Method::from_bytes(m.as_bytes()).map_err(|_| {
+                invalid(
+                    format!("{field}.methods[{i}]"),
+                    format!("`{m}` is not a method"),
+                )
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(CallMatch { paths, methods })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -675,6 +803,81 @@ mod tests {
                 ..Default::default()
             }),
             "policy.outlierDetection.maxEjectionPercent: 150 is above 100"
+        );
+    }
+
+    fn inbound_rejected(change: impl FnOnce(&mut proto::InboundPort)) -> String {
+        let mut port = proto::InboundPort {
+            port: 9080,
+            authorizations: vec![proto::Authorization {
+                policy: "shop/readers".into(),
+                rules: vec![proto::AuthorizationRule {
+                    sources: Vec::new(),
+                    targets: vec![proto::AuthorizationTarget {
+                        paths: vec![proto::PathMatch {
+                            kind: Some(proto::path_match::Kind::Prefix("/api/".into())),
+                        }],
+                        methods: vec!["GET".into()],
+                    }],
+                }],
+                ..Default::default()
+            }],
+        };
+        let good = proto::Destination {
+            inbound: Some(proto::Inbound {
+                ports: vec![port.clone()],
+            }),
+            ..Default::default()
+        };
+        let decoded = inbound("1".into(), good).unwrap();
+        let policies = decoded.policies(9080).unwrap();
+        assert!(matches!(
+            &policies[0].rules[0].targets[0].paths[0],
+            PathMatch::Prefix(prefix) if prefix == "/api"
+        ));
+        change(&mut port);
+        let destination = proto::Destination {
+            inbound: Some(proto::Inbound {
+                ports: vec![port.clone(), port],
+            }),
+            ..Default::default()
+        };
+        inbound("2".into(), destination).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_inbound_version_the_proxy_cannot_apply_is_refused_naming_the_field() {
+        assert_eq!(
+            inbound("1".into(), reviews()).unwrap_err().to_string(),
+            "inbound: is missing under an inbound key"
+        );
+        assert_eq!(
+            inbound_rejected(|_| {}),
+            "inbound.ports[1].port: port 9080 is listed twice"
+        );
+        assert_eq!(
+            inbound_rejected(|port| port.port = 70_000),
+            "inbound.ports[0].port: 70000 is not a TCP port"
+        );
+        assert_eq!(
+            inbound_rejected(|port| port.authorizations[0].action = 7),
+            "inbound.ports[0].authorizations[0].action: 7 is not an action"
+        );
+        assert_eq!(
+            inbound_rejected(|port| port.authorizations[0].policy.clear()),
+            "inbound.ports[0].authorizations[0].policy: names no policy"
+        );
+        assert_eq!(
+            inbound_rejected(
+                |port| port.authorizations[0].rules[0].targets[0].methods[0] = "G ET".into()
+            ),
+            "inbound.ports[0].authorizations[0].rules[0].targets[0].methods[0]: `G ET` is not a method"
+        );
+        assert_eq!(
+            inbound_rejected(
+                |port| port.authorizations[0].rules[0].targets[0].paths[0].kind = None
+            ),
+            "inbound.ports[0].authorizations[0].rules[0].targets[0].paths[0]: needs exact or prefix"
         );
     }
 }

@@ -4,6 +4,7 @@
 
 mod decode;
 mod held;
+mod inbound;
 
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use crate::tls::{ControlPlaneTls, Present};
 pub use decode::LoopbackEndpoints;
 use decode::{ConfigError, invalid};
 use held::HeldEndpoints;
+pub use inbound::InboundKey;
 
 #[derive(Clone, Debug)]
 pub struct Identity {
@@ -63,9 +65,11 @@ const FETCH_ATTEMPTS: u32 = 4;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs until `shutdown`. `ready` turns true at the first Welcome and stays true.
+/// What is applied under the pod's own key goes to `inbound`.
 pub async fn run(
     control_plane: ControlPlane,
     resolver: Resolver,
+    inbound: InboundKey,
     mut subscriptions: mpsc::UnboundedReceiver<String>,
     metrics: Metrics,
     ready: watch::Sender<bool>,
@@ -78,6 +82,7 @@ pub async fn run(
         let session = session(
             &control_plane,
             &resolver,
+            &inbound,
             &mut held,
             &mut subscriptions,
             &metrics,
@@ -123,6 +128,7 @@ struct SessionError {
 async fn session(
     control_plane: &ControlPlane,
     resolver: &Resolver,
+    inbound: &InboundKey,
     held: &mut HeldEndpoints,
     subscriptions: &mut mpsc::UnboundedReceiver<String>,
     metrics: &Metrics,
@@ -136,7 +142,7 @@ async fn session(
     let (outgoing, rx) = mpsc::channel(256);
     // Keys queued while disconnected are in the resubscription.
     while subscriptions.try_recv().is_ok() {}
-    for message in greeting(&control_plane.identity, resolver) {
+    for message in greeting(&control_plane.identity, resolver, inbound) {
         outgoing
             .try_send(message)
             .expect("a fresh channel has room");
@@ -150,6 +156,7 @@ async fn session(
         client,
         outgoing,
         resolver,
+        inbound,
         held,
         metrics,
         loopback_endpoints: control_plane.loopback_endpoints,
@@ -194,9 +201,9 @@ async fn connect(control_plane: &ControlPlane) -> anyhow::Result<Channel> {
     channel.map_err(|e| anyhow::Error::new(e).context("connecting"))
 }
 
-/// Who this proxy is, then everything subscribed so far with what is applied, so that only
-/// changes come back.
-fn greeting(identity: &Identity, resolver: &Resolver) -> [ProxyMessage; 2] {
+/// Who this proxy is, then everything subscribed so far (the pod's inbound key first) with what
+/// is applied, so that only changes come back.
+fn greeting(identity: &Identity, resolver: &Resolver, inbound: &InboundKey) -> [ProxyMessage; 2] {
     let hello = proxy_message::Message::Hello(Hello {
         namespace: identity.namespace.clone(),
         workload: identity.workload.clone(),
@@ -204,7 +211,9 @@ fn greeting(identity: &Identity, resolver: &Resolver) -> [ProxyMessage; 2] {
         proxy_version: env!("CARGO_PKG_VERSION").to_string(),
     });
     let resubscribe = proxy_message::Message::Subscribe(Subscribe {
-        destinations: resolver.subscriptions(),
+        destinations: std::iter::once(inbound.subscription())
+            .chain(resolver.subscriptions())
+            .collect(),
     });
     [hello, resubscribe].map(|message| ProxyMessage {
         message: Some(message),
@@ -216,6 +225,7 @@ struct Stream<'a> {
     client: DiscoveryClient<Channel>,
     outgoing: mpsc::Sender<ProxyMessage>,
     resolver: &'a Resolver,
+    inbound: &'a InboundKey,
     held: &'a mut HeldEndpoints,
     metrics: &'a Metrics,
     loopback_endpoints: LoopbackEndpoints,
@@ -278,6 +288,12 @@ impl Stream<'_> {
                     None => Ok(()),
                 }
             }
+            Some(controller_message::Message::Unknown(unknown))
+                if self.inbound.is(&unknown.key) =>
+            {
+                self.inbound.clear();
+                Ok(())
+            }
             Some(controller_message::Message::Unknown(unknown)) => {
                 self.held.forget(&unknown.key);
                 self.resolver.set_unknown(&unknown.key, unknown.reason);
@@ -303,6 +319,10 @@ impl Stream<'_> {
             Ok(destination) => destination,
             Err(error) => return Ok(Some(answer(self.metrics, key, version, Err(error)))),
         };
+        if self.inbound.is(&key) {
+            let applied = self.inbound.apply(version.clone(), destination);
+            return Ok(Some(answer(self.metrics, key, version, applied)));
+        }
         // No longer subscribed: nothing to fetch or apply.
         if !self.resolver.is_subscribed(&key) {
             return Ok(Some(answer(self.metrics, key, version, Ok(()))));

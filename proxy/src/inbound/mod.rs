@@ -1,4 +1,7 @@
-//! The inbound side: requests from other pods to the local app.
+//! The inbound side: requests from other pods to the local app, and their authorization
+//! (`authz`).
+
+mod authz;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -15,6 +18,7 @@ use crate::http::body::Body;
 use crate::listen::ConnectionInfo;
 use crate::policy::EndpointConfig;
 use crate::tls;
+pub use authz::{Authorize, Authorizer};
 
 /// The local app, one endpoint per port it is reached on.
 pub struct Inbound {

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_rustls::StartHandshake;
 use tokio_rustls::server::TlsStream;
 
+use crate::inbound::Authorizer;
 use crate::listen::io::Prefixed;
 use crate::tls::{self, Held};
 
@@ -36,6 +37,9 @@ pub struct InboundTls {
     pub mode: InboundMtls,
     /// In strict mode, the plaintext requests still served: the kubelet's HTTP probes.
     pub probes: Arc<[InboundProbe]>,
+    /// Who may open a connection that is forwarded as it is (not HTTP); the inbound service
+    /// authorizes HTTP requests itself.
+    pub authorizer: Authorizer,
 }
 
 /// An HTTP probe of the app: `GET` of exactly `path` on `port` (the port the kubelet probes,

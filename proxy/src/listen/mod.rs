@@ -307,6 +307,13 @@ impl Servers {
         let protocol = match (protocol, info.original_dst) {
             (Protocol::Closed, _) => return,
             (Protocol::Opaque | Protocol::Tls, Some(original_dst)) => {
+                if let Some(inbound) = &self.tls
+                    && !inbound
+                        .authorizer
+                        .allows_connection(original_dst.port(), only.client())
+                {
+                    return;
+                }
                 return forward::forward(stream, original_dst).await;
             }
             // Not HTTP, sent to the proxy itself: HTTP/1 serving answers 400.
@@ -392,6 +399,16 @@ enum Only {
     Client(ClientId),
     /// Plaintext refused (strict) but for the kubelet's probes: `GET` of these paths.
     Probes(Arc<[String]>),
+}
+
+impl Only {
+    /// The caller's identity, over mutual TLS.
+    fn client(&self) -> Option<&ClientId> {
+        match self {
+            Self::Client(client) => Some(client),
+            Self::Any | Self::Probes(_) => None,
+        }
+    }
 }
 
 struct PerConnection<S> {

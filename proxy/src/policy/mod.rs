@@ -1,12 +1,19 @@
 //! A destination's configuration as the proxy applies it: validated types only (`control::decode`
 //! makes them from what the control plane sends, refusing what cannot be applied).
 
+mod authz;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::HeaderName;
 use outrigger_api::identity::SpiffeId;
 use serde::Serialize;
+
+pub use self::authz::{
+    Action, AuthorizationPolicy, AuthorizationRule, Call, CallMatch, CallerMatch,
+    InboundAuthorization, PathMatch, judge,
+};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EndpointConfig {
