@@ -15,7 +15,7 @@ use outrigger_cluster::Cluster;
 use outrigger_tests::Backend;
 use outrigger_tests::dashboards::{http_get, series_sum};
 use outrigger_tests::e2e::{eventually_within, get};
-use outrigger_tests::identity::write_authority;
+use outrigger_tests::identity::{certified_proxy_flags, start_certifying_controller};
 use outrigger_tests::live::{self, LiveProxy};
 use outrigger_tests::process::host_address;
 
@@ -64,19 +64,10 @@ async fn proxy(
             "outrigger",
         ],
     );
-    let file = dir.join(format!("token-{account}"));
-    std::fs::write(&file, token).unwrap();
-    let file = file.to_str().unwrap().to_string();
-    let mut all = vec![
-        "--namespace",
-        NAMESPACE,
-        "--service-account",
-        account,
-        "--workload",
-        workload,
-        "--identity-token-file",
-        &file,
-    ];
+    let name = format!("token-{workload}");
+    let certified = certified_proxy_flags(dir, NAMESPACE, account, (&name, &token));
+    let mut all: Vec<&str> = certified.iter().map(String::as_str).collect();
+    all.extend(["--workload", workload]);
     all.extend(flags);
     let proxy = live::start_proxy(control_plane, app, &all).await;
     eventually_within(
@@ -136,9 +127,6 @@ async fn an_authorization_policy_lets_one_service_account_through_and_refuses_an
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("identity");
-    std::fs::create_dir(&secret).unwrap();
-    write_authority(&secret);
     let crds = outrigger_tests::workspace().join("crds");
     kubectl(&cluster, &["apply", "-f", crds.to_str().unwrap()]);
 
@@ -190,15 +178,7 @@ async fn an_authorization_policy_lets_one_service_account_through_and_refuses_an
         );
     }
 
-    let controller = live::start_controller_with(&[
-        "--kubeconfig",
-        cluster.kubeconfig().to_str().unwrap(),
-        "--leader-namespace",
-        "default",
-        "--identity-dir",
-        secret.to_str().unwrap(),
-    ])
-    .await;
+    let controller = start_certifying_controller(cluster.kubeconfig(), dir.path(), &[]).await;
     let host = host_address();
     let app = Backend::start_on(SocketAddr::new(host, 0), "reviews-app").await;
     let inbound = format!("{host}:0");

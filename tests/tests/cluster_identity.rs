@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use outrigger_cluster::Cluster;
 use outrigger_tests::dashboards::http_get;
-use outrigger_tests::identity::{control_plane_trust, write_authority};
+use outrigger_tests::identity::{certified_proxy_flags, start_certifying_controller};
 use outrigger_tests::live;
 
 const NAMESPACE: &str = "shop";
@@ -54,21 +54,11 @@ async fn proxy(
             audience,
         ],
     );
-    let file = dir.join(format!("token-{audience}"));
-    std::fs::write(&file, token).unwrap();
-    let file = file.to_str().unwrap().to_string();
     // The app is never called here.
     let app: SocketAddr = "127.0.0.1:1".parse().unwrap();
-    let trust = control_plane_trust(&dir.join("identity"), "default");
-    let mut flags = vec![
-        "--namespace",
-        NAMESPACE,
-        "--service-account",
-        ACCOUNT,
-        "--identity-token-file",
-        &file,
-    ];
-    flags.extend(trust.iter().map(String::as_str));
+    let name = format!("token-{audience}");
+    let flags = certified_proxy_flags(dir, NAMESPACE, ACCOUNT, (&name, &token));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     live::start_proxy(control_plane, app, &flags).await
 }
 
@@ -93,18 +83,7 @@ async fn a_proxy_is_ready_once_certified_for_its_service_account_and_not_with_an
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("identity");
-    std::fs::create_dir(&secret).unwrap();
-    write_authority(&secret);
-    let controller = live::start_controller_with(&[
-        "--kubeconfig",
-        cluster.kubeconfig().to_str().unwrap(),
-        "--leader-namespace",
-        "default",
-        "--identity-dir",
-        secret.to_str().unwrap(),
-    ])
-    .await;
+    let controller = start_certifying_controller(cluster.kubeconfig(), dir.path(), &[]).await;
     let url = controller.url.clone();
 
     let certified = proxy(&cluster, &url, dir.path(), "outrigger").await;
@@ -292,18 +271,8 @@ async fn the_controller_speaks_only_tls_and_takes_a_proxy_for_who_its_certificat
         &["create", "serviceaccount", ACCOUNT, "-n", NAMESPACE],
     );
     let dir = tempfile::tempdir().unwrap();
+    let controller = start_certifying_controller(cluster.kubeconfig(), dir.path(), &[]).await;
     let secret = dir.path().join("identity");
-    std::fs::create_dir(&secret).unwrap();
-    write_authority(&secret);
-    let controller = live::start_controller_with(&[
-        "--kubeconfig",
-        cluster.kubeconfig().to_str().unwrap(),
-        "--leader-namespace",
-        "default",
-        "--identity-dir",
-        secret.to_str().unwrap(),
-    ])
-    .await;
     let reviews = format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{ACCOUNT}");
     let hello = |service_account: &str| proto::Hello {
         namespace: NAMESPACE.into(),

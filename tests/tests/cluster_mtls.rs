@@ -18,7 +18,9 @@ use outrigger_cluster::Cluster;
 use outrigger_tests::Backend;
 use outrigger_tests::dashboards::{http_get, series_sum};
 use outrigger_tests::e2e::{eventually_within, get};
-use outrigger_tests::identity::{control_plane_trust, write_authority};
+use outrigger_tests::identity::{
+    certified_proxy_flags, start_certifying_controller, write_authority,
+};
 use outrigger_tests::live::{self, LiveProxy};
 use outrigger_tests::process::host_address;
 
@@ -52,19 +54,9 @@ async fn proxy(
             "outrigger",
         ],
     );
-    let file = dir.join(format!("token-{account}"));
-    std::fs::write(&file, token).unwrap();
-    let file = file.to_str().unwrap().to_string();
-    let trust = control_plane_trust(&dir.join("identity"), "default");
-    let mut all = vec![
-        "--namespace",
-        NAMESPACE,
-        "--service-account",
-        account,
-        "--identity-token-file",
-        &file,
-    ];
-    all.extend(trust.iter().map(String::as_str));
+    let name = format!("token-{account}");
+    let certified = certified_proxy_flags(dir, NAMESPACE, account, (&name, &token));
+    let mut all: Vec<&str> = certified.iter().map(String::as_str).collect();
     all.extend(flags);
     let proxy = live::start_proxy(control_plane, app, &all).await;
     eventually_within(
@@ -150,20 +142,9 @@ async fn meshed_proxies_speak_mutual_tls_and_strict_ones_refuse_plaintext() {
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("identity");
-    std::fs::create_dir(&secret).unwrap();
-    write_authority(&secret);
     let crds = outrigger_tests::workspace().join("crds");
     kubectl(&cluster, &["apply", "-f", crds.to_str().unwrap()]);
-    let controller = live::start_controller_with(&[
-        "--kubeconfig",
-        cluster.kubeconfig().to_str().unwrap(),
-        "--leader-namespace",
-        "default",
-        "--identity-dir",
-        secret.to_str().unwrap(),
-    ])
-    .await;
+    let controller = start_certifying_controller(cluster.kubeconfig(), dir.path(), &[]).await;
 
     let host = host_address();
     let app = Backend::start_on(SocketAddr::new(host, 0), "reviews-app").await;
@@ -344,30 +325,25 @@ async fn the_trust_anchor_rotates_in_three_steps_without_a_failed_request() {
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("identity");
-    let (old, new) = (dir.path().join("old"), dir.path().join("new"));
-    for authority in [&secret, &old, &new] {
-        std::fs::create_dir(authority).unwrap();
-    }
-    write_authority(&old);
-    write_authority(&new);
-    for file in ["ca.crt", "tls.crt", "tls.key"] {
-        std::fs::copy(old.join(file), secret.join(file)).unwrap();
-    }
     let crds = outrigger_tests::workspace().join("crds");
     kubectl(&cluster, &["apply", "-f", crds.to_str().unwrap()]);
     // Short-lived certificates, so that every proxy renews within seconds of each step.
-    let controller = live::start_controller_with(&[
-        "--kubeconfig",
-        cluster.kubeconfig().to_str().unwrap(),
-        "--leader-namespace",
-        "default",
-        "--identity-dir",
-        secret.to_str().unwrap(),
-        "--certificate-lifetime",
-        "12s",
-    ])
+    let controller = start_certifying_controller(
+        cluster.kubeconfig(),
+        dir.path(),
+        &["--certificate-lifetime", "12s"],
+    )
     .await;
+    // The authority it started with is the old one; the new one is rotated to.
+    let secret = dir.path().join("identity");
+    let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+    for authority in [&old, &new] {
+        std::fs::create_dir(authority).unwrap();
+    }
+    for file in ["ca.crt", "tls.crt", "tls.key"] {
+        std::fs::copy(secret.join(file), old.join(file)).unwrap();
+    }
+    write_authority(&new);
 
     let host = host_address();
     let app = Backend::start_on(SocketAddr::new(host, 0), "reviews-app").await;
