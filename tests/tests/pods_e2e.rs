@@ -18,7 +18,9 @@
 //!    the controller's pod, and its replacement resyncs every proxy.
 //! 6. TCP that is not HTTP, and HTTP to an address no Service owns, pass through unchanged. An
 //!    AuthorizationPolicy on reviews lets the client's ServiceAccount through and answers another
-//!    meshed client 403, the reviews pods staying ready.
+//!    meshed client 403, the reviews pods staying ready. A namespace annotated
+//!    `outrigger.dev/mtls: strict` gets a strict proxy: the meshed client gets through, a caller
+//!    outside the mesh does not, the kubelet's probe does.
 //! 7. Prometheus discovers the meshed pods through the API server (pod service discovery) and
 //!    every dashboard query returns data for namespace `shop`.
 //! 8. A pod that cannot be meshed says why in its events and logs; the proxy stops after the app;
@@ -1075,6 +1077,108 @@ fn pass_through(suite: &mut Suite) {
     );
 }
 
+/// A namespace whose pods the injector makes strict, by the namespace's annotation alone, with
+/// one HTTP server (its kubelet probe on a port of its own).
+const STRICT_NAMESPACE: &str = r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: vault
+  labels: {outrigger.dev/inject: enabled}
+  annotations: {outrigger.dev/mtls: strict}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: vault-0, namespace: vault, labels: {app: vault}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: localhost/outrigger-test/app:dev
+    imagePullPolicy: Never
+    args: [backend, --listen=0.0.0.0:9080, --control=0.0.0.0:9081]
+    env:
+    - name: POD_NAME
+      valueFrom: {fieldRef: {fieldPath: metadata.name}}
+    readinessProbe:
+      httpGet: {path: /healthz, port: 9081}
+      periodSeconds: 2
+---
+apiVersion: v1
+kind: Service
+metadata: {name: vault, namespace: vault}
+spec:
+  selector: {app: vault}
+  ports: [{name: http, port: 9080}]
+"#;
+
+/// 6c. A namespace annotated strict: its pod's proxy serves the meshed client (over mutual TLS)
+/// and the kubelet's probe, and refuses a caller outside the mesh.
+fn strict_namespace(suite: &mut Suite) {
+    let deployed = suite.apply(STRICT_NAMESPACE).and_then(|()| {
+        suite
+            .kubectl(&[
+                "wait",
+                "--for=condition=Ready",
+                "pod/vault-0",
+                "-n",
+                "vault",
+                "--timeout=180s",
+            ])
+            .map(drop)
+    });
+    if !suite.check(
+        "a pod of a strict namespace comes up, its probe served",
+        deployed,
+    ) {
+        return;
+    }
+    suite.check(
+        "the strict namespace's pod serves the meshed client and refuses one outside the mesh",
+        (|| {
+            let pod = suite.json(&["get", "pod", "vault-0", "-n", "vault"])?;
+            let strict = pod["spec"]["initContainers"][1]["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|env| env["name"] == "OUTRIGGER_INBOUND_MTLS" && env["value"] == "strict");
+            ensure!(strict, "the proxy was not made strict: {}", pod["spec"]);
+            suite
+                .client_calls(&[
+                    "--url",
+                    "http://vault.vault.svc.cluster.local:9080/",
+                    "--requests=3",
+                ])?
+                .all_ok()?;
+            let ip = pod["status"]["podIP"].as_str().ok_or("no vault pod IP")?;
+            let text = suite.kubectl(&[
+                "exec",
+                "-n",
+                "outside",
+                "bystander",
+                "-c",
+                "app",
+                "--",
+                APP,
+                "http",
+                "--url",
+                &format!("http://{ip}:9080/"),
+                "--requests=3",
+            ])?;
+            let outside: Value =
+                serde_json::from_str(&text).map_err(|err| format!("{err}: {text}"))?;
+            let outside = Calls(outside);
+            ensure!(
+                outside.calls() == 3 && outside.count("statuses", "200") == 0,
+                "a caller outside the mesh got through: {}",
+                outside.0
+            );
+            suite
+                .kubectl(&["delete", "namespace", "vault", "--wait=false"])
+                .map(drop)
+        })(),
+    );
+}
+
 /// A second meshed client of reviews, under a ServiceAccount of its own, and the policy that lets
 /// only the first client's (`default`) call reviews.
 const SECOND_CLIENT: &str = r#"apiVersion: v1
@@ -1637,6 +1741,7 @@ fn the_readmes_flow_in_meshed_pods() {
         restarts(&mut suite);
         pass_through(&mut suite);
         authorization(&mut suite);
+        strict_namespace(&mut suite);
         dashboards(&mut suite);
         bad_input_and_uninstall(&mut suite);
     }
