@@ -1086,22 +1086,27 @@ metadata:
   labels: {outrigger.dev/inject: enabled}
   annotations: {outrigger.dev/mtls: strict}
 ---
-apiVersion: v1
-kind: Pod
-metadata: {name: vault-0, namespace: vault, labels: {app: vault}}
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: vault, namespace: vault}
 spec:
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: app
-    image: localhost/outrigger-test/app:dev
-    imagePullPolicy: Never
-    args: [backend, --listen=0.0.0.0:9080, --control=0.0.0.0:9081]
-    env:
-    - name: POD_NAME
-      valueFrom: {fieldRef: {fieldPath: metadata.name}}
-    readinessProbe:
-      httpGet: {path: /healthz, port: 9081}
-      periodSeconds: 2
+  replicas: 1
+  selector: {matchLabels: {app: vault}}
+  template:
+    metadata: {labels: {app: vault}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: app
+        image: localhost/outrigger-test/app:dev
+        imagePullPolicy: Never
+        args: [backend, --listen=0.0.0.0:9080, --control=0.0.0.0:9081]
+        env:
+        - name: POD_NAME
+          valueFrom: {fieldRef: {fieldPath: metadata.name}}
+        readinessProbe:
+          httpGet: {path: /healthz, port: 9081}
+          periodSeconds: 2
 ---
 apiVersion: v1
 kind: Service
@@ -1114,18 +1119,9 @@ spec:
 /// 6c. A namespace annotated strict: its pod's proxy serves the meshed client (over mutual TLS)
 /// and the kubelet's probe, and refuses a caller outside the mesh.
 fn strict_namespace(suite: &mut Suite) {
-    let deployed = suite.apply(STRICT_NAMESPACE).and_then(|()| {
-        suite
-            .kubectl(&[
-                "wait",
-                "--for=condition=Ready",
-                "pod/vault-0",
-                "-n",
-                "vault",
-                "--timeout=180s",
-            ])
-            .map(drop)
-    });
+    let deployed = suite
+        .apply(STRICT_NAMESPACE)
+        .and_then(|()| suite.rollout("vault", "vault"));
     if !suite.check(
         "a pod of a strict namespace comes up, its probe served",
         deployed,
@@ -1135,7 +1131,7 @@ fn strict_namespace(suite: &mut Suite) {
     suite.check(
         "the strict namespace's pod serves the meshed client and refuses one outside the mesh",
         (|| {
-            let pod = suite.json(&["get", "pod", "vault-0", "-n", "vault"])?;
+            let pod = suite.only_pod("vault", "app=vault")?.json;
             let strict = pod["spec"]["initContainers"][1]["env"]
                 .as_array()
                 .into_iter()
