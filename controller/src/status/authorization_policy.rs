@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, Resource as _};
@@ -16,9 +16,10 @@ use outrigger_api::authz::{AuthorizationPolicy, AuthorizationPolicyStatus};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::conditions::{Verdict, conditions};
 use super::write::WRITE_TIMEOUT;
 use super::{FIELD_MANAGER, MIN_INTERVAL};
-use crate::index::{AuthorizationReport, AuthorizationReports, Problem};
+use crate::index::{AuthorizationReport, AuthorizationReports};
 use crate::kube_api::within;
 use crate::metrics::Metrics;
 use crate::source::ObjectKey;
@@ -109,41 +110,27 @@ pub(super) fn status_of(
     let verdicts = [
         (
             "Accepted",
-            &report.accepted,
-            "Accepted",
-            "the policy is valid and in force",
+            Verdict::of(
+                &report.accepted,
+                "Accepted",
+                "the policy is valid and in force",
+            ),
         ),
         (
             "ResolvedRefs",
-            &report.resolved_refs,
-            "ResolvedRefs",
-            "every Service it targets exists",
+            Verdict::of(
+                &report.resolved_refs,
+                "ResolvedRefs",
+                "every Service it targets exists",
+            ),
         ),
     ];
-    let conditions = verdicts
-        .into_iter()
-        .map(|(type_, verdict, reason, message)| {
-            let (status, reason, message) = match verdict {
-                Ok(()) => ("True", reason, message.to_string()),
-                Err(Problem { reason, message }) => ("False", *reason, message.clone()),
-            };
-            let last_transition_time = previous
-                .and_then(|previous| previous.conditions.iter().find(|c| c.type_ == type_))
-                .filter(|condition| condition.status == status)
-                .map_or_else(
-                    || now.clone(),
-                    |condition| condition.last_transition_time.clone(),
-                );
-            Condition {
-                type_: type_.to_string(),
-                status: status.to_string(),
-                reason: reason.to_string(),
-                message,
-                observed_generation: Some(generation),
-                last_transition_time,
-            }
-        })
-        .collect();
+    let conditions = conditions(
+        verdicts,
+        previous.map_or(&[], |previous| previous.conditions.as_slice()),
+        generation,
+        now,
+    );
     AuthorizationPolicyStatus {
         observed_generation: Some(generation),
         conditions,
@@ -173,6 +160,7 @@ async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::Problem;
 
     fn report(accepted: Result<(), Problem>, resolved: Result<(), Problem>) -> AuthorizationReport {
         AuthorizationReport {

@@ -4,44 +4,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use outrigger_api::policy::{DestinationPolicyStatus, ProxyCounts, ReplicaStatus};
 
+use super::conditions::{Verdict, conditions};
 use crate::distribute::{Holders, PolicyVersion, ProxyId, Subscribers};
-use crate::index::{PolicyReport, PolicyReports, Problem};
+use crate::index::{PolicyReport, PolicyReports};
 use crate::source::ObjectKey;
-
-/// A condition's value, before it is dated.
-struct Verdict {
-    holds: bool,
-    reason: &'static str,
-    message: String,
-}
-
-impl Verdict {
-    fn holds(reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            holds: true,
-            reason,
-            message: message.into(),
-        }
-    }
-
-    fn fails(problem: &Problem) -> Self {
-        Self {
-            holds: false,
-            reason: problem.reason,
-            message: problem.message.clone(),
-        }
-    }
-
-    fn of(result: &Result<(), Problem>, reason: &'static str, message: impl Into<String>) -> Self {
-        match result {
-            Ok(()) => Self::holds(reason, message),
-            Err(problem) => Self::fails(problem),
-        }
-    }
-}
 
 /// What this replica's proxies hold of each policy's destinations: per policy, the holders of
 /// each of its keys, shared with the subscriber table. Taken under the table's lock for the cost
@@ -123,27 +92,12 @@ pub(super) fn desired_status(
         ),
         ("Programmed", programmed),
     ];
-    let conditions = verdicts
-        .into_iter()
-        .map(|(type_, verdict)| {
-            let status = if verdict.holds { "True" } else { "False" };
-            let last_transition_time = previous
-                .and_then(|previous| previous.conditions.iter().find(|c| c.type_ == type_))
-                .filter(|condition| condition.status == status)
-                .map_or_else(
-                    || now.clone(),
-                    |condition| condition.last_transition_time.clone(),
-                );
-            Condition {
-                type_: type_.to_string(),
-                status: status.to_string(),
-                reason: verdict.reason.to_string(),
-                message: verdict.message,
-                observed_generation: Some(generation),
-                last_transition_time,
-            }
-        })
-        .collect();
+    let conditions = conditions(
+        verdicts,
+        previous.map_or(&[], |previous| previous.conditions.as_slice()),
+        generation,
+        now,
+    );
     DestinationPolicyStatus {
         observed_generation: Some(generation),
         conditions,
@@ -246,6 +200,7 @@ pub(super) mod tests {
 
     use super::*;
     use crate::distribute::Holding;
+    use crate::index::Problem;
 
     const KEY: &str = "reviews.shop.svc.cluster.local:9080";
 

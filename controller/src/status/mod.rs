@@ -25,6 +25,7 @@
 //! in a loop of its own.
 
 pub mod authorization_policy;
+mod conditions;
 mod destination_policy;
 mod heartbeat;
 mod observed;
