@@ -99,11 +99,10 @@ impl<S> Authorize<S> {
 
     fn is_probe(&self, request: &Request<Body>, caller: Option<&ClientId>) -> bool {
         caller.is_none()
-            && request.method() == http::Method::GET
-            && self.probes.as_ref().is_some_and(|paths| {
-                let path = request.uri().path_and_query().map(|p| p.as_str());
-                paths.iter().any(|probe| Some(probe.as_str()) == path)
-            })
+            && self
+                .probes
+                .as_ref()
+                .is_some_and(|paths| crate::listen::is_probe(request, paths))
     }
 }
 

@@ -69,6 +69,15 @@ impl std::str::FromStr for InboundProbe {
     }
 }
 
+/// Whether `request` is one of the kubelet's probes: `GET` of exactly one of `paths`.
+pub fn is_probe<B>(request: &http::Request<B>, paths: &[String]) -> bool {
+    request.method() == http::Method::GET
+        && request
+            .uri()
+            .path_and_query()
+            .is_some_and(|path| paths.iter().any(|probe| probe == path.as_str()))
+}
+
 impl InboundTls {
     /// The probe paths of `port`, if it has any.
     pub fn probes_of(&self, port: u16) -> Option<Arc<[String]>> {

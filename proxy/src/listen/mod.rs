@@ -36,7 +36,7 @@ use deadlines::{Activity, Timed, Timeouts};
 use detect::{DETECT_TIMEOUT, Protocol, detect};
 use io::Prefixed;
 use mesh::Accepted;
-pub use mesh::{InboundMtls, InboundProbe, InboundTls};
+pub use mesh::{InboundMtls, InboundProbe, InboundTls, is_probe};
 
 /// Limits applied to every downstream connection.
 #[derive(Clone, Debug)]
@@ -431,12 +431,7 @@ where
                 request.extensions_mut().insert(client.clone());
             }
             Only::Probes(paths) => {
-                let probe = request.method() == http::Method::GET
-                    && request
-                        .uri()
-                        .path_and_query()
-                        .is_some_and(|path| paths.iter().any(|p| p == path.as_str()));
-                if !probe {
+                if !mesh::is_probe(&request, paths) {
                     return Either::Right(std::future::ready(Ok(proxy_error(
                         http::StatusCode::FORBIDDEN,
                         "plaintext is refused here (strict mutual TLS): only the pod's probes are served",
