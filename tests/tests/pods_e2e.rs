@@ -1247,10 +1247,29 @@ fn authorization(suite: &mut Suite) {
         "an AuthorizationPolicy lets the client's ServiceAccount through and refuses another's",
         (|| {
             suite.apply(READERS_POLICY)?;
-            eventually("the second client is refused", PATIENCE, || {
-                let calls = second_client_calls(suite)?;
-                Ok(calls.count("statuses", "403") == calls.calls())
-            })?;
+            // Every reviews pod has refused the second client at least once, so each holds the
+            // policy before the first client's calls are counted.
+            let denials = |pod: &Pod| -> Result<Option<f64>, String> {
+                let labels = r#"policy="shop/reviews-readers",decision="deny""#;
+                Ok(series_sum(
+                    &metrics(pod.addr(4191))?,
+                    "outrigger_authz_decisions_total",
+                    labels,
+                ))
+            };
+            eventually(
+                "every reviews pod refuses the second client",
+                PATIENCE,
+                || {
+                    let calls = second_client_calls(suite)?;
+                    let refused = calls.count("statuses", "403") == calls.calls();
+                    let mut everywhere = true;
+                    for pod in suite.pods(SHOP, "app=reviews")? {
+                        everywhere &= denials(&pod)?.is_some();
+                    }
+                    Ok(refused && everywhere)
+                },
+            )?;
             suite
                 .client_calls(&["--url", REVIEWS_URL, "--requests=5"])?
                 .all_ok()?;
