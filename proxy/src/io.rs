@@ -1,5 +1,13 @@
 //! Connections wrapped to change how they are read (a prefix read again, a deadline, a pool slot
-//! held) write through to the connection inside unchanged.
+//! held) write through to the connection inside unchanged; and a connection of any kind, for
+//! what relays bytes without knowing what carries them.
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A connection, plaintext or TLS, as a relay sees it.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// `impl AsyncWrite for $type` passing every call to its field `$io`.
 macro_rules! write_through {

@@ -1109,14 +1109,39 @@ spec:
         readinessProbe:
           httpGet: {path: /healthz, port: 9081}
           periodSeconds: 2
+      - name: echo
+        image: localhost/outrigger-test/app:dev
+        imagePullPolicy: Never
+        args: [echo, --listen=0.0.0.0:7000]
 ---
 apiVersion: v1
 kind: Service
 metadata: {name: vault, namespace: vault}
 spec:
   selector: {app: vault}
-  ports: [{name: http, port: 9080}]
+  ports: [{name: http, port: 9080}, {name: tcp, port: 7000}]
 "#;
+
+/// Five TCP round trips to `addr` from `pod` (a Deployment's, or a pod's name) in `namespace`:
+/// how many echoed.
+fn tcp_echoes(suite: &Suite, namespace: &str, pod: &str, addr: &str) -> Result<Value, String> {
+    let text = suite.kubectl(&[
+        "exec",
+        "-n",
+        namespace,
+        pod,
+        "-c",
+        "app",
+        "--",
+        APP,
+        "tcp",
+        &format!("--addr={addr}"),
+        "--message=hello, this is not HTTP\n",
+        "--count=5",
+    ])?;
+    let summary: Value = serde_json::from_str(&text).map_err(|err| format!("{err}: {text}"))?;
+    Ok(summary["echoed"].clone())
+}
 
 /// 6c. A namespace annotated strict: its pod's proxy serves the meshed client (over mutual TLS)
 /// and the kubelet's probe, and refuses a caller outside the mesh.
@@ -1169,6 +1194,38 @@ fn strict_namespace(suite: &mut Suite) {
                 outside.calls() == 3 && outside.count("statuses", "200") == 0,
                 "a caller outside the mesh got through: {}",
                 outside.0
+            );
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "TCP that is not HTTP goes over mutual TLS to the strict pod, and not in plaintext",
+        (|| {
+            let echoed = tcp_echoes(
+                suite,
+                SHOP,
+                "deploy/client",
+                "vault.vault.svc.cluster.local:7000",
+            )?;
+            ensure!(
+                echoed == 5,
+                "the meshed client's round trips echoed: {echoed}"
+            );
+            let pod = suite.only_pod("vault", "app=vault")?;
+            let echoed = tcp_echoes(suite, "outside", "bystander", &pod.addr(7000).to_string())?;
+            ensure!(
+                echoed == 0,
+                "a caller outside the mesh got an echo: {echoed}"
+            );
+            let exposition = metrics(pod.addr(4191))?;
+            let accepted = series_sum(
+                &exposition,
+                "outrigger_inbound_connections_total",
+                r#"tls="true",result="accepted""#,
+            );
+            ensure!(
+                accepted.is_some_and(|accepted| accepted >= 5.0),
+                "mutual TLS connections accepted by the vault pod: {accepted:?}"
             );
             suite
                 .kubectl(&["delete", "namespace", "vault", "--wait=false"])

@@ -22,7 +22,7 @@ use crate::control::{self, ControlPlane, Identity, InboundKey, LoopbackEndpoints
 use crate::http::body::{Body, boxed};
 use crate::identity::{self, ControlPlaneAuthority, IdentitySettings};
 use crate::inbound::{Authorize, Authorizer, Inbound, InboundService, is_local};
-use crate::listen::{ConnectionInfo, Handling, InboundTls, ServerLimits, serve};
+use crate::listen::{ConnectionInfo, Handling, InboundTls, ServerLimits, Side, serve};
 use crate::metrics::{Direction, Metrics, RequestLabels};
 use crate::outbound::resolve::Resolver;
 use crate::outbound::{Outbound, OutboundService};
@@ -213,13 +213,8 @@ impl Servers<'_> {
     }
 
     /// Serves each of `listeners` alike, until shutdown and drained.
-    async fn serve<S, F, H>(
-        &self,
-        listeners: Listeners,
-        direction: Option<Direction>,
-        tls: Option<InboundTls>,
-        handle: F,
-    ) where
+    async fn serve<S, F, H>(&self, listeners: Listeners, side: Side, handle: F)
+    where
         F: Fn(ConnectionInfo) -> Option<H> + Clone,
         H: Future<Output = Handling<S>> + Send + 'static,
         S: hyper::service::Service<
@@ -233,9 +228,8 @@ impl Servers<'_> {
         join_all(listeners.into_inner().into_iter().map(|listener| {
             serve(
                 listener,
-                direction,
+                side.clone(),
                 self.limits(),
-                tls.clone(),
                 self.metrics.clone(),
                 self.shutdown.clone(),
                 self.settings.drain_timeout,
@@ -255,8 +249,7 @@ impl Servers<'_> {
         let telemetry = TelemetryLayer::new(self.metrics.clone(), unlabelled(Direction::Outbound));
         self.serve(
             listeners,
-            Some(Direction::Outbound),
-            None,
+            Side::Outbound(outbound.clone()),
             move |connection| {
                 let outbound = outbound.clone();
                 let service = telemetry
@@ -284,29 +277,24 @@ impl Servers<'_> {
         let telemetry = TelemetryLayer::new(self.metrics.clone(), labels);
         let authorizer = tls.authorizer.clone();
         let probes = tls.clone();
-        self.serve(
-            listeners,
-            Some(Direction::Inbound),
-            Some(tls),
-            move |connection| {
-                let endpoint = inbound.endpoint(inbound.target(&connection)?);
-                // Policies and probes name the pod port the caller addressed (the Service's
-                // targetPort): where a redirected connection was going, else this listener's.
-                let port = connection.original_dst.unwrap_or(connection.local).port();
-                let authorized = Authorize::new(
-                    InboundService::new(endpoint),
-                    authorizer.clone(),
-                    port,
-                    probes.probes_of(port),
-                );
-                let service = telemetry
-                    .layer(authorized)
-                    .map_request(|r: http::Request<Incoming>| r.map(boxed));
-                Some(std::future::ready(Handling::Serve(
-                    TowerToHyperService::new(service),
-                )))
-            },
-        )
+        self.serve(listeners, Side::Inbound(Box::new(tls)), move |connection| {
+            let endpoint = inbound.endpoint(inbound.target(&connection)?);
+            // Policies and probes name the pod port the caller addressed (the Service's
+            // targetPort): where a redirected connection was going, else this listener's.
+            let port = connection.original_dst.unwrap_or(connection.local).port();
+            let authorized = Authorize::new(
+                InboundService::new(endpoint),
+                authorizer.clone(),
+                port,
+                probes.probes_of(port),
+            );
+            let service = telemetry
+                .layer(authorized)
+                .map_request(|r: http::Request<Incoming>| r.map(boxed));
+            Some(std::future::ready(Handling::Serve(
+                TowerToHyperService::new(service),
+            )))
+        })
         .await
     }
 
@@ -323,7 +311,7 @@ impl Servers<'_> {
             ready,
             identity,
         };
-        self.serve(listeners, None, None, move |connection| {
+        self.serve(listeners, Side::Admin, move |connection| {
             let admin = admin.clone();
             Some(std::future::ready(Handling::Serve(
                 hyper::service::service_fn(move |request| {

@@ -20,6 +20,7 @@ use outrigger_api::defaults;
 
 use crate::policy::EndpointConfig;
 use crate::tls::Held;
+pub use connect::PooledStream;
 use connect::{Connector, MeshServer};
 pub use health::{Claim, Health, Outcome, Recorded, Thresholds};
 pub use load::Load;
@@ -58,6 +59,8 @@ pub struct Endpoint {
     pub health: Health,
     http1: Client<Connector, Body>,
     http2: Client<Connector, Body>,
+    /// For connections of its own (not HTTP), as the clients' are made.
+    connector: Connector,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -95,7 +98,7 @@ impl Endpoint {
             .http2_keep_alive_timeout(HTTP2_KEEPALIVE)
             .http2_keep_alive_while_idle(true);
         let http1 = builder.build(connector.clone());
-        let http2 = builder.http2_only(true).build(connector);
+        let http2 = builder.http2_only(true).build(connector.clone());
         Self {
             addr: config.address,
             pod: config.pod.clone(),
@@ -106,6 +109,7 @@ impl Endpoint {
             health: Health::default(),
             http1,
             http2,
+            connector,
         }
     }
 
@@ -116,6 +120,14 @@ impl Endpoint {
             && self.subsets == config.subsets
             && self.h2c == config.h2c
             && self.identity == config.identity
+    }
+
+    /// A connection of its own to this endpoint, for bytes that are not HTTP: mutual TLS to a
+    /// meshed one while this proxy holds a certificate, within the destination's `maxConnections`.
+    pub async fn open(&self) -> std::io::Result<PooledStream> {
+        use tower::Service as _;
+        let connected = self.connector.clone().call(http::Uri::default()).await?;
+        Ok(connected.into_inner())
     }
 
     /// Sends `request` to this endpoint, over HTTP/2 when the app spoke it or the endpoint prefers

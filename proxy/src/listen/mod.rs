@@ -1,8 +1,9 @@
 //! Accepting connections and serving HTTP/1.1 and h2c on them, with the limits that keep a bad
 //! client from costing more than a 4xx or a closed connection, and graceful draining. Each
 //! connection's protocol is told by its first bytes (`detect`); redirected connections that are
-//! not HTTP are forwarded as they are (`forward`). Inbound, the mesh's mutual TLS is terminated
-//! first (`mesh`), and what it carries is told and served the same way.
+//! not HTTP are forwarded as they are (`forward`), or outbound, to an endpoint the destination's
+//! side picks. Inbound, the mesh's mutual TLS is terminated first (`mesh`), and what it carries is
+//! told and served the same way.
 
 mod deadlines;
 mod detect;
@@ -34,6 +35,7 @@ use crate::shutdown::stopped;
 use crate::tls;
 use deadlines::{Activity, Timed, Timeouts};
 use detect::{DETECT_TIMEOUT, Protocol, detect};
+pub use forward::OpaqueUpstream;
 use io::Prefixed;
 use mesh::Accepted;
 pub use mesh::{InboundMtls, InboundProbe, InboundTls, is_probe};
@@ -80,6 +82,28 @@ impl ConnectionInfo {
     }
 }
 
+/// Which of the proxy's servers a listener is, and what it does besides serving HTTP.
+#[derive(Clone)]
+pub enum Side {
+    /// The admin server: HTTP only.
+    Admin,
+    /// Other pods' connections: the mesh's mutual TLS is terminated first.
+    Inbound(Box<InboundTls>),
+    /// The app's connections: one redirected that is not HTTP goes where this opens.
+    Outbound(Arc<dyn OpaqueUpstream>),
+}
+
+impl Side {
+    /// Under which direction its connections are counted; the admin server's are not.
+    fn direction(&self) -> Option<Direction> {
+        match self {
+            Self::Admin => None,
+            Self::Inbound(_) => Some(Direction::Inbound),
+            Self::Outbound(_) => Some(Direction::Outbound),
+        }
+    }
+}
+
 /// What becomes of an HTTP connection.
 pub enum Handling<S> {
     Serve(S),
@@ -98,19 +122,14 @@ fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     addr.ok()?.as_socket()
 }
 
-/// Serves connections from `listener` (counted in `connections_open` under `direction`) until
-/// `shutdown` turns true, then stops accepting and waits up to `drain` for in-flight requests to
-/// finish. `handle` says what becomes of each HTTP connection, or None to close it before a byte
-/// is read or forwarded. With `tls` (inbound), the mesh's mutual TLS is terminated first.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "each listener's own; named at the one caller"
-)]
+/// Serves connections from `listener` (counted in `connections_open` under its side's direction)
+/// until `shutdown` turns true, then stops accepting and waits up to `drain` for in-flight requests
+/// to finish. `handle` says what becomes of each HTTP connection, or None to close it before a
+/// byte is read or forwarded.
 pub async fn serve<S, F, H>(
     listener: TcpListener,
-    direction: Option<Direction>,
+    side: Side,
     limits: ServerLimits,
-    tls: Option<InboundTls>,
     metrics: Metrics,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
@@ -126,7 +145,8 @@ pub async fn serve<S, F, H>(
     let listen_addr = listener
         .local_addr()
         .expect("bound listener has an address");
-    let servers = Arc::new(Servers::new(&limits, tls, metrics.clone()));
+    let direction = side.direction();
+    let servers = Arc::new(Servers::new(&limits, side, metrics.clone()));
     let graceful = GracefulShutdown::new();
     let capacity = Arc::new(Semaphore::new(limits.max_connections));
     loop {
@@ -177,12 +197,12 @@ struct Servers {
     http1: auto::Builder<TokioExecutor>,
     http2: auto::Builder<TokioExecutor>,
     timeouts: Timeouts,
-    tls: Option<InboundTls>,
+    side: Side,
     metrics: Metrics,
 }
 
 impl Servers {
-    fn new(limits: &ServerLimits, tls: Option<InboundTls>, metrics: Metrics) -> Self {
+    fn new(limits: &ServerLimits, side: Side, metrics: Metrics) -> Self {
         let mut http1 = auto::Builder::new(TokioExecutor::new()).http1_only();
         http1
             .http1()
@@ -203,7 +223,7 @@ impl Servers {
                 header_read: limits.header_read_timeout,
                 idle: limits.idle_timeout,
             },
-            tls,
+            side,
             metrics,
         }
     }
@@ -229,7 +249,7 @@ impl Servers {
         let Ok((protocol, stream)) = detect(stream, wait).await else {
             return;
         };
-        let Some(inbound) = &self.tls else {
+        let Side::Inbound(inbound) = &self.side else {
             return self
                 .serve(protocol, stream, info, handling, watcher, Only::Any)
                 .await;
@@ -307,14 +327,7 @@ impl Servers {
         let protocol = match (protocol, info.original_dst) {
             (Protocol::Closed, _) => return,
             (Protocol::Opaque | Protocol::Tls, Some(original_dst)) => {
-                if let Some(inbound) = &self.tls
-                    && !inbound
-                        .authorizer
-                        .allows_connection(original_dst.port(), only.client())
-                {
-                    return;
-                }
-                return forward::forward(stream, original_dst).await;
+                return self.opaque(stream, original_dst, &only).await;
             }
             // Not HTTP, sent to the proxy itself: HTTP/1 serving answers 400.
             (Protocol::Opaque | Protocol::Tls, None) => Protocol::Http1,
@@ -336,6 +349,28 @@ impl Servers {
         };
         if let Err(error) = served {
             tracing::debug!(%error, peer = %info.peer, "connection ended with an error");
+        }
+    }
+
+    /// A redirected connection that is not HTTP: authorized and forwarded inbound; outbound,
+    /// relayed to the endpoint its destination picks, or forwarded as it is outside the mesh.
+    async fn opaque<IO>(&self, stream: Prefixed<IO>, original_dst: SocketAddr, only: &Only)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        match &self.side {
+            Side::Inbound(inbound)
+                if !inbound
+                    .authorizer
+                    .allows_connection(original_dst.port(), only.client()) => {}
+            Side::Outbound(upstreams) => match upstreams.open(original_dst).await {
+                Some(Ok(upstream)) => forward::relay(stream, upstream, original_dst).await,
+                Some(Err(error)) => {
+                    tracing::debug!(to = %original_dst, %error, "no connection to an endpoint");
+                }
+                None => forward::forward(stream, original_dst).await,
+            },
+            Side::Inbound(_) | Side::Admin => forward::forward(stream, original_dst).await,
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod balance;
 pub mod destination;
 pub mod layers;
+mod opaque;
 pub mod resolve;
 pub mod route;
 pub mod split;

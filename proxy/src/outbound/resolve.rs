@@ -246,7 +246,7 @@ impl Resolver {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::metrics::{DurationLabels, PeerLabels};
 
@@ -313,7 +313,7 @@ mod tests {
         assert_eq!(subscriptions.try_recv().unwrap(), over);
     }
 
-    fn web(version: &str) -> DestinationConfig {
+    pub(crate) fn web(version: &str) -> DestinationConfig {
         DestinationConfig {
             version: version.into(),
             namespace: "default".into(),

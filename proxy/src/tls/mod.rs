@@ -11,6 +11,7 @@
 //! (`control_plane`).
 
 mod control_plane;
+mod hybrid;
 #[cfg(test)]
 mod tests;
 mod verify;
@@ -67,9 +68,12 @@ pub fn no_identity() -> Held {
     watch::channel(None).1
 }
 
-/// The one cryptography provider of the proxy's TLS.
+/// The one cryptography provider of the proxy's TLS: ring's, preferring the hybrid
+/// post-quantum key exchange X25519MLKEM768 to its classical groups.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.kx_groups.insert(0, hybrid::X25519MLKEM768);
+    Arc::new(provider)
 }
 
 impl CertifiedIdentity {
