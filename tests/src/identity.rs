@@ -1,8 +1,17 @@
 //! The controller's certificate authority as the identity Secret holds it, for suites that run
 //! the controller with `--identity-dir`.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
+
+use outrigger_cluster::Cluster;
+
+use crate::live::LiveProxy;
+
+/// How long a certified proxy may take to be ready.
+const READY_PATIENCE: Duration = Duration::from_secs(60);
 
 /// A P-256 CA, anchor and issuer at once, as `openssl` writes it (the key in PKCS#8).
 pub fn write_authority(dir: &Path) {
@@ -81,4 +90,70 @@ pub async fn start_certifying_controller(
     ];
     all.extend(flags);
     crate::live::start_controller_with(&all).await
+}
+
+/// A proxy for pod `workload` of `namespace` in front of `app`, certified as ServiceAccount
+/// `account` with a token `cluster` issues for the audience `outrigger`, calling the certifying
+/// controller at `control_plane` (its anchors in `dir/identity`), with `flags`; once it is ready.
+pub async fn start_certified_proxy(
+    cluster: &Cluster,
+    control_plane: &str,
+    dir: &Path,
+    (namespace, account, workload): (&str, &str, &str),
+    app: SocketAddr,
+    flags: &[&str],
+) -> LiveProxy {
+    let token = cluster
+        .kubectl(&[
+            "create",
+            "token",
+            account,
+            "-n",
+            namespace,
+            "--audience",
+            "outrigger",
+        ])
+        .unwrap_or_else(|error| panic!("a token for {namespace}/{account}: {error}"));
+    let name = format!("token-{workload}");
+    let certified = certified_proxy_flags(dir, namespace, account, (&name, &token));
+    let mut all: Vec<&str> = certified.iter().map(String::as_str).collect();
+    all.extend(["--workload", workload]);
+    all.extend(flags);
+    let proxy = crate::live::start_proxy(control_plane, app, &all).await;
+    crate::e2e::eventually_within(
+        READY_PATIENCE,
+        &format!("the {workload} proxy is ready"),
+        || async {
+            matches!(
+                crate::dashboards::http_get(proxy.admin, "admin", "/ready").await,
+                Ok((200, _))
+            )
+        },
+    )
+    .await;
+    proxy
+}
+
+/// A Service `name` of `namespace` (port `http`, 9080) with one endpoint, `endpoint`, whose pod
+/// `<name>-0` is meshed with the identity of ServiceAccount `identity`: what the controller reads
+/// to tell a caller's proxy that endpoint's identity. For a proxy outside a cluster's node, whose
+/// address the EndpointSlice names (not a loopback one: EndpointSlices refuse those).
+pub fn meshed_service(namespace: &str, name: &str, endpoint: SocketAddr, identity: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+         spec: {{ports: [{{name: http, port: 9080}}]}}\n\
+         ---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}-0, namespace: {namespace}, \
+         annotations: {{outrigger.dev/injected: \"true\", outrigger.dev/identity: {identity}}}}}\n\
+         spec: {{serviceAccountName: {identity}, containers: [{{name: app, image: app}}]}}\n\
+         ---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}-0, namespace: {namespace}, \
+         labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {port}, protocol: TCP}}]\n\
+         endpoints: [{{addresses: [\"{ip}\"], conditions: {{ready: true}}, \
+         targetRef: {{kind: Pod, name: {name}-0, namespace: {namespace}}}}}]\n",
+        ip = endpoint.ip(),
+        port = endpoint.port(),
+    )
 }

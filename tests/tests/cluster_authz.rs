@@ -8,15 +8,15 @@
 //! machine's own address. Needs the cluster binaries (built on first use) and `openssl`.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use outrigger_cluster::Cluster;
 use outrigger_tests::Backend;
 use outrigger_tests::dashboards::{http_get, series_sum};
 use outrigger_tests::e2e::{eventually_within, get};
-use outrigger_tests::identity::{certified_proxy_flags, start_certifying_controller};
-use outrigger_tests::live::{self, LiveProxy};
+use outrigger_tests::identity::{
+    meshed_service, start_certified_proxy, start_certifying_controller,
+};
 use outrigger_tests::process::host_address;
 
 const NAMESPACE: &str = "shop";
@@ -40,63 +40,6 @@ fn authorization_policy(name: &str, spec: &str) -> String {
     format!(
         "apiVersion: outrigger.dev/v1alpha1\nkind: AuthorizationPolicy\n\
          metadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n{spec}"
-    )
-}
-
-/// A proxy of pod `workload`, certified as `account`, in front of `app`, with `flags`.
-async fn proxy(
-    cluster: &Cluster,
-    control_plane: &str,
-    dir: &Path,
-    (account, workload): (&str, &str),
-    app: SocketAddr,
-    flags: &[&str],
-) -> LiveProxy {
-    let token = kubectl(
-        cluster,
-        &[
-            "create",
-            "token",
-            account,
-            "-n",
-            NAMESPACE,
-            "--audience",
-            "outrigger",
-        ],
-    );
-    let name = format!("token-{workload}");
-    let certified = certified_proxy_flags(dir, NAMESPACE, account, (&name, &token));
-    let mut all: Vec<&str> = certified.iter().map(String::as_str).collect();
-    all.extend(["--workload", workload]);
-    all.extend(flags);
-    let proxy = live::start_proxy(control_plane, app, &all).await;
-    eventually_within(
-        PATIENCE,
-        &format!("the {account} proxy is ready"),
-        || async { matches!(http_get(proxy.admin, "admin", "/ready").await, Ok((200, _))) },
-    )
-    .await;
-    proxy
-}
-
-/// The reviews Service of one pod, reviews-0, whose proxy is `reviews` and listens at `endpoint`.
-fn reviews(endpoint: SocketAddr) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: {NAMESPACE}}}\n\
-         spec: {{ports: [{{name: http, port: 9080}}]}}\n\
-         ---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {{name: reviews-0, namespace: {NAMESPACE}, \
-         annotations: {{outrigger.dev/injected: \"true\", outrigger.dev/identity: reviews}}}}\n\
-         spec: {{serviceAccountName: reviews, containers: [{{name: app, image: app}}]}}\n\
-         ---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata: {{name: reviews-0, namespace: {NAMESPACE}, \
-         labels: {{kubernetes.io/service-name: reviews}}}}\n\
-         addressType: IPv4\nports: [{{name: http, port: {port}, protocol: TCP}}]\n\
-         endpoints: [{{addresses: [\"{ip}\"], conditions: {{ready: true}}, \
-         targetRef: {{kind: Pod, name: reviews-0, namespace: {NAMESPACE}}}}}]\n",
-        ip = endpoint.ip(),
-        port = endpoint.port(),
     )
 }
 
@@ -182,30 +125,30 @@ async fn an_authorization_policy_lets_one_service_account_through_and_refuses_an
     let host = host_address();
     let app = Backend::start_on(SocketAddr::new(host, 0), "reviews-app").await;
     let inbound = format!("{host}:0");
-    let server = proxy(
+    let server = start_certified_proxy(
         &cluster,
         &controller.url,
         dir.path(),
-        ("reviews", "reviews-0"),
+        (NAMESPACE, "reviews", "reviews-0"),
         app.addr,
         &["--inbound-addr", &inbound],
     )
     .await;
     let unused: SocketAddr = "127.0.0.1:1".parse().unwrap();
-    let allowed = proxy(
+    let allowed = start_certified_proxy(
         &cluster,
         &controller.url,
         dir.path(),
-        ("productpage", "productpage-0"),
+        (NAMESPACE, "productpage", "productpage-0"),
         unused,
         &[],
     )
     .await;
-    let refused = proxy(
+    let refused = start_certified_proxy(
         &cluster,
         &controller.url,
         dir.path(),
-        ("ratings", "ratings-0"),
+        (NAMESPACE, "ratings", "ratings-0"),
         unused,
         &[],
     )
@@ -216,7 +159,14 @@ async fn an_authorization_policy_lets_one_service_account_through_and_refuses_an
         "reviews-readers",
         &format!("{target}  rules: [{{from: [{{serviceAccounts: [shop/productpage]}}]}}]\n"),
     );
-    std::fs::write(&file, format!("{}---\n{readers}", reviews(server.inbound))).unwrap();
+    std::fs::write(
+        &file,
+        format!(
+            "{}---\n{readers}",
+            meshed_service(NAMESPACE, "reviews", server.inbound, "reviews")
+        ),
+    )
+    .unwrap();
     kubectl(&cluster, &["apply", "-f", file.to_str().unwrap()]);
 
     eventually_within(PATIENCE, "ratings is refused by the policy", || async {

@@ -19,9 +19,9 @@ use outrigger_tests::Backend;
 use outrigger_tests::dashboards::{http_get, series_sum};
 use outrigger_tests::e2e::{eventually_within, get};
 use outrigger_tests::identity::{
-    certified_proxy_flags, start_certifying_controller, write_authority,
+    meshed_service, start_certified_proxy, start_certifying_controller, write_authority,
 };
-use outrigger_tests::live::{self, LiveProxy};
+use outrigger_tests::live::LiveProxy;
 use outrigger_tests::process::host_address;
 
 const NAMESPACE: &str = "shop";
@@ -31,62 +31,6 @@ fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
     cluster
         .kubectl(args)
         .unwrap_or_else(|error| panic!("kubectl {args:?}: {error}"))
-}
-
-/// A proxy certified as `account` (its token in a file of `dir`), in front of `app`, with `flags`.
-async fn proxy(
-    cluster: &Cluster,
-    control_plane: &str,
-    dir: &Path,
-    account: &str,
-    app: SocketAddr,
-    flags: &[&str],
-) -> LiveProxy {
-    let token = kubectl(
-        cluster,
-        &[
-            "create",
-            "token",
-            account,
-            "-n",
-            NAMESPACE,
-            "--audience",
-            "outrigger",
-        ],
-    );
-    let name = format!("token-{account}");
-    let certified = certified_proxy_flags(dir, NAMESPACE, account, (&name, &token));
-    let mut all: Vec<&str> = certified.iter().map(String::as_str).collect();
-    all.extend(flags);
-    let proxy = live::start_proxy(control_plane, app, &all).await;
-    eventually_within(
-        PATIENCE,
-        &format!("the {account} proxy is ready"),
-        || async { matches!(http_get(proxy.admin, "admin", "/ready").await, Ok((200, _))) },
-    )
-    .await;
-    proxy
-}
-
-/// A Service of one pod, whose endpoint is `endpoint` and whose pod says its proxy is `identity`.
-fn service(name: &str, endpoint: SocketAddr, identity: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\n\
-         spec: {{ports: [{{name: http, port: 9080}}]}}\n\
-         ---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}-0, namespace: {NAMESPACE}, \
-         annotations: {{outrigger.dev/injected: \"true\", outrigger.dev/identity: {identity}}}}}\n\
-         spec: {{serviceAccountName: {identity}, containers: [{{name: app, image: app}}]}}\n\
-         ---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata: {{name: {name}-0, namespace: {NAMESPACE}, \
-         labels: {{kubernetes.io/service-name: {name}}}}}\n\
-         addressType: IPv4\nports: [{{name: http, port: {port}, protocol: TCP}}]\n\
-         endpoints: [{{addresses: [\"{ip}\"], conditions: {{ready: true}}, \
-         targetRef: {{kind: Pod, name: {name}-0, namespace: {NAMESPACE}}}}}]\n",
-        ip = endpoint.ip(),
-        port = endpoint.port(),
-    )
 }
 
 /// A TCP relay on `host` to `target` that keeps every byte it carries, both ways: what a capture
@@ -149,30 +93,30 @@ async fn meshed_proxies_speak_mutual_tls_and_strict_ones_refuse_plaintext() {
     let host = host_address();
     let app = Backend::start_on(SocketAddr::new(host, 0), "reviews-app").await;
     let inbound = format!("{host}:0");
-    let permissive = proxy(
+    let permissive = start_certified_proxy(
         &cluster,
         &controller.url,
         dir.path(),
-        "reviews",
+        (NAMESPACE, "reviews", "reviews-1"),
         app.addr,
         &["--inbound-addr", &inbound],
     )
     .await;
-    let strict = proxy(
+    let strict = start_certified_proxy(
         &cluster,
         &controller.url,
         dir.path(),
-        "reviews",
+        (NAMESPACE, "reviews", "reviews-2"),
         app.addr,
         &["--inbound-addr", &inbound, "--inbound-mtls", "strict"],
     )
     .await;
     let unused: SocketAddr = "127.0.0.1:1".parse().unwrap();
-    let client = proxy(
+    let client = start_certified_proxy(
         &cluster,
         &controller.url,
         dir.path(),
-        "productpage",
+        (NAMESPACE, "productpage", "productpage-1"),
         unused,
         &[],
     )
@@ -182,9 +126,9 @@ async fn meshed_proxies_speak_mutual_tls_and_strict_ones_refuse_plaintext() {
     // `reviews` is reached through a relay that records the wire.
     let (relay, wire) = recording_relay(host, permissive.inbound).await;
     let manifests = [
-        service("reviews", relay, "reviews"),
-        service("details", strict.inbound, "reviews"),
-        service("impostor", permissive.inbound, "ratings"),
+        meshed_service(NAMESPACE, "reviews", relay, "reviews"),
+        meshed_service(NAMESPACE, "details", strict.inbound, "reviews"),
+        meshed_service(NAMESPACE, "impostor", permissive.inbound, "ratings"),
     ]
     .join("---\n");
     let file = dir.path().join("services.yaml");
@@ -350,36 +294,40 @@ async fn the_trust_anchor_rotates_in_three_steps_without_a_failed_request() {
     let inbound = format!("{host}:0");
     // Connections idle for a second are closed by the server, so that the caller that pauses
     // longer makes a new handshake for each request.
-    let server = proxy(
+    let server = start_certified_proxy(
         &cluster,
         &controller.url,
         dir.path(),
-        "reviews",
+        (NAMESPACE, "reviews", "reviews-3"),
         app.addr,
         &["--inbound-addr", &inbound, "--idle-timeout", "1s"],
     )
     .await;
     let unused: SocketAddr = "127.0.0.1:1".parse().unwrap();
-    let steady = proxy(
+    let steady = start_certified_proxy(
         &cluster,
         &controller.url,
         dir.path(),
-        "productpage",
+        (NAMESPACE, "productpage", "productpage-2"),
         unused,
         &[],
     )
     .await;
-    let handshaking = proxy(
+    let handshaking = start_certified_proxy(
         &cluster,
         &controller.url,
         dir.path(),
-        "productpage",
+        (NAMESPACE, "productpage", "productpage-3"),
         unused,
         &[],
     )
     .await;
     let file = dir.path().join("services.yaml");
-    std::fs::write(&file, service("reviews", server.inbound, "reviews")).unwrap();
+    std::fs::write(
+        &file,
+        meshed_service(NAMESPACE, "reviews", server.inbound, "reviews"),
+    )
+    .unwrap();
     kubectl(&cluster, &["apply", "-f", file.to_str().unwrap()]);
     eventually_within(PATIENCE, "reviews answers productpage", || async {
         get(steady.outbound, "reviews.shop:9080", "/")
@@ -441,11 +389,11 @@ async fn the_trust_anchor_rotates_in_three_steps_without_a_failed_request() {
             .await;
         }
         // A pod started now, with the anchors the injector would give it, calls the server.
-        let fresh = proxy(
+        let fresh = start_certified_proxy(
             &cluster,
             &controller.url,
             dir.path(),
-            "productpage",
+            (NAMESPACE, "productpage", "productpage-4"),
             unused,
             &[],
         )

@@ -16,11 +16,14 @@
 //!    client's proxy's `/endpoints` and metrics say so) and gets exactly one probe per ejection.
 //! 5. A rolling restart of reviews v1 under steady load loses no request; neither does deleting
 //!    the controller's pod, and its replacement resyncs every proxy.
-//! 6. TCP that is not HTTP, and HTTP to an address no Service owns, pass through unchanged. An
+//! 6. TCP that is not HTTP (over mutual TLS, to an endpoint the client's proxy picks), and HTTP
+//!    to an address no Service owns, pass through unchanged. An
 //!    AuthorizationPolicy on reviews lets the client's ServiceAccount through and answers another
 //!    meshed client 403, the reviews pods staying ready. A namespace annotated
 //!    `outrigger.dev/mtls: strict` gets a strict proxy: the meshed client gets through, a caller
-//!    outside the mesh does not, the kubelet's probe does.
+//!    outside the mesh does not, the kubelet's probe does; its TCP echo is reached over mutual
+//!    TLS, and a packet capture on the node sees TLS records from the meshed client and the
+//!    plaintext only of the caller outside the mesh.
 //! 7. Prometheus discovers the meshed pods through the API server (pod service discovery) and
 //!    every dashboard query returns data for namespace `shop`.
 //! 8. A pod that cannot be meshed says why in its events and logs; the proxy stops after the app;
@@ -31,7 +34,7 @@
 //! at the end, listing every failed check.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -39,6 +42,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use outrigger_cluster::Cluster;
 use outrigger_tests::dashboards::{Prometheus, load_dashboards, query_every_panel, series_sum};
 use serde_json::Value;
+
+use capture::{Capture, Segment};
+
+mod capture;
 
 const SYSTEM: &str = "outrigger-system";
 const SHOP: &str = "shop";
@@ -1122,6 +1129,40 @@ spec:
   ports: [{name: http, port: 9080}, {name: tcp, port: 7000}]
 "#;
 
+/// What `tcp_echoes` sends.
+const ECHO_MESSAGE: &str = "hello, this is not HTTP\n";
+
+/// The TCP payloads a capture saw `from` send to `to`.
+fn payloads(segments: &[Segment], from: IpAddr, to: SocketAddr) -> Vec<&[u8]> {
+    segments
+        .iter()
+        .filter(|s| IpAddr::V4(s.from.0) == from && SocketAddr::from(s.to) == to)
+        .map(|s| s.payload.as_slice())
+        .collect()
+}
+
+/// The first payload of each connection a capture saw `from` open to `to`.
+fn connection_openings(segments: &[Segment], from: IpAddr, to: SocketAddr) -> Vec<&[u8]> {
+    let mut openings = std::collections::BTreeMap::new();
+    for segment in segments {
+        if IpAddr::V4(segment.from.0) == from && SocketAddr::from(segment.to) == to {
+            openings
+                .entry(segment.from.1)
+                .or_insert(segment.payload.as_slice());
+        }
+    }
+    openings.into_values().collect()
+}
+
+/// Whether `text` is in one of `payloads`.
+fn carries(payloads: &[&[u8]], text: &str) -> bool {
+    payloads.iter().any(|payload| {
+        payload
+            .windows(text.len())
+            .any(|window| window == text.as_bytes())
+    })
+}
+
 /// Five TCP round trips to `addr` from `pod` (a Deployment's, or a pod's name) in `namespace`:
 /// how many echoed.
 fn tcp_echoes(suite: &Suite, namespace: &str, pod: &str, addr: &str) -> Result<Value, String> {
@@ -1136,7 +1177,7 @@ fn tcp_echoes(suite: &Suite, namespace: &str, pod: &str, addr: &str) -> Result<V
         APP,
         "tcp",
         &format!("--addr={addr}"),
-        "--message=hello, this is not HTTP\n",
+        &format!("--message={ECHO_MESSAGE}"),
         "--count=5",
     ])?;
     let summary: Value = serde_json::from_str(&text).map_err(|err| format!("{err}: {text}"))?;
@@ -1144,7 +1185,8 @@ fn tcp_echoes(suite: &Suite, namespace: &str, pod: &str, addr: &str) -> Result<V
 }
 
 /// 6c. A namespace annotated strict: its pod's proxy serves the meshed client (over mutual TLS)
-/// and the kubelet's probe, and refuses a caller outside the mesh.
+/// and the kubelet's probe, and refuses a caller outside the mesh; TCP that is not HTTP goes over
+/// mutual TLS too, which a capture on the node's interfaces shows.
 fn strict_namespace(suite: &mut Suite) {
     let deployed = suite
         .apply(STRICT_NAMESPACE)
@@ -1199,23 +1241,42 @@ fn strict_namespace(suite: &mut Suite) {
         })(),
     );
     suite.check(
-        "TCP that is not HTTP goes over mutual TLS to the strict pod, and not in plaintext",
+        "TCP that is not HTTP goes over mutual TLS to the strict pod: a capture on the node sees \
+         TLS records only, and plaintext only from a caller outside the mesh, which is refused",
         (|| {
-            let echoed = tcp_echoes(
-                suite,
-                SHOP,
-                "deploy/client",
-                "vault.vault.svc.cluster.local:7000",
-            )?;
-            ensure!(
-                echoed == 5,
-                "the meshed client's round trips echoed: {echoed}"
-            );
             let pod = suite.only_pod("vault", "app=vault")?;
-            let echoed = tcp_echoes(suite, "outside", "bystander", &pod.addr(7000).to_string())?;
+            let client = suite.only_pod(SHOP, "app=client")?;
+            let bystander = Pod {
+                json: suite.json(&["get", "pod", "bystander", "-n", "outside"])?,
+            };
+            let [vault, client, bystander] = [&pod, &client, &bystander].map(|p| p.addr(0).ip());
+            let capture = Capture::start(&[vault, client, bystander])?;
+            let meshed = tcp_echoes(suite, SHOP, "deploy/client", "vault.vault.svc.cluster.local:7000");
+            let outside = tcp_echoes(suite, "outside", "bystander", &pod.addr(7000).to_string());
+            let segments = capture.stop();
+            let echoed = meshed?;
+            ensure!(echoed == 5, "the meshed client's round trips echoed: {echoed}");
+            let echoed = outside?;
+            ensure!(echoed == 0, "a caller outside the mesh got an echo: {echoed}");
+            let to_vault = SocketAddr::new(vault, 7000);
+            let meshed = payloads(&segments, client, to_vault);
+            let openings = connection_openings(&segments, client, to_vault);
             ensure!(
-                echoed == 0,
-                "a caller outside the mesh got an echo: {echoed}"
+                openings.len() >= 5 && openings.iter().all(|opening| opening.starts_with(&[0x16, 0x03])),
+                "the meshed client's connections to {to_vault} do not all open with a TLS \
+                 handshake record: {} seen, the first bytes of each {:?}",
+                openings.len(),
+                openings.iter().map(|opening| &opening[..opening.len().min(8)]).collect::<Vec<_>>()
+            );
+            ensure!(
+                !carries(&meshed, ECHO_MESSAGE),
+                "the meshed client's message crossed the node in plaintext"
+            );
+            let outside = payloads(&segments, bystander, to_vault);
+            ensure!(
+                carries(&outside, ECHO_MESSAGE),
+                "the capture did not see the plaintext of the caller outside the mesh ({} segments)",
+                outside.len()
             );
             let exposition = metrics(pod.addr(4191))?;
             let accepted = series_sum(

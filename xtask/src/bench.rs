@@ -52,6 +52,13 @@ pub struct ProxyArgs {
     /// Keep-alive connections per path (default: the bench's).
     #[arg(long)]
     connections: Option<String>,
+    /// Callers opening mutual TLS connections to the server proxy at once (default: the bench's).
+    #[arg(long)]
+    handshake_callers: Option<String>,
+    /// Leave out the two-proxy path (mutual TLS), which starts the test cluster's API server and
+    /// the controller.
+    #[arg(long)]
+    no_mesh: bool,
     /// Markdown file whose `## Proxy` section receives the results, relative to the workspace root.
     #[arg(long, default_value = "docs/benchmarks.md")]
     write: PathBuf,
@@ -130,9 +137,13 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         "-p",
         "outrigger-proxy",
         "-p",
+        "outrigger-controller",
+        "-p",
         "outrigger-tests",
         "--bin",
         "outrigger-proxy",
+        "--bin",
+        "outrigger-controller",
         "--bin",
         "outrigger-bench",
     ])?;
@@ -145,11 +156,17 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         .arg(&proxy_bin)
         .arg("--command")
         .arg(crate::invocation());
+    if !args.no_mesh {
+        bench
+            .arg("--controller-bin")
+            .arg(release.join("outrigger-controller"));
+    }
     let forwarded = [
         ("--rates", &args.rates),
         ("--duration", &args.duration),
         ("--warmup", &args.warmup),
         ("--connections", &args.connections),
+        ("--handshake-callers", &args.handshake_callers),
     ];
     run_bench(bench, &forwarded, args.no_write, &args.write)
 }

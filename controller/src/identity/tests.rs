@@ -612,3 +612,29 @@ async fn the_controller_serves_a_certificate_for_its_own_identity_and_reads_its_
     let (chain, _) = handshake(&serving, None).await;
     assert_chains_to(&chain, &anchor);
 }
+
+#[test]
+fn a_certificate_lifetime_under_ten_seconds_is_refused_naming_the_flag() {
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        settings: crate::app::Settings,
+    }
+    let parse = |lifetime: &str| {
+        <Flags as clap::Parser>::try_parse_from([
+            "outrigger-controller",
+            "--certificate-lifetime",
+            lifetime,
+        ])
+    };
+    let refused = parse("9s").err().expect("9s is refused").to_string();
+    assert!(
+        refused.contains("--certificate-lifetime") && refused.contains("at least 10s"),
+        "{refused}"
+    );
+    let taken = parse("10s").expect("10s is taken");
+    assert_eq!(
+        taken.settings.identity.certificate_lifetime,
+        Duration::from_secs(10)
+    );
+}

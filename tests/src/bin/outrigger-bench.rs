@@ -5,6 +5,8 @@
 mod control_plane;
 #[path = "outrigger-bench/loadgen.rs"]
 mod loadgen;
+#[path = "outrigger-bench/mesh.rs"]
+mod mesh;
 #[path = "outrigger-bench/proxy.rs"]
 mod proxy;
 #[path = "outrigger-bench/report.rs"]
@@ -15,12 +17,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use outrigger_tests::process::free_port;
 use outrigger_tests::{Backend, ControlPlane, destination};
 use tokio::runtime::{Handle, Runtime};
 
 use loadgen::{Load, Target};
+use mesh::{MESH_AUTHORITY, Mesh};
 use proxy::Proxy;
-use report::{Cost, Report, Row, Summary};
+use report::{Cost, MeshFigures, Report, Row, Summary};
 
 /// The Service the proxied path calls, as the proxy resolves it from the request's authority.
 const SERVICE_AUTHORITY: &str = "bench.default.svc.cluster.local:80";
@@ -51,6 +55,15 @@ struct ProxyArgs {
     /// The outrigger-proxy binary to measure.
     #[arg(long, required_unless_present = "direct_only")]
     proxy_bin: Option<PathBuf>,
+    /// The outrigger-controller binary: with it, the two-proxy path too (a client proxy calling a
+    /// server proxy over mutual TLS, both certified by the controller against the test
+    /// cluster's API server), and the server proxy's handshakes per second.
+    #[arg(long)]
+    controller_bin: Option<PathBuf>,
+    /// Callers opening mutual TLS connections to the server proxy at once, for handshakes per
+    /// second.
+    #[arg(long, default_value_t = 8)]
+    handshake_callers: usize,
     /// Measure the direct path only: a baseline for the load generator itself.
     #[arg(long, conflicts_with = "write")]
     direct_only: bool,
@@ -116,7 +129,9 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
 
     let mut proxied = match (&args.proxy_bin, args.direct_only) {
         (Some(bin), false) => {
-            let proxy = Proxy::start(client, bin, &control_plane.url(), backend.addr)?;
+            let flags = ["--namespace", "default", "--workload", "bench-client"].map(String::from);
+            let paths = (backend.addr, free_port()?);
+            let proxy = Proxy::start(client, bin, &control_plane.url(), paths, &flags)?;
             eprintln!("proxy ready, pid {}", proxy.pid());
             let target = Target {
                 addr: proxy.outbound,
@@ -136,6 +151,23 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
         Some((proxy, _, _)) => Some(proxy.memory()?.rss),
         None => None,
     };
+    let mut mesh = match (&args.proxy_bin, &args.controller_bin, args.direct_only) {
+        (Some(proxy_bin), Some(controller_bin), false) => {
+            let mesh = Mesh::start(client, proxy_bin, controller_bin, backend.addr)?;
+            eprintln!(
+                "two-proxy path ready, client proxy pid {}, server proxy pid {}",
+                mesh.client.pid(),
+                mesh.server.pid()
+            );
+            let idle_rss = [mesh.client.memory()?.rss, mesh.server.memory()?.rss];
+            Some((mesh, idle_rss))
+        }
+        _ => None,
+    };
+    let mesh_target = mesh.as_ref().map(|(mesh, _)| Target {
+        addr: mesh.client.outbound,
+        authority: MESH_AUTHORITY.into(),
+    });
 
     let mut rows = Vec::new();
     for &rate in &args.rates {
@@ -152,24 +184,55 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
         progress(rate, "direct", &direct_summary);
         let (proxied_summary, policies_summary) = match &mut proxied {
             Some((proxy, target, policies)) => {
-                let (summary, cost) = proxied_run(client, proxy, target, &load)?;
+                let (summary, [cost]) = proxied_run(client, [proxy], target, &load)?;
                 progress(rate, "proxied", &summary);
-                let (with_policies, policies_cost) = proxied_run(client, proxy, policies, &load)?;
+                let (with_policies, [policies_cost]) =
+                    proxied_run(client, [proxy], policies, &load)?;
                 progress(rate, "policies", &with_policies);
                 (Some((summary, cost)), Some((with_policies, policies_cost)))
             }
             None => (None, None),
+        };
+        let mesh_summary = match (&mut mesh, &mesh_target) {
+            (Some((mesh, _)), Some(target)) => {
+                mesh.check_running()?;
+                let (summary, costs) =
+                    proxied_run(client, [&mut mesh.client, &mut mesh.server], target, &load)?;
+                progress(rate, "2 proxies", &summary);
+                Some((summary, costs))
+            }
+            _ => None,
         };
         rows.push(Row {
             rate,
             direct: direct_summary,
             proxied: proxied_summary,
             policies: policies_summary,
+            mesh: mesh_summary,
         });
     }
 
     let peak_rss = match &proxied {
         Some((proxy, _, _)) => Some(proxy.memory()?.peak),
+        None => None,
+    };
+    let mesh_figures = match &mut mesh {
+        Some((mesh, idle_rss)) => {
+            let peak_rss = [mesh.client.memory()?.peak, mesh.server.memory()?.peak];
+            let callers = args.handshake_callers;
+            let (handshakes, handshake_cost) = mesh.handshakes(client, callers, args.duration)?;
+            eprintln!(
+                "mutual TLS handshakes: {handshakes} in {:?} from {callers} callers",
+                handshake_cost.wall
+            );
+            Some(MeshFigures {
+                idle_rss: *idle_rss,
+                peak_rss,
+                handshakes,
+                callers,
+                handshake_cost,
+            })
+        }
         None => None,
     };
     let report = Report {
@@ -182,6 +245,7 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
         rows,
         idle_rss,
         peak_rss,
+        mesh: mesh_figures,
     };
     let markdown = report.markdown();
     println!("{markdown}");
@@ -227,25 +291,36 @@ fn check_answers(client: &Handle, target: &Target, what: &str) -> Result<()> {
     }
 }
 
-/// One proxied run, with the proxy's CPU time and memory around it.
-fn proxied_run(
+/// One run through `proxies`, with each one's CPU time and memory around it.
+fn proxied_run<const N: usize>(
     client: &Handle,
-    proxy: &mut Proxy,
+    mut proxies: [&mut Proxy; N],
     target: &Target,
     load: &Load,
-) -> Result<(Summary, Cost)> {
-    proxy.check_running()?;
-    let (cpu_before, started) = (proxy.cpu_time()?, Instant::now());
+) -> Result<(Summary, [Cost; N])> {
+    let mut cpu_before = [Duration::ZERO; N];
+    for (proxy, before) in proxies.iter_mut().zip(&mut cpu_before) {
+        proxy.check_running()?;
+        *before = proxy.cpu_time()?;
+    }
+    let started = Instant::now();
     let measured = loadgen::run(client, target, load).context("proxied run")?;
-    let (cpu_after, wall) = (proxy.cpu_time()?, started.elapsed());
-    proxy.check_running()?;
-    let cost = Cost {
-        cpu: cpu_after.saturating_sub(cpu_before),
-        wall,
-        requests: measured.handled,
-        rss: proxy.memory()?.rss,
-    };
-    Ok((Summary::of(&measured, load.duration), cost))
+    let wall = started.elapsed();
+    let mut costs = Vec::with_capacity(N);
+    for (proxy, before) in proxies.iter_mut().zip(cpu_before) {
+        let cpu = proxy.cpu_time()?.saturating_sub(before);
+        proxy.check_running()?;
+        costs.push(Cost {
+            cpu,
+            wall,
+            requests: measured.handled,
+            rss: proxy.memory()?.rss,
+        });
+    }
+    let costs = costs
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one cost per proxy"));
+    Ok((Summary::of(&measured, load.duration), costs))
 }
 
 fn progress(rate: u32, path: &str, s: &Summary) {
@@ -345,12 +420,22 @@ fn setup(args: &ProxyArgs) -> String {
         "open loop, {} keep-alive HTTP/1.1 connections per path; at each rate a direct run then a \
          proxied run then a run through the proxy to a Service with every policy enabled (a route, \
          split, timeout, retries with budget and per-try timeout, outlier detection, pool limits, \
-         rate limit, fault injection at 0%; none of them trips), each {:?} of unrecorded warm-up \
+         rate limit, fault injection at 0%; none of them trips){}, each {:?} of unrecorded warm-up \
          then {:?} recorded. The load generator, the \
-         backend and the proxy run side by side on this machine's {cores} cores and compete for \
+         backend and the proxies run side by side on this machine's {cores} cores and compete for \
          them, so absolute latencies and the highest sustained rates describe the whole setup on \
          this machine, not the proxy alone.",
-        args.connections, args.warmup, args.duration
+        args.connections,
+        match args.controller_bin {
+            Some(_) =>
+                ", then a run through two proxies: a client proxy calling a server proxy \
+                        over mutual TLS (TLS 1.3, X25519MLKEM768) in front of the backend, both \
+                        certified by the controller, which checks their tokens with the test \
+                        cluster's API server",
+            None => "",
+        },
+        args.warmup,
+        args.duration
     )
 }
 

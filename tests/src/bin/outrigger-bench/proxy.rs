@@ -15,32 +15,38 @@ use tokio::runtime::Handle;
 pub struct Proxy {
     process: ChildProcess,
     pub outbound: SocketAddr,
+    pub admin: SocketAddr,
 }
 
 impl Proxy {
-    /// Starts `bin` as workload `bench-client` in namespace `default` and waits until its admin
-    /// server reports ready.
+    /// Starts `bin` in front of `app`, its inbound listener on `inbound`, with `flags` (its
+    /// namespace, workload and identity), and waits until its admin server reports ready.
     pub fn start(
         runtime: &Handle,
         bin: &Path,
         control_plane: &str,
-        app: SocketAddr,
+        (app, inbound): (SocketAddr, SocketAddr),
+        flags: &[String],
     ) -> Result<Self> {
-        let [outbound, inbound, admin] = [free_port()?, free_port()?, free_port()?];
+        let [outbound, admin] = [free_port()?, free_port()?];
         let mut process = ChildProcess::spawn(
             "bench-proxy",
             Command::new(bin)
                 .args(["--control-plane", control_plane])
-                .args(["--namespace", "default", "--workload", "bench-client"])
                 .args(["--outbound-addr", &outbound.to_string()])
                 .args(["--inbound-addr", &inbound.to_string()])
                 .args(["--app-addr", &app.to_string()])
                 .args(["--admin-addr", &admin.to_string()])
                 // The backends listen on loopback too.
-                .arg("--allow-loopback-endpoints"),
+                .arg("--allow-loopback-endpoints")
+                .args(flags),
         )?;
-        runtime.block_on(process.wait_ready(admin, "/ready", Duration::from_secs(30)))?;
-        Ok(Self { process, outbound })
+        runtime.block_on(process.wait_ready(admin, "/ready", Duration::from_secs(60)))?;
+        Ok(Self {
+            process,
+            outbound,
+            admin,
+        })
     }
 
     /// Fails, with the end of the proxy's log, if the proxy has exited.

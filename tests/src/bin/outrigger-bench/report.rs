@@ -78,6 +78,20 @@ pub struct Row {
     pub proxied: Option<(Summary, Cost)>,
     /// Through the proxy to a Service with every policy enabled.
     pub policies: Option<(Summary, Cost)>,
+    /// Through a client proxy and a server proxy, over mutual TLS: the cost of each.
+    pub mesh: Option<(Summary, [Cost; 2])>,
+}
+
+/// What the two-proxy path measured besides its rows.
+pub struct MeshFigures {
+    /// Of the client proxy, then the server proxy: bytes resident once ready, and at most.
+    pub idle_rss: [u64; 2],
+    pub peak_rss: [u64; 2],
+    /// Mutual TLS handshakes the server proxy accepted, from this many callers at once.
+    pub handshakes: u64,
+    pub callers: usize,
+    /// The server proxy's, during the handshakes (its `requests` are the handshakes).
+    pub handshake_cost: Cost,
 }
 
 pub struct Report {
@@ -89,6 +103,7 @@ pub struct Report {
     /// Bytes resident once ready, before any load, and at most during the whole run.
     pub idle_rss: Option<u64>,
     pub peak_rss: Option<u64>,
+    pub mesh: Option<MeshFigures>,
 }
 
 /// Percentiles of proxied minus direct: what the proxy adds, in microseconds.
@@ -155,7 +170,8 @@ impl Report {
         let _ = writeln!(
             w,
             "What the proxy adds to a plain HTTP/1.1 GET: the same load generator sends to a \
-             backend directly and through the proxy's outbound listener.\n"
+             backend directly, through the proxy's outbound listener, and through two proxies \
+             (client and server, over mutual TLS), as between two meshed pods.\n"
         );
         let _ = writeln!(w, "- Command: `{}`", self.command);
         let _ = writeln!(w, "- Date: {}", self.date);
@@ -196,6 +212,15 @@ impl Report {
                         row.rate
                     );
                 }
+                if let Some((mesh, _)) = &row.mesh {
+                    line(w, "two proxies, mTLS", mesh);
+                    let [p50, p99, p999] = added(mesh, &row.direct);
+                    let _ = writeln!(
+                        w,
+                        "| {} | **added by two proxies** | | **{p50:+}** | **{p99:+}** | **{p999:+}** | | | |",
+                        row.rate
+                    );
+                }
             }
         }
 
@@ -218,6 +243,14 @@ impl Report {
             }));
             let _ = writeln!(w, "- proxied: {}", sustained_text(proxied));
             let _ = writeln!(w, "- proxied / direct: {}", ratio_text(proxied, direct));
+            if self.rows.iter().all(|r| r.mesh.is_some()) {
+                let mesh = max_sustained(self.rows.iter().filter_map(|r| {
+                    let (summary, _) = r.mesh.as_ref()?;
+                    Some((r.rate, summary.sustains(r.rate)))
+                }));
+                let _ = writeln!(w, "- two proxies, mTLS: {}", sustained_text(mesh));
+                let _ = writeln!(w, "- two proxies / direct: {}", ratio_text(mesh, direct));
+            }
 
             let _ = writeln!(
                 w,
@@ -229,17 +262,24 @@ impl Report {
             );
             let _ = writeln!(w, "|---:|---|---:|---:|---:|");
             for row in &self.rows {
-                for (path, run) in [("proxied", &row.proxied), ("every policy", &row.policies)] {
-                    if let Some((_, cost)) = run {
-                        let _ = writeln!(
-                            w,
-                            "| {} | {path} | {:.1} | {:.0}% | {} |",
-                            row.rate,
-                            cost.cpu_ms_per_1k(),
-                            cost.cpu_percent(),
-                            mib(cost.rss)
-                        );
-                    }
+                let single = [("proxied", &row.proxied), ("every policy", &row.policies)]
+                    .into_iter()
+                    .filter_map(|(path, run)| Some((path, &run.as_ref()?.1)));
+                let mesh = row.mesh.iter().flat_map(|(_, [client, server])| {
+                    [
+                        ("two proxies: client's", client),
+                        ("two proxies: server's", server),
+                    ]
+                });
+                for (path, cost) in single.chain(mesh) {
+                    let _ = writeln!(
+                        w,
+                        "| {} | {path} | {:.1} | {:.0}% | {} |",
+                        row.rate,
+                        cost.cpu_ms_per_1k(),
+                        cost.cpu_percent(),
+                        mib(cost.rss)
+                    );
                 }
             }
             if let (Some(idle), Some(peak)) = (self.idle_rss, self.peak_rss) {
@@ -248,6 +288,23 @@ impl Report {
                     "\nProxy resident memory: {} idle (ready, before any load), {} at most (VmHWM).",
                     mib(idle),
                     mib(peak)
+                );
+            }
+            if let Some(mesh) = &self.mesh {
+                let _ = writeln!(
+                    w,
+                    "\nTwo proxies, mTLS: resident memory of the client proxy {} idle, {} at most; \
+                     of the server proxy {} idle, {} at most (VmHWM). Mutual TLS handshakes the \
+                     server proxy completed, each on a new connection from {} callers at once: \
+                     {:.0} per second, {:.2} ms of its CPU each.",
+                    mib(mesh.idle_rss[0]),
+                    mib(mesh.peak_rss[0]),
+                    mib(mesh.idle_rss[1]),
+                    mib(mesh.peak_rss[1]),
+                    mesh.callers,
+                    mesh.handshakes as f64
+                        / mesh.handshake_cost.wall.as_secs_f64().max(f64::EPSILON),
+                    mesh.handshake_cost.cpu_ms_per_1k() / 1e3,
                 );
             }
         }
