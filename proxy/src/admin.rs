@@ -51,8 +51,8 @@ impl Admin {
         }
     }
 
-    /// Ready once a first configuration is applied and, when the proxy is to have an identity,
-    /// it has one; else what it waits for (with an identity to get, the configuration stream
+    /// Ready once the control plane has welcomed the proxy and answered for the pod's inbound
+    /// side and, when the proxy is to have an identity, it has one; else what it waits for (with an identity to get, the configuration stream
     /// waits for it first).
     fn readiness(&self) -> Result<(), &'static str> {
         if let Some(identity) = &self.identity
@@ -61,7 +61,9 @@ impl Admin {
             return Err("waiting for a certificate from the control plane\n");
         }
         if !*self.ready.borrow() {
-            return Err("waiting for the control plane\n");
+            return Err(
+                "waiting for the control plane (its welcome, and the pod's inbound policies)\n",
+            );
         }
         Ok(())
     }

@@ -1242,7 +1242,8 @@ fn strict_namespace(suite: &mut Suite) {
     );
     suite.check(
         "TCP that is not HTTP goes over mutual TLS to the strict pod: a capture on the node sees \
-         TLS records only, and plaintext only from a caller outside the mesh, which is refused",
+         each connection open with a TLS handshake, and plaintext only from a caller outside the \
+         mesh, which is refused",
         (|| {
             let pod = suite.only_pod("vault", "app=vault")?;
             let client = suite.only_pod(SHOP, "app=client")?;

@@ -12,13 +12,19 @@ use crate::source::ObjectKey;
 /// The label an EndpointSlice names its Service with.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// What destinations need of an EndpointSlice: its ready endpoints only.
+/// What destinations need of an EndpointSlice: its ready endpoints; and for pods' inbound sides,
+/// the pods of the others too.
 #[derive(Debug, PartialEq)]
 pub(super) struct SliceState {
     pub(super) service: ObjectKey,
     /// Port name -> the port endpoints listen on.
     pub(super) ports: BTreeMap<String, u16>,
     pub(super) endpoints: Vec<SliceEndpoint>,
+    /// The pods of endpoints not ready: starting (the app not ready yet) or terminating. No
+    /// caller is sent to them through the mesh, but their proxies enforce the Service's
+    /// AuthorizationPolicies all the same: a pod is reachable at its address before it is ready
+    /// and while it drains, and its policy must be in force by then.
+    pub(super) unready_pods: Vec<String>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -32,8 +38,8 @@ pub(super) struct SliceEndpoint {
 pub(super) struct Slices {
     slices: HashMap<ObjectKey, SliceState>,
     by_service: HashMap<ObjectKey, ServiceSlices>,
-    /// Per pod, the slices with a ready endpoint on it, so that a label change rebuilds only
-    /// their groups.
+    /// Per pod, the slices with an endpoint on it (ready or not), so that a label change rebuilds
+    /// only their groups.
     by_pod: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
 }
 
@@ -72,7 +78,7 @@ impl Slices {
         self.slices.get(key)
     }
 
-    /// The pods with a ready endpoint of `service`.
+    /// The pods with an endpoint of `service`, ready or not.
     pub(super) fn pods_of_service<'a>(
         &'a self,
         service: &'a ObjectKey,
@@ -81,7 +87,7 @@ impl Slices {
             .flat_map(move |(_, slice)| slice.pods(&service.namespace))
     }
 
-    /// The slices with a ready endpoint on `pod`, with their Service.
+    /// The slices with an endpoint on `pod`, ready or not, with their Service.
     pub(super) fn on_pod<'a>(
         &'a self,
         pod: &ObjectKey,
@@ -192,26 +198,28 @@ impl SliceState {
                 Some((port.name.clone().unwrap_or_default(), number))
             })
             .collect();
-        let endpoints = slice
-            .endpoints
-            .iter()
-            // Unknown readiness counts as ready, as the EndpointSlice API says.
-            .filter(|endpoint| {
-                endpoint
-                    .conditions
-                    .as_ref()
-                    .and_then(|c| c.ready)
-                    .unwrap_or(true)
-            })
+        let pod_of = |endpoint: &k8s_openapi::api::discovery::v1::Endpoint| {
+            endpoint
+                .target_ref
+                .as_ref()
+                .filter(|target| target.kind.as_deref() == Some("Pod"))
+                .and_then(|target| target.name.clone())
+        };
+        // Unknown readiness counts as ready, as the EndpointSlice API says.
+        let (ready, unready): (Vec<_>, Vec<_>) = slice.endpoints.iter().partition(|endpoint| {
+            endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(true)
+        });
+        let endpoints = ready
+            .into_iter()
             // Consumers use the first address only; FQDN slices have no IPs and are skipped.
             .filter_map(|endpoint| {
                 Some(SliceEndpoint {
                     ip: endpoint.addresses.first()?.parse().ok()?,
-                    pod: endpoint
-                        .target_ref
-                        .as_ref()
-                        .filter(|target| target.kind.as_deref() == Some("Pod"))
-                        .and_then(|target| target.name.clone()),
+                    pod: pod_of(endpoint),
                 })
             })
             .collect();
@@ -219,12 +227,16 @@ impl SliceState {
             service: ObjectKey::new(namespace, service.as_str()),
             ports,
             endpoints,
+            unready_pods: unready.into_iter().filter_map(pod_of).collect(),
         })
     }
 
+    /// The pods of its endpoints, ready or not.
     fn pods<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = ObjectKey> + 'a {
         self.endpoints
             .iter()
-            .filter_map(move |endpoint| Some(ObjectKey::new(namespace, endpoint.pod.as_deref()?)))
+            .filter_map(|endpoint| endpoint.pod.as_deref())
+            .chain(self.unready_pods.iter().map(String::as_str))
+            .map(move |pod| ObjectKey::new(namespace, pod))
     }
 }

@@ -64,8 +64,10 @@ const FETCH_ATTEMPTS: u32 = 4;
 /// Each `Endpoints` call gets this long; a call that hangs would otherwise stall the stream.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs until `shutdown`. `ready` turns true at the first Welcome and stays true.
-/// What is applied under the pod's own key goes to `inbound`.
+/// Runs until `shutdown`. `ready` turns true once a stream has been welcomed and has had its
+/// answer for the pod's inbound key, and stays true: the app, which the injector starts only
+/// then, is never served before the pod's AuthorizationPolicies are known. What is applied under
+/// the pod's own key goes to `inbound`.
 pub async fn run(
     control_plane: ControlPlane,
     resolver: Resolver,
@@ -161,6 +163,7 @@ async fn session(
         metrics,
         loopback_endpoints: control_plane.loopback_endpoints,
         welcomed: false,
+        inbound_answered: false,
     };
     let first_sweep = tokio::time::Instant::now() + control_plane.idle_timeout;
     let mut sweeps = tokio::time::interval_at(first_sweep, control_plane.idle_timeout);
@@ -231,6 +234,8 @@ struct Stream<'a> {
     loopback_endpoints: LoopbackEndpoints,
     /// The controller has said Welcome on this stream.
     welcomed: bool,
+    /// It has answered for the pod's inbound key: a policy, or that none applies.
+    inbound_answered: bool,
 }
 
 impl Stream<'_> {
@@ -267,6 +272,12 @@ impl Stream<'_> {
             .await
     }
 
+    fn report_ready(&self, ready: &watch::Sender<bool>) {
+        if self.welcomed && self.inbound_answered {
+            ready.send_replace(true);
+        }
+    }
+
     async fn receive(
         &mut self,
         message: proto::ControllerMessage,
@@ -279,11 +290,17 @@ impl Stream<'_> {
                 self.metrics.control_plane_connected.set(1);
                 self.resolver
                     .set_control_plane(ControlPlaneState::Connected);
-                ready.send_replace(true);
+                self.report_ready(ready);
                 Ok(())
             }
             Some(controller_message::Message::Update(update)) => {
-                match self.update(update).await.context("fetching endpoints")? {
+                let inbound = self.inbound.is(&update.key);
+                let reply = self.update(update).await.context("fetching endpoints")?;
+                if inbound {
+                    self.inbound_answered = true;
+                    self.report_ready(ready);
+                }
+                match reply {
                     Some(reply) => self.send(reply).await,
                     None => Ok(()),
                 }
@@ -292,6 +309,8 @@ impl Stream<'_> {
                 if self.inbound.is(&unknown.key) =>
             {
                 self.inbound.clear();
+                self.inbound_answered = true;
+                self.report_ready(ready);
                 Ok(())
             }
             Some(controller_message::Message::Unknown(unknown)) => {
@@ -539,6 +558,80 @@ mod tests {
         let (call, calls) = scripted(vec![Err(NotFound), Ok(7)]);
         assert_eq!(with_retries(call).await.unwrap_err().code(), NotFound);
         assert_eq!(calls.get(), 1);
+    }
+
+    fn message(message: controller_message::Message) -> proto::ControllerMessage {
+        proto::ControllerMessage {
+            message: Some(message),
+        }
+    }
+
+    fn unknown(key: &str) -> proto::ControllerMessage {
+        message(controller_message::Message::Unknown(
+            proto::DestinationUnknown {
+                key: key.into(),
+                reason: "no such thing".into(),
+            },
+        ))
+    }
+
+    #[tokio::test]
+    async fn ready_only_once_welcomed_and_told_the_pod_s_inbound_policies() {
+        let identity = Identity {
+            namespace: "shop".into(),
+            workload: "reviews-0".into(),
+            service_account: "reviews".into(),
+        };
+        let inbound_key = "inbound:shop/reviews-0";
+        let welcome = || {
+            message(controller_message::Message::Welcome(proto::Welcome {
+                controller: "test".into(),
+            }))
+        };
+        let policy = message(controller_message::Message::Update(
+            proto::DestinationUpdate {
+                key: inbound_key.into(),
+                version: "1".into(),
+                destination: proto::Destination {
+                    namespace: "shop".into(),
+                    inbound: Some(proto::Inbound { ports: Vec::new() }),
+                    ..Default::default()
+                }
+                .encode_to_vec()
+                .into(),
+            },
+        ));
+        // The inbound key's answer may be a policy or that none applies, before or after Welcome.
+        for answers in [
+            vec![welcome(), unknown(KEY), unknown(inbound_key)],
+            vec![policy, welcome()],
+        ] {
+            let channel =
+                tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+            let (outgoing, _sent) = mpsc::channel(8);
+            let (resolver, _subscriptions) =
+                Resolver::new(Metrics::new(), crate::tls::no_identity());
+            let (applied, _authorization) = watch::channel(std::sync::Arc::default());
+            let inbound = InboundKey::new(&identity, applied);
+            let (mut held, metrics) = (HeldEndpoints::default(), Metrics::new());
+            let mut stream = Stream {
+                client: DiscoveryClient::new(channel),
+                outgoing,
+                resolver: &resolver,
+                inbound: &inbound,
+                held: &mut held,
+                metrics: &metrics,
+                loopback_endpoints: LoopbackEndpoints::Refused,
+                welcomed: false,
+                inbound_answered: false,
+            };
+            let (ready, readiness) = watch::channel(false);
+            let last = answers.len() - 1;
+            for (i, answer) in answers.into_iter().enumerate() {
+                stream.receive(answer, &ready).await.unwrap();
+                assert_eq!(*readiness.borrow(), i == last, "after answer {i}");
+            }
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use outrigger_tests::process::free_port;
+use outrigger_tests::process::{free_port, host_address};
 use outrigger_tests::{Backend, ControlPlane, destination};
 use tokio::runtime::{Handle, Runtime};
 
@@ -114,7 +114,12 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
     let client_runtime = runtime("bench-client")?;
     let client = client_runtime.handle();
 
-    let backend = backend_runtime.block_on(Backend::start("bench"));
+    // On this machine's address, not loopback: the server proxy of the two-proxy path passes
+    // callers from other addresses only to an app that is not on loopback, as in a pod.
+    let backend = backend_runtime.block_on(Backend::start_on(
+        std::net::SocketAddr::new(host_address(), 0),
+        "bench",
+    ));
     let control_plane = backend_runtime.block_on(ControlPlane::start());
     control_plane.publish(
         SERVICE_AUTHORITY,
@@ -160,6 +165,7 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
                 mesh.server.pid()
             );
             let idle_rss = [mesh.client.memory()?.rss, mesh.server.memory()?.rss];
+            settle()?;
             Some((mesh, idle_rss))
         }
         _ => None,
@@ -467,6 +473,20 @@ fn machine() -> Result<String> {
         kernel.trim(),
         busy * 100.0
     ))
+}
+
+/// Waits, up to a minute, for a second in which the machine is under 10% busy: the API server
+/// and the controller the two-proxy path started do their start-up work before the runs, not
+/// during the first ones.
+fn settle() -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let busy = cpu_busy(Duration::from_secs(1))?;
+        if busy < 0.1 || Instant::now() >= deadline {
+            eprintln!("machine {:.0}% busy before the runs", busy * 100.0);
+            return Ok(());
+        }
+    }
 }
 
 /// The share of all CPUs' time that was not idle over `window`.
