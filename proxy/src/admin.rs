@@ -1,6 +1,7 @@
 //! The admin server: `/metrics`, `/live`, `/ready`, `/config`, `/endpoints`. The injected proxy
 //! serves it on every address, for kubelet probes and Prometheus; `/config` and `/endpoints` (every
-//! destination's policy, pods and addresses) are for loopback only (`kubectl port-forward`).
+//! destination's policy, pods and addresses, and the pod's AuthorizationPolicies) are for loopback
+//! only (`kubectl port-forward`).
 
 use std::net::SocketAddr;
 
@@ -9,10 +10,13 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use std::sync::Arc;
+
 use crate::http::body::{Body, full};
 use crate::identity::Held;
 use crate::metrics::Metrics;
 use crate::outbound::resolve::{Resolution, Resolver};
+use crate::policy::InboundAuthorization;
 
 #[derive(Clone)]
 pub struct Admin {
@@ -21,6 +25,8 @@ pub struct Admin {
     pub ready: watch::Receiver<bool>,
     /// The workload's identity, when the proxy is to have one: not ready until it does.
     pub identity: Option<Held>,
+    /// What the inbound side enforces.
+    pub inbound: watch::Receiver<Arc<InboundAuthorization>>,
 }
 
 impl Admin {
@@ -93,6 +99,7 @@ impl Admin {
             .collect();
         json!({
             "ready": *self.ready.borrow(),
+            "inbound": self.inbound.borrow().describe(),
             "destinations": destinations,
         })
     }
@@ -150,8 +157,6 @@ fn json_response(value: Value) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::identity::tests::certified;
 
@@ -166,6 +171,7 @@ mod tests {
             resolver,
             ready,
             identity: Some(identity),
+            inbound: watch::channel(Arc::default()).1,
         };
         assert!(admin.readiness().unwrap_err().contains("control plane"));
         configured.send_replace(true);

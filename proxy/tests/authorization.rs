@@ -53,6 +53,22 @@ async fn a_pods_policies_refuse_the_callers_they_do_not_allow_and_audit_only_cou
     assert_eq!(app.hits(), 1, "the denied request never reached the app");
     let counted = r#"outrigger_authz_decisions_total{policy="shop/readers",decision="deny"}"#;
     assert_eq!(metric(proxy.admin, counted).await, 1.0);
+    // `/config` shows what is in force.
+    let config: serde_json::Value =
+        serde_json::from_str(&admin_get(proxy.admin, "/config").await.body).unwrap();
+    let inbound = &config["inbound"];
+    assert_eq!(inbound["version"], enforced, "{config}");
+    let policy = &inbound["ports"][port.to_string()][0];
+    assert_eq!(
+        (&policy["policy"], &policy["action"], &policy["mode"]),
+        (&"shop/readers".into(), &"ALLOW".into(), &"Enforce".into()),
+        "{config}"
+    );
+    assert_eq!(
+        policy["rules"][0]["from"][0]["serviceAccounts"],
+        serde_json::json!(["shop/productpage"]),
+        "{config}"
+    );
 
     let audit = cp.publish(KEY, readers(port, true));
     applied(&mut cp, &audit).await;

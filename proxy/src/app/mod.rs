@@ -164,14 +164,20 @@ impl Proxy {
             identity: identity.clone(),
             mode: settings.inbound_mtls,
             probes: settings.inbound_probes.clone().into(),
-            authorizer: Authorizer::new(authorization, metrics.clone()),
+            authorizer: Authorizer::new(authorization.clone(), metrics.clone()),
         };
-        // Not ready without an identity, when it has one to get.
-        let awaited = getting_identity.then_some(identity);
+        let admin_server = Admin {
+            metrics: metrics.clone(),
+            resolver: resolver.clone(),
+            ready,
+            // Not ready without an identity, when it has one to get.
+            identity: getting_identity.then_some(identity),
+            inbound: authorization,
+        };
         tokio::join!(
-            servers.outbound(outbound, resolver.clone()),
+            servers.outbound(outbound, resolver),
             servers.inbound(inbound, own_ports, inbound_tls),
-            servers.admin(admin, resolver, ready, awaited),
+            servers.admin(admin, admin_server),
         );
         let _ = control.await;
     }
@@ -298,19 +304,7 @@ impl Servers<'_> {
         .await
     }
 
-    async fn admin(
-        &self,
-        listeners: Listeners,
-        resolver: Resolver,
-        ready: watch::Receiver<bool>,
-        identity: Option<identity::Held>,
-    ) {
-        let admin = Admin {
-            metrics: self.metrics.clone(),
-            resolver,
-            ready,
-            identity,
-        };
+    async fn admin(&self, listeners: Listeners, admin: Admin) {
         self.serve(listeners, Side::Admin, move |connection| {
             let admin = admin.clone();
             Some(std::future::ready(Handling::Serve(

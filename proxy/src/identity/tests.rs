@@ -26,6 +26,14 @@ pub(crate) fn reviews() -> SpiffeId {
     }
 }
 
+/// Another identity of the same namespace, for reviews' callers.
+pub(crate) fn productpage() -> SpiffeId {
+    SpiffeId {
+        service_account: "productpage".into(),
+        ..reviews()
+    }
+}
+
 /// How the test's authority answers the next request.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Answer {

@@ -189,15 +189,8 @@ mod tests {
     use tokio_rustls::{TlsAcceptor, TlsConnector};
 
     use super::*;
-    use crate::identity::tests::{TestAuthority, certified_by, reviews};
+    use crate::identity::tests::{TestAuthority, certified_by, productpage, reviews};
     use crate::tls::{CertifiedIdentity, server_name};
-
-    fn productpage() -> SpiffeId {
-        SpiffeId {
-            service_account: "productpage".into(),
-            ..reviews()
-        }
-    }
 
     fn holding(identity: CertifiedIdentity) -> Held {
         watch::channel(Some(Arc::new(identity))).1

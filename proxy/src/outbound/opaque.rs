@@ -75,19 +75,11 @@ mod tests {
     use tokio_rustls::TlsAcceptor;
 
     use super::*;
-    use crate::identity::tests::{TestAuthority, certified_by, reviews};
+    use crate::identity::tests::{TestAuthority, certified_by, productpage, reviews};
     use crate::metrics::Metrics;
     use crate::outbound::resolve::Resolver;
     use crate::outbound::resolve::tests::web;
     use crate::policy::EndpointConfig;
-
-    /// The client's identity, as the outbound side of `productpage` holds it.
-    fn productpage() -> SpiffeId {
-        SpiffeId {
-            service_account: "productpage".into(),
-            ..reviews()
-        }
-    }
 
     #[tokio::test]
     async fn bytes_to_a_meshed_service_go_over_mutual_tls_to_an_endpoint_it_picks() {

@@ -6,7 +6,9 @@
 //! same way, apart, and only counted. A port without policies allows everything, at the cost of
 //! one map lookup.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{Value, json};
 
 use crate::metrics::Name;
 
@@ -18,6 +20,22 @@ pub struct InboundAuthorization {
     pub ports: HashMap<u16, Vec<AuthorizationPolicy>>,
 }
 
+impl InboundAuthorization {
+    /// What `/config` shows: the version, and per port (in order) its policies and their rules.
+    pub fn describe(&self) -> Value {
+        let ports: BTreeMap<String, Value> = self
+            .ports
+            .iter()
+            .map(|(port, policies)| {
+                let policies: Vec<Value> =
+                    policies.iter().map(AuthorizationPolicy::describe).collect();
+                (port.to_string(), Value::Array(policies))
+            })
+            .collect();
+        json!({"version": self.version, "ports": ports})
+    }
+}
+
 #[derive(Debug)]
 pub struct AuthorizationPolicy {
     /// `namespace/name`.
@@ -25,6 +43,54 @@ pub struct AuthorizationPolicy {
     pub action: Action,
     pub audit: bool,
     pub rules: Vec<AuthorizationRule>,
+}
+
+impl AuthorizationPolicy {
+    fn describe(&self) -> Value {
+        let rules: Vec<Value> = self
+            .rules
+            .iter()
+            .map(|rule| {
+                let from: Vec<Value> = rule
+                    .sources
+                    .iter()
+                    .map(|source| {
+                        json!({
+                            "serviceAccounts": source.service_accounts,
+                            "namespaces": source.namespaces,
+                        })
+                    })
+                    .collect();
+                let to: Vec<Value> = rule
+                    .targets
+                    .iter()
+                    .map(|target| {
+                        let paths: Vec<Value> = target
+                            .paths
+                            .iter()
+                            .map(|path| match path {
+                                PathMatch::Exact(path) => json!({"exact": path}),
+                                PathMatch::Prefix(path) => json!({"prefix": path}),
+                            })
+                            .collect();
+                        let methods: Vec<&str> =
+                            target.methods.iter().map(http::Method::as_str).collect();
+                        json!({"paths": paths, "methods": methods})
+                    })
+                    .collect();
+                json!({"from": from, "to": to})
+            })
+            .collect();
+        json!({
+            "policy": &*self.name,
+            "action": match self.action {
+                Action::Allow => "ALLOW",
+                Action::Deny => "DENY",
+            },
+            "mode": if self.audit { "Audit" } else { "Enforce" },
+            "rules": rules,
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,14 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::*;
-use crate::identity::tests::{TestAuthority, certified_by, reviews};
-
-fn productpage() -> SpiffeId {
-    SpiffeId {
-        service_account: "productpage".into(),
-        ..reviews()
-    }
-}
+use crate::identity::tests::{TestAuthority, certified_by, productpage, reviews};
 
 /// The identity the server presented, as its client saw it, and the client's as the server did.
 struct Handshake {
