@@ -92,32 +92,43 @@ pub async fn start_certifying_controller(
     crate::live::start_controller_with(&all).await
 }
 
-/// A proxy for pod `workload` of `namespace` in front of `app`, certified as ServiceAccount
-/// `account` with a token `cluster` issues for the audience `outrigger`, calling the certifying
-/// controller at `control_plane` (its anchors in `dir/identity`), with `flags`; once it is ready.
+/// The flags of a proxy for pod `workload` of `namespace`, certified as ServiceAccount `account`
+/// with a token `cluster` issues for the audience `outrigger` (in a file of `dir`), trusting the
+/// certifying controller whose authority is in `dir/identity`.
+pub fn certified_pod_flags(
+    cluster: &Cluster,
+    dir: &Path,
+    (namespace, account, workload): (&str, &str, &str),
+) -> anyhow::Result<Vec<String>> {
+    let token = cluster.kubectl(&[
+        "create",
+        "token",
+        account,
+        "-n",
+        namespace,
+        "--audience",
+        "outrigger",
+    ])?;
+    let name = format!("token-{workload}");
+    let mut flags = certified_proxy_flags(dir, namespace, account, (&name, &token));
+    flags.extend(["--workload".to_string(), workload.to_string()]);
+    Ok(flags)
+}
+
+/// A proxy for pod `workload` of `namespace` in front of `app`, certified as `certified_pod_flags`
+/// says, calling the certifying controller at `control_plane`, with `flags`; once it is ready.
 pub async fn start_certified_proxy(
     cluster: &Cluster,
     control_plane: &str,
     dir: &Path,
-    (namespace, account, workload): (&str, &str, &str),
+    pod: (&str, &str, &str),
     app: SocketAddr,
     flags: &[&str],
 ) -> LiveProxy {
-    let token = cluster
-        .kubectl(&[
-            "create",
-            "token",
-            account,
-            "-n",
-            namespace,
-            "--audience",
-            "outrigger",
-        ])
-        .unwrap_or_else(|error| panic!("a token for {namespace}/{account}: {error}"));
-    let name = format!("token-{workload}");
-    let certified = certified_proxy_flags(dir, namespace, account, (&name, &token));
+    let (namespace, account, workload) = pod;
+    let certified = certified_pod_flags(cluster, dir, pod)
+        .unwrap_or_else(|error| panic!("a token for {namespace}/{account}: {error:#}"));
     let mut all: Vec<&str> = certified.iter().map(String::as_str).collect();
-    all.extend(["--workload", workload]);
     all.extend(flags);
     let proxy = crate::live::start_proxy(control_plane, app, &all).await;
     crate::e2e::eventually_within(

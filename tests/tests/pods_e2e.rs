@@ -1046,16 +1046,13 @@ fn pass_through(suite: &mut Suite) {
     suite.check(
         "TCP that is not HTTP (the echo Service) passes through unchanged",
         (|| {
-            let tcp = [
-                "tcp",
-                "--addr=echo.shop.svc.cluster.local:7000",
-                "--message=hello, this is not HTTP\n",
-                "--count=5",
-            ];
-            let text = suite.kubectl(&[&IN_CLIENT[..], &tcp].concat())?;
-            let summary: Value =
-                serde_json::from_str(&text).map_err(|err| format!("{err}: {text}"))?;
-            ensure!(summary["echoed"] == 5, "{summary}");
+            let echoed = tcp_echoes(
+                suite,
+                SHOP,
+                "deploy/client",
+                "echo.shop.svc.cluster.local:7000",
+            )?;
+            ensure!(echoed == 5, "round trips echoed: {echoed}");
             Ok(())
         })(),
     );
@@ -1134,9 +1131,7 @@ const ECHO_MESSAGE: &str = "hello, this is not HTTP\n";
 
 /// The TCP payloads a capture saw `from` send to `to`.
 fn payloads(segments: &[Segment], from: IpAddr, to: SocketAddr) -> Vec<&[u8]> {
-    segments
-        .iter()
-        .filter(|s| IpAddr::V4(s.from.0) == from && SocketAddr::from(s.to) == to)
+    sent(segments, from, to)
         .map(|s| s.payload.as_slice())
         .collect()
 }
@@ -1144,14 +1139,19 @@ fn payloads(segments: &[Segment], from: IpAddr, to: SocketAddr) -> Vec<&[u8]> {
 /// The first payload of each connection a capture saw `from` open to `to`.
 fn connection_openings(segments: &[Segment], from: IpAddr, to: SocketAddr) -> Vec<&[u8]> {
     let mut openings = std::collections::BTreeMap::new();
-    for segment in segments {
-        if IpAddr::V4(segment.from.0) == from && SocketAddr::from(segment.to) == to {
-            openings
-                .entry(segment.from.1)
-                .or_insert(segment.payload.as_slice());
-        }
+    for segment in sent(segments, from, to) {
+        openings
+            .entry(segment.from.1)
+            .or_insert(segment.payload.as_slice());
     }
     openings.into_values().collect()
+}
+
+/// The segments a capture saw `from` send to `to`, in order.
+fn sent(segments: &[Segment], from: IpAddr, to: SocketAddr) -> impl Iterator<Item = &Segment> {
+    segments
+        .iter()
+        .filter(move |s| IpAddr::V4(s.from.0) == from && SocketAddr::from(s.to) == to)
 }
 
 /// Whether `text` is in one of `payloads`.

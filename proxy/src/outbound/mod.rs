@@ -41,13 +41,16 @@ impl Outbound {
     /// in time): then the connection goes where it was going, as plain Kubernetes networking would
     /// take it, rather than failing.
     pub async fn is_outside_mesh(&self, addr: SocketAddr) -> bool {
+        !matches!(self.resolve_address(addr).await, Resolution::Ready(_))
+    }
+
+    /// The destination the control plane says owns `addr`, waiting for its first answer up to
+    /// the discovery wait.
+    async fn resolve_address(&self, addr: SocketAddr) -> Resolution {
         let lookup = self
             .resolver
             .lookup(&DestinationKey::Address(addr).to_string());
-        !matches!(
-            self.resolver.resolve(&lookup, self.discovery_wait).await,
-            Resolution::Ready(_)
-        )
+        self.resolver.resolve(&lookup, self.discovery_wait).await
     }
 }
 

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
-use outrigger_api::destination::DestinationKey;
 use rand::seq::IndexedRandom as _;
 use tokio::time::Instant;
 
@@ -26,12 +25,7 @@ impl OpaqueUpstream for Outbound {
         original_dst: SocketAddr,
     ) -> BoxFuture<'_, Option<std::io::Result<Box<dyn Io>>>> {
         Box::pin(async move {
-            let lookup = self
-                .resolver
-                .lookup(&DestinationKey::Address(original_dst).to_string());
-            let Resolution::Ready(destination) =
-                self.resolver.resolve(&lookup, self.discovery_wait).await
-            else {
+            let Resolution::Ready(destination) = self.resolve_address(original_dst).await else {
                 return None;
             };
             let Some(endpoint) = pick(&destination, Instant::now()) else {
@@ -68,6 +62,7 @@ fn pick(destination: &Destination, now: Instant) -> Option<Arc<Endpoint>> {
 mod tests {
     use std::time::Duration;
 
+    use outrigger_api::destination::DestinationKey;
     use outrigger_api::identity::SpiffeId;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;

@@ -16,7 +16,7 @@ use outrigger_api::identity::SpiffeId;
 use outrigger_cluster::Cluster;
 use outrigger_proxy::CertifiedIdentity;
 use outrigger_tests::dashboards::series_sum;
-use outrigger_tests::identity::{certified_proxy_flags, meshed_service, write_authority};
+use outrigger_tests::identity::{certified_pod_flags, meshed_service, write_authority};
 use outrigger_tests::process::{ChildProcess, free_port, host_address};
 use tokio::runtime::Handle;
 use tokio_rustls::TlsConnector;
@@ -83,20 +83,12 @@ impl Mesh {
         runtime.block_on(controller.wait_ready(admin, "/ready", PATIENCE))?;
         let control_plane = format!("http://{grpc}");
 
-        let certified = |account: &str| -> Result<Vec<String>> {
-            let token = cluster.kubectl(&[
-                "create",
-                "token",
-                account,
-                "-n",
-                NAMESPACE,
-                "--audience",
-                "outrigger",
-            ])?;
-            let file = format!("token-{account}");
-            let mut flags = certified_proxy_flags(dir.path(), NAMESPACE, account, (&file, &token));
-            flags.extend(["--workload".to_string(), format!("{account}-0")]);
-            Ok(flags)
+        let certified = |account: &str| {
+            certified_pod_flags(
+                &cluster,
+                dir.path(),
+                (NAMESPACE, account, &format!("{account}-0")),
+            )
         };
         let server_inbound = TcpListener::bind((host_address(), 0))
             .and_then(|listener| listener.local_addr())
