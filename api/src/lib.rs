@@ -6,6 +6,8 @@ pub mod codec;
 pub mod defaults;
 pub mod destination;
 pub mod duration;
+#[cfg(feature = "crd")]
+pub mod gateway;
 pub mod identity;
 #[cfg(feature = "logging")]
 pub mod logging;

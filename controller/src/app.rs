@@ -211,9 +211,16 @@ impl Controller {
                     identity,
                     lease_duration: leader.lease_duration,
                 };
-                tasks.spawn(status::authorization_policy::run(
+                tasks.spawn(status::write_authorization_policies(
                     clients.call.clone(),
                     index.authorization_reports(),
+                    inputs.leading.clone(),
+                    ready.clone(),
+                    self.metrics.clone(),
+                ));
+                tasks.spawn(status::write_routes(
+                    clients.call.clone(),
+                    index.route_reports(),
                     inputs.leading.clone(),
                     ready.clone(),
                     self.metrics.clone(),

@@ -163,7 +163,11 @@ mod tests {
     #[tokio::test]
     async fn ready_waits_for_an_identity_when_the_proxy_is_to_have_one() {
         let metrics = Metrics::new();
-        let (resolver, _subscriptions) = Resolver::new(metrics.clone(), crate::tls::no_identity());
+        let (resolver, _subscriptions) = Resolver::new(
+            metrics.clone(),
+            crate::tls::no_identity(),
+            std::time::Duration::from_secs(5),
+        );
         let (configured, ready) = watch::channel(false);
         let (held, identity) = watch::channel(None);
         let admin = Admin {

@@ -304,6 +304,12 @@ fn text(code: u16, body: &str, request: &http::Request<Incoming>) -> http::Respo
     } else if let Some(authority) = request.uri().authority() {
         builder = builder.header("x-seen-host", authority.as_str());
     }
+    // Headers a test sets, or a route adds, come back so that the test can see them arrive.
+    for (name, value) in request.headers() {
+        if let Some(name) = name.as_str().strip_prefix("x-test-") {
+            builder = builder.header(format!("x-seen-{name}"), value);
+        }
+    }
     for hop in ["connection", "keep-alive", "proxy-connection", "x-hop"] {
         if request.headers().contains_key(hop) {
             builder = builder.header("x-seen-hop-header", hop);

@@ -82,21 +82,58 @@ impl RunningProxy {
 /// Status and body of `GET {path}` with `Host: {host}` sent to `addr`; None when there is no
 /// answer within 10 s.
 pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Option<(u16, String)> {
+    let answer = request(addr, host, path, &[]).await?;
+    Some((answer.status, answer.body))
+}
+
+/// What a call got back.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    /// The value of a response header, empty when it has none.
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+/// `GET {path}` with `Host: {host}` and `headers` sent to `addr`, on a connection of its own;
+/// None when there is no answer within 10 s.
+pub async fn request(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<Answer> {
     let exchange = async {
         let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
         let (mut send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .ok()?;
         tokio::spawn(connection);
-        let request = http::Request::builder()
+        let mut request = http::Request::builder()
             .uri(path)
-            .header(http::header::HOST, host)
-            .body(Empty::<Bytes>::new())
-            .unwrap();
+            .header(http::header::HOST, host);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Empty::<Bytes>::new()).unwrap();
         let response = send.send_request(request).await.ok()?;
         let status = response.status().as_u16();
+        let headers = response.headers().clone();
         let body = response.into_body().collect().await.ok()?.to_bytes();
-        Some((status, String::from_utf8_lossy(&body).into_owned()))
+        Some(Answer {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
     };
     tokio::time::timeout(Duration::from_secs(10), exchange)
         .await

@@ -293,6 +293,26 @@ fn the_controller_gets_least_privilege() {
             ),
             ("discovery.k8s.io".into(), "endpointslices".into(), read()),
             (
+                "gateway.networking.k8s.io".into(),
+                "grpcroutes".into(),
+                read()
+            ),
+            (
+                "gateway.networking.k8s.io".into(),
+                "grpcroutes/status".into(),
+                vec!["patch".into()]
+            ),
+            (
+                "gateway.networking.k8s.io".into(),
+                "httproutes".into(),
+                read()
+            ),
+            (
+                "gateway.networking.k8s.io".into(),
+                "httproutes/status".into(),
+                vec!["patch".into()]
+            ),
+            (
                 "outrigger.dev".into(),
                 "authorizationpolicies".into(),
                 read()

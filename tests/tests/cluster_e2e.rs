@@ -71,6 +71,25 @@ impl TestCluster {
             "crd/destinationpolicies.outrigger.dev",
             "--timeout=60s",
         ]);
+        // The Gateway API's standard channel, as the conformance suite's release ships it: the
+        // chart leaves these CRDs to the user. Server-side: they are too large for the
+        // annotation a client-side apply writes.
+        let gateway_api = test_cluster
+            .workspace
+            .join("tests/conformance/crds/standard.yaml");
+        test_cluster.kubectl(&[
+            "apply",
+            "--server-side",
+            "-f",
+            gateway_api.to_str().unwrap(),
+        ]);
+        test_cluster.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/httproutes.gateway.networking.k8s.io",
+            "crd/grpcroutes.gateway.networking.k8s.io",
+            "--timeout=60s",
+        ]);
         test_cluster.kubectl(&["create", "namespace", SYSTEM_NAMESPACE]);
         let chart =
             test_cluster.helm_template(&["templates/serviceaccount.yaml", "templates/rbac.yaml"]);
@@ -1092,4 +1111,152 @@ async fn watches_recover_from_an_api_server_restart_and_proxies_keep_their_confi
     proxy.stop().await;
     late.stop().await;
     controller.stop();
+}
+
+/// An HTTPRoute of `reviews` in `namespace`: its parents are the Service (port 9080), a Service
+/// that does not exist and another controller's Gateway; `more_backends` follow `reviews:9080`.
+fn reviews_route(namespace: &str, more_backends: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{name: reviews, namespace: {namespace}}}\n\
+         spec:\n\
+         \x20 parentRefs:\n\
+         \x20 - {{group: '', kind: Service, name: reviews, port: 9080}}\n\
+         \x20 - {{group: '', kind: Service, name: missing}}\n\
+         \x20 - {{name: some-gateway}}\n\
+         \x20 rules:\n\
+         \x20 - filters:\n\
+         \x20   - type: ResponseHeaderModifier\n\
+         \x20     responseHeaderModifier: {{set: [{{name: X-Route, value: reviews}}]}}\n\
+         \x20   backendRefs:\n\
+         \x20   - {{name: reviews, port: 9080}}\n{more_backends}"
+    )
+}
+
+/// The route's entry of `status.parents` for the parent named `parent`, written by `controller`.
+fn parent_entry<'a>(route: &'a Value, controller: &str, parent: &str) -> &'a Value {
+    route["status"]["parents"]
+        .as_array()
+        .and_then(|parents| {
+            parents.iter().find(|entry| {
+                entry["controllerName"] == controller && entry["parentRef"]["name"] == parent
+            })
+        })
+        .unwrap_or(&Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_serves_and_gets_status_per_service_parent_beside_other_controllers_entries() {
+    let cluster = cluster().await;
+    let namespace = "routes";
+    let reviews = Reviews::start(&cluster, namespace, &[("v1", 1)]).await;
+    let controller = ControllerProcess::start(&cluster, "routes-controller").await;
+    cluster.apply(&reviews_route(
+        namespace,
+        "  \x20 - {name: nowhere, port: 80, weight: 0}\n",
+    ));
+    // Another controller's entry, for its Gateway: Outrigger's writes must keep it.
+    cluster.kubectl(&[
+        "patch",
+        "httproute",
+        "reviews",
+        "--namespace",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"parents":[{"parentRef":{"name":"some-gateway"},
+            "controllerName":"example.com/gateway","conditions":[{"type":"Accepted",
+            "status":"True","reason":"Accepted","message":"","observedGeneration":1,
+            "lastTransitionTime":"2026-01-01T00:00:00Z"}]}]}}"#,
+    ]);
+
+    let route = |cluster: &TestCluster| -> Value {
+        let json = cluster.kubectl(&["get", "httproute", "reviews", "-n", namespace, "-o", "json"]);
+        serde_json::from_str(&json).unwrap()
+    };
+    let route_until = |what: &'static str, check: fn(&Value) -> bool| {
+        let cluster = &*cluster;
+        async move {
+            let until = tokio::time::Instant::now() + STATUS_DEADLINE;
+            loop {
+                let route = route(cluster);
+                if check(&route) {
+                    return route;
+                }
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "timed out waiting until {what}: {:#}",
+                    route["status"]
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let condition = |route: &Value, parent: &str, type_: &str| -> (String, String, bool) {
+        let entry = parent_entry(route, "outrigger.dev/mesh", parent);
+        let condition = entry["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == type_))
+            .cloned()
+            .unwrap_or_default();
+        (
+            condition["status"].as_str().unwrap_or("").to_string(),
+            condition["reason"].as_str().unwrap_or("").to_string(),
+            condition["observedGeneration"] == route["metadata"]["generation"],
+        )
+    };
+    let written = route_until("Outrigger wrote both Service parents", |route| {
+        !parent_entry(route, "outrigger.dev/mesh", "reviews").is_null()
+            && !parent_entry(route, "outrigger.dev/mesh", "missing").is_null()
+    })
+    .await;
+    assert_eq!(
+        condition(&written, "reviews", "Accepted"),
+        ("True".into(), "Accepted".into(), true)
+    );
+    assert_eq!(
+        condition(&written, "reviews", "ResolvedRefs"),
+        ("False".into(), "BackendNotFound".into(), true)
+    );
+    assert_eq!(
+        condition(&written, "missing", "Accepted"),
+        ("False".into(), "NoMatchingParent".into(), true)
+    );
+    assert!(
+        !parent_entry(&written, "example.com/gateway", "some-gateway").is_null(),
+        "the other controller's entry is kept: {:#}",
+        written["status"]
+    );
+    assert!(
+        parent_entry(&written, "outrigger.dev/mesh", "some-gateway").is_null(),
+        "a Gateway parent is not Outrigger's"
+    );
+
+    // The route is in force for calls to the Service, and its weight-0 backend breaks nothing.
+    let proxy = RunningProxy::start(controller.grpc, namespace, "client").await;
+    eventually("calls to reviews take the route", || async {
+        let answer = outrigger_tests::e2e::request(proxy.outbound, REVIEWS, "/", &[]).await;
+        answer.is_some_and(|a| a.status == 200 && a.header("x-route") == "reviews")
+    })
+    .await;
+
+    // A new generation: status follows it.
+    cluster.apply(&reviews_route(namespace, ""));
+    let resolved = route_until("ResolvedRefs turns True at the new generation", |route| {
+        let entry = parent_entry(route, "outrigger.dev/mesh", "reviews");
+        entry["conditions"].as_array().is_some_and(|conditions| {
+            conditions.iter().any(|c| {
+                c["type"] == "ResolvedRefs"
+                    && c["status"] == "True"
+                    && c["observedGeneration"] == route["metadata"]["generation"]
+            })
+        })
+    })
+    .await;
+    assert_eq!(resolved["metadata"]["generation"], 2);
+    assert!(!parent_entry(&resolved, "example.com/gateway", "some-gateway").is_null());
+    proxy.stop().await;
+    controller.stop();
+    drop(reviews);
 }

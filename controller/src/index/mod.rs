@@ -22,6 +22,7 @@ mod inbound;
 mod pod;
 mod policy;
 mod report;
+mod route;
 mod service;
 mod slice;
 #[cfg(test)]
@@ -42,6 +43,8 @@ use self::groups::{Groups, Inputs};
 use self::pod::Pods;
 use self::policy::Policies;
 pub use self::report::{PolicyReport, PolicyReports, Problem};
+use self::route::Routes;
+pub use self::route::{RouteReport, RouteReports};
 use self::service::Services;
 use self::slice::{Slices, Touched};
 use crate::distribute::{Snapshot, Snapshots};
@@ -56,6 +59,7 @@ pub struct Index {
     pods: Pods,
     policies: Policies,
     authorizations: Authorizations,
+    routes: Routes,
     groups: Groups,
     inbound: inbound::Published,
     /// Per Service, the keys published for it and their versions.
@@ -63,6 +67,7 @@ pub struct Index {
     synced: watch::Sender<bool>,
     reports: watch::Sender<PolicyReports>,
     authorization_reports: watch::Sender<AuthorizationReports>,
+    route_reports: watch::Sender<RouteReports>,
     /// Of the identities meshed endpoints present: the controller's, which it certifies.
     trust_domain: String,
 }
@@ -78,12 +83,14 @@ impl Index {
             pods: Pods::default(),
             policies: Policies::default(),
             authorizations: Authorizations::default(),
+            routes: Routes::default(),
             groups: Groups::default(),
             inbound: inbound::Published::default(),
             published: HashMap::new(),
             synced: watch::Sender::new(false),
             reports: watch::Sender::new(PolicyReports::new()),
             authorization_reports: watch::Sender::new(AuthorizationReports::new()),
+            route_reports: watch::Sender::new(RouteReports::new()),
         }
     }
 
@@ -101,6 +108,12 @@ impl Index {
     /// What status needs of every AuthorizationPolicy, kept up to date as changes are applied.
     pub fn authorization_reports(&self) -> watch::Receiver<AuthorizationReports> {
         self.authorization_reports.subscribe()
+    }
+
+    /// What status needs of every HTTPRoute and GRPCRoute, kept up to date as changes are
+    /// applied.
+    pub fn route_reports(&self) -> watch::Receiver<RouteReports> {
+        self.route_reports.subscribe()
     }
 
     /// Applies changes until every sender is gone.
@@ -122,8 +135,10 @@ impl Index {
             .filter(|reference| reference.kind == Kind::DestinationPolicy)
             .map(|reference| reference.key);
         let changed_authorization = changed
+            .clone()
             .filter(|reference| reference.kind == Kind::AuthorizationPolicy)
             .map(|reference| reference.key);
+        let changed_route = changed.filter(|reference| reference.kind.is_optional());
         let affected: BTreeSet<ObjectKey> = match change {
             Change::Applied(object) => {
                 let Some(reference) = object.reference() else {
@@ -147,6 +162,12 @@ impl Index {
                 return;
             }
         };
+        // A Service's ports decide the backends of the routes that send to it.
+        let affected: BTreeSet<ObjectKey> = affected
+            .iter()
+            .flat_map(|service| self.routes.parents_of_backend(service))
+            .chain(affected.iter().cloned())
+            .collect();
         for service in &affected {
             self.recompute(service, changed_at);
         }
@@ -165,6 +186,30 @@ impl Index {
             .chain(changed_authorization)
             .collect();
         self.report_authorizations(authorizations);
+        let routes = affected
+            .iter()
+            .flat_map(|service| self.routes.of_service(service))
+            .chain(changed_route)
+            .collect();
+        self.report_routes(routes);
+    }
+
+    /// Brings the reports of these routes up to date.
+    fn report_routes(&self, routes: BTreeSet<ObjectRef>) {
+        self.route_reports.send_if_modified(|reports| {
+            let mut modified = false;
+            for reference in routes {
+                let report = self.routes.report(&reference, &self.services);
+                if reports.get(&reference) != report.as_ref() {
+                    modified = true;
+                    match report {
+                        Some(report) => reports.insert(reference, report),
+                        None => reports.remove(&reference),
+                    };
+                }
+            }
+            modified
+        });
     }
 
     /// Forgets an object; returns the Services it affected.
@@ -188,6 +233,7 @@ impl Index {
             Kind::Pod => BTreeSet::new(),
             Kind::DestinationPolicy => self.policies.remove(key).into_iter().collect(),
             Kind::AuthorizationPolicy => self.authorizations.remove(key),
+            Kind::HttpRoute | Kind::GrpcRoute => self.routes.remove(reference),
         }
     }
 
@@ -217,6 +263,13 @@ impl Index {
                 .collect(),
             Object::AuthorizationPolicy(policy) => {
                 self.authorizations.insert(key, &policy, &self.metrics)
+            }
+            route @ (Object::HttpRoute(_) | Object::GrpcRoute(_)) => {
+                let reference = ObjectRef {
+                    kind: route.kind(),
+                    key,
+                };
+                self.routes.insert(reference, &route)
             }
         }
     }
@@ -309,6 +362,7 @@ impl Index {
                 // Named by `Snapshot::known`, from the groups.
                 endpoint_groups: Vec::new(),
                 inbound: None,
+                http_routes: self.routes.tables(service, port.port, &self.services),
             };
             let by_name = DestinationKey::Service {
                 namespace: service.namespace.clone(),
@@ -329,11 +383,7 @@ impl Index {
 }
 
 /// Removes `key` from the set of `owner`, and the set once empty.
-fn remove_from(
-    index: &mut HashMap<ObjectKey, BTreeSet<ObjectKey>>,
-    owner: &ObjectKey,
-    key: &ObjectKey,
-) {
+fn remove_from<T: Ord>(index: &mut HashMap<ObjectKey, BTreeSet<T>>, owner: &ObjectKey, key: &T) {
     if let Some(keys) = index.get_mut(owner) {
         keys.remove(key);
         if keys.is_empty() {

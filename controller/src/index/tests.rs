@@ -938,3 +938,324 @@ fn a_pod_port_two_services_reach_gets_the_policies_of_both_and_follows_their_por
     index.apply(deleted(Kind::Service, "reviews-admin"));
     assert_eq!(inbound(&snapshots, "reviews-1"), None);
 }
+
+/// A Service of `shop` with a ClusterIP and these ports (name, port).
+fn shop_service(name: &str, ip: &str, ports: &[u16]) -> Change {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|port| json!({"name": format!("p{port}"), "port": port}))
+        .collect();
+    Change::Applied(Object::Service(Box::new(object(json!({
+        "metadata": {"namespace": "shop", "name": name},
+        "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": ports},
+    })))))
+}
+
+fn http_route(namespace: &str, name: &str, created: &str, spec: Value) -> Change {
+    Change::Applied(Object::HttpRoute(Box::new(object(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {
+            "namespace": namespace, "name": name, "generation": 2, "uid": format!("uid-{name}"),
+            "creationTimestamp": created,
+        },
+        "spec": spec,
+    })))))
+}
+
+fn route_ref(namespace: &str, name: &str) -> ObjectRef {
+    ObjectRef {
+        kind: Kind::HttpRoute,
+        key: ObjectKey::new(namespace, name),
+    }
+}
+
+/// `echo` (80, 8080) with the backends `echo-v1` and `echo-v2` (both 8080).
+fn echo_services(index: &mut Index) {
+    index.apply(shop_service("echo", "10.96.1.1", &[80, 8080]));
+    index.apply(shop_service("echo-v1", "10.96.1.2", &[8080]));
+    index.apply(shop_service("echo-v2", "10.96.1.3", &[8080]));
+}
+
+fn weighted_route() -> Value {
+    json!({
+        "parentRefs": [{"group": "", "kind": "Service", "name": "echo", "port": 80}],
+        "rules": [
+            {
+                "matches": [{"path": {"type": "Exact", "value": "/v2"}}],
+                "backendRefs": [{"name": "echo-v2", "port": 8080}],
+            },
+            {
+                "backendRefs": [
+                    {"name": "echo-v1", "port": 8080, "weight": 70},
+                    {"name": "echo-v2", "port": 8080, "weight": 30},
+                    {"name": "echo-v3", "port": 8080, "weight": 0},
+                ],
+            },
+        ],
+    })
+}
+
+fn backends(rule: &proto::HttpRouteRule) -> Vec<(String, u32, String)> {
+    rule.backends
+        .iter()
+        .map(|b| (b.key.clone(), b.weight, b.unresolved.clone()))
+        .collect()
+}
+
+#[test]
+fn a_route_is_published_in_the_destination_of_the_service_port_it_attaches_to() {
+    let (mut index, snapshots) = index();
+    echo_services(&mut index);
+    index.apply(http_route(
+        "shop",
+        "split",
+        "2026-01-01T00:00:00Z",
+        weighted_route(),
+    ));
+
+    let echo = known(&snapshots, "echo.shop.svc.cluster.local:80");
+    assert_eq!(
+        echo,
+        known(&snapshots, "10.96.1.1:80"),
+        "by name and by address"
+    );
+    let [table] = echo.http_routes.as_slice() else {
+        panic!("one table: {:?}", echo.http_routes)
+    };
+    assert_eq!(table.consumer_namespace, "", "the producer routes");
+    assert_eq!(table.rules.len(), 2);
+    assert_eq!(table.rules[0].route, "HTTPRoute/shop/split");
+    assert_eq!(
+        backends(&table.rules[1]),
+        [
+            (
+                "echo-v1.shop.svc.cluster.local:8080".into(),
+                70,
+                String::new()
+            ),
+            (
+                "echo-v2.shop.svc.cluster.local:8080".into(),
+                30,
+                String::new()
+            ),
+            (String::new(), 0, "no Service shop/echo-v3".into()),
+        ]
+    );
+    // The exact path first; the rule without matches matches every path.
+    use proto::http_route_match::Path;
+    let matches: Vec<_> = table
+        .matches
+        .iter()
+        .map(|m| (m.rule, m.path.clone()))
+        .collect();
+    assert_eq!(
+        matches,
+        [
+            (0, Some(Path::Exact("/v2".into()))),
+            (1, Some(Path::Prefix("/".into())))
+        ]
+    );
+    // The parentRef names port 80: the Service's other port, and its backends, have none.
+    assert!(
+        known(&snapshots, "echo.shop.svc.cluster.local:8080")
+            .http_routes
+            .is_empty()
+    );
+    assert!(
+        known(&snapshots, "echo-v1.shop.svc.cluster.local:8080")
+            .http_routes
+            .is_empty()
+    );
+
+    let reports = index.route_reports().borrow().clone();
+    let report = &reports[&route_ref("shop", "split")];
+    assert_eq!(report.generation, 2);
+    let [parent] = report.parents.as_slice() else {
+        panic!("one parent: {:?}", report.parents)
+    };
+    assert_eq!(parent.accepted, Ok(()));
+    assert_eq!(
+        parent.resolved_refs,
+        Err(problem("BackendNotFound", "no Service shop/echo-v3"))
+    );
+}
+
+#[test]
+fn a_backend_service_that_appears_or_goes_changes_the_routes_that_send_to_it() {
+    let (mut index, snapshots) = index();
+    echo_services(&mut index);
+    index.apply(http_route(
+        "shop",
+        "split",
+        "2026-01-01T00:00:00Z",
+        weighted_route(),
+    ));
+
+    index.apply(shop_service("echo-v3", "10.96.1.4", &[8080]));
+    let echo = known(&snapshots, "echo.shop.svc.cluster.local:80");
+    assert_eq!(
+        backends(&echo.http_routes[0].rules[1])[2],
+        (
+            "echo-v3.shop.svc.cluster.local:8080".into(),
+            0,
+            String::new()
+        )
+    );
+    let resolved = |index: &Index| {
+        index.route_reports().borrow()[&route_ref("shop", "split")].parents[0]
+            .resolved_refs
+            .clone()
+    };
+    assert_eq!(resolved(&index), Ok(()));
+
+    index.apply(shop_service("echo-v2", "10.96.1.3", &[9090]));
+    let echo = known(&snapshots, "echo.shop.svc.cluster.local:80");
+    assert_eq!(
+        backends(&echo.http_routes[0].rules[0]),
+        [(
+            String::new(),
+            1,
+            "Service shop/echo-v2 has no port 8080".into()
+        )]
+    );
+    assert_eq!(
+        resolved(&index),
+        Err(problem(
+            "BackendNotFound",
+            "Service shop/echo-v2 has no port 8080"
+        ))
+    );
+}
+
+#[test]
+fn a_route_without_a_port_attaches_to_every_port_and_its_deletion_withdraws_it() {
+    let (mut index, snapshots) = index();
+    echo_services(&mut index);
+    index.apply(http_route(
+        "shop",
+        "all-ports",
+        "2026-01-01T00:00:00Z",
+        json!({
+            "parentRefs": [{"group": "", "kind": "Service", "name": "echo"}],
+            "rules": [{"backendRefs": [{"name": "echo-v1", "port": 8080}]}],
+        }),
+    ));
+    for port in [80, 8080] {
+        let echo = known(&snapshots, &format!("echo.shop.svc.cluster.local:{port}"));
+        assert_eq!(echo.http_routes.len(), 1, "port {port}");
+    }
+
+    index.apply(deleted(Kind::HttpRoute, "all-ports"));
+    for port in [80, 8080] {
+        let echo = known(&snapshots, &format!("echo.shop.svc.cluster.local:{port}"));
+        assert!(echo.http_routes.is_empty(), "port {port}");
+    }
+    assert!(index.route_reports().borrow().is_empty());
+}
+
+#[test]
+fn consumer_routes_get_a_table_of_their_namespace_beside_the_producer_routes() {
+    let (mut index, snapshots) = index();
+    echo_services(&mut index);
+    index.apply(http_route(
+        "shop",
+        "split",
+        "2026-01-01T00:00:00Z",
+        weighted_route(),
+    ));
+    index.apply(http_route(
+        "frontend",
+        "mine",
+        "2026-01-02T00:00:00Z",
+        json!({
+            "parentRefs": [{"group": "", "kind": "Service", "name": "echo", "namespace": "shop"}],
+            "rules": [{
+                "filters": [{
+                    "type": "ResponseHeaderModifier",
+                    "responseHeaderModifier": {"set": [{"name": "X-Header-Set", "value": "set"}]},
+                }],
+                // No ReferenceGrant: a mesh route may send to any namespace's Service.
+                "backendRefs": [{"name": "echo-v1", "namespace": "shop", "port": 8080}],
+            }],
+        }),
+    ));
+    let echo = known(&snapshots, "echo.shop.svc.cluster.local:80");
+    let tables: Vec<_> = echo
+        .http_routes
+        .iter()
+        .map(|t| (t.consumer_namespace.as_str(), t.rules[0].route.as_str()))
+        .collect();
+    assert_eq!(
+        tables,
+        [
+            ("", "HTTPRoute/shop/split"),
+            ("frontend", "HTTPRoute/frontend/mine")
+        ]
+    );
+    let consumer = &echo.http_routes[1];
+    assert_eq!(
+        backends(&consumer.rules[0]),
+        [(
+            "echo-v1.shop.svc.cluster.local:8080".into(),
+            1,
+            String::new()
+        )]
+    );
+    let reports = index.route_reports().borrow().clone();
+    assert_eq!(
+        reports[&route_ref("frontend", "mine")].parents[0].accepted,
+        Ok(())
+    );
+}
+
+#[test]
+fn a_parent_that_is_not_a_service_port_is_not_accepted_and_fields_unknown_are_named() {
+    let (mut index, _snapshots) = index();
+    echo_services(&mut index);
+    index.apply(http_route(
+        "shop",
+        "odd",
+        "2026-01-01T00:00:00Z",
+        json!({
+            "parentRefs": [
+                {"group": "", "kind": "Service", "name": "echo", "port": 81},
+                {"group": "", "kind": "Service", "name": "missing"},
+                // Not a mesh parent: another controller's.
+                {"name": "some-gateway"},
+            ],
+            "rules": [{
+                "sessionPersistence": {"sessionName": "s"},
+                "filters": [{"type": "CORS", "cors": {"allowOrigins": ["*"]}}],
+                "backendRefs": [{"name": "echo-v1", "port": 8080}],
+            }],
+        }),
+    ));
+    let reports = index.route_reports().borrow().clone();
+    let report = &reports[&route_ref("shop", "odd")];
+    let accepted: Vec<_> = report.parents.iter().map(|p| p.accepted.clone()).collect();
+    assert_eq!(
+        accepted,
+        [
+            Err(problem(
+                "NoMatchingParent",
+                "Service shop/echo has no port 81"
+            )),
+            Err(problem("NoMatchingParent", "no Service shop/missing")),
+        ]
+    );
+    let parent = &report.parents[0];
+    assert_eq!(
+        parent.ignored,
+        [
+            "spec.rules[0].sessionPersistence",
+            "spec.rules[0].filters[0].cors"
+        ]
+    );
+    assert_eq!(
+        parent.partially_invalid.as_deref(),
+        Some(
+            "these rules answer 500: spec.rules[0].filters[0]: filter type `CORS` is not supported"
+        )
+    );
+}

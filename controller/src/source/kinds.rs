@@ -15,6 +15,7 @@ use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, Resource};
 use outrigger_api::authz::AuthorizationPolicy;
+use outrigger_api::gateway::{GRPCRoute, HTTPRoute};
 use outrigger_api::policy::DestinationPolicy;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -33,6 +34,8 @@ pub enum Kind {
     Pod,
     DestinationPolicy,
     AuthorizationPolicy,
+    HttpRoute,
+    GrpcRoute,
 }
 
 /// An object of a kind the index reads.
@@ -43,15 +46,19 @@ pub enum Object {
     Pod(Box<Pod>),
     DestinationPolicy(Box<DestinationPolicy>),
     AuthorizationPolicy(Box<AuthorizationPolicy>),
+    HttpRoute(Box<HTTPRoute>),
+    GrpcRoute(Box<GRPCRoute>),
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
         Kind::DestinationPolicy,
         Kind::AuthorizationPolicy,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
     ];
 
     /// The kind's name in messages: `Services`.
@@ -62,6 +69,8 @@ impl Kind {
             Self::Pod => "Pods",
             Self::DestinationPolicy => "DestinationPolicies",
             Self::AuthorizationPolicy => "AuthorizationPolicies",
+            Self::HttpRoute => "HTTPRoutes",
+            Self::GrpcRoute => "GRPCRoutes",
         }
     }
 
@@ -73,6 +82,8 @@ impl Kind {
             Self::Pod => ("v1", "Pod"),
             Self::DestinationPolicy => ("outrigger.dev/v1alpha1", "DestinationPolicy"),
             Self::AuthorizationPolicy => ("outrigger.dev/v1alpha1", "AuthorizationPolicy"),
+            Self::HttpRoute => ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+            Self::GrpcRoute => ("gateway.networking.k8s.io/v1", "GRPCRoute"),
         }
     }
 
@@ -92,10 +103,19 @@ impl Kind {
         matches!(self, Self::DestinationPolicy | Self::AuthorizationPolicy)
     }
 
+    /// Whether the cluster may well not have the kind: the Gateway API's CRDs are the user's to
+    /// install, before or after Outrigger. Until they are, there are none of it.
+    pub fn is_optional(self) -> bool {
+        matches!(self, Self::HttpRoute | Self::GrpcRoute)
+    }
+
     /// Whether the controller writes the status of objects of this kind: changes that leave their
     /// generation alone are its own writes (or metadata) and need no recompute.
     pub fn status_is_ours(self) -> bool {
-        matches!(self, Self::DestinationPolicy | Self::AuthorizationPolicy)
+        matches!(
+            self,
+            Self::DestinationPolicy | Self::AuthorizationPolicy | Self::HttpRoute | Self::GrpcRoute
+        )
     }
 
     /// Reads one manifest document of this kind.
@@ -115,6 +135,8 @@ impl Kind {
             Self::AuthorizationPolicy => {
                 Object::AuthorizationPolicy(Box::new(AuthorizationPolicy::deserialize(document)?))
             }
+            Self::HttpRoute => Object::HttpRoute(Box::new(HTTPRoute::deserialize(document)?)),
+            Self::GrpcRoute => Object::GrpcRoute(Box::new(GRPCRoute::deserialize(document)?)),
         })
     }
 
@@ -135,6 +157,12 @@ impl Kind {
             Self::AuthorizationPolicy => watch_api(Api::<AuthorizationPolicy>::all(client), |o| {
                 Object::AuthorizationPolicy(Box::new(o))
             }),
+            Self::HttpRoute => watch_api(Api::<HTTPRoute>::all(client), |o| {
+                Object::HttpRoute(Box::new(o))
+            }),
+            Self::GrpcRoute => watch_api(Api::<GRPCRoute>::all(client), |o| {
+                Object::GrpcRoute(Box::new(o))
+            }),
         }
     }
 }
@@ -147,6 +175,8 @@ impl Object {
             Self::Pod(o) => &o.metadata,
             Self::DestinationPolicy(o) => &o.metadata,
             Self::AuthorizationPolicy(o) => &o.metadata,
+            Self::HttpRoute(o) => &o.metadata,
+            Self::GrpcRoute(o) => &o.metadata,
         }
     }
 
@@ -157,6 +187,8 @@ impl Object {
             Self::Pod(o) => &mut o.metadata,
             Self::DestinationPolicy(o) => &mut o.metadata,
             Self::AuthorizationPolicy(o) => &mut o.metadata,
+            Self::HttpRoute(o) => &mut o.metadata,
+            Self::GrpcRoute(o) => &mut o.metadata,
         }
     }
 
@@ -167,6 +199,8 @@ impl Object {
             Self::Pod(_) => Kind::Pod,
             Self::DestinationPolicy(_) => Kind::DestinationPolicy,
             Self::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Self::HttpRoute(_) => Kind::HttpRoute,
+            Self::GrpcRoute(_) => Kind::GrpcRoute,
         }
     }
 
@@ -188,7 +222,12 @@ impl Object {
             Self::AuthorizationPolicy(policy) => translate_authorization(&policy.spec)
                 .map(drop)
                 .map_err(|problem| problem.to_string()),
-            Self::Service(_) | Self::EndpointSlice(_) | Self::Pod(_) => Ok(()),
+            // What a route cannot serve is said in its status; nothing in one is refused.
+            Self::Service(_)
+            | Self::EndpointSlice(_)
+            | Self::Pod(_)
+            | Self::HttpRoute(_)
+            | Self::GrpcRoute(_) => Ok(()),
         }
     }
 }

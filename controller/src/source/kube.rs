@@ -29,9 +29,37 @@ pub async fn run(client: Client, changes: mpsc::Sender<Change>, metrics: Metrics
         events.insert(kind, kind.watch(client.clone()));
     }
     let mut mirror = Mirror::new();
+    // Optional kinds found missing, and said so once.
+    let mut absent = HashSet::new();
     while let Some((kind, event)) = events.next().await {
         let event = match event {
-            Ok(event) => event,
+            Ok(event) => {
+                if absent.remove(&kind) {
+                    tracing::info!("the {} CRD is installed now: serving them", kind.plural());
+                }
+                event
+            }
+            // None of an optional kind while its CRD is not installed: an empty list, so that
+            // the first sync does not wait for it; the watcher keeps trying, and lists them
+            // once the CRD is there.
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                if kind.is_optional() && status.is_not_found() =>
+            {
+                if absent.insert(kind) {
+                    tracing::info!(
+                        "no {} CRD installed; none are served until it is",
+                        kind.plural()
+                    );
+                    for event in [Event::Init, Event::InitDone] {
+                        for change in mirror.apply(kind, event) {
+                            if changes.send(change).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
             // The watch resumed from a version the API server no longer has: the watcher lists
             // again, as it should.
             Err(watcher::Error::WatchError(status)) if status.code == 410 => {
@@ -117,7 +145,7 @@ impl Mirror {
         if !Kind::ALL.iter().all(|kind| self.listed.contains(kind)) {
             return Vec::new();
         }
-        tracing::info!("listed Services, EndpointSlices, Pods and DestinationPolicies");
+        tracing::info!("listed every kind: serving");
         let mut changes = self.held.take().expect("held until now");
         // Stable, so that the changes of one object keep their order.
         changes.sort_by_key(|change| Reverse(kind_of(change)));
@@ -273,8 +301,10 @@ mod tests {
                 .apply(Kind::EndpointSlice, Event::InitDone)
                 .is_empty()
         );
-        for event in [Event::Init, Event::InitDone] {
-            assert!(mirror.apply(Kind::AuthorizationPolicy, event).is_empty());
+        for kind in [Kind::AuthorizationPolicy, Kind::HttpRoute, Kind::GrpcRoute] {
+            for event in [Event::Init, Event::InitDone] {
+                assert!(mirror.apply(kind, event).is_empty());
+            }
         }
         assert!(
             mirror

@@ -1,166 +1,118 @@
 //! AuthorizationPolicy status: the conditions Accepted and ResolvedRefs and `observedGeneration`,
-//! written by the leader alone (nothing in it is per replica) with server-side apply on the
-//! status subresource, on change only: a policy is written when what it should say differs from
-//! what it said when its spec was read, or from what this leader last wrote. Passes are at least
-//! [`MIN_INTERVAL`] apart; a failed write is tried again at the next pass, [`RETRY_AFTER`] later
-//! at most.
-
-use std::collections::HashMap;
-use std::time::Duration;
+//! written by the leader alone (`leader`) with server-side apply on the status subresource.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, Resource as _};
 use outrigger_api::authz::{AuthorizationPolicy, AuthorizationPolicyStatus};
-use tokio::sync::watch;
-use tokio::time::Instant;
 
+use super::FIELD_MANAGER;
 use super::conditions::{Verdict, conditions};
+use super::leader::{LeaderWritten, undated};
 use super::write::WRITE_TIMEOUT;
-use super::{FIELD_MANAGER, MIN_INTERVAL};
-use crate::index::{AuthorizationReport, AuthorizationReports};
+use crate::index::AuthorizationReport;
 use crate::kube_api::within;
-use crate::metrics::Metrics;
 use crate::source::ObjectKey;
 
-const RETRY_AFTER: Duration = Duration::from_secs(5);
+pub(super) struct AuthorizationPolicies;
 
-/// Writes the status of every AuthorizationPolicy while this replica leads, until the index is
-/// gone.
-pub async fn run(
-    client: Client,
-    mut reports: watch::Receiver<AuthorizationReports>,
-    mut leading: watch::Receiver<bool>,
-    mut synced: watch::Receiver<bool>,
-    metrics: Metrics,
-) {
-    if synced.wait_for(|synced| *synced).await.is_err() {
-        return;
+impl LeaderWritten for AuthorizationPolicies {
+    type Key = ObjectKey;
+    type Report = AuthorizationReport;
+    type Status = AuthorizationPolicyStatus;
+
+    const KIND: &'static str = "AuthorizationPolicy";
+
+    fn uid(report: &AuthorizationReport) -> &Option<String> {
+        &report.uid
     }
-    // Per policy, the uid and status this replica last wrote.
-    let mut written: HashMap<ObjectKey, (Option<String>, AuthorizationPolicyStatus)> =
-        HashMap::new();
-    let mut retry = false;
-    loop {
-        if *leading.borrow_and_update() {
-            let reports = reports.borrow_and_update().clone();
-            written.retain(|key, _| reports.contains_key(key));
-            retry = false;
-            for (key, report) in &reports {
-                let last = written
-                    .get(key)
-                    .filter(|(uid, _)| *uid == report.uid)
-                    .map(|(_, status)| status)
-                    .or(report.status.as_ref());
-                let status = status_of(report, last, &now());
-                if last.is_some_and(|last| same(last, &status)) {
-                    continue;
-                }
-                metrics.status_writes.inc();
-                match write(&client, key, &status).await {
-                    Ok(()) => {
-                        written.insert(key.clone(), (report.uid.clone(), status));
-                    }
-                    Err(error) => {
-                        metrics.reconcile_errors.inc();
-                        tracing::warn!(policy = %key, %error, "writing AuthorizationPolicy status");
-                        retry = true;
-                    }
-                }
-            }
-        } else {
-            // Another replica writes; what it wrote is not ours to compare with.
-            written.clear();
-        }
-        let next_pass = Instant::now() + MIN_INTERVAL;
-        tokio::select! {
-            changed = reports.changed() => if changed.is_err() { return },
-            changed = leading.changed() => if changed.is_err() { return },
-            () = tokio::time::sleep(RETRY_AFTER), if retry => {}
-        }
-        tokio::time::sleep_until(next_pass).await;
+
+    fn read(report: &AuthorizationReport) -> Option<&AuthorizationPolicyStatus> {
+        report.status.as_ref()
     }
-}
 
-fn now() -> Time {
-    Time(Timestamp::from_second(Timestamp::now().as_second()).expect("now is in range"))
-}
-
-/// Whether two statuses say the same, whenever they were written.
-fn same(a: &AuthorizationPolicyStatus, b: &AuthorizationPolicyStatus) -> bool {
-    let undated = |status: &AuthorizationPolicyStatus| {
-        let mut status = status.clone();
-        for condition in &mut status.conditions {
-            condition.last_transition_time = Time(Timestamp::UNIX_EPOCH);
-        }
-        status
-    };
-    undated(a) == undated(b)
-}
-
-/// The status a policy should have; a condition whose status is unchanged from `previous` keeps
-/// its transition time.
-pub(super) fn status_of(
-    report: &AuthorizationReport,
-    previous: Option<&AuthorizationPolicyStatus>,
-    now: &Time,
-) -> AuthorizationPolicyStatus {
-    let generation = report.generation;
-    let verdicts = [
-        (
-            "Accepted",
-            Verdict::of(
-                &report.accepted,
+    fn status_of(
+        report: &AuthorizationReport,
+        previous: Option<&AuthorizationPolicyStatus>,
+        now: &Time,
+    ) -> AuthorizationPolicyStatus {
+        let generation = report.generation;
+        let verdicts = [
+            (
                 "Accepted",
-                "the policy is valid and in force",
+                Verdict::of(
+                    &report.accepted,
+                    "Accepted",
+                    "the policy is valid and in force",
+                ),
             ),
-        ),
-        (
-            "ResolvedRefs",
-            Verdict::of(
-                &report.resolved_refs,
+            (
                 "ResolvedRefs",
-                "every Service it targets exists",
+                Verdict::of(
+                    &report.resolved_refs,
+                    "ResolvedRefs",
+                    "every Service it targets exists",
+                ),
             ),
-        ),
-    ];
-    let conditions = conditions(
-        verdicts,
-        previous.map_or(&[], |previous| previous.conditions.as_slice()),
-        generation,
-        now,
-    );
-    AuthorizationPolicyStatus {
-        observed_generation: Some(generation),
-        conditions,
+        ];
+        let conditions = conditions(
+            verdicts,
+            previous.map_or(&[], |previous| previous.conditions.as_slice()),
+            generation,
+            now,
+        );
+        AuthorizationPolicyStatus {
+            observed_generation: Some(generation),
+            conditions,
+        }
     }
-}
 
-async fn write(
-    client: &Client,
-    key: &ObjectKey,
-    status: &AuthorizationPolicyStatus,
-) -> Result<(), kube::Error> {
-    let api: Api<AuthorizationPolicy> = Api::namespaced(client.clone(), &key.namespace);
-    let patch = serde_json::json!({
-        "apiVersion": AuthorizationPolicy::api_version(&()),
-        "kind": AuthorizationPolicy::kind(&()),
-        "status": status,
-    });
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    within(
-        WRITE_TIMEOUT,
-        api.patch_status(&key.name, &params, &Patch::Apply(&patch)),
-    )
-    .await
-    .map(drop)
+    fn same(a: &AuthorizationPolicyStatus, b: &AuthorizationPolicyStatus) -> bool {
+        let (mut a, mut b) = (a.clone(), b.clone());
+        undated(&mut a.conditions);
+        undated(&mut b.conditions);
+        a == b
+    }
+
+    async fn write(
+        client: &Client,
+        key: &ObjectKey,
+        status: &AuthorizationPolicyStatus,
+    ) -> Result<(), kube::Error> {
+        let api: Api<AuthorizationPolicy> = Api::namespaced(client.clone(), &key.namespace);
+        let patch = serde_json::json!({
+            "apiVersion": AuthorizationPolicy::api_version(&()),
+            "kind": AuthorizationPolicy::kind(&()),
+            "status": status,
+        });
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        within(
+            WRITE_TIMEOUT,
+            api.patch_status(&key.name, &params, &Patch::Apply(&patch)),
+        )
+        .await
+        .map(drop)
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::jiff::Timestamp;
+
     use super::*;
     use crate::index::Problem;
+
+    fn status_of(
+        report: &AuthorizationReport,
+        previous: Option<&AuthorizationPolicyStatus>,
+        now: &Time,
+    ) -> AuthorizationPolicyStatus {
+        AuthorizationPolicies::status_of(report, previous, now)
+    }
+
+    fn same(a: &AuthorizationPolicyStatus, b: &AuthorizationPolicyStatus) -> bool {
+        AuthorizationPolicies::same(a, b)
+    }
 
     fn report(accepted: Result<(), Problem>, resolved: Result<(), Problem>) -> AuthorizationReport {
         AuthorizationReport {

@@ -21,15 +21,17 @@
 //!
 //! `destination_policy` computes a policy's entry and summary; `observed` watches the statuses on
 //! the API server. A new kind with a status gets a file of its own beside `destination_policy`:
-//! `authorization_policy`, whose status has nothing per replica, is written by the leader alone,
-//! in a loop of its own.
+//! `authorization_policy` and `route`, whose status has nothing per replica, are written by the
+//! leader alone, in a loop of their own (`leader`).
 
-pub mod authorization_policy;
+mod authorization_policy;
 mod conditions;
 mod destination_policy;
 mod heartbeat;
+mod leader;
 mod observed;
 mod plan;
+pub mod route;
 mod write;
 
 use std::time::Duration;
@@ -47,12 +49,38 @@ pub use self::observed::{Observed, watch_statuses};
 use self::plan::{Planner, View};
 use self::write::Writer;
 use crate::distribute::Subscribers;
-use crate::index::PolicyReports;
+use crate::index::{AuthorizationReports, PolicyReports, RouteReports};
 use crate::metrics::Metrics;
 
 pub const FIELD_MANAGER: &str = "outrigger-controller";
 /// At most one pass, so at most one status write per policy and writer, per this long.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Writes every AuthorizationPolicy's status while this replica leads, until the index is gone.
+pub async fn write_authorization_policies(
+    client: Client,
+    reports: watch::Receiver<AuthorizationReports>,
+    leading: watch::Receiver<bool>,
+    synced: watch::Receiver<bool>,
+    metrics: Metrics,
+) {
+    leader::run::<authorization_policy::AuthorizationPolicies>(
+        client, reports, leading, synced, metrics,
+    )
+    .await;
+}
+
+/// Writes every HTTPRoute's and GRPCRoute's status while this replica leads, until the index is
+/// gone.
+pub async fn write_routes(
+    client: Client,
+    reports: watch::Receiver<RouteReports>,
+    leading: watch::Receiver<bool>,
+    synced: watch::Receiver<bool>,
+    metrics: Metrics,
+) {
+    leader::run::<route::Routes>(client, reports, leading, synced, metrics).await;
+}
 
 /// What status is computed from.
 pub struct Inputs {

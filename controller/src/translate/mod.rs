@@ -8,6 +8,7 @@
 
 mod authorization_policy;
 mod destination_policy;
+mod route;
 
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use outrigger_api::rules::FieldError;
 
 pub use self::authorization_policy::{Authorization, translate_authorization};
 pub use self::destination_policy::{Translated, translate};
+pub use self::route::{Route, RouteOrder, table};
 
 /// A field of a spec that cannot be used, named as `kubectl` would name it (`spec.…`).
 pub type PolicyError = FieldError;

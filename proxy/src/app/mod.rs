@@ -140,7 +140,11 @@ impl Proxy {
                 shutdown.clone(),
             ));
         }
-        let (resolver, subscriptions) = Resolver::new(metrics.clone(), identity.clone());
+        let (resolver, subscriptions) = Resolver::new(
+            metrics.clone(),
+            identity.clone(),
+            settings.discovery_timeout,
+        );
         let (ready_tx, ready) = watch::channel(false);
         let control_plane = control_plane(&settings, control_plane_tls);
         // Until the controller says otherwise, no policy: every caller is allowed, as before.
@@ -250,7 +254,6 @@ impl Servers<'_> {
         let outbound = Arc::new(Outbound {
             resolver,
             namespace: self.settings.namespace.clone(),
-            discovery_wait: self.settings.discovery_timeout,
         });
         let telemetry = TelemetryLayer::new(self.metrics.clone(), unlabelled(Direction::Outbound));
         self.serve(

@@ -6,16 +6,20 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderName;
+use std::str::FromStr as _;
+
+use http::{HeaderName, HeaderValue, StatusCode};
 use outrigger_api::identity::{NotAWorkloadId, SpiffeId};
 use outrigger_api::rules::{self, FieldError};
 use outrigger_api::{defaults, proto};
 
 use crate::policy::{
     Action, Algorithm, AuthorizationPolicy, AuthorizationRule, CallMatch, CallerMatch,
-    DestinationConfig, EndpointConfig, FaultConfig, HeaderMatch, HeaderValueMatch,
-    InboundAuthorization, OutlierConfig, PathMatch, PoolLimits, RateLimitConfig, RetryOn,
-    RetryPolicy, RouteConfig, RouteMatch, TrafficPolicy, WeightedSubset,
+    DestinationConfig, EndpointConfig, FaultConfig, HeaderMatch, HeaderModifier, HeaderValueMatch,
+    HttpFilter, HttpPathMatch, HttpRouteMatch, HttpRouteRule, HttpRouteTable, InboundAuthorization,
+    OutlierConfig, PathMatch, PathRewrite, PoolLimits, QueryParamMatch, RateLimitConfig, Redirect,
+    RetryOn, RetryPolicy, Rewrite, RouteBackend, RouteConfig, RouteMatch, TrafficPolicy,
+    WeightedSubset,
 };
 use crate::tls;
 
@@ -38,6 +42,7 @@ pub fn destination(
     destination: proto::Destination,
     endpoints: Vec<proto::Endpoint>,
     loopback: LoopbackEndpoints,
+    caller_namespace: &str,
 ) -> Result<DestinationConfig, ConfigError> {
     let port = u16::try_from(destination.port)
         .ok()
@@ -56,6 +61,7 @@ pub fn destination(
             .transpose()?,
     };
     let routes = routes(destination.routes, &traffic, &subsets)?;
+    let http_routes = http_route_table(destination.http_routes, caller_namespace)?;
     Ok(DestinationConfig {
         version,
         namespace: destination.namespace,
@@ -73,6 +79,7 @@ pub fn destination(
         connection_pool: connection_pool(policy.connection_pool)?,
         rate_limit: policy.rate_limit.map(rate_limit).transpose()?,
         fault_injection: policy.fault_injection.map(fault_config).transpose()?,
+        http_routes,
     })
 }
 
@@ -319,49 +326,341 @@ fn retry_policy(field: &str, retries: proto::RetryPolicy) -> Result<RetryPolicy,
 }
 
 fn route_match(field: &str, matcher: proto::RouteMatch) -> Result<RouteMatch, ConfigError> {
-    let headers = matcher
-        .headers
+    Ok(RouteMatch {
+        headers: header_matches(&format!("{field}.match.headers"), matcher.headers)?,
+        path_prefix: Some(matcher.path_prefix).filter(|p| !p.is_empty()),
+        method: method(&format!("{field}.match.method"), matcher.method)?,
+    })
+}
+
+fn header_matches(
+    field: &str,
+    headers: Vec<proto::HeaderMatch>,
+) -> Result<Vec<HeaderMatch>, ConfigError> {
+    headers
         .into_iter()
         .enumerate()
         .map(|(i, header)| {
-            let field = format!("{field}.match.headers[{i}]");
-            let name = HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| {
-                invalid(
-                    format!("{field}.name"),
-                    format!("`{}` is not a header name", header.name),
-                )
-            })?;
-            let value = match header.value {
-                Some(proto::header_match::Value::Exact(exact)) => HeaderValueMatch::Exact(exact),
-                Some(proto::header_match::Value::Regex(pattern)) => {
-                    let anchored = format!("^(?:{pattern})$");
-                    let regex = regex::RegexBuilder::new(&anchored)
-                        .size_limit(1 << 20)
-                        .build()
-                        .map_err(|e| invalid(format!("{field}.regex"), e.to_string()))?;
-                    HeaderValueMatch::Regex(regex)
-                }
-                None => return Err(invalid(field, "needs exact or regex")),
-            };
+            let field = format!("{field}[{i}]");
+            let name = header_name(&format!("{field}.name"), &header.name)?;
+            let value = value_match(&field, header.value)?;
             Ok(HeaderMatch { name, value })
         })
-        .collect::<Result<_, _>>()?;
-    let method = Some(matcher.method)
+        .collect()
+}
+
+fn value_match(
+    field: &str,
+    value: Option<proto::header_match::Value>,
+) -> Result<HeaderValueMatch, ConfigError> {
+    match value {
+        Some(proto::header_match::Value::Exact(exact)) => Ok(HeaderValueMatch::Exact(exact)),
+        Some(proto::header_match::Value::Regex(pattern)) => Ok(HeaderValueMatch::Regex(
+            anchored_regex(&format!("{field}.regex"), &pattern)?,
+        )),
+        None => Err(invalid(field, "needs exact or regex")),
+    }
+}
+
+/// Matches the whole value; the size limit bounds what a pattern may cost to build.
+fn anchored_regex(field: &str, pattern: &str) -> Result<regex::Regex, ConfigError> {
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| invalid(field, e.to_string()))
+}
+
+fn header_name(field: &str, name: &str) -> Result<HeaderName, ConfigError> {
+    HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| invalid(field, format!("`{name}` is not a header name")))
+}
+
+fn method(field: &str, method: String) -> Result<Option<http::Method>, ConfigError> {
+    Some(method)
         .filter(|m| !m.is_empty())
         .map(|m| {
-            http::Method::from_bytes(m.as_bytes()).map_err(|_| {
-                invalid(
-                    format!("{field}.match.method"),
-                    format!("`{m}` is not a method"),
-                )
+            http::Method::from_bytes(m.as_bytes())
+                .map_err(|_| invalid(field, format!("`{m}` is not a method")))
+        })
+        .transpose()
+}
+
+/// The table that serves this proxy's calls: its own namespace's consumer routes, else the
+/// producer routes. Every table is checked, so that a version is refused alike by every proxy.
+fn http_route_table(
+    tables: Vec<proto::HttpRouteTable>,
+    caller_namespace: &str,
+) -> Result<Option<HttpRouteTable>, ConfigError> {
+    let mut producer = None;
+    let mut consumer = None;
+    let mut namespaces = std::collections::HashSet::new();
+    for (i, table) in tables.into_iter().enumerate() {
+        let field = format!("httpRoutes[{i}]");
+        if !namespaces.insert(table.consumer_namespace.clone()) {
+            return Err(invalid(
+                format!("{field}.consumerNamespace"),
+                format!("a second table for `{}`", table.consumer_namespace),
+            ));
+        }
+        let namespace = table.consumer_namespace.clone();
+        let decoded = http_routes(&field, table)?;
+        if namespace.is_empty() {
+            producer = Some(decoded);
+        } else if namespace == caller_namespace {
+            consumer = Some(decoded);
+        }
+    }
+    Ok(consumer.or(producer))
+}
+
+fn http_routes(field: &str, table: proto::HttpRouteTable) -> Result<HttpRouteTable, ConfigError> {
+    let rules: Vec<HttpRouteRule> = table
+        .rules
+        .into_iter()
+        .enumerate()
+        .map(|(i, rule)| http_route_rule(&format!("{field}.rules[{i}]"), rule))
+        .collect::<Result<_, _>>()?;
+    let matches = table
+        .matches
+        .into_iter()
+        .enumerate()
+        .map(|(i, matcher)| {
+            let field = format!("{field}.matches[{i}]");
+            let rule = usize::try_from(matcher.rule)
+                .ok()
+                .filter(|&rule| rule < rules.len())
+                .ok_or_else(|| {
+                    invalid(
+                        format!("{field}.rule"),
+                        format!("no rule {} of {}", matcher.rule, rules.len()),
+                    )
+                })?;
+            let path = match matcher.path {
+                None => None,
+                Some(proto::http_route_match::Path::Exact(path)) => {
+                    Some(HttpPathMatch::Exact(absolute_path(&field, path)?))
+                }
+                Some(proto::http_route_match::Path::Prefix(path)) => {
+                    Some(HttpPathMatch::Prefix(absolute_path(&field, path)?))
+                }
+                Some(proto::http_route_match::Path::Regex(pattern)) => Some(HttpPathMatch::Regex(
+                    anchored_regex(&format!("{field}.path.regex"), &pattern)?,
+                )),
+            };
+            let query_params = matcher
+                .query_params
+                .into_iter()
+                .enumerate()
+                .map(|(j, param)| {
+                    let field = format!("{field}.queryParams[{j}]");
+                    Ok(QueryParamMatch {
+                        value: value_match(&field, param.value)?,
+                        name: param.name,
+                    })
+                })
+                .collect::<Result<_, ConfigError>>()?;
+            Ok(HttpRouteMatch {
+                rule,
+                path,
+                headers: header_matches(&format!("{field}.headers"), matcher.headers)?,
+                query_params,
+                method: method(&format!("{field}.method"), matcher.method)?,
             })
         })
-        .transpose()?;
-    Ok(RouteMatch {
-        headers,
-        path_prefix: Some(matcher.path_prefix).filter(|p| !p.is_empty()),
-        method,
+        .collect::<Result<_, ConfigError>>()?;
+    Ok(HttpRouteTable { rules, matches })
+}
+
+fn absolute_path(field: &str, path: String) -> Result<String, ConfigError> {
+    if path.starts_with('/') {
+        Ok(path)
+    } else {
+        Err(invalid(
+            format!("{field}.path"),
+            format!("`{path}` does not start with `/`"),
+        ))
+    }
+}
+
+fn http_route_rule(field: &str, rule: proto::HttpRouteRule) -> Result<HttpRouteRule, ConfigError> {
+    let backends = rule
+        .backends
+        .into_iter()
+        .enumerate()
+        .map(|(i, backend)| {
+            let field = format!("{field}.backends[{i}]");
+            let filters = http_filters(&format!("{field}.filters"), backend.filters)?;
+            if let Some(i) = filters
+                .iter()
+                .position(|f| matches!(f, HttpFilter::Redirect(_) | HttpFilter::Rewrite(_)))
+            {
+                return Err(invalid(
+                    format!("{field}.filters[{i}]"),
+                    "a backend's filters may only modify headers",
+                ));
+            }
+            Ok(RouteBackend {
+                target: if backend.key.is_empty() {
+                    Err(backend.unresolved)
+                } else {
+                    Ok(backend.key)
+                },
+                weight: backend.weight,
+                filters,
+            })
+        })
+        .collect::<Result<_, ConfigError>>()?;
+    Ok(HttpRouteRule {
+        route: rule.route,
+        name: Some(rule.name).filter(|n| !n.is_empty()),
+        filters: http_filters(&format!("{field}.filters"), rule.filters)?,
+        backends,
+        request_timeout: rule.request_timeout_ms.map(Duration::from_millis),
+        backend_request_timeout: rule.backend_request_timeout_ms.map(Duration::from_millis),
+        retries: rule
+            .retries
+            .map(|r| retry_policy(&format!("{field}.retries"), r))
+            .transpose()?,
     })
+}
+
+fn http_filters(
+    field: &str,
+    filters: Vec<proto::HttpFilter>,
+) -> Result<Vec<HttpFilter>, ConfigError> {
+    use proto::http_filter::Kind;
+    filters
+        .into_iter()
+        .enumerate()
+        .map(|(i, filter)| {
+            let field = format!("{field}[{i}]");
+            Ok(match filter.kind {
+                Some(Kind::RequestHeaders(m)) => HttpFilter::RequestHeaders(header_modifier(
+                    &format!("{field}.requestHeaders"),
+                    m,
+                )?),
+                Some(Kind::ResponseHeaders(m)) => HttpFilter::ResponseHeaders(header_modifier(
+                    &format!("{field}.responseHeaders"),
+                    m,
+                )?),
+                Some(Kind::Redirect(redirect)) => {
+                    let field = format!("{field}.redirect");
+                    let status = match redirect.status {
+                        301 | 302 | 303 | 307 | 308 => {
+                            StatusCode::from_u16(redirect.status as u16).expect("a 3xx status")
+                        }
+                        other => {
+                            return Err(invalid(
+                                format!("{field}.status"),
+                                format!("{other} is not a redirect status"),
+                            ));
+                        }
+                    };
+                    let scheme = Some(redirect.scheme).filter(|s| !s.is_empty());
+                    if let Some(scheme) = &scheme
+                        && scheme != "http"
+                        && scheme != "https"
+                    {
+                        return Err(invalid(
+                            format!("{field}.scheme"),
+                            format!("`{scheme}` is neither http nor https"),
+                        ));
+                    }
+                    HttpFilter::Redirect(Redirect {
+                        scheme,
+                        hostname: hostname(&field, redirect.hostname)?,
+                        port: redirect
+                            .port
+                            .map(|port| {
+                                u16::try_from(port).ok().filter(|p| *p != 0).ok_or_else(|| {
+                                    invalid(
+                                        format!("{field}.port"),
+                                        format!("{port} is not a TCP port"),
+                                    )
+                                })
+                            })
+                            .transpose()?,
+                        path: path_rewrite(&field, redirect.path)?,
+                        status,
+                    })
+                }
+                Some(Kind::Rewrite(rewrite)) => {
+                    let field = format!("{field}.rewrite");
+                    HttpFilter::Rewrite(Rewrite {
+                        hostname: hostname(&field, rewrite.hostname)?,
+                        path: path_rewrite(&field, rewrite.path)?,
+                    })
+                }
+                None => return Err(invalid(field, "names no filter")),
+            })
+        })
+        .collect()
+}
+
+fn header_modifier(
+    field: &str,
+    modifier: proto::HeaderModifier,
+) -> Result<HeaderModifier, ConfigError> {
+    let values = |which: &str, headers: Vec<proto::HeaderValue>| {
+        headers
+            .into_iter()
+            .enumerate()
+            .map(|(i, header)| {
+                let field = format!("{field}.{which}[{i}]");
+                let name = header_name(&format!("{field}.name"), &header.name)?;
+                let value = HeaderValue::from_str(&header.value).map_err(|_| {
+                    invalid(
+                        format!("{field}.value"),
+                        "is not a header value".to_string(),
+                    )
+                })?;
+                Ok((name, value))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()
+    };
+    Ok(HeaderModifier {
+        set: values("set", modifier.set)?,
+        add: values("add", modifier.add)?,
+        remove: modifier
+            .remove
+            .iter()
+            .enumerate()
+            .map(|(i, name)| header_name(&format!("{field}.remove[{i}]"), name))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+fn hostname(field: &str, hostname: String) -> Result<Option<String>, ConfigError> {
+    if hostname.is_empty() {
+        return Ok(None);
+    }
+    http::uri::Authority::from_str(&hostname)
+        .ok()
+        .filter(|authority| authority.port().is_none() && authority.host() == hostname)
+        .map(|_| Some(hostname.clone()))
+        .ok_or_else(|| {
+            invalid(
+                format!("{field}.hostname"),
+                format!("`{hostname}` is not a host name"),
+            )
+        })
+}
+
+fn path_rewrite(
+    field: &str,
+    path: Option<proto::PathRewrite>,
+) -> Result<Option<PathRewrite>, ConfigError> {
+    let Some(path) = path else { return Ok(None) };
+    let field = format!("{field}.path");
+    Ok(Some(match path.kind {
+        Some(proto::path_rewrite::Kind::Full(full)) => {
+            PathRewrite::Full(absolute_path(&field, full)?)
+        }
+        Some(proto::path_rewrite::Kind::Prefix(prefix)) => {
+            PathRewrite::Prefix(absolute_path(&field, prefix)?)
+        }
+        None => return Err(invalid(field, "needs full or prefix")),
+    }))
 }
 
 fn outlier_config(outlier: proto::OutlierDetection) -> Result<OutlierConfig, ConfigError> {
@@ -589,7 +888,7 @@ mod tests {
     fn rejected(change: impl FnOnce(&mut proto::Destination, &mut [proto::Endpoint])) -> String {
         let (mut d, mut e) = (reviews(), endpoints());
         change(&mut d, &mut e);
-        destination("1".into(), d, e, LoopbackEndpoints::Refused)
+        destination("1".into(), d, e, LoopbackEndpoints::Refused, "shop")
             .unwrap_err()
             .to_string()
     }
@@ -601,6 +900,7 @@ mod tests {
             reviews(),
             endpoints(),
             LoopbackEndpoints::Refused,
+            "shop",
         )
         .unwrap();
         assert_eq!(config.load_balancer, Algorithm::PeakEwma);
@@ -619,8 +919,14 @@ mod tests {
             identity: "spiffe://cluster.local/ns/shop/sa/reviews".into(),
             ..Default::default()
         });
-        let config =
-            destination("1".into(), reviews(), meshed, LoopbackEndpoints::Refused).unwrap();
+        let config = destination(
+            "1".into(),
+            reviews(),
+            meshed,
+            LoopbackEndpoints::Refused,
+            "shop",
+        )
+        .unwrap();
         let identities: Vec<Option<String>> = config
             .endpoints
             .iter()
@@ -644,12 +950,19 @@ mod tests {
             reviews(),
             loopback.clone(),
             LoopbackEndpoints::Refused,
+            "shop",
         );
         assert_eq!(
             refused.unwrap_err().to_string(),
             "endpoints[0].address: `127.0.0.1:9080` is loopback: inside the caller's own pod"
         );
-        let allowed = destination("1".into(), reviews(), loopback, LoopbackEndpoints::Allowed);
+        let allowed = destination(
+            "1".into(),
+            reviews(),
+            loopback,
+            LoopbackEndpoints::Allowed,
+            "shop",
+        );
         assert_eq!(
             allowed.unwrap().endpoints[0].address,
             "127.0.0.1:9080".parse().unwrap()

@@ -162,6 +162,7 @@ async fn session(
         held,
         metrics,
         loopback_endpoints: control_plane.loopback_endpoints,
+        namespace: &control_plane.identity.namespace,
         welcomed: false,
         inbound_answered: false,
     };
@@ -232,6 +233,8 @@ struct Stream<'a> {
     held: &'a mut HeldEndpoints,
     metrics: &'a Metrics,
     loopback_endpoints: LoopbackEndpoints,
+    /// This proxy's namespace, whose consumer routes serve its calls.
+    namespace: &'a str,
     /// The controller has said Welcome on this stream.
     welcomed: bool,
     /// It has answered for the pod's inbound key: a policy, or that none applies.
@@ -361,6 +364,7 @@ impl Stream<'_> {
                     version.clone(),
                     destination,
                     self.loopback_endpoints,
+                    self.namespace,
                 );
                 Some(answer(self.metrics, key, version, applied))
             }
@@ -380,9 +384,10 @@ fn apply(
     version: String,
     destination: proto::Destination,
     loopback: LoopbackEndpoints,
+    caller_namespace: &str,
 ) -> Result<(), ConfigError> {
     let endpoints = held.endpoints(key, &destination.endpoint_groups)?;
-    let config = decode::destination(version, destination, endpoints, loopback)?;
+    let config = decode::destination(version, destination, endpoints, loopback, caller_namespace)?;
     resolver.apply(key, config);
     Ok(())
 }
@@ -609,8 +614,11 @@ mod tests {
             let channel =
                 tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
             let (outgoing, _sent) = mpsc::channel(8);
-            let (resolver, _subscriptions) =
-                Resolver::new(Metrics::new(), crate::tls::no_identity());
+            let (resolver, _subscriptions) = Resolver::new(
+                Metrics::new(),
+                crate::tls::no_identity(),
+                Duration::from_secs(5),
+            );
             let (applied, _authorization) = watch::channel(std::sync::Arc::default());
             let inbound = InboundKey::new(&identity, applied);
             let (mut held, metrics) = (HeldEndpoints::default(), Metrics::new());
@@ -622,6 +630,7 @@ mod tests {
                 held: &mut held,
                 metrics: &metrics,
                 loopback_endpoints: LoopbackEndpoints::Refused,
+                namespace: "shop",
                 welcomed: false,
                 inbound_answered: false,
             };
@@ -699,7 +708,11 @@ mod tests {
 
     #[test]
     fn updates_apply_with_the_endpoint_groups_held_at_the_versions_they_name() {
-        let (resolver, _subscriptions) = Resolver::new(Metrics::new(), crate::tls::no_identity());
+        let (resolver, _subscriptions) = Resolver::new(
+            Metrics::new(),
+            crate::tls::no_identity(),
+            Duration::from_secs(5),
+        );
         resolver.lookup(KEY);
         let mut held = HeldEndpoints::default();
         let addr = |s: &str| -> std::net::SocketAddr { s.parse().unwrap() };
@@ -721,7 +734,8 @@ mod tests {
                 KEY,
                 "0".into(),
                 web(&["stable"], &both),
-                LoopbackEndpoints::Refused
+                LoopbackEndpoints::Refused,
+                "shop",
             ),
             Err(invalid("endpoints[a]", "version `1` is not held"))
         );
@@ -736,6 +750,7 @@ mod tests {
             "1".into(),
             web(&["stable"], &both),
             LoopbackEndpoints::Refused,
+            "shop",
         )
         .unwrap();
         assert_eq!(
@@ -751,6 +766,7 @@ mod tests {
             "2".into(),
             web(&[], &both),
             LoopbackEndpoints::Refused,
+            "shop",
         )
         .unwrap_err();
         assert_eq!(refused.field, "endpoints[0].subsets");
@@ -772,6 +788,7 @@ mod tests {
             "3".into(),
             web(&["stable"], &churned[1..]),
             LoopbackEndpoints::Refused,
+            "shop",
         )
         .unwrap();
         assert_eq!(applied(&resolver), ("3".into(), vec![addr("10.0.0.3:80")]));

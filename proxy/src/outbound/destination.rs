@@ -26,15 +26,17 @@ use crate::metrics::{
 };
 use crate::outbound::balance::outlier::OutlierDetector;
 use crate::outbound::balance::{Balance, Balancer};
+use crate::outbound::http_route::{HttpRoutes, RuleStack, WeightedBackends};
 use crate::outbound::layers::deadline::Deadline;
 use crate::outbound::layers::fault::Faults;
 use crate::outbound::layers::pool::{Pool, PoolLimit};
 use crate::outbound::layers::ratelimit::{RateLimit, TokenBucket};
 use crate::outbound::layers::retry::{Budget, Retry};
+use crate::outbound::resolve::Backends;
 use crate::outbound::route::{Route, RouteTable};
 use crate::outbound::split::{Split, WeightedBalance};
 use crate::outbound::stack::{Built, Layers, Stack};
-use crate::policy::{DestinationConfig, RetryPolicy, TrafficPolicy};
+use crate::policy::{DestinationConfig, HttpRouteRule, HttpRouteTable, RetryPolicy, TrafficPolicy};
 use crate::tls::Held;
 
 pub struct Destination {
@@ -44,8 +46,12 @@ pub struct Destination {
     /// Labels of requests no route matched.
     pub labels: RequestLabels,
     pool: Pool,
+    /// Requests to this Service port as a route's backend, and all of them when no route serves
+    /// this proxy's calls to it.
     service: Stack,
     table: RouteTable,
+    /// The Gateway API routes that serve this proxy's calls to this Service port.
+    http_routes: Option<(Stack, HttpRoutes)>,
     balancers: Balancers,
     bucket: Option<Arc<TokenBucket>>,
     /// Each route's retry budget, by route name.
@@ -61,6 +67,7 @@ impl Destination {
         previous: Option<&Destination>,
         metrics: &Metrics,
         identity: &Held,
+        backends: &Backends,
     ) -> Self {
         // Endpoints dial with the pool's settings: a change there needs new ones.
         let same_pool = previous.filter(|p| {
@@ -126,6 +133,10 @@ impl Destination {
             }))
             .push_if(config.fault_injection.map(|config| Faults { config }))
             .over(table.clone());
+        let http_routes = config
+            .http_routes
+            .as_ref()
+            .map(|table| routes.http_routes(table, config.port, backends));
         let Routes {
             balancers, budgets, ..
         } = routes;
@@ -137,6 +148,7 @@ impl Destination {
             pool,
             service: stack,
             table,
+            http_routes,
             balancers,
             bucket,
             budgets: budgets.into_inner(),
@@ -147,7 +159,16 @@ impl Destination {
     /// The parts of the stack, top-down: the destination level, then each route's (named, or
     /// empty for what no route matched) route and attempt levels.
     pub fn layers(&self) -> Vec<(String, serde_json::Value)> {
-        std::iter::once(("destination".to_string(), self.layers.as_slice()))
+        let http_routes = self.http_routes.iter().flat_map(|(_, routes)| {
+            routes
+                .describe()
+                .map(|(name, layers)| (format!("http route {name}"), layers))
+        });
+        http_routes
+            .chain(std::iter::once((
+                "destination".to_string(),
+                self.layers.as_slice(),
+            )))
             .chain(self.table.routes().iter().map(|route| {
                 let (name, layers) = route.describe();
                 (format!("route {name:?}"), layers)
@@ -156,8 +177,18 @@ impl Destination {
             .collect()
     }
 
-    /// The stack one request goes through.
+    /// The stack a request the app sent to this Service port goes through: its routes, when
+    /// routes serve this proxy's calls to it.
     pub fn service(&self) -> Stack {
+        match &self.http_routes {
+            Some((stack, _)) => stack.clone(),
+            None => self.service.clone(),
+        }
+    }
+
+    /// The stack a request a route sent to this Service port goes through: routes are not
+    /// applied twice.
+    pub fn backend_service(&self) -> Stack {
         self.service.clone()
     }
 
@@ -287,6 +318,52 @@ impl Routes<'_> {
             .push(self.retry(name, traffic.retries.clone(), &labels))
             .over_stack(attempt);
         Route::new(matcher, labels, built)
+    }
+
+    /// The routes' table, each rule's stack: request timeout > retry > backend request timeout
+    /// > the backends.
+    fn http_routes(
+        &self,
+        table: &HttpRouteTable,
+        port: u16,
+        backends: &Backends,
+    ) -> (Stack, HttpRoutes) {
+        let rules = table
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| self.http_rule(i, rule, backends))
+            .collect();
+        let routes = HttpRoutes::new(table.matches.clone(), rules, self.labels(""), port);
+        let Built { stack, .. } = Layers::new().over(routes.clone());
+        (stack, routes)
+    }
+
+    fn http_rule(&self, index: usize, rule: &HttpRouteRule, backends: &Backends) -> RuleStack {
+        let labels = self.labels(&rule.route);
+        let built = Layers::new()
+            .push_if(
+                rule.request_timeout
+                    .map(|after| self.deadline(after, TimeoutKind::Request, &labels)),
+            )
+            .push(self.retry(
+                &format!("{}#{index}", rule.route),
+                rule.retries.clone(),
+                &labels,
+            ))
+            .push_if(
+                rule.backend_request_timeout
+                    .map(|after| self.deadline(after, TimeoutKind::PerTry, &labels)),
+            )
+            .over(WeightedBackends::new(
+                rule.backends.clone(),
+                backends.clone(),
+            ));
+        RuleStack {
+            rule: rule.clone(),
+            labels,
+            built,
+        }
     }
 
     fn attempt(&self, traffic: &TrafficPolicy, labels: &RequestLabels) -> Built {
@@ -450,12 +527,19 @@ mod tests {
                 abort_percent: 0.0,
                 abort_status: 503,
             }),
+            http_routes: None,
         }
     }
 
     #[tokio::test]
     async fn the_stack_runs_destination_then_route_then_attempt_levels() {
-        let destination = Destination::build(everything(), None, &Metrics::new(), &no_identity());
+        let destination = Destination::build(
+            everything(),
+            None,
+            &Metrics::new(),
+            &no_identity(),
+            &Backends::none(),
+        );
         let attempt = ["per-try timeout", "pool limit", "split"];
         assert_eq!(
             destination.layers(),
@@ -487,9 +571,16 @@ mod tests {
             connection_pool: PoolLimits::default(),
             rate_limit: None,
             fault_injection: None,
+            http_routes: None,
             ..everything()
         };
-        let bare = Destination::build(bare, None, &Metrics::new(), &no_identity());
+        let bare = Destination::build(
+            bare,
+            None,
+            &Metrics::new(),
+            &no_identity(),
+            &Backends::none(),
+        );
         assert_eq!(
             bare.layers(),
             [
@@ -508,7 +599,13 @@ mod tests {
     #[tokio::test]
     async fn endpoints_survive_a_new_version_unless_they_or_their_dialling_change() {
         let metrics = Metrics::new();
-        let first = Destination::build(everything(), None, &metrics, &no_identity());
+        let first = Destination::build(
+            everything(),
+            None,
+            &metrics,
+            &no_identity(),
+            &Backends::none(),
+        );
         let same = |a: &Destination, b: &Destination, i: usize| {
             Arc::ptr_eq(&a.endpoints[i], &b.endpoints[i])
         };
@@ -519,13 +616,25 @@ mod tests {
             load_balancer: Algorithm::Random,
             ..everything()
         };
-        let second = Destination::build(edited, Some(&first), &metrics, &no_identity());
+        let second = Destination::build(
+            edited,
+            Some(&first),
+            &metrics,
+            &no_identity(),
+            &Backends::none(),
+        );
         assert!((0..3).all(|i| same(&first, &second, i)));
 
         // One endpoint's pod changed (a new pod on a reused IP): only it is new.
         let mut moved = everything();
         moved.endpoints[1].pod = "pod-2-replaced".into();
-        let third = Destination::build(moved, Some(&second), &metrics, &no_identity());
+        let third = Destination::build(
+            moved,
+            Some(&second),
+            &metrics,
+            &no_identity(),
+            &Backends::none(),
+        );
         assert!(same(&second, &third, 0) && !same(&second, &third, 1) && same(&second, &third, 2));
 
         // Another connect timeout: every endpoint dials anew.
@@ -533,7 +642,13 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             ..everything()
         };
-        let fourth = Destination::build(dialling, Some(&third), &metrics, &no_identity());
+        let fourth = Destination::build(
+            dialling,
+            Some(&third),
+            &metrics,
+            &no_identity(),
+            &Backends::none(),
+        );
         assert!((0..3).all(|i| !same(&third, &fourth, i)));
     }
 
@@ -562,9 +677,16 @@ mod tests {
                 abort_percent: 100.0,
                 ..everything().fault_injection.unwrap()
             }),
+            http_routes: None,
             ..everything()
         };
-        let first = Destination::build(limited.clone(), None, &metrics, &no_identity());
+        let first = Destination::build(
+            limited.clone(),
+            None,
+            &metrics,
+            &no_identity(),
+            &Backends::none(),
+        );
         for _ in 0..3 {
             assert_eq!(status(&first).await, 503);
         }
@@ -573,7 +695,13 @@ mod tests {
         // An endpoint-only change, as in a rollout: the spent burst stays spent.
         let mut rollout = limited.clone();
         rollout.endpoints.push(endpoint(4, "canary"));
-        let second = Destination::build(rollout.clone(), Some(&first), &metrics, &no_identity());
+        let second = Destination::build(
+            rollout.clone(),
+            Some(&first),
+            &metrics,
+            &no_identity(),
+            &Backends::none(),
+        );
         assert_eq!(status(&second).await, 429);
         assert!(Arc::ptr_eq(&first.budgets[""], &second.budgets[""]));
 
@@ -587,7 +715,13 @@ mod tests {
             budget_percent: 50,
             ..retries(None)
         });
-        let third = Destination::build(changed, Some(&second), &metrics, &no_identity());
+        let third = Destination::build(
+            changed,
+            Some(&second),
+            &metrics,
+            &no_identity(),
+            &Backends::none(),
+        );
         assert_eq!(status(&third).await, 503);
         assert!(!Arc::ptr_eq(&second.budgets[""], &third.budgets[""]));
     }
@@ -601,7 +735,13 @@ mod tests {
             },
             ..everything()
         };
-        let first = Destination::build(hashed.clone(), None, &metrics, &no_identity());
+        let first = Destination::build(
+            hashed.clone(),
+            None,
+            &metrics,
+            &no_identity(),
+            &Backends::none(),
+        );
         let kept = |a: &Destination, b: &Destination, subset: &str| {
             let of = |d: &Destination| match subset {
                 "" => d.balancers.all.balancer().clone(),
@@ -618,13 +758,25 @@ mod tests {
             },
             ..hashed.clone()
         };
-        let second = Destination::build(edited, Some(&first), &metrics, &no_identity());
+        let second = Destination::build(
+            edited,
+            Some(&first),
+            &metrics,
+            &no_identity(),
+            &Backends::none(),
+        );
         assert!(kept(&first, &second, "") && kept(&first, &second, "stable"));
 
         // A canary pod added: the canary subset and the whole set change, stable stays.
         let mut grown = hashed.clone();
         grown.endpoints.push(endpoint(4, "canary"));
-        let third = Destination::build(grown.clone(), Some(&second), &metrics, &no_identity());
+        let third = Destination::build(
+            grown.clone(),
+            Some(&second),
+            &metrics,
+            &no_identity(),
+            &Backends::none(),
+        );
         assert!(!kept(&second, &third, "") && !kept(&second, &third, "canary"));
         assert!(kept(&second, &third, "stable"));
 
@@ -633,7 +785,13 @@ mod tests {
             load_balancer: Algorithm::Random,
             ..grown
         };
-        let fourth = Destination::build(other, Some(&third), &metrics, &no_identity());
+        let fourth = Destination::build(
+            other,
+            Some(&third),
+            &metrics,
+            &no_identity(),
+            &Backends::none(),
+        );
         assert!(!kept(&third, &fourth, "stable"));
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod balance;
 pub mod destination;
+mod http_route;
 pub mod layers;
 mod opaque;
 pub mod resolve;
@@ -17,7 +18,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use outrigger_api::destination::DestinationKey;
@@ -31,8 +31,6 @@ pub struct Outbound {
     pub resolver: Resolver,
     /// The app's namespace: short names (`reviews`) are Services in it.
     pub namespace: String,
-    /// How long a request for a destination waits for the control plane's first answer.
-    pub discovery_wait: Duration,
 }
 
 impl Outbound {
@@ -50,7 +48,7 @@ impl Outbound {
         let lookup = self
             .resolver
             .lookup(&DestinationKey::Address(addr).to_string());
-        self.resolver.resolve(&lookup, self.discovery_wait).await
+        self.resolver.resolve(&lookup).await
     }
 }
 
@@ -152,10 +150,7 @@ impl tower::Service<Request<Body>> for OutboundService {
         };
         let outbound = self.outbound.clone();
         Box::pin(async move {
-            let resolution = outbound
-                .resolver
-                .resolve(&lookup, outbound.discovery_wait)
-                .await;
+            let resolution = outbound.resolver.resolve(&lookup).await;
             let destination = match resolution {
                 Resolution::Ready(destination) => destination,
                 Resolution::Unknown(reason) => {
@@ -193,15 +188,20 @@ impl tower::Service<Request<Body>> for OutboundService {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::metrics::Metrics;
 
     fn new_outbound() -> Outbound {
-        let (resolver, _subscriptions) = Resolver::new(Metrics::new(), crate::tls::no_identity());
+        let (resolver, _subscriptions) = Resolver::new(
+            Metrics::new(),
+            crate::tls::no_identity(),
+            Duration::from_secs(5),
+        );
         Outbound {
             resolver,
             namespace: "default".into(),
-            discovery_wait: Duration::from_secs(5),
         }
     }
 

@@ -101,7 +101,8 @@ mod tests {
         });
 
         let (_held, identity) = watch::channel(Some(client));
-        let (resolver, _subscriptions) = Resolver::new(Metrics::new(), identity);
+        let (resolver, _subscriptions) =
+            Resolver::new(Metrics::new(), identity, Duration::from_secs(5));
         let service: SocketAddr = "10.96.0.7:7000".parse().unwrap();
         let key = DestinationKey::Address(service).to_string();
         resolver.lookup(&key);
@@ -114,7 +115,6 @@ mod tests {
         let outbound = Outbound {
             resolver,
             namespace: "default".into(),
-            discovery_wait: Duration::from_secs(5),
         };
 
         let mut upstream = outbound.open(service).await.unwrap().unwrap();

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use outrigger_api::destination::MAX_DESTINATIONS_PER_PROXY;
@@ -82,10 +82,16 @@ struct Inner {
     metrics: Metrics,
     /// This proxy's identity, which endpoints call meshed endpoints with.
     identity: Held,
+    /// How long a request for a destination waits for the control plane's first answer.
+    discovery_wait: Duration,
 }
 
 impl Resolver {
-    pub fn new(metrics: Metrics, identity: Held) -> (Self, mpsc::UnboundedReceiver<String>) {
+    pub fn new(
+        metrics: Metrics,
+        identity: Held,
+        discovery_wait: Duration,
+    ) -> (Self, mpsc::UnboundedReceiver<String>) {
         let (subscribe, subscriptions) = mpsc::unbounded_channel();
         let inner = Inner {
             lookups: Mutex::default(),
@@ -93,6 +99,7 @@ impl Resolver {
             subscribe,
             metrics,
             identity,
+            discovery_wait,
         };
         (
             Self {
@@ -139,16 +146,22 @@ impl Resolver {
         *self.inner.control_plane.borrow()
     }
 
-    /// The resolution of `lookup` once answered, waiting up to `wait`; not waiting while the
-    /// control plane is unreachable, since it cannot answer.
-    pub async fn resolve(&self, lookup: &Lookup, wait: Duration) -> Resolution {
+    /// The resolution of `lookup` once answered, waiting up to the discovery wait; not waiting
+    /// while the control plane is unreachable, since it cannot answer.
+    pub async fn resolve(&self, lookup: &Lookup) -> Resolution {
         match lookup.current() {
             Resolution::Pending if self.control_plane() == ControlPlaneState::Unreachable => {
                 Resolution::Pending
             }
-            Resolution::Pending => lookup.resolved(wait).await,
+            Resolution::Pending => lookup.resolved(self.inner.discovery_wait).await,
             resolution => resolution,
         }
+    }
+
+    /// A handle for destinations to reach their routes' backends by, which does not keep the
+    /// resolver (that holds the destinations) alive.
+    pub fn backends(&self) -> Backends {
+        Backends(Arc::downgrade(&self.inner))
     }
 
     /// Forgets the destinations not looked up since the last sweep that nothing holds (no open
@@ -207,6 +220,7 @@ impl Resolver {
             previous.as_deref(),
             &self.inner.metrics,
             &self.inner.identity,
+            &self.backends(),
         );
         lookup.state.send_replace(Resolution::Ready(Arc::new(next)));
     }
@@ -245,6 +259,35 @@ impl Resolver {
     }
 }
 
+/// The destinations a route's backends name, resolved as the app's own requests are.
+#[derive(Clone)]
+pub struct Backends(Weak<Inner>);
+
+impl Backends {
+    /// None: a handle on no resolver, for destinations built on their own.
+    #[cfg(test)]
+    pub fn none() -> Self {
+        Self(Weak::new())
+    }
+
+    /// The destination `key` names, subscribing to it on first use.
+    pub async fn resolve(&self, key: &str) -> Resolution {
+        let Some(inner) = self.0.upgrade() else {
+            return Resolution::Unknown("the proxy is shutting down".into());
+        };
+        let resolver = Resolver { inner };
+        let lookup = resolver.lookup(key);
+        resolver.resolve(&lookup).await
+    }
+
+    /// Subscribes to `key` ahead of its first request.
+    pub fn prefetch(&self, key: &str) {
+        if let Some(inner) = self.0.upgrade() {
+            Resolver { inner }.lookup(key);
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -252,8 +295,11 @@ pub(crate) mod tests {
 
     #[test]
     fn a_sweep_forgets_what_was_neither_used_since_the_last_nor_held() {
-        let (resolver, mut subscriptions) =
-            Resolver::new(Metrics::new(), crate::tls::no_identity());
+        let (resolver, mut subscriptions) = Resolver::new(
+            Metrics::new(),
+            crate::tls::no_identity(),
+            Duration::from_secs(5),
+        );
         let held = resolver.lookup("held.default.svc.cluster.local:80");
         resolver.lookup("idle.default.svc.cluster.local:80");
         resolver.lookup("used.default.svc.cluster.local:80");
@@ -279,8 +325,11 @@ pub(crate) mod tests {
 
     #[test]
     fn past_the_most_destinations_a_new_one_is_not_followed_until_some_are_forgotten() {
-        let (resolver, mut subscriptions) =
-            Resolver::new(Metrics::new(), crate::tls::no_identity());
+        let (resolver, mut subscriptions) = Resolver::new(
+            Metrics::new(),
+            crate::tls::no_identity(),
+            Duration::from_secs(5),
+        );
         let key = |i: usize| format!("10.0.{}.{}:80", i / 256, i % 256);
         for i in 0..MAX_DESTINATIONS_PER_PROXY {
             resolver.lookup(&key(i));
@@ -335,13 +384,18 @@ pub(crate) mod tests {
             connection_pool: Default::default(),
             rate_limit: None,
             fault_injection: None,
+            http_routes: None,
         }
     }
 
     #[test]
     fn the_series_of_a_service_go_once_no_destination_of_it_is_left() {
         let metrics = Metrics::new();
-        let (resolver, _subscriptions) = Resolver::new(metrics.clone(), crate::tls::no_identity());
+        let (resolver, _subscriptions) = Resolver::new(
+            metrics.clone(),
+            crate::tls::no_identity(),
+            Duration::from_secs(5),
+        );
         let (by_name, by_address) = ("web.default.svc.cluster.local:80", "10.96.0.5:80");
         for key in [by_name, by_address] {
             resolver.lookup(key);

@@ -107,7 +107,7 @@ impl RouteMatch {
 
 /// `/api` matches `/api`, `/api/` and `/api/x`, not `/apix`: prefixes are whole path segments,
 /// as in Gateway API and Istio.
-fn path_has_prefix(path: &str, prefix: &str) -> bool {
+pub(crate) fn path_has_prefix(path: &str, prefix: &str) -> bool {
     let prefix = prefix.trim_end_matches('/');
     match path.strip_prefix(prefix) {
         Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.is_empty(),

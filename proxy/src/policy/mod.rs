@@ -2,6 +2,7 @@
 //! makes them from what the control plane sends, refusing what cannot be applied).
 
 mod authz;
+mod http_route;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,6 +14,10 @@ use serde::Serialize;
 pub use self::authz::{
     Action, AuthorizationPolicy, AuthorizationRule, Call, CallMatch, CallerMatch,
     InboundAuthorization, PathMatch, judge,
+};
+pub use self::http_route::{
+    HeaderModifier, HttpFilter, HttpPathMatch, HttpRouteMatch, HttpRouteRule, HttpRouteTable,
+    PathRewrite, QueryParamMatch, Redirect, Rewrite, RouteBackend,
 };
 
 #[derive(Debug, Clone, Serialize)]
@@ -61,6 +66,9 @@ pub struct DestinationConfig {
     pub connection_pool: PoolLimits,
     pub rate_limit: Option<RateLimitConfig>,
     pub fault_injection: Option<FaultConfig>,
+    /// The Gateway API routes that serve this proxy's calls to this Service port, if any: then
+    /// they, not `routes` and `traffic`, decide where a call goes.
+    pub http_routes: Option<HttpRouteTable>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

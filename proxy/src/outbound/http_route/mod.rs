@@ -1,0 +1,228 @@
+//! Gateway API routes in the outbound stack: the table picks a rule by the first match that holds,
+//! the rule's filters change the request (or answer it: a redirect), and a backend chosen by
+//! weight for each request serves it through that backend Service port's own destination, whose
+//! DestinationPolicy applies in full.
+
+mod filters;
+mod matching;
+
+use std::sync::Arc;
+
+use http::{Request, StatusCode};
+use rand::Rng as _;
+
+use crate::ctx::Labels;
+use crate::http::body::{Body, proxy_error};
+use crate::metrics::RequestLabels;
+use crate::outbound::resolve::{Backends, Resolution};
+use crate::outbound::stack::{Built, Leaf, ResponseFuture, Stack};
+use crate::policy::{HeaderModifier, HttpFilter, HttpRouteMatch, HttpRouteRule, RouteBackend};
+
+/// One rule as built: its filters, and the stack below them (timeouts, retries, the backends).
+pub struct RuleStack {
+    pub rule: HttpRouteRule,
+    pub labels: RequestLabels,
+    pub built: Built,
+}
+
+/// The bottom of a frontend's stack when routes serve its callers.
+#[derive(Clone)]
+pub struct HttpRoutes {
+    inner: Arc<Table>,
+}
+
+struct Table {
+    matches: Vec<HttpRouteMatch>,
+    rules: Vec<RuleStack>,
+    /// For the 404 of a request no rule matches.
+    labels: RequestLabels,
+    /// The Service port requests were sent to: a redirect without a port of its own keeps it.
+    port: u16,
+}
+
+impl HttpRoutes {
+    pub fn new(
+        matches: Vec<HttpRouteMatch>,
+        rules: Vec<RuleStack>,
+        labels: RequestLabels,
+        port: u16,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Table {
+                matches,
+                rules,
+                labels,
+                port,
+            }),
+        }
+    }
+
+    /// Each rule's route, name and parts, top-down.
+    pub fn describe(&self) -> impl Iterator<Item = (String, &[&'static str])> {
+        self.inner.rules.iter().map(|rule| {
+            let name = match &rule.rule.name {
+                Some(name) => format!("{} rule {name:?}", rule.rule.route),
+                None => rule.rule.route.clone(),
+            };
+            (name, rule.built.names.as_slice())
+        })
+    }
+}
+
+impl Leaf for HttpRoutes {
+    fn name(&self) -> &'static str {
+        "http routes"
+    }
+
+    fn call(&self, mut request: Request<Body>) -> ResponseFuture {
+        let table = &self.inner;
+        let Some(matched) = table.matches.iter().find(|m| m.matches(&request)) else {
+            let mut response = proxy_error(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "no route of {}.{}:{} matches",
+                    table.labels.dst_service, table.labels.dst_namespace, table.port
+                ),
+            );
+            response
+                .extensions_mut()
+                .insert(Labels(table.labels.clone()));
+            return Box::pin(async move { Ok(response) });
+        };
+        let rule = &table.rules[matched.rule];
+        let prefix = matched.matched_prefix();
+        let mut on_response = Vec::new();
+        for filter in &rule.rule.filters {
+            match filter {
+                HttpFilter::RequestHeaders(modifier) => modifier.apply(request.headers_mut()),
+                HttpFilter::ResponseHeaders(modifier) => on_response.push(modifier.clone()),
+                HttpFilter::Rewrite(rewrite) => filters::rewrite(rewrite, &mut request, prefix),
+                HttpFilter::Redirect(redirect) => {
+                    let mut response = filters::redirect(redirect, &request, prefix, table.port);
+                    modify_response(&on_response, &mut response);
+                    response
+                        .extensions_mut()
+                        .insert(Labels(rule.labels.clone()));
+                    return Box::pin(async move { Ok(response) });
+                }
+            }
+        }
+        let labels = rule.labels.clone();
+        let response = tower::Service::call(&mut rule.built.stack.clone(), request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            modify_response(&on_response, &mut response);
+            // The backend's destination labelled it with the backend Service; the route is ours.
+            match response.extensions_mut().get_mut::<Labels>() {
+                Some(Labels(backend)) => backend.route = labels.route.clone(),
+                None => {
+                    response.extensions_mut().insert(Labels(labels));
+                }
+            }
+            Ok(response)
+        })
+    }
+}
+
+fn modify_response(modifiers: &[HeaderModifier], response: &mut http::Response<Body>) {
+    for modifier in modifiers {
+        modifier.apply(response.headers_mut());
+    }
+}
+
+/// A rule's backends: one chosen by weight for each request (each try, under retries).
+#[derive(Clone)]
+pub struct WeightedBackends {
+    backends: Arc<[RouteBackend]>,
+    total: u32,
+    resolver: Backends,
+}
+
+impl WeightedBackends {
+    pub fn new(backends: Vec<RouteBackend>, resolver: Backends) -> Self {
+        for backend in &backends {
+            if let Ok(key) = &backend.target
+                && backend.weight > 0
+            {
+                resolver.prefetch(key);
+            }
+        }
+        Self {
+            total: backends.iter().map(|b| b.weight).sum(),
+            backends: backends.into(),
+            resolver,
+        }
+    }
+
+    fn pick(&self) -> Option<&RouteBackend> {
+        if self.total == 0 {
+            return None;
+        }
+        let mut point = rand::rng().random_range(0..self.total);
+        self.backends.iter().find(|backend| {
+            if point < backend.weight {
+                return true;
+            }
+            point -= backend.weight;
+            false
+        })
+    }
+}
+
+impl Leaf for WeightedBackends {
+    fn name(&self) -> &'static str {
+        "backends"
+    }
+
+    fn call(&self, mut request: Request<Body>) -> ResponseFuture {
+        let Some(backend) = self.pick() else {
+            let response = proxy_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the route's rule has no backend to send to",
+            );
+            return Box::pin(async move { Ok(response) });
+        };
+        let key = match &backend.target {
+            Ok(key) => key.clone(),
+            Err(why) => {
+                let response = proxy_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("the route's backend cannot be used: {why}"),
+                );
+                return Box::pin(async move { Ok(response) });
+            }
+        };
+        let mut on_response = Vec::new();
+        for filter in &backend.filters {
+            match filter {
+                HttpFilter::RequestHeaders(modifier) => modifier.apply(request.headers_mut()),
+                HttpFilter::ResponseHeaders(modifier) => on_response.push(modifier.clone()),
+                HttpFilter::Redirect(_) | HttpFilter::Rewrite(_) => {
+                    unreachable!("decoding refuses a backend's redirect or rewrite")
+                }
+            }
+        }
+        let resolver = self.resolver.clone();
+        Box::pin(async move {
+            let destination = match resolver.resolve(&key).await {
+                Resolution::Ready(destination) => destination,
+                Resolution::Unknown(reason) => {
+                    return Ok(proxy_error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &format!("the route's backend {key} is unknown: {reason}"),
+                    ));
+                }
+                Resolution::Pending => {
+                    return Ok(proxy_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("no configuration for the route's backend {key} yet"),
+                    ));
+                }
+            };
+            let mut service: Stack = destination.backend_service();
+            let mut response = tower::Service::call(&mut service, request).await?;
+            modify_response(&on_response, &mut response);
+            Ok(response)
+        })
+    }
+}
