@@ -24,6 +24,10 @@
 //!    outside the mesh does not, the kubelet's probe does; its TCP echo is reached over mutual
 //!    TLS, and a packet capture on the node sees TLS records from the meshed client and the
 //!    plaintext only of the caller outside the mesh.
+//!    Then the Gateway API CRDs, installed next to the running mesh: an HTTPRoute (the README's
+//!    example, other weights) splits reviews' calls by its weights per request, answers a
+//!    redirect in the client's proxy and sends `x-canary: true` to v2; a consumer route in the
+//!    vault namespace serves only its calls; the route's status is Accepted and ResolvedRefs.
 //! 7. Prometheus discovers the meshed pods through the API server (pod service discovery) and
 //!    every dashboard query returns data for namespace `shop`.
 //! 8. A pod that cannot be meshed says why in its events and logs; the proxy stops after the app;
@@ -1453,6 +1457,186 @@ fn authorization(suite: &mut Suite) {
     );
 }
 
+/// The reviews versions as Services of their own, for routes to choose between.
+const VERSION_SERVICES: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: reviews-v1, namespace: shop}
+spec:
+  selector: {app: reviews, version: v1}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v2, namespace: shop}
+spec:
+  selector: {app: reviews, version: v2}
+  ports: [{name: http, port: 9080}]
+"#;
+
+/// From the strict namespace `vault`, for its own calls to reviews: all to v2.
+const CONSUMER_ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews-for-vault, namespace: vault}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, namespace: shop}]
+  rules:
+  - backendRefs: [{name: reviews-v2, namespace: shop, port: 9080}]
+"#;
+
+/// `--requests=N` calls from the vault pod's app to `url`.
+fn vault_calls(suite: &Suite, url: &str, requests: usize) -> Result<Calls, String> {
+    let requests = format!("--requests={requests}");
+    let command = [
+        "exec",
+        "-n",
+        "vault",
+        "deploy/vault",
+        "-c",
+        "app",
+        "--",
+        APP,
+        "http",
+        "--url",
+        url,
+        &requests,
+    ];
+    let text = suite.kubectl(&command)?;
+    serde_json::from_str(&text)
+        .map(Calls)
+        .map_err(|err| format!("the vault pod printed {text:?}: {err}"))
+}
+
+/// 6d. Gateway API routes, next to the DestinationPolicy still on reviews: the README's example
+/// with other weights (a canary by HTTPRoute weights, per request), a redirect the client's proxy
+/// answers, a consumer route for the vault namespace's calls alone, and the route's status.
+fn routes(suite: &mut Suite) {
+    let installed = (|| {
+        let bundle = workspace_file("tests/conformance/crds/standard.yaml");
+        suite.kubectl(&["apply", "--server-side", "-f", bundle.to_str().unwrap()])?;
+        suite.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/httproutes.gateway.networking.k8s.io",
+            "--timeout=60s",
+        ])?;
+        suite.apply(VERSION_SERVICES)
+    })();
+    if !suite.check(
+        "the Gateway API CRDs install beside Outrigger's running controller",
+        installed,
+    ) {
+        return;
+    }
+    suite.check(
+        "an HTTPRoute splits reviews' calls by its weights, in place of the policy's split",
+        (|| {
+            let example = std::fs::read_to_string(workspace_file("examples/reviews-route.yaml"))
+                .map_err(|err| format!("reading the example: {err}"))?;
+            // The policy on reviews splits 90/10 too: other weights tell the route's apart.
+            let route = example
+                .replace("weight: 90", "weight: 50")
+                .replace("weight: 10", "weight: 50")
+                .replace(
+                    "  - backendRefs:\n",
+                    "  - matches: [{path: {type: PathPrefix, value: /old}}]\n    filters:\n    - \
+                     type: RequestRedirect\n      requestRedirect: {hostname: example.org, \
+                     statusCode: 301}\n  - backendRefs:\n",
+                );
+            suite.apply(&route)?;
+            eventually("the route's redirect answers", PATIENCE, || {
+                let calls = suite.client_calls(&[
+                    "--url",
+                    "http://reviews.shop.svc.cluster.local:9080/old/page",
+                    "--requests=3",
+                ])?;
+                Ok(calls.count("statuses", "301") == 3)
+            })?;
+            let n = 400;
+            let calls = suite.client_calls(&[
+                "--url",
+                REVIEWS_URL,
+                &format!("--requests={n}"),
+                "--concurrency=2",
+                PACE,
+            ])?;
+            calls.all_ok()?;
+            let v2 = calls.answered_by("reviews-v2-");
+            ensure!(
+                v2 + calls.answered_by("reviews-v1-") == n,
+                "answers from elsewhere: {}",
+                calls.0
+            );
+            // Six standard deviations of a binomial(n, 0.5).
+            let (expected, tolerance) = (n as f64 * 0.5, 6.0 * (n as f64 * 0.25).sqrt());
+            ensure!(
+                (v2 as f64 - expected).abs() <= tolerance,
+                "v2 got {v2} of {n}, expected {expected} ± {tolerance:.0}"
+            );
+            let canary = suite.client_calls(&[
+                "--url",
+                REVIEWS_URL,
+                "--requests=10",
+                "--header=x-canary: true",
+            ])?;
+            ensure!(
+                canary.answered_by("reviews-v2-") == 10,
+                "x-canary: true must reach v2: {}",
+                canary.0
+            );
+            let accepted = suite.kubectl(&[
+                "get",
+                "httproute",
+                "reviews",
+                "-n",
+                SHOP,
+                "-o",
+                r#"jsonpath={.status.parents[0].controllerName} {.status.parents[0].conditions[?(@.type=="Accepted")].status} {.status.parents[0].conditions[?(@.type=="ResolvedRefs")].status}"#,
+            ])?;
+            ensure!(
+                accepted == "outrigger.dev/mesh True True",
+                "the route's status: {accepted:?}"
+            );
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "a consumer route serves its own namespace's calls, and no one else's",
+        (|| {
+            suite.apply(CONSUMER_ROUTE)?;
+            eventually(
+                "the vault namespace's calls take its route",
+                PATIENCE,
+                || {
+                    let calls = vault_calls(suite, REVIEWS_URL, 10)?;
+                    Ok(calls.answered_by("reviews-v2-") == 10)
+                },
+            )?;
+            let shop = suite.client_calls(&["--url", REVIEWS_URL, "--requests=40", PACE])?;
+            ensure!(
+                shop.answered_by("reviews-v1-") > 0,
+                "the shop's calls must keep the producer route's split: {}",
+                shop.0
+            );
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "without the routes, the DestinationPolicy's split is back",
+        (|| {
+            suite.kubectl(&["delete", "httproute", "reviews", "-n", SHOP])?;
+            suite.kubectl(&["delete", "httproute", "reviews-for-vault", "-n", "vault"])?;
+            eventually("redirects stop", PATIENCE, || {
+                let calls = suite.client_calls(&[
+                    "--url",
+                    "http://reviews.shop.svc.cluster.local:9080/old/page",
+                    "--requests=3",
+                ])?;
+                Ok(calls.count("statuses", "200") == 3)
+            })
+        })(),
+    );
+}
+
 /// A Service `ratings` on the reviews pods whose policy every proxy rejects (a header regex the
 /// API server and the controller let through), for the dashboards' rejected-configuration panel.
 const REJECTED_POLICY: &str = r#"apiVersion: v1
@@ -1881,6 +2065,7 @@ fn the_readmes_flow_in_meshed_pods() {
         pass_through(&mut suite);
         authorization(&mut suite);
         strict_namespace(&mut suite);
+        routes(&mut suite);
         dashboards(&mut suite);
         bad_input_and_uninstall(&mut suite);
     }

@@ -10,7 +10,8 @@
 //!
 //! `run` needs a cluster whose pods run: it installs the CRDs, imports the images through a
 //! callback ([`Cluster`]), installs the chart, runs the suite and copies the suite's report to
-//! docs/conformance/.
+//! docs/conformance/. Given no cluster (`--kubeconfig`), it starts the real-node test cluster with
+//! the images `cargo xtask images` built, and imports the suite's images into its node.
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
@@ -52,14 +53,16 @@ pub enum Action {
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Admin kubeconfig of the cluster.
-    #[arg(long)]
-    kubeconfig: PathBuf,
-    /// Imports one image into every node's container runtime; run through `sh -c` with two more
-    /// arguments: the image reference and a directory holding `rootfs/` and `config.json` (the OCI
-    /// image config, without `rootfs`).
-    #[arg(long)]
-    import_command: String,
+    /// Admin kubeconfig of a cluster whose pods run. Without it, `run` starts the real-node test
+    /// cluster itself (needs root and `cargo xtask images`), imports the images into its node,
+    /// and stops it after the run.
+    #[arg(long, requires = "import_command")]
+    kubeconfig: Option<PathBuf>,
+    /// With --kubeconfig: imports one image into every node's container runtime; run through
+    /// `sh -c` with two more arguments: the image reference and a directory holding `rootfs/`
+    /// and `config.json` (the OCI image config, without `rootfs`).
+    #[arg(long, requires = "kubeconfig")]
+    import_command: Option<String>,
     #[command(flatten)]
     options: RunOptions,
 }
@@ -102,35 +105,72 @@ impl Channel {
 pub fn run(action: Action) -> Result<()> {
     match action {
         Action::Build => build().map(|_| ()),
-        Action::Run(args) => {
-            let mut import = |image: &ImageContents| {
-                let status = Command::new("sh")
-                    .arg("-c")
-                    .arg(format!("{} \"$@\"", args.import_command))
-                    .arg("sh")
-                    .arg(&image.reference)
-                    .arg(&image.dir)
-                    .status()
-                    .with_context(|| {
-                        format!("running the import command for {}", image.reference)
-                    })?;
-                ensure!(
-                    status.success(),
-                    "importing {} with `{} {} {}` failed: {status}",
-                    image.reference,
-                    args.import_command,
-                    image.reference,
-                    image.dir.display()
-                );
-                Ok(())
-            };
-            let cluster = Cluster {
-                kubeconfig: &args.kubeconfig,
-                import_image: &mut import,
-            };
-            run_suite(cluster, &args.options)
-        }
+        Action::Run(args) => match (&args.kubeconfig, &args.import_command) {
+            (Some(kubeconfig), Some(command)) => {
+                let mut import = |image: &ImageContents| import_with(command, image);
+                run_suite(
+                    Cluster {
+                        kubeconfig,
+                        import_image: &mut import,
+                    },
+                    &args.options,
+                )
+            }
+            _ => run_on_the_test_cluster(&args.options),
+        },
     }
+}
+
+/// Imports an image by running the user's command.
+fn import_with(command: &str, image: &ImageContents) -> Result<()> {
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{command} \"$@\""))
+        .arg("sh")
+        .arg(&image.reference)
+        .arg(&image.dir)
+        .status()
+        .with_context(|| format!("running the import command for {}", image.reference))?;
+    ensure!(
+        status.success(),
+        "importing {} with `{command} {} {}` failed: {status}",
+        image.reference,
+        image.reference,
+        image.dir.display()
+    );
+    Ok(())
+}
+
+/// Starts the real-node test cluster with Outrigger's images, runs the suite on it, stops it.
+fn run_on_the_test_cluster(options: &RunOptions) -> Result<()> {
+    let archives = crate::images::built_archives()?;
+    ensure!(
+        !archives.is_empty(),
+        "no images of Outrigger's built yet: run `cargo xtask images` first"
+    );
+    progress("starting the test cluster with its node");
+    let cluster = outrigger_cluster::Cluster::builder()
+        .node(true)
+        .images(archives)
+        .start()
+        .context("starting the test cluster")?;
+    let mut import = |image: &ImageContents| {
+        let config = fs::read_to_string(image.dir.join("config.json"))
+            .with_context(|| format!("reading {}", image.dir.join("config.json").display()))?;
+        // Beside what it is made of, in the cache; rewritten on every run.
+        let archive = image.dir.join("docker-archive.tar");
+        outrigger_cluster::Image::from_root(&image.reference, &image.dir.join("rootfs"), &config)
+            .and_then(|built| built.write_docker_archive(&archive))
+            .and_then(|()| cluster.import_image(&archive))
+            .map_err(anyhow::Error::from)
+    };
+    run_suite(
+        Cluster {
+            kubeconfig: cluster.kubeconfig(),
+            import_image: &mut import,
+        },
+        options,
+    )
 }
 
 /// What `run` needs from a cluster whose pods run.

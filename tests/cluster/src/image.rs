@@ -25,6 +25,9 @@ pub struct Image {
     env: Vec<String>,
     /// By path inside the image, relative (`usr/bin/x`); parents are added when written.
     entries: BTreeMap<PathBuf, Entry>,
+    /// An image config built elsewhere, without `rootfs`, in place of the one made from
+    /// `entrypoint`, `user` and `env`.
+    config: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +55,50 @@ impl Image {
             user: None,
             env: vec![PATH.to_string()],
             entries: BTreeMap::new(),
+            config: None,
         }
+    }
+
+    /// An image built elsewhere: every file under `rootfs` (a directory of this machine) at its
+    /// path below it, with its permission bits, and `config`, the OCI image config without
+    /// `rootfs` (one JSON object).
+    pub fn from_root(reference: impl Into<String>, rootfs: &Path, config: &str) -> Result<Image> {
+        let config = config.trim();
+        if !config.starts_with('{') || !config.ends_with('}') || config.contains("\"rootfs\"") {
+            bail!("an image config must be one JSON object without `rootfs`");
+        }
+        let mut image = Image::new(reference);
+        image.config = Some(config.to_string());
+        let mut pending = vec![rootfs.to_path_buf()];
+        while let Some(dir) = pending.pop() {
+            let entries = fs::read_dir(&dir)
+                .context(|| format!("reading the directory {}", dir.display()))?;
+            for entry in entries {
+                let entry = entry.context(|| format!("reading {}", dir.display()))?;
+                let path = entry.path();
+                let inside = Path::new("/").join(
+                    path.strip_prefix(rootfs)
+                        .expect("walked from the root filesystem"),
+                );
+                let metadata = fs::symlink_metadata(&path)
+                    .context(|| format!("reading {}", path.display()))?;
+                let kind = if metadata.file_type().is_symlink() {
+                    let target = fs::read_link(&path)
+                        .context(|| format!("reading the link {}", path.display()))?;
+                    Entry::Symlink(target)
+                } else if metadata.is_dir() {
+                    pending.push(path.clone());
+                    Entry::Directory
+                } else {
+                    Entry::File {
+                        source: Source::Host(path.clone()),
+                        mode: metadata.permissions().mode() & 0o7777,
+                    }
+                };
+                image.insert(&inside, kind)?;
+            }
+        }
+        Ok(image)
     }
 
     pub fn reference(&self) -> &str {
@@ -339,6 +385,17 @@ impl Image {
 
     /// The image configuration (OCI image spec `config`), with the layer's uncompressed digest.
     fn config_json(&self, layer_digest: &str) -> String {
+        let rootfs =
+            format!("\"rootfs\":{{\"type\":\"layers\",\"diff_ids\":[\"sha256:{layer_digest}\"]}}");
+        if let Some(config) = &self.config {
+            let open = &config[..config.len() - 1];
+            let separator = if open.trim_end().ends_with('{') {
+                ""
+            } else {
+                ","
+            };
+            return format!("{open}{separator}{rootfs}}}");
+        }
         let list = |items: &[String]| {
             items
                 .iter()
@@ -354,7 +411,7 @@ impl Image {
         format!(
             "{{\"architecture\":\"amd64\",\"os\":\"linux\",\
              \"config\":{{\"Entrypoint\":[{}],\"Env\":[{}],\"WorkingDir\":\"/\"{user}}},\
-             \"rootfs\":{{\"type\":\"layers\",\"diff_ids\":[\"sha256:{layer_digest}\"]}},\
+             {rootfs},\
              \"history\":[{{\"created_by\":\"outrigger-cluster image builder\"}}]}}",
             list(&self.entrypoint),
             list(&self.env),
@@ -652,45 +709,10 @@ mod tests {
         let archive = dir.join("tool.tar");
         image.write_docker_archive(&archive).unwrap();
 
-        let unpacked = dir.join("unpacked");
-        fs::create_dir_all(&unpacked).unwrap();
-        let untar = |archive: &Path, into: &Path| {
-            let status = Command::new("tar")
-                .arg("-xf")
-                .arg(archive)
-                .arg("-C")
-                .arg(into)
-                .status()
-                .unwrap();
-            assert!(status.success(), "tar -xf {}", archive.display());
-        };
-        untar(&archive, &unpacked);
-        let manifest = fs::read_to_string(unpacked.join("manifest.json")).unwrap();
+        let (manifest, config, layer) = unpack(&archive, &dir.join("unpacked"));
         assert!(
             manifest.contains("\"RepoTags\":[\"example.test/tool:1\"]"),
             "{manifest}"
-        );
-        let layer_name = manifest
-            .split("\"Layers\":[\"")
-            .nth(1)
-            .unwrap()
-            .split('"')
-            .next()
-            .unwrap();
-        let layer = unpacked.join(layer_name);
-        let digest = layer_name.split('/').next().unwrap();
-        assert_eq!(sha256_of_file(&layer).unwrap(), digest);
-        let config_name = manifest
-            .split("\"Config\":\"")
-            .nth(1)
-            .unwrap()
-            .split('"')
-            .next()
-            .unwrap();
-        let config = fs::read_to_string(unpacked.join(config_name)).unwrap();
-        assert!(
-            config.contains(&format!("\"diff_ids\":[\"sha256:{digest}\"]")),
-            "{config}"
         );
         assert!(
             config.contains("\"Entrypoint\":[\"/usr/bin/tool\"]"),
@@ -699,7 +721,6 @@ mod tests {
         assert!(config.contains("\"User\":\"7:7\""), "{config}");
 
         let root = dir.join("root");
-        fs::create_dir_all(&root).unwrap();
         untar(&layer, &root);
         let tool = root.join("usr/bin/tool");
         assert_eq!(fs::read(&tool).unwrap(), b"#!/bin/sh\n");
@@ -713,6 +734,89 @@ mod tests {
         assert_eq!(
             fs::read(root.join(&host).join("alias/tool")).unwrap(),
             b"#!/bin/sh\n"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn untar(archive: &Path, into: &Path) {
+        fs::create_dir_all(into).unwrap();
+        let status = Command::new("tar")
+            .arg("-xf")
+            .arg(archive)
+            .arg("-C")
+            .arg(into)
+            .status()
+            .unwrap();
+        assert!(status.success(), "tar -xf {}", archive.display());
+    }
+
+    /// A `docker save` archive unpacked into `into`: its manifest, its config (checked to name
+    /// the layer's digest) and the path of its layer.
+    fn unpack(archive: &Path, into: &Path) -> (String, String, PathBuf) {
+        untar(archive, into);
+        let manifest = fs::read_to_string(into.join("manifest.json")).unwrap();
+        let field = |name: &str| {
+            manifest
+                .split(&format!("\"{name}\":"))
+                .nth(1)
+                .unwrap()
+                .trim_start_matches('[')
+                .trim_start_matches('"')
+                .split('"')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        let layer_name = field("Layers");
+        let layer = into.join(&layer_name);
+        let digest = layer_name.split('/').next().unwrap();
+        assert_eq!(sha256_of_file(&layer).unwrap(), digest);
+        let config = fs::read_to_string(into.join(field("Config"))).unwrap();
+        assert!(
+            config.contains(&format!("\"diff_ids\":[\"sha256:{digest}\"]")),
+            "{config}"
+        );
+        (manifest, config, layer)
+    }
+
+    #[test]
+    fn an_image_built_elsewhere_keeps_its_files_modes_links_and_config() {
+        let dir = std::env::temp_dir().join(format!("outrigger-image-root-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("rootfs/usr/bin")).unwrap();
+        fs::write(dir.join("rootfs/usr/bin/server"), b"binary").unwrap();
+        fs::set_permissions(
+            dir.join("rootfs/usr/bin/server"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        fs::write(dir.join("rootfs/cert.crt"), b"cert").unwrap();
+        fs::set_permissions(
+            dir.join("rootfs/cert.crt"),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("usr/bin", dir.join("rootfs/bin")).unwrap();
+        let config = r#"{"architecture":"amd64","os":"linux","config":{"User":"1338"}}"#;
+        assert!(Image::from_root("x:1", &dir.join("rootfs"), "[]").is_err());
+
+        let image = Image::from_root("example.test/echo:1", &dir.join("rootfs"), config).unwrap();
+        let archive = dir.join("echo.tar");
+        image.write_docker_archive(&archive).unwrap();
+        let (_, written, layer) = unpack(&archive, &dir.join("unpacked"));
+        assert!(
+            written.starts_with(
+                r#"{"architecture":"amd64","os":"linux","config":{"User":"1338"},"rootfs":"#
+            ),
+            "{written}"
+        );
+        let root = dir.join("root");
+        untar(&layer, &root);
+        assert_eq!(host_mode(&root.join("usr/bin/server")).unwrap(), 0o755);
+        assert_eq!(host_mode(&root.join("cert.crt")).unwrap(), 0o644);
+        assert_eq!(
+            fs::read_link(root.join("bin")).unwrap(),
+            PathBuf::from("usr/bin")
         );
         fs::remove_dir_all(&dir).unwrap();
     }
