@@ -503,14 +503,24 @@ fn install_the_chart(suite: &mut Suite) -> bool {
         "--wait",
         &format!("--timeout={}s", PATIENCE.as_secs()),
     ]);
-    let warnings = match installed {
-        Ok((_, stderr)) => stderr,
+    let (notes, warnings) = match installed {
+        Ok(output) => output,
         Err(problem) => {
             suite.check("helm install the chart", Err(problem));
             return false;
         }
     };
     suite.check("helm install the chart", Ok(()));
+    suite.check(
+        "helm install's notes say no Gateway API CRDs are installed yet",
+        {
+            if notes.contains("Gateway API: no HTTPRoute CRD found") {
+                Ok(())
+            } else {
+                Err(format!("helm printed: {notes}"))
+            }
+        },
+    );
     suite.check("helm install prints no warnings", {
         let stderr = warnings;
         if stderr.trim().is_empty() {
@@ -1527,6 +1537,29 @@ fn routes(suite: &mut Suite) {
     ) {
         return;
     }
+    suite.check(
+        "helm upgrade's notes name the Gateway API bundle found",
+        (|| {
+            let chart = workspace_file("charts/outrigger");
+            let (notes, _) = suite.helm(&[
+                "upgrade",
+                "outrigger",
+                &chart.to_string_lossy(),
+                "-n",
+                SYSTEM,
+                "--reuse-values",
+                "--wait",
+            ])?;
+            ensure!(
+                notes.contains(
+                    "Gateway API: found the standard channel, bundle v1.6.3: HTTPRoutes and \
+                     GRPCRoutes"
+                ),
+                "helm printed: {notes}"
+            );
+            Ok(())
+        })(),
+    );
     suite.check(
         "an HTTPRoute splits reviews' calls by its weights, in place of the policy's split",
         (|| {

@@ -893,6 +893,97 @@ mod tests {
             .to_string()
     }
 
+    fn table(consumer_namespace: &str, route: &str) -> proto::HttpRouteTable {
+        proto::HttpRouteTable {
+            consumer_namespace: consumer_namespace.into(),
+            rules: vec![proto::HttpRouteRule {
+                route: route.into(),
+                backends: vec![proto::RouteBackend {
+                    key: "reviews-v1.shop.svc.cluster.local:9080".into(),
+                    weight: 1,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            matches: vec![proto::HttpRouteMatch {
+                rule: 0,
+                path: Some(proto::http_route_match::Path::Prefix("/".into())),
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn a_proxy_takes_its_own_namespaces_route_table_else_the_producers() {
+        let route_of = |tables: &[proto::HttpRouteTable], namespace: &str| {
+            let d = proto::Destination {
+                http_routes: tables.to_vec(),
+                ..reviews()
+            };
+            let config = destination(
+                "1".into(),
+                d,
+                endpoints(),
+                LoopbackEndpoints::Refused,
+                namespace,
+            )
+            .unwrap();
+            config.http_routes.map(|table| table.rules[0].route.clone())
+        };
+        let both = [table("", "producer"), table("frontend", "consumer")];
+        assert_eq!(route_of(&both, "frontend").as_deref(), Some("consumer"));
+        assert_eq!(route_of(&both, "shop").as_deref(), Some("producer"));
+        let consumer_only = [table("frontend", "consumer")];
+        assert_eq!(
+            route_of(&consumer_only, "shop"),
+            None,
+            "no table serves the shop's calls"
+        );
+    }
+
+    #[test]
+    fn a_route_table_the_proxy_cannot_apply_is_refused_naming_the_field() {
+        let with = |change: fn(&mut proto::HttpRouteTable)| {
+            rejected(|d, _| {
+                let mut table = table("", "r");
+                change(&mut table);
+                d.http_routes = vec![table];
+            })
+        };
+        assert_eq!(
+            with(|t| t.matches[0].rule = 1),
+            "httpRoutes[0].matches[0].rule: no rule 1 of 1"
+        );
+        assert_eq!(
+            with(|t| t.matches[0].path = Some(proto::http_route_match::Path::Exact("v2".into()))),
+            "httpRoutes[0].matches[0].path: `v2` does not start with `/`"
+        );
+        assert_eq!(
+            with(|t| {
+                t.rules[0].filters = vec![proto::HttpFilter {
+                    kind: Some(proto::http_filter::Kind::Redirect(proto::Redirect {
+                        status: 200,
+                        ..Default::default()
+                    })),
+                }]
+            }),
+            "httpRoutes[0].rules[0].filters[0].redirect.status: 200 is not a redirect status"
+        );
+        assert_eq!(
+            with(|t| {
+                t.rules[0].backends[0].filters = vec![proto::HttpFilter {
+                    kind: Some(proto::http_filter::Kind::Rewrite(proto::Rewrite::default())),
+                }]
+            }),
+            "httpRoutes[0].rules[0].backends[0].filters[0]: a backend's filters may only modify \
+             headers"
+        );
+        assert_eq!(
+            rejected(|d, _| d.http_routes = vec![table("", "a"), table("", "b")]),
+            "httpRoutes[1].consumerNamespace: a second table for ``"
+        );
+    }
+
     #[test]
     fn defaults_apply_when_the_policy_is_silent() {
         let config = destination(

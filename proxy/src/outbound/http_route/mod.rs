@@ -226,3 +226,158 @@ impl Leaf for WeightedBackends {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use http::Request;
+
+    use super::*;
+    use crate::http::body::full;
+    use crate::metrics::Direction;
+    use crate::outbound::stack::Layers;
+    use crate::policy::{HttpPathMatch, Redirect};
+
+    fn labels(route: &str) -> RequestLabels {
+        RequestLabels {
+            direction: Direction::Outbound,
+            dst_namespace: Arc::new("shop".into()),
+            dst_service: Arc::new("echo".into()),
+            dst_subset: Arc::default(),
+            route: Arc::new(route.into()),
+        }
+    }
+
+    fn rule(filters: Vec<HttpFilter>, backends: Vec<RouteBackend>) -> RuleStack {
+        let rule = HttpRouteRule {
+            route: "HTTPRoute/shop/echo".into(),
+            name: None,
+            filters,
+            backends: backends.clone(),
+            request_timeout: None,
+            backend_request_timeout: None,
+            retries: None,
+        };
+        RuleStack {
+            built: Layers::new().over(WeightedBackends::new(backends, Backends::none())),
+            labels: labels(&rule.route),
+            rule,
+        }
+    }
+
+    fn prefix(path: &str, rule: usize) -> HttpRouteMatch {
+        HttpRouteMatch {
+            rule,
+            path: Some(HttpPathMatch::Prefix(path.into())),
+            ..Default::default()
+        }
+    }
+
+    async fn call(routes: &HttpRoutes, path: &str) -> http::Response<Body> {
+        let request = Request::builder()
+            .uri(path)
+            .header("host", "echo")
+            .body(full(""))
+            .unwrap();
+        routes.call(request).await.unwrap()
+    }
+
+    fn reason(response: &http::Response<Body>) -> &str {
+        response
+            .headers()
+            .get(crate::http::body::PROXY_ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    fn route_label(response: &http::Response<Body>) -> String {
+        let Labels(labels) = response.extensions().get::<Labels>().expect("labelled");
+        labels.route.to_string()
+    }
+
+    #[tokio::test]
+    async fn the_proxy_answers_what_no_backend_serves() {
+        let unresolved = RouteBackend {
+            target: Err("no Service shop/echo-v3".into()),
+            weight: 1,
+            filters: Vec::new(),
+        };
+        let redirect = HttpFilter::Redirect(Redirect {
+            scheme: None,
+            hostname: Some("example.org".into()),
+            port: None,
+            path: None,
+            status: http::StatusCode::MOVED_PERMANENTLY,
+        });
+        let set_header = HttpFilter::ResponseHeaders(HeaderModifier {
+            set: vec![("x-header-set".parse().unwrap(), "set".parse().unwrap())],
+            ..Default::default()
+        });
+        let routes = HttpRoutes::new(
+            vec![
+                prefix("/redirect", 0),
+                prefix("/gone", 1),
+                prefix("/none", 2),
+            ],
+            vec![
+                rule(vec![set_header, redirect], Vec::new()),
+                rule(Vec::new(), vec![unresolved]),
+                rule(Vec::new(), Vec::new()),
+            ],
+            labels(""),
+            80,
+        );
+
+        let redirected = call(&routes, "/redirect/x").await;
+        assert_eq!(redirected.status(), 301);
+        assert_eq!(
+            redirected.headers()["location"],
+            "http://example.org/redirect/x"
+        );
+        assert_eq!(redirected.headers()["x-header-set"], "set");
+        assert_eq!(route_label(&redirected), "HTTPRoute/shop/echo");
+
+        let gone = call(&routes, "/gone").await;
+        assert_eq!(gone.status(), 500);
+        assert!(
+            reason(&gone).contains("no Service shop/echo-v3"),
+            "{gone:?}"
+        );
+
+        let none = call(&routes, "/none").await;
+        assert_eq!(none.status(), 500);
+        assert!(reason(&none).contains("no backend"), "{none:?}");
+
+        let unmatched = call(&routes, "/elsewhere").await;
+        assert_eq!(unmatched.status(), 404);
+        assert_eq!(reason(&unmatched), "no route of echo.shop:80 matches");
+        assert_eq!(route_label(&unmatched), "");
+    }
+
+    #[test]
+    fn a_backend_of_weight_zero_is_never_chosen() {
+        let backend = |key: &str, weight| RouteBackend {
+            target: Ok(key.into()),
+            weight,
+            filters: Vec::new(),
+        };
+        let backends = WeightedBackends::new(
+            vec![
+                backend("never", 0),
+                backend("always", 3),
+                backend("also-never", 0),
+            ],
+            Backends::none(),
+        );
+        for _ in 0..100 {
+            let picked = backends.pick().expect("a backend");
+            assert_eq!(picked.target.as_deref(), Ok("always"));
+        }
+        assert!(
+            WeightedBackends::new(vec![backend("x", 0)], Backends::none())
+                .pick()
+                .is_none()
+        );
+    }
+}
