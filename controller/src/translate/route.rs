@@ -9,11 +9,12 @@
 
 use std::cmp::Reverse;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use outrigger_api::destination::DestinationKey;
 use outrigger_api::gateway::{
-    GRPCRoute, GRPCRouteMatch, HTTPBackendRef, HTTPRoute, HTTPRouteFilter, HTTPRouteMatch,
-    HTTPRouteRetry, HTTPRouteTimeouts, ParentReference, Unknown, ValueMatch,
+    GRPCRoute, GRPCRouteMatch, GRPCRouteRule, HTTPBackendRef, HTTPRoute, HTTPRouteFilter,
+    HTTPRouteMatch, HTTPRouteRetry, HTTPRouteRule, HTTPRouteTimeouts, ParentReference, Unknown,
+    ValueMatch,
 };
 use outrigger_api::{defaults, duration, proto};
 
@@ -72,74 +73,145 @@ pub struct Resolution {
     pub unresolved: Vec<Unresolved>,
 }
 
+/// What the rules of HTTPRoute and GRPCRoute have alike, and how each kind's own parts translate.
+trait RuleSpec {
+    type Match: Default + Clone;
+
+    fn name(&self) -> &Option<String>;
+    fn unknown(&self) -> &Unknown;
+    fn matches(&self) -> &[Self::Match];
+    fn filters(&self) -> &[HTTPRouteFilter];
+    fn backend_refs(&self) -> &[HTTPBackendRef];
+    fn match_unknown(m: &Self::Match) -> &Unknown;
+    fn translate_match(m: &Self::Match) -> Result<(proto::HttpRouteMatch, Precedence), String>;
+
+    /// Timeouts and retries, which only HTTPRoute has.
+    fn more(&self, _route: &mut Route, _field: &str, _rule: &mut proto::HttpRouteRule) {}
+}
+
+impl RuleSpec for HTTPRouteRule {
+    type Match = HTTPRouteMatch;
+
+    fn name(&self) -> &Option<String> {
+        &self.name
+    }
+    fn unknown(&self) -> &Unknown {
+        &self.unknown
+    }
+    fn matches(&self) -> &[HTTPRouteMatch] {
+        &self.matches
+    }
+    fn filters(&self) -> &[HTTPRouteFilter] {
+        &self.filters
+    }
+    fn backend_refs(&self) -> &[HTTPBackendRef] {
+        &self.backend_refs
+    }
+    fn match_unknown(m: &HTTPRouteMatch) -> &Unknown {
+        &m.unknown
+    }
+    fn translate_match(m: &HTTPRouteMatch) -> Result<(proto::HttpRouteMatch, Precedence), String> {
+        http_match(m)
+    }
+
+    fn more(&self, route: &mut Route, field: &str, rule: &mut proto::HttpRouteRule) {
+        route.timeouts(field, self.timeouts.as_ref(), rule);
+        rule.retries = self.retry.as_ref().and_then(|retry| {
+            retry_policy(retry)
+                .map_err(|why| route.invalid(&format!("{field}.retry"), why))
+                .ok()
+        });
+    }
+}
+
+impl RuleSpec for GRPCRouteRule {
+    type Match = GRPCRouteMatch;
+
+    fn name(&self) -> &Option<String> {
+        &self.name
+    }
+    fn unknown(&self) -> &Unknown {
+        &self.unknown
+    }
+    fn matches(&self) -> &[GRPCRouteMatch] {
+        &self.matches
+    }
+    fn filters(&self) -> &[HTTPRouteFilter] {
+        &self.filters
+    }
+    fn backend_refs(&self) -> &[HTTPBackendRef] {
+        &self.backend_refs
+    }
+    fn match_unknown(m: &GRPCRouteMatch) -> &Unknown {
+        &m.unknown
+    }
+    fn translate_match(m: &GRPCRouteMatch) -> Result<(proto::HttpRouteMatch, Precedence), String> {
+        grpc_match(m)
+    }
+}
+
 impl Route {
     pub fn of_http(route: &HTTPRoute) -> Self {
-        let (namespace, name) = names(&route.metadata);
-        let mut translated = Self::new("HTTPRoute", namespace, name, &route.spec.parent_refs);
-        translated.ignore("spec", &route.spec.unknown);
-        for (i, rule) in route.spec.rules.iter().enumerate() {
+        let spec = &route.spec;
+        Self::of(
+            "HTTPRoute",
+            &route.metadata,
+            &spec.parent_refs,
+            &spec.unknown,
+            &spec.rules,
+        )
+    }
+
+    pub fn of_grpc(route: &GRPCRoute) -> Self {
+        let spec = &route.spec;
+        Self::of(
+            "GRPCRoute",
+            &route.metadata,
+            &spec.parent_refs,
+            &spec.unknown,
+            &spec.rules,
+        )
+    }
+
+    fn of<R: RuleSpec>(
+        kind: &'static str,
+        metadata: &ObjectMeta,
+        parent_refs: &[ParentReference],
+        unknown: &Unknown,
+        rules: &[R],
+    ) -> Self {
+        let namespace = metadata.namespace.clone().unwrap_or_default();
+        let name = metadata.name.clone().unwrap_or_default();
+        let mut translated = Self::new(kind, namespace, name, parent_refs);
+        translated.ignore("spec", unknown);
+        for (i, rule) in rules.iter().enumerate() {
             let field = format!("spec.rules[{i}]");
-            translated.ignore(&field, &rule.unknown);
-            let matches = if rule.matches.is_empty() {
-                vec![HTTPRouteMatch::default()]
+            translated.ignore(&field, rule.unknown());
+            // No matches: one that matches every request.
+            let every = [R::Match::default()];
+            let matches = if rule.matches().is_empty() {
+                &every[..]
             } else {
-                rule.matches.clone()
+                rule.matches()
             };
             let matches = matches
                 .iter()
                 .enumerate()
                 .filter_map(|(j, m)| {
-                    translated.ignore(&format!("{field}.matches[{j}]"), &m.unknown);
-                    http_match(m)
-                        .map_err(|why| translated.invalid(&format!("{field}.matches[{j}]"), why))
+                    let field = format!("{field}.matches[{j}]");
+                    translated.ignore(&field, R::match_unknown(m));
+                    R::translate_match(m)
+                        .map_err(|why| translated.invalid(&field, why))
                         .ok()
                 })
                 .collect();
             let mut proto = proto::HttpRouteRule {
                 route: translated.label(),
-                name: rule.name.clone().unwrap_or_default(),
+                name: rule.name().clone().unwrap_or_default(),
                 ..Default::default()
             };
-            translated.timeouts(&field, rule.timeouts.as_ref(), &mut proto);
-            proto.retries = rule.retry.as_ref().and_then(|retry| {
-                retry_policy(retry)
-                    .map_err(|why| translated.invalid(&format!("{field}.retry"), why))
-                    .ok()
-            });
-            let rule = translated.rule(&field, proto, &rule.filters, &rule.backend_refs, matches);
-            translated.rules.push(rule);
-        }
-        translated
-    }
-
-    pub fn of_grpc(route: &GRPCRoute) -> Self {
-        let (namespace, name) = names(&route.metadata);
-        let mut translated = Self::new("GRPCRoute", namespace, name, &route.spec.parent_refs);
-        translated.ignore("spec", &route.spec.unknown);
-        for (i, rule) in route.spec.rules.iter().enumerate() {
-            let field = format!("spec.rules[{i}]");
-            translated.ignore(&field, &rule.unknown);
-            let matches = if rule.matches.is_empty() {
-                vec![GRPCRouteMatch::default()]
-            } else {
-                rule.matches.clone()
-            };
-            let matches = matches
-                .iter()
-                .enumerate()
-                .filter_map(|(j, m)| {
-                    translated.ignore(&format!("{field}.matches[{j}]"), &m.unknown);
-                    grpc_match(m)
-                        .map_err(|why| translated.invalid(&format!("{field}.matches[{j}]"), why))
-                        .ok()
-                })
-                .collect();
-            let proto = proto::HttpRouteRule {
-                route: translated.label(),
-                name: rule.name.clone().unwrap_or_default(),
-                ..Default::default()
-            };
-            let rule = translated.rule(&field, proto, &rule.filters, &rule.backend_refs, matches);
+            rule.more(&mut translated, &field, &mut proto);
+            let rule = translated.rule(&field, proto, rule.filters(), rule.backend_refs(), matches);
             translated.rules.push(rule);
         }
         translated
@@ -341,15 +413,6 @@ impl Route {
             .collect();
         Resolution { unresolved }
     }
-}
-
-fn names(
-    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> (String, String) {
-    (
-        metadata.namespace.clone().unwrap_or_default(),
-        metadata.name.clone().unwrap_or_default(),
-    )
 }
 
 /// The destination key of a backend, or why it cannot be used.

@@ -10,7 +10,7 @@ use crate::http::body::Body;
 use crate::http::error::ProxyError;
 use crate::metrics::RequestLabels;
 use crate::outbound::stack::{Built, Leaf, ResponseFuture, Stack};
-use crate::policy::{HeaderValueMatch, RouteMatch};
+use crate::policy::{HeaderMatch, HeaderValueMatch, RouteMatch};
 
 pub struct Route {
     /// `None` for the spec-level policy, which takes what no route matched.
@@ -91,17 +91,31 @@ impl RouteMatch {
             .as_deref()
             .is_none_or(|prefix| path_has_prefix(request.uri().path(), prefix))
             && self.method.as_ref().is_none_or(|m| m == request.method())
-            && self.headers.iter().all(|header| {
-                request
-                    .headers()
-                    .get_all(&header.name)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .any(|value| match &header.value {
-                        HeaderValueMatch::Exact(exact) => value == exact,
-                        HeaderValueMatch::Regex(regex) => regex.is_match(value),
-                    })
-            })
+            && self
+                .headers
+                .iter()
+                .all(|header| header.matches(request.headers()))
+    }
+}
+
+impl HeaderMatch {
+    /// Whether one of the header's values matches.
+    pub(crate) fn matches(&self, headers: &http::HeaderMap) -> bool {
+        headers
+            .get_all(&self.name)
+            .iter()
+            // Header values may be any bytes; only UTF-8 ones can equal a pattern.
+            .filter_map(|v| std::str::from_utf8(v.as_bytes()).ok())
+            .any(|value| self.value.matches(value))
+    }
+}
+
+impl HeaderValueMatch {
+    pub(crate) fn matches(&self, value: &str) -> bool {
+        match self {
+            HeaderValueMatch::Exact(exact) => value == exact,
+            HeaderValueMatch::Regex(regex) => regex.is_match(value),
+        }
     }
 }
 
@@ -118,7 +132,6 @@ pub(crate) fn path_has_prefix(path: &str, prefix: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::HeaderMatch;
 
     fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Request<()> {
         let mut builder = Request::builder().method(method).uri(path);

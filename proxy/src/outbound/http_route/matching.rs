@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use http::Request;
 
 use crate::outbound::route::path_has_prefix;
-use crate::policy::{HeaderValueMatch, HttpPathMatch, HttpRouteMatch};
+use crate::policy::{HttpPathMatch, HttpRouteMatch};
 
 impl HttpRouteMatch {
     pub(crate) fn matches<B>(&self, request: &Request<B>) -> bool {
@@ -15,18 +15,13 @@ impl HttpRouteMatch {
             .as_ref()
             .is_none_or(|path| path_matches(path, uri.path()))
             && self.method.as_ref().is_none_or(|m| m == request.method())
-            && self.headers.iter().all(|header| {
-                request
-                    .headers()
-                    .get_all(&header.name)
-                    .iter()
-                    // Header values may be any bytes; only UTF-8 ones can equal a pattern.
-                    .filter_map(|v| std::str::from_utf8(v.as_bytes()).ok())
-                    .any(|value| value_matches(&header.value, value))
-            })
+            && self
+                .headers
+                .iter()
+                .all(|header| header.matches(request.headers()))
             && self.query_params.iter().all(|param| {
                 query_param(uri.query().unwrap_or(""), &param.name)
-                    .is_some_and(|value| value_matches(&param.value, &value))
+                    .is_some_and(|value| param.value.matches(&value))
             })
     }
 
@@ -47,56 +42,13 @@ fn path_matches(matcher: &HttpPathMatch, path: &str) -> bool {
     }
 }
 
-fn value_matches(matcher: &HeaderValueMatch, value: &str) -> bool {
-    match matcher {
-        HeaderValueMatch::Exact(exact) => value == exact,
-        HeaderValueMatch::Regex(regex) => regex.is_match(value),
-    }
-}
-
 /// The decoded value of the first `name` parameter in `query`: the spec has the first one count
-/// when a parameter appears more than once. A name without `=` has the empty value.
+/// when a parameter appears more than once. Decoded as browsers write query strings
+/// (`application/x-www-form-urlencoded`: `+` is a space).
 fn query_param<'q>(query: &'q str, name: &str) -> Option<Cow<'q, str>> {
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
-        .find(|(n, _)| decode(n) == name)
-        .map(|(_, value)| decode(value))
-}
-
-/// Query components as browsers and `application/x-www-form-urlencoded` write them: `+` is a
-/// space and `%XX` a byte; a `%` not followed by two hex digits stands for itself, and bytes that
-/// are not UTF-8 become U+FFFD.
-fn decode(component: &str) -> Cow<'_, str> {
-    if !component.contains(['%', '+']) {
-        return Cow::Borrowed(component);
-    }
-    let bytes = component.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => decoded.push(b' '),
-            b'%' => match bytes.get(i + 1..i + 3).and_then(hex_byte) {
-                Some(byte) => {
-                    decoded.push(byte);
-                    i += 2;
-                }
-                None => decoded.push(b'%'),
-            },
-            other => decoded.push(other),
-        }
-        i += 1;
-    }
-    Cow::Owned(String::from_utf8_lossy(&decoded).into_owned())
-}
-
-fn hex_byte(digits: &[u8]) -> Option<u8> {
-    let [high, low] = digits else { return None };
-    let high = char::from(*high).to_digit(16)?;
-    let low = char::from(*low).to_digit(16)?;
-    u8::try_from(high << 4 | low).ok()
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(n, _)| n == name)
+        .map(|(_, value)| value)
 }
 
 #[cfg(test)]
@@ -105,7 +57,7 @@ mod tests {
     use regex::Regex;
 
     use super::*;
-    use crate::policy::{HeaderMatch, QueryParamMatch};
+    use crate::policy::{HeaderMatch, HeaderValueMatch, QueryParamMatch};
 
     fn request(method: &str, uri: &str, headers: &[(&str, &str)]) -> Request<()> {
         let mut builder = Request::builder().method(method).uri(uri);
