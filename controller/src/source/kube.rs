@@ -42,9 +42,7 @@ pub async fn run(client: Client, changes: mpsc::Sender<Change>, metrics: Metrics
             // None of an optional kind while its CRD is not installed: an empty list, so that
             // the first sync does not wait for it; the watcher keeps trying, and lists them
             // once the CRD is there.
-            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
-                if kind.is_optional() && status.is_not_found() =>
-            {
+            Err(error) if kind.is_optional() && is_not_installed(&error) => {
                 if absent.insert(kind) {
                     tracing::info!(
                         "no {} CRD installed; none are served until it is",
@@ -100,14 +98,20 @@ fn describe(kind: Kind, error: &watcher::Error) -> String {
         watcher::Error::WatchError(status) => ("watching", status.message.clone()),
         watcher::Error::NoResourceVersion => ("listing", error.to_string()),
     };
-    let missing_crd = kind.is_custom()
-        && matches!(error, watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.is_not_found());
+    let missing_crd = kind.is_custom() && is_not_installed(error);
     let hint = if missing_crd {
         format!(" (is the {kind:?} CRD installed? kubectl apply -f crds/)")
     } else {
         String::new()
     };
     format!("{doing} {} failed: {cause}{hint}", kind.plural())
+}
+
+/// Whether listing failed because the API server serves no such resource (its CRD is not
+/// installed). Its 404 then has a plain-text body, `404 page not found`, not a Status: only the
+/// code says it.
+fn is_not_installed(error: &watcher::Error) -> bool {
+    matches!(error, watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.code == 404)
 }
 
 /// What the index was told of each kind, to turn watch events into changes.
@@ -437,5 +441,26 @@ mod tests {
             )
             .ends_with("(is the DestinationPolicy CRD installed? kubectl apply -f crds/)")
         );
+    }
+
+    #[test]
+    fn a_resource_the_api_server_does_not_serve_is_told_by_its_code_alone() {
+        // What kube makes of the API server's plain-text 404 for a CRD that is not installed.
+        let unserved = kube::Error::Api(Box::new(kube::core::Status {
+            code: 404,
+            message: "404 page not found".into(),
+            reason: "Failed to parse error data".into(),
+            ..Default::default()
+        }));
+        assert!(is_not_installed(&watcher::Error::InitialListFailed(
+            unserved
+        )));
+        let forbidden = kube::Error::Api(Box::new(kube::core::Status {
+            code: 403,
+            ..Default::default()
+        }));
+        assert!(!is_not_installed(&watcher::Error::InitialListFailed(
+            forbidden
+        )));
     }
 }
