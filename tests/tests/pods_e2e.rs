@@ -26,8 +26,8 @@
 //!    plaintext only of the caller outside the mesh.
 //!    Then the Gateway API CRDs, installed next to the running mesh: an HTTPRoute (the README's
 //!    example, other weights) splits reviews' calls by its weights per request, answers a
-//!    redirect in the client's proxy and sends `x-canary: true` to v2; a consumer route in the
-//!    vault namespace serves only its calls; the route's status is Accepted and ResolvedRefs.
+//!    redirect in the client's proxy and sends `x-canary: true` to v2; a consumer route in a
+//!    namespace `frontend` serves only its calls; the route's status is Accepted and ResolvedRefs.
 //! 7. Prometheus discovers the meshed pods through the API server (pod service discovery) and
 //!    every dashboard query returns data for namespace `shop`.
 //! 8. A pod that cannot be meshed says why in its events and logs; the proxy stops after the app;
@@ -1483,42 +1483,65 @@ spec:
   ports: [{name: http, port: 9080}]
 "#;
 
-/// From the strict namespace `vault`, for its own calls to reviews: all to v2.
-const CONSUMER_ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+/// A meshed namespace `frontend` with a client, and its consumer route: its own calls to
+/// reviews all go to v2.
+const FRONTEND: &str = r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: frontend
+  labels: {outrigger.dev/inject: enabled}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: frontend}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: app
+        image: localhost/outrigger-test/app:dev
+        imagePullPolicy: Never
+        args: [idle]
+---
+apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
-metadata: {name: reviews-for-vault, namespace: vault}
+metadata: {name: reviews-for-frontend, namespace: frontend}
 spec:
   parentRefs: [{group: "", kind: Service, name: reviews, namespace: shop}]
   rules:
   - backendRefs: [{name: reviews-v2, namespace: shop, port: 9080}]
 "#;
 
-/// `--requests=N` calls from the vault pod's app to `url`.
-fn vault_calls(suite: &Suite, url: &str, requests: usize) -> Result<Calls, String> {
+/// `--requests=N` calls to reviews from the frontend namespace's client.
+fn frontend_calls(suite: &Suite, requests: usize) -> Result<Calls, String> {
     let requests = format!("--requests={requests}");
     let command = [
         "exec",
         "-n",
-        "vault",
-        "deploy/vault",
+        "frontend",
+        "deploy/web",
         "-c",
         "app",
         "--",
         APP,
         "http",
         "--url",
-        url,
+        REVIEWS_URL,
         &requests,
     ];
     let text = suite.kubectl(&command)?;
     serde_json::from_str(&text)
         .map(Calls)
-        .map_err(|err| format!("the vault pod printed {text:?}: {err}"))
+        .map_err(|err| format!("the frontend client printed {text:?}: {err}"))
 }
 
 /// 6d. Gateway API routes, next to the DestinationPolicy still on reviews: the README's example
 /// with other weights (a canary by HTTPRoute weights, per request), a redirect the client's proxy
-/// answers, a consumer route for the vault namespace's calls alone, and the route's status.
+/// answers, a consumer route for the frontend namespace's calls alone, and the route's status.
 fn routes(suite: &mut Suite) {
     let installed = (|| {
         let bundle = workspace_file("tests/conformance/crds/standard.yaml");
@@ -1635,12 +1658,13 @@ fn routes(suite: &mut Suite) {
     suite.check(
         "a consumer route serves its own namespace's calls, and no one else's",
         (|| {
-            suite.apply(CONSUMER_ROUTE)?;
+            suite.apply(FRONTEND)?;
+            suite.rollout("frontend", "web")?;
             eventually(
-                "the vault namespace's calls take its route",
+                "the frontend namespace's calls take its route",
                 PATIENCE,
                 || {
-                    let calls = vault_calls(suite, REVIEWS_URL, 10)?;
+                    let calls = frontend_calls(suite, 10)?;
                     Ok(calls.answered_by("reviews-v2-") == 10)
                 },
             )?;
@@ -1657,7 +1681,7 @@ fn routes(suite: &mut Suite) {
         "without the routes, the DestinationPolicy's split is back",
         (|| {
             suite.kubectl(&["delete", "httproute", "reviews", "-n", SHOP])?;
-            suite.kubectl(&["delete", "httproute", "reviews-for-vault", "-n", "vault"])?;
+            suite.kubectl(&["delete", "namespace", "frontend", "--wait=false"])?;
             eventually("redirects stop", PATIENCE, || {
                 let calls = suite.client_calls(&[
                     "--url",
