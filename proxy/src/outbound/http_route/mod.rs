@@ -16,7 +16,7 @@ use crate::http::body::{Body, proxy_error};
 use crate::metrics::RequestLabels;
 use crate::outbound::resolve::{Backends, Resolution};
 use crate::outbound::stack::{Built, Leaf, ResponseFuture, Stack};
-use crate::policy::{HeaderModifier, HttpFilter, HttpRouteMatch, HttpRouteRule, RouteBackend};
+use crate::policy::{HttpFilter, HttpRouteMatch, HttpRouteRule, RouteBackend};
 
 /// One rule as built: its filters, and the stack below them (timeouts, retries, the backends).
 pub struct RuleStack {
@@ -89,17 +89,17 @@ impl Leaf for HttpRoutes {
                 .insert(Labels(table.labels.clone()));
             return Box::pin(async move { Ok(response) });
         };
-        let rule = &table.rules[matched.rule];
+        let index = matched.rule;
+        let rule = &table.rules[index];
         let prefix = matched.matched_prefix();
-        let mut on_response = Vec::new();
-        for filter in &rule.rule.filters {
+        for (i, filter) in rule.rule.filters.iter().enumerate() {
             match filter {
                 HttpFilter::RequestHeaders(modifier) => modifier.apply(request.headers_mut()),
-                HttpFilter::ResponseHeaders(modifier) => on_response.push(modifier.clone()),
+                HttpFilter::ResponseHeaders(_) => {}
                 HttpFilter::Rewrite(rewrite) => filters::rewrite(rewrite, &mut request, prefix),
                 HttpFilter::Redirect(redirect) => {
                     let mut response = filters::redirect(redirect, &request, prefix, table.port);
-                    modify_response(&on_response, &mut response);
+                    modify_response(&rule.rule.filters[..i], &mut response);
                     response
                         .extensions_mut()
                         .insert(Labels(rule.labels.clone()));
@@ -107,16 +107,20 @@ impl Leaf for HttpRoutes {
                 }
             }
         }
-        let labels = rule.labels.clone();
         let response = tower::Service::call(&mut rule.built.stack.clone(), request);
+        // The rule's response filters are read from the table the request started on.
+        let table = self.inner.clone();
         Box::pin(async move {
+            let rule = &table.rules[index];
             let mut response = response.await?;
-            modify_response(&on_response, &mut response);
+            modify_response(&rule.rule.filters, &mut response);
             // The backend's destination labelled it with the backend Service; the route is ours.
             match response.extensions_mut().get_mut::<Labels>() {
-                Some(Labels(backend)) => backend.route = labels.route.clone(),
+                Some(Labels(backend)) => backend.route = rule.labels.route.clone(),
                 None => {
-                    response.extensions_mut().insert(Labels(labels));
+                    response
+                        .extensions_mut()
+                        .insert(Labels(rule.labels.clone()));
                 }
             }
             Ok(response)
@@ -124,9 +128,12 @@ impl Leaf for HttpRoutes {
     }
 }
 
-fn modify_response(modifiers: &[HeaderModifier], response: &mut http::Response<Body>) {
-    for modifier in modifiers {
-        modifier.apply(response.headers_mut());
+/// Applies the response header modifiers among `filters`, in order.
+fn modify_response(filters: &[HttpFilter], response: &mut http::Response<Body>) {
+    for filter in filters {
+        if let HttpFilter::ResponseHeaders(modifier) = filter {
+            modifier.apply(response.headers_mut());
+        }
     }
 }
 
@@ -154,12 +161,13 @@ impl WeightedBackends {
         }
     }
 
-    fn pick(&self) -> Option<&RouteBackend> {
+    /// The index of a backend, chosen by weight.
+    fn pick(&self) -> Option<usize> {
         if self.total == 0 {
             return None;
         }
         let mut point = rand::rng().random_range(0..self.total);
-        self.backends.iter().find(|backend| {
+        self.backends.iter().position(|backend| {
             if point < backend.weight {
                 return true;
             }
@@ -175,36 +183,35 @@ impl Leaf for WeightedBackends {
     }
 
     fn call(&self, mut request: Request<Body>) -> ResponseFuture {
-        let Some(backend) = self.pick() else {
+        let Some(index) = self.pick() else {
             let response = proxy_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the route's rule has no backend to send to",
             );
             return Box::pin(async move { Ok(response) });
         };
-        let key = match &backend.target {
-            Ok(key) => key.clone(),
-            Err(why) => {
-                let response = proxy_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &format!("the route's backend cannot be used: {why}"),
-                );
-                return Box::pin(async move { Ok(response) });
-            }
-        };
-        let mut on_response = Vec::new();
+        let backend = &self.backends[index];
+        if let Err(why) = &backend.target {
+            let response = proxy_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("the route's backend cannot be used: {why}"),
+            );
+            return Box::pin(async move { Ok(response) });
+        }
         for filter in &backend.filters {
             match filter {
                 HttpFilter::RequestHeaders(modifier) => modifier.apply(request.headers_mut()),
-                HttpFilter::ResponseHeaders(modifier) => on_response.push(modifier.clone()),
+                HttpFilter::ResponseHeaders(_) => {}
                 HttpFilter::Redirect(_) | HttpFilter::Rewrite(_) => {
                     unreachable!("decoding refuses a backend's redirect or rewrite")
                 }
             }
         }
-        let resolver = self.resolver.clone();
+        let (backends, resolver) = (self.backends.clone(), self.resolver.clone());
         Box::pin(async move {
-            let destination = match resolver.resolve(&key).await {
+            let backend = &backends[index];
+            let key = backend.target.as_deref().expect("checked above");
+            let destination = match resolver.resolve(key).await {
                 Resolution::Ready(destination) => destination,
                 Resolution::Unknown(reason) => {
                     return Ok(proxy_error(
@@ -221,7 +228,7 @@ impl Leaf for WeightedBackends {
             };
             let mut service: Stack = destination.backend_service();
             let mut response = tower::Service::call(&mut service, request).await?;
-            modify_response(&on_response, &mut response);
+            modify_response(&backend.filters, &mut response);
             Ok(response)
         })
     }
@@ -237,7 +244,7 @@ mod tests {
     use crate::http::body::full;
     use crate::metrics::Direction;
     use crate::outbound::stack::Layers;
-    use crate::policy::{HttpPathMatch, Redirect};
+    use crate::policy::{HeaderModifier, HttpPathMatch, Redirect};
 
     fn labels(route: &str) -> RequestLabels {
         RequestLabels {
@@ -371,7 +378,7 @@ mod tests {
             Backends::none(),
         );
         for _ in 0..100 {
-            let picked = backends.pick().expect("a backend");
+            let picked = &backends.backends[backends.pick().expect("a backend")];
             assert_eq!(picked.target.as_deref(), Ok("always"));
         }
         assert!(
