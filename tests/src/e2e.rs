@@ -2,6 +2,7 @@
 //! polling.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -76,6 +77,61 @@ impl RunningProxy {
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+}
+
+/// A controller in this process serving a directory of manifests.
+pub struct RunningController {
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningController {
+    /// Started on `grpc` (port 0: any), and ready.
+    pub async fn start(manifests: &Path, grpc: SocketAddr) -> Self {
+        let controller = outrigger_controller::Controller::bind(outrigger_controller::Settings {
+            manifests: Some(manifests.to_path_buf()),
+            kubeconfig: None,
+            leader: Default::default(),
+            grpc_addr: grpc,
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            webhook: Default::default(),
+            identity: Default::default(),
+        })
+        .await
+        .expect("controller binds");
+        let (grpc, admin) = (controller.grpc_addr(), controller.admin_addr());
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(controller.run(shutdown));
+        let running = Self {
+            grpc,
+            admin,
+            stop,
+            task,
+        };
+        eventually("the controller is ready", || async {
+            get(admin, "admin", "/ready").await.map(|r| r.0) == Some(200)
+        })
+        .await;
+        running
+    }
+
+    /// Stops as a killed controller would look to proxies: every stream dropped at once.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap().expect("the controller ran");
+    }
+
+    pub async fn reconcile_errors(&self) -> f64 {
+        let (_, metrics) = get(self.admin, "admin", "/metrics")
+            .await
+            .unwrap_or_default();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("outrigger_controller_reconcile_errors_total "))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
     }
 }
 

@@ -6,10 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, Once};
 
-use outrigger_controller::{Controller, Settings as ControllerSettings};
 use outrigger_tests::Backend;
-use outrigger_tests::e2e::{RunningProxy, eventually, get};
-use tokio::sync::watch;
+use outrigger_tests::e2e::{RunningController, RunningProxy, eventually};
 
 /// How the proxies' clients call the `reviews` Service.
 const REVIEWS: &str = "reviews:9080";
@@ -107,59 +105,6 @@ spec:
   timeout: 5s
 "
     )
-}
-
-struct RunningController {
-    grpc: SocketAddr,
-    admin: SocketAddr,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl RunningController {
-    async fn start(manifests: &Path, grpc: SocketAddr) -> Self {
-        let controller = Controller::bind(ControllerSettings {
-            manifests: Some(manifests.to_path_buf()),
-            kubeconfig: None,
-            leader: Default::default(),
-            grpc_addr: grpc,
-            admin_addr: "127.0.0.1:0".parse().unwrap(),
-            webhook: Default::default(),
-            identity: Default::default(),
-        })
-        .await
-        .expect("controller binds");
-        let (grpc, admin) = (controller.grpc_addr(), controller.admin_addr());
-        let (stop, shutdown) = watch::channel(false);
-        let task = tokio::spawn(controller.run(shutdown));
-        let running = Self {
-            grpc,
-            admin,
-            stop,
-            task,
-        };
-        eventually("the controller is ready", || async {
-            get(admin, "admin", "/ready").await.map(|r| r.0) == Some(200)
-        })
-        .await;
-        running
-    }
-
-    /// Stops as a killed controller would look to proxies: every stream dropped at once.
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        self.task.await.unwrap().expect("the controller ran");
-    }
-
-    async fn reconcile_errors(&self) -> f64 {
-        let (_, metrics) = get(self.admin, "admin", "/metrics")
-            .await
-            .unwrap_or_default();
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("outrigger_controller_reconcile_errors_total "))
-            .map_or(0.0, |v| v.trim().parse().unwrap())
-    }
 }
 
 /// A controller on a manifests directory, two proxies, and the two versions of `reviews`.

@@ -9,10 +9,8 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use outrigger_controller::{Controller, Settings as ControllerSettings};
 use outrigger_tests::Backend;
-use outrigger_tests::e2e::{Answer, RunningProxy, eventually, get, request};
-use tokio::sync::watch;
+use outrigger_tests::e2e::{Answer, RunningController, RunningProxy, eventually, request};
 
 /// The Services: `echo` (port 80) reaches both versions, `echo-v1` and `echo-v2` (port 8080) one
 /// each.
@@ -112,28 +110,6 @@ fn write(path: &Path, content: &str) {
     std::fs::rename(&staged, path).unwrap();
 }
 
-async fn start_controller(manifests: &Path) -> (SocketAddr, watch::Sender<bool>) {
-    let controller = Controller::bind(ControllerSettings {
-        manifests: Some(manifests.to_path_buf()),
-        kubeconfig: None,
-        leader: Default::default(),
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-        webhook: Default::default(),
-        identity: Default::default(),
-    })
-    .await
-    .expect("controller binds");
-    let (grpc, admin) = (controller.grpc_addr(), controller.admin_addr());
-    let (stop, shutdown) = watch::channel(false);
-    tokio::spawn(controller.run(shutdown));
-    eventually("the controller is ready", || async {
-        get(admin, "admin", "/ready").await.map(|r| r.0) == Some(200)
-    })
-    .await;
-    (grpc, stop)
-}
-
 async fn call(proxy: &RunningProxy, host: &str, path: &str) -> Answer {
     request(proxy.outbound, host, path, &[])
         .await
@@ -151,7 +127,8 @@ async fn routes_split_match_filter_redirect_and_rewrite_and_backend_policies_sti
         &dir.path().join("services.yaml"),
         &services(v1.addr, v2.addr),
     );
-    let (grpc, stop) = start_controller(dir.path()).await;
+    let controller = RunningController::start(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let grpc = controller.grpc;
     let shop = RunningProxy::start(grpc, "shop", "client").await;
     let frontend = RunningProxy::start(grpc, "frontend", "web").await;
 
@@ -242,5 +219,5 @@ async fn routes_split_match_filter_redirect_and_rewrite_and_backend_policies_sti
 
     shop.stop().await;
     frontend.stop().await;
-    let _ = stop.send(true);
+    controller.stop().await;
 }
