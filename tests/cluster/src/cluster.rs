@@ -1000,7 +1000,11 @@ fn clean_up_node(paths: &NodePaths, binaries: &Binaries) -> Result<Vec<String>> 
 /// Stops this machine's node (one `cargo xtask cluster up` started, or what a crashed run left)
 /// and undoes what it changed; returns what was done. Waits while a test uses the node.
 pub fn stop_node() -> Result<Vec<String>> {
-    let _lock = NodeLock::acquire()?;
+    stop_node_under(&NodeLock::acquire()?)
+}
+
+/// [`stop_node`] for a caller that already holds the node's lock.
+pub fn stop_node_under(_held: &NodeLock) -> Result<Vec<String>> {
     let binaries = Binaries::locate()?;
     clean_up_node(&NodePaths::new(&node::node_state_dir()?), &binaries)
 }

@@ -37,7 +37,7 @@ pub use binaries::{Binaries, cache_dir};
 pub use certs::{Certificates, ClientCertificate};
 pub use cluster::{
     Cluster, ClusterBuilder, StoppedProcess, dev_state_dir, helm_environment, is_running_in,
-    kubeconfig_in, stop_in, stop_node,
+    kubeconfig_in, stop_in, stop_node, stop_node_under,
 };
 pub use error::{Error, Result};
 pub use image::Image;

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use outrigger_cluster::{Cluster, Image, Lifetime, MachineSnapshot, NodeLock, is_alive};
+use outrigger_cluster::{
+    Cluster, Image, Lifetime, MachineSnapshot, NodeLock, is_alive, stop_node_under,
+};
 
 /// A shell for pods, from this machine's bash and coreutils: bash's `/dev/tcp` makes TCP
 /// connections, getent resolves names with the pod's resolv.conf.
@@ -134,6 +136,11 @@ fn pods_run_their_traffic_stays_on_the_machine_and_the_node_leaves_nothing_behin
     let lock = NodeLock::acquire().unwrap();
     let images = std::env::temp_dir().join(format!("outrigger-node-test-{}", std::process::id()));
     let shell = shell_image(&images);
+    // What a node killed earlier left (a run stopped midway) is not this node's to leave behind.
+    let undone = stop_node_under(&lock).unwrap();
+    if !undone.is_empty() {
+        eprintln!("undid what an earlier node left: {}", undone.join("; "));
+    }
     let before = MachineSnapshot::take().unwrap();
 
     let started = Instant::now();
