@@ -40,6 +40,7 @@ impl RunningProxy {
             discovery_idle_timeout: Duration::from_secs(60),
             // The backends listen on loopback too.
             allow_loopback_endpoints: true,
+            pod_ips: Vec::new(),
             identity_token_file: None,
             control_plane_identity: None,
             trust_anchors: None,

@@ -191,11 +191,7 @@ impl Suite {
 
     /// The test app's `http` role, run in the client's pod: its JSON summary.
     fn client_calls(&self, args: &[&str]) -> Result<Calls, String> {
-        let command = [&IN_CLIENT[..], &["http"], args].concat();
-        let text = self.kubectl(&command)?;
-        let summary: Value = serde_json::from_str(&text)
-            .map_err(|err| format!("the client printed {text:?}: {err}"))?;
-        Ok(Calls(summary))
+        calls_from(self, SHOP, "deploy/client", args)
     }
 
     /// Starts the client calling reviews steadily until [`Load::finish`].
@@ -329,6 +325,27 @@ impl Load {
 
 /// Polls `check` every half second until it holds, fails, or `timeout` passes; the last reason
 /// it gave for not holding is in the error.
+/// The test app's `http` role with `args`, run in the app container of `target` (a pod, or
+/// `deploy/<name>`) in `namespace`: its JSON summary.
+fn calls_from(
+    suite: &Suite,
+    namespace: &str,
+    target: &str,
+    args: &[&str],
+) -> Result<Calls, String> {
+    let command = [
+        &[
+            "exec", "-n", namespace, target, "-c", "app", "--", APP, "http",
+        ][..],
+        args,
+    ]
+    .concat();
+    let text = suite.kubectl(&command)?;
+    serde_json::from_str(&text)
+        .map(Calls)
+        .map_err(|err| format!("{target} printed {text:?}: {err}"))
+}
+
 fn eventually(
     what: &str,
     timeout: Duration,
@@ -1343,24 +1360,12 @@ spec:
 
 /// `--requests=3` calls to reviews from the second client's pod.
 fn second_client_calls(suite: &Suite) -> Result<Calls, String> {
-    let command = [
-        "exec",
-        "-n",
+    calls_from(
+        suite,
         SHOP,
         "deploy/ratings",
-        "-c",
-        "app",
-        "--",
-        APP,
-        "http",
-        "--url",
-        REVIEWS_URL,
-        "--requests=3",
-    ];
-    let text = suite.kubectl(&command)?;
-    serde_json::from_str(&text)
-        .map(Calls)
-        .map_err(|err| format!("the second client printed {text:?}: {err}"))
+        &["--url", REVIEWS_URL, "--requests=3"],
+    )
 }
 
 /// 6b. An AuthorizationPolicy on reviews: the client's ServiceAccount gets through, another
@@ -1519,24 +1524,12 @@ spec:
 /// `--requests=N` calls to reviews from the frontend namespace's client.
 fn frontend_calls(suite: &Suite, requests: usize) -> Result<Calls, String> {
     let requests = format!("--requests={requests}");
-    let command = [
-        "exec",
-        "-n",
+    calls_from(
+        suite,
         "frontend",
         "deploy/web",
-        "-c",
-        "app",
-        "--",
-        APP,
-        "http",
-        "--url",
-        REVIEWS_URL,
-        &requests,
-    ];
-    let text = suite.kubectl(&command)?;
-    serde_json::from_str(&text)
-        .map(Calls)
-        .map_err(|err| format!("the frontend client printed {text:?}: {err}"))
+        &["--url", REVIEWS_URL, &requests],
+    )
 }
 
 /// 6d. Gateway API routes, next to the DestinationPolicy still on reviews: the README's example
@@ -1689,6 +1682,32 @@ fn routes(suite: &mut Suite) {
                     "--requests=3",
                 ])?;
                 Ok(calls.count("statuses", "200") == 3)
+            })
+        })(),
+    );
+}
+
+/// 6e. A pod calling a Service that selects it alone (as a conformance suite's client does): its
+/// proxy calls its own app in plaintext, as the proxy's connections are not redirected to its
+/// inbound listener and TLS would reach the app's plaintext port.
+fn self_calls(suite: &mut Suite) {
+    suite.check(
+        "a meshed pod calling a Service that selects it alone is answered by its own app",
+        (|| {
+            suite.apply(VERSION_SERVICES)?;
+            let v2 = suite.only_pod(SHOP, "app=reviews,version=v2")?;
+            eventually("reviews-v2 answers its own calls", PATIENCE, || {
+                let calls = calls_from(
+                    suite,
+                    SHOP,
+                    v2.name(),
+                    &[
+                        "--url",
+                        "http://reviews-v2.shop.svc.cluster.local:9080/api/reviews",
+                        "--requests=5",
+                    ],
+                )?;
+                Ok(calls.answered_by(v2.name()) == 5)
             })
         })(),
     );
@@ -2123,6 +2142,7 @@ fn the_readmes_flow_in_meshed_pods() {
         authorization(&mut suite);
         strict_namespace(&mut suite);
         routes(&mut suite);
+        self_calls(&mut suite);
         dashboards(&mut suite);
         bad_input_and_uninstall(&mut suite);
     }

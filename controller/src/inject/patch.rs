@@ -337,6 +337,11 @@ fn proxy_container(
             ..Default::default()
         },
         EnvVar {
+            name: "OUTRIGGER_POD_IPS".into(),
+            value_from: Some(field("status.podIPs")),
+            ..Default::default()
+        },
+        EnvVar {
             name: "OUTRIGGER_INBOUND_ADDR".into(),
             value: Some(format!("0.0.0.0:{INBOUND_PORT}")),
             ..Default::default()
@@ -518,20 +523,16 @@ mod tests {
         );
         assert_eq!(startup.failure_threshold, Some(STARTUP_SECONDS));
         let env = proxy.env.as_ref().unwrap();
-        let namespace = env
-            .iter()
-            .find(|e| e.name == "OUTRIGGER_NAMESPACE")
-            .unwrap();
-        let from = namespace
-            .value_from
-            .as_ref()
-            .unwrap()
-            .field_ref
-            .as_ref()
-            .unwrap();
+        let downward = |name: &str| {
+            let var = env.iter().find(|e| e.name == name).unwrap();
+            let from = var.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
+            from.field_path.clone()
+        };
+        assert_eq!(downward("OUTRIGGER_NAMESPACE"), "metadata.namespace");
         assert_eq!(
-            from.field_path, "metadata.namespace",
-            "from the downward API"
+            downward("OUTRIGGER_POD_IPS"),
+            "status.podIPs",
+            "the proxy knows its own pod among a Service's endpoints"
         );
         assert_eq!(
             proxy.security_context.as_ref().unwrap().run_as_user,

@@ -202,6 +202,7 @@ fn control_plane(settings: &Settings, tls: Option<ControlPlaneTls>) -> ControlPl
         } else {
             LoopbackEndpoints::Refused
         },
+        pod_ips: settings.pod_ips.clone(),
     }
 }
 

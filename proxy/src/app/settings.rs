@@ -1,6 +1,6 @@
 //! The proxy's flags; each can also come from `OUTRIGGER_<FLAG>` (the injector sets them).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -74,6 +74,11 @@ pub struct Settings {
     /// such endpoints are refused by default.
     #[arg(long, env = "OUTRIGGER_ALLOW_LOOPBACK_ENDPOINTS")]
     pub allow_loopback_endpoints: bool,
+    /// This pod's addresses (comma-separated; the injector sets them from `status.podIPs`): an
+    /// endpoint at one of them is this pod, which the proxy calls in plaintext, as the traffic
+    /// stays in the pod and the proxy's own connections do not pass its inbound listener.
+    #[arg(long, env = "OUTRIGGER_POD_IPS", value_delimiter = ',')]
+    pub pod_ips: Vec<IpAddr>,
     /// The projected ServiceAccount token (audience `outrigger`) that proves who this workload
     /// is: with it, the proxy gets a certificate for its SPIFFE ID from the control plane, renews
     /// it, and is not ready until it has one. Without it, the proxy has no identity.

@@ -36,13 +36,25 @@ pub enum LoopbackEndpoints {
     Allowed,
 }
 
+/// The proxy a destination is decoded for: where it stands changes what the destination means to
+/// it.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller<'a> {
+    /// Whose consumer routes serve this proxy's calls.
+    pub namespace: &'a str,
+    /// This pod's addresses. An endpoint at one of them is this pod: it is called in plaintext,
+    /// as the traffic stays in the pod, and must be, as the proxy's own connections are not
+    /// redirected to its inbound listener, so TLS would reach the app's plaintext port.
+    pub pod_ips: &'a [IpAddr],
+    pub loopback: LoopbackEndpoints,
+}
+
 /// Decodes one version of a destination with the endpoints its groups hold.
 pub fn destination(
     version: String,
     destination: proto::Destination,
     endpoints: Vec<proto::Endpoint>,
-    loopback: LoopbackEndpoints,
-    caller_namespace: &str,
+    caller: Caller<'_>,
 ) -> Result<DestinationConfig, ConfigError> {
     let port = u16::try_from(destination.port)
         .ok()
@@ -50,7 +62,7 @@ pub fn destination(
         .ok_or_else(|| invalid("port", format!("{} is not a TCP port", destination.port)))?;
     let subsets = destination.subsets;
     rules::unique_names("subsets", "subset", subsets.iter().map(String::as_str))?;
-    let endpoints = endpoint_configs(endpoints, &subsets, loopback)?;
+    let endpoints = endpoint_configs(endpoints, &subsets, caller)?;
     let policy = destination.policy_spec.unwrap_or_default();
     let traffic = TrafficPolicy {
         split: split("policy.trafficSplit", policy.traffic_split, &subsets)?,
@@ -61,7 +73,7 @@ pub fn destination(
             .transpose()?,
     };
     let routes = routes(destination.routes, &traffic, &subsets)?;
-    let http_routes = http_route_table(destination.http_routes, caller_namespace)?;
+    let http_routes = http_route_table(destination.http_routes, caller.namespace)?;
     Ok(DestinationConfig {
         version,
         namespace: destination.namespace,
@@ -86,7 +98,7 @@ pub fn destination(
 fn endpoint_configs(
     endpoints: Vec<proto::Endpoint>,
     subsets: &[String],
-    loopback: LoopbackEndpoints,
+    caller: Caller<'_>,
 ) -> Result<Vec<EndpointConfig>, ConfigError> {
     endpoints
         .into_iter()
@@ -98,7 +110,7 @@ fn endpoint_configs(
                     format!("`{}` is not ip:port", endpoint.address),
                 )
             })?;
-            if let Some(problem) = not_a_peer(address.ip(), loopback) {
+            if let Some(problem) = not_a_peer(address.ip(), caller.loopback) {
                 return Err(invalid(
                     format!("endpoints[{i}].address"),
                     format!("`{}` is {problem}", endpoint.address),
@@ -122,7 +134,8 @@ fn endpoint_configs(
                     })?;
                     Ok::<_, ConfigError>(id)
                 })
-                .transpose()?;
+                .transpose()?
+                .filter(|_| !caller.pod_ips.contains(&address.ip().to_canonical()));
             Ok(EndpointConfig {
                 address,
                 pod: endpoint.pod,
@@ -885,10 +898,20 @@ mod tests {
         }]
     }
 
+    /// A proxy in `namespace` at 10.0.9.9.
+    fn caller(namespace: &str) -> Caller<'_> {
+        const POD_IPS: &[IpAddr] = &[IpAddr::V4(Ipv4Addr::new(10, 0, 9, 9))];
+        Caller {
+            namespace,
+            pod_ips: POD_IPS,
+            loopback: LoopbackEndpoints::Refused,
+        }
+    }
+
     fn rejected(change: impl FnOnce(&mut proto::Destination, &mut [proto::Endpoint])) -> String {
         let (mut d, mut e) = (reviews(), endpoints());
         change(&mut d, &mut e);
-        destination("1".into(), d, e, LoopbackEndpoints::Refused, "shop")
+        destination("1".into(), d, e, caller("shop"))
             .unwrap_err()
             .to_string()
     }
@@ -920,14 +943,7 @@ mod tests {
                 http_routes: tables.to_vec(),
                 ..reviews()
             };
-            let config = destination(
-                "1".into(),
-                d,
-                endpoints(),
-                LoopbackEndpoints::Refused,
-                namespace,
-            )
-            .unwrap();
+            let config = destination("1".into(), d, endpoints(), caller(namespace)).unwrap();
             config.http_routes.map(|table| table.rules[0].route.clone())
         };
         let both = [table("", "producer"), table("frontend", "consumer")];
@@ -986,14 +1002,7 @@ mod tests {
 
     #[test]
     fn defaults_apply_when_the_policy_is_silent() {
-        let config = destination(
-            "1".into(),
-            reviews(),
-            endpoints(),
-            LoopbackEndpoints::Refused,
-            "shop",
-        )
-        .unwrap();
+        let config = destination("1".into(), reviews(), endpoints(), caller("shop")).unwrap();
         assert_eq!(config.load_balancer, Algorithm::PeakEwma);
         assert_eq!(config.connect_timeout, defaults::CONNECT_TIMEOUT);
         assert_eq!(
@@ -1003,21 +1012,21 @@ mod tests {
     }
 
     #[test]
-    fn a_meshed_endpoint_keeps_its_identity_and_an_unmeshed_one_has_none() {
+    fn a_meshed_endpoint_keeps_its_identity_and_an_unmeshed_one_or_the_caller_s_own_pod_has_none() {
         let mut meshed = endpoints();
         meshed.push(proto::Endpoint {
             address: "10.0.0.2:9080".into(),
             identity: "spiffe://cluster.local/ns/shop/sa/reviews".into(),
             ..Default::default()
         });
-        let config = destination(
-            "1".into(),
-            reviews(),
-            meshed,
-            LoopbackEndpoints::Refused,
-            "shop",
-        )
-        .unwrap();
+        for own in ["10.0.9.9:9080", "[::ffff:10.0.9.9]:9080"] {
+            meshed.push(proto::Endpoint {
+                address: own.into(),
+                identity: "spiffe://cluster.local/ns/shop/sa/reviews".into(),
+                ..Default::default()
+            });
+        }
+        let config = destination("1".into(), reviews(), meshed, caller("shop")).unwrap();
         let identities: Vec<Option<String>> = config
             .endpoints
             .iter()
@@ -1027,7 +1036,9 @@ mod tests {
             identities,
             [
                 None,
-                Some("spiffe://cluster.local/ns/shop/sa/reviews".into())
+                Some("spiffe://cluster.local/ns/shop/sa/reviews".into()),
+                None,
+                None
             ]
         );
     }
@@ -1036,13 +1047,7 @@ mod tests {
     fn loopback_endpoints_are_refused_unless_allowed() {
         let mut loopback = endpoints();
         loopback[0].address = "127.0.0.1:9080".into();
-        let refused = destination(
-            "1".into(),
-            reviews(),
-            loopback.clone(),
-            LoopbackEndpoints::Refused,
-            "shop",
-        );
+        let refused = destination("1".into(), reviews(), loopback.clone(), caller("shop"));
         assert_eq!(
             refused.unwrap_err().to_string(),
             "endpoints[0].address: `127.0.0.1:9080` is loopback: inside the caller's own pod"
@@ -1051,8 +1056,10 @@ mod tests {
             "1".into(),
             reviews(),
             loopback,
-            LoopbackEndpoints::Allowed,
-            "shop",
+            Caller {
+                loopback: LoopbackEndpoints::Allowed,
+                ..caller("shop")
+            },
         );
         assert_eq!(
             allowed.unwrap().endpoints[0].address,

@@ -6,6 +6,7 @@ mod decode;
 mod held;
 mod inbound;
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -23,7 +24,7 @@ use crate::metrics::{Metrics, UpdateLabels, UpdateResult};
 use crate::outbound::resolve::{ControlPlaneState, Resolver};
 use crate::shutdown::stopped;
 use crate::tls::{ControlPlaneTls, Present};
-pub use decode::LoopbackEndpoints;
+pub use decode::{Caller, LoopbackEndpoints};
 use decode::{ConfigError, invalid};
 use held::HeldEndpoints;
 pub use inbound::InboundKey;
@@ -45,6 +46,8 @@ pub struct ControlPlane {
     /// Destinations unused this long are unsubscribed from.
     pub idle_timeout: Duration,
     pub loopback_endpoints: LoopbackEndpoints,
+    /// This pod's addresses (see [`Caller::pod_ips`]).
+    pub pod_ips: Vec<IpAddr>,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -161,8 +164,11 @@ async fn session(
         inbound,
         held,
         metrics,
-        loopback_endpoints: control_plane.loopback_endpoints,
-        namespace: &control_plane.identity.namespace,
+        caller: Caller {
+            namespace: &control_plane.identity.namespace,
+            pod_ips: &control_plane.pod_ips,
+            loopback: control_plane.loopback_endpoints,
+        },
         welcomed: false,
         inbound_answered: false,
     };
@@ -232,9 +238,7 @@ struct Stream<'a> {
     inbound: &'a InboundKey,
     held: &'a mut HeldEndpoints,
     metrics: &'a Metrics,
-    loopback_endpoints: LoopbackEndpoints,
-    /// This proxy's namespace, whose consumer routes serve its calls.
-    namespace: &'a str,
+    caller: Caller<'a>,
     /// The controller has said Welcome on this stream.
     welcomed: bool,
     /// It has answered for the pod's inbound key: a policy, or that none applies.
@@ -363,8 +367,7 @@ impl Stream<'_> {
                     &key,
                     version.clone(),
                     destination,
-                    self.loopback_endpoints,
-                    self.namespace,
+                    self.caller,
                 );
                 Some(answer(self.metrics, key, version, applied))
             }
@@ -383,11 +386,10 @@ fn apply(
     key: &str,
     version: String,
     destination: proto::Destination,
-    loopback: LoopbackEndpoints,
-    caller_namespace: &str,
+    caller: Caller<'_>,
 ) -> Result<(), ConfigError> {
     let endpoints = held.endpoints(key, &destination.endpoint_groups)?;
-    let config = decode::destination(version, destination, endpoints, loopback, caller_namespace)?;
+    let config = decode::destination(version, destination, endpoints, caller)?;
     resolver.apply(key, config);
     Ok(())
 }
@@ -521,6 +523,12 @@ mod tests {
     use super::*;
 
     const KEY: &str = "web.default.svc.cluster.local:80";
+    /// A proxy in the shop namespace.
+    const SHOP_PROXY: Caller<'static> = Caller {
+        namespace: "shop",
+        pod_ips: &[],
+        loopback: LoopbackEndpoints::Refused,
+    };
 
     type Call = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u32, tonic::Status>>>>;
 
@@ -629,8 +637,7 @@ mod tests {
                 inbound: &inbound,
                 held: &mut held,
                 metrics: &metrics,
-                loopback_endpoints: LoopbackEndpoints::Refused,
-                namespace: "shop",
+                caller: SHOP_PROXY,
                 welcomed: false,
                 inbound_answered: false,
             };
@@ -734,8 +741,7 @@ mod tests {
                 KEY,
                 "0".into(),
                 web(&["stable"], &both),
-                LoopbackEndpoints::Refused,
-                "shop",
+                SHOP_PROXY,
             ),
             Err(invalid("endpoints[a]", "version `1` is not held"))
         );
@@ -749,8 +755,7 @@ mod tests {
             KEY,
             "1".into(),
             web(&["stable"], &both),
-            LoopbackEndpoints::Refused,
-            "shop",
+            SHOP_PROXY,
         )
         .unwrap();
         assert_eq!(
@@ -765,8 +770,7 @@ mod tests {
             KEY,
             "2".into(),
             web(&[], &both),
-            LoopbackEndpoints::Refused,
-            "shop",
+            SHOP_PROXY,
         )
         .unwrap_err();
         assert_eq!(refused.field, "endpoints[0].subsets");
@@ -787,8 +791,7 @@ mod tests {
             KEY,
             "3".into(),
             web(&["stable"], &churned[1..]),
-            LoopbackEndpoints::Refused,
-            "shop",
+            SHOP_PROXY,
         )
         .unwrap();
         assert_eq!(applied(&resolver), ("3".into(), vec![addr("10.0.0.3:80")]));

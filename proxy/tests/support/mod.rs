@@ -32,6 +32,7 @@ pub fn settings(control_plane: &str, app_addr: SocketAddr) -> Settings {
         discovery_idle_timeout: Duration::from_secs(60),
         // The test backends listen on loopback, as the proxy does.
         allow_loopback_endpoints: true,
+        pod_ips: Vec::new(),
         identity_token_file: None,
         control_plane_identity: None,
         trust_anchors: None,
