@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::ctx::{ClientId, Labels, ServerId};
 use crate::http::body::{Body, BoxError, FrameWatcher, watched};
+use crate::http::grpc::is_grpc;
 use crate::metrics::{
     Classification, DurationLabels, Metrics, PeerLabels, RequestLabels, ResponseLabels, Tls,
 };
@@ -67,10 +68,7 @@ where
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let started = Instant::now();
-        let grpc = request
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let grpc = is_grpc(request.headers());
         let client_id = request
             .extensions()
             .get::<ClientId>()

@@ -76,9 +76,10 @@ pub struct RunOptions {
     /// Helm values for the chart (`--set` syntax), e.g. where Outrigger's own images are.
     #[arg(long = "set", value_name = "NAME=VALUE")]
     pub chart_values: Vec<String>,
-    /// Runs only this test (the suite's --run-test); docs/conformance/ is then left alone.
-    #[arg(long)]
-    pub run_test: Option<String>,
+    /// Runs only these mesh tests (repeated, or comma-separated), leaving the others out as the
+    /// suite's --skip-tests would; docs/conformance/ is then left alone.
+    #[arg(long = "run-test", value_delimiter = ',')]
+    pub run_tests: Vec<String>,
     /// Leaves the suite's namespaces and test resources in the cluster, for looking at afterwards.
     #[arg(long)]
     pub keep: bool,
@@ -142,7 +143,7 @@ fn import_with(command: &str, image: &ImageContents) -> Result<()> {
 }
 
 /// Starts the real-node test cluster with Outrigger's images, runs the suite on it, stops it.
-fn run_on_the_test_cluster(options: &RunOptions) -> Result<()> {
+pub fn run_on_the_test_cluster(options: &RunOptions) -> Result<()> {
     let archives = crate::images::built_archives()?;
     ensure!(
         !archives.is_empty(),
@@ -377,7 +378,7 @@ pub fn run_suite(cluster: Cluster<'_>, options: &RunOptions) -> Result<()> {
     ));
     let passed = run_teeing(Command::new(&built.suite).args(&args), &log)?;
 
-    if options.run_test.is_none() {
+    if options.run_tests.is_empty() {
         let docs = workspace_root().join("docs/conformance");
         for (from, name) in [(&report, "mesh-report"), (&outcomes, "mesh-outcomes")] {
             // A failed run may have stopped before writing them; a passed one has both.
@@ -424,8 +425,8 @@ fn suite_args(
         format!("--cleanup-base-resources={}", !options.keep),
         format!("--cleanup-test-resources={}", !options.keep),
     ];
-    if let Some(test) = &options.run_test {
-        args.push(format!("--run-test={test}"));
+    if !options.run_tests.is_empty() {
+        args.push(format!("-outrigger.only={}", options.run_tests.join(",")));
     }
     args
 }
@@ -1358,7 +1359,7 @@ check echo
         let options = RunOptions {
             channel: Channel::Standard,
             chart_values: vec![],
-            run_test: None,
+            run_tests: vec![],
             keep: false,
         };
         let args = suite_args(
@@ -1383,11 +1384,11 @@ check echo
             );
         }
         assert!(
-            !args.iter().any(|arg| arg.starts_with("--run-test")),
+            !args.iter().any(|arg| arg.starts_with("-outrigger.only")),
             "{args:?}"
         );
         let focused = RunOptions {
-            run_test: Some("MeshPorts".into()),
+            run_tests: vec!["MeshPorts".into(), "MeshBasic".into()],
             keep: true,
             ..options
         };
@@ -1399,7 +1400,8 @@ check echo
             "v",
         );
         assert!(
-            args.iter().any(|arg| arg == "--run-test=MeshPorts"),
+            args.iter()
+                .any(|arg| arg == "-outrigger.only=MeshPorts,MeshBasic"),
             "{args:?}"
         );
         assert!(

@@ -20,6 +20,7 @@ use tower::{Layer, ServiceExt};
 use crate::admin::Admin;
 use crate::control::{self, ControlPlane, Identity, InboundKey, LoopbackEndpoints};
 use crate::http::body::{Body, boxed};
+use crate::http::grpc::GrpcErrors;
 use crate::identity::{self, ControlPlaneAuthority, IdentitySettings};
 use crate::inbound::{Authorize, Authorizer, Inbound, InboundService, is_local};
 use crate::listen::{ConnectionInfo, Handling, InboundTls, ServerLimits, Side, serve};
@@ -263,7 +264,10 @@ impl Servers<'_> {
             move |connection| {
                 let outbound = outbound.clone();
                 let service = telemetry
-                    .layer(OutboundService::new(outbound.clone(), connection))
+                    .layer(GrpcErrors::new(OutboundService::new(
+                        outbound.clone(),
+                        connection,
+                    )))
                     .map_request(|r: http::Request<Incoming>| r.map(boxed));
                 Some(async move {
                     match connection.original_dst {
@@ -299,7 +303,7 @@ impl Servers<'_> {
                 probes.probes_of(port),
             );
             let service = telemetry
-                .layer(authorized)
+                .layer(GrpcErrors::new(authorized))
                 .map_request(|r: http::Request<Incoming>| r.map(boxed));
             Some(std::future::ready(Handling::Serve(
                 TowerToHyperService::new(service),

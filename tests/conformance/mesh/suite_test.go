@@ -7,14 +7,19 @@ package mesh
 
 import (
 	"flag"
+	"slices"
 	"strings"
 	"testing"
 
 	"sigs.k8s.io/gateway-api/conformance"
+	"sigs.k8s.io/gateway-api/conformance/utils/suite"
 )
 
 var outcomesOutput = flag.String("outrigger.outcomes-output", "",
 	"where to write the outcome of every mesh test as YAML, including those the suite's report leaves out")
+
+var only = flag.String("outrigger.only", "",
+	"comma-separated mesh tests to run: the others are left out, as --skip-tests would")
 
 // TestMesh runs the suite with the suite's own flags (--report-output, --namespace-labels, ...),
 // supporting Features and claiming the MESH profiles unless the flags say otherwise, and fails
@@ -26,6 +31,19 @@ func TestMesh(t *testing.T) {
 	}
 	if len(options.ConformanceProfiles) == 0 {
 		options.ConformanceProfiles = ProfileNames()
+	}
+	if *only != "" {
+		selected := strings.Split(*only, ",")
+		for _, name := range selected {
+			if !slices.ContainsFunc(Tests(), func(test suite.ConformanceTest) bool { return test.ShortName == name }) {
+				t.Fatalf("-outrigger.only: %q is not a mesh test", name)
+			}
+		}
+		for _, test := range Tests() {
+			if !slices.Contains(selected, test.ShortName) {
+				options.SkipTests = append(options.SkipTests, test.ShortName)
+			}
+		}
 	}
 	var recorder Recorder
 	options.Hook = recorder.Hook

@@ -15,6 +15,7 @@ use tower::Service as _;
 use crate::ctx::Tried;
 use crate::http::body::{Body, boxed};
 use crate::http::error::ProxyError;
+use crate::http::grpc::is_grpc;
 use crate::http::headers::is_upgrade;
 use crate::metrics::{RequestLabels, RetryLabels, RetryReason, ServiceFamily};
 use crate::outbound::layers::replay::ReplayBody;
@@ -272,10 +273,7 @@ impl Step for Retry {
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             let body = ReplayBody::new(body);
-            let grpc = parts
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            let grpc = is_grpc(&parts.headers);
             let idempotent = !matches!(parts.method, Method::POST | Method::PATCH);
             let tried = Tried::default();
             let mut retries = 0;
