@@ -83,6 +83,9 @@ pub struct RunOptions {
     /// Leaves the suite's namespaces and test resources in the cluster, for looking at afterwards.
     #[arg(long)]
     pub keep: bool,
+    /// Whether a full run's report goes to docs/conformance/ (CI's runs leave it alone).
+    #[arg(skip = true)]
+    pub record: bool,
 }
 
 /// A Gateway API release channel.
@@ -378,7 +381,7 @@ pub fn run_suite(cluster: Cluster<'_>, options: &RunOptions) -> Result<()> {
     ));
     let passed = run_teeing(Command::new(&built.suite).args(&args), &log)?;
 
-    if options.run_tests.is_empty() {
+    if options.run_tests.is_empty() && options.record {
         let docs = workspace_root().join("docs/conformance");
         for (from, name) in [(&report, "mesh-report"), (&outcomes, "mesh-outcomes")] {
             // A failed run may have stopped before writing them; a passed one has both.
@@ -1361,6 +1364,7 @@ check echo
             chart_values: vec![],
             run_tests: vec![],
             keep: false,
+            record: true,
         };
         let args = suite_args(
             Path::new("/k"),
