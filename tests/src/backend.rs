@@ -249,8 +249,37 @@ async fn respond(
             response
         }
         "/upgrade" => upgrade(request),
+        _ if is_grpc(&request) => grpc(&state.name, &request),
         _ => text(200, &state.name, &request),
     })
+}
+
+fn is_grpc(request: &http::Request<Incoming>) -> bool {
+    request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// A gRPC answer to any method: one message holding `name` (not protobuf: the client reads it
+/// as bytes), then `grpc-status: 0` in the trailers.
+fn grpc(name: &str, request: &http::Request<Incoming>) -> http::Response<Body> {
+    let mut message = vec![0];
+    message.extend(u32::try_from(name.len()).unwrap_or(u32::MAX).to_be_bytes());
+    message.extend(name.as_bytes());
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let frames = [
+        Ok(Frame::data(Bytes::from(message))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let mut response = text(200, "", request);
+    *response.body_mut() = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
 }
 
 /// A body whose first chunk comes at once and whose second waits for `release_streams`.

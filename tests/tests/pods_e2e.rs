@@ -1521,6 +1521,23 @@ spec:
   - backendRefs: [{name: reviews-v2, namespace: shop, port: 9080}]
 "#;
 
+/// gRPC calls of the service `shop.Reviews` to reviews, split 1:3 between its versions, their
+/// answers marked.
+const GRPC_ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: reviews-grpc, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - matches: [{method: {service: shop.Reviews}}]
+    filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: x-route, value: reviews-grpc}]}
+    backendRefs:
+    - {name: reviews-v1, port: 9080, weight: 1}
+    - {name: reviews-v2, port: 9080, weight: 3}
+"#;
+
 /// `--requests=N` calls to reviews from the frontend namespace's client.
 fn frontend_calls(suite: &Suite, requests: usize) -> Result<Calls, String> {
     let requests = format!("--requests={requests}");
@@ -1534,7 +1551,8 @@ fn frontend_calls(suite: &Suite, requests: usize) -> Result<Calls, String> {
 
 /// 6d. Gateway API routes, next to the DestinationPolicy still on reviews: the README's example
 /// with other weights (a canary by HTTPRoute weights, per request), a redirect the client's proxy
-/// answers, a consumer route for the frontend namespace's calls alone, and the route's status.
+/// answers, a consumer route for the frontend namespace's calls alone, a GRPCRoute's split, and
+/// the routes' status.
 fn routes(suite: &mut Suite) {
     let installed = (|| {
         let bundle = workspace_file("tests/conformance/crds/standard.yaml");
@@ -1667,6 +1685,56 @@ fn routes(suite: &mut Suite) {
                 "the shop's calls must keep the producer route's split: {}",
                 shop.0
             );
+            Ok(())
+        })(),
+    );
+    suite.check(
+        "a GRPCRoute splits reviews' gRPC calls by its weights, beside the HTTPRoute",
+        (|| {
+            suite.apply(GRPC_ROUTE)?;
+            let url = "http://reviews.shop.svc.cluster.local:9080/shop.Reviews/List";
+            // Its weights (1:3) tell its answers from the HTTPRoute's (1:1) and the policy's.
+            let n = 200;
+            eventually("the GRPCRoute serves", PATIENCE, || {
+                let calls = suite.client_calls(&["--grpc", "--url", url])?;
+                Ok(calls.0["last"]["headers"]["x-route"] == "reviews-grpc")
+            })?;
+            let calls = suite.client_calls(&[
+                "--grpc",
+                "--url",
+                url,
+                &format!("--requests={n}"),
+                "--concurrency=2",
+                PACE,
+            ])?;
+            calls.all_ok()?;
+            let last = &calls.0["last"]["headers"];
+            ensure!(
+                last["grpc-status"] == "0" && last["x-route"] == "reviews-grpc",
+                "the last answer: {last}"
+            );
+            let v2 = calls.answered_by("reviews-v2-");
+            ensure!(
+                v2 + calls.answered_by("reviews-v1-") == n,
+                "answers from elsewhere: {}",
+                calls.0
+            );
+            let (expected, tolerance) = (n as f64 * 0.75, 6.0 * (n as f64 * 0.1875).sqrt());
+            ensure!(
+                (v2 as f64 - expected).abs() <= tolerance,
+                "v2 got {v2} of {n}, expected {expected} ± {tolerance:.0}"
+            );
+            let accepted = suite.kubectl(&[
+                "get",
+                "grpcroute",
+                "reviews-grpc",
+                "-n",
+                SHOP,
+                "-o",
+                r#"jsonpath={.status.parents[0].conditions[?(@.type=="Accepted")].status}"#,
+            ])?;
+            ensure!(accepted == "True", "the GRPCRoute's status: {accepted:?}");
+            suite.kubectl(&["delete", "grpcroute", "reviews-grpc", "-n", SHOP])?;
             Ok(())
         })(),
     );

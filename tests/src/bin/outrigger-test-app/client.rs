@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -41,6 +41,11 @@ pub struct HttpCalls {
     /// How long one call may take.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Unary gRPC calls (HTTP/2 POSTs of an empty message to the URL's path, `/<service>/<method>`)
+    /// instead of GETs: the body is the answer's first message, as text, and the trailers come
+    /// with the headers.
+    #[arg(long)]
+    grpc: bool,
 }
 
 /// What one HTTP call got back.
@@ -90,7 +95,15 @@ impl HttpCalls {
                     .with_context(|| format!("--header {header:?} is not `name: value`"))
             })
             .collect::<Result<Vec<_>>>()?;
-        let client = http_client();
+        let client = if self.grpc {
+            Caller::Grpc(
+                Client::builder(TokioExecutor::new())
+                    .http2_only(true)
+                    .build_http(),
+            )
+        } else {
+            Caller::Http(http_client())
+        };
         let tally = Arc::new(Mutex::new(Tally::default()));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         if self.until_stdin_closes {
@@ -118,12 +131,10 @@ impl HttpCalls {
                         if !more {
                             break;
                         }
-                        let outcome = tokio::time::timeout(
-                            call.timeout,
-                            request(&client, &call.url, &headers),
-                        )
-                        .await
-                        .unwrap_or_else(|_| bail!("no answer within {:?}", call.timeout));
+                        let outcome =
+                            tokio::time::timeout(call.timeout, client.call(&call.url, &headers))
+                                .await
+                                .unwrap_or_else(|_| bail!("no answer within {:?}", call.timeout));
                         tally.lock().expect("tally lock").count(outcome);
                         made += 1;
                         tokio::time::sleep(call.pause).await;
@@ -149,6 +160,70 @@ impl HttpCalls {
     }
 }
 
+/// How the calls are made.
+#[derive(Clone)]
+enum Caller {
+    Http(Client<HttpConnector, Empty<Bytes>>),
+    Grpc(Client<HttpConnector, Full<Bytes>>),
+}
+
+impl Caller {
+    async fn call(&self, url: &str, headers: &[(String, String)]) -> Result<Answer> {
+        match self {
+            Self::Http(client) => request(client, url, headers).await,
+            Self::Grpc(client) => grpc_call(client, url, headers).await,
+        }
+    }
+}
+
+/// One unary gRPC call of an empty message.
+async fn grpc_call(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    headers: &[(String, String)],
+) -> Result<Answer> {
+    let mut builder = http::Request::post(url)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers");
+    for (name, value) in headers {
+        builder = builder.header(name, value);
+    }
+    // An uncompressed message of no bytes.
+    let request = builder
+        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+        .with_context(|| format!("building a gRPC call of {url}"))?;
+    let response = client.request(request).await.context("calling")?;
+    let status = response.status().as_u16();
+    let mut headers = header_map(response.headers());
+    let collected = response
+        .into_body()
+        .collect()
+        .await
+        .context("reading the answer")?;
+    if let Some(trailers) = collected.trailers() {
+        headers.extend(header_map(trailers));
+    }
+    let bytes = collected.to_bytes();
+    let message = bytes.get(5..).unwrap_or_default();
+    Ok(Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(message).into_owned(),
+    })
+}
+
+fn header_map(headers: &http::HeaderMap) -> BTreeMap<String, String> {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            (
+                name.to_string(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
 fn http_client() -> Client<HttpConnector, Empty<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
@@ -167,16 +242,7 @@ async fn request(
         .with_context(|| format!("building a request for {url}"))?;
     let response = client.request(request).await.context("calling")?;
     let status = response.status().as_u16();
-    let headers = response
-        .headers()
-        .iter()
-        .map(|(name, value)| {
-            (
-                name.to_string(),
-                String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
+    let headers = header_map(response.headers());
     let body = response
         .into_body()
         .collect()
