@@ -275,6 +275,24 @@ impl Calls {
         Ok(())
     }
 
+    /// Every call was answered by reviews v1 or v2, and v2's share is `share`, within six
+    /// standard deviations of a binomial (false alarms about one in 10^9 runs).
+    fn v2_share_is(&self, share: f64) -> Outcome {
+        let (n, v2) = (self.calls(), self.answered_by("reviews-v2-"));
+        ensure!(
+            v2 + self.answered_by("reviews-v1-") == n,
+            "answers from elsewhere: {}",
+            self.0
+        );
+        let n = n as f64;
+        let (expected, tolerance) = (n * share, 6.0 * (n * share * (1.0 - share)).sqrt());
+        ensure!(
+            (v2 as f64 - expected).abs() <= tolerance,
+            "v2 got {v2} of {n}, expected {expected} ± {tolerance:.0}"
+        );
+        Ok(())
+    }
+
     /// Calls answered by pods whose names start with `prefix`.
     fn answered_by(&self, prefix: &str) -> u64 {
         self.0["bodies"]
@@ -743,19 +761,7 @@ fn canary(suite: &mut Suite) {
                 PACE,
             ])?;
             calls.all_ok()?;
-            let (v1, v2) = (
-                calls.answered_by("reviews-v1-"),
-                calls.answered_by("reviews-v2-"),
-            );
-            ensure!(v1 + v2 == n, "answers from elsewhere: {}", calls.0);
-            // Six standard deviations of a binomial(n, 0.1): false alarms one in 10^9 runs.
-            let expected = n as f64 * 0.1;
-            let tolerance = 6.0 * (n as f64 * 0.1 * 0.9).sqrt();
-            ensure!(
-                (v2 as f64 - expected).abs() <= tolerance,
-                "v2 got {v2} of {n}, expected {expected} ± {tolerance:.0}"
-            );
-            Ok(())
+            calls.v2_share_is(0.1)
         })(),
     );
     suite.check(
@@ -1627,18 +1633,7 @@ fn routes(suite: &mut Suite) {
                 PACE,
             ])?;
             calls.all_ok()?;
-            let v2 = calls.answered_by("reviews-v2-");
-            ensure!(
-                v2 + calls.answered_by("reviews-v1-") == n,
-                "answers from elsewhere: {}",
-                calls.0
-            );
-            // Six standard deviations of a binomial(n, 0.5).
-            let (expected, tolerance) = (n as f64 * 0.5, 6.0 * (n as f64 * 0.25).sqrt());
-            ensure!(
-                (v2 as f64 - expected).abs() <= tolerance,
-                "v2 got {v2} of {n}, expected {expected} ± {tolerance:.0}"
-            );
+            calls.v2_share_is(0.5)?;
             let canary = suite.client_calls(&[
                 "--url",
                 REVIEWS_URL,
@@ -1713,17 +1708,7 @@ fn routes(suite: &mut Suite) {
                 last["grpc-status"] == "0" && last["x-route"] == "reviews-grpc",
                 "the last answer: {last}"
             );
-            let v2 = calls.answered_by("reviews-v2-");
-            ensure!(
-                v2 + calls.answered_by("reviews-v1-") == n,
-                "answers from elsewhere: {}",
-                calls.0
-            );
-            let (expected, tolerance) = (n as f64 * 0.75, 6.0 * (n as f64 * 0.1875).sqrt());
-            ensure!(
-                (v2 as f64 - expected).abs() <= tolerance,
-                "v2 got {v2} of {n}, expected {expected} ± {tolerance:.0}"
-            );
+            calls.v2_share_is(0.75)?;
             let accepted = suite.kubectl(&[
                 "get",
                 "grpcroute",
