@@ -3,9 +3,10 @@
 //! Envoy would answer. A client would map a bare HTTP status itself, but would lose the reason.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
+
+use futures_util::FutureExt as _;
+use futures_util::future::Map;
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
@@ -75,33 +76,29 @@ impl<S> GrpcErrors<S> {
     }
 }
 
-type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+/// How a response is finished: [`answer_grpc`] for a gRPC caller, as it is for others.
+type Finish = fn(Result<Response<Body>, Infallible>) -> Result<Response<Body>, Infallible>;
 
 impl<S> tower::Service<Request<Body>> for GrpcErrors<S>
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = ResponseFuture;
+    // A plain function over the inner future: nothing allocated per request.
+    type Future = Map<S::Future, Finish>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let grpc = is_grpc(request.headers());
-        // Boxed here, where `S::Future: Send` is known (rust-lang/rust#64552).
-        let response: ResponseFuture = Box::pin(self.inner.call(request));
-        Box::pin(async move {
-            let response = response.await?;
-            Ok(if grpc {
-                answer_grpc(response)
-            } else {
-                response
-            })
-        })
+        let finish: Finish = if is_grpc(request.headers()) {
+            |response| response.map(answer_grpc)
+        } else {
+            std::convert::identity
+        };
+        self.inner.call(request).map(finish)
     }
 }
 
