@@ -149,6 +149,24 @@ async fn unknown_destinations_get_503_naming_them() {
 }
 
 #[tokio::test]
+async fn a_grpc_caller_gets_the_proxy_s_own_error_as_a_grpc_status() {
+    let (_cp, _backend, proxy) = setup().await;
+    let mut conn = Conn::http2(proxy.outbound).await;
+    let mut call = request("nope", "/shop.Reviews/List");
+    *call.method_mut() = http::Method::POST;
+    call.headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    let reply = conn.send(call).await.unwrap();
+    assert_eq!(reply.status, 200, "trailers-only: {reply:?}");
+    assert_eq!(reply.header("grpc-status"), "14", "UNAVAILABLE");
+    assert!(
+        reply.header("grpc-message").contains("unknown destination"),
+        "{reply:?}"
+    );
+    assert_eq!(reply.body, "");
+}
+
+#[tokio::test]
 async fn upstream_failures_are_gateway_errors() {
     let cp = ControlPlane::start().await;
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
