@@ -75,6 +75,12 @@ const HEADER_NAME: &str = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$";
         description = "Proxies that acknowledged the current generation / proxies connected"
     ),
     printcolumn(
+        name = "Routed-By",
+        type_ = "string",
+        json_path = ".status.routedBy",
+        description = "The Gateway API routes that serve calls to its Service"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -533,7 +539,7 @@ pub struct DestinationPolicyStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Accepted, ResolvedRefs and Programmed.
+    /// Accepted, ResolvedRefs, Programmed and Routed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend(
         "x-kubernetes-list-type" = "map",
@@ -548,6 +554,10 @@ pub struct DestinationPolicyStatus {
     /// The split in force, e.g. `stable=90,canary=10`, for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<String>,
+    /// The HTTPRoutes and GRPCRoutes attached to its Service, e.g. `HTTPRoute/shop/reviews`, for
+    /// `kubectl get`: the first three, then how many more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routed_by: Option<String>,
     /// What the proxies of each controller replica did, each entry written by its replica under a
     /// field manager of its own (server-side apply merges them by name); `proxies` sums them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -877,6 +887,7 @@ mod tests {
                 r#".status.conditions[?(@.type=="Accepted")].status"#,
             ),
             ("PROXIES", ".status.proxiesSummary"),
+            ("ROUTED-BY", ".status.routedBy"),
             ("AGE", ".metadata.creationTimestamp"),
         ];
         assert_eq!(

@@ -612,10 +612,20 @@ async fn status_and_kubectl_get_follow_the_policy_and_its_proxies() {
     assert_eq!(
         rows[0],
         [
-            "NAME", "HOST", "SPLIT", "TIMEOUT", "RETRIES", "ACCEPTED", "PROXIES", "AGE"
+            "NAME",
+            "HOST",
+            "SPLIT",
+            "TIMEOUT",
+            "RETRIES",
+            "ACCEPTED",
+            "PROXIES",
+            "ROUTED-BY",
+            "AGE"
         ],
         "{table}"
     );
+    // ROUTED-BY is empty: no route is attached to reviews.
+    assert_eq!(rows[1].len(), 8, "{table}");
     assert_eq!(
         rows[1][..7],
         [
@@ -1150,12 +1160,12 @@ async fn a_route_serves_and_gets_status_per_service_parent_beside_other_controll
     let cluster = cluster().await;
     let namespace = "routes";
     let reviews = Reviews::start(&cluster, namespace, &[("v1", 1)]).await;
-    let controller = ControllerProcess::start(&cluster, "routes-controller").await;
     cluster.apply(&reviews_route(
         namespace,
         "  \x20 - {name: nowhere, port: 80, weight: 0}\n",
     ));
-    // Another controller's entry, for its Gateway: Outrigger's writes must keep it.
+    // Another controller's entry, for its Gateway: Outrigger's writes must keep it. Written
+    // before Outrigger's controller starts, as this merge patch replaces the whole list.
     cluster.kubectl(&[
         "patch",
         "httproute",
@@ -1170,6 +1180,7 @@ async fn a_route_serves_and_gets_status_per_service_parent_beside_other_controll
             "status":"True","reason":"Accepted","message":"","observedGeneration":1,
             "lastTransitionTime":"2026-01-01T00:00:00Z"}]}]}}"#,
     ]);
+    let controller = ControllerProcess::start(&cluster, "routes-controller").await;
 
     let route = |cluster: &TestCluster| -> Value {
         let json = cluster.kubectl(&["get", "httproute", "reviews", "-n", namespace, "-o", "json"]);
@@ -1256,6 +1267,47 @@ async fn a_route_serves_and_gets_status_per_service_parent_beside_other_controll
     .await;
     assert_eq!(resolved["metadata"]["generation"], 2);
     assert!(!parent_entry(&resolved, "example.com/gateway", "some-gateway").is_null());
+
+    // The DestinationPolicy of the route's parent says that the route serves its calls.
+    cluster.apply(&policy(namespace, "reviews", "  host: reviews\n"));
+    let routed = policy_until(
+        &cluster,
+        namespace,
+        "reviews",
+        "the policy names the route",
+        |p| observed(p) && condition_is(p, "Routed", "True", "Routed"),
+    )
+    .await;
+    assert_eq!(routed["status"]["routedBy"], "HTTPRoute/routes/reviews");
+    assert_eq!(
+        crate::condition(&routed, "Routed")["message"],
+        "HTTPRoute/routes/reviews serves every caller's calls to port 9080. Of the calls they \
+         serve, the policy applies to those a route sends to its Service; the others get the \
+         policy of the Service a route sends them to"
+    );
+    // Columns are aligned, and this policy leaves some empty: read the one under the heading.
+    let table = cluster.kubectl(&["get", "dp", "reviews", "--namespace", namespace]);
+    let lines: Vec<&str> = table.lines().collect();
+    let routed_by = lines[0].find("ROUTED-BY").and_then(|at| {
+        let cell = lines[1].get(at..)?;
+        cell.split_whitespace().next()
+    });
+    assert_eq!(routed_by, Some("HTTPRoute/routes/reviews"), "{table}");
+
+    cluster.kubectl(&["delete", "httproute", "reviews", "--namespace", namespace]);
+    let unrouted = policy_until(
+        &cluster,
+        namespace,
+        "reviews",
+        "the policy no longer names the route",
+        |p| condition_is(p, "Routed", "False", "NoRoutes"),
+    )
+    .await;
+    assert!(
+        unrouted["status"].get("routedBy").is_none(),
+        "{:#}",
+        unrouted["status"]
+    );
     proxy.stop().await;
     controller.stop();
     drop(reviews);

@@ -44,7 +44,7 @@ use self::pod::Pods;
 use self::policy::Policies;
 pub use self::report::{PolicyReport, PolicyReports, Problem};
 use self::route::Routes;
-pub use self::route::{RouteReport, RouteReports};
+pub use self::route::{RouteReport, RouteReports, RoutedBy};
 use self::service::Services;
 use self::slice::{Slices, Touched};
 use crate::distribute::{Snapshot, Snapshots};

@@ -6,6 +6,7 @@ use outrigger_api::policy::DestinationPolicyStatus;
 
 use super::Index;
 use super::policy::PolicyState;
+use super::route::RoutedBy;
 use crate::source::ObjectKey;
 use crate::translate::Translated;
 
@@ -40,6 +41,8 @@ pub struct PolicyReport {
     /// The keys its Service is published under, which the proxies that call it subscribe to;
     /// Err when there is nothing to program (not in force, or no such Service).
     pub destination_keys: Result<Vec<String>, Problem>,
+    /// The routes attached to its Service, which serve the calls to it from their callers.
+    pub routed_by: Vec<RoutedBy>,
     /// The status the object carried when the index last read its spec.
     pub status: Option<DestinationPolicyStatus>,
 }
@@ -138,6 +141,11 @@ impl Index {
             accepted,
             resolved_refs,
             destination_keys,
+            routed_by: state
+                .service
+                .as_ref()
+                .map(|service| self.routes.serving(service, &self.services))
+                .unwrap_or_default(),
             status: state.status.clone(),
         }
     }

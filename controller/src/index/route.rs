@@ -45,6 +45,17 @@ pub struct ParentReport {
     pub ignored: Vec<String>,
 }
 
+/// A route serving calls to a Service, for the status of the Service's DestinationPolicy.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RoutedBy {
+    /// `HTTPRoute/namespace/name`.
+    pub route: String,
+    /// The namespace whose calls it serves, for a consumer route; None: every caller's.
+    pub callers: Option<String>,
+    /// The Service's ports it serves.
+    pub ports: Vec<u16>,
+}
+
 /// Every route the index knows, by kind and namespaced name.
 pub type RouteReports = BTreeMap<ObjectRef, RouteReport>;
 
@@ -163,6 +174,38 @@ impl Routes {
             .into_iter()
             .map(|(callers, attached)| table(callers, &attached, &has_port))
             .collect()
+    }
+
+    /// The routes attached to `service` on one of its ports, in name order.
+    pub(super) fn serving(&self, service: &ObjectKey, services: &Services) -> Vec<RoutedBy> {
+        let Some(ports) = services.get(service).map(|state| &state.ports) else {
+            return Vec::new();
+        };
+        let mut serving: Vec<RoutedBy> = self
+            .by_parent
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|reference| {
+                let route = &self.routes.get(reference)?.route;
+                let attached: Vec<(u16, &str)> = ports
+                    .iter()
+                    .filter_map(|port| {
+                        let callers =
+                            route.attaches(&service.namespace, &service.name, port.port)?;
+                        Some((port.port, callers))
+                    })
+                    .collect();
+                let &(_, callers) = attached.first()?;
+                Some(RoutedBy {
+                    route: route.label(),
+                    callers: (!callers.is_empty()).then(|| callers.to_string()),
+                    ports: attached.iter().map(|&(port, _)| port).collect(),
+                })
+            })
+            .collect();
+        serving.sort();
+        serving
     }
 
     /// What status needs of the route, now; none when the index does not hold it.

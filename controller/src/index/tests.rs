@@ -1259,3 +1259,63 @@ fn a_parent_that_is_not_a_service_port_is_not_accepted_and_fields_unknown_are_na
         )
     );
 }
+
+#[test]
+fn a_policy_report_names_the_routes_attached_to_its_service_as_they_come_and_go() {
+    let (mut index, _snapshots) = index();
+    echo_services(&mut index);
+    index.apply(policy(
+        "echo",
+        "2026-01-01T00:00:00Z",
+        json!({"host": "echo"}),
+    ));
+    assert_eq!(report(&index, "echo").routed_by, []);
+
+    index.apply(http_route(
+        "shop",
+        "split",
+        "2026-01-01T00:00:00Z",
+        weighted_route(),
+    ));
+    index.apply(http_route(
+        "frontend",
+        "mine",
+        "2026-01-02T00:00:00Z",
+        json!({
+            "parentRefs": [{"group": "", "kind": "Service", "name": "echo", "namespace": "shop"}],
+            "rules": [{"backendRefs": [{"name": "echo-v1", "namespace": "shop", "port": 8080}]}],
+        }),
+    ));
+    // Sends to echo but is attached elsewhere: it does not serve calls to echo.
+    index.apply(http_route(
+        "shop",
+        "to-echo",
+        "2026-01-01T00:00:00Z",
+        json!({
+            "parentRefs": [{"group": "", "kind": "Service", "name": "echo-v1"}],
+            "rules": [{"backendRefs": [{"name": "echo", "port": 80}]}],
+        }),
+    ));
+    let routed = |route: &str, callers: Option<&str>, ports: &[u16]| RoutedBy {
+        route: route.into(),
+        callers: callers.map(String::from),
+        ports: ports.to_vec(),
+    };
+    assert_eq!(
+        report(&index, "echo").routed_by,
+        [
+            routed("HTTPRoute/frontend/mine", Some("frontend"), &[80, 8080]),
+            routed("HTTPRoute/shop/split", None, &[80]),
+        ]
+    );
+
+    // The Service loses the port the producer route names: it serves nothing there.
+    index.apply(shop_service("echo", "10.96.1.1", &[8080]));
+    assert_eq!(
+        report(&index, "echo").routed_by,
+        [routed("HTTPRoute/frontend/mine", Some("frontend"), &[8080])]
+    );
+
+    index.apply(Change::Deleted(route_ref("frontend", "mine")));
+    assert_eq!(report(&index, "echo").routed_by, []);
+}

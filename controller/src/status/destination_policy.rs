@@ -9,7 +9,7 @@ use outrigger_api::policy::{DestinationPolicyStatus, ProxyCounts, ReplicaStatus}
 
 use super::conditions::{Verdict, conditions};
 use crate::distribute::{Holders, PolicyVersion, ProxyId, Subscribers};
-use crate::index::{PolicyReport, PolicyReports};
+use crate::index::{PolicyReport, PolicyReports, RoutedBy};
 use crate::source::ObjectKey;
 
 /// What this replica's proxies hold of each policy's destinations: per policy, the holders of
@@ -91,6 +91,7 @@ pub(super) fn desired_status(
             ),
         ),
         ("Programmed", programmed),
+        ("Routed", routed(&report.routed_by)),
     ];
     let conditions = conditions(
         verdicts,
@@ -104,8 +105,72 @@ pub(super) fn desired_status(
         proxies_summary: Some(format!("{}/{}", proxies.acknowledged, proxies.connected)),
         proxies: Some(proxies),
         split: Some(report.split.clone()),
+        routed_by: routed_by_summary(&report.routed_by),
         replicas: Vec::new(),
     }
+}
+
+/// At most this many routes are named in the `Routed` message, and fewer in `routedBy`.
+const ROUTES_NAMED: usize = 8;
+const ROUTES_SUMMARIZED: usize = 3;
+
+/// Whether routes serve calls to the policy's Service, which then get the policy only where a
+/// route sends them back to that Service (routes choose the Service; each Service's own policy
+/// applies to what it is sent).
+fn routed(routed_by: &[RoutedBy]) -> Verdict {
+    if routed_by.is_empty() {
+        return Verdict {
+            holds: false,
+            reason: "NoRoutes",
+            message: "no HTTPRoute or GRPCRoute is attached to its Service: the policy applies \
+                      to every call to it"
+                .into(),
+        };
+    }
+    let mut serving: Vec<String> = routed_by
+        .iter()
+        .take(ROUTES_NAMED)
+        .map(|routed| {
+            let callers = match &routed.callers {
+                None => "every caller's calls".to_string(),
+                Some(namespace) => format!("calls from namespace {namespace}"),
+            };
+            let ports: Vec<String> = routed.ports.iter().map(u16::to_string).collect();
+            let port = if ports.len() == 1 { "port" } else { "ports" };
+            format!(
+                "{} serves {callers} to {port} {}",
+                routed.route,
+                ports.join(", ")
+            )
+        })
+        .collect();
+    if routed_by.len() > ROUTES_NAMED {
+        serving.push(format!("{} more routes", routed_by.len() - ROUTES_NAMED));
+    }
+    Verdict::holds(
+        "Routed",
+        format!(
+            "{}. Of the calls they serve, the policy applies to those a route sends to its \
+             Service; the others get the policy of the Service a route sends them to",
+            serving.join("; ")
+        ),
+    )
+}
+
+/// `HTTPRoute/shop/a,GRPCRoute/shop/b,HTTPRoute/web/c,+2`; none without routes.
+fn routed_by_summary(routed_by: &[RoutedBy]) -> Option<String> {
+    if routed_by.is_empty() {
+        return None;
+    }
+    let mut names: Vec<String> = routed_by
+        .iter()
+        .take(ROUTES_SUMMARIZED)
+        .map(|routed| routed.route.clone())
+        .collect();
+    if routed_by.len() > ROUTES_SUMMARIZED {
+        names.push(format!("+{}", routed_by.len() - ROUTES_SUMMARIZED));
+    }
+    Some(names.join(","))
 }
 
 /// Counts the proxies among `holders` (those of each key of the policy) by what they hold of
@@ -216,6 +281,7 @@ pub(super) mod tests {
             accepted: Ok(()),
             resolved_refs: Ok(()),
             destination_keys: Ok(vec![KEY.into()]),
+            routed_by: Vec::new(),
             status: None,
         }
     }
@@ -438,11 +504,74 @@ pub(super) mod tests {
                 .map(|c| c.last_transition_time.0.as_second())
                 .collect()
         };
-        assert_eq!(times(&first), [100, 100, 100]);
-        assert_eq!(times(&second), [100, 100, 200]);
+        assert_eq!(times(&first), [100, 100, 100, 100]);
+        assert_eq!(times(&second), [100, 100, 200, 100]);
         // Nothing changed: the same status, so nothing to write.
         let third = status_of(&report(), &holdings, Some(&second), &at(300));
         assert_eq!(third, second);
+    }
+
+    #[test]
+    fn routed_names_the_routes_serving_its_service_and_what_applies_to_their_calls() {
+        let alone = status_of(&report(), &Held::default(), None, &at(0));
+        assert_eq!(
+            condition(&alone, "Routed"),
+            (
+                "False",
+                "NoRoutes",
+                "no HTTPRoute or GRPCRoute is attached to its Service: the policy applies to \
+                 every call to it"
+            )
+        );
+        assert_eq!(alone.routed_by, None);
+
+        let routed = |route: &str, callers: Option<&str>, ports: &[u16]| RoutedBy {
+            route: route.into(),
+            callers: callers.map(String::from),
+            ports: ports.to_vec(),
+        };
+        let report = PolicyReport {
+            routed_by: vec![
+                routed("GRPCRoute/web/mine", Some("web"), &[9080, 9090]),
+                routed("HTTPRoute/shop/split", None, &[9080]),
+            ],
+            ..report()
+        };
+        let status = status_of(&report, &Held::default(), None, &at(0));
+        assert_eq!(
+            condition(&status, "Routed"),
+            (
+                "True",
+                "Routed",
+                "GRPCRoute/web/mine serves calls from namespace web to ports 9080, 9090; \
+                 HTTPRoute/shop/split serves every caller's calls to port 9080. Of the calls \
+                 they serve, the policy applies to those a route sends to its Service; the \
+                 others get the policy of the Service a route sends them to"
+            )
+        );
+        assert_eq!(
+            status.routed_by.as_deref(),
+            Some("GRPCRoute/web/mine,HTTPRoute/shop/split")
+        );
+
+        let many: Vec<RoutedBy> = (0..10)
+            .map(|n| routed(&format!("HTTPRoute/shop/r{n}"), None, &[9080]))
+            .collect();
+        let report = PolicyReport {
+            routed_by: many,
+            ..report
+        };
+        let status = status_of(&report, &Held::default(), None, &at(0));
+        assert_eq!(
+            status.routed_by.as_deref(),
+            Some("HTTPRoute/shop/r0,HTTPRoute/shop/r1,HTTPRoute/shop/r2,+7")
+        );
+        let (_, _, message) = condition(&status, "Routed");
+        assert!(
+            message.contains("HTTPRoute/shop/r7 serves") && message.contains("; 2 more routes."),
+            "{message}"
+        );
+        assert!(!message.contains("r8"), "{message}");
     }
 
     #[test]

@@ -234,7 +234,8 @@ impl Route {
         }
     }
 
-    fn label(&self) -> String {
+    /// `HTTPRoute/namespace/name`, as metrics and DestinationPolicy status name it.
+    pub fn label(&self) -> String {
         format!("{}/{}/{}", self.kind, self.namespace, self.name)
     }
 
