@@ -33,28 +33,35 @@ fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
         .unwrap_or_else(|error| panic!("kubectl {args:?}: {error}"))
 }
 
-/// A TCP relay on `host` to `target` that keeps every byte it carries, both ways: what a capture
-/// of the wire between the two would show.
-async fn recording_relay(
-    host: std::net::IpAddr,
-    target: SocketAddr,
-) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+/// What a [`recording_relay`] saw: every byte it carried, both ways, and the connections it took.
+#[derive(Clone, Default)]
+struct Recorded {
+    wire: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A TCP relay on `host` to `target` that keeps every byte it carries, both ways, and counts its
+/// connections: what a capture of the wire between the two would show.
+async fn recording_relay(host: std::net::IpAddr, target: SocketAddr) -> (SocketAddr, Recorded) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(host, 0))
         .await
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let wire = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let recorded = wire.clone();
+    let recorded = Recorded::default();
+    let relayed = recorded.clone();
     tokio::spawn(async move {
         while let Ok((caller, _)) = listener.accept().await {
+            relayed
+                .connections
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let Ok(server) = tokio::net::TcpStream::connect(target).await else {
                 continue;
             };
             let (caller_read, caller_write) = caller.into_split();
             let (server_read, server_write) = server.into_split();
             for (mut from, mut to) in [(caller_read, server_write), (server_read, caller_write)] {
-                let wire = recorded.clone();
+                let wire = relayed.wire.clone();
                 tokio::spawn(async move {
                     let mut buffer = [0u8; 16 * 1024];
                     while let Ok(read @ 1..) = from.read(&mut buffer).await {
@@ -68,7 +75,7 @@ async fn recording_relay(
             }
         }
     });
-    (addr, wire)
+    (addr, recorded)
 }
 
 async fn metrics(proxy: &LiveProxy) -> String {
@@ -124,7 +131,7 @@ async fn meshed_proxies_speak_mutual_tls_and_strict_ones_refuse_plaintext() {
 
     // `impostor`'s pod claims to be `ratings`, but the proxy at its address is `reviews`.
     // `reviews` is reached through a relay that records the wire.
-    let (relay, wire) = recording_relay(host, permissive.inbound).await;
+    let (relay, recorded) = recording_relay(host, permissive.inbound).await;
     let manifests = [
         meshed_service(NAMESPACE, "reviews", relay, "reviews"),
         meshed_service(NAMESPACE, "details", strict.inbound, "reviews"),
@@ -164,7 +171,7 @@ async fn meshed_proxies_speak_mutual_tls_and_strict_ones_refuse_plaintext() {
     // On the wire, TLS records (a handshake first), and nothing of the HTTP inside: the request
     // line, its Host, the response. (The server name, `reviews.shop.serviceaccount...`, is in the
     // clear, as SNI is.)
-    let wire = wire.lock().unwrap().clone();
+    let wire = recorded.wire.lock().unwrap().clone();
     assert!(
         wire.starts_with(&[0x16, 0x03]),
         "not a TLS handshake: {:?}",
@@ -174,6 +181,8 @@ async fn meshed_proxies_speak_mutual_tls_and_strict_ones_refuse_plaintext() {
     for clear in ["GET /", "HTTP/1.1", "reviews-app", "reviews.shop:9080"] {
         assert!(!text.contains(clear), "`{clear}` in clear on the wire");
     }
+
+    http1_crosses_over_http2_to_the_app_as_it_was_sent(&client, &app, &recorded).await;
 
     // A strict server serves its meshed callers.
     let (status, body) = get(client.outbound, "details.shop:9080", "/")
@@ -226,6 +235,76 @@ async fn meshed_proxies_speak_mutual_tls_and_strict_ones_refuse_plaintext() {
     assert_eq!(
         served_plain, None,
         "the strict proxy served no plaintext request"
+    );
+}
+
+/// The client proxy sends its app's HTTP/1 calls to a meshed endpoint over HTTP/2: requests in
+/// flight at once share one connection to the server proxy, which calls its app in HTTP/1.1 under
+/// the name the caller used; an upgrade still crosses in HTTP/1 and becomes a tunnel.
+async fn http1_crosses_over_http2_to_the_app_as_it_was_sent(
+    client: &LiveProxy,
+    app: &Backend,
+    recorded: &Recorded,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let answer = outrigger_tests::e2e::request(
+        client.outbound,
+        "reviews.shop:9080",
+        "/",
+        &[("x-test-trace", "abc")],
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.header("x-seen-version"), "HTTP/1.1");
+    assert_eq!(answer.header("x-seen-host"), "reviews.shop:9080");
+    assert_eq!(answer.header("x-seen-trace"), "abc");
+
+    let connections = recorded.connections.load(Ordering::SeqCst);
+    app.set(outrigger_tests::Behaviour::Hold);
+    let hits = app.hits();
+    let calls: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(get(client.outbound, "reviews.shop:9080", "/")))
+        .collect();
+    eventually_within(PATIENCE, "4 calls are in flight at the app", || async {
+        app.hits() >= hits + 4
+    })
+    .await;
+    assert_eq!(
+        recorded.connections.load(Ordering::SeqCst),
+        connections,
+        "the calls in flight share the proxies' connection"
+    );
+    app.release(4);
+    for call in calls {
+        assert_eq!(call.await.unwrap().map(|(status, _)| status), Some(200));
+    }
+    app.set(outrigger_tests::Behaviour::Answer);
+
+    let mut stream = tokio::net::TcpStream::connect(client.outbound)
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"GET /upgrade HTTP/1.1\r\nHost: reviews.shop:9080\r\nConnection: Upgrade\r\n\
+              Upgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stream.read_u8().await.unwrap());
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    stream.write_all(b"ping").await.unwrap();
+    let mut echoed = [0; 4];
+    stream.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(
+        &echoed, b"ping",
+        "the upgrade became a tunnel through both proxies"
     );
 }
 

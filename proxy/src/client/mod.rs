@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use crate::http::body::{Body, boxed};
 use crate::http::error::ProxyError;
 use crate::http::headers::{is_upgrade, strip_hop_by_hop};
+use crate::http::mesh_protocol;
 use outrigger_api::defaults;
 
 use crate::policy::EndpointConfig;
@@ -130,15 +131,19 @@ impl Endpoint {
         Ok(connected.into_inner())
     }
 
-    /// Sends `request` to this endpoint, over HTTP/2 when the app spoke it or the endpoint prefers
-    /// it, and joins the two sides of an upgrade (WebSocket) into one byte tunnel.
+    /// Sends `request` to this endpoint, over HTTP/2 when the app spoke it, the endpoint prefers
+    /// it or is meshed (its proxy takes HTTP/1 over HTTP/2), and joins the two sides of an upgrade (WebSocket) into one byte tunnel.
     pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Body>, ProxyError> {
         let in_flight = self.load.start();
         let downstream_version = request.version();
         let upgrade = is_upgrade(request.headers());
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
         strip_hop_by_hop(request.headers_mut(), upgrade);
-        let use_http2 = downstream_version == Version::HTTP_2 || (self.h2c && !upgrade);
+        // A meshed endpoint's proxy takes HTTP/1 over HTTP/2 and calls its app as it was called.
+        let to_proxy = self.identity.is_some() && !upgrade;
+        mesh_protocol::mark(&mut request, to_proxy);
+        let use_http2 =
+            downstream_version == Version::HTTP_2 || ((self.h2c || to_proxy) && !upgrade);
         let client = if use_http2 {
             set_absolute_uri(&mut request, true);
             &self.http2

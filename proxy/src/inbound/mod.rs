@@ -15,6 +15,7 @@ use http::{Request, Response};
 
 use crate::client::{Dial, Endpoint};
 use crate::http::body::Body;
+use crate::http::mesh_protocol;
 use crate::listen::ConnectionInfo;
 use crate::policy::EndpointConfig;
 use crate::tls;
@@ -107,13 +108,18 @@ impl tower::Service<Request<Body>> for InboundService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         let endpoint = self.endpoint.clone();
+        let version = request.version();
+        mesh_protocol::restore(&mut request);
         Box::pin(async move {
-            Ok(match endpoint.send(request).await {
+            let mut response = match endpoint.send(request).await {
                 Ok(response) => response,
                 Err(error) => error.into_response(),
-            })
+            };
+            // Answered in the version the connection speaks, whatever the app spoke.
+            *response.version_mut() = version;
+            Ok(response)
         })
     }
 }
