@@ -30,6 +30,8 @@ use report::{Cost, MeshFigures, Report, Row, Summary};
 const SERVICE_AUTHORITY: &str = "bench.default.svc.cluster.local:80";
 /// The same backend as another Service, whose DestinationPolicy enables every policy.
 const POLICIES_AUTHORITY: &str = "bench-policies.default.svc.cluster.local:80";
+/// A Service whose calls an HTTPRoute serves, sending them to the bench Service.
+const ROUTED_AUTHORITY: &str = "bench-routed.default.svc.cluster.local:80";
 /// A request that cannot leave this long after its scheduled time counts as an error.
 const MAX_LAG: Duration = Duration::from_secs(1);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -126,6 +128,7 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
         destination("default", "bench", 80, &[(backend.addr, &[])]),
     );
     control_plane.publish(POLICIES_AUTHORITY, every_policy(backend.addr));
+    control_plane.publish(ROUTED_AUTHORITY, routed());
     let direct = Target {
         addr: backend.addr,
         authority: backend.addr.to_string(),
@@ -138,22 +141,25 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
             let paths = (backend.addr, free_port()?);
             let proxy = Proxy::start(client, bin, &control_plane.url(), paths, &flags)?;
             eprintln!("proxy ready, pid {}", proxy.pid());
-            let target = Target {
+            let target = |authority: &str| Target {
                 addr: proxy.outbound,
-                authority: SERVICE_AUTHORITY.into(),
+                authority: authority.into(),
             };
-            check_answers(client, &target, "the proxy")?;
-            let policies = Target {
-                addr: proxy.outbound,
-                authority: POLICIES_AUTHORITY.into(),
+            let single = SingleProxy {
+                bare: target(SERVICE_AUTHORITY),
+                policies: target(POLICIES_AUTHORITY),
+                routed: target(ROUTED_AUTHORITY),
+                proxy,
             };
-            check_answers(client, &policies, "the proxy with every policy")?;
-            Some((proxy, target, policies))
+            check_answers(client, &single.bare, "the proxy")?;
+            check_answers(client, &single.policies, "the proxy with every policy")?;
+            check_answers(client, &single.routed, "the proxy through an HTTPRoute")?;
+            Some(single)
         }
         _ => None,
     };
     let idle_rss = match &proxied {
-        Some((proxy, _, _)) => Some(proxy.memory()?.rss),
+        Some(single) => Some(single.proxy.memory()?.rss),
         None => None,
     };
     let mut mesh = match (&args.proxy_bin, &args.controller_bin, args.direct_only) {
@@ -188,16 +194,23 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
         let measured = loadgen::run(client, &direct, &load).context("direct run")?;
         let direct_summary = Summary::of(&measured, args.duration);
         progress(rate, "direct", &direct_summary);
-        let (proxied_summary, policies_summary) = match &mut proxied {
-            Some((proxy, target, policies)) => {
-                let (summary, [cost]) = proxied_run(client, [proxy], target, &load)?;
-                progress(rate, "proxied", &summary);
-                let (with_policies, [policies_cost]) =
-                    proxied_run(client, [proxy], policies, &load)?;
-                progress(rate, "policies", &with_policies);
-                (Some((summary, cost)), Some((with_policies, policies_cost)))
+        let [proxied_summary, policies_summary, routed_summary] = match &mut proxied {
+            Some(single) => {
+                let runs = [
+                    ("proxied", &single.bare),
+                    ("policies", &single.policies),
+                    ("routed", &single.routed),
+                ];
+                let mut summaries = [None, None, None];
+                for ((path, target), summary) in runs.into_iter().zip(&mut summaries) {
+                    let (measured, [cost]) =
+                        proxied_run(client, [&mut single.proxy], target, &load)?;
+                    progress(rate, path, &measured);
+                    *summary = Some((measured, cost));
+                }
+                summaries
             }
-            None => (None, None),
+            None => [None, None, None],
         };
         let mesh_summary = match (&mut mesh, &mesh_target) {
             (Some((mesh, _)), Some(target)) => {
@@ -214,12 +227,13 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
             direct: direct_summary,
             proxied: proxied_summary,
             policies: policies_summary,
+            routed: routed_summary,
             mesh: mesh_summary,
         });
     }
 
     let peak_rss = match &proxied {
-        Some((proxy, _, _)) => Some(proxy.memory()?.peak),
+        Some(single) => Some(single.proxy.memory()?.peak),
         None => None,
     };
     let mesh_figures = match &mut mesh {
@@ -260,10 +274,21 @@ fn bench_proxy(args: ProxyArgs) -> Result<()> {
         eprintln!("wrote the Proxy section of {}", path.display());
     }
     // Stopped last, so that a proxy slow to stop cannot cost the results.
-    if let Some((proxy, _, _)) = proxied {
-        proxy.stop()?;
+    if let Some(single) = proxied {
+        single.proxy.stop()?;
     }
     Ok(())
+}
+
+/// The single-proxy paths: one proxy, called for three Services of the same backend.
+struct SingleProxy {
+    proxy: Proxy,
+    /// A Service without a policy.
+    bare: Target,
+    /// A Service whose policy enables everything.
+    policies: Target,
+    /// A Service whose calls an HTTPRoute serves.
+    routed: Target,
 }
 
 fn runtime(name: &str) -> Result<Runtime> {
@@ -420,13 +445,72 @@ fn every_policy(backend: std::net::SocketAddr) -> outrigger_tests::Configuration
     d
 }
 
+/// A Service that a producer HTTPRoute serves, with no endpoints of its own: a rule for canary
+/// testers (a header, a path prefix and a method, which this traffic does not match), then the
+/// catch-all rule, which sets a request header and sends to the bench Service. What it costs is
+/// the price of the route table's lookup and filter, and of resolving the backend Service.
+fn routed() -> outrigger_tests::Configuration {
+    use outrigger_api::proto;
+    use proto::http_route_match::Path;
+    let rule = |name: &str, filters: Vec<proto::HttpFilter>| proto::HttpRouteRule {
+        route: "HTTPRoute/default/bench-routed".into(),
+        name: name.into(),
+        filters,
+        backends: vec![proto::RouteBackend {
+            key: SERVICE_AUTHORITY.into(),
+            weight: 1,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let set_header = proto::HttpFilter {
+        kind: Some(proto::http_filter::Kind::RequestHeaders(
+            proto::HeaderModifier {
+                set: vec![proto::HeaderValue {
+                    name: "x-route".into(),
+                    value: "bench-routed".into(),
+                }],
+                ..Default::default()
+            },
+        )),
+    };
+    let mut d = destination("default", "bench-routed", 80, &[]);
+    d.http_routes = vec![proto::HttpRouteTable {
+        consumer_namespace: String::new(),
+        rules: vec![
+            rule("canary-testers", Vec::new()),
+            rule("everyone", vec![set_header]),
+        ],
+        matches: vec![
+            proto::HttpRouteMatch {
+                rule: 0,
+                path: Some(Path::Prefix("/api".into())),
+                headers: vec![proto::HeaderMatch {
+                    name: "x-canary".into(),
+                    value: Some(proto::header_match::Value::Exact("true".into())),
+                }],
+                method: "GET".into(),
+                ..Default::default()
+            },
+            proto::HttpRouteMatch {
+                rule: 1,
+                path: Some(Path::Prefix("/".into())),
+                ..Default::default()
+            },
+        ],
+    }];
+    d
+}
+
 fn setup(args: &ProxyArgs) -> String {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     format!(
         "open loop, {} keep-alive HTTP/1.1 connections per path; at each rate a direct run then a \
          proxied run then a run through the proxy to a Service with every policy enabled (a route, \
          split, timeout, retries with budget and per-try timeout, outlier detection, pool limits, \
-         rate limit, fault injection at 0%; none of them trips){}, each {:?} of unrecorded warm-up \
+         rate limit, fault injection at 0%; none of them trips), then a run through the proxy to a \
+         Service whose calls an HTTPRoute serves (a rule this traffic does not match, then one that \
+         sets a request header and sends to the bench Service){}, each {:?} of unrecorded warm-up \
          then {:?} recorded. The load generator, the \
          backend and the proxies run side by side on this machine's {cores} cores and compete for \
          them, so absolute latencies and the highest sustained rates describe the whole setup on \

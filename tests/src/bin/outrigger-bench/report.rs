@@ -78,6 +78,8 @@ pub struct Row {
     pub proxied: Option<(Summary, Cost)>,
     /// Through the proxy to a Service with every policy enabled.
     pub policies: Option<(Summary, Cost)>,
+    /// Through the proxy to a Service whose calls an HTTPRoute serves.
+    pub routed: Option<(Summary, Cost)>,
     /// Through a client proxy and a server proxy, over mutual TLS: the cost of each.
     pub mesh: Option<(Summary, [Cost; 2])>,
 }
@@ -170,8 +172,10 @@ impl Report {
         let _ = writeln!(
             w,
             "What the proxy adds to a plain HTTP/1.1 GET: the same load generator sends to a \
-             backend directly, through the proxy's outbound listener, and through two proxies \
-             (client and server, over mutual TLS), as between two meshed pods.\n"
+             backend directly, through the proxy's outbound listener (to a Service without a \
+             policy, to one with every policy, to one whose calls an HTTPRoute serves), and \
+             through two proxies (client and server, over mutual TLS), as between two meshed \
+             pods.\n"
         );
         let _ = writeln!(w, "- Command: `{}`", self.command);
         let _ = writeln!(w, "- Date: {}", self.date);
@@ -209,6 +213,15 @@ impl Report {
                     let _ = writeln!(
                         w,
                         "| {} | **policies vs bare proxy** | | **{p50:+}** | **{p99:+}** | **{p999:+}** | | | |",
+                        row.rate
+                    );
+                }
+                if let Some((routed, _)) = &row.routed {
+                    line(w, "HTTPRoute", routed);
+                    let [p50, p99, p999] = added(routed, proxied);
+                    let _ = writeln!(
+                        w,
+                        "| {} | **route vs bare proxy** | | **{p50:+}** | **{p99:+}** | **{p999:+}** | | | |",
                         row.rate
                     );
                 }
@@ -262,9 +275,13 @@ impl Report {
             );
             let _ = writeln!(w, "|---:|---|---:|---:|---:|");
             for row in &self.rows {
-                let single = [("proxied", &row.proxied), ("every policy", &row.policies)]
-                    .into_iter()
-                    .filter_map(|(path, run)| Some((path, &run.as_ref()?.1)));
+                let single = [
+                    ("proxied", &row.proxied),
+                    ("every policy", &row.policies),
+                    ("HTTPRoute", &row.routed),
+                ]
+                .into_iter()
+                .filter_map(|(path, run)| Some((path, &run.as_ref()?.1)));
                 let mesh = row.mesh.iter().flat_map(|(_, [client, server])| {
                     [
                         ("two proxies: client's", client),
@@ -312,8 +329,6 @@ impl Report {
     }
 }
 
-/// `doc` with its `## Proxy` section (up to the next `## ` heading) replaced by `section`, or with
-/// `section` appended when it has none. Other sections stay as they are.
 /// `doc` with the section whose heading is `section`'s first line replaced by `section` (or
 /// `section` appended, when `doc` has no such heading).
 pub fn replace_section(doc: &str, section: &str) -> String {
