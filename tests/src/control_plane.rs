@@ -197,7 +197,10 @@ pub fn allowing(policy: &str, accounts: &[&str], ports: &[u16]) -> Configuration
         .collect();
     Configuration {
         destination: proto::Destination {
-            inbound: Some(proto::Inbound { ports }),
+            inbound: Some(proto::Inbound {
+                ports,
+                ..Default::default()
+            }),
             ..Default::default()
         },
         endpoints: Vec::new(),

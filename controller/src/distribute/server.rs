@@ -220,7 +220,8 @@ impl Discovery for DiscoveryService {
         tx.send(Ok(welcome))
             .await
             .map_err(|_| Status::cancelled("proxy went away"))?;
-        tokio::spawn(Session::new(self.clone(), proxy).run(incoming, tx, closing));
+        let session = Session::new(self.clone(), proxy, hello.service_account);
+        tokio::spawn(session.run(incoming, tx, closing));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -306,15 +307,18 @@ struct Awaiting {
 struct Session {
     service: DiscoveryService,
     proxy: ProxyId,
+    /// The proxy's ServiceAccount: proven by its certificate, or as its Hello names it.
+    service_account: String,
     watches: StreamMap<String, WatchStream<Slot>>,
     subscribed: HashMap<String, Subscribed>,
 }
 
 impl Session {
-    fn new(service: DiscoveryService, proxy: ProxyId) -> Self {
+    fn new(service: DiscoveryService, proxy: ProxyId, service_account: String) -> Self {
         Self {
             service,
             proxy,
+            service_account,
             watches: StreamMap::new(),
             subscribed: HashMap::new(),
         }
@@ -371,6 +375,16 @@ impl Session {
     fn changed(&mut self, key: String, snapshot: &Snapshot) -> Option<ControllerMessage> {
         let state = self.subscribed.get_mut(&key)?;
         match snapshot {
+            // A meshed pod's inbound side is its own ServiceAccount's proxies' alone: withheld
+            // from any other (not answered unknown, which reads as "no policy").
+            Snapshot::Known { destination, .. }
+                if destination.inbound.as_ref().is_some_and(|inbound| {
+                    !inbound.service_account.is_empty()
+                        && inbound.service_account != self.service_account
+                }) =>
+            {
+                None
+            }
             Snapshot::Known {
                 version,
                 destination,
@@ -586,6 +600,7 @@ impl Session {
             proxy,
             watches,
             subscribed,
+            service_account: _,
         } = self;
         service.metrics.proxies_connected.dec();
         drop(watches);

@@ -779,7 +779,7 @@ async fn with_identities_required_a_proxy_is_who_its_certificate_proves_and_noth
     let snapshots = Snapshots::default();
     snapshots.mark_synced();
     publish(&snapshots, 1);
-    let service = DiscoveryService::new(snapshots, Metrics::default(), "test".into())
+    let service = DiscoveryService::new(snapshots.clone(), Metrics::default(), "test".into())
         .requiring_identity("cluster.local".into());
     let (_stop, shutdown) = watch::channel(false);
     let greeting = |namespace: &str, service_account: &str| {
@@ -851,4 +851,57 @@ async fn with_identities_required_a_proxy_is_who_its_certificate_proves_and_noth
     let refused = unknowns(&mut stream, 1).await;
     assert_eq!(refused[0].0, "inbound:billing/ledger-0");
     assert!(refused[0].1.contains("namespace shop"), "{}", refused[0].1);
+
+    // Of its namespace's meshed pods, it is sent the inbound side of its own ServiceAccount's
+    // alone: another's is withheld. A pod without an identity names none: any proxy of the
+    // namespace is sent it.
+    let inbound_of = |pod: &str, account: &str, ports: u32| {
+        let key = format!("inbound:shop/{pod}");
+        let destination = proto::Destination {
+            namespace: "shop".into(),
+            inbound: Some(proto::Inbound {
+                service_account: account.into(),
+                ports: (0..ports)
+                    .map(|port| proto::InboundPort {
+                        port: 8080 + port,
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        };
+        let snapshot = Snapshot::known(destination, Vec::new(), Instant::now());
+        snapshots.publish(&key, Arc::new(snapshot));
+        key
+    };
+    let own = inbound_of("reviews-0", "reviews", 1);
+    let other = inbound_of("ledger-0", "ledger", 1);
+    let unbound = inbound_of("plain-0", "", 1);
+    stream
+        .answer(proxy_message::Message::Subscribe(Subscribe {
+            destinations: [&other, &unbound, &own]
+                .into_iter()
+                .map(|key| Subscription {
+                    key: key.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+        }))
+        .await;
+    // Whatever comes until a later version of its own arrives is never about the other's key.
+    let mut answered = Vec::new();
+    while answered.iter().filter(|key| **key == own).count() < 2 {
+        let message = stream.received.message().await.unwrap().expect("open");
+        let key = match message.message {
+            Some(controller_message::Message::Update(update)) => update.key,
+            Some(controller_message::Message::Unknown(unknown)) => unknown.key,
+            _ => continue,
+        };
+        assert_ne!(key, other, "another ServiceAccount's pod is withheld");
+        if key == own && !answered.contains(&own) {
+            inbound_of("reviews-0", "reviews", 2);
+        }
+        answered.push(key);
+    }
+    assert!(answered.contains(&unbound), "{answered:?}");
 }

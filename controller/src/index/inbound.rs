@@ -3,7 +3,8 @@
 //! the pod), published under the pod's own key for its proxy.
 //!
 //! Only pods with a policy get a key: a pod whose Services no policy targets costs nothing, and
-//! its proxy, told the key is unknown, allows every caller.
+//! its proxy, told the key is unknown, allows every caller. The key of a meshed pod names its
+//! ServiceAccount, whose proxies alone are sent it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -83,7 +84,8 @@ impl Index {
         self.snapshots.publish(&key, Arc::new(snapshot));
     }
 
-    /// The pod's inbound side, and the Services with a policy that reach it.
+    /// The pod's inbound side, for the proxies of its ServiceAccount, and the Services with a
+    /// policy that reach it.
     fn inbound_of(&self, pod: &ObjectKey) -> (proto::Inbound, BTreeSet<ObjectKey>) {
         let mut ports: BTreeMap<u16, BTreeMap<String, proto::Authorization>> = BTreeMap::new();
         let mut services = BTreeSet::new();
@@ -122,6 +124,15 @@ impl Index {
                 authorizations: authorizations.into_values().collect(),
             })
             .collect();
-        (proto::Inbound { ports }, services)
+        let service_account = self
+            .pods
+            .service_account_of(pod)
+            .unwrap_or_default()
+            .to_string();
+        let inbound = proto::Inbound {
+            ports,
+            service_account,
+        };
+        (inbound, services)
     }
 }

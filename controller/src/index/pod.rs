@@ -1,5 +1,6 @@
 //! Pods, by what endpoints need of them: their labels (which put endpoints into a policy's
-//! subsets) and, for a meshed pod, the identity its proxy presents.
+//! subsets) and, for a meshed pod, the identity its proxy presents (whose proxies alone may read
+//! its inbound side).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -65,6 +66,12 @@ impl Pods {
             namespace: namespace.into(),
             service_account: state.service_account.clone()?,
         })
+    }
+
+    /// The ServiceAccount of a meshed pod, as the injector annotated it from the pod's own
+    /// (Pods are watched by their metadata alone); none for a pod not meshed or not seen yet.
+    pub(super) fn service_account_of(&self, pod: &ObjectKey) -> Option<&str> {
+        self.0.get(pod)?.service_account.as_deref()
     }
 
     /// The policy's subsets whose labels the pod carries; a pod not seen yet carries none.

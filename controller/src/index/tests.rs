@@ -1319,3 +1319,30 @@ fn a_policy_report_names_the_routes_attached_to_its_service_as_they_come_and_go(
     index.apply(Change::Deleted(route_ref("frontend", "mine")));
     assert_eq!(report(&index, "echo").routed_by, []);
 }
+
+#[test]
+fn a_meshed_pods_inbound_side_names_its_service_account() {
+    let (mut index, snapshots) = index();
+    index.apply(reviews());
+    index.apply(slice(
+        "reviews-a",
+        8080,
+        &[
+            ("10.0.0.1", "reviews-1", true),
+            ("10.0.0.2", "reviews-2", true),
+        ],
+    ));
+    index.apply(authorization_policy("readers", readers()));
+    let account = |pod: &str| inbound(&snapshots, pod).expect("a key").service_account;
+    assert_eq!(account("reviews-1"), "", "not seen yet");
+
+    index.apply(Change::Applied(Object::Pod(Box::new(object(json!({
+        "metadata": {
+            "namespace": "shop", "name": "reviews-1",
+            "annotations": {"outrigger.dev/identity": "reviews"},
+        },
+    }))))));
+    assert_eq!(account("reviews-1"), "reviews");
+    index.apply(pod("reviews-2", "v2"));
+    assert_eq!(account("reviews-2"), "", "not meshed with an identity");
+}

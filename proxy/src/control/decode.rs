@@ -1237,6 +1237,7 @@ mod tests {
         let good = proto::Destination {
             inbound: Some(proto::Inbound {
                 ports: vec![port.clone()],
+                ..Default::default()
             }),
             ..Default::default()
         };
@@ -1250,6 +1251,7 @@ mod tests {
         let destination = proto::Destination {
             inbound: Some(proto::Inbound {
                 ports: vec![port.clone(), port],
+                ..Default::default()
             }),
             ..Default::default()
         };

@@ -607,7 +607,7 @@ mod tests {
                 version: "1".into(),
                 destination: proto::Destination {
                     namespace: "shop".into(),
-                    inbound: Some(proto::Inbound { ports: Vec::new() }),
+                    inbound: Some(proto::Inbound::default()),
                     ..Default::default()
                 }
                 .encode_to_vec()
