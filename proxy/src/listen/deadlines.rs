@@ -1,6 +1,8 @@
-//! How long an HTTP/1 connection may take apart from its requests: once a client starts a request
-//! head it must finish it within the header-read timeout, and a connection with no request in
-//! flight is closed after the idle timeout.
+//! How long an HTTP connection may take apart from its requests: once a client starts an HTTP/1
+//! request head it must finish it within the header-read timeout, and a connection with no request
+//! in flight is closed after the idle timeout. An HTTP/2 connection has the idle timeout alone:
+//! its peer sends frames (pings, settings) with no request in flight, so bytes read say nothing of
+//! a request starting, and only the requests the service sees count.
 //!
 //! hyper's own header-read timeout also runs while a keep-alive connection waits for its next
 //! request, so it acted as an idle timeout shorter than clients keep pooled connections, and a
@@ -95,6 +97,8 @@ pub struct Timed<T> {
     io: T,
     activity: Arc<Activity>,
     timeouts: Timeouts,
+    /// HTTP/1: bytes read while idle start a request head. HTTP/2: they never do.
+    heads: bool,
     phase: Phase,
     /// Requests started as of the last look.
     seen_started: u64,
@@ -108,9 +112,27 @@ impl<T> Timed<T> {
             io,
             activity,
             timeouts,
+            heads: true,
             phase: Phase::Head,
             seen_started: 0,
             deadline: Box::pin(tokio::time::sleep(timeouts.header_read)),
+        }
+    }
+
+    /// A fresh HTTP/2 connection: idle until its first request, and closed after `idle` with
+    /// nothing in flight, whatever frames its peer sends meanwhile.
+    pub fn http2(io: T, activity: Arc<Activity>, idle: Duration) -> Self {
+        Self {
+            io,
+            activity,
+            timeouts: Timeouts {
+                header_read: idle,
+                idle,
+            },
+            heads: false,
+            phase: Phase::Idle,
+            seen_started: 0,
+            deadline: Box::pin(tokio::time::sleep(idle)),
         }
     }
 
@@ -165,7 +187,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         match &polled {
-            Poll::Ready(Ok(())) if this.phase == Phase::Idle && buf.filled().len() > before => {
+            Poll::Ready(Ok(()))
+                if this.heads && this.phase == Phase::Idle && buf.filled().len() > before =>
+            {
                 this.phase = Phase::Head;
                 let head_until = Instant::now() + this.timeouts.header_read;
                 this.deadline.as_mut().reset(head_until);
@@ -291,6 +315,49 @@ mod tests {
         let connection = answering(timeouts).await;
         let closed_after = closed_after_finishing(connection, Duration::from_millis(500)).await;
         assert_eq!(closed_after, timeouts.idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_connection_closes_after_the_idle_timeout_whatever_frames_come_meanwhile() {
+        let idle = Duration::from_secs(10);
+        let activity = Arc::new(Activity::default());
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut timed = Timed::http2(server, activity.clone(), idle);
+        let opened = Instant::now();
+        let reader = tokio::spawn(async move {
+            let mut total = 0;
+            loop {
+                match read_some(&mut timed).await {
+                    Ok(0) => return (total, Instant::now(), timed),
+                    Ok(read) => total += read,
+                    Err(error) => panic!("an idle HTTP/2 connection ends quietly: {error}"),
+                }
+            }
+        });
+        // A ping every 3 s keeps bytes coming, and no request.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            client.write_all(b"ping").await.unwrap();
+        }
+        let (read, closed, mut timed) = reader.await.unwrap();
+        assert_eq!(read, 12, "the frames were read");
+        assert_eq!(
+            closed - opened,
+            idle,
+            "closed on time, the pings counting for nothing"
+        );
+
+        // A request in flight keeps it open; the idle time counts from its end.
+        let request = activity.begin();
+        let reader = tokio::spawn(async move { (read_some(&mut timed).await, Instant::now()) });
+        tokio::time::sleep(idle * 3).await;
+        assert!(!reader.is_finished(), "a busy connection was closed");
+        let finished = Instant::now();
+        drop(request);
+        let (read, closed) = reader.await.unwrap();
+        assert_eq!(read.unwrap(), 0);
+        assert_eq!(closed - finished, idle);
+        drop(client);
     }
 
     /// Counts the wake-ups of the task it stands for.

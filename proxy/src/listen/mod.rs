@@ -342,7 +342,13 @@ impl Servers {
         };
         let served = match protocol {
             Protocol::Http2 => {
-                let conn = self.http2.serve_connection(TokioIo::new(stream), service);
+                let activity = Arc::new(Activity::default());
+                let io = Timed::http2(stream, activity.clone(), self.timeouts.idle);
+                let service = Tracked {
+                    inner: service,
+                    activity,
+                };
+                let conn = self.http2.serve_connection(TokioIo::new(io), service);
                 watcher.watch(conn.into_owned()).await
             }
             _ => self.http1_connection(stream, service, watcher).await,
