@@ -194,22 +194,7 @@ async fn upstream_failures_are_gateway_errors() {
 #[tokio::test]
 async fn upgrades_become_a_byte_tunnel() {
     let (_cp, _backend, proxy) = setup().await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.outbound)
-        .await
-        .unwrap();
-    stream
-        .write_all(
-            b"GET /upgrade HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(stream.read_u8().await.unwrap());
-    }
-    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(head.contains("upgrade: echo"), "{head}");
+    let mut stream = outrigger_tests::e2e::upgraded(proxy.outbound, "web").await;
     for message in [&b"ping"[..], b"pong and more"] {
         stream.write_all(message).await.unwrap();
         let mut echoed = vec![0; message.len()];

@@ -143,6 +143,25 @@ pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Option<(u16, Strin
     Some((answer.status, answer.body))
 }
 
+/// Asks the backend behind `addr` (`/upgrade`, as `host`) to switch to its echo protocol; returns
+/// the connection once the 101 has come, to send bytes through the tunnel.
+pub async fn upgraded(addr: SocketAddr, host: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /upgrade HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stream.read_u8().await.unwrap());
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    stream
+}
+
 /// What a call got back.
 #[derive(Debug)]
 pub struct Answer {

@@ -283,22 +283,7 @@ async fn http1_crosses_over_http2_to_the_app_as_it_was_sent(
     }
     app.set(outrigger_tests::Behaviour::Answer);
 
-    let mut stream = tokio::net::TcpStream::connect(client.outbound)
-        .await
-        .unwrap();
-    stream
-        .write_all(
-            b"GET /upgrade HTTP/1.1\r\nHost: reviews.shop:9080\r\nConnection: Upgrade\r\n\
-              Upgrade: echo\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(stream.read_u8().await.unwrap());
-    }
-    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let mut stream = outrigger_tests::e2e::upgraded(client.outbound, "reviews.shop:9080").await;
     stream.write_all(b"ping").await.unwrap();
     let mut echoed = [0; 4];
     stream.read_exact(&mut echoed).await.unwrap();

@@ -1154,6 +1154,19 @@ fn a_route_without_a_port_attaches_to_every_port_and_its_deletion_withdraws_it()
     assert!(index.route_reports().borrow().is_empty());
 }
 
+/// frontend/mine, a consumer route of `echo` (every port) with these rules.
+fn consumer_route(rules: Value) -> Change {
+    http_route(
+        "frontend",
+        "mine",
+        "2026-01-02T00:00:00Z",
+        json!({
+            "parentRefs": [{"group": "", "kind": "Service", "name": "echo", "namespace": "shop"}],
+            "rules": rules,
+        }),
+    )
+}
+
 #[test]
 fn consumer_routes_get_a_table_of_their_namespace_beside_the_producer_routes() {
     let (mut index, snapshots) = index();
@@ -1164,22 +1177,14 @@ fn consumer_routes_get_a_table_of_their_namespace_beside_the_producer_routes() {
         "2026-01-01T00:00:00Z",
         weighted_route(),
     ));
-    index.apply(http_route(
-        "frontend",
-        "mine",
-        "2026-01-02T00:00:00Z",
-        json!({
-            "parentRefs": [{"group": "", "kind": "Service", "name": "echo", "namespace": "shop"}],
-            "rules": [{
-                "filters": [{
-                    "type": "ResponseHeaderModifier",
-                    "responseHeaderModifier": {"set": [{"name": "X-Header-Set", "value": "set"}]},
-                }],
-                // No ReferenceGrant: a mesh route may send to any namespace's Service.
-                "backendRefs": [{"name": "echo-v1", "namespace": "shop", "port": 8080}],
-            }],
-        }),
-    ));
+    index.apply(consumer_route(json!([{
+        "filters": [{
+            "type": "ResponseHeaderModifier",
+            "responseHeaderModifier": {"set": [{"name": "X-Header-Set", "value": "set"}]},
+        }],
+        // No ReferenceGrant: a mesh route may send to any namespace's Service.
+        "backendRefs": [{"name": "echo-v1", "namespace": "shop", "port": 8080}],
+    }])));
     let echo = known(&snapshots, "echo.shop.svc.cluster.local:80");
     let tables: Vec<_> = echo
         .http_routes
@@ -1277,15 +1282,9 @@ fn a_policy_report_names_the_routes_attached_to_its_service_as_they_come_and_go(
         "2026-01-01T00:00:00Z",
         weighted_route(),
     ));
-    index.apply(http_route(
-        "frontend",
-        "mine",
-        "2026-01-02T00:00:00Z",
-        json!({
-            "parentRefs": [{"group": "", "kind": "Service", "name": "echo", "namespace": "shop"}],
-            "rules": [{"backendRefs": [{"name": "echo-v1", "namespace": "shop", "port": 8080}]}],
-        }),
-    ));
+    index.apply(consumer_route(json!([{
+        "backendRefs": [{"name": "echo-v1", "namespace": "shop", "port": 8080}],
+    }])));
     // Sends to echo but is attached elsewhere: it does not serve calls to echo.
     index.apply(http_route(
         "shop",
