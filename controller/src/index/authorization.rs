@@ -67,6 +67,11 @@ impl Authorizations {
             .filter_map(|key| Some((key, self.policies.get(key)?.translated.as_deref().ok()?)))
     }
 
+    /// The Services some policy, valid or not, targets.
+    pub(super) fn targets(&self) -> impl Iterator<Item = &ObjectKey> {
+        self.by_service.keys()
+    }
+
     /// Whether some policy, valid or not, targets the Service.
     pub(super) fn target(&self, service: &ObjectKey) -> bool {
         self.by_service.contains_key(service)

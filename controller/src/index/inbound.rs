@@ -1,6 +1,11 @@
 //! Each pod's inbound side: per port of the pod, the AuthorizationPolicies of the Services that
-//! reach it on that port (a Service port's targetPort, as its EndpointSlices resolve it against
-//! the pod), published under the pod's own key for its proxy.
+//! reach it on that port, published under the pod's own key for its proxy.
+//!
+//! A Service reaches the pods its selector matches, on its ports' targetPorts, from the moment
+//! the pod is seen: its EndpointSlices list the pod only once it has an address, and drop it for a
+//! moment when they are rewritten, and a pod is reachable all the while. A targetPort that names
+//! a container port is resolved by the slices (pods are watched by their metadata alone), as are
+//! the endpoints of a Service without a selector.
 //!
 //! Only pods with a policy get a key: a pod whose Services no policy targets costs nothing, and
 //! its proxy, told the key is unknown, allows every caller. The key of a meshed pod names its
@@ -41,6 +46,12 @@ impl Index {
             }
             if self.authorizations.target(service) {
                 pods.extend(self.slices.pods_of_service(service));
+                if let Some(state) = self.services.get(service) {
+                    let selected = self
+                        .pods
+                        .selected(&service.namespace, |labels| state.selects(labels));
+                    pods.extend(selected.cloned());
+                }
             }
         }
         for pod in pods {
@@ -84,35 +95,65 @@ impl Index {
         self.snapshots.publish(&key, Arc::new(snapshot));
     }
 
+    /// The Services some policy targets that select the pod by its labels.
+    pub(super) fn services_selecting(&self, pod: &ObjectKey) -> BTreeSet<ObjectKey> {
+        let Some(labels) = self.pods.labels_of(pod) else {
+            return BTreeSet::new();
+        };
+        self.authorizations
+            .targets()
+            .filter(|service| service.namespace == pod.namespace)
+            .filter(|service| {
+                self.services
+                    .get(service)
+                    .is_some_and(|state| state.selects(labels))
+            })
+            .cloned()
+            .collect()
+    }
+
     /// The pod's inbound side, for the proxies of its ServiceAccount, and the Services with a
     /// policy that reach it.
     fn inbound_of(&self, pod: &ObjectKey) -> (proto::Inbound, BTreeSet<ObjectKey>) {
-        let mut ports: BTreeMap<u16, BTreeMap<String, proto::Authorization>> = BTreeMap::new();
-        let mut services = BTreeSet::new();
+        // (Service, Service port, pod port): by the Service's selector, and by its slices (which
+        // may list the pod more than once while they are rebalanced).
+        let mut reaches = BTreeSet::new();
+        for service in self.services_selecting(pod) {
+            for port in self
+                .services
+                .get(&service)
+                .into_iter()
+                .flat_map(|s| &s.ports)
+            {
+                if let Some(target_port) = port.target_port {
+                    reaches.insert((service.clone(), port.port, target_port));
+                }
+            }
+        }
         for (slice, service) in self.slices.on_pod(pod) {
             let (Some(state), Some(slice)) = (self.services.get(service), self.slices.get(slice))
             else {
                 continue;
             };
-            let mut policies = self.authorizations.targeting(service).peekable();
-            if policies.peek().is_none() {
-                continue;
+            for port in &state.ports {
+                if let Some(&target_port) = slice.ports.get(&port.name) {
+                    reaches.insert((service.clone(), port.port, target_port));
+                }
             }
-            services.insert(service.clone());
-            for (key, authorization) in policies {
-                for port in &state.ports {
-                    let Some(&target_port) = slice.ports.get(&port.name) else {
-                        continue;
-                    };
-                    let cut = authorization.for_port(key.to_string(), port.port);
-                    // Two Service ports to one pod port: a call there may have come by either.
-                    match ports.entry(target_port).or_default().entry(key.to_string()) {
-                        std::collections::btree_map::Entry::Vacant(entry) => {
-                            entry.insert(cut);
-                        }
-                        std::collections::btree_map::Entry::Occupied(mut entry) => {
-                            entry.get_mut().rules.extend(cut.rules);
-                        }
+        }
+        let mut ports: BTreeMap<u16, BTreeMap<String, proto::Authorization>> = BTreeMap::new();
+        let mut services = BTreeSet::new();
+        for (service, port, target_port) in reaches {
+            for (key, authorization) in self.authorizations.targeting(&service) {
+                services.insert(service.clone());
+                let cut = authorization.for_port(key.to_string(), port);
+                // Two Service ports to one pod port: a call there may have come by either.
+                match ports.entry(target_port).or_default().entry(key.to_string()) {
+                    std::collections::btree_map::Entry::Vacant(entry) => {
+                        entry.insert(cut);
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut entry) => {
+                        entry.get_mut().rules.extend(cut.rules);
                     }
                 }
             }

@@ -229,8 +229,14 @@ impl Index {
                     .into_iter()
                     .collect()
             }
-            Kind::Pod if self.pods.remove(key) => self.pod_changed(key),
-            Kind::Pod => BTreeSet::new(),
+            Kind::Pod => {
+                let selecting = self.services_selecting(key);
+                if self.pods.remove(key) {
+                    self.pod_changed(key).into_iter().chain(selecting).collect()
+                } else {
+                    BTreeSet::new()
+                }
+            }
             Kind::DestinationPolicy => self.policies.remove(key).into_iter().collect(),
             Kind::AuthorizationPolicy => self.authorizations.remove(key),
             Kind::HttpRoute | Kind::GrpcRoute => self.routes.remove(reference),
@@ -252,8 +258,9 @@ impl Index {
                     .collect()
             }
             Object::Pod(pod) => {
-                let services = self.pod_changed(&key);
-                self.pods.insert(key, *pod);
+                let mut services = self.pod_changed(&key);
+                self.pods.insert(key.clone(), *pod);
+                services.extend(self.services_selecting(&key));
                 services
             }
             Object::DestinationPolicy(policy) => self

@@ -74,6 +74,23 @@ impl Pods {
         self.0.get(pod)?.service_account.as_deref()
     }
 
+    /// The labels of a pod seen.
+    pub(super) fn labels_of(&self, pod: &ObjectKey) -> Option<&BTreeMap<String, String>> {
+        Some(&self.0.get(pod)?.labels)
+    }
+
+    /// The pods of `namespace` whose labels `selects`.
+    pub(super) fn selected<'a>(
+        &'a self,
+        namespace: &'a str,
+        selects: impl Fn(&BTreeMap<String, String>) -> bool + 'a,
+    ) -> impl Iterator<Item = &'a ObjectKey> + 'a {
+        self.0
+            .iter()
+            .filter(move |(key, state)| key.namespace == namespace && selects(&state.labels))
+            .map(|(key, _)| key)
+    }
+
     /// The policy's subsets whose labels the pod carries; a pod not seen yet carries none.
     pub(super) fn subsets_of(
         &self,

@@ -1,9 +1,11 @@
-//! Services: their ClusterIPs and TCP ports, which name the destinations.
+//! Services: their ClusterIPs and TCP ports, which name the destinations, and the pods they
+//! select.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::source::ObjectKey;
 
@@ -15,6 +17,9 @@ const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";
 pub(super) struct ServiceState {
     pub(super) cluster_ips: Vec<IpAddr>,
     pub(super) ports: Vec<ServicePort>,
+    /// The labels of the pods it selects; empty for a Service without a selector, whose
+    /// endpoints someone else writes.
+    selector: BTreeMap<String, String>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -22,6 +27,9 @@ pub(super) struct ServicePort {
     /// Empty for a Service's single unnamed port; EndpointSlice ports match by this name.
     pub(super) name: String,
     pub(super) port: u16,
+    /// The pods' port, when the Service names it by number (as it does unless it names a
+    /// container port, which only the pod's spec resolves).
+    pub(super) target_port: Option<u16>,
     pub(super) h2c: bool,
 }
 
@@ -64,13 +72,29 @@ impl ServiceState {
             .into_iter()
             .filter(|port| port.protocol.as_deref().unwrap_or("TCP") == "TCP")
             .filter_map(|port| {
+                let number = u16::try_from(port.port).ok()?;
+                let target_port = match port.target_port {
+                    None => Some(number),
+                    Some(IntOrString::Int(target)) => u16::try_from(target).ok(),
+                    Some(IntOrString::String(_)) => None,
+                };
                 Some(ServicePort {
                     name: port.name.unwrap_or_default(),
-                    port: u16::try_from(port.port).ok()?,
+                    port: number,
+                    target_port,
                     h2c: port.app_protocol.as_deref() == Some(H2C_APP_PROTOCOL),
                 })
             })
             .collect();
-        Self { cluster_ips, ports }
+        Self {
+            cluster_ips,
+            ports,
+            selector: spec.selector.unwrap_or_default(),
+        }
+    }
+
+    /// Whether it selects a pod with these labels.
+    pub(super) fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        !self.selector.is_empty() && self.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
     }
 }

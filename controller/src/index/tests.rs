@@ -871,6 +871,101 @@ fn each_pod_of_a_targeted_service_gets_its_policies_on_the_target_port() {
     assert_eq!(inbound(&snapshots, "reviews-2"), None);
 }
 
+/// A pod of `shop` with these labels.
+fn labelled_pod(name: &str, labels: Value) -> Change {
+    Change::Applied(Object::Pod(Box::new(object(json!({
+        "metadata": {"namespace": "shop", "name": name, "labels": labels},
+    })))))
+}
+
+/// The pod ports of a published inbound side, each with its policies' rules' ports.
+fn inbound_ports(inbound: &proto::Inbound) -> Vec<(u32, Vec<(String, usize)>)> {
+    inbound
+        .ports
+        .iter()
+        .map(|port| {
+            let policies = port
+                .authorizations
+                .iter()
+                .map(|a| (a.policy.clone(), a.rules.len()))
+                .collect();
+            (port.port, policies)
+        })
+        .collect()
+}
+
+#[test]
+fn a_pod_a_targeted_service_selects_has_its_policies_whether_or_not_a_slice_lists_it() {
+    let (mut index, snapshots) = index();
+    let reviews = |selector: Value| {
+        Change::Applied(Object::Service(Box::new(object(json!({
+            "metadata": {"namespace": "shop", "name": "reviews"},
+            "spec": {"selector": selector, "ports": [
+                {"name": "http", "port": 9080, "targetPort": 8080},
+                {"name": "admin", "port": 9999, "targetPort": "admin"},
+            ]},
+        })))))
+    };
+    index.apply(reviews(json!({"app": "reviews"})));
+    index.apply(authorization_policy("readers", readers()));
+    index.apply(labelled_pod(
+        "reviews-1",
+        json!({"app": "reviews", "version": "v1"}),
+    ));
+    index.apply(labelled_pod("ratings-1", json!({"app": "ratings"})));
+    let readers_on = |port| (port, vec![("shop/readers".to_string(), 1)]);
+    // Before it has an address, no slice lists it; the numbered targetPort is known already.
+    let published = inbound(&snapshots, "reviews-1").expect("selected, so in force at once");
+    assert_eq!(inbound_ports(&published), [readers_on(8080)]);
+    assert_eq!(inbound(&snapshots, "ratings-1"), None, "not selected");
+
+    // Its slice resolves the named targetPort too.
+    let slice_with = |pods: &[&str]| {
+        let endpoints: Vec<Value> = pods
+            .iter()
+            .map(|pod| {
+                json!({
+                    "addresses": ["10.0.0.1"], "conditions": {"ready": true},
+                    "targetRef": {"kind": "Pod", "name": pod, "namespace": "shop"},
+                })
+            })
+            .collect();
+        Change::Applied(Object::EndpointSlice(Box::new(object(json!({
+            "metadata": {
+                "namespace": "shop", "name": "reviews-a",
+                "labels": {"kubernetes.io/service-name": "reviews"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}, {"name": "admin", "port": 9090}],
+            "endpoints": endpoints,
+        })))))
+    };
+    index.apply(slice_with(&["reviews-1"]));
+    let published = inbound(&snapshots, "reviews-1").unwrap();
+    assert_eq!(
+        inbound_ports(&published),
+        [readers_on(8080), readers_on(9090)],
+        "listed by its selector and its slice, each rule once"
+    );
+
+    // The slice is rewritten without it (a rebalance, a readiness flap): the selector holds.
+    index.apply(slice_with(&[]));
+    let published = inbound(&snapshots, "reviews-1").unwrap();
+    assert_eq!(inbound_ports(&published), [readers_on(8080)]);
+
+    // Relabelled out of the Service, or the Service's selector changed: the key goes.
+    index.apply(labelled_pod("reviews-1", json!({"app": "debug"})));
+    assert_eq!(inbound(&snapshots, "reviews-1"), None);
+    index.apply(labelled_pod("reviews-1", json!({"app": "reviews"})));
+    assert!(inbound(&snapshots, "reviews-1").is_some());
+    index.apply(reviews(json!({"app": "reviews", "track": "stable"})));
+    assert_eq!(inbound(&snapshots, "reviews-1"), None);
+    index.apply(reviews(json!({"app": "reviews"})));
+    assert!(inbound(&snapshots, "reviews-1").is_some());
+    index.apply(deleted(Kind::Pod, "reviews-1"));
+    assert_eq!(inbound(&snapshots, "reviews-1"), None);
+}
+
 #[test]
 fn an_invalid_authorization_policy_is_not_in_force() {
     let (mut index, snapshots) = index();
