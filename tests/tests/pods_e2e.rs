@@ -1399,12 +1399,12 @@ fn authorization(suite: &mut Suite) {
             suite.apply(READERS_POLICY)?;
             // Every reviews pod has refused the second client at least once, so each holds the
             // policy before the first client's calls are counted.
-            let denials = |pod: &Pod| -> Result<Option<f64>, String> {
-                let labels = r#"policy="shop/reviews-readers",decision="deny""#;
+            let decisions = |pod: &Pod, decision: &str| -> Result<Option<f64>, String> {
+                let labels = format!(r#"policy="shop/reviews-readers",decision="{decision}""#);
                 Ok(series_sum(
                     &metrics(pod.addr(4191))?,
                     "outrigger_authz_decisions_total",
-                    labels,
+                    &labels,
                 ))
             };
             eventually(
@@ -1415,7 +1415,7 @@ fn authorization(suite: &mut Suite) {
                     let refused = calls.count("statuses", "403") == calls.calls();
                     let mut everywhere = true;
                     for pod in suite.pods(SHOP, "app=reviews")? {
-                        everywhere &= denials(&pod)?.is_some();
+                        everywhere &= decisions(&pod, "deny")?.is_some();
                     }
                     Ok(refused && everywhere)
                 },
@@ -1426,12 +1426,7 @@ fn authorization(suite: &mut Suite) {
             calls.all_ok()?;
             for (name, answered) in calls.0["bodies"].as_object().into_iter().flatten() {
                 let pod = suite.pod(SHOP, name)?;
-                let labels = r#"policy="shop/reviews-readers",decision="allow""#;
-                let counted = series_sum(
-                    &metrics(pod.addr(4191))?,
-                    "outrigger_authz_decisions_total",
-                    labels,
-                );
+                let counted = decisions(&pod, "allow")?;
                 ensure!(
                     counted == answered.as_f64(),
                     "{name} answered {answered} calls and counted {counted:?} allows; its status: {}",

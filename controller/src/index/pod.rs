@@ -105,8 +105,16 @@ impl Pods {
         translated
             .subsets
             .iter()
-            .filter(|(_, selector)| selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            .filter(|(_, selector)| carries(labels, selector))
             .map(|(name, _)| name.clone())
             .collect()
     }
+}
+
+/// Whether `labels` include every label of `selector`.
+pub(super) fn carries(
+    labels: &BTreeMap<String, String>,
+    selector: &BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }

@@ -95,6 +95,6 @@ impl ServiceState {
 
     /// Whether it selects a pod with these labels.
     pub(super) fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        !self.selector.is_empty() && self.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        !self.selector.is_empty() && super::pod::carries(labels, &self.selector)
     }
 }

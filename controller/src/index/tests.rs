@@ -45,9 +45,7 @@ fn slice(name: &str, port: u16, endpoints: &[(&str, &str, bool)]) -> Change {
 }
 
 fn pod(name: &str, version: &str) -> Change {
-    Change::Applied(Object::Pod(Box::new(object(json!({
-        "metadata": {"namespace": "shop", "name": name, "labels": {"version": version}},
-    })))))
+    labelled_pod(name, json!({"version": version}))
 }
 
 fn policy(name: &str, created: &str, spec: Value) -> Change {
@@ -878,7 +876,7 @@ fn labelled_pod(name: &str, labels: Value) -> Change {
     })))))
 }
 
-/// The pod ports of a published inbound side, each with its policies' rules' ports.
+/// The pod ports of a published inbound side, each with its policies and how many rules each has.
 fn inbound_ports(inbound: &proto::Inbound) -> Vec<(u32, Vec<(String, usize)>)> {
     inbound
         .ports
